@@ -1,0 +1,286 @@
+//! Link tasks: each moves messages between one AMQP link and the hub core.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use fe2o3_amqp::{
+    acceptor::LinkEndpoint,
+    link::{delivery::DeliveryInfo, Receiver, RecvError, Sender},
+    types::{
+        definitions::AmqpError,
+        messaging::{Body, Outcome},
+        primitives::Value,
+    },
+    Sendable,
+};
+use futures_util::{stream::FuturesUnordered, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::{amqp_error, cbs, custom_condition, refuse, ConnState};
+use crate::{
+    address::LinkKind,
+    hub::HubCore,
+    identity::Identity,
+    message::Message,
+    metrics as m,
+    queue::{Endpoint, QueueError},
+    sas::now_secs,
+};
+
+/// How long a sender waits for room in a full queue before its message is refused.
+const PUSH_WAIT: Duration = Duration::from_secs(30);
+/// Bound on one hub-to-client transfer waiting for link credit.
+const SEND_WAIT: Duration = Duration::from_secs(60);
+
+pub(super) async fn run(link: LinkEndpoint, kind: LinkKind, conn: Arc<ConnState>, core: Arc<HubCore>, cancel: CancellationToken) {
+    match (link, kind) {
+        (LinkEndpoint::Receiver(rx), LinkKind::Cbs) => cbs_requests(rx, conn, core, cancel).await,
+        (LinkEndpoint::Sender(tx), LinkKind::Cbs) => cbs_responses(tx, conn, cancel).await,
+        (LinkEndpoint::Receiver(rx), LinkKind::Events(id)) => events(rx, id, conn, core, cancel).await,
+        (LinkEndpoint::Sender(tx), LinkKind::ModuleInputs(id)) => module_inputs(tx, id, core, cancel).await,
+        (LinkEndpoint::Sender(tx), LinkKind::C2d(_)) => idle_sender(tx, cancel).await,
+        (link, kind) => {
+            let why = format!("{} links are not served by this hub yet", kind.name());
+            refuse(link, amqp_error(AmqpError::NotImplemented, why)).await;
+        }
+    }
+}
+
+fn is_normal_end(e: &RecvError) -> bool {
+    matches!(e, RecvError::LinkStateError(_))
+}
+
+async fn cbs_requests(mut rx: Receiver, conn: Arc<ConnState>, core: Arc<HubCore>, cancel: CancellationToken) {
+    loop {
+        let delivery = tokio::select! {
+            _ = cancel.cancelled() => break,
+            d = rx.recv::<Body<Value>>() => d,
+        };
+        let delivery = match delivery {
+            Ok(d) => d,
+            Err(e) => {
+                if !is_normal_end(&e) {
+                    let _ = rx.close_with_error(amqp_error(AmqpError::DecodeError, e.to_string())).await;
+                }
+                return;
+            }
+        };
+        let info = DeliveryInfo::from(&delivery);
+        let reply = cbs::handle(delivery.message(), &core.auth, now_secs());
+        match &reply.granted {
+            Some((id, expiry)) => {
+                if conn.authorize(id.clone(), *expiry) {
+                    core.client_connected(id);
+                }
+                debug!(identity = %id, "put-token accepted");
+            }
+            None => {
+                let id = reply.refused_id.clone().unwrap_or_else(|| "unknown".into());
+                m::connect_failed(&id, "not_authenticated");
+                warn!(identity = %id, status = reply.status, reason = %reply.description, "put-token refused");
+            }
+        }
+        let _ = rx.accept(info).await;
+        if conn.cbs_tx.send(reply).await.is_err() {
+            break;
+        }
+    }
+    let _ = rx.close().await;
+}
+
+async fn cbs_responses(mut tx: Sender, conn: Arc<ConnState>, cancel: CancellationToken) {
+    // A later response link (a client that re-attaches) waits for this one to end.
+    let mut replies = conn.cbs_rx.lock().await;
+    loop {
+        let reply = tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tx.on_detach() => return,
+            r = replies.recv() => r,
+        };
+        let Some(reply) = reply else { break };
+        let msg = Sendable::builder().message(cbs::response(&reply)).settled(true).build();
+        match tokio::time::timeout(SEND_WAIT, tx.send(msg)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                debug!(error = ?e, "sending a put-token response");
+                return;
+            }
+            Err(_) => {
+                let _ = tx.close_with_error(amqp_error(custom_condition("com.microsoft:timeout"), "no link credit for the put-token response")).await;
+                return;
+            }
+        }
+    }
+    let _ = tx.close().await;
+}
+
+async fn events(mut rx: Receiver, id: Identity, conn: Arc<ConnState>, core: Arc<HubCore>, cancel: CancellationToken) {
+    let max = core.settings.limits.max_message_size as usize;
+    loop {
+        let delivery = tokio::select! {
+            _ = cancel.cancelled() => break,
+            d = rx.recv::<Body<Value>>() => d,
+        };
+        let delivery = match delivery {
+            Ok(d) => d,
+            Err(e) => {
+                if !is_normal_end(&e) {
+                    debug!(error = %e, "closing events link");
+                    let _ = rx.close_with_error(amqp_error(AmqpError::DecodeError, e.to_string())).await;
+                }
+                return;
+            }
+        };
+        if !conn.is_authorized(&id, now_secs()) {
+            let why = format!("the token for {id} has expired");
+            let _ = rx.close_with_error(amqp_error(AmqpError::UnauthorizedAccess, why)).await;
+            return;
+        }
+        if delivery.message_format().is_some_and(|f| f != 0) {
+            let _ = rx
+                .reject(&delivery, amqp_error(AmqpError::NotImplemented, "batched message format is not supported"))
+                .await;
+            continue;
+        }
+        let info = DeliveryInfo::from(&delivery);
+        let msg = match Message::from_amqp(delivery.into_message(), id.clone()) {
+            Ok(msg) => msg,
+            Err(e) => {
+                let _ = rx.reject(info, amqp_error(AmqpError::DecodeError, e.to_string())).await;
+                continue;
+            }
+        };
+        if msg.size() > max {
+            let why = format!("message of {} bytes exceeds the limit of {max}", msg.size());
+            let _ = rx.reject(info, amqp_error(custom_condition("amqp:link:message-size-exceeded"), why)).await;
+            continue;
+        }
+        m::received(&msg);
+        let msg = Arc::new(msg);
+        let targets = core.router().route(&msg);
+        if targets.is_empty() {
+            m::dropped(m::DROP_NO_ROUTE, &msg);
+            let _ = rx.accept(info).await;
+            continue;
+        }
+        let mut refused = None;
+        for t in &targets {
+            if let Err(e) = t.endpoint.push(msg.clone(), t.priority, t.expires_ms, PUSH_WAIT).await {
+                refused = Some((t.endpoint.id.clone(), e));
+                break;
+            }
+        }
+        match refused {
+            None => {
+                let _ = rx.accept(info).await;
+            }
+            Some((endpoint, e)) => {
+                m::unacked("queue_full", &msg);
+                let why = match e {
+                    QueueError::Full => format!("the queue of endpoint {endpoint} is full; retry later"),
+                    QueueError::Closed => format!("endpoint {endpoint} is closed"),
+                };
+                let _ = rx.reject(info, amqp_error(AmqpError::ResourceLimitExceeded, why)).await;
+            }
+        }
+    }
+    let _ = rx.close().await;
+}
+
+/// Picks the next message across a module's input endpoints, round-robin.
+fn next_message(endpoints: &[Arc<Endpoint>], cursor: &mut usize) -> Option<(Arc<Endpoint>, crate::queue::Queued)> {
+    let n = endpoints.len();
+    for i in 0..n {
+        let e = &endpoints[(*cursor + i) % n];
+        if let Some(q) = e.pop() {
+            *cursor = (*cursor + i + 1) % n;
+            return Some((e.clone(), q));
+        }
+    }
+    None
+}
+
+/// Delivers a module's inputs: up to `delivery_window` unsettled transfers in flight; accepted
+/// or rejected messages leave the queue, released or modified ones go back to their place; when
+/// the link ends every message still in flight goes back to its queue.
+async fn module_inputs(mut tx: Sender, id: Identity, core: Arc<HubCore>, cancel: CancellationToken) {
+    let Some(module) = id.module().cloned() else { return };
+    let cancel = core.replace_input_link(&id, cancel);
+    let (endpoints, ready) = core.router().module_inputs(&module);
+    let window = core.settings.limits.delivery_window;
+    let mut cursor = 0;
+    let mut outstanding: HashMap<u64, (Arc<Endpoint>, u64)> = HashMap::new();
+    let mut next_key = 0u64;
+    let mut in_flight = FuturesUnordered::new();
+    let mut stalled = false;
+    'outer: loop {
+        let notified = ready.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        while in_flight.len() < window {
+            let Some((ep, q)) = next_message(&endpoints, &mut cursor) else { break };
+            let input = ep.input.clone().unwrap_or_default();
+            let amqp = q.msg.to_input_message(&input, q.seq, q.delivery_count);
+            match tokio::time::timeout(SEND_WAIT, tx.send_batchable(Sendable::builder().message(amqp).settled(false).build())).await {
+                Ok(Ok(fut)) => {
+                    next_key += 1;
+                    outstanding.insert(next_key, (ep.clone(), q.seq));
+                    let key = next_key;
+                    let started = std::time::Instant::now();
+                    in_flight.push(async move { (key, q, input, started, fut.await) });
+                }
+                Ok(Err(e)) => {
+                    debug!(error = ?e, "input link send failed");
+                    ep.release(q.seq);
+                    break 'outer;
+                }
+                Err(_) => {
+                    ep.release(q.seq);
+                    stalled = true;
+                    break 'outer;
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tx.on_detach(), if in_flight.is_empty() => break,
+            _ = &mut notified => {}
+            Some((key, q, input, started, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                let Some((ep, seq)) = outstanding.remove(&key) else { continue };
+                match result {
+                    Ok(Outcome::Accepted(_)) => {
+                        ep.ack(seq);
+                        m::sent(&q.msg, module.as_str(), &input, q.priority, started.elapsed().as_secs_f64());
+                    }
+                    Ok(Outcome::Rejected(_)) => {
+                        ep.ack(seq);
+                        m::dropped(m::DROP_REJECTED, &q.msg);
+                    }
+                    Ok(_) => ep.release(seq),
+                    Err(e) => {
+                        debug!(error = ?e, "input delivery failed");
+                        ep.release(seq);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    drop(in_flight);
+    for (_, (ep, seq)) in outstanding.drain() {
+        ep.release(seq);
+    }
+    if stalled {
+        let why = "the module granted no credit";
+        let _ = tx.close_with_error(amqp_error(custom_condition("com.microsoft:timeout"), why)).await;
+    } else {
+        let _ = tx.close().await;
+    }
+}
+
+async fn idle_sender(mut tx: Sender, cancel: CancellationToken) {
+    tokio::select! {
+        _ = cancel.cancelled() => { let _ = tx.close().await; }
+        _ = tx.on_detach() => {}
+    }
+}

@@ -1,0 +1,733 @@
+//! Configuration: a JSON file, overridden by a documented set of environment variables,
+//! compiled into a validated [`Settings`].
+//!
+//! The file is first read as plain JSON and walked by hand so that *every* problem is reported
+//! at once, each with its JSON path (`$.listen.amqps`, `$["$edgeHub"].routes.r1`). Unknown keys
+//! are errors. A route that does not parse is reported like any other error by `check-config`,
+//! but `run` starts with the valid routes and logs the invalid ones: one bad route never stops
+//! the rest. Tests pass the environment as a map; nothing here reads the process environment.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde_json::{Map, Value};
+
+use crate::{
+    identity::{DeviceId, Key, KeyPair, ModuleId},
+    route::{parse_statement, Route, DEFAULT_PRIORITY},
+};
+
+/// Environment variables that override config keys, in the order they are applied.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("IOTEDGE_DEVICEID", "deviceId"),
+    ("IOTEDGE_IOTHUBHOSTNAME", "iothubHostname"),
+    ("EDGEDEVICEHOSTNAME", "gatewayHostname"),
+    ("EDGEHUB_DEVICE_ID", "deviceId"),
+    ("EDGEHUB_IOTHUB_HOSTNAME", "iothubHostname"),
+    ("EDGEHUB_GATEWAY_HOSTNAME", "gatewayHostname"),
+    ("EDGEHUB_LISTEN_AMQPS", "listen.amqps"),
+    ("EDGEHUB_LISTEN_HTTPS", "listen.https"),
+    ("EDGEHUB_LISTEN_METRICS", "listen.metrics"),
+    ("EDGEHUB_DATA_DIR", "dataDir"),
+    ("EDGEHUB_DEVICE_KEY", "deviceKey"),
+];
+
+/// One problem in the configuration, located by its JSON path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every error found, plus the ones that only concern single routes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where the hub listens. `https` and `metrics` may be turned off with `null`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen {
+    pub amqps: SocketAddr,
+    pub https: Option<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
+}
+
+/// User-supplied certificate files; when absent the hub makes its own under `dataDir`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsFiles {
+    pub ca_cert: Option<PathBuf>,
+    pub server_cert: Option<PathBuf>,
+    pub server_key: Option<PathBuf>,
+}
+
+/// Tunables with safe defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Open AMQP connections at most; more are closed right after accept.
+    pub max_connections: usize,
+    /// TLS + AMQP open must finish within this many seconds.
+    pub handshake_timeout_secs: u64,
+    /// Messages each endpoint queue holds before senders are held back.
+    pub queue_capacity: usize,
+    /// Unsettled messages in flight to one module.
+    pub delivery_window: usize,
+    /// Largest message accepted from a client, in bytes.
+    pub max_message_size: u64,
+    /// Seconds a hub-to-module delivery may wait for the module's disposition.
+    pub ack_timeout_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1000,
+            handshake_timeout_secs: 10,
+            queue_capacity: 10_000,
+            delivery_window: 256,
+            max_message_size: 1024 * 1024,
+            ack_timeout_secs: 30,
+        }
+    }
+}
+
+/// A module this hub serves.
+#[derive(Debug, Clone)]
+pub struct ModuleSettings {
+    /// Explicit keys; `None` means derived from the device key.
+    pub keys: Option<KeyPair>,
+    /// The module's desired properties from the deployment manifest.
+    pub desired: Map<String, Value>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub device_id: DeviceId,
+    pub iothub_hostname: String,
+    pub gateway_hostname: String,
+    pub listen: Listen,
+    pub data_dir: PathBuf,
+    /// `None`: generated on first start and kept in `dataDir/device.key`.
+    pub device_key: Option<Key>,
+    pub tls: TlsFiles,
+    pub modules: BTreeMap<ModuleId, ModuleSettings>,
+    pub routes: Vec<Route>,
+    /// Routes that did not parse; the hub runs without them.
+    pub route_errors: Vec<ConfigError>,
+    /// Global message TTL in seconds; `None` = never expire.
+    pub time_to_live_secs: Option<u64>,
+    pub max_store_bytes: Option<u64>,
+    pub limits: Limits,
+    /// Log format: `text` (default) or `json`.
+    pub log_format: String,
+    /// Log filter when `RUST_LOG` is not set.
+    pub log_level: String,
+}
+
+/// Reads, overrides and compiles a config file.
+pub fn load(path: &Path, env: &HashMap<String, String>) -> Result<Settings, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            path: "$".into(),
+            message: format!("cannot read {}: {e}", path.display()),
+        }])
+    })?;
+    from_str(&text, env)
+}
+
+/// Parses and compiles config text.
+pub fn from_str(text: &str, env: &HashMap<String, String>) -> Result<Settings, ConfigErrors> {
+    let mut value: Value = serde_json::from_str(text).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            path: "$".into(),
+            message: format!("not valid JSON: {e}"),
+        }])
+    })?;
+    apply_env(&mut value, env);
+    compile(&value)
+}
+
+fn apply_env(value: &mut Value, env: &HashMap<String, String>) {
+    let Some(root) = value.as_object_mut() else {
+        return;
+    };
+    for (var, key) in ENV_OVERRIDES {
+        let Some(v) = env.get(*var) else { continue };
+        let (obj, leaf) = match key.split_once('.') {
+            Some((parent, leaf)) => {
+                let p = root
+                    .entry(parent.to_owned())
+                    .or_insert_with(|| Value::Object(Map::new()));
+                match p.as_object_mut() {
+                    Some(o) => (o, leaf),
+                    None => continue,
+                }
+            }
+            None => (&mut *root, *key),
+        };
+        obj.insert(leaf.to_owned(), Value::String(v.clone()));
+    }
+}
+
+/// Collects errors while walking the JSON.
+struct Walk {
+    errors: Vec<ConfigError>,
+}
+
+fn child(path: &str, key: &str) -> String {
+    if key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !key.is_empty() {
+        format!("{path}.{key}")
+    } else {
+        format!("{path}[{}]", Value::String(key.to_owned()))
+    }
+}
+
+impl Walk {
+    fn err(&mut self, path: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            path: path.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn object<'a>(&mut self, v: &'a Value, path: &str, known: &[&str]) -> Option<&'a Map<String, Value>> {
+        match v.as_object() {
+            Some(o) => {
+                for k in o.keys() {
+                    if !known.contains(&k.as_str()) {
+                        self.err(&child(path, k), format!("unknown key (expected one of: {})", known.join(", ")));
+                    }
+                }
+                Some(o)
+            }
+            None => {
+                self.err(path, "must be an object");
+                None
+            }
+        }
+    }
+
+    fn string<'a>(&mut self, o: &'a Map<String, Value>, path: &str, key: &str, required: bool) -> Option<&'a str> {
+        match o.get(key) {
+            None | Some(Value::Null) => {
+                if required {
+                    self.err(&child(path, key), "is required");
+                }
+                None
+            }
+            Some(Value::String(s)) if !s.trim().is_empty() => Some(s),
+            Some(_) => {
+                self.err(&child(path, key), "must be a non-empty string");
+                None
+            }
+        }
+    }
+
+    fn uint(&mut self, o: &Map<String, Value>, path: &str, key: &str, max: u64) -> Option<u64> {
+        match o.get(key) {
+            None => None,
+            Some(v) => match v.as_u64() {
+                Some(n) if n <= max => Some(n),
+                _ => {
+                    self.err(&child(path, key), format!("must be an integer from 0 to {max}"));
+                    None
+                }
+            },
+        }
+    }
+
+    fn addr(&mut self, o: &Map<String, Value>, path: &str, key: &str, required: bool) -> Option<SocketAddr> {
+        if !required && matches!(o.get(key), Some(Value::Null)) {
+            return None;
+        }
+        let s = self.string(o, path, key, required)?;
+        match s.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(&child(path, key), format!("{s:?} is not an address like \"0.0.0.0:5671\""));
+                None
+            }
+        }
+    }
+
+    fn key(&mut self, o: &Map<String, Value>, path: &str, key: &str) -> Option<Key> {
+        let s = self.string(o, path, key, false)?;
+        match Key::from_base64(s) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                self.err(&child(path, key), e);
+                None
+            }
+        }
+    }
+}
+
+fn hostname_ok(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
+    let mut w = Walk { errors: Vec::new() };
+    let Some(o) = w.object(
+        root,
+        "$",
+        &[
+            "deviceId",
+            "iothubHostname",
+            "gatewayHostname",
+            "listen",
+            "dataDir",
+            "deviceKey",
+            "tls",
+            "limits",
+            "log",
+            "modules",
+            "$edgeHub",
+        ],
+    ) else {
+        return Err(ConfigErrors(w.errors));
+    };
+
+    let device_id = w.string(o, "$", "deviceId", true).and_then(|s| match DeviceId::parse(s) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            w.err("$.deviceId", e.to_string());
+            None
+        }
+    });
+    let host = |w: &mut Walk, key: &str| {
+        w.string(o, "$", key, true).and_then(|s| {
+            if hostname_ok(s) {
+                Some(s.to_owned())
+            } else {
+                w.err(&child("$", key), format!("{s:?} is not a valid host name"));
+                None
+            }
+        })
+    };
+    let iothub_hostname = host(&mut w, "iothubHostname");
+    let gateway_hostname = host(&mut w, "gatewayHostname");
+
+    let listen = match o.get("listen") {
+        None => {
+            w.err("$.listen", "is required");
+            None
+        }
+        Some(l) => w.object(l, "$.listen", &["amqps", "https", "metrics"]).and_then(|l| {
+            let amqps = w.addr(l, "$.listen", "amqps", true);
+            let https = w.addr(l, "$.listen", "https", false);
+            let metrics = w.addr(l, "$.listen", "metrics", false);
+            amqps.map(|amqps| Listen { amqps, https, metrics })
+        }),
+    };
+    let data_dir = w.string(o, "$", "dataDir", true).map(PathBuf::from);
+    let device_key = w.key(o, "$", "deviceKey");
+
+    let mut tls = TlsFiles::default();
+    if let Some(t) = o.get("tls") {
+        if let Some(t) = w.object(t, "$.tls", &["caCert", "serverCert", "serverKey"]) {
+            tls.ca_cert = w.string(t, "$.tls", "caCert", false).map(PathBuf::from);
+            tls.server_cert = w.string(t, "$.tls", "serverCert", false).map(PathBuf::from);
+            tls.server_key = w.string(t, "$.tls", "serverKey", false).map(PathBuf::from);
+            if tls.server_cert.is_some() != tls.server_key.is_some() {
+                w.err("$.tls", "serverCert and serverKey go together");
+            }
+            if tls.server_cert.is_some() && tls.ca_cert.is_none() {
+                w.err("$.tls.caCert", "is required with serverCert: modules need the CA that signed it");
+            }
+        }
+    }
+
+    let mut limits = Limits::default();
+    if let Some(l) = o.get("limits") {
+        let keys = [
+            "maxConnections",
+            "handshakeTimeoutSecs",
+            "queueCapacity",
+            "deliveryWindow",
+            "maxMessageSize",
+            "ackTimeoutSecs",
+        ];
+        if let Some(l) = w.object(l, "$.limits", &keys) {
+            let p = "$.limits";
+            let set = |w: &mut Walk, key: &str, min: u64, max: u64, slot: &mut u64| {
+                if let Some(n) = w.uint(l, p, key, max) {
+                    if n < min {
+                        w.err(&child(p, key), format!("must be at least {min}"));
+                    } else {
+                        *slot = n;
+                    }
+                }
+            };
+            let mut v = [
+                limits.max_connections as u64,
+                limits.handshake_timeout_secs,
+                limits.queue_capacity as u64,
+                limits.delivery_window as u64,
+                limits.max_message_size,
+                limits.ack_timeout_secs,
+            ];
+            set(&mut w, keys[0], 1, 1_000_000, &mut v[0]);
+            set(&mut w, keys[1], 1, 3600, &mut v[1]);
+            set(&mut w, keys[2], 1, 100_000_000, &mut v[2]);
+            set(&mut w, keys[3], 1, 65_535, &mut v[3]);
+            set(&mut w, keys[4], 1024, 64 * 1024 * 1024, &mut v[4]);
+            set(&mut w, keys[5], 1, 3600, &mut v[5]);
+            limits = Limits {
+                max_connections: v[0] as usize,
+                handshake_timeout_secs: v[1],
+                queue_capacity: v[2] as usize,
+                delivery_window: v[3] as usize,
+                max_message_size: v[4],
+                ack_timeout_secs: v[5],
+            };
+        }
+    }
+
+    let (mut log_format, mut log_level) = ("text".to_owned(), "info".to_owned());
+    if let Some(l) = o.get("log") {
+        if let Some(l) = w.object(l, "$.log", &["format", "level"]) {
+            if let Some(f) = w.string(l, "$.log", "format", false) {
+                if f == "text" || f == "json" {
+                    log_format = f.to_owned();
+                } else {
+                    w.err("$.log.format", "must be \"text\" or \"json\"");
+                }
+            }
+            if let Some(lv) = w.string(l, "$.log", "level", false) {
+                log_level = lv.to_owned();
+            }
+        }
+    }
+
+    let mut modules = BTreeMap::new();
+    match o.get("modules") {
+        None => {}
+        Some(m) => {
+            if let Some(m) = m.as_object().or_else(|| {
+                w.err("$.modules", "must be an object of module id → module");
+                None
+            }) {
+                for (id, spec) in m {
+                    let p = child("$.modules", id);
+                    let module = match ModuleId::parse(id) {
+                        Ok(mid) => Some(mid),
+                        Err(e) => {
+                            w.err(&p, format!("invalid module id: {e}"));
+                            None
+                        }
+                    };
+                    let Some(spec) = w.object(spec, &p, &["primaryKey", "secondaryKey", "properties.desired"]) else {
+                        continue;
+                    };
+                    let primary = w.key(spec, &p, "primaryKey");
+                    let secondary = w.key(spec, &p, "secondaryKey");
+                    let keys = match (primary, secondary) {
+                        (Some(primary), Some(secondary)) => Some(KeyPair { primary, secondary }),
+                        (Some(primary), None) => Some(KeyPair {
+                            secondary: primary.clone(),
+                            primary,
+                        }),
+                        (None, Some(_)) => {
+                            w.err(&child(&p, "primaryKey"), "is required when secondaryKey is set");
+                            None
+                        }
+                        (None, None) => None,
+                    };
+                    let desired = match spec.get("properties.desired") {
+                        None => Map::new(),
+                        Some(Value::Object(d)) => d.clone(),
+                        Some(_) => {
+                            w.err(&child(&p, "properties.desired"), "must be an object");
+                            Map::new()
+                        }
+                    };
+                    if let Some(module) = module {
+                        modules.insert(module, ModuleSettings { keys, desired });
+                    }
+                }
+            }
+        }
+    }
+
+    let mut routes = Vec::new();
+    let mut route_errors = Vec::new();
+    let mut time_to_live_secs = Some(7200);
+    let mut max_store_bytes = None;
+    match o.get("$edgeHub") {
+        None => w.err("$[\"$edgeHub\"]", "is required (the $edgeHub properties.desired of a deployment manifest)"),
+        Some(eh) => {
+            let p = "$[\"$edgeHub\"]";
+            if let Some(eh) = w.object(
+                eh,
+                p,
+                &["schemaVersion", "routes", "storeAndForwardConfiguration", "mqttBroker", "integrity"],
+            ) {
+                let schema = w.string(eh, p, "schemaVersion", true);
+                let minor = match schema {
+                    Some("1.0") => Some(0),
+                    Some("1.1") => Some(1),
+                    Some("1.2") => Some(2),
+                    Some("1.3") => Some(3),
+                    Some(other) => {
+                        w.err(&child(p, "schemaVersion"), format!("{other:?} is not supported (1.0 to 1.3)"));
+                        None
+                    }
+                    None => None,
+                };
+                if let Some(r) = eh.get("routes") {
+                    match r.as_object() {
+                        None => w.err(&child(p, "routes"), "must be an object of name → route"),
+                        Some(r) => {
+                            for (name, spec) in r {
+                                match compile_route(name, spec, minor.unwrap_or(1)) {
+                                    Ok(route) => routes.push(route),
+                                    Err(message) => route_errors.push(ConfigError {
+                                        path: child(&child(p, "routes"), name),
+                                        message,
+                                    }),
+                                }
+                            }
+                        }
+                    }
+                }
+                let sp = child(p, "storeAndForwardConfiguration");
+                match eh.get("storeAndForwardConfiguration") {
+                    None if minor.unwrap_or(0) >= 1 => w.err(&sp, "is required from schema 1.1"),
+                    None => {}
+                    Some(sf) => {
+                        if let Some(sf) = w.object(sf, &sp, &["timeToLiveSecs", "storeLimits"]) {
+                            match sf.get("timeToLiveSecs") {
+                                None => {}
+                                Some(v) => match v.as_i64() {
+                                    Some(n) if n < 0 => time_to_live_secs = None,
+                                    Some(n) => time_to_live_secs = Some(n as u64),
+                                    None => w.err(&child(&sp, "timeToLiveSecs"), "must be an integer (negative = keep forever)"),
+                                },
+                            }
+                            if let Some(sl) = sf.get("storeLimits") {
+                                let slp = child(&sp, "storeLimits");
+                                if let Some(sl) = w.object(sl, &slp, &["maxSizeBytes"]) {
+                                    max_store_bytes = w.uint(sl, &slp, "maxSizeBytes", u64::MAX);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // A route into a module this hub does not know can never deliver.
+    route_errors.extend(routes.iter().filter_map(|r| match &r.statement.sink {
+        crate::route::Sink::ModuleInput { module, .. } if !modules.contains_key(module) => Some(ConfigError {
+            path: child("$[\"$edgeHub\"].routes", &r.name),
+            message: format!("module {module:?} is not in $.modules"),
+        }),
+        _ => None,
+    }));
+    let bad: Vec<String> = route_errors.iter().map(|e| e.path.clone()).collect();
+    routes.retain(|r| !bad.contains(&child("$[\"$edgeHub\"].routes", &r.name)));
+
+    if !w.errors.is_empty() {
+        w.errors.extend(route_errors);
+        return Err(ConfigErrors(w.errors));
+    }
+    match (device_id, iothub_hostname, gateway_hostname, listen, data_dir) {
+        (Some(device_id), Some(iothub_hostname), Some(gateway_hostname), Some(listen), Some(data_dir)) => Ok(Settings {
+            device_id,
+            iothub_hostname,
+            gateway_hostname,
+            listen,
+            data_dir,
+            device_key,
+            tls,
+            modules,
+            routes,
+            route_errors,
+            time_to_live_secs,
+            max_store_bytes,
+            limits,
+            log_format,
+            log_level,
+        }),
+        _ => Err(ConfigErrors(vec![ConfigError {
+            path: "$".into(),
+            message: "incomplete configuration".into(),
+        }])),
+    }
+}
+
+fn compile_route(name: &str, spec: &Value, minor: u32) -> Result<Route, String> {
+    let (text, priority, ttl) = match spec {
+        Value::String(s) => (s.as_str(), DEFAULT_PRIORITY, 0),
+        Value::Object(o) if minor >= 1 => {
+            for k in o.keys() {
+                if !["route", "priority", "timeToLiveSecs"].contains(&k.as_str()) {
+                    return Err(format!("unknown key {k:?} (expected route, priority, timeToLiveSecs)"));
+                }
+            }
+            let text = o
+                .get("route")
+                .and_then(Value::as_str)
+                .ok_or("`route` must be a string")?;
+            let priority = match o.get("priority") {
+                None => DEFAULT_PRIORITY,
+                Some(v) => match v.as_u64() {
+                    Some(p) if p <= 9 => p as u32,
+                    _ => return Err("`priority` must be an integer from 0 to 9".into()),
+                },
+            };
+            let ttl = match o.get("timeToLiveSecs") {
+                None => 0,
+                Some(v) => match v.as_u64() {
+                    Some(t) if t <= u32::MAX as u64 => t as u32,
+                    _ => return Err("`timeToLiveSecs` must be a non-negative integer".into()),
+                },
+            };
+            (text, priority, ttl)
+        }
+        Value::Object(_) => return Err("schema 1.0 routes are strings; use schemaVersion 1.1 for objects".into()),
+        _ => return Err("a route must be a string or {route, priority, timeToLiveSecs}".into()),
+    };
+    let statement = parse_statement(text).map_err(|e| format!("invalid route {text:?}: {e}"))?;
+    if statement.condition.is_some() {
+        return Err(format!(
+            "invalid route {text:?}: WHERE conditions are not supported yet; the route is skipped"
+        ));
+    }
+    Ok(Route {
+        name: name.to_owned(),
+        statement,
+        priority,
+        time_to_live_secs: ttl,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{
+        "deviceId": "edge1",
+        "iothubHostname": "hub.example.net",
+        "gatewayHostname": "localhost",
+        "listen": {"amqps": "127.0.0.1:5671", "https": "127.0.0.1:8443", "metrics": null},
+        "dataDir": "data",
+        "modules": {"a": {}, "b": {"primaryKey": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}},
+        "$edgeHub": {
+            "schemaVersion": "1.1",
+            "routes": {
+                "r1": "FROM /messages/modules/a/outputs/* INTO BrokeredEndpoint(\"/modules/b/inputs/in1\")",
+                "r2": {"route": "FROM /messages/* INTO $upstream", "priority": 0, "timeToLiveSecs": 60}
+            },
+            "storeAndForwardConfiguration": {"timeToLiveSecs": -1}
+        }
+    }"#;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn a_good_config_compiles() {
+        let s = from_str(GOOD, &env(&[])).unwrap();
+        assert_eq!(s.device_id.as_str(), "edge1");
+        assert_eq!(s.listen.metrics, None);
+        assert_eq!(s.routes.len(), 2);
+        let r2 = s.routes.iter().find(|r| r.name == "r2").unwrap();
+        assert_eq!((r2.priority, r2.time_to_live_secs), (0, 60));
+        assert_eq!(s.time_to_live_secs, None);
+        assert!(s.modules[&ModuleId::parse("a").unwrap()].keys.is_none());
+        assert!(s.modules[&ModuleId::parse("b").unwrap()].keys.is_some());
+    }
+
+    #[test]
+    fn environment_overrides_keys() {
+        let s = from_str(
+            GOOD,
+            &env(&[("EDGEHUB_DEVICE_ID", "other"), ("EDGEHUB_LISTEN_AMQPS", "127.0.0.9:1234")]),
+        )
+        .unwrap();
+        assert_eq!(s.device_id.as_str(), "other");
+        assert_eq!(s.listen.amqps, "127.0.0.9:1234".parse().unwrap());
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_path() {
+        let bad = r#"{
+            "deviceId": "bad id",
+            "iothubHostname": "",
+            "listen": {"amqps": "nowhere", "extra": 1},
+            "dataDir": 5,
+            "deviceKey": "short",
+            "colour": "blue",
+            "modules": {"a/b": {}, "c": {"key": "x"}},
+            "$edgeHub": {"schemaVersion": "2.0", "routes": {"bad": "FROM nowhere"}}
+        }"#;
+        let errs = from_str(bad, &env(&[])).unwrap_err().0;
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        for want in [
+            "$.deviceId",
+            "$.iothubHostname",
+            "$.gatewayHostname",
+            "$.listen.amqps",
+            "$.listen.extra",
+            "$.dataDir",
+            "$.deviceKey",
+            "$.colour",
+            "$.modules[\"a/b\"]",
+            "$.modules.c.key",
+            "$[\"$edgeHub\"].schemaVersion",
+            "$[\"$edgeHub\"].routes.bad",
+        ] {
+            assert!(paths.contains(&want), "missing {want} in {paths:?}");
+        }
+    }
+
+    #[test]
+    fn a_bad_route_is_set_aside_and_the_rest_run() {
+        let text = GOOD.replace(
+            "\"r1\":",
+            "\"broken\": \"FROM /messages INTO Nowhere()\", \"ghost\": \"FROM /messages INTO BrokeredEndpoint('/modules/zz/inputs/i')\", \"r1\":",
+        );
+        let s = from_str(&text, &env(&[])).unwrap();
+        assert_eq!(s.routes.len(), 2);
+        let paths: Vec<&str> = s.route_errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths.len(), 2, "{paths:?}");
+        assert!(paths.contains(&"$[\"$edgeHub\"].routes.broken"));
+        assert!(paths.contains(&"$[\"$edgeHub\"].routes.ghost"));
+    }
+
+    #[test]
+    fn not_json_is_one_clear_error() {
+        let e = from_str("{", &env(&[])).unwrap_err().0;
+        assert_eq!(e.len(), 1);
+        assert!(e[0].message.contains("not valid JSON"));
+    }
+}

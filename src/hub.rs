@@ -1,0 +1,208 @@
+//! The hub: builds the core from settings, starts the listeners, and stops them on shutdown.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+};
+
+use dashmap::DashMap;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+use crate::{
+    auth::Authenticator,
+    config::Settings,
+    identity::{Identity, Key},
+    metrics as m,
+    router::Router,
+    tls,
+};
+
+/// State shared by every connection: settings, identities, routes and who is connected.
+pub struct HubCore {
+    pub settings: Settings,
+    pub auth: Authenticator,
+    router: RwLock<Arc<Router>>,
+    /// Identity → number of connections holding a valid token for it.
+    clients: DashMap<String, usize>,
+    /// Module → the cancel token of its current input link; a newer link replaces the older.
+    input_links: DashMap<String, CancellationToken>,
+}
+
+impl HubCore {
+    pub fn new(settings: Settings, device_key: &Key) -> Self {
+        let auth = Authenticator::new(&settings, device_key);
+        let router = Router::new(
+            &settings.device_id,
+            settings.routes.clone(),
+            settings.time_to_live_secs,
+            settings.limits.queue_capacity,
+        );
+        for e in router.endpoints() {
+            e.publish_lengths();
+        }
+        Self {
+            settings,
+            auth,
+            router: RwLock::new(Arc::new(router)),
+            clients: DashMap::new(),
+            input_links: DashMap::new(),
+        }
+    }
+
+    pub fn router(&self) -> Arc<Router> {
+        self.router.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn client_connected(&self, id: &Identity) {
+        let key = id.to_string();
+        *self.clients.entry(key.clone()).or_insert(0) += 1;
+        m::connect_success(&key);
+        m::connected_clients(self.clients.len());
+    }
+
+    pub fn client_disconnected(&self, id: &Identity) {
+        let key = id.to_string();
+        let gone = match self.clients.get_mut(&key) {
+            Some(mut n) => {
+                *n = n.saturating_sub(1);
+                *n == 0
+            }
+            None => false,
+        };
+        if gone {
+            self.clients.remove_if(&key, |_, n| *n == 0);
+        }
+        m::disconnected(&key);
+        m::connected_clients(self.clients.len());
+    }
+
+    /// Registers a module's new input link and cancels the one it replaces.
+    pub fn replace_input_link(&self, id: &Identity, link: CancellationToken) -> CancellationToken {
+        let key = id.to_string().to_ascii_lowercase();
+        if let Some(old) = self.input_links.insert(key, link.clone()) {
+            old.cancel();
+        }
+        link
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("certificates: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("device key: {0}")]
+    DeviceKey(String),
+}
+
+/// Reads the device key from the config, else from `dataDir/device.key`, creating it once.
+pub fn device_key(settings: &Settings) -> Result<Key, StartError> {
+    if let Some(k) = &settings.device_key {
+        return Ok(k.clone());
+    }
+    let path = settings.data_dir.join("device.key");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return Key::from_base64(&text).map_err(|e| StartError::DeviceKey(format!("{}: {e}", path.display())));
+    }
+    std::fs::create_dir_all(&settings.data_dir).map_err(|e| StartError::DeviceKey(format!("{}: {e}", settings.data_dir.display())))?;
+    let mut bytes = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| StartError::DeviceKey("no randomness available".into()))?;
+    let key = Key::from_base64(&base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes))
+        .map_err(StartError::DeviceKey)?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    use std::io::Write;
+    let written = opts.open(&path).and_then(|mut f| f.write_all(key.to_base64().as_bytes()));
+    if let Err(e) = written {
+        // Another process created it first: use theirs.
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            let text = std::fs::read_to_string(&path).map_err(|e| StartError::DeviceKey(e.to_string()))?;
+            return Key::from_base64(&text).map_err(StartError::DeviceKey);
+        }
+        return Err(StartError::DeviceKey(format!("{}: {e}", path.display())));
+    }
+    Ok(key)
+}
+
+/// A running hub: its bound addresses, and the handle that stops it.
+pub struct Hub {
+    pub amqps_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub core: Arc<HubCore>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Hub {
+    /// Binds every listener and starts serving; returns once all listeners are ready.
+    pub async fn start(settings: Settings) -> Result<Self, StartError> {
+        let key = device_key(&settings)?;
+        let certs = tls::ensure_certs(&settings)?;
+        let tls_config = tls::server_config(&certs)?;
+        let handle = m::install(&settings.iothub_hostname, settings.device_id.as_str());
+        m::invalid_routes(settings.route_errors.len());
+        for e in &settings.route_errors {
+            warn!(path = %e.path, "invalid route skipped: {}", e.message);
+        }
+
+        let bind = |what, addr| async move {
+            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source })
+        };
+        let amqps = bind("amqps", settings.listen.amqps).await?;
+        let metrics = match settings.listen.metrics {
+            Some(a) => Some(bind("metrics", a).await?),
+            None => None,
+        };
+        let local = |l: &TcpListener, what, addr| {
+            l.local_addr().map_err(|source| StartError::Bind { what, addr, source })
+        };
+        let amqps_addr = local(&amqps, "amqps", settings.listen.amqps)?;
+        let metrics_addr = match (&metrics, settings.listen.metrics) {
+            (Some(l), Some(a)) => Some(local(l, "metrics", a)?),
+            _ => None,
+        };
+
+        let core = Arc::new(HubCore::new(settings, &key));
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(crate::amqp::serve(amqps, TlsAcceptor::from(tls_config), core.clone(), shutdown.clone()));
+        if let Some(l) = metrics {
+            tasks.spawn(crate::http::serve_metrics(l, handle, shutdown.clone()));
+        }
+        tasks.close();
+        crate::amqp::log_ready(amqps_addr);
+        info!(amqps = %amqps_addr, metrics = ?metrics_addr, "edgehub ready");
+        Ok(Self {
+            amqps_addr,
+            metrics_addr,
+            core,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops accepting, closes every connection and waits for all tasks.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.tasks.wait().await;
+    }
+
+    /// A token that stops the hub when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}

@@ -1,0 +1,159 @@
+//! The `edgehub` command line.
+
+use std::{collections::HashMap, path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use edgehub::{
+    auth::module_keys,
+    config::{self, Settings},
+    hub::{device_key, Hub},
+    identity::{ConnectionString, ModuleId},
+    tls,
+};
+
+#[derive(Parser)]
+#[command(name = "edgehub", version, about = "An IoT Edge hub for the Azure IoT SDKs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the hub until SIGINT or SIGTERM.
+    Run {
+        #[arg(long, default_value = "config/edgehub.json")]
+        config: PathBuf,
+    },
+    /// Print the two environment values a module needs to connect.
+    ModuleEnv {
+        #[arg(long, default_value = "config/edgehub.json")]
+        config: PathBuf,
+        #[arg(long)]
+        module: String,
+    },
+    /// Validate a config file; prints every error with its JSON path.
+    CheckConfig {
+        #[arg(long, default_value = "config/edgehub.json")]
+        config: PathBuf,
+    },
+}
+
+fn load(path: &PathBuf) -> Result<Settings, ExitCode> {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    config::load(path, &env).map_err(|errs| {
+        for e in &errs.0 {
+            eprintln!("error: {e}");
+        }
+        ExitCode::from(2)
+    })
+}
+
+fn init_logs(settings: &Settings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.log_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if settings.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => match load(&config) {
+            Err(code) => code,
+            Ok(s) if !s.route_errors.is_empty() => {
+                for e in &s.route_errors {
+                    eprintln!("error: {e}");
+                }
+                ExitCode::from(2)
+            }
+            Ok(s) => {
+                println!("config OK: {} modules, {} routes", s.modules.len(), s.routes.len());
+                ExitCode::SUCCESS
+            }
+        },
+        Command::ModuleEnv { config, module } => {
+            let settings = match load(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            match module_env(&settings, &module) {
+                Ok(lines) => {
+                    println!("{lines}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run { config } => {
+            let settings = match load(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            init_logs(&settings);
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: starting the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(run(settings)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn module_env(settings: &Settings, module: &str) -> anyhow::Result<String> {
+    let id = ModuleId::parse(module).with_context(|| format!("module id {module:?}"))?;
+    if !settings.modules.contains_key(&id) && id.as_str() != "$edgeHub" {
+        anyhow::bail!("module {module:?} is not in the config's `modules`");
+    }
+    let key = device_key(settings)?;
+    let certs = tls::ensure_certs(settings)?;
+    let keys = module_keys(settings, &key, &id);
+    let cs = ConnectionString {
+        host_name: settings.iothub_hostname.clone(),
+        gateway_host_name: Some(settings.gateway_hostname.clone()),
+        device_id: settings.device_id.to_string(),
+        module_id: Some(id.to_string()),
+        shared_access_key: Some(keys.primary.to_base64()),
+        shared_access_key_name: None,
+    };
+    Ok(format!(
+        "EdgeHubConnectionString={cs}\nEdgeModuleCACertificateFile={}",
+        certs.ca_cert.display()
+    ))
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    let hub = Hub::start(settings).await?;
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    hub.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,236 @@
+//! The hub's message: what a client sent, plus what the hub knows about where it came from.
+//!
+//! AMQP sections are kept as the client sent them (message id types, application property
+//! types), so a message reaches its target as it left its source; the hub only adds the
+//! annotations edgeHub adds (`x-opt-input-name`, the sender's connection ids, enqueued time,
+//! delivery count, sequence number) and drops `iothub-outputname`, which is routing metadata.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use fe2o3_amqp::types::{
+    messaging::{
+        ApplicationProperties, Body, Data, Message as AmqpMessage, MessageAnnotations, Properties,
+    },
+    primitives::{Binary, SimpleValue, Symbol, Timestamp, Value},
+};
+use serde_amqp::primitives::OrderedMap;
+use fe2o3_amqp::types::messaging::annotations::OwnedKey;
+
+use crate::identity::Identity;
+
+/// Application property that carries a module's output name.
+pub const OUTPUT_NAME_PROPERTY: &str = "iothub-outputname";
+/// Message annotation that tells a module which input a message arrived on.
+pub const INPUT_NAME_ANNOTATION: &str = "x-opt-input-name";
+pub const CONNECTION_DEVICE_ID: &str = "iothub-connection-device-id";
+pub const CONNECTION_MODULE_ID: &str = "iothub-connection-module-id";
+pub const ENQUEUED_TIME: &str = "iothub-enqueuedtime";
+pub const DELIVERY_COUNT: &str = "iothub-deliverycount";
+pub const SEQUENCE_NUMBER: &str = "x-opt-sequence-number";
+
+/// Incoming annotations that travel on with a message (the rest are the sender's business).
+const KEPT_ANNOTATIONS: &[&str] = &["iothub-interface-id", "dt-subject", "Diagnostic-Id", "Correlation-Context"];
+
+/// Why a client's message could not be taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    #[error("the message body must be data sections or a binary/string amqp-value")]
+    UnsupportedBody,
+    #[error("application property {0:?} must be a string")]
+    BadOutputName(String),
+}
+
+/// A message in the hub.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub body: Vec<u8>,
+    pub properties: Option<Properties>,
+    pub application_properties: OrderedMap<String, SimpleValue>,
+    pub annotations: OrderedMap<OwnedKey, Value>,
+    /// The authenticated identity that sent it (never what the message claims).
+    pub from: Identity,
+    /// The output it was sent on, for module messages.
+    pub output: Option<String>,
+    /// Milliseconds since the Unix epoch when the hub accepted it.
+    pub enqueued_ms: i64,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Message {
+    /// Takes a client's AMQP message, stamping the sender's identity over whatever it claimed.
+    pub fn from_amqp(m: AmqpMessage<Body<Value>>, from: Identity) -> Result<Self, MessageError> {
+        let body = match m.body {
+            Body::Data(batch) => {
+                let mut out = Vec::new();
+                for Data(b) in batch.into_iter() {
+                    out.extend_from_slice(b.as_slice());
+                }
+                out
+            }
+            Body::Value(v) => match v.0 {
+                Value::Binary(b) => b.into_vec(),
+                Value::String(s) => s.into_bytes(),
+                _ => return Err(MessageError::UnsupportedBody),
+            },
+            Body::Empty => Vec::new(),
+            Body::Sequence(_) => return Err(MessageError::UnsupportedBody),
+        };
+        let mut application_properties = m.application_properties.map(|a| a.0).unwrap_or_default();
+        let output = match application_properties.swap_remove(OUTPUT_NAME_PROPERTY) {
+            None => None,
+            Some(SimpleValue::String(s)) => Some(s),
+            Some(SimpleValue::Symbol(s)) => Some(s.0),
+            Some(_) => return Err(MessageError::BadOutputName(OUTPUT_NAME_PROPERTY.into())),
+        };
+        let mut annotations = OrderedMap::new();
+        if let Some(MessageAnnotations(a)) = m.message_annotations {
+            for (k, v) in a.into_iter() {
+                if let OwnedKey::Symbol(s) = &k {
+                    if KEPT_ANNOTATIONS.contains(&s.0.as_str()) {
+                        annotations.insert(k, v);
+                    }
+                }
+            }
+        }
+        // Outputs only mean something for modules.
+        let output = if from.module().is_some() { output } else { None };
+        Ok(Self {
+            body,
+            properties: m.properties,
+            application_properties,
+            annotations,
+            from,
+            output,
+            enqueued_ms: now_ms(),
+        })
+    }
+
+    /// The source path routes match against.
+    pub fn source_path(&self) -> String {
+        match (self.from.module(), &self.output) {
+            (Some(m), Some(o)) => format!("/messages/modules/{m}/outputs/{o}"),
+            (Some(m), None) => format!("/messages/modules/{m}"),
+            (None, _) => "/messages".to_owned(),
+        }
+    }
+
+    /// Approximate size in bytes, for limits and metrics.
+    pub fn size(&self) -> usize {
+        self.body.len()
+            + self
+                .application_properties
+                .iter()
+                .map(|(k, v)| k.len() + simple_len(v))
+                .sum::<usize>()
+            + 64
+    }
+
+    /// The AMQP message delivered to a module input.
+    pub fn to_input_message(&self, input: &str, sequence: u64, delivery_count: u8) -> AmqpMessage<Body<Value>> {
+        let mut ann = self.annotations.clone();
+        let sym = |s: &str| OwnedKey::Symbol(Symbol::from(s));
+        ann.insert(sym(INPUT_NAME_ANNOTATION), Value::String(input.to_owned()));
+        ann.insert(sym(CONNECTION_DEVICE_ID), Value::String(self.from.device().to_string()));
+        if let Some(m) = self.from.module() {
+            ann.insert(sym(CONNECTION_MODULE_ID), Value::String(m.to_string()));
+        }
+        ann.insert(sym(ENQUEUED_TIME), Value::Timestamp(Timestamp::from_milliseconds(self.enqueued_ms)));
+        ann.insert(sym(DELIVERY_COUNT), Value::Ubyte(delivery_count));
+        ann.insert(sym(SEQUENCE_NUMBER), Value::Ulong(sequence));
+        let app = if self.application_properties.is_empty() {
+            None
+        } else {
+            Some(ApplicationProperties(self.application_properties.clone()))
+        };
+        AmqpMessage {
+            header: None,
+            delivery_annotations: None,
+            message_annotations: Some(MessageAnnotations(ann)),
+            properties: self.properties.clone(),
+            application_properties: app,
+            body: Body::Data(vec![Data(Binary::from(self.body.clone()))].into()),
+            footer: None,
+        }
+    }
+}
+
+fn simple_len(v: &SimpleValue) -> usize {
+    match v {
+        SimpleValue::String(s) => s.len(),
+        SimpleValue::Symbol(s) => s.0.len(),
+        SimpleValue::Binary(b) => b.len(),
+        _ => 8,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{DeviceId, ModuleId};
+
+    fn module(m: &str) -> Identity {
+        Identity::Module(DeviceId::parse("d1").unwrap(), ModuleId::parse(m).unwrap())
+    }
+
+    fn amqp(output: Option<&str>) -> AmqpMessage<Body<Value>> {
+        let mut app = OrderedMap::new();
+        app.insert("k".to_owned(), SimpleValue::String("v".into()));
+        if let Some(o) = output {
+            app.insert(OUTPUT_NAME_PROPERTY.to_owned(), SimpleValue::String(o.into()));
+        }
+        let mut ann = OrderedMap::new();
+        ann.insert(OwnedKey::Symbol(Symbol::from(CONNECTION_DEVICE_ID)), Value::String("spoofed".into()));
+        AmqpMessage {
+            header: None,
+            delivery_annotations: None,
+            message_annotations: Some(MessageAnnotations(ann)),
+            properties: Some(Properties {
+                message_id: Some("id-1".to_owned().into()),
+                content_type: Some(Symbol::from("application/json")),
+                ..Default::default()
+            }),
+            application_properties: Some(ApplicationProperties(app)),
+            body: Body::Data(vec![Data(Binary::from(b"{\"t\":1}".to_vec()))].into()),
+            footer: None,
+        }
+    }
+
+    #[test]
+    fn sources_follow_edgehub() {
+        let m = Message::from_amqp(amqp(Some("out1")), module("a")).unwrap();
+        assert_eq!(m.source_path(), "/messages/modules/a/outputs/out1");
+        let m = Message::from_amqp(amqp(None), module("a")).unwrap();
+        assert_eq!(m.source_path(), "/messages/modules/a");
+        let m = Message::from_amqp(amqp(Some("x")), Identity::Device(DeviceId::parse("leaf").unwrap())).unwrap();
+        assert_eq!(m.source_path(), "/messages");
+    }
+
+    #[test]
+    fn input_messages_carry_the_real_sender_and_the_input() {
+        let m = Message::from_amqp(amqp(Some("out1")), module("a")).unwrap();
+        let out = m.to_input_message("in1", 7, 0);
+        let ann = out.message_annotations.unwrap().0;
+        let get = |k: &str| ann.get(&OwnedKey::Symbol(Symbol::from(k))).cloned();
+        assert_eq!(get(INPUT_NAME_ANNOTATION), Some(Value::String("in1".into())));
+        assert_eq!(get(CONNECTION_DEVICE_ID), Some(Value::String("d1".into())));
+        assert_eq!(get(CONNECTION_MODULE_ID), Some(Value::String("a".into())));
+        assert_eq!(get(SEQUENCE_NUMBER), Some(Value::Ulong(7)));
+        let app = out.application_properties.unwrap().0;
+        assert!(app.get(OUTPUT_NAME_PROPERTY).is_none());
+        assert_eq!(app.get("k"), Some(&SimpleValue::String("v".into())));
+        assert_eq!(out.properties.unwrap().content_type, Some(Symbol::from("application/json")));
+    }
+
+    #[test]
+    fn unsupported_bodies_are_refused() {
+        let mut a = amqp(None);
+        a.body = Body::Value(fe2o3_amqp::types::messaging::AmqpValue(Value::Int(3)));
+        assert_eq!(Message::from_amqp(a, module("a")).unwrap_err(), MessageError::UnsupportedBody);
+    }
+}

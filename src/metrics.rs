@@ -1,0 +1,158 @@
+//! Metric names, descriptions and the small helpers that record them.
+//!
+//! Names and labels follow edgeHub (`edgehub_*`, counters end in `_total`, summaries with
+//! quantiles 0.1/0.5/0.9/0.99) so existing dashboards keep working. Every series carries the
+//! common labels `iothub`, `edge_device` and `instance_number`. Labels are bounded: identities
+//! and endpoint ids, never message ids.
+
+use std::sync::OnceLock;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::message::Message;
+
+pub const MESSAGES_RECEIVED: &str = "edgehub_messages_received_total";
+pub const MESSAGES_SENT: &str = "edgehub_messages_sent_total";
+pub const MESSAGES_DROPPED: &str = "edgehub_messages_dropped_total";
+pub const MESSAGES_UNACK: &str = "edgehub_messages_unack_total";
+pub const MESSAGE_SIZE: &str = "edgehub_message_size_bytes";
+pub const MESSAGE_SEND_DURATION: &str = "edgehub_message_send_duration_seconds";
+pub const MESSAGE_PROCESS_DURATION: &str = "edgehub_message_process_duration_seconds";
+pub const QUEUE_LENGTH: &str = "edgehub_queue_length";
+pub const CONNECT_SUCCESS: &str = "edgehub_client_connect_success_total";
+pub const CONNECT_FAILED: &str = "edgehub_client_connect_failed_total";
+pub const DISCONNECT: &str = "edgehub_client_disconnect_total";
+pub const CONNECTED_CLIENTS: &str = "edgehub_connected_clients";
+pub const OPEN_CONNECTIONS: &str = "edgehub_open_connections";
+pub const BYTES_RECEIVED: &str = "edgehub_bytes_received_total";
+pub const BYTES_SENT: &str = "edgehub_bytes_sent_total";
+pub const INVALID_ROUTES: &str = "edgehub_invalid_routes";
+
+pub const DROP_NO_ROUTE: &str = "no_route";
+pub const DROP_TTL: &str = "ttl_expiry";
+pub const DROP_REJECTED: &str = "rejected_by_module";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder once and describes every series. Later calls (several
+/// hubs in one test process) reuse the first recorder and its common labels.
+pub fn install(iothub: &str, edge_device: &str) -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .add_global_label("iothub", iothub)
+                .add_global_label("edge_device", edge_device)
+                .add_global_label("instance_number", uuid::Uuid::new_v4().to_string())
+                .set_quantiles(&[0.1, 0.5, 0.9, 0.99])
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is already installed, in which case nothing we
+            // record would reach this handle; say so rather than serve an empty page silently.
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(MESSAGES_RECEIVED, "Messages received from clients");
+    describe_counter!(MESSAGES_SENT, "Messages delivered to an endpoint and acknowledged");
+    describe_counter!(MESSAGES_DROPPED, "Messages dropped, by reason");
+    describe_counter!(MESSAGES_UNACK, "Messages that could not be stored and were not acknowledged");
+    describe_histogram!(MESSAGE_SIZE, Unit::Bytes, "Size of received messages");
+    describe_histogram!(MESSAGE_SEND_DURATION, Unit::Seconds, "Time from send to acknowledgement");
+    describe_histogram!(MESSAGE_PROCESS_DURATION, Unit::Seconds, "Time a message spent in the hub");
+    describe_gauge!(QUEUE_LENGTH, "Messages held per endpoint and priority");
+    describe_counter!(CONNECT_SUCCESS, "Successful client authentications");
+    describe_counter!(CONNECT_FAILED, "Failed client authentications");
+    describe_counter!(DISCONNECT, "Client disconnections");
+    describe_gauge!(CONNECTED_CLIENTS, "Authenticated clients connected");
+    describe_gauge!(OPEN_CONNECTIONS, "Open AMQP connections");
+    describe_counter!(BYTES_RECEIVED, Unit::Bytes, "Message bytes received from clients");
+    describe_counter!(BYTES_SENT, Unit::Bytes, "Message bytes delivered to clients");
+    describe_gauge!(INVALID_ROUTES, "Configured routes that are invalid and not running");
+}
+
+fn output_label(msg: &Message) -> String {
+    msg.output.clone().unwrap_or_default()
+}
+
+pub fn received(msg: &Message) {
+    let id = msg.from.to_string();
+    counter!(MESSAGES_RECEIVED, "id" => id.clone(), "route_output" => output_label(msg)).increment(1);
+    histogram!(MESSAGE_SIZE, "id" => id.clone()).record(msg.size() as f64);
+    counter!(BYTES_RECEIVED, "id" => id).increment(msg.body.len() as u64);
+}
+
+pub fn dropped(reason: &'static str, msg: &Message) {
+    counter!(MESSAGES_DROPPED, "reason" => reason, "from" => msg.from.to_string(), "from_route_output" => output_label(msg))
+        .increment(1);
+}
+
+pub fn unacked(reason: &'static str, msg: &Message) {
+    counter!(MESSAGES_UNACK, "reason" => reason, "from" => msg.from.to_string(), "from_route_output" => output_label(msg))
+        .increment(1);
+}
+
+pub fn sent(msg: &Message, to: &str, input: &str, priority: u32, send_secs: f64) {
+    let from = msg.from.to_string();
+    counter!(MESSAGES_SENT, "from" => from.clone(), "to" => to.to_owned(), "from_route_output" => output_label(msg),
+        "to_route_input" => input.to_owned(), "priority" => priority.to_string())
+    .increment(1);
+    histogram!(MESSAGE_SEND_DURATION, "from" => from.clone(), "to" => to.to_owned(), "from_route_output" => output_label(msg),
+        "to_route_input" => input.to_owned())
+    .record(send_secs);
+    let waited = (crate::message::now_ms() - msg.enqueued_ms).max(0) as f64 / 1000.0;
+    histogram!(MESSAGE_PROCESS_DURATION, "from" => from, "to" => to.to_owned(), "priority" => priority.to_string())
+        .record(waited);
+    counter!(BYTES_SENT, "id" => to.to_owned()).increment(msg.body.len() as u64);
+}
+
+pub fn queue_length(endpoint: &str, priority: u32, n: usize) {
+    gauge!(QUEUE_LENGTH, "endpoint" => endpoint.to_owned(), "priority" => priority.to_string()).set(n as f64);
+}
+
+pub fn connect_success(id: &str) {
+    counter!(CONNECT_SUCCESS, "id" => id.to_owned()).increment(1);
+}
+
+pub fn connect_failed(id: &str, reason: &'static str) {
+    counter!(CONNECT_FAILED, "id" => id.to_owned(), "reason" => reason).increment(1);
+}
+
+pub fn disconnected(id: &str) {
+    counter!(DISCONNECT, "id" => id.to_owned()).increment(1);
+}
+
+pub fn connected_clients(n: usize) {
+    gauge!(CONNECTED_CLIENTS).set(n as f64);
+}
+
+pub fn open_connections(delta: f64) {
+    gauge!(OPEN_CONNECTIONS).increment(delta);
+}
+
+pub fn invalid_routes(n: usize) {
+    gauge!(INVALID_ROUTES).set(n as f64);
+}
+
+pub const PROCESS_RSS: &str = "edgehub_process_resident_memory_bytes";
+
+/// Refreshes process gauges just before a scrape.
+pub fn process_gauges() {
+    if let Some(rss) = resident_bytes() {
+        gauge!(PROCESS_RSS).set(rss as f64);
+    }
+}
+
+/// Resident set size from `/proc/self/statm` (Linux); `None` elsewhere.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}

@@ -1,0 +1,325 @@
+//! Endpoint queues: where a routed message waits until its endpoint takes it.
+//!
+//! The [`QueueStore`] trait is the interface the durable store implements; [`MemoryQueue`] is
+//! the in-memory implementation. Invariants every implementation keeps:
+//!
+//! * a message is counted from `push` until `ack` (pending + in flight ≤ capacity), so a slow
+//!   consumer fills its queue and then holds back senders, never the hub's memory;
+//! * `pop` hands out the best priority first (0 highest), FIFO within a priority, and moves the
+//!   message to "in flight"; `release` puts it back where it was (same priority, same sequence),
+//!   so a redelivery keeps its place;
+//! * an expired message is never handed out: `pop` drops it and reports it.
+//!
+//! [`Endpoint`] wraps a store with the wake-ups: consumers wait on `ready`, producers on `space`.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::sync::Notify;
+
+use crate::{message::Message, metrics as m};
+
+/// A queued message as a consumer sees it.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    pub seq: u64,
+    pub priority: u32,
+    pub msg: Arc<Message>,
+    /// Milliseconds since the epoch after which it must not be delivered.
+    pub expires_ms: Option<i64>,
+    /// How many times it was handed out before.
+    pub delivery_count: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    #[error("the queue is full")]
+    Full,
+    #[error("the queue is closed")]
+    Closed,
+}
+
+/// What a `pop` found.
+#[derive(Debug)]
+pub struct Popped {
+    pub item: Option<Queued>,
+    /// Messages that expired on the way, by priority.
+    pub expired: Vec<Queued>,
+}
+
+/// The queue interface. Implementations are synchronous and quick; waiting is [`Endpoint`]'s job.
+pub trait QueueStore: Send + Sync + 'static {
+    fn try_push(&self, msg: Arc<Message>, priority: u32, expires_ms: Option<i64>) -> Result<u64, QueueError>;
+    fn pop(&self, now_ms: i64) -> Popped;
+    fn ack(&self, seq: u64);
+    fn release(&self, seq: u64);
+    /// Messages held (pending and in flight) per priority.
+    fn lengths(&self) -> BTreeMap<u32, usize>;
+    fn len(&self) -> usize {
+        self.lengths().values().sum()
+    }
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Default)]
+struct MemInner {
+    next_seq: u64,
+    pending: BTreeMap<(u32, u64), Queued>,
+    in_flight: HashMap<u64, Queued>,
+    per_priority: BTreeMap<u32, usize>,
+}
+
+/// The in-memory queue: bounded, ordered by (priority, sequence).
+pub struct MemoryQueue {
+    capacity: usize,
+    inner: Mutex<MemInner>,
+}
+
+impl MemoryQueue {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            inner: Mutex::new(MemInner::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemInner> {
+        // A poisoned lock only means another thread panicked mid-update of plain counters and
+        // maps; the data stays usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn dec(map: &mut BTreeMap<u32, usize>, p: u32) {
+    if let Some(n) = map.get_mut(&p) {
+        *n = n.saturating_sub(1);
+    }
+}
+
+impl QueueStore for MemoryQueue {
+    fn try_push(&self, msg: Arc<Message>, priority: u32, expires_ms: Option<i64>) -> Result<u64, QueueError> {
+        let mut g = self.lock();
+        if g.pending.len() + g.in_flight.len() >= self.capacity {
+            return Err(QueueError::Full);
+        }
+        g.next_seq += 1;
+        let seq = g.next_seq;
+        g.pending.insert(
+            (priority, seq),
+            Queued {
+                seq,
+                priority,
+                msg,
+                expires_ms,
+                delivery_count: 0,
+            },
+        );
+        *g.per_priority.entry(priority).or_default() += 1;
+        Ok(seq)
+    }
+
+    fn pop(&self, now_ms: i64) -> Popped {
+        let mut g = self.lock();
+        let mut expired = Vec::new();
+        while let Some((_, q)) = g.pending.pop_first() {
+            if q.expires_ms.is_some_and(|e| e <= now_ms) {
+                dec(&mut g.per_priority, q.priority);
+                expired.push(q);
+                continue;
+            }
+            g.in_flight.insert(q.seq, q.clone());
+            return Popped {
+                item: Some(q),
+                expired,
+            };
+        }
+        Popped { item: None, expired }
+    }
+
+    fn ack(&self, seq: u64) {
+        let mut g = self.lock();
+        if let Some(q) = g.in_flight.remove(&seq) {
+            dec(&mut g.per_priority, q.priority);
+        }
+    }
+
+    fn release(&self, seq: u64) {
+        let mut g = self.lock();
+        if let Some(mut q) = g.in_flight.remove(&seq) {
+            q.delivery_count = q.delivery_count.saturating_add(1);
+            g.pending.insert((q.priority, q.seq), q);
+        }
+    }
+
+    fn lengths(&self) -> BTreeMap<u32, usize> {
+        self.lock().per_priority.clone()
+    }
+}
+
+/// A routing target with its queue and wake-ups.
+pub struct Endpoint {
+    /// `iothub` for `$upstream`, `{device}/{module}/{input}` for a module input (edgeHub's ids).
+    pub id: String,
+    /// For module inputs: the input name.
+    pub input: Option<String>,
+    pub store: Arc<dyn QueueStore>,
+    /// Signalled when a message is pushed or released; shared by all inputs of one module so
+    /// that one consumer can wait on all of them.
+    pub ready: Arc<Notify>,
+    /// Signalled when room is freed.
+    pub space: Notify,
+}
+
+impl Endpoint {
+    pub fn new(id: String, input: Option<String>, store: Arc<dyn QueueStore>, ready: Arc<Notify>) -> Self {
+        Self {
+            id,
+            input,
+            store,
+            ready,
+            space: Notify::new(),
+        }
+    }
+
+    /// Pushes a message, waiting for room up to `wait`.
+    pub async fn push(&self, msg: Arc<Message>, priority: u32, expires_ms: Option<i64>, wait: Duration) -> Result<u64, QueueError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.store.try_push(msg.clone(), priority, expires_ms) {
+                Ok(seq) => {
+                    self.publish_lengths();
+                    self.ready.notify_waiters();
+                    self.ready.notify_one();
+                    return Ok(seq);
+                }
+                Err(QueueError::Full) => {
+                    if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                        return Err(QueueError::Full);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Takes the next deliverable message, counting the expired ones it skipped.
+    pub fn pop(&self) -> Option<Queued> {
+        let popped = self.store.pop(crate::message::now_ms());
+        if !popped.expired.is_empty() {
+            for q in &popped.expired {
+                m::dropped(m::DROP_TTL, &q.msg);
+            }
+            self.after_removal();
+        }
+        popped.item
+    }
+
+    pub fn ack(&self, seq: u64) {
+        self.store.ack(seq);
+        self.after_removal();
+    }
+
+    pub fn release(&self, seq: u64) {
+        self.store.release(seq);
+        self.ready.notify_one();
+    }
+
+    fn after_removal(&self) {
+        self.publish_lengths();
+        self.space.notify_waiters();
+    }
+
+    pub fn publish_lengths(&self) {
+        for (p, n) in self.store.lengths() {
+            m::queue_length(&self.id, p, n);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{DeviceId, Identity};
+
+    fn msg() -> Arc<Message> {
+        Arc::new(Message {
+            body: vec![1],
+            properties: None,
+            application_properties: Default::default(),
+            annotations: Default::default(),
+            from: Identity::Device(DeviceId::parse("d").unwrap()),
+            output: None,
+            enqueued_ms: 0,
+        })
+    }
+
+    /// The conformance suite every [`QueueStore`] passes.
+    pub fn conformance(make: impl Fn(usize) -> Arc<dyn QueueStore>) {
+        // FIFO within a priority, best priority first.
+        let q = make(10);
+        let a = q.try_push(msg(), 5, None).unwrap();
+        let b = q.try_push(msg(), 5, None).unwrap();
+        let c = q.try_push(msg(), 0, None).unwrap();
+        let order: Vec<u64> = (0..3).map(|_| q.pop(0).item.unwrap().seq).collect();
+        assert_eq!(order, vec![c, a, b]);
+        assert!(q.pop(0).item.is_none());
+        assert_eq!(q.len(), 3, "in-flight messages still count");
+
+        // Release puts a message back in its place, ack removes it.
+        q.release(a);
+        q.ack(b);
+        q.ack(c);
+        let again = q.pop(0).item.unwrap();
+        assert_eq!((again.seq, again.delivery_count), (a, 1));
+        q.ack(a);
+        assert!(q.is_empty());
+
+        // Capacity counts in-flight messages.
+        let q = make(2);
+        q.try_push(msg(), 1, None).unwrap();
+        let s = q.try_push(msg(), 1, None).unwrap();
+        assert_eq!(q.try_push(msg(), 1, None), Err(QueueError::Full));
+        let first = q.pop(0).item.unwrap().seq;
+        assert_eq!(q.try_push(msg(), 1, None), Err(QueueError::Full));
+        q.ack(first);
+        q.try_push(msg(), 1, None).unwrap();
+        assert_ne!(first, s);
+
+        // Expired messages are skipped and reported, never handed out.
+        let q = make(10);
+        q.try_push(msg(), 1, Some(100)).unwrap();
+        let live = q.try_push(msg(), 1, Some(1000)).unwrap();
+        let p = q.pop(500);
+        assert_eq!(p.expired.len(), 1);
+        assert_eq!(p.item.unwrap().seq, live);
+        assert_eq!(q.lengths().get(&1), Some(&1));
+    }
+
+    #[test]
+    fn memory_queue_conforms() {
+        conformance(|cap| Arc::new(MemoryQueue::new(cap)));
+    }
+
+    #[tokio::test]
+    async fn a_full_endpoint_holds_senders_back_until_room_is_freed() {
+        let e = Arc::new(Endpoint::new("t".into(), None, Arc::new(MemoryQueue::new(1)), Arc::new(Notify::new())));
+        e.push(msg(), 0, None, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(
+            e.push(msg(), 0, None, Duration::from_millis(20)).await,
+            Err(QueueError::Full)
+        );
+        let e2 = e.clone();
+        let waiter = tokio::spawn(async move { e2.push(msg(), 0, None, Duration::from_secs(10)).await });
+        let got = e.pop().unwrap();
+        e.ack(got.seq);
+        tokio::time::timeout(Duration::from_secs(10), waiter).await.unwrap().unwrap().unwrap();
+    }
+}

@@ -1,0 +1,168 @@
+//! The router: which endpoints a message goes to.
+//!
+//! It owns the compiled routes and one [`Endpoint`] per sink. Evaluation is pure: every route is
+//! tested, and when several matching routes point at the same endpoint the message is enqueued
+//! there once, with the best (lowest) priority and that route's TTL, as edgeHub does.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
+
+use tokio::sync::Notify;
+
+use crate::{
+    identity::{DeviceId, ModuleId},
+    message::Message,
+    queue::{Endpoint, MemoryQueue},
+    route::{Route, Sink},
+};
+
+/// Where one message goes, and how.
+#[derive(Clone)]
+pub struct Target {
+    pub endpoint: Arc<Endpoint>,
+    pub priority: u32,
+    /// Absolute expiry in ms since the epoch; `None` = never.
+    pub expires_ms: Option<i64>,
+}
+
+/// Routes plus the endpoints they feed.
+pub struct Router {
+    routes: Vec<Route>,
+    endpoints: BTreeMap<Sink, Arc<Endpoint>>,
+    /// Per module: the wake-up shared by all of its input endpoints.
+    module_ready: HashMap<ModuleId, Arc<Notify>>,
+    global_ttl_secs: Option<u64>,
+}
+
+impl Router {
+    pub fn new(device: &DeviceId, routes: Vec<Route>, global_ttl_secs: Option<u64>, capacity: usize) -> Self {
+        let mut endpoints = BTreeMap::new();
+        let mut module_ready: HashMap<ModuleId, Arc<Notify>> = HashMap::new();
+        for r in &routes {
+            let sink = r.statement.sink.clone();
+            if endpoints.contains_key(&sink) {
+                continue;
+            }
+            let endpoint = match &sink {
+                Sink::Upstream => Endpoint::new("iothub".into(), None, Arc::new(MemoryQueue::new(capacity)), Arc::new(Notify::new())),
+                Sink::ModuleInput { module, input } => {
+                    let ready = module_ready.entry(module.clone()).or_default().clone();
+                    Endpoint::new(
+                        format!("{device}/{module}/{input}"),
+                        Some(input.clone()),
+                        Arc::new(MemoryQueue::new(capacity)),
+                        ready,
+                    )
+                }
+            };
+            endpoints.insert(sink, Arc::new(endpoint));
+        }
+        Self {
+            routes,
+            endpoints,
+            module_ready,
+            global_ttl_secs,
+        }
+    }
+
+    /// The endpoints a message goes to (deduplicated).
+    pub fn route(&self, msg: &Message) -> Vec<Target> {
+        let source = msg.source_path();
+        let mut best: BTreeMap<&Sink, (u32, u32)> = BTreeMap::new();
+        for r in &self.routes {
+            if !r.statement.matches_source(&source) {
+                continue;
+            }
+            let e = best.entry(&r.statement.sink).or_insert((r.priority, r.time_to_live_secs));
+            if r.priority < e.0 {
+                *e = (r.priority, r.time_to_live_secs);
+            }
+        }
+        best.into_iter()
+            .filter_map(|(sink, (priority, ttl))| {
+                let endpoint = self.endpoints.get(sink)?.clone();
+                let ttl = if ttl > 0 { Some(ttl as u64) } else { self.global_ttl_secs };
+                let expires_ms = ttl.map(|t| msg.enqueued_ms.saturating_add((t as i64).saturating_mul(1000)));
+                Some(Target {
+                    endpoint,
+                    priority,
+                    expires_ms,
+                })
+            })
+            .collect()
+    }
+
+    /// A module's input endpoints and their shared wake-up; empty when no route feeds it.
+    pub fn module_inputs(&self, module: &ModuleId) -> (Vec<Arc<Endpoint>>, Arc<Notify>) {
+        let eps = self
+            .endpoints
+            .iter()
+            .filter(|(s, _)| matches!(s, Sink::ModuleInput { module: m, .. } if m == module))
+            .map(|(_, e)| e.clone())
+            .collect();
+        let ready = self.module_ready.get(module).cloned().unwrap_or_default();
+        (eps, ready)
+    }
+
+    pub fn endpoints(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
+        self.endpoints.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{identity::Identity, route::parse_statement};
+
+    fn route(name: &str, text: &str, priority: u32, ttl: u32) -> Route {
+        Route {
+            name: name.into(),
+            statement: parse_statement(text).unwrap(),
+            priority,
+            time_to_live_secs: ttl,
+        }
+    }
+
+    fn msg(module: &str, output: Option<&str>) -> Message {
+        Message {
+            body: vec![],
+            properties: None,
+            application_properties: Default::default(),
+            annotations: Default::default(),
+            from: Identity::Module(DeviceId::parse("d").unwrap(), ModuleId::parse(module).unwrap()),
+            output: output.map(str::to_owned),
+            enqueued_ms: 1_000,
+        }
+    }
+
+    #[test]
+    fn one_copy_per_endpoint_with_the_best_priority() {
+        let b = "BrokeredEndpoint(\"/modules/b/inputs/in1\")";
+        let r = Router::new(
+            &DeviceId::parse("d").unwrap(),
+            vec![
+                route("all", &format!("FROM /* INTO {b}"), 5, 10),
+                route("a", &format!("FROM /messages/modules/a/* INTO {b}"), 1, 0),
+                route("up", "FROM /messages/modules/a/outputs/* INTO $upstream", 9, 0),
+            ],
+            Some(60),
+            10,
+        );
+        let t = r.route(&msg("a", Some("o")));
+        assert_eq!(t.len(), 2);
+        let to_b = t.iter().find(|t| t.endpoint.id == "d/b/in1").unwrap();
+        assert_eq!(to_b.priority, 1);
+        assert_eq!(to_b.expires_ms, Some(61_000), "route TTL 0 falls back to the global TTL");
+
+        let t = r.route(&msg("a", None));
+        assert_eq!(t.len(), 1, "no output: outputs/* does not match");
+        let t = r.route(&msg("c", None));
+        assert_eq!((t.len(), t[0].priority, t[0].expires_ms), (1, 5, Some(11_000)));
+
+        let (inputs, _) = r.module_inputs(&ModuleId::parse("b").unwrap());
+        assert_eq!(inputs.len(), 1);
+        assert!(r.module_inputs(&ModuleId::parse("a").unwrap()).0.is_empty());
+    }
+}
