@@ -97,7 +97,10 @@ pub fn path_of(address: &str) -> &str {
 fn decode_id(s: &str) -> Option<String> {
     // .NET encodes a space as '+'.
     let s = s.replace('+', " ");
-    percent_decode_str(&s).decode_utf8().ok().map(|c| c.into_owned())
+    percent_decode_str(&s)
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
 }
 
 /// Classifies an attach by its address and the client's role.
@@ -160,21 +163,73 @@ mod tests {
             ("$cbs", Sender, LinkKind::Cbs),
             ("$cbs", Receiver, LinkKind::Cbs),
             ("amqps://gw/$cbs", Receiver, LinkKind::Cbs),
-            ("/devices/d1/modules/m1/messages/events", Sender, LinkKind::Events(m("d1", "m1"))),
-            ("/devices/d1/modules/m1/messages/events", Receiver, LinkKind::ModuleInputs(m("d1", "m1"))),
-            ("/devices/d1/messages/events", Sender, LinkKind::Events(d("d1"))),
-            ("amqps://gw:5671/devices/d1/messages/deviceBound", Receiver, LinkKind::C2d(d("d1"))),
-            ("/devices/d1/modules/m1/messages/devicebound", Receiver, LinkKind::ModuleC2d(m("d1", "m1"))),
-            ("/devices/d1/modules/m1/twin", Sender, LinkKind::TwinRequests(m("d1", "m1"))),
-            ("/DEVICES/d1/MODULES/m1/TWIN", Receiver, LinkKind::TwinResponses(m("d1", "m1"))),
-            ("/devices/d1/modules/m1/methods/deviceBound", Sender, LinkKind::MethodResponses(m("d1", "m1"))),
-            ("amqps://h:5671/devices/d1/modules/m1/methods/devicebound", Receiver, LinkKind::MethodRequests(m("d1", "m1"))),
-            ("/devices/dev%2D1/modules/%24edgeHub/twin", Sender, LinkKind::TwinRequests(m("dev-1", "$edgeHub"))),
-            ("/devices/d%3A1/twin", Sender, LinkKind::TwinRequests(d("d:1"))),
-            ("/devices/d1/twin?api-version=2020-09-30", Sender, LinkKind::TwinRequests(d("d1"))),
+            (
+                "/devices/d1/modules/m1/messages/events",
+                Sender,
+                LinkKind::Events(m("d1", "m1")),
+            ),
+            (
+                "/devices/d1/modules/m1/messages/events",
+                Receiver,
+                LinkKind::ModuleInputs(m("d1", "m1")),
+            ),
+            (
+                "/devices/d1/messages/events",
+                Sender,
+                LinkKind::Events(d("d1")),
+            ),
+            (
+                "amqps://gw:5671/devices/d1/messages/deviceBound",
+                Receiver,
+                LinkKind::C2d(d("d1")),
+            ),
+            (
+                "/devices/d1/modules/m1/messages/devicebound",
+                Receiver,
+                LinkKind::ModuleC2d(m("d1", "m1")),
+            ),
+            (
+                "/devices/d1/modules/m1/twin",
+                Sender,
+                LinkKind::TwinRequests(m("d1", "m1")),
+            ),
+            (
+                "/DEVICES/d1/MODULES/m1/TWIN",
+                Receiver,
+                LinkKind::TwinResponses(m("d1", "m1")),
+            ),
+            (
+                "/devices/d1/modules/m1/methods/deviceBound",
+                Sender,
+                LinkKind::MethodResponses(m("d1", "m1")),
+            ),
+            (
+                "amqps://h:5671/devices/d1/modules/m1/methods/devicebound",
+                Receiver,
+                LinkKind::MethodRequests(m("d1", "m1")),
+            ),
+            (
+                "/devices/dev%2D1/modules/%24edgeHub/twin",
+                Sender,
+                LinkKind::TwinRequests(m("dev-1", "$edgeHub")),
+            ),
+            (
+                "/devices/d%3A1/twin",
+                Sender,
+                LinkKind::TwinRequests(d("d:1")),
+            ),
+            (
+                "/devices/d1/twin?api-version=2020-09-30",
+                Sender,
+                LinkKind::TwinRequests(d("d1")),
+            ),
         ];
         for (addr, role, want) in cases {
-            assert_eq!(classify(Some(addr), *role).as_ref(), Ok(want), "{addr} {role:?}");
+            assert_eq!(
+                classify(Some(addr), *role).as_ref(),
+                Ok(want),
+                "{addr} {role:?}"
+            );
         }
     }
 

@@ -28,7 +28,11 @@ pub fn module_keys(settings: &Settings, device_key: &Key, module: &ModuleId) -> 
         .and_then(|m| m.keys.clone())
         .unwrap_or_else(|| KeyPair {
             primary: device_key.derive_module_key(&settings.device_id, module, KeySlot::Primary),
-            secondary: device_key.derive_module_key(&settings.device_id, module, KeySlot::Secondary),
+            secondary: device_key.derive_module_key(
+                &settings.device_id,
+                module,
+                KeySlot::Secondary,
+            ),
         })
 }
 
@@ -67,7 +71,9 @@ impl Authenticator {
     pub fn verify(&self, token: &str, now_secs: u64) -> Result<(Identity, u64), SasError> {
         let t = SasToken::parse(token)?;
         let (host, id) = t.audience()?;
-        if !host.eq_ignore_ascii_case(&self.iothub_host) && !host.eq_ignore_ascii_case(&self.gateway_host) {
+        if !host.eq_ignore_ascii_case(&self.iothub_host)
+            && !host.eq_ignore_ascii_case(&self.gateway_host)
+        {
             return Err(SasError::WrongHost(host));
         }
         let (canonical, keys) = self

@@ -211,12 +211,20 @@ impl Walk {
         });
     }
 
-    fn object<'a>(&mut self, v: &'a Value, path: &str, known: &[&str]) -> Option<&'a Map<String, Value>> {
+    fn object<'a>(
+        &mut self,
+        v: &'a Value,
+        path: &str,
+        known: &[&str],
+    ) -> Option<&'a Map<String, Value>> {
         match v.as_object() {
             Some(o) => {
                 for k in o.keys() {
                     if !known.contains(&k.as_str()) {
-                        self.err(&child(path, k), format!("unknown key (expected one of: {})", known.join(", ")));
+                        self.err(
+                            &child(path, k),
+                            format!("unknown key (expected one of: {})", known.join(", ")),
+                        );
                     }
                 }
                 Some(o)
@@ -228,7 +236,13 @@ impl Walk {
         }
     }
 
-    fn string<'a>(&mut self, o: &'a Map<String, Value>, path: &str, key: &str, required: bool) -> Option<&'a str> {
+    fn string<'a>(
+        &mut self,
+        o: &'a Map<String, Value>,
+        path: &str,
+        key: &str,
+        required: bool,
+    ) -> Option<&'a str> {
         match o.get(key) {
             None | Some(Value::Null) => {
                 if required {
@@ -250,14 +264,23 @@ impl Walk {
             Some(v) => match v.as_u64() {
                 Some(n) if n <= max => Some(n),
                 _ => {
-                    self.err(&child(path, key), format!("must be an integer from 0 to {max}"));
+                    self.err(
+                        &child(path, key),
+                        format!("must be an integer from 0 to {max}"),
+                    );
                     None
                 }
             },
         }
     }
 
-    fn addr(&mut self, o: &Map<String, Value>, path: &str, key: &str, required: bool) -> Option<SocketAddr> {
+    fn addr(
+        &mut self,
+        o: &Map<String, Value>,
+        path: &str,
+        key: &str,
+        required: bool,
+    ) -> Option<SocketAddr> {
         if !required && matches!(o.get(key), Some(Value::Null)) {
             return None;
         }
@@ -265,7 +288,10 @@ impl Walk {
         match s.parse() {
             Ok(a) => Some(a),
             Err(_) => {
-                self.err(&child(path, key), format!("{s:?} is not an address like \"0.0.0.0:5671\""));
+                self.err(
+                    &child(path, key),
+                    format!("{s:?} is not an address like \"0.0.0.0:5671\""),
+                );
                 None
             }
         }
@@ -287,7 +313,9 @@ fn hostname_ok(h: &str) -> bool {
     !h.is_empty()
         && h.len() <= 253
         && h.split('.').all(|l| {
-            !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         })
 }
 
@@ -313,13 +341,15 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
         return Err(ConfigErrors(w.errors));
     };
 
-    let device_id = w.string(o, "$", "deviceId", true).and_then(|s| match DeviceId::parse(s) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            w.err("$.deviceId", e.to_string());
-            None
-        }
-    });
+    let device_id = w
+        .string(o, "$", "deviceId", true)
+        .and_then(|s| match DeviceId::parse(s) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                w.err("$.deviceId", e.to_string());
+                None
+            }
+        });
     let host = |w: &mut Walk, key: &str| {
         w.string(o, "$", key, true).and_then(|s| {
             if hostname_ok(s) {
@@ -338,12 +368,18 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             w.err("$.listen", "is required");
             None
         }
-        Some(l) => w.object(l, "$.listen", &["amqps", "https", "metrics"]).and_then(|l| {
-            let amqps = w.addr(l, "$.listen", "amqps", true);
-            let https = w.addr(l, "$.listen", "https", false);
-            let metrics = w.addr(l, "$.listen", "metrics", false);
-            amqps.map(|amqps| Listen { amqps, https, metrics })
-        }),
+        Some(l) => w
+            .object(l, "$.listen", &["amqps", "https", "metrics"])
+            .and_then(|l| {
+                let amqps = w.addr(l, "$.listen", "amqps", true);
+                let https = w.addr(l, "$.listen", "https", false);
+                let metrics = w.addr(l, "$.listen", "metrics", false);
+                amqps.map(|amqps| Listen {
+                    amqps,
+                    https,
+                    metrics,
+                })
+            }),
     };
     let data_dir = w.string(o, "$", "dataDir", true).map(PathBuf::from);
     let device_key = w.key(o, "$", "deviceKey");
@@ -358,7 +394,10 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
                 w.err("$.tls", "serverCert and serverKey go together");
             }
             if tls.server_cert.is_some() && tls.ca_cert.is_none() {
-                w.err("$.tls.caCert", "is required with serverCert: modules need the CA that signed it");
+                w.err(
+                    "$.tls.caCert",
+                    "is required with serverCert: modules need the CA that signed it",
+                );
             }
         }
     }
@@ -442,7 +481,11 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
                             None
                         }
                     };
-                    let Some(spec) = w.object(spec, &p, &["primaryKey", "secondaryKey", "properties.desired"]) else {
+                    let Some(spec) = w.object(
+                        spec,
+                        &p,
+                        &["primaryKey", "secondaryKey", "properties.desired"],
+                    ) else {
                         continue;
                     };
                     let primary = w.key(spec, &p, "primaryKey");
@@ -454,7 +497,10 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
                             primary,
                         }),
                         (None, Some(_)) => {
-                            w.err(&child(&p, "primaryKey"), "is required when secondaryKey is set");
+                            w.err(
+                                &child(&p, "primaryKey"),
+                                "is required when secondaryKey is set",
+                            );
                             None
                         }
                         (None, None) => None,
@@ -480,13 +526,22 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
     let mut time_to_live_secs = Some(7200);
     let mut max_store_bytes = None;
     match o.get("$edgeHub") {
-        None => w.err("$[\"$edgeHub\"]", "is required (the $edgeHub properties.desired of a deployment manifest)"),
+        None => w.err(
+            "$[\"$edgeHub\"]",
+            "is required (the $edgeHub properties.desired of a deployment manifest)",
+        ),
         Some(eh) => {
             let p = "$[\"$edgeHub\"]";
             if let Some(eh) = w.object(
                 eh,
                 p,
-                &["schemaVersion", "routes", "storeAndForwardConfiguration", "mqttBroker", "integrity"],
+                &[
+                    "schemaVersion",
+                    "routes",
+                    "storeAndForwardConfiguration",
+                    "mqttBroker",
+                    "integrity",
+                ],
             ) {
                 let schema = w.string(eh, p, "schemaVersion", true);
                 let minor = match schema {
@@ -495,7 +550,10 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
                     Some("1.2") => Some(2),
                     Some("1.3") => Some(3),
                     Some(other) => {
-                        w.err(&child(p, "schemaVersion"), format!("{other:?} is not supported (1.0 to 1.3)"));
+                        w.err(
+                            &child(p, "schemaVersion"),
+                            format!("{other:?} is not supported (1.0 to 1.3)"),
+                        );
                         None
                     }
                     None => None,
@@ -527,7 +585,10 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
                                 Some(v) => match v.as_i64() {
                                     Some(n) if n < 0 => time_to_live_secs = None,
                                     Some(n) => time_to_live_secs = Some(n as u64),
-                                    None => w.err(&child(&sp, "timeToLiveSecs"), "must be an integer (negative = keep forever)"),
+                                    None => w.err(
+                                        &child(&sp, "timeToLiveSecs"),
+                                        "must be an integer (negative = keep forever)",
+                                    ),
                                 },
                             }
                             if let Some(sl) = sf.get("storeLimits") {
@@ -545,10 +606,12 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
 
     // A route into a module this hub does not know can never deliver.
     route_errors.extend(routes.iter().filter_map(|r| match &r.statement.sink {
-        crate::route::Sink::ModuleInput { module, .. } if !modules.contains_key(module) => Some(ConfigError {
-            path: child("$[\"$edgeHub\"].routes", &r.name),
-            message: format!("module {module:?} is not in $.modules"),
-        }),
+        crate::route::Sink::ModuleInput { module, .. } if !modules.contains_key(module) => {
+            Some(ConfigError {
+                path: child("$[\"$edgeHub\"].routes", &r.name),
+                message: format!("module {module:?} is not in $.modules"),
+            })
+        }
         _ => None,
     }));
     let bad: Vec<String> = route_errors.iter().map(|e| e.path.clone()).collect();
@@ -558,8 +621,20 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
         w.errors.extend(route_errors);
         return Err(ConfigErrors(w.errors));
     }
-    match (device_id, iothub_hostname, gateway_hostname, listen, data_dir) {
-        (Some(device_id), Some(iothub_hostname), Some(gateway_hostname), Some(listen), Some(data_dir)) => Ok(Settings {
+    match (
+        device_id,
+        iothub_hostname,
+        gateway_hostname,
+        listen,
+        data_dir,
+    ) {
+        (
+            Some(device_id),
+            Some(iothub_hostname),
+            Some(gateway_hostname),
+            Some(listen),
+            Some(data_dir),
+        ) => Ok(Settings {
             device_id,
             iothub_hostname,
             gateway_hostname,
@@ -589,7 +664,9 @@ fn compile_route(name: &str, spec: &Value, minor: u32) -> Result<Route, String> 
         Value::Object(o) if minor >= 1 => {
             for k in o.keys() {
                 if !["route", "priority", "timeToLiveSecs"].contains(&k.as_str()) {
-                    return Err(format!("unknown key {k:?} (expected route, priority, timeToLiveSecs)"));
+                    return Err(format!(
+                        "unknown key {k:?} (expected route, priority, timeToLiveSecs)"
+                    ));
                 }
             }
             let text = o
@@ -612,7 +689,9 @@ fn compile_route(name: &str, spec: &Value, minor: u32) -> Result<Route, String> 
             };
             (text, priority, ttl)
         }
-        Value::Object(_) => return Err("schema 1.0 routes are strings; use schemaVersion 1.1 for objects".into()),
+        Value::Object(_) => {
+            return Err("schema 1.0 routes are strings; use schemaVersion 1.1 for objects".into())
+        }
         _ => return Err("a route must be a string or {route, priority, timeToLiveSecs}".into()),
     };
     let statement = parse_statement(text).map_err(|e| format!("invalid route {text:?}: {e}"))?;
@@ -651,7 +730,10 @@ mod tests {
     }"#;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -671,7 +753,10 @@ mod tests {
     fn environment_overrides_keys() {
         let s = from_str(
             GOOD,
-            &env(&[("EDGEHUB_DEVICE_ID", "other"), ("EDGEHUB_LISTEN_AMQPS", "127.0.0.9:1234")]),
+            &env(&[
+                ("EDGEHUB_DEVICE_ID", "other"),
+                ("EDGEHUB_LISTEN_AMQPS", "127.0.0.9:1234"),
+            ]),
         )
         .unwrap();
         assert_eq!(s.device_id.as_str(), "other");

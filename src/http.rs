@@ -4,7 +4,9 @@ use std::convert::Infallible;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode};
+use hyper::{
+    body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode,
+};
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -20,18 +22,33 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
     r
 }
 
-async fn metrics_service(req: Request<Incoming>, handle: PrometheusHandle) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn metrics_service(
+    req: Request<Incoming>,
+    handle: PrometheusHandle,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
             crate::metrics::process_gauges();
             respond(StatusCode::OK, "text/plain; version=0.0.4", handle.render())
         }
-        (_, "/metrics") => respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n".into()),
-        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found; try /metrics\n".into()),
+        (_, "/metrics") => respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET\n".into(),
+        ),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; try /metrics\n".into(),
+        ),
     })
 }
 
-pub async fn serve_metrics(listener: TcpListener, handle: PrometheusHandle, shutdown: CancellationToken) {
+pub async fn serve_metrics(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    shutdown: CancellationToken,
+) {
     let tracker = TaskTracker::new();
     loop {
         let (stream, _) = tokio::select! {
@@ -46,6 +63,7 @@ pub async fn serve_metrics(listener: TcpListener, handle: PrometheusHandle, shut
         tracker.spawn(async move {
             let svc = service_fn(move |req| metrics_service(req, handle.clone()));
             let conn = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);

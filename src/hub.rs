@@ -53,7 +53,10 @@ impl HubCore {
     }
 
     pub fn router(&self) -> Arc<Router> {
-        self.router.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.router
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn client_connected(&self, id: &Identity) {
@@ -110,14 +113,19 @@ pub fn device_key(settings: &Settings) -> Result<Key, StartError> {
     }
     let path = settings.data_dir.join("device.key");
     if let Ok(text) = std::fs::read_to_string(&path) {
-        return Key::from_base64(&text).map_err(|e| StartError::DeviceKey(format!("{}: {e}", path.display())));
+        return Key::from_base64(&text)
+            .map_err(|e| StartError::DeviceKey(format!("{}: {e}", path.display())));
     }
-    std::fs::create_dir_all(&settings.data_dir).map_err(|e| StartError::DeviceKey(format!("{}: {e}", settings.data_dir.display())))?;
+    std::fs::create_dir_all(&settings.data_dir)
+        .map_err(|e| StartError::DeviceKey(format!("{}: {e}", settings.data_dir.display())))?;
     let mut bytes = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
         .map_err(|_| StartError::DeviceKey("no randomness available".into()))?;
-    let key = Key::from_base64(&base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes))
-        .map_err(StartError::DeviceKey)?;
+    let key = Key::from_base64(&base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        bytes,
+    ))
+    .map_err(StartError::DeviceKey)?;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -126,11 +134,14 @@ pub fn device_key(settings: &Settings) -> Result<Key, StartError> {
         opts.mode(0o600);
     }
     use std::io::Write;
-    let written = opts.open(&path).and_then(|mut f| f.write_all(key.to_base64().as_bytes()));
+    let written = opts
+        .open(&path)
+        .and_then(|mut f| f.write_all(key.to_base64().as_bytes()));
     if let Err(e) = written {
         // Another process created it first: use theirs.
         if e.kind() == std::io::ErrorKind::AlreadyExists {
-            let text = std::fs::read_to_string(&path).map_err(|e| StartError::DeviceKey(e.to_string()))?;
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| StartError::DeviceKey(e.to_string()))?;
             return Key::from_base64(&text).map_err(StartError::DeviceKey);
         }
         return Err(StartError::DeviceKey(format!("{}: {e}", path.display())));
@@ -160,7 +171,9 @@ impl Hub {
         }
 
         let bind = |what, addr| async move {
-            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source })
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { what, addr, source })
         };
         let amqps = bind("amqps", settings.listen.amqps).await?;
         let metrics = match settings.listen.metrics {
@@ -168,7 +181,8 @@ impl Hub {
             None => None,
         };
         let local = |l: &TcpListener, what, addr| {
-            l.local_addr().map_err(|source| StartError::Bind { what, addr, source })
+            l.local_addr()
+                .map_err(|source| StartError::Bind { what, addr, source })
         };
         let amqps_addr = local(&amqps, "amqps", settings.listen.amqps)?;
         let metrics_addr = match (&metrics, settings.listen.metrics) {
@@ -179,7 +193,12 @@ impl Hub {
         let core = Arc::new(HubCore::new(settings, &key));
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
-        tasks.spawn(crate::amqp::serve(amqps, TlsAcceptor::from(tls_config), core.clone(), shutdown.clone()));
+        tasks.spawn(crate::amqp::serve(
+            amqps,
+            TlsAcceptor::from(tls_config),
+            core.clone(),
+            shutdown.clone(),
+        ));
         if let Some(l) = metrics {
             tasks.spawn(crate::http::serve_metrics(l, handle, shutdown.clone()));
         }

@@ -97,7 +97,12 @@ impl Identity {
 
     /// Case-insensitive comparison, as IoT Hub compares ids in tokens and addresses.
     pub fn same_as(&self, other: &Identity) -> bool {
-        let ids = |i: &Identity| (i.device().0.to_ascii_lowercase(), i.module().map(|m| m.0.to_ascii_lowercase()));
+        let ids = |i: &Identity| {
+            (
+                i.device().0.to_ascii_lowercase(),
+                i.module().map(|m| m.0.to_ascii_lowercase()),
+            )
+        };
         ids(self) == ids(other)
     }
 }
@@ -271,8 +276,14 @@ mod tests {
 
     #[test]
     fn identity_comparison_ignores_case() {
-        let a = Identity::Module(DeviceId::parse("Dev").unwrap(), ModuleId::parse("M1").unwrap());
-        let b = Identity::Module(DeviceId::parse("dev").unwrap(), ModuleId::parse("m1").unwrap());
+        let a = Identity::Module(
+            DeviceId::parse("Dev").unwrap(),
+            ModuleId::parse("M1").unwrap(),
+        );
+        let b = Identity::Module(
+            DeviceId::parse("dev").unwrap(),
+            ModuleId::parse("m1").unwrap(),
+        );
         assert!(a.same_as(&b));
         assert!(!a.same_as(&Identity::Device(DeviceId::parse("dev").unwrap())));
         assert_eq!(a.to_string(), "Dev/M1");
@@ -299,7 +310,11 @@ mod tests {
         let cs = ConnectionString::parse(s).unwrap();
         assert_eq!(cs.host_name, "h.azure-devices.net");
         assert_eq!(cs.gateway_host_name.as_deref(), Some("gw"));
-        assert_eq!(cs.shared_access_key.as_deref(), Some("a2V5PQ=="), "split at the first '='");
+        assert_eq!(
+            cs.shared_access_key.as_deref(),
+            Some("a2V5PQ=="),
+            "split at the first '='"
+        );
         assert_eq!(cs.to_string(), s);
         assert!(ConnectionString::parse("DeviceId=d").is_err());
         assert!(ConnectionString::parse("HostName=h").is_err());

@@ -13,7 +13,11 @@ use edgehub::{
 };
 
 #[derive(Parser)]
-#[command(name = "edgehub", version, about = "An IoT Edge hub for the Azure IoT SDKs")]
+#[command(
+    name = "edgehub",
+    version,
+    about = "An IoT Edge hub for the Azure IoT SDKs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -40,7 +44,7 @@ enum Command {
     },
 }
 
-fn load(path: &PathBuf) -> Result<Settings, ExitCode> {
+fn load(path: &std::path::Path) -> Result<Settings, ExitCode> {
     let env: HashMap<String, String> = std::env::vars().collect();
     config::load(path, &env).map_err(|errs| {
         for e in &errs.0 {
@@ -53,7 +57,10 @@ fn load(path: &PathBuf) -> Result<Settings, ExitCode> {
 fn init_logs(settings: &Settings) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.log_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if settings.log_format == "json" {
         builder.json().init();
     } else {
@@ -73,7 +80,11 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
             Ok(s) => {
-                println!("config OK: {} modules, {} routes", s.modules.len(), s.routes.len());
+                println!(
+                    "config OK: {} modules, {} routes",
+                    s.modules.len(),
+                    s.routes.len()
+                );
                 ExitCode::SUCCESS
             }
         },
@@ -99,7 +110,10 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             init_logs(&settings);
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: starting the runtime: {e}");

@@ -7,6 +7,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use fe2o3_amqp::types::messaging::annotations::OwnedKey;
 use fe2o3_amqp::types::{
     messaging::{
         ApplicationProperties, Body, Data, Message as AmqpMessage, MessageAnnotations, Properties,
@@ -14,7 +15,6 @@ use fe2o3_amqp::types::{
     primitives::{Binary, SimpleValue, Symbol, Timestamp, Value},
 };
 use serde_amqp::primitives::OrderedMap;
-use fe2o3_amqp::types::messaging::annotations::OwnedKey;
 
 use crate::identity::Identity;
 
@@ -29,7 +29,12 @@ pub const DELIVERY_COUNT: &str = "iothub-deliverycount";
 pub const SEQUENCE_NUMBER: &str = "x-opt-sequence-number";
 
 /// Incoming annotations that travel on with a message (the rest are the sender's business).
-const KEPT_ANNOTATIONS: &[&str] = &["iothub-interface-id", "dt-subject", "Diagnostic-Id", "Correlation-Context"];
+const KEPT_ANNOTATIONS: &[&str] = &[
+    "iothub-interface-id",
+    "dt-subject",
+    "Diagnostic-Id",
+    "Correlation-Context",
+];
 
 /// Why a client's message could not be taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -99,7 +104,11 @@ impl Message {
             }
         }
         // Outputs only mean something for modules.
-        let output = if from.module().is_some() { output } else { None };
+        let output = if from.module().is_some() {
+            output
+        } else {
+            None
+        };
         Ok(Self {
             body,
             properties: m.properties,
@@ -132,15 +141,26 @@ impl Message {
     }
 
     /// The AMQP message delivered to a module input.
-    pub fn to_input_message(&self, input: &str, sequence: u64, delivery_count: u8) -> AmqpMessage<Body<Value>> {
+    pub fn to_input_message(
+        &self,
+        input: &str,
+        sequence: u64,
+        delivery_count: u8,
+    ) -> AmqpMessage<Body<Value>> {
         let mut ann = self.annotations.clone();
         let sym = |s: &str| OwnedKey::Symbol(Symbol::from(s));
         ann.insert(sym(INPUT_NAME_ANNOTATION), Value::String(input.to_owned()));
-        ann.insert(sym(CONNECTION_DEVICE_ID), Value::String(self.from.device().to_string()));
+        ann.insert(
+            sym(CONNECTION_DEVICE_ID),
+            Value::String(self.from.device().to_string()),
+        );
         if let Some(m) = self.from.module() {
             ann.insert(sym(CONNECTION_MODULE_ID), Value::String(m.to_string()));
         }
-        ann.insert(sym(ENQUEUED_TIME), Value::Timestamp(Timestamp::from_milliseconds(self.enqueued_ms)));
+        ann.insert(
+            sym(ENQUEUED_TIME),
+            Value::Timestamp(Timestamp::from_milliseconds(self.enqueued_ms)),
+        );
         ann.insert(sym(DELIVERY_COUNT), Value::Ubyte(delivery_count));
         ann.insert(sym(SEQUENCE_NUMBER), Value::Ulong(sequence));
         let app = if self.application_properties.is_empty() {
@@ -182,10 +202,16 @@ mod tests {
         let mut app = OrderedMap::new();
         app.insert("k".to_owned(), SimpleValue::String("v".into()));
         if let Some(o) = output {
-            app.insert(OUTPUT_NAME_PROPERTY.to_owned(), SimpleValue::String(o.into()));
+            app.insert(
+                OUTPUT_NAME_PROPERTY.to_owned(),
+                SimpleValue::String(o.into()),
+            );
         }
         let mut ann = OrderedMap::new();
-        ann.insert(OwnedKey::Symbol(Symbol::from(CONNECTION_DEVICE_ID)), Value::String("spoofed".into()));
+        ann.insert(
+            OwnedKey::Symbol(Symbol::from(CONNECTION_DEVICE_ID)),
+            Value::String("spoofed".into()),
+        );
         AmqpMessage {
             header: None,
             delivery_annotations: None,
@@ -207,7 +233,11 @@ mod tests {
         assert_eq!(m.source_path(), "/messages/modules/a/outputs/out1");
         let m = Message::from_amqp(amqp(None), module("a")).unwrap();
         assert_eq!(m.source_path(), "/messages/modules/a");
-        let m = Message::from_amqp(amqp(Some("x")), Identity::Device(DeviceId::parse("leaf").unwrap())).unwrap();
+        let m = Message::from_amqp(
+            amqp(Some("x")),
+            Identity::Device(DeviceId::parse("leaf").unwrap()),
+        )
+        .unwrap();
         assert_eq!(m.source_path(), "/messages");
     }
 
@@ -217,20 +247,29 @@ mod tests {
         let out = m.to_input_message("in1", 7, 0);
         let ann = out.message_annotations.unwrap().0;
         let get = |k: &str| ann.get(&OwnedKey::Symbol(Symbol::from(k))).cloned();
-        assert_eq!(get(INPUT_NAME_ANNOTATION), Some(Value::String("in1".into())));
+        assert_eq!(
+            get(INPUT_NAME_ANNOTATION),
+            Some(Value::String("in1".into()))
+        );
         assert_eq!(get(CONNECTION_DEVICE_ID), Some(Value::String("d1".into())));
         assert_eq!(get(CONNECTION_MODULE_ID), Some(Value::String("a".into())));
         assert_eq!(get(SEQUENCE_NUMBER), Some(Value::Ulong(7)));
         let app = out.application_properties.unwrap().0;
         assert!(app.get(OUTPUT_NAME_PROPERTY).is_none());
         assert_eq!(app.get("k"), Some(&SimpleValue::String("v".into())));
-        assert_eq!(out.properties.unwrap().content_type, Some(Symbol::from("application/json")));
+        assert_eq!(
+            out.properties.unwrap().content_type,
+            Some(Symbol::from("application/json"))
+        );
     }
 
     #[test]
     fn unsupported_bodies_are_refused() {
         let mut a = amqp(None);
         a.body = Body::Value(fe2o3_amqp::types::messaging::AmqpValue(Value::Int(3)));
-        assert_eq!(Message::from_amqp(a, module("a")).unwrap_err(), MessageError::UnsupportedBody);
+        assert_eq!(
+            Message::from_amqp(a, module("a")).unwrap_err(),
+            MessageError::UnsupportedBody
+        );
     }
 }

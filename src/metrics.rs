@@ -7,7 +7,9 @@
 
 use std::sync::OnceLock;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::message::Message;
@@ -61,21 +63,46 @@ pub fn install(iothub: &str, edge_device: &str) -> PrometheusHandle {
 
 fn describe() {
     describe_counter!(MESSAGES_RECEIVED, "Messages received from clients");
-    describe_counter!(MESSAGES_SENT, "Messages delivered to an endpoint and acknowledged");
+    describe_counter!(
+        MESSAGES_SENT,
+        "Messages delivered to an endpoint and acknowledged"
+    );
     describe_counter!(MESSAGES_DROPPED, "Messages dropped, by reason");
-    describe_counter!(MESSAGES_UNACK, "Messages that could not be stored and were not acknowledged");
+    describe_counter!(
+        MESSAGES_UNACK,
+        "Messages that could not be stored and were not acknowledged"
+    );
     describe_histogram!(MESSAGE_SIZE, Unit::Bytes, "Size of received messages");
-    describe_histogram!(MESSAGE_SEND_DURATION, Unit::Seconds, "Time from send to acknowledgement");
-    describe_histogram!(MESSAGE_PROCESS_DURATION, Unit::Seconds, "Time a message spent in the hub");
+    describe_histogram!(
+        MESSAGE_SEND_DURATION,
+        Unit::Seconds,
+        "Time from send to acknowledgement"
+    );
+    describe_histogram!(
+        MESSAGE_PROCESS_DURATION,
+        Unit::Seconds,
+        "Time a message spent in the hub"
+    );
     describe_gauge!(QUEUE_LENGTH, "Messages held per endpoint and priority");
     describe_counter!(CONNECT_SUCCESS, "Successful client authentications");
     describe_counter!(CONNECT_FAILED, "Failed client authentications");
     describe_counter!(DISCONNECT, "Client disconnections");
     describe_gauge!(CONNECTED_CLIENTS, "Authenticated clients connected");
     describe_gauge!(OPEN_CONNECTIONS, "Open AMQP connections");
-    describe_counter!(BYTES_RECEIVED, Unit::Bytes, "Message bytes received from clients");
-    describe_counter!(BYTES_SENT, Unit::Bytes, "Message bytes delivered to clients");
-    describe_gauge!(INVALID_ROUTES, "Configured routes that are invalid and not running");
+    describe_counter!(
+        BYTES_RECEIVED,
+        Unit::Bytes,
+        "Message bytes received from clients"
+    );
+    describe_counter!(
+        BYTES_SENT,
+        Unit::Bytes,
+        "Message bytes delivered to clients"
+    );
+    describe_gauge!(
+        INVALID_ROUTES,
+        "Configured routes that are invalid and not running"
+    );
 }
 
 fn output_label(msg: &Message) -> String {
@@ -84,7 +111,8 @@ fn output_label(msg: &Message) -> String {
 
 pub fn received(msg: &Message) {
     let id = msg.from.to_string();
-    counter!(MESSAGES_RECEIVED, "id" => id.clone(), "route_output" => output_label(msg)).increment(1);
+    counter!(MESSAGES_RECEIVED, "id" => id.clone(), "route_output" => output_label(msg))
+        .increment(1);
     histogram!(MESSAGE_SIZE, "id" => id.clone()).record(msg.size() as f64);
     counter!(BYTES_RECEIVED, "id" => id).increment(msg.body.len() as u64);
 }
@@ -114,7 +142,8 @@ pub fn sent(msg: &Message, to: &str, input: &str, priority: u32, send_secs: f64)
 }
 
 pub fn queue_length(endpoint: &str, priority: u32, n: usize) {
-    gauge!(QUEUE_LENGTH, "endpoint" => endpoint.to_owned(), "priority" => priority.to_string()).set(n as f64);
+    gauge!(QUEUE_LENGTH, "endpoint" => endpoint.to_owned(), "priority" => priority.to_string())
+        .set(n as f64);
 }
 
 pub fn connect_success(id: &str) {

@@ -52,7 +52,12 @@ pub struct Popped {
 
 /// The queue interface. Implementations are synchronous and quick; waiting is [`Endpoint`]'s job.
 pub trait QueueStore: Send + Sync + 'static {
-    fn try_push(&self, msg: Arc<Message>, priority: u32, expires_ms: Option<i64>) -> Result<u64, QueueError>;
+    fn try_push(
+        &self,
+        msg: Arc<Message>,
+        priority: u32,
+        expires_ms: Option<i64>,
+    ) -> Result<u64, QueueError>;
     fn pop(&self, now_ms: i64) -> Popped;
     fn ack(&self, seq: u64);
     fn release(&self, seq: u64);
@@ -102,7 +107,12 @@ fn dec(map: &mut BTreeMap<u32, usize>, p: u32) {
 }
 
 impl QueueStore for MemoryQueue {
-    fn try_push(&self, msg: Arc<Message>, priority: u32, expires_ms: Option<i64>) -> Result<u64, QueueError> {
+    fn try_push(
+        &self,
+        msg: Arc<Message>,
+        priority: u32,
+        expires_ms: Option<i64>,
+    ) -> Result<u64, QueueError> {
         let mut g = self.lock();
         if g.pending.len() + g.in_flight.len() >= self.capacity {
             return Err(QueueError::Full);
@@ -138,7 +148,10 @@ impl QueueStore for MemoryQueue {
                 expired,
             };
         }
-        Popped { item: None, expired }
+        Popped {
+            item: None,
+            expired,
+        }
     }
 
     fn ack(&self, seq: u64) {
@@ -176,7 +189,12 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    pub fn new(id: String, input: Option<String>, store: Arc<dyn QueueStore>, ready: Arc<Notify>) -> Self {
+    pub fn new(
+        id: String,
+        input: Option<String>,
+        store: Arc<dyn QueueStore>,
+        ready: Arc<Notify>,
+    ) -> Self {
         Self {
             id,
             input,
@@ -187,7 +205,13 @@ impl Endpoint {
     }
 
     /// Pushes a message, waiting for room up to `wait`.
-    pub async fn push(&self, msg: Arc<Message>, priority: u32, expires_ms: Option<i64>, wait: Duration) -> Result<u64, QueueError> {
+    pub async fn push(
+        &self,
+        msg: Arc<Message>,
+        priority: u32,
+        expires_ms: Option<i64>,
+        wait: Duration,
+    ) -> Result<u64, QueueError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let notified = self.space.notified();
@@ -310,16 +334,28 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_endpoint_holds_senders_back_until_room_is_freed() {
-        let e = Arc::new(Endpoint::new("t".into(), None, Arc::new(MemoryQueue::new(1)), Arc::new(Notify::new())));
-        e.push(msg(), 0, None, Duration::from_secs(1)).await.unwrap();
+        let e = Arc::new(Endpoint::new(
+            "t".into(),
+            None,
+            Arc::new(MemoryQueue::new(1)),
+            Arc::new(Notify::new()),
+        ));
+        e.push(msg(), 0, None, Duration::from_secs(1))
+            .await
+            .unwrap();
         assert_eq!(
             e.push(msg(), 0, None, Duration::from_millis(20)).await,
             Err(QueueError::Full)
         );
         let e2 = e.clone();
-        let waiter = tokio::spawn(async move { e2.push(msg(), 0, None, Duration::from_secs(10)).await });
+        let waiter =
+            tokio::spawn(async move { e2.push(msg(), 0, None, Duration::from_secs(10)).await });
         let got = e.pop().unwrap();
         e.ack(got.seq);
-        tokio::time::timeout(Duration::from_secs(10), waiter).await.unwrap().unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
     }
 }

@@ -119,7 +119,10 @@ pub fn parse_statement(text: &str) -> Result<Statement, RouteError> {
         };
         rest = after.trim_start();
     }
-    if !(rest.len() >= 4 && rest[..4].eq_ignore_ascii_case("from") && rest[4..].starts_with(char::is_whitespace)) {
+    if !(rest.len() >= 4
+        && rest[..4].eq_ignore_ascii_case("from")
+        && rest[4..].starts_with(char::is_whitespace))
+    {
         return err("a route must start with `FROM <source>` (optionally after `SELECT *`)");
     }
     rest = rest[4..].trim_start();
@@ -173,14 +176,20 @@ fn parse_sink(text: &str) -> Result<Sink, RouteError> {
         return Ok(Sink::Upstream);
     }
     if text.starts_with('$') {
-        return err(format!("system endpoint {text:?} is not supported (only $upstream)"));
+        return err(format!(
+            "system endpoint {text:?} is not supported (only $upstream)"
+        ));
     }
     let Some(open) = text.find('(') else {
-        return err(format!("sink {text:?} is neither $upstream nor BrokeredEndpoint(\"…\")"));
+        return err(format!(
+            "sink {text:?} is neither $upstream nor BrokeredEndpoint(\"…\")"
+        ));
     };
     let func = text[..open].trim();
     if !func.eq_ignore_ascii_case("BrokeredEndpoint") {
-        return err(format!("endpoint type {func:?} is not supported (only BrokeredEndpoint)"));
+        return err(format!(
+            "endpoint type {func:?} is not supported (only BrokeredEndpoint)"
+        ));
     }
     let arg = text[open + 1..].trim();
     let Some(arg) = arg.strip_suffix(')') else {
@@ -195,10 +204,13 @@ fn parse_sink(text: &str) -> Result<Sink, RouteError> {
     let segs: Vec<&str> = inner.trim_matches('/').split('/').collect();
     match segs.as_slice() {
         [m, module, i, input]
-            if m.eq_ignore_ascii_case("modules") && i.eq_ignore_ascii_case("inputs") && !input.is_empty() =>
+            if m.eq_ignore_ascii_case("modules")
+                && i.eq_ignore_ascii_case("inputs")
+                && !input.is_empty() =>
         {
-            let module = ModuleId::parse(module)
-                .map_err(|e| RouteError(format!("module id {module:?} in BrokeredEndpoint: {e}")))?;
+            let module = ModuleId::parse(module).map_err(|e| {
+                RouteError(format!("module id {module:?} in BrokeredEndpoint: {e}"))
+            })?;
             Ok(Sink::ModuleInput {
                 module,
                 input: (*input).to_owned(),
@@ -287,18 +299,36 @@ mod tests {
 
     #[test]
     fn sources_match_on_whole_segments() {
-        let m = |src: &str, msg: &str| parse_statement(&format!("FROM {src} INTO $upstream")).unwrap().matches_source(msg);
+        let m = |src: &str, msg: &str| {
+            parse_statement(&format!("FROM {src} INTO $upstream"))
+                .unwrap()
+                .matches_source(msg)
+        };
         let out = "/messages/modules/a/outputs/o1";
         let none = "/messages/modules/a";
         let leaf = "/messages";
         let twin = "/twinChangeNotifications";
         assert!(m("/*", out) && m("/*", twin) && m("/*", leaf));
-        assert!(m("/messages/*", out) && m("/messages/*", none) && m("/messages/*", leaf) && !m("/messages/*", twin));
-        assert!(m("/messages/modules/*", out) && m("/messages/modules/*", none) && !m("/messages/modules/*", leaf));
+        assert!(
+            m("/messages/*", out)
+                && m("/messages/*", none)
+                && m("/messages/*", leaf)
+                && !m("/messages/*", twin)
+        );
+        assert!(
+            m("/messages/modules/*", out)
+                && m("/messages/modules/*", none)
+                && !m("/messages/modules/*", leaf)
+        );
         assert!(m("/messages/modules/a/*", out) && m("/messages/modules/a/*", none));
         assert!(!m("/messages/modules/ab/*", none), "whole segments only");
-        assert!(!m("/messages/modules/a/*", "/messages/modules/ab"), "whole segments only");
-        assert!(m("/messages/modules/a/outputs/*", out) && !m("/messages/modules/a/outputs/*", none));
+        assert!(
+            !m("/messages/modules/a/*", "/messages/modules/ab"),
+            "whole segments only"
+        );
+        assert!(
+            m("/messages/modules/a/outputs/*", out) && !m("/messages/modules/a/outputs/*", none)
+        );
         assert!(m("/messages/modules/A/outputs/O1", out), "case-insensitive");
         assert!(!m("/messages/modules/a/outputs/o", out));
         assert!(m("/twinChangeNotifications", twin) && !m("/twinChangeNotifications", out));

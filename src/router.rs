@@ -37,7 +37,12 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(device: &DeviceId, routes: Vec<Route>, global_ttl_secs: Option<u64>, capacity: usize) -> Self {
+    pub fn new(
+        device: &DeviceId,
+        routes: Vec<Route>,
+        global_ttl_secs: Option<u64>,
+        capacity: usize,
+    ) -> Self {
         let mut endpoints = BTreeMap::new();
         let mut module_ready: HashMap<ModuleId, Arc<Notify>> = HashMap::new();
         for r in &routes {
@@ -46,7 +51,12 @@ impl Router {
                 continue;
             }
             let endpoint = match &sink {
-                Sink::Upstream => Endpoint::new("iothub".into(), None, Arc::new(MemoryQueue::new(capacity)), Arc::new(Notify::new())),
+                Sink::Upstream => Endpoint::new(
+                    "iothub".into(),
+                    None,
+                    Arc::new(MemoryQueue::new(capacity)),
+                    Arc::new(Notify::new()),
+                ),
                 Sink::ModuleInput { module, input } => {
                     let ready = module_ready.entry(module.clone()).or_default().clone();
                     Endpoint::new(
@@ -75,7 +85,9 @@ impl Router {
             if !r.statement.matches_source(&source) {
                 continue;
             }
-            let e = best.entry(&r.statement.sink).or_insert((r.priority, r.time_to_live_secs));
+            let e = best
+                .entry(&r.statement.sink)
+                .or_insert((r.priority, r.time_to_live_secs));
             if r.priority < e.0 {
                 *e = (r.priority, r.time_to_live_secs);
             }
@@ -83,8 +95,15 @@ impl Router {
         best.into_iter()
             .filter_map(|(sink, (priority, ttl))| {
                 let endpoint = self.endpoints.get(sink)?.clone();
-                let ttl = if ttl > 0 { Some(ttl as u64) } else { self.global_ttl_secs };
-                let expires_ms = ttl.map(|t| msg.enqueued_ms.saturating_add((t as i64).saturating_mul(1000)));
+                let ttl = if ttl > 0 {
+                    Some(ttl as u64)
+                } else {
+                    self.global_ttl_secs
+                };
+                let expires_ms = ttl.map(|t| {
+                    msg.enqueued_ms
+                        .saturating_add((t as i64).saturating_mul(1000))
+                });
                 Some(Target {
                     endpoint,
                     priority,
@@ -131,7 +150,10 @@ mod tests {
             properties: None,
             application_properties: Default::default(),
             annotations: Default::default(),
-            from: Identity::Module(DeviceId::parse("d").unwrap(), ModuleId::parse(module).unwrap()),
+            from: Identity::Module(
+                DeviceId::parse("d").unwrap(),
+                ModuleId::parse(module).unwrap(),
+            ),
             output: output.map(str::to_owned),
             enqueued_ms: 1_000,
         }
@@ -145,7 +167,12 @@ mod tests {
             vec![
                 route("all", &format!("FROM /* INTO {b}"), 5, 10),
                 route("a", &format!("FROM /messages/modules/a/* INTO {b}"), 1, 0),
-                route("up", "FROM /messages/modules/a/outputs/* INTO $upstream", 9, 0),
+                route(
+                    "up",
+                    "FROM /messages/modules/a/outputs/* INTO $upstream",
+                    9,
+                    0,
+                ),
             ],
             Some(60),
             10,
@@ -154,12 +181,19 @@ mod tests {
         assert_eq!(t.len(), 2);
         let to_b = t.iter().find(|t| t.endpoint.id == "d/b/in1").unwrap();
         assert_eq!(to_b.priority, 1);
-        assert_eq!(to_b.expires_ms, Some(61_000), "route TTL 0 falls back to the global TTL");
+        assert_eq!(
+            to_b.expires_ms,
+            Some(61_000),
+            "route TTL 0 falls back to the global TTL"
+        );
 
         let t = r.route(&msg("a", None));
         assert_eq!(t.len(), 1, "no output: outputs/* does not match");
         let t = r.route(&msg("c", None));
-        assert_eq!((t.len(), t[0].priority, t[0].expires_ms), (1, 5, Some(11_000)));
+        assert_eq!(
+            (t.len(), t[0].priority, t[0].expires_ms),
+            (1, 5, Some(11_000))
+        );
 
         let (inputs, _) = r.module_inputs(&ModuleId::parse("b").unwrap());
         assert_eq!(inputs.len(), 1);

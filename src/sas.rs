@@ -55,7 +55,9 @@ impl SasToken {
         let rest = token
             .trim()
             .strip_prefix("SharedAccessSignature ")
-            .ok_or_else(|| SasError::Malformed("must start with 'SharedAccessSignature '".into()))?;
+            .ok_or_else(|| {
+                SasError::Malformed("must start with 'SharedAccessSignature '".into())
+            })?;
         let (mut sr, mut sig, mut se, mut skn) = (None, None, None, None);
         for field in rest.split('&') {
             let (k, v) = field
@@ -115,7 +117,6 @@ impl SasToken {
         self.expiry.saturating_add(MAX_CLOCK_SKEW_SECS) < now_secs
     }
 }
-
 
 fn url_decode(s: &str) -> Result<String, SasError> {
     // `+` is how .NET encodes a space.
@@ -205,7 +206,12 @@ mod tests {
     fn a_token_made_with_either_key_verifies() {
         let k = keys();
         for key in [&k.primary, &k.secondary] {
-            let t = make_token("hub.example/devices/d1/modules/m1", key, 2_000_000_000, None);
+            let t = make_token(
+                "hub.example/devices/d1/modules/m1",
+                key,
+                2_000_000_000,
+                None,
+            );
             let p = SasToken::parse(&t).unwrap();
             assert!(p.signed_by(&k));
             let (host, id) = p.audience().unwrap();
@@ -216,7 +222,12 @@ mod tests {
             primary: Key::from_base64(&B64.encode([3u8; 32])).unwrap(),
             secondary: Key::from_base64(&B64.encode([4u8; 32])).unwrap(),
         };
-        let t = make_token("hub.example/devices/d1", &other.primary, 2_000_000_000, None);
+        let t = make_token(
+            "hub.example/devices/d1",
+            &other.primary,
+            2_000_000_000,
+            None,
+        );
         assert!(!SasToken::parse(&t).unwrap().signed_by(&k));
     }
 
@@ -257,7 +268,10 @@ mod tests {
             "SharedAccessSignature sr=a&sig=Zm9v&se=1&x=2",
             "SharedAccessSignature sr",
         ] {
-            assert!(matches!(SasToken::parse(bad), Err(SasError::Malformed(_))), "{bad:?}");
+            assert!(
+                matches!(SasToken::parse(bad), Err(SasError::Malformed(_))),
+                "{bad:?}"
+            );
         }
     }
 
@@ -273,7 +287,14 @@ mod tests {
             let decoded = url_decode(r).unwrap();
             assert_eq!(parse_resource(&decoded).unwrap().1.to_string(), want, "{r}");
         }
-        for r in ["h", "h/devices", "h/devices/d/modules", "h/things/d", "/devices/d", "h/devices/d/modules/m/x"] {
+        for r in [
+            "h",
+            "h/devices",
+            "h/devices/d/modules",
+            "h/things/d",
+            "/devices/d",
+            "h/devices/d/modules/m/x",
+        ] {
             assert!(parse_resource(r).is_err(), "{r}");
         }
     }

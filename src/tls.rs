@@ -13,8 +13,8 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
 };
 use rustls::ServerConfig;
 
@@ -23,7 +23,10 @@ use crate::config::Settings;
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("generating certificates: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("{0}: no certificate found in the PEM file")]
@@ -57,7 +60,11 @@ fn ca_params() -> Result<CertificateParams, rcgen::Error> {
     dn.push(DnType::CommonName, CA_NAME);
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     p.not_before = rcgen::date_time_ymd(2024, 1, 1);
     p.not_after = rcgen::date_time_ymd(2049, 12, 31);
     Ok(p)
@@ -77,7 +84,11 @@ fn write_private(path: &Path, contents: &str) -> Result<(), TlsError> {
 
 /// Returns the certificate files, creating the hub's own when the config names none.
 pub fn ensure_certs(settings: &Settings) -> Result<CertFiles, TlsError> {
-    if let (Some(ca), Some(cert), Some(key)) = (&settings.tls.ca_cert, &settings.tls.server_cert, &settings.tls.server_key) {
+    if let (Some(ca), Some(cert), Some(key)) = (
+        &settings.tls.ca_cert,
+        &settings.tls.server_cert,
+        &settings.tls.server_key,
+    ) {
         return Ok(CertFiles {
             ca_cert: absolute(ca),
             server_cert: absolute(cert),
@@ -119,7 +130,10 @@ pub fn ensure_certs(settings: &Settings) -> Result<CertFiles, TlsError> {
         dn.push(DnType::CommonName, host.as_str());
         p.distinguished_name = dn;
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         p.not_before = rcgen::date_time_ymd(2024, 1, 1);
         p.not_after = rcgen::date_time_ymd(2049, 12, 31);
         let cert = p.signed_by(&key, &issuer, &ca_key)?;
@@ -134,7 +148,9 @@ fn absolute(p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_owned()
     } else {
-        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_owned())
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_owned())
     }
 }
 
@@ -161,9 +177,10 @@ pub fn server_config(files: &CertFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
         .map_err(io_err(&files.server_key))?
         .ok_or_else(|| TlsError::NoKey(files.server_key.clone()))?;
-    let config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+    let config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
     Ok(Arc::new(config))
 }

@@ -10,7 +10,10 @@ use serde_amqp::primitives::OrderedMap;
 use crate::{auth::Authenticator, identity::Identity, sas::SasError};
 
 /// Token types the SDKs send: Node and C use the Service Bus name, C# the IoT Hub one.
-const TOKEN_TYPES: &[&str] = &["servicebus.windows.net:sastoken", "azure-devices.net:sastoken"];
+const TOKEN_TYPES: &[&str] = &[
+    "servicebus.windows.net:sastoken",
+    "azure-devices.net:sastoken",
+];
 
 /// The answer to one put-token request.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,7 +72,11 @@ pub fn handle(m: &Message<Body<Value>>, auth: &Authenticator, now_secs: u64) -> 
             ..reply(200, "OK".into())
         },
         Err(e) => {
-            let status = if matches!(e, SasError::Malformed(_)) { 400 } else { 401 };
+            let status = if matches!(e, SasError::Malformed(_)) {
+                400
+            } else {
+                401
+            };
             let refused_id = crate::sas::SasToken::parse(&token)
                 .ok()
                 .and_then(|t| t.audience().ok())
@@ -86,7 +93,10 @@ pub fn handle(m: &Message<Body<Value>>, auth: &Authenticator, now_secs: u64) -> 
 pub fn response(reply: &CbsReply) -> Message<Body<Value>> {
     let mut app = OrderedMap::new();
     app.insert("status-code".to_owned(), SimpleValue::Int(reply.status));
-    app.insert("status-description".to_owned(), SimpleValue::String(reply.description.clone()));
+    app.insert(
+        "status-description".to_owned(),
+        SimpleValue::String(reply.description.clone()),
+    );
     Message {
         header: None,
         delivery_annotations: None,

@@ -32,12 +32,22 @@ const PUSH_WAIT: Duration = Duration::from_secs(30);
 /// Bound on one hub-to-client transfer waiting for link credit.
 const SEND_WAIT: Duration = Duration::from_secs(60);
 
-pub(super) async fn run(link: LinkEndpoint, kind: LinkKind, conn: Arc<ConnState>, core: Arc<HubCore>, cancel: CancellationToken) {
+pub(super) async fn run(
+    link: LinkEndpoint,
+    kind: LinkKind,
+    conn: Arc<ConnState>,
+    core: Arc<HubCore>,
+    cancel: CancellationToken,
+) {
     match (link, kind) {
         (LinkEndpoint::Receiver(rx), LinkKind::Cbs) => cbs_requests(rx, conn, core, cancel).await,
         (LinkEndpoint::Sender(tx), LinkKind::Cbs) => cbs_responses(tx, conn, cancel).await,
-        (LinkEndpoint::Receiver(rx), LinkKind::Events(id)) => events(rx, id, conn, core, cancel).await,
-        (LinkEndpoint::Sender(tx), LinkKind::ModuleInputs(id)) => module_inputs(tx, id, core, cancel).await,
+        (LinkEndpoint::Receiver(rx), LinkKind::Events(id)) => {
+            events(rx, id, conn, core, cancel).await
+        }
+        (LinkEndpoint::Sender(tx), LinkKind::ModuleInputs(id)) => {
+            module_inputs(tx, id, core, cancel).await
+        }
         (LinkEndpoint::Sender(tx), LinkKind::C2d(_)) => idle_sender(tx, cancel).await,
         (link, kind) => {
             let why = format!("{} links are not served by this hub yet", kind.name());
@@ -50,7 +60,12 @@ fn is_normal_end(e: &RecvError) -> bool {
     matches!(e, RecvError::LinkStateError(_))
 }
 
-async fn cbs_requests(mut rx: Receiver, conn: Arc<ConnState>, core: Arc<HubCore>, cancel: CancellationToken) {
+async fn cbs_requests(
+    mut rx: Receiver,
+    conn: Arc<ConnState>,
+    core: Arc<HubCore>,
+    cancel: CancellationToken,
+) {
     loop {
         let delivery = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -60,7 +75,9 @@ async fn cbs_requests(mut rx: Receiver, conn: Arc<ConnState>, core: Arc<HubCore>
             Ok(d) => d,
             Err(e) => {
                 if !is_normal_end(&e) {
-                    let _ = rx.close_with_error(amqp_error(AmqpError::DecodeError, e.to_string())).await;
+                    let _ = rx
+                        .close_with_error(amqp_error(AmqpError::DecodeError, e.to_string()))
+                        .await;
                 }
                 return;
             }
@@ -98,7 +115,10 @@ async fn cbs_responses(mut tx: Sender, conn: Arc<ConnState>, cancel: Cancellatio
             r = replies.recv() => r,
         };
         let Some(reply) = reply else { break };
-        let msg = Sendable::builder().message(cbs::response(&reply)).settled(true).build();
+        let msg = Sendable::builder()
+            .message(cbs::response(&reply))
+            .settled(true)
+            .build();
         match tokio::time::timeout(SEND_WAIT, tx.send(msg)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
@@ -106,7 +126,12 @@ async fn cbs_responses(mut tx: Sender, conn: Arc<ConnState>, cancel: Cancellatio
                 return;
             }
             Err(_) => {
-                let _ = tx.close_with_error(amqp_error(custom_condition("com.microsoft:timeout"), "no link credit for the put-token response")).await;
+                let _ = tx
+                    .close_with_error(amqp_error(
+                        custom_condition("com.microsoft:timeout"),
+                        "no link credit for the put-token response",
+                    ))
+                    .await;
                 return;
             }
         }
@@ -114,7 +139,13 @@ async fn cbs_responses(mut tx: Sender, conn: Arc<ConnState>, cancel: Cancellatio
     let _ = tx.close().await;
 }
 
-async fn events(mut rx: Receiver, id: Identity, conn: Arc<ConnState>, core: Arc<HubCore>, cancel: CancellationToken) {
+async fn events(
+    mut rx: Receiver,
+    id: Identity,
+    conn: Arc<ConnState>,
+    core: Arc<HubCore>,
+    cancel: CancellationToken,
+) {
     let max = core.settings.limits.max_message_size as usize;
     loop {
         let delivery = tokio::select! {
@@ -126,19 +157,29 @@ async fn events(mut rx: Receiver, id: Identity, conn: Arc<ConnState>, core: Arc<
             Err(e) => {
                 if !is_normal_end(&e) {
                     debug!(error = %e, "closing events link");
-                    let _ = rx.close_with_error(amqp_error(AmqpError::DecodeError, e.to_string())).await;
+                    let _ = rx
+                        .close_with_error(amqp_error(AmqpError::DecodeError, e.to_string()))
+                        .await;
                 }
                 return;
             }
         };
         if !conn.is_authorized(&id, now_secs()) {
             let why = format!("the token for {id} has expired");
-            let _ = rx.close_with_error(amqp_error(AmqpError::UnauthorizedAccess, why)).await;
+            let _ = rx
+                .close_with_error(amqp_error(AmqpError::UnauthorizedAccess, why))
+                .await;
             return;
         }
         if delivery.message_format().is_some_and(|f| f != 0) {
             let _ = rx
-                .reject(&delivery, amqp_error(AmqpError::NotImplemented, "batched message format is not supported"))
+                .reject(
+                    &delivery,
+                    amqp_error(
+                        AmqpError::NotImplemented,
+                        "batched message format is not supported",
+                    ),
+                )
                 .await;
             continue;
         }
@@ -146,13 +187,20 @@ async fn events(mut rx: Receiver, id: Identity, conn: Arc<ConnState>, core: Arc<
         let msg = match Message::from_amqp(delivery.into_message(), id.clone()) {
             Ok(msg) => msg,
             Err(e) => {
-                let _ = rx.reject(info, amqp_error(AmqpError::DecodeError, e.to_string())).await;
+                let _ = rx
+                    .reject(info, amqp_error(AmqpError::DecodeError, e.to_string()))
+                    .await;
                 continue;
             }
         };
         if msg.size() > max {
             let why = format!("message of {} bytes exceeds the limit of {max}", msg.size());
-            let _ = rx.reject(info, amqp_error(custom_condition("amqp:link:message-size-exceeded"), why)).await;
+            let _ = rx
+                .reject(
+                    info,
+                    amqp_error(custom_condition("amqp:link:message-size-exceeded"), why),
+                )
+                .await;
             continue;
         }
         m::received(&msg);
@@ -165,7 +213,11 @@ async fn events(mut rx: Receiver, id: Identity, conn: Arc<ConnState>, core: Arc<
         }
         let mut refused = None;
         for t in &targets {
-            if let Err(e) = t.endpoint.push(msg.clone(), t.priority, t.expires_ms, PUSH_WAIT).await {
+            if let Err(e) = t
+                .endpoint
+                .push(msg.clone(), t.priority, t.expires_ms, PUSH_WAIT)
+                .await
+            {
                 refused = Some((t.endpoint.id.clone(), e));
                 break;
             }
@@ -177,10 +229,14 @@ async fn events(mut rx: Receiver, id: Identity, conn: Arc<ConnState>, core: Arc<
             Some((endpoint, e)) => {
                 m::unacked("queue_full", &msg);
                 let why = match e {
-                    QueueError::Full => format!("the queue of endpoint {endpoint} is full; retry later"),
+                    QueueError::Full => {
+                        format!("the queue of endpoint {endpoint} is full; retry later")
+                    }
                     QueueError::Closed => format!("endpoint {endpoint} is closed"),
                 };
-                let _ = rx.reject(info, amqp_error(AmqpError::ResourceLimitExceeded, why)).await;
+                let _ = rx
+                    .reject(info, amqp_error(AmqpError::ResourceLimitExceeded, why))
+                    .await;
             }
         }
     }
@@ -188,7 +244,10 @@ async fn events(mut rx: Receiver, id: Identity, conn: Arc<ConnState>, core: Arc<
 }
 
 /// Picks the next message across a module's input endpoints, round-robin.
-fn next_message(endpoints: &[Arc<Endpoint>], cursor: &mut usize) -> Option<(Arc<Endpoint>, crate::queue::Queued)> {
+fn next_message(
+    endpoints: &[Arc<Endpoint>],
+    cursor: &mut usize,
+) -> Option<(Arc<Endpoint>, crate::queue::Queued)> {
     let n = endpoints.len();
     for i in 0..n {
         let e = &endpoints[(*cursor + i) % n];
@@ -203,8 +262,15 @@ fn next_message(endpoints: &[Arc<Endpoint>], cursor: &mut usize) -> Option<(Arc<
 /// Delivers a module's inputs: up to `delivery_window` unsettled transfers in flight; accepted
 /// or rejected messages leave the queue, released or modified ones go back to their place; when
 /// the link ends every message still in flight goes back to its queue.
-async fn module_inputs(mut tx: Sender, id: Identity, core: Arc<HubCore>, cancel: CancellationToken) {
-    let Some(module) = id.module().cloned() else { return };
+async fn module_inputs(
+    mut tx: Sender,
+    id: Identity,
+    core: Arc<HubCore>,
+    cancel: CancellationToken,
+) {
+    let Some(module) = id.module().cloned() else {
+        return;
+    };
     let cancel = core.replace_input_link(&id, cancel);
     let (endpoints, ready) = core.router().module_inputs(&module);
     let window = core.settings.limits.delivery_window;
@@ -218,10 +284,17 @@ async fn module_inputs(mut tx: Sender, id: Identity, core: Arc<HubCore>, cancel:
         tokio::pin!(notified);
         notified.as_mut().enable();
         while in_flight.len() < window {
-            let Some((ep, q)) = next_message(&endpoints, &mut cursor) else { break };
+            let Some((ep, q)) = next_message(&endpoints, &mut cursor) else {
+                break;
+            };
             let input = ep.input.clone().unwrap_or_default();
             let amqp = q.msg.to_input_message(&input, q.seq, q.delivery_count);
-            match tokio::time::timeout(SEND_WAIT, tx.send_batchable(Sendable::builder().message(amqp).settled(false).build())).await {
+            match tokio::time::timeout(
+                SEND_WAIT,
+                tx.send_batchable(Sendable::builder().message(amqp).settled(false).build()),
+            )
+            .await
+            {
                 Ok(Ok(fut)) => {
                     next_key += 1;
                     outstanding.insert(next_key, (ep.clone(), q.seq));
@@ -272,7 +345,9 @@ async fn module_inputs(mut tx: Sender, id: Identity, core: Arc<HubCore>, cancel:
     }
     if stalled {
         let why = "the module granted no credit";
-        let _ = tx.close_with_error(amqp_error(custom_condition("com.microsoft:timeout"), why)).await;
+        let _ = tx
+            .close_with_error(amqp_error(custom_condition("com.microsoft:timeout"), why))
+            .await;
     } else {
         let _ = tx.close().await;
     }

@@ -19,8 +19,8 @@ use std::{
 
 use fe2o3_amqp::{
     acceptor::{
-        sasl_acceptor::SaslServerFrame, ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerConnectionHandle,
-        ListenerSessionHandle, SaslAcceptor, SessionAcceptor,
+        sasl_acceptor::SaslServerFrame, ConnectionAcceptor, LinkAcceptor, LinkEndpoint,
+        ListenerConnectionHandle, ListenerSessionHandle, SaslAcceptor, SessionAcceptor,
     },
     types::{
         definitions::{AmqpError, Error as AmqpErrorBody, ErrorCondition, Role},
@@ -47,7 +47,10 @@ use crate::{
 };
 
 /// An AMQP error with a condition and a description.
-pub(crate) fn amqp_error(condition: impl Into<ErrorCondition>, description: impl Into<String>) -> AmqpErrorBody {
+pub(crate) fn amqp_error(
+    condition: impl Into<ErrorCondition>,
+    description: impl Into<String>,
+) -> AmqpErrorBody {
     AmqpErrorBody::new(condition, Some(description.into()), None)
 }
 
@@ -96,7 +99,12 @@ impl ConnState {
 }
 
 /// Accepts connections until `shutdown`, then waits for every connection task.
-pub async fn serve(listener: TcpListener, tls: TlsAcceptor, core: Arc<HubCore>, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    core: Arc<HubCore>,
+    shutdown: CancellationToken,
+) {
     let tracker = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(core.settings.limits.max_connections));
     loop {
@@ -147,15 +155,27 @@ enum HandshakeError {
     Timeout,
 }
 
-async fn handle_socket(tcp: TcpStream, _peer: SocketAddr, tls: TlsAcceptor, core: Arc<HubCore>, shutdown: CancellationToken) {
+async fn handle_socket(
+    tcp: TcpStream,
+    _peer: SocketAddr,
+    tls: TlsAcceptor,
+    core: Arc<HubCore>,
+    shutdown: CancellationToken,
+) {
     let _ = tcp.set_nodelay(true);
     let conn = Arc::new(ConnState::new());
     let deadline = Duration::from_secs(core.settings.limits.handshake_timeout_secs);
     let handshake = async {
         let mut stream = tls.accept(tcp).await.map_err(HandshakeError::Tls)?;
         let mut header = [0u8; 8];
-        stream.read_exact(&mut header).await.map_err(HandshakeError::Header)?;
-        if &header[..4] != b"AMQP" || header[5..] != [1, 0, 0] || !(header[4] == 0 || header[4] == 3) {
+        stream
+            .read_exact(&mut header)
+            .await
+            .map_err(HandshakeError::Header)?;
+        if &header[..4] != b"AMQP"
+            || header[5..] != [1, 0, 0]
+            || !(header[4] == 0 || header[4] == 3)
+        {
             // Tell the peer what we speak, then close (AMQP 1.0 §2.2).
             let _ = stream.write_all(b"AMQP\x00\x01\x00\x00").await;
             return Err(HandshakeError::BadHeader(header));
@@ -202,17 +222,28 @@ async fn handle_socket(tcp: TcpStream, _peer: SocketAddr, tls: TlsAcceptor, core
     debug!("connection closed");
 }
 
-async fn run_connection(mut handle: ListenerConnectionHandle, conn: Arc<ConnState>, core: Arc<HubCore>, shutdown: CancellationToken) {
+async fn run_connection(
+    mut handle: ListenerConnectionHandle,
+    conn: Arc<ConnState>,
+    core: Arc<HubCore>,
+    shutdown: CancellationToken,
+) {
     let cancel = shutdown.child_token();
     let tracker = TaskTracker::new();
-    let session_acceptor = SessionAcceptor::builder().incoming_window(4096).outgoing_window(4096).build();
+    let session_acceptor = SessionAcceptor::builder()
+        .incoming_window(4096)
+        .outgoing_window(4096)
+        .build();
     loop {
         let incoming = tokio::select! {
             _ = cancel.cancelled() => break,
             s = handle.next_incoming_session() => s,
         };
         let Some(incoming) = incoming else { break };
-        match session_acceptor.accept_incoming_session(incoming, &mut handle).await {
+        match session_acceptor
+            .accept_incoming_session(incoming, &mut handle)
+            .await
+        {
             Ok(session) => {
                 let (conn, core, cancel) = (conn.clone(), core.clone(), cancel.clone());
                 tracker.spawn(run_session(session, conn, core, cancel).in_current_span());
@@ -229,7 +260,9 @@ async fn run_connection(mut handle: ListenerConnectionHandle, conn: Arc<ConnStat
     let _ = handle.close().await;
 }
 
-fn attach_address(attach: &fe2o3_amqp::types::performatives::Attach) -> (ClientRole, Option<String>) {
+fn attach_address(
+    attach: &fe2o3_amqp::types::performatives::Attach,
+) -> (ClientRole, Option<String>) {
     match attach.role {
         // The client sends: the address is its target.
         Role::Sender => (
@@ -240,11 +273,19 @@ fn attach_address(attach: &fe2o3_amqp::types::performatives::Attach) -> (ClientR
                 _ => None,
             }),
         ),
-        Role::Receiver => (ClientRole::Receiver, attach.source.as_ref().and_then(|s| s.address.clone())),
+        Role::Receiver => (
+            ClientRole::Receiver,
+            attach.source.as_ref().and_then(|s| s.address.clone()),
+        ),
     }
 }
 
-async fn run_session(mut session: ListenerSessionHandle, conn: Arc<ConnState>, core: Arc<HubCore>, cancel: CancellationToken) {
+async fn run_session(
+    mut session: ListenerSessionHandle,
+    conn: Arc<ConnState>,
+    core: Arc<HubCore>,
+    cancel: CancellationToken,
+) {
     let tracker = TaskTracker::new();
     let acceptor = LinkAcceptor::builder()
         .max_message_size(core.settings.limits.max_message_size)
@@ -277,7 +318,9 @@ async fn run_session(mut session: ListenerSessionHandle, conn: Arc<ConnState>, c
         };
         if let Some(id) = kind.identity() {
             let known = core.auth.known(id).cloned();
-            let authorized = known.as_ref().is_some_and(|k| conn.is_authorized(k, now_secs()));
+            let authorized = known
+                .as_ref()
+                .is_some_and(|k| conn.is_authorized(k, now_secs()));
             if !authorized {
                 let why = format!(
                     "{} link for {id}: this connection holds no valid token for that identity",
@@ -331,14 +374,21 @@ fn outcome(code: SaslCode) -> SaslServerFrame {
 
 impl SaslAcceptor for HubSasl {
     fn mechanisms(&self) -> Array<Symbol> {
-        Array::from(vec![Symbol::from("MSSBCBS"), Symbol::from("ANONYMOUS"), Symbol::from("PLAIN")])
+        Array::from(vec![
+            Symbol::from("MSSBCBS"),
+            Symbol::from("ANONYMOUS"),
+            Symbol::from("PLAIN"),
+        ])
     }
 
     fn on_init(&mut self, init: SaslInit) -> SaslServerFrame {
         match init.mechanism.0.as_str() {
             "ANONYMOUS" | "MSSBCBS" => outcome(SaslCode::Ok),
             "PLAIN" => {
-                let data = init.initial_response.map(|b| b.into_vec()).unwrap_or_default();
+                let data = init
+                    .initial_response
+                    .map(|b| b.into_vec())
+                    .unwrap_or_default();
                 match plain_identity(&data, &self.core) {
                     Some((id, expiry)) => {
                         if self.conn.authorize(id.clone(), expiry) {
@@ -369,12 +419,19 @@ fn plain_identity(data: &[u8], core: &HubCore) -> Option<(Identity, u64)> {
     let (_authz, user, pass) = (parts.next()?, parts.next()?, parts.next()?);
     let (id_part, hub_part) = user.rsplit_once('@')?;
     let hub_name = hub_part.strip_prefix("sas.").unwrap_or(hub_part);
-    let first_label = core.settings.iothub_hostname.split('.').next().unwrap_or_default();
+    let first_label = core
+        .settings
+        .iothub_hostname
+        .split('.')
+        .next()
+        .unwrap_or_default();
     if !hub_name.eq_ignore_ascii_case(first_label) {
         return None;
     }
     let (id, expiry) = core.auth.verify(pass, now_secs()).ok()?;
-    let named = percent_encoding::percent_decode_str(id_part).decode_utf8().ok()?;
+    let named = percent_encoding::percent_decode_str(id_part)
+        .decode_utf8()
+        .ok()?;
     let wanted = match id.module() {
         Some(mid) => format!("{}/modules/{}", id.device(), mid),
         None => id.device().to_string(),
@@ -392,12 +449,20 @@ struct Replay<S> {
 
 impl<S> Replay<S> {
     fn new(header: [u8; 8], inner: S) -> Self {
-        Self { header, pos: 0, inner }
+        Self {
+            header,
+            pos: 0,
+            inner,
+        }
     }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         if self.pos < self.header.len() {
             let n = (self.header.len() - self.pos).min(buf.remaining());
             let start = self.pos;
@@ -410,7 +475,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

@@ -1,0 +1,101 @@
+'use strict';
+// Starts a real edgehub process for a test: its own loopback address, its own data directory,
+// the default AMQPS port 5671 (the SDK always dials 5671), metrics on port 0.
+const { spawn, execFileSync } = require('node:child_process');
+const fs = require('node:fs');
+const os = require('node:os');
+const path = require('node:path');
+const crypto = require('node:crypto');
+
+const ROOT = path.resolve(__dirname, '..', '..');
+const BIN = process.env.EDGEHUB_BIN || path.join(ROOT, 'target', 'debug', 'edgehub');
+
+let counter = 0;
+function loopback() {
+  // A fresh 127.x.y.z per hub, so hubs never share a port even when one lingers.
+  counter += 1;
+  const a = 1 + (process.pid % 200);
+  const b = (Math.floor(Date.now() / 1000) + counter * 7) % 250;
+  return `127.${a}.${b}.${1 + (counter % 250)}`;
+}
+
+function withTimeout(promise, ms, what) {
+  let t;
+  const timer = new Promise((_, reject) => {
+    t = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
+  });
+  return Promise.race([promise, timer]).finally(() => clearTimeout(t));
+}
+
+async function startHub({ modules = { A: {}, B: {} }, routes = {}, limits, extra = {} } = {}) {
+  const host = loopback();
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'edgehub-test-'));
+  const config = {
+    deviceId: 'edge1',
+    iothubHostname: 'test-hub.azure-devices.net',
+    gatewayHostname: host,
+    listen: { amqps: `${host}:5671`, https: null, metrics: `${host}:0` },
+    dataDir: path.join(dir, 'data'),
+    modules,
+    $edgeHub: { schemaVersion: '1.1', routes, storeAndForwardConfiguration: { timeToLiveSecs: 7200 } },
+    ...extra,
+  };
+  if (limits) config.limits = limits;
+  const configPath = path.join(dir, 'edgehub.json');
+  fs.writeFileSync(configPath, JSON.stringify(config, null, 2));
+  const child = spawn(BIN, ['run', '--config', configPath], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'info' } });
+  let log = '';
+  const ready = new Promise((resolve, reject) => {
+    child.stderr.on('data', (d) => {
+      log += d.toString();
+      const m = /edgehub ready amqps=(\S+) metrics=Some\((\S+)\)/.exec(log.replace(/\x1b\[[0-9;]*m/g, ''));
+      if (m) resolve({ amqps: m[1], metrics: m[2] });
+    });
+    child.on('exit', (code) => reject(new Error(`edgehub exited with ${code} before it was ready:\n${log}`)));
+  });
+  const addrs = await withTimeout(ready, 20000, 'edgehub ready');
+  const exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
+  return {
+    host,
+    dir,
+    configPath,
+    metricsUrl: `http://${addrs.metrics}/metrics`,
+    log: () => log,
+    env(module) {
+      const out = execFileSync(BIN, ['module-env', '--config', configPath, '--module', module]).toString();
+      const env = {};
+      for (const line of out.trim().split('\n')) {
+        const i = line.indexOf('=');
+        env[line.slice(0, i)] = line.slice(i + 1);
+      }
+      return env;
+    },
+    caPem() {
+      return fs.readFileSync(path.join(config.dataDir, 'certs', 'edge-ca.pem'));
+    },
+    moduleKey(module) {
+      const cs = this.env(module).EdgeHubConnectionString;
+      return /SharedAccessKey=([^;]+)/.exec(cs)[1];
+    },
+    async stop() {
+      if (child.exitCode === null) child.kill('SIGTERM');
+      const r = await withTimeout(exited, 15000, 'edgehub exit');
+      fs.rmSync(dir, { recursive: true, force: true });
+      return r;
+    },
+  };
+}
+
+/// A SAS token as the SDKs make it.
+function sasToken(resource, keyBase64, expiry) {
+  const sr = encodeURIComponent(resource);
+  const sig = crypto.createHmac('sha256', Buffer.from(keyBase64, 'base64')).update(`${sr}\n${expiry}`).digest('base64');
+  return `SharedAccessSignature sr=${sr}&sig=${encodeURIComponent(sig)}&se=${expiry}`;
+}
+
+async function scrape(url) {
+  const res = await withTimeout(fetch(url), 10000, `GET ${url}`);
+  return res.text();
+}
+
+module.exports = { startHub, withTimeout, sasToken, scrape };

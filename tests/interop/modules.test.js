@@ -1,0 +1,84 @@
+'use strict';
+// Two modules built with the real Azure IoT Node SDK, talking through edgehub.
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const { ModuleClient, Message } = require('azure-iot-device');
+const { Amqp } = require('azure-iot-device-amqp');
+const { startHub, withTimeout, scrape } = require('./hub');
+
+function fromEnv(env) {
+  // What the IoT Edge runtime does: put the two values in the module's environment.
+  const saved = { ...process.env };
+  Object.assign(process.env, env);
+  return new Promise((resolve, reject) => {
+    ModuleClient.fromEnvironment(Amqp, (err, client) => {
+      process.env = saved;
+      if (err) reject(err);
+      else resolve(client);
+    });
+  });
+}
+
+function nextInput(client) {
+  return new Promise((resolve) => {
+    client.once('inputMessage', (inputName, msg) => resolve({ inputName, msg }));
+  });
+}
+
+test('output of A reaches input of B with body, ids and properties intact', async (t) => {
+  const hub = await startHub({
+    routes: {
+      aToB: 'FROM /messages/modules/A/outputs/out1 INTO BrokeredEndpoint("/modules/B/inputs/in1")',
+      noOutput: { route: 'FROM /messages/modules/A/* INTO BrokeredEndpoint("/modules/B/inputs/in2")', priority: 1 },
+    },
+  });
+  const a = await fromEnv(hub.env('A'));
+  const b = await fromEnv(hub.env('B'));
+  t.after(async () => {
+    await withTimeout(Promise.all([a.close(), b.close()]), 10000, 'closing clients');
+    await hub.stop();
+  });
+  await withTimeout(a.open(), 15000, 'A open');
+  await withTimeout(b.open(), 15000, 'B open');
+
+  const received = [];
+  const inputs = new Promise((resolve) => {
+    b.on('inputMessage', (inputName, msg) => {
+      received.push({ inputName, msg });
+      b.complete(msg, () => {});
+      if (received.length === 3) resolve();
+    });
+  });
+
+  const msg = new Message(JSON.stringify({ temperature: 21.5 }));
+  msg.messageId = 'msg-1';
+  msg.contentType = 'application/json';
+  msg.contentEncoding = 'utf-8';
+  msg.properties.add('alert', 'high');
+  await withTimeout(a.sendOutputEvent('out1', msg), 10000, 'sendOutputEvent');
+
+  const plain = new Message('no output');
+  plain.messageId = 'msg-2';
+  await withTimeout(a.sendEvent(plain), 10000, 'sendEvent');
+  await withTimeout(inputs, 15000, 'three input messages at B');
+
+  // msg-1 matches both routes, which target different endpoints: B gets it on in1 and on in2.
+  // The message without an output only matches /messages/modules/A/*: in2.
+  const byId = (id) => received.filter((r) => r.msg.messageId === id);
+  const first = byId('msg-1');
+  assert.deepEqual(first.map((r) => r.inputName).sort(), ['in1', 'in2']);
+  const viaIn1 = first.find((r) => r.inputName === 'in1');
+  assert.ok(viaIn1, 'msg-1 arrives on in1');
+  assert.equal(viaIn1.msg.data.toString(), JSON.stringify({ temperature: 21.5 }));
+  assert.equal(viaIn1.msg.contentType, 'application/json');
+  assert.equal(viaIn1.msg.contentEncoding, 'utf-8');
+  assert.equal(viaIn1.msg.properties.getValue('alert'), 'high');
+  const second = byId('msg-2');
+  assert.equal(second.length, 1);
+  assert.equal(second[0].inputName, 'in2');
+  assert.equal(second[0].msg.data.toString(), 'no output');
+
+  const metrics = await scrape(hub.metricsUrl);
+  assert.match(metrics, /edgehub_messages_received_total\{[^}]*id="edge1\/A"/);
+  assert.match(metrics, /edgehub_client_connect_success_total\{[^}]*id="edge1\/B"/);
+});
