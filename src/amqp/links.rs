@@ -98,16 +98,21 @@ async fn cbs_requests(
             }
         }
         let _ = rx.accept(info).await;
-        if conn.cbs_tx.send(reply).await.is_err() {
-            break;
+        match conn.cbs_reply_sender() {
+            Some(out) => {
+                if out.send(reply).await.is_err() {
+                    debug!("the $cbs response link went away; reply dropped");
+                }
+            }
+            None => debug!("no $cbs response link is attached; reply dropped"),
         }
     }
     let _ = rx.close().await;
 }
 
 async fn cbs_responses(mut tx: Sender, conn: Arc<ConnState>, cancel: CancellationToken) {
-    // A later response link (a client that re-attaches) waits for this one to end.
-    let mut replies = conn.cbs_rx.lock().await;
+    // A later response link (a client that re-attaches) takes over, and this one ends.
+    let mut replies = conn.take_cbs_replies();
     loop {
         let reply = tokio::select! {
             _ = cancel.cancelled() => break,

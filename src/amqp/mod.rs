@@ -61,17 +61,15 @@ pub(crate) fn custom_condition(name: &str) -> ErrorCondition {
 /// What one connection has proven: identities with a valid token, and their expiry.
 pub(crate) struct ConnState {
     authorized: Mutex<HashMap<String, (Identity, u64)>>,
-    pub cbs_tx: mpsc::Sender<cbs::CbsReply>,
-    pub cbs_rx: tokio::sync::Mutex<mpsc::Receiver<cbs::CbsReply>>,
+    /// Where put-token replies go: the newest `$cbs` response link of this connection.
+    cbs_replies: Mutex<Option<mpsc::Sender<cbs::CbsReply>>>,
 }
 
 impl ConnState {
     fn new() -> Self {
-        let (cbs_tx, cbs_rx) = mpsc::channel(64);
         Self {
             authorized: Mutex::new(HashMap::new()),
-            cbs_tx,
-            cbs_rx: tokio::sync::Mutex::new(cbs_rx),
+            cbs_replies: Mutex::new(None),
         }
     }
 
@@ -91,6 +89,20 @@ impl ConnState {
         self.map()
             .get(&key)
             .is_some_and(|(_, exp)| exp.saturating_add(crate::sas::MAX_CLOCK_SKEW_SECS) >= now)
+    }
+
+    /// Makes a new `$cbs` response link the one replies go to; the older one then ends.
+    pub fn take_cbs_replies(&self) -> mpsc::Receiver<cbs::CbsReply> {
+        let (tx, rx) = mpsc::channel(64);
+        *self.cbs_replies.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        rx
+    }
+
+    pub fn cbs_reply_sender(&self) -> Option<mpsc::Sender<cbs::CbsReply>> {
+        self.cbs_replies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn identities(&self) -> Vec<Identity> {
