@@ -16,6 +16,7 @@
 pub mod address;
 pub mod amqp;
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod http;
 pub mod hub;

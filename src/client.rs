@@ -1,0 +1,193 @@
+//! A small AMQP client for edgehub, built on fe2o3-amqp: TLS, `$cbs` put-token, links by
+//! address. The benchmark's load generator and the socket tests use it; it speaks to the hub as
+//! the SDKs do (no SASL, token on `$cbs`, relative link addresses).
+
+use std::{net::SocketAddr, path::Path, sync::Arc};
+
+use fe2o3_amqp::{
+    connection::ConnectionHandle,
+    link::{Receiver, Sender},
+    session::SessionHandle,
+    types::{
+        messaging::{Body, Message, Properties},
+        primitives::{SimpleValue, Value},
+    },
+    Connection, Session,
+};
+use rustls::pki_types::ServerName;
+use serde_amqp::primitives::OrderedMap;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::{
+    identity::{Identity, Key},
+    sas::{make_token, now_secs, resource_for},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("amqp: {0}")]
+    Amqp(String),
+    #[error("put-token answered {0}: {1}")]
+    Refused(i32, String),
+}
+
+fn amqp<E: std::fmt::Debug>(e: E) -> ClientError {
+    ClientError::Amqp(format!("{e:?}"))
+}
+
+/// One authenticated connection with one session.
+pub struct Client {
+    pub connection: ConnectionHandle<()>,
+    pub session: SessionHandle<()>,
+}
+
+impl Client {
+    /// Connects over TLS (trusting `ca_pem`), opens a session and puts a token for `identity`.
+    pub async fn connect(
+        addr: SocketAddr,
+        server_name: &str,
+        ca_pem: &Path,
+        iothub: &str,
+        identity: &Identity,
+        key: &Key,
+    ) -> Result<Self, ClientError> {
+        let mut roots = rustls::RootCertStore::empty();
+        let pem = std::fs::read(ca_pem)?;
+        for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+            roots.add(c?).map_err(|e| ClientError::Tls(e.to_string()))?;
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let name = ServerName::try_from(server_name.to_owned())
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        let tls = TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await?;
+        let mut connection = Connection::builder()
+            .container_id(uuid::Uuid::new_v4().to_string())
+            .hostname(server_name)
+            .max_frame_size(256 * 1024)
+            .open_with_stream(tls)
+            .await
+            .map_err(amqp)?;
+        let mut session = Session::builder()
+            .incoming_window(4096)
+            .outgoing_window(4096)
+            .begin(&mut connection)
+            .await
+            .map_err(amqp)?;
+        let token = make_token(
+            &resource_for(iothub, identity),
+            key,
+            now_secs() + 3600,
+            None,
+        );
+        put_token(&mut session, &resource_for(iothub, identity), &token).await?;
+        Ok(Self {
+            connection,
+            session,
+        })
+    }
+
+    pub async fn sender(&mut self, address: &str) -> Result<Sender, ClientError> {
+        Sender::attach(
+            &mut self.session,
+            format!("snd-{}", uuid::Uuid::new_v4()),
+            address,
+        )
+        .await
+        .map_err(amqp)
+    }
+
+    pub async fn receiver(&mut self, address: &str) -> Result<Receiver, ClientError> {
+        Receiver::attach(
+            &mut self.session,
+            format!("rcv-{}", uuid::Uuid::new_v4()),
+            address,
+        )
+        .await
+        .map_err(amqp)
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.session.end().await;
+        let _ = self.connection.close().await;
+    }
+}
+
+/// Sends a put-token on a fresh `$cbs` link pair and checks the status.
+pub async fn put_token<R>(
+    session: &mut SessionHandle<R>,
+    audience: &str,
+    token: &str,
+) -> Result<(), ClientError> {
+    let mut tx = Sender::attach(session, "cbs-snd", "$cbs")
+        .await
+        .map_err(amqp)?;
+    let mut rx = Receiver::builder()
+        .name("cbs-rcv")
+        .source("$cbs")
+        .target("cbs")
+        .attach(session)
+        .await
+        .map_err(amqp)?;
+    let mut app = OrderedMap::new();
+    app.insert(
+        "operation".to_owned(),
+        SimpleValue::String("put-token".into()),
+    );
+    app.insert(
+        "type".to_owned(),
+        SimpleValue::String("servicebus.windows.net:sastoken".into()),
+    );
+    app.insert("name".to_owned(), SimpleValue::String(audience.into()));
+    let msg = Message::builder()
+        .properties(Properties {
+            message_id: Some(uuid::Uuid::new_v4().to_string().into()),
+            reply_to: Some("cbs".into()),
+            to: Some("$cbs".into()),
+            ..Default::default()
+        })
+        .application_properties(fe2o3_amqp::types::messaging::ApplicationProperties(app))
+        .value(token.to_owned())
+        .build();
+    tx.send(msg).await.map_err(amqp)?;
+    let reply = rx.recv::<Body<Value>>().await.map_err(amqp)?;
+    rx.accept(&reply).await.map_err(amqp)?;
+    let props = reply
+        .message()
+        .application_properties
+        .as_ref()
+        .map(|a| a.0.clone())
+        .unwrap_or_default();
+    let status = match props.get("status-code") {
+        Some(SimpleValue::Int(s)) => *s,
+        other => {
+            return Err(ClientError::Amqp(format!(
+                "status-code is {other:?}, not an int"
+            )))
+        }
+    };
+    if status != 200 {
+        let desc = match props.get("status-description") {
+            Some(SimpleValue::String(s)) => s.clone(),
+            _ => String::new(),
+        };
+        return Err(ClientError::Refused(status, desc));
+    }
+    let _ = tx.close().await;
+    let _ = rx.close().await;
+    Ok(())
+}

@@ -1,0 +1,263 @@
+//! Socket tests: a real hub on loopback, driven by the fe2o3 client.
+
+mod common;
+
+use common::{start_hub, WAIT};
+use edgehub::message::{CONNECTION_DEVICE_ID, CONNECTION_MODULE_ID, INPUT_NAME_ANNOTATION};
+use fe2o3_amqp::types::{
+    messaging::{annotations::OwnedKey, Body, Message, Outcome, Properties},
+    primitives::{Symbol, Value},
+};
+use fe2o3_amqp::Sendable;
+use tokio::time::timeout;
+
+const ROUTES: &str = r#"{
+    "aToB": "FROM /messages/modules/A/outputs/out1 INTO BrokeredEndpoint(\"/modules/B/inputs/in1\")"
+}"#;
+const A_EVENTS: &str = "/devices/edge1/modules/A/messages/events";
+const B_INPUTS: &str = "/devices/edge1/modules/B/messages/events";
+
+fn output(body: &str, id: &str) -> Message<Body<Value>> {
+    Message::builder()
+        .properties(Properties {
+            message_id: Some(id.to_owned().into()),
+            ..Default::default()
+        })
+        .application_properties(
+            fe2o3_amqp::types::messaging::ApplicationProperties::builder()
+                .insert("iothub-outputname", "out1")
+                .insert("k", "v")
+                .build(),
+        )
+        .body(Body::Data(
+            vec![fe2o3_amqp::types::messaging::Data(
+                fe2o3_amqp::types::primitives::Binary::from(body.as_bytes().to_vec()),
+            )]
+            .into(),
+        ))
+        .build()
+}
+
+fn annotation(m: &Message<Body<Value>>, key: &str) -> Option<Value> {
+    m.message_annotations
+        .as_ref()?
+        .0
+        .get(&OwnedKey::Symbol(Symbol::from(key)))
+        .cloned()
+}
+
+#[tokio::test]
+async fn a_module_output_reaches_the_routed_input_with_the_sender_stamped() {
+    let hub = start_hub(ROUTES, "{}").await;
+    let mut a = hub.connect("A").await;
+    let mut b = hub.connect("B").await;
+    let mut rx = b.receiver(B_INPUTS).await.unwrap();
+    let mut tx = a.sender(A_EVENTS).await.unwrap();
+    let mut m = output("hello", "m1");
+    // A sender cannot pretend to be someone else.
+    m.message_annotations = Some(
+        fe2o3_amqp::types::messaging::MessageAnnotations::builder()
+            .insert(
+                OwnedKey::Symbol(Symbol::from(CONNECTION_MODULE_ID)),
+                Value::String("forged".into()),
+            )
+            .build(),
+    );
+    let outcome = timeout(WAIT, tx.send(m)).await.unwrap().unwrap();
+    assert!(matches!(outcome, Outcome::Accepted(_)));
+    let d = timeout(WAIT, rx.recv::<Body<Value>>())
+        .await
+        .unwrap()
+        .unwrap();
+    rx.accept(&d).await.unwrap();
+    let msg = d.message();
+    assert_eq!(
+        annotation(msg, INPUT_NAME_ANNOTATION),
+        Some(Value::String("in1".into()))
+    );
+    assert_eq!(
+        annotation(msg, CONNECTION_DEVICE_ID),
+        Some(Value::String("edge1".into()))
+    );
+    assert_eq!(
+        annotation(msg, CONNECTION_MODULE_ID),
+        Some(Value::String("A".into()))
+    );
+    let props = msg.application_properties.as_ref().unwrap();
+    assert!(props.0.get("iothub-outputname").is_none());
+    match &msg.body {
+        Body::Data(b) => assert_eq!(b.iter().next().unwrap().0.as_slice(), b"hello"),
+        other => panic!("body {other:?}"),
+    }
+    a.close().await;
+    b.close().await;
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn many_messages_are_in_flight_to_a_module_and_abandoned_ones_come_back() {
+    let hub = start_hub(ROUTES, r#"{"deliveryWindow": 64}"#).await;
+    let mut a = hub.connect("A").await;
+    let mut b = hub.connect("B").await;
+    let mut rx = b.receiver(B_INPUTS).await.unwrap();
+    let mut tx = a.sender(A_EVENTS).await.unwrap();
+    for i in 0..100 {
+        let o = timeout(WAIT, tx.send(output("x", &format!("m{i}"))))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(o, Outcome::Accepted(_)));
+    }
+    // Receive 64 without settling any: the hub keeps a window of unsettled deliveries open.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(
+            timeout(WAIT, rx.recv::<Body<Value>>())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    // Abandon the first: it comes back (after the rest of the window is used) with a higher count.
+    let first_id = held[0]
+        .message()
+        .properties
+        .as_ref()
+        .unwrap()
+        .message_id
+        .clone();
+    rx.release(&held[0]).await.unwrap();
+    for d in &held[1..] {
+        rx.accept(d).await.unwrap();
+    }
+    let mut seen_again = false;
+    for _ in 0..37 {
+        let d = timeout(WAIT, rx.recv::<Body<Value>>())
+            .await
+            .unwrap()
+            .unwrap();
+        if d.message().properties.as_ref().unwrap().message_id == first_id {
+            assert_eq!(
+                annotation(d.message(), "iothub-deliverycount"),
+                Some(Value::Ubyte(1))
+            );
+            seen_again = true;
+        }
+        rx.accept(&d).await.unwrap();
+    }
+    assert!(seen_again, "the abandoned message was redelivered");
+    let metrics = hub.scrape().await;
+    assert!(
+        metrics.contains("edgehub_messages_sent_total{"),
+        "{metrics}"
+    );
+    a.close().await;
+    b.close().await;
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn unrouted_messages_are_accepted_and_counted_as_dropped() {
+    let hub = start_hub("{}", "{}").await;
+    let mut a = hub.connect("A").await;
+    let mut tx = a.sender(A_EVENTS).await.unwrap();
+    let o = timeout(WAIT, tx.send(Sendable::from(output("x", "lost"))))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(o, Outcome::Accepted(_)));
+    let metrics = hub.scrape().await;
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("edgehub_messages_dropped_total{")
+                && l.contains("reason=\"no_route\"")
+                && l.contains("from=\"edge1/A\"")
+        })
+        .unwrap_or_else(|| panic!("no drop line in {metrics}"));
+    assert!(
+        line.ends_with(" 1") || line.split(' ').next_back().unwrap().parse::<f64>().unwrap() >= 1.0
+    );
+    a.close().await;
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn messages_queued_for_an_offline_module_wait_for_it() {
+    let hub = start_hub(ROUTES, "{}").await;
+    let mut a = hub.connect("A").await;
+    let mut tx = a.sender(A_EVENTS).await.unwrap();
+    for i in 0..5 {
+        let o = timeout(WAIT, tx.send(output("x", &format!("q{i}"))))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(o, Outcome::Accepted(_)));
+    }
+    let metrics = hub.scrape().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("edgehub_queue_length{")
+                && l.contains("endpoint=\"edge1/B/in1\"")
+                && l.ends_with(" 5")),
+        "{metrics}"
+    );
+    let mut b = hub.connect("B").await;
+    let mut rx = b.receiver(B_INPUTS).await.unwrap();
+    for i in 0..5 {
+        let d = timeout(WAIT, rx.recv::<Body<Value>>())
+            .await
+            .unwrap()
+            .unwrap();
+        let id = d.message().properties.as_ref().unwrap().message_id.clone();
+        assert_eq!(id, Some(format!("q{i}").into()), "FIFO order");
+        rx.accept(&d).await.unwrap();
+    }
+    a.close().await;
+    b.close().await;
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrong_key_is_refused_with_401() {
+    let hub = start_hub("{}", "{}").await;
+    let other = edgehub::identity::Key::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+        .unwrap();
+    let ca = hub.settings.data_dir.join("certs").join("edge-ca.pem");
+    let addr = hub.hub.as_ref().unwrap().amqps_addr;
+    let r = timeout(
+        WAIT,
+        edgehub::client::Client::connect(
+            addr,
+            "localhost",
+            &ca,
+            common::IOTHUB,
+            &hub.module("A"),
+            &other,
+        ),
+    )
+    .await
+    .unwrap();
+    match r {
+        Err(edgehub::client::ClientError::Refused(401, _)) => {}
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("a wrong key was accepted"),
+    }
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_speaks_is_dropped_after_the_handshake_deadline() {
+    let hub = start_hub("{}", r#"{"handshakeTimeoutSecs": 1}"#).await;
+    let addr = hub.hub.as_ref().unwrap().amqps_addr;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 16];
+    // The hub closes the socket: read returns 0 (or an error) well within the wait.
+    let r = timeout(WAIT, s.read(&mut buf))
+        .await
+        .expect("hub closed the idle socket");
+    assert!(matches!(r, Ok(0) | Err(_)));
+    hub.stop().await;
+}
