@@ -1,7 +1,8 @@
 //! `start_hub()`: a real hub in this process on 127.0.0.1 port 0, its own data directory,
 //! stopped and cleaned up on drop.
 
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each test binary uses part of the helpers")]
+#![allow(clippy::unwrap_used, reason = "test helpers fail the test on any error")]
 
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
