@@ -109,14 +109,6 @@ fn output_label(msg: &Message) -> String {
     msg.output.clone().unwrap_or_default()
 }
 
-pub fn received(msg: &Message) {
-    let id = msg.from.to_string();
-    counter!(MESSAGES_RECEIVED, "id" => id.clone(), "route_output" => output_label(msg))
-        .increment(1);
-    histogram!(MESSAGE_SIZE, "id" => id.clone()).record(msg.size() as f64);
-    counter!(BYTES_RECEIVED, "id" => id).increment(msg.body.len() as u64);
-}
-
 pub fn dropped(reason: &'static str, msg: &Message) {
     counter!(MESSAGES_DROPPED, "reason" => reason, "from" => msg.from.to_string(), "from_route_output" => output_label(msg))
         .increment(1);
@@ -127,23 +119,8 @@ pub fn unacked(reason: &'static str, msg: &Message) {
         .increment(1);
 }
 
-pub fn sent(msg: &Message, to: &str, input: &str, priority: u32, send_secs: f64) {
-    let from = msg.from.to_string();
-    counter!(MESSAGES_SENT, "from" => from.clone(), "to" => to.to_owned(), "from_route_output" => output_label(msg),
-        "to_route_input" => input.to_owned(), "priority" => priority.to_string())
-    .increment(1);
-    histogram!(MESSAGE_SEND_DURATION, "from" => from.clone(), "to" => to.to_owned(), "from_route_output" => output_label(msg),
-        "to_route_input" => input.to_owned())
-    .record(send_secs);
-    let waited = (crate::message::now_ms() - msg.enqueued_ms).max(0) as f64 / 1000.0;
-    histogram!(MESSAGE_PROCESS_DURATION, "from" => from, "to" => to.to_owned(), "priority" => priority.to_string())
-        .record(waited);
-    counter!(BYTES_SENT, "id" => to.to_owned()).increment(msg.body.len() as u64);
-}
-
-pub fn queue_length(endpoint: &str, priority: u32, n: usize) {
+pub fn queue_length_gauge(endpoint: &str, priority: u32) -> metrics::Gauge {
     gauge!(QUEUE_LENGTH, "endpoint" => endpoint.to_owned(), "priority" => priority.to_string())
-        .set(n as f64);
 }
 
 pub fn connect_success(id: &str) {
@@ -184,4 +161,79 @@ pub fn resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
+}
+
+/// Per-link cache of the handles `received` records into, so the hot path does not build
+/// label sets and look them up in the registry for every message.
+#[derive(Default)]
+pub struct ReceivedCache {
+    by_output: std::collections::HashMap<
+        Option<String>,
+        (metrics::Counter, metrics::Histogram, metrics::Counter),
+    >,
+}
+
+impl ReceivedCache {
+    pub fn record(&mut self, msg: &Message) {
+        let (count, size, bytes) = self.by_output.entry(msg.output.clone()).or_insert_with(|| {
+            let id = msg.from.to_string();
+            (
+                counter!(MESSAGES_RECEIVED, "id" => id.clone(), "route_output" => output_label(msg)),
+                histogram!(MESSAGE_SIZE, "id" => id.clone()),
+                counter!(BYTES_RECEIVED, "id" => id),
+            )
+        });
+        count.increment(1);
+        size.record(msg.size() as f64);
+        bytes.increment(msg.body.len() as u64);
+    }
+}
+
+type SentKey = (crate::identity::Identity, Option<String>, String, u32);
+
+/// Per-link cache of the handles `sent` records into.
+#[derive(Default)]
+pub struct SentCache {
+    by_key: std::collections::HashMap<SentKey, [metrics::Histogram; 2]>,
+    counters: std::collections::HashMap<SentKey, [metrics::Counter; 2]>,
+}
+
+impl SentCache {
+    pub fn record(&mut self, msg: &Message, to: &str, input: &str, priority: u32, send_secs: f64) {
+        let key: SentKey = (
+            msg.from.clone(),
+            msg.output.clone(),
+            input.to_owned(),
+            priority,
+        );
+        if !self.by_key.contains_key(&key) {
+            let from = msg.from.to_string();
+            let p = priority.to_string();
+            self.counters.insert(
+                key.clone(),
+                [
+                    counter!(MESSAGES_SENT, "from" => from.clone(), "to" => to.to_owned(), "from_route_output" => output_label(msg),
+                        "to_route_input" => input.to_owned(), "priority" => p.clone()),
+                    counter!(BYTES_SENT, "id" => to.to_owned()),
+                ],
+            );
+            self.by_key.insert(
+                key.clone(),
+                [
+                    histogram!(MESSAGE_SEND_DURATION, "from" => from.clone(), "to" => to.to_owned(),
+                        "from_route_output" => output_label(msg), "to_route_input" => input.to_owned()),
+                    histogram!(MESSAGE_PROCESS_DURATION, "from" => from, "to" => to.to_owned(), "priority" => p),
+                ],
+            );
+        }
+        if let (Some([sent, bytes]), Some([send_d, proc_d])) =
+            (self.counters.get(&key), self.by_key.get(&key))
+        {
+            sent.increment(1);
+            bytes.increment(msg.body.len() as u64);
+            send_d.record(send_secs);
+            let waited = (crate::message::now_ms() - msg.enqueued_ms).max(0) as f64 / 1000.0;
+            proc_d.record(waited);
+        }
+    }
 }

@@ -186,6 +186,8 @@ pub struct Endpoint {
     pub ready: Arc<Notify>,
     /// Signalled when room is freed.
     pub space: Notify,
+    /// `edgehub_queue_length` handles per priority, so updates skip the registry lookup.
+    gauges: Mutex<HashMap<u32, metrics::Gauge>>,
 }
 
 impl Endpoint {
@@ -201,6 +203,7 @@ impl Endpoint {
             store,
             ready,
             space: Notify::new(),
+            gauges: Mutex::new(HashMap::new()),
         }
     }
 
@@ -220,7 +223,6 @@ impl Endpoint {
             match self.store.try_push(msg.clone(), priority, expires_ms) {
                 Ok(seq) => {
                     self.publish_lengths();
-                    self.ready.notify_waiters();
                     self.ready.notify_one();
                     return Ok(seq);
                 }
@@ -262,8 +264,12 @@ impl Endpoint {
     }
 
     pub fn publish_lengths(&self) {
+        let mut gauges = self.gauges.lock().unwrap_or_else(|p| p.into_inner());
         for (p, n) in self.store.lengths() {
-            m::queue_length(&self.id, p, n);
+            gauges
+                .entry(p)
+                .or_insert_with(|| m::queue_length_gauge(&self.id, p))
+                .set(n as f64);
         }
     }
 }

@@ -12,7 +12,7 @@ use fe2o3_amqp::{
     },
     Sendable,
 };
-use futures_util::{stream::FuturesUnordered, StreamExt};
+use futures_util::{stream::FuturesUnordered, FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -31,6 +31,8 @@ use crate::{
 const PUSH_WAIT: Duration = Duration::from_secs(30);
 /// Bound on one hub-to-client transfer waiting for link credit.
 const SEND_WAIT: Duration = Duration::from_secs(60);
+/// Most deliveries settled by one disposition.
+const ACCEPT_BATCH: usize = 64;
 
 pub(super) async fn run(
     link: LinkEndpoint,
@@ -152,16 +154,36 @@ async fn events(
     cancel: CancellationToken,
 ) {
     let max = core.settings.limits.max_message_size as usize;
+    // Accepted deliveries whose disposition is not sent yet. A burst of transfers is settled
+    // with one disposition once no further transfer is ready (or 64 are waiting); each was
+    // already in every target queue before it was added here.
+    let mut to_accept: Vec<DeliveryInfo> = Vec::new();
+    let mut received_metrics = m::ReceivedCache::default();
     loop {
-        let delivery = tokio::select! {
-            _ = cancel.cancelled() => break,
-            d = rx.recv::<Body<Value>>() => d,
+        if to_accept.len() >= ACCEPT_BATCH {
+            let _ = rx.accept_all(to_accept.drain(..)).await;
+        }
+        let delivery = if to_accept.is_empty() {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                d = rx.recv::<Body<Value>>() => d,
+            }
+        } else {
+            // recv is cancel-safe: polling it once loses nothing.
+            match rx.recv::<Body<Value>>().now_or_never() {
+                Some(d) => d,
+                None => {
+                    let _ = rx.accept_all(to_accept.drain(..)).await;
+                    continue;
+                }
+            }
         };
         let delivery = match delivery {
             Ok(d) => d,
             Err(e) => {
                 if !is_normal_end(&e) {
                     debug!(error = %e, "closing events link");
+                    let _ = rx.accept_all(to_accept.drain(..)).await;
                     let _ = rx
                         .close_with_error(amqp_error(AmqpError::DecodeError, e.to_string()))
                         .await;
@@ -170,6 +192,7 @@ async fn events(
             }
         };
         if !conn.is_authorized(&id, now_secs()) {
+            let _ = rx.accept_all(to_accept.drain(..)).await;
             let why = format!("the token for {id} has expired");
             let _ = rx
                 .close_with_error(amqp_error(AmqpError::UnauthorizedAccess, why))
@@ -208,12 +231,12 @@ async fn events(
                 .await;
             continue;
         }
-        m::received(&msg);
+        received_metrics.record(&msg);
         let msg = Arc::new(msg);
         let targets = core.router().route(&msg);
         if targets.is_empty() {
             m::dropped(m::DROP_NO_ROUTE, &msg);
-            let _ = rx.accept(info).await;
+            to_accept.push(info);
             continue;
         }
         let mut refused = None;
@@ -228,9 +251,7 @@ async fn events(
             }
         }
         match refused {
-            None => {
-                let _ = rx.accept(info).await;
-            }
+            None => to_accept.push(info),
             Some((endpoint, e)) => {
                 m::unacked("queue_full", &msg);
                 let why = match e {
@@ -284,6 +305,7 @@ async fn module_inputs(
     let mut next_key = 0u64;
     let mut in_flight = FuturesUnordered::new();
     let mut stalled = false;
+    let mut sent_metrics = m::SentCache::default();
     'outer: loop {
         let notified = ready.notified();
         tokio::pin!(notified);
@@ -328,7 +350,7 @@ async fn module_inputs(
                 match result {
                     Ok(Outcome::Accepted(_)) => {
                         ep.ack(seq);
-                        m::sent(&q.msg, module.as_str(), &input, q.priority, started.elapsed().as_secs_f64());
+                        sent_metrics.record(&q.msg, module.as_str(), &input, q.priority, started.elapsed().as_secs_f64());
                     }
                     Ok(Outcome::Rejected(_)) => {
                         ep.ack(seq);

@@ -2,7 +2,10 @@
 //! stopped and cleaned up on drop.
 
 #![allow(dead_code, reason = "each test binary uses part of the helpers")]
-#![allow(clippy::unwrap_used, reason = "test helpers fail the test on any error")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers fail the test on any error"
+)]
 
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
