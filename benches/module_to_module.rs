@@ -121,11 +121,11 @@ async fn main() {
     let ca = dir.join("data/certs/edge-ca.pem");
     let id = |m: &str| {
         Identity::Module(
-            DeviceId::parse("bench").unwrap(),
-            ModuleId::parse(m).unwrap(),
+            DeviceId::parse("bench").expect("device id"),
+            ModuleId::parse(m).expect("module id"),
         )
     };
-    let keys = |m: &str| module_keys(&settings, &key, &ModuleId::parse(m).unwrap()).primary;
+    let keys = |m: &str| module_keys(&settings, &key, &ModuleId::parse(m).expect("module id")).primary;
     let mut a = Client::connect(addr, "localhost", &ca, IOTHUB, &id("A"), &keys("A"))
         .await
         .expect("A connects");
