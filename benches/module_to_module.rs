@@ -125,7 +125,8 @@ async fn main() {
             ModuleId::parse(m).expect("module id"),
         )
     };
-    let keys = |m: &str| module_keys(&settings, &key, &ModuleId::parse(m).expect("module id")).primary;
+    let keys =
+        |m: &str| module_keys(&settings, &key, &ModuleId::parse(m).expect("module id")).primary;
     let mut a = Client::connect(addr, "localhost", &ca, IOTHUB, &id("A"), &keys("A"))
         .await
         .expect("A connects");
