@@ -3,7 +3,8 @@
 //! process so its RSS is its own. Prints msg/s, p50/p99 latency (send → receive) and hub RSS.
 //!
 //! `cargo bench --bench module_to_module` (env `BENCH_MESSAGES`, default 200000;
-//! `BENCH_WINDOW`, unsettled sends in flight, default 1000).
+//! `BENCH_WINDOW`, unsettled sends in flight, default 1000). Without `--bench` (as `cargo test
+//! --all-targets` runs it) it sends 2000 messages as a smoke test.
 
 use std::{
     collections::HashMap,
@@ -73,9 +74,15 @@ fn message(t0: Instant, seq: u64) -> Message<Body<Value>> {
 
 #[tokio::main]
 async fn main() {
-    let n = env_usize("BENCH_MESSAGES", 200_000) as u64;
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this as a quick smoke test.
+    let full = std::env::args().any(|a| a == "--bench");
+    let n = if full {
+        env_usize("BENCH_MESSAGES", 200_000)
+    } else {
+        2_000
+    } as u64;
     let window = env_usize("BENCH_WINDOW", 1000);
-    let warmup = 10_000u64;
+    let warmup = if full { 10_000u64 } else { 100 };
     let dir = std::env::temp_dir().join(format!("edgehub-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let config_text = format!(
