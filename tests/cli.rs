@@ -12,13 +12,13 @@ const BIN: &str = env!("CARGO_BIN_EXE_edgehub");
 
 fn temp_dir() -> PathBuf {
     let d = std::env::temp_dir().join(format!("edgehub-cli-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&d).unwrap();
+    std::fs::create_dir_all(&d).expect("temp dir");
     d
 }
 
 fn write_config(dir: &Path, body: &str) -> PathBuf {
     let p = dir.join("edgehub.json");
-    std::fs::write(&p, body).unwrap();
+    std::fs::write(&p, body).expect("write config");
     p
 }
 
