@@ -215,7 +215,12 @@ async fn handle_socket(
         };
         Ok::<_, HandshakeError>(handle)
     };
-    let handle = match tokio::time::timeout(deadline, handshake).await {
+    let handshake = tokio::select! {
+        // Shutdown does not wait for handshakes in progress.
+        _ = shutdown.cancelled() => return,
+        h = tokio::time::timeout(deadline, handshake) => h,
+    };
+    let handle = match handshake {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {
             debug!(error = %e, "handshake failed");
