@@ -94,8 +94,10 @@ pub struct Limits {
     pub delivery_window: usize,
     /// Largest message accepted from a client, in bytes.
     pub max_message_size: u64,
-    /// Seconds a hub-to-module delivery may wait for the module's disposition.
-    pub ack_timeout_secs: u64,
+    /// Longest direct-method name accepted by the method API.
+    pub method_name_max_len: usize,
+    /// Largest direct-method payload accepted by the method API, in bytes.
+    pub method_payload_max_bytes: usize,
 }
 
 impl Default for Limits {
@@ -106,7 +108,8 @@ impl Default for Limits {
             queue_capacity: 10_000,
             delivery_window: 256,
             max_message_size: 1024 * 1024,
-            ack_timeout_secs: 30,
+            method_name_max_len: 100,
+            method_payload_max_bytes: 128 * 1024,
         }
     }
 }
@@ -410,7 +413,8 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             "queueCapacity",
             "deliveryWindow",
             "maxMessageSize",
-            "ackTimeoutSecs",
+            "methodNameMaxLength",
+            "methodPayloadMaxBytes",
         ];
         if let Some(l) = w.object(l, "$.limits", &keys) {
             let p = "$.limits";
@@ -429,21 +433,24 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
                 limits.queue_capacity as u64,
                 limits.delivery_window as u64,
                 limits.max_message_size,
-                limits.ack_timeout_secs,
+                limits.method_name_max_len as u64,
+                limits.method_payload_max_bytes as u64,
             ];
             set(&mut w, keys[0], 1, 1_000_000, &mut v[0]);
             set(&mut w, keys[1], 1, 3600, &mut v[1]);
             set(&mut w, keys[2], 1, 100_000_000, &mut v[2]);
             set(&mut w, keys[3], 1, 65_535, &mut v[3]);
             set(&mut w, keys[4], 1024, 64 * 1024 * 1024, &mut v[4]);
-            set(&mut w, keys[5], 1, 3600, &mut v[5]);
+            set(&mut w, keys[5], 1, 65_536, &mut v[5]);
+            set(&mut w, keys[6], 2, 64 * 1024 * 1024, &mut v[6]);
             limits = Limits {
                 max_connections: v[0] as usize,
                 handshake_timeout_secs: v[1],
                 queue_capacity: v[2] as usize,
                 delivery_window: v[3] as usize,
                 max_message_size: v[4],
-                ack_timeout_secs: v[5],
+                method_name_max_len: v[5] as usize,
+                method_payload_max_bytes: v[6] as usize,
             };
         }
     }

@@ -76,3 +76,54 @@ pub async fn serve_metrics(
     tracker.close();
     tracker.wait().await;
 }
+
+/// The HTTPS API on `listen.https`: today the direct-method API
+/// (`POST /twins/{d}[/modules/{m}]/methods`); the upstream's service API will join it.
+pub async fn serve_https(
+    listener: TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
+    core: std::sync::Arc<crate::hub::HubCore>,
+    shutdown: CancellationToken,
+) {
+    let tracker = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => { debug!(error = %e, "https accept failed"); continue; }
+            },
+        };
+        let (tls, core, shutdown) = (tls.clone(), core.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let handshake = tokio::time::timeout(
+                std::time::Duration::from_secs(core.settings.limits.handshake_timeout_secs),
+                tls.accept(stream),
+            );
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                s = handshake => match s {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => { debug!(%peer, error = %e, "https TLS handshake failed"); return; }
+                    Err(_) => { debug!(%peer, "https TLS handshake timed out"); return; }
+                },
+            };
+            let svc = service_fn(move |req| {
+                let core = core.clone();
+                async move { Ok::<_, Infallible>(crate::api::handle(req, &core).await) }
+            });
+            let conn = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(30))
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "https connection"); },
+                _ = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
+            }
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}

@@ -29,6 +29,8 @@ pub struct HubCore {
     clients: DashMap<String, usize>,
     /// Module → the cancel token of its current input link; a newer link replaces the older.
     input_links: DashMap<String, CancellationToken>,
+    /// Direct-method links and calls in flight.
+    pub methods: crate::methods::Dispatcher,
 }
 
 impl HubCore {
@@ -49,6 +51,7 @@ impl HubCore {
             router: RwLock::new(Arc::new(router)),
             clients: DashMap::new(),
             input_links: DashMap::new(),
+            methods: crate::methods::Dispatcher::default(),
         }
     }
 
@@ -152,6 +155,7 @@ pub fn device_key(settings: &Settings) -> Result<Key, StartError> {
 /// A running hub: its bound addresses, and the handle that stops it.
 pub struct Hub {
     pub amqps_addr: SocketAddr,
+    pub https_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     pub core: Arc<HubCore>,
     shutdown: CancellationToken,
@@ -176,6 +180,10 @@ impl Hub {
                 .map_err(|source| StartError::Bind { what, addr, source })
         };
         let amqps = bind("amqps", settings.listen.amqps).await?;
+        let https = match settings.listen.https {
+            Some(a) => Some(bind("https", a).await?),
+            None => None,
+        };
         let metrics = match settings.listen.metrics {
             Some(a) => Some(bind("metrics", a).await?),
             None => None,
@@ -185,6 +193,10 @@ impl Hub {
                 .map_err(|source| StartError::Bind { what, addr, source })
         };
         let amqps_addr = local(&amqps, "amqps", settings.listen.amqps)?;
+        let https_addr = match (&https, settings.listen.https) {
+            (Some(l), Some(a)) => Some(local(l, "https", a)?),
+            _ => None,
+        };
         let metrics_addr = match (&metrics, settings.listen.metrics) {
             (Some(l), Some(a)) => Some(local(l, "metrics", a)?),
             _ => None,
@@ -193,20 +205,30 @@ impl Hub {
         let core = Arc::new(HubCore::new(settings, &key));
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let tls = TlsAcceptor::from(tls_config);
         tasks.spawn(crate::amqp::serve(
             amqps,
-            TlsAcceptor::from(tls_config),
+            tls.clone(),
             core.clone(),
             shutdown.clone(),
         ));
+        if let Some(l) = https {
+            tasks.spawn(crate::http::serve_https(
+                l,
+                tls,
+                core.clone(),
+                shutdown.clone(),
+            ));
+        }
         if let Some(l) = metrics {
             tasks.spawn(crate::http::serve_metrics(l, handle, shutdown.clone()));
         }
         tasks.close();
         crate::amqp::log_ready(amqps_addr);
-        info!(amqps = %amqps_addr, metrics = ?metrics_addr, "edgehub ready");
+        info!(amqps = %amqps_addr, https = ?https_addr, metrics = ?metrics_addr, "edgehub ready");
         Ok(Self {
             amqps_addr,
+            https_addr,
             metrics_addr,
             core,
             shutdown,

@@ -15,6 +15,7 @@
 
 pub mod address;
 pub mod amqp;
+pub mod api;
 pub mod auth;
 pub mod client;
 pub mod config;
@@ -22,6 +23,7 @@ pub mod http;
 pub mod hub;
 pub mod identity;
 pub mod message;
+pub mod methods;
 pub mod metrics;
 pub mod queue;
 pub mod route;

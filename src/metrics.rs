@@ -237,3 +237,12 @@ impl SentCache {
         }
     }
 }
+
+pub const DIRECT_METHODS: &str = "edgehub_direct_methods_total";
+pub const DIRECT_METHOD_DURATION: &str = "edgehub_direct_method_duration_seconds";
+
+pub fn direct_method(from: &str, to: &str, secs: f64) {
+    counter!(DIRECT_METHODS, "from" => from.to_owned(), "to" => to.to_owned()).increment(1);
+    histogram!(DIRECT_METHOD_DURATION, "from" => from.to_owned(), "to" => to.to_owned())
+        .record(secs);
+}

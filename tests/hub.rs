@@ -277,3 +277,79 @@ async fn connections_over_the_cap_are_closed_at_once() {
     assert!(matches!(r, Ok(0) | Err(_)));
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn method_timeouts_and_disconnects_leave_no_entries_behind() {
+    let hub = start_hub("{}", "{}").await;
+    let core = hub.hub.as_ref().unwrap().core.clone();
+    let mut b = hub.connect("B").await;
+    let mut requests = b
+        .receiver("/devices/edge1/modules/B/methods/devicebound")
+        .await
+        .unwrap();
+    // The link is registered once the attach is answered; wait for it without sleeping.
+    timeout(WAIT, async {
+        while core.methods.links_len() == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+    for _ in 0..20 {
+        let r = core
+            .methods
+            .invoke(
+                &hub.module("B"),
+                "silent",
+                b"{}".to_vec(),
+                std::time::Duration::from_millis(20),
+                std::time::Duration::ZERO,
+            )
+            .await;
+        assert!(
+            matches!(r, Err(edgehub::methods::MethodError::Timeout(..))),
+            "{r:?}"
+        );
+    }
+    assert_eq!(core.methods.pending_len(), 0);
+    // The requests arrived at B with the method name and a uuid correlation id.
+    let d = timeout(WAIT, requests.recv::<Body<Value>>())
+        .await
+        .unwrap()
+        .unwrap();
+    let props = d.message().application_properties.as_ref().unwrap();
+    assert_eq!(
+        props.0.get("IoThub-methodname"),
+        Some(&fe2o3_amqp::types::primitives::SimpleValue::String(
+            "silent".into()
+        ))
+    );
+    assert!(matches!(
+        d.message().properties.as_ref().unwrap().correlation_id,
+        Some(fe2o3_amqp::types::messaging::MessageId::Uuid(_))
+    ));
+    requests.close().await.unwrap();
+    timeout(WAIT, async {
+        while core.methods.links_len() != 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the method link is unregistered when it closes");
+    let r = core
+        .methods
+        .invoke(
+            &hub.module("B"),
+            "m",
+            vec![],
+            std::time::Duration::from_secs(1),
+            std::time::Duration::ZERO,
+        )
+        .await;
+    assert!(matches!(
+        r,
+        Err(edgehub::methods::MethodError::NotConnected(_))
+    ));
+    b.close().await;
+    hub.stop().await;
+}

@@ -51,6 +51,12 @@ pub(super) async fn run(
             module_inputs(tx, id, core, cancel).await
         }
         (LinkEndpoint::Sender(tx), LinkKind::C2d(_)) => idle_sender(tx, cancel).await,
+        (LinkEndpoint::Sender(tx), LinkKind::MethodRequests(id)) => {
+            method_requests(tx, id, core, cancel).await
+        }
+        (LinkEndpoint::Receiver(rx), LinkKind::MethodResponses(id)) => {
+            method_responses(rx, id, core, cancel).await
+        }
         (link, kind) => {
             let why = format!("{} links are not served by this hub yet", kind.name());
             refuse(link, amqp_error(AmqpError::NotImplemented, why)).await;
@@ -385,4 +391,159 @@ async fn idle_sender(mut tx: Sender, cancel: CancellationToken) {
         _ = cancel.cancelled() => { let _ = tx.close().await; }
         _ = tx.on_detach() => {}
     }
+}
+
+/// Sends method calls to a client, pre-settled (as edgeHub does), with a uuid correlation id.
+async fn method_requests(
+    mut tx: Sender,
+    id: Identity,
+    core: Arc<HubCore>,
+    cancel: CancellationToken,
+) {
+    let (generation, mut calls) = core.methods.register(&id);
+    let replaced = loop {
+        let call = tokio::select! {
+            _ = cancel.cancelled() => break false,
+            _ = tx.on_detach() => {
+                core.methods.unregister(&id, generation);
+                return;
+            }
+            c = calls.recv() => c,
+        };
+        // The channel closes when a newer method link for this identity took over.
+        let Some(call) = call else { break true };
+        let msg = method_request_message(&call);
+        let sendable = Sendable::builder().message(msg).settled(true).build();
+        match tokio::time::timeout(SEND_WAIT, tx.send(sendable)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                debug!(error = ?e, "method request send failed");
+                break false;
+            }
+            Err(_) => break false,
+        }
+    };
+    core.methods.unregister(&id, generation);
+    if replaced {
+        let why = "a newer method link for this identity replaced this one";
+        let _ = tx
+            .close_with_error(amqp_error(custom_condition("amqp:link:stolen"), why))
+            .await;
+    } else {
+        let _ = tx.close().await;
+    }
+}
+
+fn method_request_message(
+    call: &crate::methods::MethodCall,
+) -> fe2o3_amqp::types::messaging::Message<Body<Value>> {
+    use fe2o3_amqp::types::messaging::{
+        ApplicationProperties, Data, Message as AmqpMessage, MessageId, Properties,
+    };
+    let uuid = serde_amqp::primitives::Uuid::from(call.correlation_id);
+    AmqpMessage::builder()
+        .properties(Properties {
+            correlation_id: Some(MessageId::Uuid(uuid)),
+            ..Default::default()
+        })
+        .application_properties(
+            ApplicationProperties::builder()
+                .insert("IoThub-methodname", call.method.clone())
+                .build(),
+        )
+        .body(Body::Data(
+            vec![Data(fe2o3_amqp::types::primitives::Binary::from(
+                call.payload.clone(),
+            ))]
+            .into(),
+        ))
+        .build()
+}
+
+/// Reads a correlation id as canonical text: uuids lower-case and hyphenated, strings as sent.
+fn correlation_text(id: &fe2o3_amqp::types::messaging::MessageId) -> String {
+    use fe2o3_amqp::types::messaging::MessageId;
+    match id {
+        MessageId::Uuid(u) => uuid::Uuid::from(u.clone()).to_string(),
+        MessageId::String(s) => s.to_ascii_lowercase(),
+        MessageId::Ulong(n) => n.to_string(),
+        MessageId::Binary(b) => b.iter().map(|x| format!("{x:02x}")).collect(),
+    }
+}
+
+/// edgeHub's status for a response without a valid `IoThub-status`.
+const GENERIC_BAD_REQUEST: i32 = 400_000;
+
+/// Receives method responses from a client and hands them to the waiting callers.
+async fn method_responses(
+    mut rx: Receiver,
+    id: Identity,
+    core: Arc<HubCore>,
+    cancel: CancellationToken,
+) {
+    use fe2o3_amqp::types::primitives::SimpleValue;
+    loop {
+        let delivery = tokio::select! {
+            _ = cancel.cancelled() => break,
+            d = rx.recv::<Body<Value>>() => d,
+        };
+        let delivery = match delivery {
+            Ok(d) => d,
+            Err(e) => {
+                if !is_normal_end(&e) {
+                    let _ = rx
+                        .close_with_error(amqp_error(AmqpError::DecodeError, e.to_string()))
+                        .await;
+                }
+                return;
+            }
+        };
+        let info = DeliveryInfo::from(&delivery);
+        let msg = delivery.into_message();
+        let cid = msg
+            .properties
+            .as_ref()
+            .and_then(|p| p.correlation_id.as_ref())
+            .map(correlation_text);
+        let status = msg
+            .application_properties
+            .as_ref()
+            .and_then(|a| a.0.get("IoThub-status"))
+            .and_then(|v| match v {
+                SimpleValue::Int(i) => Some(*i),
+                SimpleValue::Long(i) => i32::try_from(*i).ok(),
+                SimpleValue::Uint(i) => i32::try_from(*i).ok(),
+                SimpleValue::Short(i) => Some(i32::from(*i)),
+                SimpleValue::Ubyte(i) => Some(i32::from(*i)),
+                SimpleValue::Ushort(i) => Some(i32::from(*i)),
+                SimpleValue::Byte(i) => Some(i32::from(*i)),
+                SimpleValue::String(s) => s.parse().ok(),
+                _ => None,
+            })
+            .unwrap_or(GENERIC_BAD_REQUEST);
+        let payload = match msg.body {
+            Body::Data(batch) => batch.into_iter().flat_map(|d| d.0.into_vec()).collect(),
+            Body::Value(v) => match v.0 {
+                Value::String(s) => s.into_bytes(),
+                Value::Binary(b) => b.into_vec(),
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        };
+        let _ = rx.accept(info).await;
+        match cid {
+            Some(cid) => {
+                let answered = core.methods.respond(
+                    &id,
+                    &cid,
+                    crate::methods::MethodResponse { status, payload },
+                );
+                if !answered {
+                    debug!(correlation_id = %cid, "method response for no waiting call (late or unknown)");
+                }
+            }
+            None => debug!("method response without a correlation id ignored"),
+        }
+    }
+    let _ = rx.close().await;
 }

@@ -34,7 +34,7 @@ async function startHub({ modules = { A: {}, B: {} }, routes = {}, limits, extra
     deviceId: 'edge1',
     iothubHostname: 'test-hub.azure-devices.net',
     gatewayHostname: host,
-    listen: { amqps: `${host}:5671`, https: null, metrics: `${host}:0` },
+    listen: { amqps: `${host}:5671`, https: `${host}:443`, metrics: `${host}:0` },
     dataDir: path.join(dir, 'data'),
     modules,
     $edgeHub: { schemaVersion: '1.1', routes, storeAndForwardConfiguration: { timeToLiveSecs: 7200 } },
@@ -48,8 +48,11 @@ async function startHub({ modules = { A: {}, B: {} }, routes = {}, limits, extra
   const ready = new Promise((resolve, reject) => {
     child.stderr.on('data', (d) => {
       log += d.toString();
-      const m = /edgehub ready amqps=(\S+) metrics=Some\((\S+)\)/.exec(log.replace(/\x1b\[[0-9;]*m/g, ''));
-      if (m) resolve({ amqps: m[1], metrics: m[2] });
+      const line = /edgehub ready [^\n]*\n/.exec(log.replace(/\x1b\[[0-9;]*m/g, ''));
+      if (line) {
+        const metrics = /metrics=Some\(([^)]+)\)/.exec(line[0]);
+        resolve({ metrics: metrics && metrics[1] });
+      }
     });
     child.on('exit', (code) => reject(new Error(`edgehub exited with ${code} before it was ready:\n${log}`)));
   });
@@ -98,4 +101,22 @@ async function scrape(url) {
   return res.text();
 }
 
-module.exports = { startHub, withTimeout, sasToken, scrape };
+/// POST to the hub's HTTPS API, trusting its CA; resolves with {status, body}.
+function httpsPost(hub, path, headers, body) {
+  const https = require('node:https');
+  const data = typeof body === 'string' ? body : JSON.stringify(body);
+  return withTimeout(new Promise((resolve, reject) => {
+    const req = https.request({
+      host: hub.host, port: 443, path, method: 'POST', ca: hub.caPem(), servername: undefined,
+      headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(data), ...headers },
+    }, (res) => {
+      let text = '';
+      res.on('data', (d) => { text += d; });
+      res.on('end', () => resolve({ status: res.statusCode, body: text ? JSON.parse(text) : null, headers: res.headers }));
+    });
+    req.on('error', reject);
+    req.end(data);
+  }), 60000, `POST ${path}`);
+}
+
+module.exports = { startHub, withTimeout, sasToken, scrape, httpsPost };
