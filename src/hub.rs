@@ -55,6 +55,24 @@ impl HubCore {
         }
     }
 
+    /// Swaps in new routes and TTL; queues and connections stay as they are.
+    pub fn reload_routes(&self, routes: Vec<crate::route::Route>, global_ttl_secs: Option<u64>) {
+        let mut guard = self.router.write().unwrap_or_else(|p| p.into_inner());
+        let next = Router::rebuild(
+            &guard,
+            &self.settings.device_id,
+            routes,
+            global_ttl_secs,
+            self.settings.limits.queue_capacity,
+        );
+        for e in next.endpoints() {
+            e.publish_lengths();
+            // Wake input links so they pick up endpoints the new routes added.
+            e.ready.notify_one();
+        }
+        *guard = Arc::new(next);
+    }
+
     pub fn router(&self) -> Arc<Router> {
         self.router
             .read()
@@ -93,6 +111,23 @@ impl HubCore {
         }
         link
     }
+}
+
+/// Re-reads the config file and applies what can change while running: the routes and the TTL.
+/// Returns the number of routes now running; on a config error nothing changes.
+pub fn reload(
+    core: &HubCore,
+    path: &std::path::Path,
+    env: &std::collections::HashMap<String, String>,
+) -> Result<usize, crate::config::ConfigErrors> {
+    let next = crate::config::load(path, env)?;
+    for e in &next.route_errors {
+        warn!(path = %e.path, "invalid route skipped: {}", e.message);
+    }
+    m::invalid_routes(next.route_errors.len());
+    let n = next.routes.len();
+    core.reload_routes(next.routes, next.time_to_live_secs);
+    Ok(n)
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -120,7 +120,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(run(settings)) {
+            match rt.block_on(run(settings, config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -153,13 +153,60 @@ fn module_env(settings: &Settings, module: &str) -> anyhow::Result<String> {
     ))
 }
 
-async fn run(settings: Settings) -> anyhow::Result<()> {
+async fn run(settings: Settings, config: PathBuf) -> anyhow::Result<()> {
     let hub = Hub::start(settings).await?;
+    let core = hub.core.clone();
+    let stop = hub.shutdown_token();
+    let watcher = tokio::spawn(watch_config(core, config, stop));
     wait_for_signal().await?;
+    watcher.abort();
     tracing::info!("shutting down");
     hub.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reloads routes and TTLs on SIGHUP and when the config file changes (checked every 2 s).
+async fn watch_config(
+    core: std::sync::Arc<edgehub::hub::HubCore>,
+    path: PathBuf,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "SIGHUP cannot be watched; reload on file change only");
+            return;
+        }
+    };
+    let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last = modified(&path);
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        let why = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = hup.recv() => "SIGHUP",
+            _ = tick.tick() => {
+                let now = modified(&path);
+                if now == last { continue; }
+                last = now;
+                "file change"
+            }
+        };
+        let env: HashMap<String, String> = std::env::vars().collect();
+        match edgehub::hub::reload(&core, &path, &env) {
+            Ok(n) => tracing::info!(trigger = why, routes = n, "config reloaded"),
+            Err(errs) => {
+                for e in &errs.0 {
+                    tracing::error!(
+                        trigger = why,
+                        "config not reloaded, the running one stays: {e}"
+                    );
+                }
+            }
+        }
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

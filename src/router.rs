@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use tokio::sync::Notify;
@@ -27,13 +27,26 @@ pub struct Target {
     pub expires_ms: Option<i64>,
 }
 
+type ReadyMap = Arc<Mutex<HashMap<ModuleId, Arc<Notify>>>>;
+
+fn ready_of(map: &ReadyMap, module: &ModuleId) -> Arc<Notify> {
+    map.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(module.clone())
+        .or_default()
+        .clone()
+}
+
 /// Routes plus the endpoints they feed.
 pub struct Router {
     routes: Vec<Route>,
     endpoints: BTreeMap<Sink, Arc<Endpoint>>,
-    /// Per module: the wake-up shared by all of its input endpoints.
-    module_ready: HashMap<ModuleId, Arc<Notify>>,
+    /// Per module: the wake-up shared by all of its input endpoints. Shared by every generation
+    /// of the router, so a link waiting on it is woken by endpoints a reload adds.
+    module_ready: Arc<Mutex<HashMap<ModuleId, Arc<Notify>>>>,
     global_ttl_secs: Option<u64>,
+    /// Bumped by every rebuild, so link tasks know to fetch their endpoints again.
+    pub generation: u64,
 }
 
 impl Router {
@@ -43,8 +56,30 @@ impl Router {
         global_ttl_secs: Option<u64>,
         capacity: usize,
     ) -> Self {
-        let mut endpoints = BTreeMap::new();
-        let mut module_ready: HashMap<ModuleId, Arc<Notify>> = HashMap::new();
+        Self::build(device, routes, global_ttl_secs, capacity, None)
+    }
+
+    /// A router for new routes that keeps every endpoint (and so every queued message) of
+    /// `previous`: an endpoint no route feeds any more still drains what it holds.
+    pub fn rebuild(
+        previous: &Router,
+        device: &DeviceId,
+        routes: Vec<Route>,
+        global_ttl_secs: Option<u64>,
+        capacity: usize,
+    ) -> Self {
+        Self::build(device, routes, global_ttl_secs, capacity, Some(previous))
+    }
+
+    fn build(
+        device: &DeviceId,
+        routes: Vec<Route>,
+        global_ttl_secs: Option<u64>,
+        capacity: usize,
+        previous: Option<&Router>,
+    ) -> Self {
+        let mut endpoints = previous.map(|p| p.endpoints.clone()).unwrap_or_default();
+        let module_ready = previous.map(|p| p.module_ready.clone()).unwrap_or_default();
         for r in &routes {
             let sink = r.statement.sink.clone();
             if endpoints.contains_key(&sink) {
@@ -58,7 +93,7 @@ impl Router {
                     Arc::new(Notify::new()),
                 ),
                 Sink::ModuleInput { module, input } => {
-                    let ready = module_ready.entry(module.clone()).or_default().clone();
+                    let ready = ready_of(&module_ready, module);
                     Endpoint::new(
                         format!("{device}/{module}/{input}"),
                         Some(input.clone()),
@@ -74,6 +109,7 @@ impl Router {
             endpoints,
             module_ready,
             global_ttl_secs,
+            generation: previous.map_or(0, |p| p.generation + 1),
         }
     }
 
@@ -121,7 +157,7 @@ impl Router {
             .filter(|(s, _)| matches!(s, Sink::ModuleInput { module: m, .. } if m == module))
             .map(|(_, e)| e.clone())
             .collect();
-        let ready = self.module_ready.get(module).cloned().unwrap_or_default();
+        let ready = ready_of(&self.module_ready, module);
         (eps, ready)
     }
 
@@ -195,8 +231,28 @@ mod tests {
             (1, 5, Some(11_000))
         );
 
-        let (inputs, _) = r.module_inputs(&ModuleId::parse("b").unwrap());
+        let (inputs, ready_b) = r.module_inputs(&ModuleId::parse("b").unwrap());
         assert_eq!(inputs.len(), 1);
         assert!(r.module_inputs(&ModuleId::parse("a").unwrap()).0.is_empty());
+
+        // A rebuild keeps the old endpoints (their queues) and the modules' wake-ups.
+        let c = "BrokeredEndpoint(\"/modules/b/inputs/in2\")";
+        let r2 = Router::rebuild(
+            &r,
+            &DeviceId::parse("d").unwrap(),
+            vec![route("c", &format!("FROM /* INTO {c}"), 0, 0)],
+            None,
+            10,
+        );
+        let (inputs2, ready_b2) = r2.module_inputs(&ModuleId::parse("b").unwrap());
+        assert_eq!(inputs2.len(), 2);
+        assert!(inputs2.iter().any(|e| Arc::ptr_eq(e, &inputs[0])));
+        assert!(Arc::ptr_eq(&ready_b, &ready_b2));
+        assert_eq!(r2.generation, r.generation + 1);
+        assert_eq!(
+            r2.route(&msg("a", Some("o"))).len(),
+            1,
+            "only the new routes apply"
+        );
     }
 }

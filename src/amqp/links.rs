@@ -304,7 +304,10 @@ async fn module_inputs(
         return;
     };
     let cancel = core.replace_input_link(&id, cancel);
-    let (endpoints, ready) = core.router().module_inputs(&module);
+    let router = core.router();
+    let mut generation = router.generation;
+    let (mut endpoints, ready) = router.module_inputs(&module);
+    drop(router);
     let window = core.settings.limits.delivery_window;
     let mut cursor = 0;
     let mut outstanding: HashMap<u64, (Arc<Endpoint>, u64)> = HashMap::new();
@@ -316,6 +319,13 @@ async fn module_inputs(
         let notified = ready.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        let router = core.router();
+        if router.generation != generation {
+            // Routes were reloaded: this module may be fed by more endpoints now.
+            generation = router.generation;
+            endpoints = router.module_inputs(&module).0;
+        }
+        drop(router);
         while in_flight.len() < window {
             let Some((ep, q)) = next_message(&endpoints, &mut cursor) else {
                 break;

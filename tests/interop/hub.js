@@ -73,6 +73,23 @@ async function startHub({ modules = { A: {}, B: {} }, routes = {}, limits, extra
       }
       return env;
     },
+    /// Rewrites the config's routes and sends SIGHUP; resolves once the hub logged the reload.
+    async reload(newRoutes) {
+      config.$edgeHub.routes = newRoutes;
+      fs.writeFileSync(configPath, JSON.stringify(config, null, 2));
+      const before = (log.match(/config reloaded/g) || []).length;
+      const reloaded = new Promise((resolve) => {
+        const check = () => {
+          if ((log.match(/config reloaded/g) || []).length > before) {
+            child.stderr.off('data', check);
+            resolve();
+          }
+        };
+        child.stderr.on('data', check);
+      });
+      child.kill('SIGHUP');
+      await withTimeout(reloaded, 10000, 'config reloaded');
+    },
     caPem() {
       return fs.readFileSync(path.join(config.dataDir, 'certs', 'edge-ca.pem'));
     },

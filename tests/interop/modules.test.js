@@ -82,3 +82,34 @@ test('output of A reaches input of B with body, ids and properties intact', asyn
   assert.match(metrics, /edgehub_messages_received_total\{[^}]*id="edge1\/A"/);
   assert.match(metrics, /edgehub_client_connect_success_total\{[^}]*id="edge1\/B"/);
 });
+
+test('routes reload on SIGHUP without dropping connections', async (t) => {
+  const hub = await startHub({ routes: {} });
+  const a = await fromEnv(hub.env('A'));
+  const b = await fromEnv(hub.env('B'));
+  t.after(async () => {
+    await withTimeout(Promise.all([a.close(), b.close()]), 10000, 'closing clients');
+    await hub.stop();
+  });
+  await withTimeout(a.open(), 15000, 'A open');
+  await withTimeout(b.open(), 15000, 'B open');
+  const got = [];
+  const arrived = new Promise((resolve) => {
+    b.on('inputMessage', (inputName, msg) => {
+      got.push({ inputName, id: msg.messageId });
+      b.complete(msg, () => {});
+      resolve();
+    });
+  });
+  const before = new Message('before');
+  before.messageId = 'before';
+  await withTimeout(a.sendOutputEvent('out1', before), 10000, 'send before reload');
+  await hub.reload({ aToB: 'FROM /messages/modules/A/outputs/out1 INTO BrokeredEndpoint("/modules/B/inputs/late")' });
+  const after = new Message('after');
+  after.messageId = 'after';
+  await withTimeout(a.sendOutputEvent('out1', after), 10000, 'send after reload');
+  await withTimeout(arrived, 15000, 'message over the reloaded route');
+  assert.deepEqual(got, [{ inputName: 'late', id: 'after' }], 'only the message sent after the reload is routed');
+  const metrics = await scrape(hub.metricsUrl);
+  assert.match(metrics, /edgehub_messages_dropped_total\{[^}]*reason="no_route"/);
+});
