@@ -31,10 +31,12 @@ pub struct HubCore {
     input_links: DashMap<String, CancellationToken>,
     /// Direct-method links and calls in flight.
     pub methods: crate::methods::Dispatcher,
+    /// Module twins and twin links.
+    pub twins: crate::twins::TwinStore,
 }
 
 impl HubCore {
-    pub fn new(settings: Settings, device_key: &Key) -> Self {
+    pub fn new(settings: Settings, device_key: &Key, twins: crate::twins::TwinStore) -> Self {
         let auth = Authenticator::new(&settings, device_key);
         let router = Router::new(
             &settings.device_id,
@@ -52,6 +54,26 @@ impl HubCore {
             clients: DashMap::new(),
             input_links: DashMap::new(),
             methods: crate::methods::Dispatcher::default(),
+            twins,
+        }
+    }
+
+    /// Makes each module's desired properties those of the config (a change is pushed to the
+    /// module as a patch).
+    pub fn apply_desired(
+        &self,
+        modules: &std::collections::BTreeMap<
+            crate::identity::ModuleId,
+            crate::config::ModuleSettings,
+        >,
+    ) {
+        for (module, spec) in modules {
+            let id = Identity::Module(self.settings.device_id.clone(), module.clone());
+            match self.twins.set_desired(&id, &spec.desired) {
+                Ok(Some(v)) => info!(identity = %id, version = v, "desired properties updated"),
+                Ok(None) => {}
+                Err(e) => tracing::error!(identity = %id, "desired properties not updated: {e}"),
+            }
         }
     }
 
@@ -127,6 +149,7 @@ pub fn reload(
     m::invalid_routes(next.route_errors.len());
     let n = next.routes.len();
     core.reload_routes(next.routes, next.time_to_live_secs);
+    core.apply_desired(&next.modules);
     Ok(n)
 }
 
@@ -142,6 +165,8 @@ pub enum StartError {
     },
     #[error("device key: {0}")]
     DeviceKey(String),
+    #[error("store: {0}")]
+    Store(#[from] crate::twins::TwinError),
 }
 
 /// Reads the device key from the config, else from `dataDir/device.key`, creating it once.
@@ -237,7 +262,9 @@ impl Hub {
             _ => None,
         };
 
-        let core = Arc::new(HubCore::new(settings, &key));
+        let twins = crate::twins::TwinStore::open(&settings.data_dir.join("store"))?;
+        let core = Arc::new(HubCore::new(settings, &key, twins));
+        core.apply_desired(&core.settings.modules);
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let tls = TlsAcceptor::from(tls_config);

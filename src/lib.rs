@@ -30,5 +30,6 @@ pub mod route;
 pub mod router;
 pub mod sas;
 pub mod tls;
+pub mod twins;
 
 pub use hub::Hub;

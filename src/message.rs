@@ -58,6 +58,8 @@ pub struct Message {
     pub output: Option<String>,
     /// Milliseconds since the Unix epoch when the hub accepted it.
     pub enqueued_ms: i64,
+    /// A twin change notification (source `/twinChangeNotifications`), not telemetry.
+    pub twin_change: bool,
 }
 
 pub fn now_ms() -> i64 {
@@ -117,15 +119,48 @@ impl Message {
             from,
             output,
             enqueued_ms: now_ms(),
+            twin_change: false,
         })
     }
 
     /// The source path routes match against.
     pub fn source_path(&self) -> String {
+        if self.twin_change {
+            return "/twinChangeNotifications".to_owned();
+        }
         match (self.from.module(), &self.output) {
             (Some(m), Some(o)) => format!("/messages/modules/{m}/outputs/{o}"),
             (Some(m), None) => format!("/messages/modules/{m}"),
             (None, _) => "/messages".to_owned(),
+        }
+    }
+
+    /// The notification edgeHub routes for a reported-properties patch: a JSON body
+    /// `{"version": n, "properties": {"reported": patch}}` from the patching identity.
+    pub fn twin_change_notification(
+        from: Identity,
+        version: i64,
+        patch: &serde_json::Map<String, serde_json::Value>,
+    ) -> Self {
+        let body = serde_json::json!({ "version": version, "properties": { "reported": patch } });
+        let mut application_properties = OrderedMap::new();
+        application_properties.insert(
+            "iothub-message-schema".to_owned(),
+            SimpleValue::String("twinChangeNotification".into()),
+        );
+        Self {
+            body: body.to_string().into_bytes(),
+            properties: Some(Properties {
+                content_type: Some(Symbol::from("application/json")),
+                content_encoding: Some(Symbol::from("utf-8")),
+                ..Default::default()
+            }),
+            application_properties,
+            annotations: OrderedMap::new(),
+            from,
+            output: None,
+            enqueued_ms: now_ms(),
+            twin_change: true,
         }
     }
 

@@ -246,3 +246,22 @@ pub fn direct_method(from: &str, to: &str, secs: f64) {
     histogram!(DIRECT_METHOD_DURATION, "from" => from.to_owned(), "to" => to.to_owned())
         .record(secs);
 }
+
+pub const GET_TWIN: &str = "edgehub_gettwin_total";
+pub const GET_TWIN_DURATION: &str = "edgehub_gettwin_duration_seconds";
+pub const REPORTED_PROPERTIES: &str = "edgehub_reported_properties_total";
+pub const REPORTED_PROPERTIES_DURATION: &str =
+    "edgehub_reported_properties_update_duration_seconds";
+
+/// A twin read served by this hub (`source="edge_hub"`; the upstream will add `"upstream"`).
+pub fn twin_get(id: &str, secs: f64) {
+    counter!(GET_TWIN, "source" => "edge_hub", "id" => id.to_owned()).increment(1);
+    histogram!(GET_TWIN_DURATION, "source" => "edge_hub", "id" => id.to_owned()).record(secs);
+}
+
+/// A reported-properties update stored by this hub (`target="edge_hub"`).
+pub fn twin_reported(id: &str, secs: f64) {
+    counter!(REPORTED_PROPERTIES, "target" => "edge_hub", "id" => id.to_owned()).increment(1);
+    histogram!(REPORTED_PROPERTIES_DURATION, "target" => "edge_hub", "id" => id.to_owned())
+        .record(secs);
+}

@@ -288,6 +288,7 @@ mod tests {
             from: Identity::Device(DeviceId::parse("d").unwrap()),
             output: None,
             enqueued_ms: 0,
+            twin_change: false,
         })
     }
 

@@ -192,6 +192,7 @@ mod tests {
             ),
             output: output.map(str::to_owned),
             enqueued_ms: 1_000,
+            twin_change: false,
         }
     }
 

@@ -51,6 +51,12 @@ pub(super) async fn run(
             module_inputs(tx, id, core, cancel).await
         }
         (LinkEndpoint::Sender(tx), LinkKind::C2d(_)) => idle_sender(tx, cancel).await,
+        (LinkEndpoint::Sender(tx), LinkKind::TwinResponses(id)) => {
+            twin_responses(tx, id, core, cancel).await
+        }
+        (LinkEndpoint::Receiver(rx), LinkKind::TwinRequests(id)) => {
+            twin_requests(rx, id, core, cancel).await
+        }
         (LinkEndpoint::Sender(tx), LinkKind::MethodRequests(id)) => {
             method_requests(tx, id, core, cancel).await
         }
@@ -239,40 +245,46 @@ async fn events(
         }
         received_metrics.record(&msg);
         let msg = Arc::new(msg);
-        let targets = core.router().route(&msg);
-        if targets.is_empty() {
-            m::dropped(m::DROP_NO_ROUTE, &msg);
-            to_accept.push(info);
-            continue;
-        }
-        let mut refused = None;
-        for t in &targets {
-            if let Err(e) = t
-                .endpoint
-                .push(msg.clone(), t.priority, t.expires_ms, PUSH_WAIT)
-                .await
-            {
-                refused = Some((t.endpoint.id.clone(), e));
-                break;
+        match enqueue(&core, &msg).await {
+            Ok(0) => {
+                m::dropped(m::DROP_NO_ROUTE, &msg);
+                to_accept.push(info);
             }
-        }
-        match refused {
-            None => to_accept.push(info),
-            Some((endpoint, e)) => {
+            Ok(_) => to_accept.push(info),
+            Err(why) => {
                 m::unacked("queue_full", &msg);
-                let why = match e {
-                    QueueError::Full => {
-                        format!("the queue of endpoint {endpoint} is full; retry later")
-                    }
-                    QueueError::Closed => format!("endpoint {endpoint} is closed"),
-                };
                 let _ = rx
                     .reject(info, amqp_error(AmqpError::ResourceLimitExceeded, why))
                     .await;
             }
         }
     }
+    if !to_accept.is_empty() {
+        let _ = rx.accept_all(to_accept.drain(..)).await;
+    }
     let _ = rx.close().await;
+}
+
+/// Routes a message and puts it in the queue of every target; returns how many there were.
+/// The error says which queue refused it (still full after waiting `PUSH_WAIT`).
+pub(crate) async fn enqueue(core: &HubCore, msg: &Arc<Message>) -> Result<usize, String> {
+    let targets = core.router().route(msg);
+    for t in &targets {
+        if let Err(e) = t
+            .endpoint
+            .push(msg.clone(), t.priority, t.expires_ms, PUSH_WAIT)
+            .await
+        {
+            let endpoint = &t.endpoint.id;
+            return Err(match e {
+                QueueError::Full => {
+                    format!("the queue of endpoint {endpoint} is full; retry later")
+                }
+                QueueError::Closed => format!("endpoint {endpoint} is closed"),
+            });
+        }
+    }
+    Ok(targets.len())
 }
 
 /// Picks the next message across a module's input endpoints, round-robin.
@@ -553,6 +565,216 @@ async fn method_responses(
                 }
             }
             None => debug!("method response without a correlation id ignored"),
+        }
+    }
+    let _ = rx.close().await;
+}
+
+/// Sends twin responses and desired-property pushes to a client, pre-settled.
+async fn twin_responses(
+    mut tx: Sender,
+    id: Identity,
+    core: Arc<HubCore>,
+    cancel: CancellationToken,
+) {
+    use crate::twins::TwinOut;
+    use fe2o3_amqp::types::messaging::{
+        Data, Message as AmqpMessage, MessageAnnotations, Properties,
+    };
+    let (generation, mut out) = core.twins.attach_link(&id);
+    let replaced = loop {
+        let next = tokio::select! {
+            _ = cancel.cancelled() => break false,
+            _ = tx.on_detach() => {
+                core.twins.detach_link(&id, generation);
+                return;
+            }
+            o = out.recv() => o,
+        };
+        let Some(next) = next else { break true };
+        let (correlation_id, status, body) = match next {
+            TwinOut::Response {
+                correlation_id,
+                status,
+                body,
+            } => (correlation_id, Some(status), body),
+            TwinOut::Desired(patch) => (None, None, patch.to_string().into_bytes()),
+        };
+        let annotations = status.map(|s| {
+            MessageAnnotations::builder()
+                .insert(
+                    fe2o3_amqp::types::messaging::annotations::OwnedKey::Symbol("status".into()),
+                    Value::Int(s),
+                )
+                .build()
+        });
+        let body = if body.is_empty() {
+            Body::<Value>::Empty
+        } else {
+            Body::Data(vec![Data(fe2o3_amqp::types::primitives::Binary::from(body))].into())
+        };
+        let msg = AmqpMessage {
+            header: None,
+            delivery_annotations: None,
+            message_annotations: annotations,
+            properties: correlation_id.map(|c| Properties {
+                correlation_id: Some(c),
+                ..Default::default()
+            }),
+            application_properties: None,
+            body,
+            footer: None,
+        };
+        let sendable = Sendable::builder().message(msg).settled(true).build();
+        match tokio::time::timeout(SEND_WAIT, tx.send(sendable)).await {
+            Ok(Ok(_)) => {}
+            _ => break false,
+        }
+    };
+    core.twins.detach_link(&id, generation);
+    if replaced {
+        let why = "a newer twin link for this identity replaced this one";
+        let _ = tx
+            .close_with_error(amqp_error(custom_condition("amqp:link:stolen"), why))
+            .await;
+    } else {
+        let _ = tx.close().await;
+    }
+}
+
+fn annotation_string(
+    m: &fe2o3_amqp::types::messaging::Message<Body<Value>>,
+    key: &str,
+) -> Option<String> {
+    use fe2o3_amqp::types::messaging::annotations::OwnedKey;
+    match m
+        .message_annotations
+        .as_ref()?
+        .0
+        .get(&OwnedKey::Symbol(key.into()))?
+    {
+        Value::String(s) => Some(s.clone()),
+        Value::Symbol(s) => Some(s.0.clone()),
+        _ => None,
+    }
+}
+
+fn body_bytes(body: Body<Value>) -> Vec<u8> {
+    match body {
+        Body::Data(batch) => batch.into_iter().flat_map(|d| d.0.into_vec()).collect(),
+        Body::Value(v) => match v.0 {
+            Value::String(s) => s.into_bytes(),
+            Value::Binary(b) => b.into_vec(),
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    }
+}
+
+const DESIRED_NOTIFICATIONS: &str = "/notifications/twin/properties/desired";
+
+/// Serves twin requests: GET, PATCH of reported properties, PUT/DELETE of the desired-property
+/// subscription. Answers go to the identity's twin response link.
+async fn twin_requests(
+    mut rx: Receiver,
+    id: Identity,
+    core: Arc<HubCore>,
+    cancel: CancellationToken,
+) {
+    use crate::twins::TwinOut;
+    let error_body = |m: String| serde_json::json!({ "message": m }).to_string().into_bytes();
+    let label = id.to_string();
+    loop {
+        let delivery = tokio::select! {
+            _ = cancel.cancelled() => break,
+            d = rx.recv::<Body<Value>>() => d,
+        };
+        let delivery = match delivery {
+            Ok(d) => d,
+            Err(e) => {
+                if !is_normal_end(&e) {
+                    let _ = rx
+                        .close_with_error(amqp_error(AmqpError::DecodeError, e.to_string()))
+                        .await;
+                }
+                return;
+            }
+        };
+        let info = DeliveryInfo::from(&delivery);
+        let _ = rx.accept(info).await;
+        let msg = delivery.into_message();
+        let operation = annotation_string(&msg, "operation").unwrap_or_default();
+        let resource = annotation_string(&msg, "resource").unwrap_or_default();
+        let correlation_id = msg
+            .properties
+            .as_ref()
+            .and_then(|p| p.correlation_id.clone());
+        let started = std::time::Instant::now();
+        let (status, body) = match (operation.to_ascii_uppercase().as_str(), resource.as_str()) {
+            ("GET", _) => {
+                let twin = core.twins.get(&id);
+                core.twins.mark_read(&id, &twin);
+                m::twin_get(&label, started.elapsed().as_secs_f64());
+                (200, twin.to_json().to_string().into_bytes())
+            }
+            ("PATCH", "/properties/reported") => {
+                let body = body_bytes(msg.body);
+                match serde_json::from_slice::<serde_json::Value>(&body) {
+                    Ok(serde_json::Value::Object(patch)) => {
+                        match core.twins.update_reported(&id, &patch) {
+                            Ok(version) => {
+                                m::twin_reported(&label, started.elapsed().as_secs_f64());
+                                let note = Arc::new(Message::twin_change_notification(
+                                    id.clone(),
+                                    version,
+                                    &patch,
+                                ));
+                                if let Err(why) = enqueue(&core, &note).await {
+                                    warn!(identity = %id, "twin change notification not routed: {why}");
+                                }
+                                (204, Vec::new())
+                            }
+                            Err(e @ crate::twins::TwinError::Invalid(_)) => {
+                                (400, error_body(e.to_string()))
+                            }
+                            Err(e) => {
+                                tracing::error!(identity = %id, "reported properties not stored: {e}");
+                                (500, error_body(e.to_string()))
+                            }
+                        }
+                    }
+                    Ok(_) => (
+                        400,
+                        error_body("the reported patch must be a JSON object".into()),
+                    ),
+                    Err(e) => (
+                        400,
+                        error_body(format!("the reported patch is not valid JSON: {e}")),
+                    ),
+                }
+            }
+            ("PUT", DESIRED_NOTIFICATIONS) => {
+                core.twins.subscribe(&id, true);
+                (200, Vec::new())
+            }
+            ("DELETE", DESIRED_NOTIFICATIONS) => {
+                core.twins.subscribe(&id, false);
+                (200, Vec::new())
+            }
+            (op, res) => (
+                400,
+                error_body(format!("unsupported twin operation {op:?} on {res:?}")),
+            ),
+        };
+        if !core.twins.respond(
+            &id,
+            TwinOut::Response {
+                correlation_id,
+                status,
+                body,
+            },
+        ) {
+            debug!(identity = %id, "twin response dropped: no twin response link");
         }
     }
     let _ = rx.close().await;

@@ -27,6 +27,29 @@ function withTimeout(promise, ms, what) {
   return Promise.race([promise, timer]).finally(() => clearTimeout(t));
 }
 
+/// Spawns `edgehub run` and resolves once it logged that every listener is ready.
+async function launch(configPath) {
+  const child = spawn(BIN, ['run', '--config', configPath], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+    env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'info' },
+  });
+  const proc = { child, log: '' };
+  const ready = new Promise((resolve, reject) => {
+    child.stderr.on('data', (d) => {
+      proc.log += d.toString();
+      const line = /edgehub ready [^\n]*\n/.exec(proc.log.replace(/\x1b\[[0-9;]*m/g, ''));
+      if (line) {
+        const metrics = /metrics=Some\(([^)]+)\)/.exec(line[0]);
+        resolve(metrics && metrics[1]);
+      }
+    });
+    child.on('exit', (code) => reject(new Error(`edgehub exited with ${code} before it was ready:\n${proc.log}`)));
+  });
+  proc.exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
+  proc.metrics = await withTimeout(ready, 20000, 'edgehub ready');
+  return proc;
+}
+
 async function startHub({ modules = { A: {}, B: {} }, routes = {}, limits, extra = {} } = {}) {
   const host = loopback();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'edgehub-test-'));
@@ -43,27 +66,20 @@ async function startHub({ modules = { A: {}, B: {} }, routes = {}, limits, extra
   if (limits) config.limits = limits;
   const configPath = path.join(dir, 'edgehub.json');
   fs.writeFileSync(configPath, JSON.stringify(config, null, 2));
-  const child = spawn(BIN, ['run', '--config', configPath], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'info' } });
-  let log = '';
-  const ready = new Promise((resolve, reject) => {
-    child.stderr.on('data', (d) => {
-      log += d.toString();
-      const line = /edgehub ready [^\n]*\n/.exec(log.replace(/\x1b\[[0-9;]*m/g, ''));
-      if (line) {
-        const metrics = /metrics=Some\(([^)]+)\)/.exec(line[0]);
-        resolve({ metrics: metrics && metrics[1] });
-      }
-    });
-    child.on('exit', (code) => reject(new Error(`edgehub exited with ${code} before it was ready:\n${log}`)));
-  });
-  const addrs = await withTimeout(ready, 20000, 'edgehub ready');
-  const exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
+  let proc = await launch(configPath);
+  async function terminate() {
+    if (proc.child.exitCode === null && proc.child.signalCode === null) proc.child.kill('SIGTERM');
+    return withTimeout(proc.exited, 15000, 'edgehub exit');
+  }
   return {
     host,
     dir,
     configPath,
-    metricsUrl: `http://${addrs.metrics}/metrics`,
-    log: () => log,
+    config,
+    get metricsUrl() {
+      return `http://${proc.metrics}/metrics`;
+    },
+    log: () => proc.log,
     env(module) {
       const out = execFileSync(BIN, ['module-env', '--config', configPath, '--module', module]).toString();
       const env = {};
@@ -73,22 +89,33 @@ async function startHub({ modules = { A: {}, B: {} }, routes = {}, limits, extra
       }
       return env;
     },
-    /// Rewrites the config's routes and sends SIGHUP; resolves once the hub logged the reload.
-    async reload(newRoutes) {
-      config.$edgeHub.routes = newRoutes;
+    /// Changes the config with `mutate(config)` and sends SIGHUP; resolves once the hub logged
+    /// the reload.
+    async rewrite(mutate) {
+      mutate(config);
       fs.writeFileSync(configPath, JSON.stringify(config, null, 2));
-      const before = (log.match(/config reloaded/g) || []).length;
+      const count = () => (proc.log.match(/config reloaded/g) || []).length;
+      const before = count();
       const reloaded = new Promise((resolve) => {
         const check = () => {
-          if ((log.match(/config reloaded/g) || []).length > before) {
-            child.stderr.off('data', check);
+          if (count() > before) {
+            proc.child.stderr.off('data', check);
             resolve();
           }
         };
-        child.stderr.on('data', check);
+        proc.child.stderr.on('data', check);
       });
-      child.kill('SIGHUP');
+      proc.child.kill('SIGHUP');
       await withTimeout(reloaded, 10000, 'config reloaded');
+    },
+    async reload(newRoutes) {
+      await this.rewrite((c) => { c.$edgeHub.routes = newRoutes; });
+    },
+    /// Stops the hub (SIGTERM) and starts it again on the same config and data.
+    async restart() {
+      const r = await terminate();
+      proc = await launch(configPath);
+      return r;
     },
     caPem() {
       return fs.readFileSync(path.join(config.dataDir, 'certs', 'edge-ca.pem'));
@@ -98,8 +125,7 @@ async function startHub({ modules = { A: {}, B: {} }, routes = {}, limits, extra
       return /SharedAccessKey=([^;]+)/.exec(cs)[1];
     },
     async stop() {
-      if (child.exitCode === null) child.kill('SIGTERM');
-      const r = await withTimeout(exited, 15000, 'edgehub exit');
+      const r = await terminate();
       fs.rmSync(dir, { recursive: true, force: true });
       return r;
     },
