@@ -194,9 +194,11 @@ pub enum TwinOut {
         correlation_id: Option<fe2o3_amqp::types::messaging::MessageId>,
         status: i32,
         body: Vec<u8>,
+        /// The twin version the answer reflects (the reported version after a PATCH).
+        version: Option<i64>,
     },
     /// A desired-properties patch (`$version` included), sent without a correlation id.
-    Desired(Value),
+    Desired { patch: Value, version: i64 },
 }
 
 struct LinkState {
@@ -333,11 +335,11 @@ impl TwinStore {
                 // Never read: the whole desired document is the patch.
                 None => twin.desired.clone(),
             };
-            if link
-                .tx
-                .send(TwinOut::Desired(with_version(&patch, twin.desired_version)))
-                .is_ok()
-            {
+            let out = TwinOut::Desired {
+                patch: with_version(&patch, twin.desired_version),
+                version: twin.desired_version,
+            };
+            if link.tx.send(out).is_ok() {
                 link.seen = Some((twin.desired_version, twin.desired.clone()));
             }
         }

@@ -592,21 +592,29 @@ async fn twin_responses(
             o = out.recv() => o,
         };
         let Some(next) = next else { break true };
-        let (correlation_id, status, body) = match next {
+        let (correlation_id, status, body, version) = match next {
             TwinOut::Response {
                 correlation_id,
                 status,
                 body,
-            } => (correlation_id, Some(status), body),
-            TwinOut::Desired(patch) => (None, None, patch.to_string().into_bytes()),
+                version,
+            } => (correlation_id, Some(status), body, version),
+            TwinOut::Desired { patch, version } => {
+                (None, None, patch.to_string().into_bytes(), Some(version))
+            }
         };
-        let annotations = status.map(|s| {
-            MessageAnnotations::builder()
-                .insert(
-                    fe2o3_amqp::types::messaging::annotations::OwnedKey::Symbol("status".into()),
-                    Value::Int(s),
-                )
-                .build()
+        // `status` as an AMQP int and `version` as an AMQP long, as the SDKs parse them.
+        let annotations = (status.is_some() || version.is_some()).then(|| {
+            let key =
+                |k: &str| fe2o3_amqp::types::messaging::annotations::OwnedKey::Symbol(k.into());
+            let mut a = MessageAnnotations::builder();
+            if let Some(s) = status {
+                a = a.insert(key("status"), Value::Int(s));
+            }
+            if let Some(v) = version {
+                a = a.insert(key("version"), Value::Long(v));
+            }
+            a.build()
         });
         let body = if body.is_empty() {
             Body::<Value>::Empty
@@ -710,12 +718,15 @@ async fn twin_requests(
             .as_ref()
             .and_then(|p| p.correlation_id.clone());
         let started = std::time::Instant::now();
-        let (status, body) = match (operation.to_ascii_uppercase().as_str(), resource.as_str()) {
+        let (status, body, version) = match (
+            operation.to_ascii_uppercase().as_str(),
+            resource.as_str(),
+        ) {
             ("GET", _) => {
                 let twin = core.twins.get(&id);
                 core.twins.mark_read(&id, &twin);
                 m::twin_get(&label, started.elapsed().as_secs_f64());
-                (200, twin.to_json().to_string().into_bytes())
+                (200, twin.to_json().to_string().into_bytes(), None)
             }
             ("PATCH", "/properties/reported") => {
                 let body = body_bytes(msg.body);
@@ -732,38 +743,41 @@ async fn twin_requests(
                                 if let Err(why) = enqueue(&core, &note).await {
                                     warn!(identity = %id, "twin change notification not routed: {why}");
                                 }
-                                (204, Vec::new())
+                                (204, Vec::new(), Some(version))
                             }
                             Err(e @ crate::twins::TwinError::Invalid(_)) => {
-                                (400, error_body(e.to_string()))
+                                (400, error_body(e.to_string()), None)
                             }
                             Err(e) => {
                                 tracing::error!(identity = %id, "reported properties not stored: {e}");
-                                (500, error_body(e.to_string()))
+                                (500, error_body(e.to_string()), None)
                             }
                         }
                     }
                     Ok(_) => (
                         400,
                         error_body("the reported patch must be a JSON object".into()),
+                        None,
                     ),
                     Err(e) => (
                         400,
                         error_body(format!("the reported patch is not valid JSON: {e}")),
+                        None,
                     ),
                 }
             }
             ("PUT", DESIRED_NOTIFICATIONS) => {
                 core.twins.subscribe(&id, true);
-                (200, Vec::new())
+                (200, Vec::new(), None)
             }
             ("DELETE", DESIRED_NOTIFICATIONS) => {
                 core.twins.subscribe(&id, false);
-                (200, Vec::new())
+                (200, Vec::new(), None)
             }
             (op, res) => (
                 400,
                 error_body(format!("unsupported twin operation {op:?} on {res:?}")),
+                None,
             ),
         };
         if !core.twins.respond(
@@ -772,6 +786,7 @@ async fn twin_requests(
                 correlation_id,
                 status,
                 body,
+                version,
             },
         ) {
             debug!(identity = %id, "twin response dropped: no twin response link");
