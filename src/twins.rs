@@ -516,13 +516,19 @@ mod tests {
         s.subscribe(&a, true);
         assert_eq!(
             rx.try_recv().unwrap(),
-            TwinOut::Desired(json!({"v": 3, "w": 1, "$version": v4}))
+            TwinOut::Desired {
+                patch: json!({"v": 3, "w": 1, "$version": v4}),
+                version: v4
+            }
         );
         // Later changes are pushed as patches in order.
         s.set_desired(&a, &obj(json!({"v": 3}))).unwrap();
         assert_eq!(
             rx.try_recv().unwrap(),
-            TwinOut::Desired(json!({"w": null, "$version": v4 + 1}))
+            TwinOut::Desired {
+                patch: json!({"w": null, "$version": v4 + 1}),
+                version: v4 + 1
+            }
         );
         assert_eq!(
             s.set_desired(&a, &obj(json!({"v": 3}))).unwrap(),
