@@ -61,6 +61,8 @@ pub trait QueueStore: Send + Sync + 'static {
     fn pop(&self, now_ms: i64) -> Popped;
     fn ack(&self, seq: u64);
     fn release(&self, seq: u64);
+    /// The priority of the next message `pop` would consider, if any is pending.
+    fn head_priority(&self) -> Option<u32>;
     /// Messages held (pending and in flight) per priority.
     fn lengths(&self) -> BTreeMap<u32, usize>;
     fn len(&self) -> usize {
@@ -167,6 +169,10 @@ impl QueueStore for MemoryQueue {
             q.delivery_count = q.delivery_count.saturating_add(1);
             g.pending.insert((q.priority, q.seq), q);
         }
+    }
+
+    fn head_priority(&self) -> Option<u32> {
+        self.lock().pending.first_key_value().map(|((p, _), _)| *p)
     }
 
     fn lengths(&self) -> BTreeMap<u32, usize> {
@@ -299,9 +305,11 @@ mod tests {
         let a = q.try_push(msg(), 5, None).unwrap();
         let b = q.try_push(msg(), 5, None).unwrap();
         let c = q.try_push(msg(), 0, None).unwrap();
+        assert_eq!(q.head_priority(), Some(0));
         let order: Vec<u64> = (0..3).map(|_| q.pop(0).item.unwrap().seq).collect();
         assert_eq!(order, vec![c, a, b]);
         assert!(q.pop(0).item.is_none());
+        assert_eq!(q.head_priority(), None);
         assert_eq!(q.len(), 3, "in-flight messages still count");
 
         // Release puts a message back in its place, ack removes it.

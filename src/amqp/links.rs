@@ -313,20 +313,31 @@ pub(crate) async fn enqueue(core: &HubCore, msg: &Arc<Message>) -> Result<usize,
     Ok(targets.len())
 }
 
-/// Picks the next message across a module's input endpoints, round-robin.
+/// Picks the next message across a module's input endpoints: the best priority first, and
+/// round-robin among endpoints whose heads have the same priority.
 fn next_message(
     endpoints: &[Arc<Endpoint>],
     cursor: &mut usize,
 ) -> Option<(Arc<Endpoint>, crate::queue::Queued)> {
     let n = endpoints.len();
+    let best = endpoints
+        .iter()
+        .filter_map(|e| e.store.head_priority())
+        .min()?;
     for i in 0..n {
         let e = &endpoints[(*cursor + i) % n];
+        if e.store.head_priority() != Some(best) {
+            continue;
+        }
         if let Some(q) = e.pop() {
             *cursor = (*cursor + i + 1) % n;
             return Some((e.clone(), q));
         }
     }
-    None
+    // Only expired messages were at the heads (pop dropped them): look again.
+    endpoints
+        .iter()
+        .find_map(|e| e.pop().map(|q| (e.clone(), q)))
 }
 
 /// Delivers a module's inputs: up to `delivery_window` unsettled transfers in flight; accepted
