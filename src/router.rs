@@ -257,3 +257,135 @@ mod tests {
         );
     }
 }
+
+/// The router against a naive model on random route tables and messages.
+#[cfg(test)]
+mod model {
+    use super::*;
+    use crate::{identity::Identity, route::parse_statement};
+
+    /// A small deterministic generator (xorshift), so failures replay from the seed.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+            &items[(self.next() % items.len() as u64) as usize]
+        }
+    }
+
+    const SOURCES: &[&str] = &[
+        "/*",
+        "/messages/*",
+        "/messages",
+        "/messages/modules/*",
+        "/messages/modules/a/*",
+        "/messages/modules/A",
+        "/messages/modules/b/*",
+        "/messages/modules/a/outputs/*",
+        "/messages/modules/a/outputs/o1",
+        "/messages/modules/a/outputs/O2",
+        "/messages/modules/ab/*",
+        "/twinChangeNotifications",
+    ];
+    const SINKS: &[&str] = &[
+        "$upstream",
+        "BrokeredEndpoint(\"/modules/b/inputs/i1\")",
+        "BrokeredEndpoint(\"/modules/b/inputs/i2\")",
+        "BrokeredEndpoint(\"/modules/c/inputs/i1\")",
+    ];
+
+    /// The model: segment lists compared case-insensitively, the route's trailing `*` dropped.
+    fn naive_matches(route_source: &str, message_source: &str) -> bool {
+        let segs = |s: &str| -> Vec<String> {
+            s.split('/')
+                .filter(|x| !x.is_empty())
+                .map(str::to_ascii_lowercase)
+                .collect()
+        };
+        let mut r = segs(route_source);
+        if r.last().map(String::as_str) == Some("*") {
+            r.pop();
+        }
+        let m = segs(message_source);
+        r.len() <= m.len() && r.iter().zip(&m).all(|(a, b)| a == b)
+    }
+
+    #[test]
+    fn router_agrees_with_the_model() {
+        let device = DeviceId::parse("d").unwrap();
+        for seed in 1..=300u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let n = 1 + rng.next() % 8;
+            let mut routes = Vec::new();
+            for _ in 0..n {
+                let src = *rng.pick(SOURCES);
+                let sink = *rng.pick(SINKS);
+                let priority = (rng.next() % 10) as u32;
+                let ttl = (rng.next() % 3) as u32 * 30;
+                routes.push((src, sink, priority, ttl));
+            }
+            let table: Vec<Route> = routes
+                .iter()
+                .enumerate()
+                .map(|(i, (src, sink, p, ttl))| Route {
+                    name: format!("r{i}"),
+                    statement: parse_statement(&format!("FROM {src} INTO {sink}")).unwrap(),
+                    priority: *p,
+                    time_to_live_secs: *ttl,
+                })
+                .collect();
+            let router = Router::new(&device, table, Some(600), 100);
+            for _ in 0..20 {
+                let module = *rng.pick(&["a", "b", "ab"]);
+                let output = *rng.pick(&[None, Some("o1"), Some("O2"), Some("x")]);
+                let twin = rng.next() % 5 == 0;
+                let msg = Message {
+                    body: vec![],
+                    properties: None,
+                    application_properties: Default::default(),
+                    annotations: Default::default(),
+                    from: Identity::Module(device.clone(), ModuleId::parse(module).unwrap()),
+                    output: output.map(str::to_owned),
+                    enqueued_ms: 0,
+                    twin_change: twin,
+                };
+                let source = msg.source_path();
+                // Model: per sink, the best priority among matching routes and its TTL.
+                let mut want: BTreeMap<String, (u32, Option<i64>)> = BTreeMap::new();
+                for (src, sink, p, ttl) in &routes {
+                    if !naive_matches(src, &source) {
+                        continue;
+                    }
+                    let id = parse_statement(&format!("FROM /x INTO {sink}"))
+                        .unwrap()
+                        .sink
+                        .to_string();
+                    let expiry = Some(if *ttl > 0 { *ttl as i64 } else { 600 } * 1000);
+                    let e = want.entry(id).or_insert((*p, expiry));
+                    if *p < e.0 {
+                        *e = (*p, expiry);
+                    }
+                }
+                let got: BTreeMap<String, (u32, Option<i64>)> = router
+                    .route(&msg)
+                    .into_iter()
+                    .map(|t| {
+                        let sink = router
+                            .endpoints
+                            .iter()
+                            .find(|(_, e)| Arc::ptr_eq(e, &t.endpoint))
+                            .map(|(s, _)| s.to_string())
+                            .unwrap();
+                        (sink, (t.priority, t.expires_ms))
+                    })
+                    .collect();
+                assert_eq!(got, want, "seed {seed}, source {source}, routes {routes:?}");
+            }
+        }
+    }
+}
