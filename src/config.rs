@@ -114,6 +114,23 @@ impl Default for Limits {
     }
 }
 
+/// Where queued messages live and what "durable" means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Storage {
+    /// Queues in the store under `dataDir/store` (default) or in memory only.
+    pub persistent: bool,
+    pub sync: crate::store::SyncPolicy,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Self {
+            persistent: true,
+            sync: crate::store::SyncPolicy::Commit,
+        }
+    }
+}
+
 /// A module this hub serves.
 #[derive(Debug, Clone)]
 pub struct ModuleSettings {
@@ -142,6 +159,7 @@ pub struct Settings {
     pub time_to_live_secs: Option<u64>,
     pub max_store_bytes: Option<u64>,
     pub limits: Limits,
+    pub storage: Storage,
     /// Log format: `text` (default) or `json`.
     pub log_format: String,
     /// Log filter when `RUST_LOG` is not set.
@@ -336,6 +354,7 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             "deviceKey",
             "tls",
             "limits",
+            "storage",
             "log",
             "modules",
             "$edgeHub",
@@ -452,6 +471,26 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
                 method_name_max_len: v[5] as usize,
                 method_payload_max_bytes: v[6] as usize,
             };
+        }
+    }
+
+    let mut storage = Storage::default();
+    if let Some(s) = o.get("storage") {
+        if let Some(s) = w.object(s, "$.storage", &["persistent", "sync"]) {
+            match s.get("persistent") {
+                None => {}
+                Some(Value::Bool(b)) => storage.persistent = *b,
+                Some(_) => w.err("$.storage.persistent", "must be true or false"),
+            }
+            match s.get("sync").map(|v| v.as_str()) {
+                None => {}
+                Some(Some("commit")) => storage.sync = crate::store::SyncPolicy::Commit,
+                Some(Some("os")) => storage.sync = crate::store::SyncPolicy::Os,
+                Some(_) => w.err(
+                    "$.storage.sync",
+                    "must be \"commit\" (fsync before acknowledging) or \"os\"",
+                ),
+            }
         }
     }
 
@@ -655,6 +694,7 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             time_to_live_secs,
             max_store_bytes,
             limits,
+            storage,
             log_format,
             log_level,
         }),

@@ -33,16 +33,46 @@ pub struct HubCore {
     pub methods: crate::methods::Dispatcher,
     /// Module twins and twin links.
     pub twins: crate::twins::TwinStore,
+    /// The durable message store, when `storage.persistent`.
+    pub store: Option<Arc<crate::store::DurableStore>>,
+    /// Makes endpoint queues (in the store or in memory).
+    queues: Box<crate::router::QueueFactory>,
 }
 
 impl HubCore {
-    pub fn new(settings: Settings, device_key: &Key, twins: crate::twins::TwinStore) -> Self {
+    pub fn new(
+        settings: Settings,
+        device_key: &Key,
+        twins: crate::twins::TwinStore,
+        store: Option<Arc<crate::store::DurableStore>>,
+    ) -> Self {
         let auth = Authenticator::new(&settings, device_key);
+        let capacity = settings.limits.queue_capacity;
+        let queues: Box<crate::router::QueueFactory> = match &store {
+            Some(s) => {
+                let s = s.clone();
+                Box::new(move |id: &str| {
+                    Arc::new(s.queue(id, capacity)) as Arc<dyn crate::queue::QueueStore>
+                })
+            }
+            None => crate::router::memory_queues(capacity),
+        };
+        // Queues that hold messages from before a restart exist even if no route feeds them.
+        let recovered: Vec<crate::route::Sink> = store
+            .as_ref()
+            .map(|s| {
+                s.recovered_endpoints()
+                    .iter()
+                    .filter_map(|id| crate::router::sink_of(id))
+                    .collect()
+            })
+            .unwrap_or_default();
         let router = Router::new(
             &settings.device_id,
             settings.routes.clone(),
             settings.time_to_live_secs,
-            settings.limits.queue_capacity,
+            &*queues,
+            &recovered,
         );
         for e in router.endpoints() {
             e.publish_lengths();
@@ -55,6 +85,16 @@ impl HubCore {
             input_links: DashMap::new(),
             methods: crate::methods::Dispatcher::default(),
             twins,
+            store,
+            queues,
+        }
+    }
+
+    /// Makes every message queued so far durable (see `store`); a no-op in memory.
+    pub async fn sync(&self) -> Result<(), crate::store::StoreError> {
+        match &self.store {
+            Some(s) => s.sync().await,
+            None => Ok(()),
         }
     }
 
@@ -85,7 +125,7 @@ impl HubCore {
             &self.settings.device_id,
             routes,
             global_ttl_secs,
-            self.settings.limits.queue_capacity,
+            &*self.queues,
         );
         for e in next.endpoints() {
             e.publish_lengths();
@@ -165,8 +205,10 @@ pub enum StartError {
     },
     #[error("device key: {0}")]
     DeviceKey(String),
-    #[error("store: {0}")]
-    Store(#[from] crate::twins::TwinError),
+    #[error("twins: {0}")]
+    Twins(#[from] crate::twins::TwinError),
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// Reads the device key from the config, else from `dataDir/device.key`, creating it once.
@@ -262,8 +304,16 @@ impl Hub {
             _ => None,
         };
 
-        let twins = crate::twins::TwinStore::open(&settings.data_dir.join("store"))?;
-        let core = Arc::new(HubCore::new(settings, &key, twins));
+        let keyspace = crate::store::open_keyspace(&settings.data_dir.join("store"))?;
+        let twins = crate::twins::TwinStore::with_keyspace(keyspace.clone())?;
+        let store = match settings.storage.persistent {
+            true => Some(crate::store::DurableStore::open(
+                keyspace,
+                settings.storage.sync,
+            )?),
+            false => None,
+        };
+        let core = Arc::new(HubCore::new(settings, &key, twins, store));
         core.apply_desired(&core.settings.modules);
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -282,6 +332,7 @@ impl Hub {
                 shutdown.clone(),
             ));
         }
+        tasks.spawn(housekeeping(core.clone(), shutdown.clone()));
         if let Some(l) = metrics {
             tasks.spawn(crate::http::serve_metrics(l, handle, shutdown.clone()));
         }
@@ -307,5 +358,24 @@ impl Hub {
     /// A token that stops the hub when cancelled.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
+    }
+}
+
+/// Once a second: drops expired messages from every queue (so a message with a short TTL does
+/// not wait behind longer-lived ones) and refreshes the store-size gauge.
+async fn housekeeping(core: Arc<HubCore>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for e in core.router().endpoints() {
+            e.expire_now();
+        }
+        if let Some(s) = &core.store {
+            m::store_bytes(s.disk_bytes());
+        }
     }
 }

@@ -19,6 +19,7 @@ pub mod api;
 pub mod auth;
 pub mod check;
 pub mod client;
+pub mod condition;
 pub mod config;
 pub mod http;
 pub mod hub;
@@ -30,6 +31,7 @@ pub mod queue;
 pub mod route;
 pub mod router;
 pub mod sas;
+pub mod store;
 pub mod tls;
 pub mod twins;
 

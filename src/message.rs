@@ -60,6 +60,20 @@ pub struct Message {
     pub enqueued_ms: i64,
     /// A twin change notification (source `/twinChangeNotifications`), not telemetry.
     pub twin_change: bool,
+    /// Unique in this hub's store (process-wide counter, seeded past the store's highest id).
+    pub id: u64,
+}
+
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A fresh message id.
+pub fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Makes every later id at least `first` (called when the store opens).
+pub fn seed_ids(first: u64) {
+    NEXT_ID.fetch_max(first, std::sync::atomic::Ordering::Relaxed);
 }
 
 pub fn now_ms() -> i64 {
@@ -120,6 +134,7 @@ impl Message {
             output,
             enqueued_ms: now_ms(),
             twin_change: false,
+            id: next_id(),
         })
     }
 
@@ -161,6 +176,7 @@ impl Message {
             output: None,
             enqueued_ms: now_ms(),
             twin_change: true,
+            id: next_id(),
         }
     }
 

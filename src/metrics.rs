@@ -122,6 +122,11 @@ fn describe() {
         Unit::Bytes,
         "Resident memory of the hub process"
     );
+    describe_gauge!(
+        STORE_BYTES,
+        Unit::Bytes,
+        "Bytes the message and twin store takes on disk"
+    );
 }
 
 fn output_label(msg: &Message) -> String {
@@ -283,4 +288,10 @@ pub fn twin_reported(id: &str, secs: f64) {
     counter!(REPORTED_PROPERTIES, "target" => "edge_hub", "id" => id.to_owned()).increment(1);
     histogram!(REPORTED_PROPERTIES_DURATION, "target" => "edge_hub", "id" => id.to_owned())
         .record(secs);
+}
+
+pub const STORE_BYTES: &str = "edgehub_store_bytes";
+
+pub fn store_bytes(n: u64) {
+    gauge!(STORE_BYTES).set(n as f64);
 }

@@ -40,6 +40,8 @@ pub enum QueueError {
     Full,
     #[error("the queue is closed")]
     Closed,
+    #[error("the message could not be stored")]
+    Storage,
 }
 
 /// What a `pop` found.
@@ -61,6 +63,8 @@ pub trait QueueStore: Send + Sync + 'static {
     fn pop(&self, now_ms: i64) -> Popped;
     fn ack(&self, seq: u64);
     fn release(&self, seq: u64);
+    /// Removes every pending message that has expired by `now_ms` and returns them.
+    fn expire(&self, now_ms: i64) -> Vec<Queued>;
     /// The priority of the next message `pop` would consider, if any is pending.
     fn head_priority(&self) -> Option<u32>;
     /// Messages held (pending and in flight) per priority.
@@ -175,6 +179,24 @@ impl QueueStore for MemoryQueue {
         self.lock().pending.first_key_value().map(|((p, _), _)| *p)
     }
 
+    fn expire(&self, now_ms: i64) -> Vec<Queued> {
+        let mut g = self.lock();
+        let dead: Vec<(u32, u64)> = g
+            .pending
+            .iter()
+            .filter(|(_, q)| q.expires_ms.is_some_and(|e| e <= now_ms))
+            .map(|(k, _)| *k)
+            .collect();
+        let mut out = Vec::new();
+        for k in dead {
+            if let Some(q) = g.pending.remove(&k) {
+                dec(&mut g.per_priority, q.priority);
+                out.push(q);
+            }
+        }
+        out
+    }
+
     fn lengths(&self) -> BTreeMap<u32, usize> {
         self.lock().per_priority.clone()
     }
@@ -254,6 +276,18 @@ impl Endpoint {
         popped.item
     }
 
+    /// Drops what has expired (counted as `ttl_expiry`), so expired messages leave the queue
+    /// promptly even behind messages that live longer.
+    pub fn expire_now(&self) {
+        let expired = self.store.expire(crate::message::now_ms());
+        if !expired.is_empty() {
+            for q in &expired {
+                m::dropped(m::DROP_TTL, &q.msg);
+            }
+            self.after_removal();
+        }
+    }
+
     pub fn ack(&self, seq: u64) {
         self.store.ack(seq);
         self.after_removal();
@@ -281,7 +315,7 @@ impl Endpoint {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::identity::{DeviceId, Identity};
 
@@ -295,6 +329,7 @@ mod tests {
             output: None,
             enqueued_ms: 0,
             twin_change: false,
+            id: crate::message::next_id(),
         })
     }
 

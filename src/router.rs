@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use crate::{
     identity::{DeviceId, ModuleId},
     message::Message,
-    queue::{Endpoint, MemoryQueue},
+    queue::{Endpoint, MemoryQueue, QueueStore},
     route::{Route, Sink},
 };
 
@@ -37,6 +37,27 @@ fn ready_of(map: &ReadyMap, module: &ModuleId) -> Arc<Notify> {
         .clone()
 }
 
+/// Makes the queue of an endpoint, given its id (memory or the durable store).
+pub type QueueFactory = dyn Fn(&str) -> Arc<dyn QueueStore> + Send + Sync;
+
+/// In-memory queues of `capacity` messages.
+pub fn memory_queues(capacity: usize) -> Box<QueueFactory> {
+    Box::new(move |_| Arc::new(MemoryQueue::new(capacity)))
+}
+
+/// The sink an endpoint id stands for (`iothub`, or `{device}/{module}/{input}`).
+pub fn sink_of(endpoint_id: &str) -> Option<Sink> {
+    if endpoint_id == "iothub" {
+        return Some(Sink::Upstream);
+    }
+    let mut parts = endpoint_id.splitn(3, '/');
+    let (_device, module, input) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(Sink::ModuleInput {
+        module: ModuleId::parse(module).ok()?,
+        input: input.to_owned(),
+    })
+}
+
 /// Routes plus the endpoints they feed.
 pub struct Router {
     routes: Vec<Route>,
@@ -50,13 +71,16 @@ pub struct Router {
 }
 
 impl Router {
+    /// A router for `routes`; `extra` sinks get endpoints even without a route (queues that
+    /// still hold messages from before a restart).
     pub fn new(
         device: &DeviceId,
         routes: Vec<Route>,
         global_ttl_secs: Option<u64>,
-        capacity: usize,
+        queues: &QueueFactory,
+        extra: &[Sink],
     ) -> Self {
-        Self::build(device, routes, global_ttl_secs, capacity, None)
+        Self::build(device, routes, global_ttl_secs, queues, None, extra)
     }
 
     /// A router for new routes that keeps every endpoint (and so every queued message) of
@@ -66,40 +90,38 @@ impl Router {
         device: &DeviceId,
         routes: Vec<Route>,
         global_ttl_secs: Option<u64>,
-        capacity: usize,
+        queues: &QueueFactory,
     ) -> Self {
-        Self::build(device, routes, global_ttl_secs, capacity, Some(previous))
+        Self::build(device, routes, global_ttl_secs, queues, Some(previous), &[])
     }
 
     fn build(
         device: &DeviceId,
         routes: Vec<Route>,
         global_ttl_secs: Option<u64>,
-        capacity: usize,
+        queues: &QueueFactory,
         previous: Option<&Router>,
+        extra: &[Sink],
     ) -> Self {
         let mut endpoints = previous.map(|p| p.endpoints.clone()).unwrap_or_default();
         let module_ready = previous.map(|p| p.module_ready.clone()).unwrap_or_default();
-        for r in &routes {
-            let sink = r.statement.sink.clone();
+        let sinks = routes
+            .iter()
+            .map(|r| r.statement.sink.clone())
+            .chain(extra.iter().cloned());
+        for sink in sinks {
             if endpoints.contains_key(&sink) {
                 continue;
             }
             let endpoint = match &sink {
-                Sink::Upstream => Endpoint::new(
-                    "iothub".into(),
-                    None,
-                    Arc::new(MemoryQueue::new(capacity)),
-                    Arc::new(Notify::new()),
-                ),
+                Sink::Upstream => {
+                    let id = "iothub".to_owned();
+                    Endpoint::new(id.clone(), None, queues(&id), Arc::new(Notify::new()))
+                }
                 Sink::ModuleInput { module, input } => {
+                    let id = format!("{device}/{module}/{input}");
                     let ready = ready_of(&module_ready, module);
-                    Endpoint::new(
-                        format!("{device}/{module}/{input}"),
-                        Some(input.clone()),
-                        Arc::new(MemoryQueue::new(capacity)),
-                        ready,
-                    )
+                    Endpoint::new(id.clone(), Some(input.clone()), queues(&id), ready)
                 }
             };
             endpoints.insert(sink, Arc::new(endpoint));
@@ -193,6 +215,7 @@ mod tests {
             output: output.map(str::to_owned),
             enqueued_ms: 1_000,
             twin_change: false,
+            id: crate::message::next_id(),
         }
     }
 
@@ -212,7 +235,8 @@ mod tests {
                 ),
             ],
             Some(60),
-            10,
+            &memory_queues(10),
+            &[],
         );
         let t = r.route(&msg("a", Some("o")));
         assert_eq!(t.len(), 2);
@@ -243,7 +267,7 @@ mod tests {
             &DeviceId::parse("d").unwrap(),
             vec![route("c", &format!("FROM /* INTO {c}"), 0, 0)],
             None,
-            10,
+            &memory_queues(10),
         );
         let (inputs2, ready_b2) = r2.module_inputs(&ModuleId::parse("b").unwrap());
         assert_eq!(inputs2.len(), 2);
@@ -339,7 +363,7 @@ mod model {
                     time_to_live_secs: *ttl,
                 })
                 .collect();
-            let router = Router::new(&device, table, Some(600), 100);
+            let router = Router::new(&device, table, Some(600), &memory_queues(100), &[]);
             for _ in 0..20 {
                 let module = *rng.pick(&["a", "b", "ab"]);
                 let output = *rng.pick(&[None, Some("o1"), Some("O2"), Some("x")]);
@@ -353,6 +377,7 @@ mod model {
                     output: output.map(str::to_owned),
                     enqueued_ms: 0,
                     twin_change: twin,
+                    id: crate::message::next_id(),
                 };
                 let source = msg.source_path();
                 // Model: per sink, the best priority among matching routes and its TTL.

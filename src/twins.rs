@@ -242,6 +242,11 @@ impl TwinStore {
     /// Opens (or creates) the store under `dir` and loads every twin.
     pub fn open(dir: &Path) -> Result<Self, TwinError> {
         let ks = fjall::Config::new(dir).open().map_err(store_err)?;
+        Self::with_keyspace(ks)
+    }
+
+    /// Opens the twins partition of an open keyspace and loads every twin.
+    pub fn with_keyspace(ks: fjall::Keyspace) -> Result<Self, TwinError> {
         let part = ks
             .open_partition("twins", fjall::PartitionCreateOptions::default())
             .map_err(store_err)?;

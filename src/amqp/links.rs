@@ -199,7 +199,7 @@ async fn events(
     let mut received_metrics = m::ReceivedCache::default();
     loop {
         if to_accept.len() >= ACCEPT_BATCH {
-            let _ = rx.accept_all(to_accept.drain(..)).await;
+            settle(&rx, &mut to_accept, &core).await;
         }
         let delivery = if to_accept.is_empty() {
             tokio::select! {
@@ -211,7 +211,7 @@ async fn events(
             match rx.recv::<Body<Value>>().now_or_never() {
                 Some(d) => d,
                 None => {
-                    let _ = rx.accept_all(to_accept.drain(..)).await;
+                    settle(&rx, &mut to_accept, &core).await;
                     continue;
                 }
             }
@@ -221,7 +221,7 @@ async fn events(
             Err(e) => {
                 if !is_normal_end(&e) {
                     debug!(error = %e, "closing events link");
-                    let _ = rx.accept_all(to_accept.drain(..)).await;
+                    settle(&rx, &mut to_accept, &core).await;
                     let _ = rx
                         .close_with_error(amqp_error(AmqpError::DecodeError, e.to_string()))
                         .await;
@@ -230,7 +230,7 @@ async fn events(
             }
         };
         if !conn.is_authorized(&id, now_secs()) {
-            let _ = rx.accept_all(to_accept.drain(..)).await;
+            settle(&rx, &mut to_accept, &core).await;
             let why = format!("the token for {id} has expired");
             let _ = rx
                 .close_with_error(amqp_error(AmqpError::UnauthorizedAccess, why))
@@ -286,9 +286,31 @@ async fn events(
         }
     }
     if !to_accept.is_empty() {
-        let _ = rx.accept_all(to_accept.drain(..)).await;
+        settle(&rx, &mut to_accept, &core).await;
     }
     close_receiver(rx, &cancel).await;
+}
+
+/// Accepts the deliveries whose messages are queued, once the store has made them durable; if
+/// it cannot, they are rejected so the sender sends them again (a duplicate, never a loss).
+async fn settle(rx: &Receiver, pending: &mut Vec<DeliveryInfo>, core: &HubCore) {
+    if pending.is_empty() {
+        return;
+    }
+    match core.sync().await {
+        Ok(()) => {
+            let _ = rx.accept_all(pending.drain(..)).await;
+        }
+        Err(e) => {
+            tracing::error!("queued messages could not be made durable; senders must resend: {e}");
+            for info in pending.drain(..) {
+                let why = format!("the hub could not store the message: {e}");
+                let _ = rx
+                    .reject(info, amqp_error(AmqpError::ResourceLimitExceeded, why))
+                    .await;
+            }
+        }
+    }
 }
 
 /// Routes a message and puts it in the queue of every target; returns how many there were.
@@ -307,6 +329,9 @@ pub(crate) async fn enqueue(core: &HubCore, msg: &Arc<Message>) -> Result<usize,
                     format!("the queue of endpoint {endpoint} is full; retry later")
                 }
                 QueueError::Closed => format!("endpoint {endpoint} is closed"),
+                QueueError::Storage => {
+                    format!("the message could not be stored for endpoint {endpoint}; retry later")
+                }
             });
         }
     }
