@@ -742,11 +742,6 @@ fn compile_route(name: &str, spec: &Value, minor: u32) -> Result<Route, String> 
         _ => return Err("a route must be a string or {route, priority, timeToLiveSecs}".into()),
     };
     let statement = parse_statement(text).map_err(|e| format!("invalid route {text:?}: {e}"))?;
-    if statement.condition.is_some() {
-        return Err(format!(
-            "invalid route {text:?}: WHERE conditions are not supported yet; the route is skipped"
-        ));
-    }
     Ok(Route {
         name: name.to_owned(),
         statement,

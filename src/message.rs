@@ -324,3 +324,152 @@ mod tests {
         );
     }
 }
+
+/// What route conditions see of a message: properties by name (ignoring case, as edgeHub does)
+/// and the JSON body, parsed at most once and only when a condition asks for it.
+pub struct RoutingView<'a> {
+    msg: &'a Message,
+    body: std::cell::OnceCell<Option<serde_json::Value>>,
+}
+
+impl<'a> RoutingView<'a> {
+    pub fn new(msg: &'a Message) -> Self {
+        Self {
+            msg,
+            body: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn parsed_body(&self) -> Option<&serde_json::Value> {
+        self.body
+            .get_or_init(|| {
+                let p = self.msg.properties.as_ref()?;
+                let ct = p.content_type.as_ref()?.0.to_ascii_lowercase();
+                let ce = p.content_encoding.as_ref()?.0.to_ascii_lowercase();
+                if ct != "application/json" {
+                    return None;
+                }
+                let text = match ce.as_str() {
+                    "utf-8" => String::from_utf8(self.msg.body.clone()).ok()?,
+                    "utf-16" => utf16le(&self.msg.body)?,
+                    "utf-32" => utf32le(&self.msg.body)?,
+                    _ => return None,
+                };
+                serde_json::from_str(text.trim_start_matches('\u{feff}')).ok()
+            })
+            .as_ref()
+    }
+}
+
+fn utf16le(b: &[u8]) -> Option<String> {
+    if b.len() % 2 != 0 {
+        return None;
+    }
+    let units: Vec<u16> = b
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    String::from_utf16(&units).ok()
+}
+
+fn utf32le(b: &[u8]) -> Option<String> {
+    if b.len() % 4 != 0 {
+        return None;
+    }
+    b.chunks_exact(4)
+        .map(|c| char::from_u32(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+        .collect()
+}
+
+fn message_id_text(id: &fe2o3_amqp::types::messaging::MessageId) -> String {
+    use fe2o3_amqp::types::messaging::MessageId;
+    match id {
+        MessageId::String(s) => s.clone(),
+        MessageId::Uuid(u) => uuid::Uuid::from(u.clone()).to_string(),
+        MessageId::Ulong(n) => n.to_string(),
+        MessageId::Binary(b) => String::from_utf8_lossy(b.as_slice()).into_owned(),
+    }
+}
+
+impl crate::condition::MessageView for RoutingView<'_> {
+    fn app_property(&self, name: &str) -> Option<crate::condition::Value> {
+        use crate::condition::Value as V;
+        self.msg
+            .application_properties
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| match v {
+                SimpleValue::String(s) => V::String(s.clone()),
+                SimpleValue::Symbol(s) => V::String(s.0.clone()),
+                // edgeHub keeps only string application properties; others read as null.
+                _ => V::Null,
+            })
+    }
+
+    fn system_property(&self, name: &str) -> Option<crate::condition::Value> {
+        use crate::condition::Value as V;
+        let p = self.msg.properties.as_ref();
+        let s = |v: Option<String>| v.map(V::String);
+        match name.to_ascii_lowercase().as_str() {
+            "messageid" => s(p.and_then(|p| p.message_id.as_ref()).map(message_id_text)),
+            "correlationid" | "cid" => s(p
+                .and_then(|p| p.correlation_id.as_ref())
+                .map(message_id_text)),
+            "userid" => s(p
+                .and_then(|p| p.user_id.as_ref())
+                .map(|u| String::from_utf8_lossy(u.as_slice()).into_owned())),
+            "to" => s(p.and_then(|p| p.to.clone())),
+            "contenttype" => s(p.and_then(|p| p.content_type.as_ref()).map(|c| c.0.clone())),
+            "contentencoding" => s(p
+                .and_then(|p| p.content_encoding.as_ref())
+                .map(|c| c.0.clone())),
+            "connectiondeviceid" => s(Some(self.msg.from.device().to_string())),
+            "connectionmoduleid" => s(self.msg.from.module().map(|m| m.to_string())),
+            "outputname" => s(self.msg.output.clone()),
+            "enqueuedtime" => {
+                let ms = self.msg.enqueued_ms;
+                let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+                s(Some(rfc3339(t)))
+            }
+            "messageschema" => self.app_property("iothub-message-schema"),
+            "creationtime" => self.app_property("iothub-creation-time-utc"),
+            _ => None,
+        }
+    }
+
+    fn body_json(&self) -> Option<&serde_json::Value> {
+        self.parsed_body()
+    }
+
+    fn twin_change(&self) -> Option<&serde_json::Value> {
+        if self.msg.twin_change {
+            self.parsed_body()
+        } else {
+            None
+        }
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for a time after the epoch.
+fn rfc3339(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}

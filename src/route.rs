@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use crate::identity::ModuleId;
+use crate::{condition::Condition, identity::ModuleId};
 
 /// Priority of a route without one: lower than every explicit priority (0–9).
 pub const DEFAULT_PRIORITY: u32 = 2_000_000_000;
@@ -33,19 +33,19 @@ impl fmt::Display for Sink {
 }
 
 /// A parsed route statement.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Statement {
     /// The source with trailing `*` and `/` removed, then one `/` added, lower-cased.
     pub source_prefix: String,
     /// The source as written.
     pub source: String,
-    /// The WHERE text, if any.
-    pub condition: Option<String>,
+    /// The compiled WHERE condition, if any.
+    pub condition: Option<Condition>,
     pub sink: Sink,
 }
 
 /// A route as configured: a statement plus its priority and TTL.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Route {
     pub name: String,
     pub statement: Statement,
@@ -132,15 +132,32 @@ pub fn parse_statement(text: &str) -> Result<Statement, RouteError> {
     let (head, sink_text) = (&rest[..into_at], rest[into_at + 4..].trim());
     let (source, condition) = match find_keyword(head, "where", 0, false) {
         Some(w) => {
-            let cond = head[w + 5..].trim();
+            let raw = &head[w + 5..];
+            let cond = raw.trim();
             if cond.is_empty() {
                 return err("`WHERE` needs a condition");
             }
-            (head[..w].trim(), Some(cond.to_owned()))
+            // Positions in errors count from the start of the whole route text.
+            let offset = (s.len() - rest.len()) + w + 5 + (raw.len() - raw.trim_start().len());
+            let compiled = Condition::parse(cond).map_err(|e| {
+                RouteError(format!(
+                    "condition error at position {}: {}",
+                    offset + e.position + (text.len() - text.trim_start().len()),
+                    e.message
+                ))
+            })?;
+            (head[..w].trim(), Some(compiled))
         }
         None => (head.trim(), None),
     };
     let source_prefix = parse_source(source)?;
+    if condition.as_ref().is_some_and(Condition::uses_twin_change)
+        && !source
+            .trim_end_matches(['*', '/'])
+            .eq_ignore_ascii_case("/twinChangeNotifications")
+    {
+        return err("twin_change_includes can only be used with FROM /twinChangeNotifications");
+    }
     let sink = parse_sink(sink_text)?;
     Ok(Statement {
         source_prefix,
@@ -254,9 +271,9 @@ mod tests {
                 input("b", "in1"),
             ),
             (
-                "FROM /messages/modules/a/* WHERE temp > 10 INTO brokeredendpoint('/modules/b/inputs/in 1')",
+                "FROM /messages/modules/a/* WHERE as_number(temp) > 10 INTO brokeredendpoint('/modules/b/inputs/in 1')",
                 "/messages/modules/a/",
-                Some("temp > 10"),
+                Some("as_number(temp) > 10"),
                 input("b", "in 1"),
             ),
             (
@@ -270,7 +287,7 @@ mod tests {
         for (text, prefix, cond, sink) in cases {
             let s = parse_statement(text).unwrap_or_else(|e| panic!("{text}: {e}"));
             assert_eq!(s.source_prefix, prefix, "{text}");
-            assert_eq!(s.condition.as_deref(), cond, "{text}");
+            assert_eq!(s.condition.as_ref().map(|c| c.as_str()), cond, "{text}");
             assert_eq!(s.sink, sink, "{text}");
         }
     }
@@ -292,9 +309,20 @@ mod tests {
             "SELECT a FROM /messages INTO $upstream",
             "FROM /mess ages INTO $upstream",
             "FROM //x INTO $upstream",
+            "FROM /messages WHERE nosuchfn(1) INTO $upstream",
+            "FROM /messages WHERE (a = 'b' INTO $upstream",
+            "FROM /messages WHERE twin_change_includes(properties.reported.x) INTO $upstream",
         ] {
             assert!(parse_statement(text).is_err(), "{text:?} should not parse");
         }
+    }
+
+    #[test]
+    fn condition_errors_name_their_position_in_the_route() {
+        let e = parse_statement("FROM /messages WHERE a = 'x' AND nosuch(1) INTO $upstream")
+            .unwrap_err();
+        assert!(e.0.contains("position 33"), "{e}");
+        assert!(parse_statement("FROM /twinChangeNotifications WHERE twin_change_includes(properties.reported.x) INTO $upstream").is_ok());
     }
 
     #[test]

@@ -138,10 +138,16 @@ impl Router {
     /// The endpoints a message goes to (deduplicated).
     pub fn route(&self, msg: &Message) -> Vec<Target> {
         let source = msg.source_path();
+        let view = crate::message::RoutingView::new(msg);
         let mut best: BTreeMap<&Sink, (u32, u32)> = BTreeMap::new();
         for r in &self.routes {
             if !r.statement.matches_source(&source) {
                 continue;
+            }
+            if let Some(c) = &r.statement.condition {
+                if !c.matches(&view) {
+                    continue;
+                }
             }
             let e = best
                 .entry(&r.statement.sink)
