@@ -240,91 +240,6 @@ fn simple_len(v: &SimpleValue) -> usize {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::identity::{DeviceId, ModuleId};
-
-    fn module(m: &str) -> Identity {
-        Identity::Module(DeviceId::parse("d1").unwrap(), ModuleId::parse(m).unwrap())
-    }
-
-    fn amqp(output: Option<&str>) -> AmqpMessage<Body<Value>> {
-        let mut app = OrderedMap::new();
-        app.insert("k".to_owned(), SimpleValue::String("v".into()));
-        if let Some(o) = output {
-            app.insert(
-                OUTPUT_NAME_PROPERTY.to_owned(),
-                SimpleValue::String(o.into()),
-            );
-        }
-        let mut ann = OrderedMap::new();
-        ann.insert(
-            OwnedKey::Symbol(Symbol::from(CONNECTION_DEVICE_ID)),
-            Value::String("spoofed".into()),
-        );
-        AmqpMessage {
-            header: None,
-            delivery_annotations: None,
-            message_annotations: Some(MessageAnnotations(ann)),
-            properties: Some(Properties {
-                message_id: Some("id-1".to_owned().into()),
-                content_type: Some(Symbol::from("application/json")),
-                ..Default::default()
-            }),
-            application_properties: Some(ApplicationProperties(app)),
-            body: Body::Data(vec![Data(Binary::from(b"{\"t\":1}".to_vec()))].into()),
-            footer: None,
-        }
-    }
-
-    #[test]
-    fn sources_follow_edgehub() {
-        let m = Message::from_amqp(amqp(Some("out1")), module("a")).unwrap();
-        assert_eq!(m.source_path(), "/messages/modules/a/outputs/out1");
-        let m = Message::from_amqp(amqp(None), module("a")).unwrap();
-        assert_eq!(m.source_path(), "/messages/modules/a");
-        let m = Message::from_amqp(
-            amqp(Some("x")),
-            Identity::Device(DeviceId::parse("leaf").unwrap()),
-        )
-        .unwrap();
-        assert_eq!(m.source_path(), "/messages");
-    }
-
-    #[test]
-    fn input_messages_carry_the_real_sender_and_the_input() {
-        let m = Message::from_amqp(amqp(Some("out1")), module("a")).unwrap();
-        let out = m.to_input_message("in1", 7, 0);
-        let ann = out.message_annotations.unwrap().0;
-        let get = |k: &str| ann.get(&OwnedKey::Symbol(Symbol::from(k))).cloned();
-        assert_eq!(
-            get(INPUT_NAME_ANNOTATION),
-            Some(Value::String("in1".into()))
-        );
-        assert_eq!(get(CONNECTION_DEVICE_ID), Some(Value::String("d1".into())));
-        assert_eq!(get(CONNECTION_MODULE_ID), Some(Value::String("a".into())));
-        assert_eq!(get(SEQUENCE_NUMBER), Some(Value::Ulong(7)));
-        let app = out.application_properties.unwrap().0;
-        assert!(app.get(OUTPUT_NAME_PROPERTY).is_none());
-        assert_eq!(app.get("k"), Some(&SimpleValue::String("v".into())));
-        assert_eq!(
-            out.properties.unwrap().content_type,
-            Some(Symbol::from("application/json"))
-        );
-    }
-
-    #[test]
-    fn unsupported_bodies_are_refused() {
-        let mut a = amqp(None);
-        a.body = Body::Value(fe2o3_amqp::types::messaging::AmqpValue(Value::Int(3)));
-        assert_eq!(
-            Message::from_amqp(a, module("a")).unwrap_err(),
-            MessageError::UnsupportedBody
-        );
-    }
-}
-
 /// What route conditions see of a message: properties by name (ignoring case, as edgeHub does)
 /// and the JSON body, parsed at most once and only when a condition asks for it.
 pub struct RoutingView<'a> {
@@ -472,4 +387,89 @@ fn rfc3339(t: std::time::SystemTime) -> String {
         rem % 60,
         d.subsec_millis()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{DeviceId, ModuleId};
+
+    fn module(m: &str) -> Identity {
+        Identity::Module(DeviceId::parse("d1").unwrap(), ModuleId::parse(m).unwrap())
+    }
+
+    fn amqp(output: Option<&str>) -> AmqpMessage<Body<Value>> {
+        let mut app = OrderedMap::new();
+        app.insert("k".to_owned(), SimpleValue::String("v".into()));
+        if let Some(o) = output {
+            app.insert(
+                OUTPUT_NAME_PROPERTY.to_owned(),
+                SimpleValue::String(o.into()),
+            );
+        }
+        let mut ann = OrderedMap::new();
+        ann.insert(
+            OwnedKey::Symbol(Symbol::from(CONNECTION_DEVICE_ID)),
+            Value::String("spoofed".into()),
+        );
+        AmqpMessage {
+            header: None,
+            delivery_annotations: None,
+            message_annotations: Some(MessageAnnotations(ann)),
+            properties: Some(Properties {
+                message_id: Some("id-1".to_owned().into()),
+                content_type: Some(Symbol::from("application/json")),
+                ..Default::default()
+            }),
+            application_properties: Some(ApplicationProperties(app)),
+            body: Body::Data(vec![Data(Binary::from(b"{\"t\":1}".to_vec()))].into()),
+            footer: None,
+        }
+    }
+
+    #[test]
+    fn sources_follow_edgehub() {
+        let m = Message::from_amqp(amqp(Some("out1")), module("a")).unwrap();
+        assert_eq!(m.source_path(), "/messages/modules/a/outputs/out1");
+        let m = Message::from_amqp(amqp(None), module("a")).unwrap();
+        assert_eq!(m.source_path(), "/messages/modules/a");
+        let m = Message::from_amqp(
+            amqp(Some("x")),
+            Identity::Device(DeviceId::parse("leaf").unwrap()),
+        )
+        .unwrap();
+        assert_eq!(m.source_path(), "/messages");
+    }
+
+    #[test]
+    fn input_messages_carry_the_real_sender_and_the_input() {
+        let m = Message::from_amqp(amqp(Some("out1")), module("a")).unwrap();
+        let out = m.to_input_message("in1", 7, 0);
+        let ann = out.message_annotations.unwrap().0;
+        let get = |k: &str| ann.get(&OwnedKey::Symbol(Symbol::from(k))).cloned();
+        assert_eq!(
+            get(INPUT_NAME_ANNOTATION),
+            Some(Value::String("in1".into()))
+        );
+        assert_eq!(get(CONNECTION_DEVICE_ID), Some(Value::String("d1".into())));
+        assert_eq!(get(CONNECTION_MODULE_ID), Some(Value::String("a".into())));
+        assert_eq!(get(SEQUENCE_NUMBER), Some(Value::Ulong(7)));
+        let app = out.application_properties.unwrap().0;
+        assert!(app.get(OUTPUT_NAME_PROPERTY).is_none());
+        assert_eq!(app.get("k"), Some(&SimpleValue::String("v".into())));
+        assert_eq!(
+            out.properties.unwrap().content_type,
+            Some(Symbol::from("application/json"))
+        );
+    }
+
+    #[test]
+    fn unsupported_bodies_are_refused() {
+        let mut a = amqp(None);
+        a.body = Body::Value(fe2o3_amqp::types::messaging::AmqpValue(Value::Int(3)));
+        assert_eq!(
+            Message::from_amqp(a, module("a")).unwrap_err(),
+            MessageError::UnsupportedBody
+        );
+    }
 }
