@@ -86,6 +86,36 @@ pub trait MessageView {
     /// For twin change notifications: the notification body as JSON (for twin_change_includes);
     /// None for other messages.
     fn twin_change(&self) -> Option<&serde_json::Value>;
+
+    /// [`MessageView::app_property`] without copying: implementations that can lend the
+    /// string should override this (the evaluator calls it on every property reference).
+    fn app_property_ref(&self, name: &str) -> Option<Prop<'_>> {
+        self.app_property(name).map(Prop::from)
+    }
+
+    /// [`MessageView::system_property`] without copying.
+    fn system_property_ref(&self, name: &str) -> Option<Prop<'_>> {
+        self.system_property(name).map(Prop::from)
+    }
+}
+
+/// A property value as the evaluator reads it: a string (borrowed when possible), a value that
+/// is not a string (a null string to edgeHub), or undefined (treated as absent).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prop<'a> {
+    Str(Cow<'a, str>),
+    NotString,
+    Undefined,
+}
+
+impl From<Value> for Prop<'_> {
+    fn from(v: Value) -> Self {
+        match v {
+            Value::String(s) => Prop::Str(Cow::Owned(s)),
+            Value::Undefined => Prop::Undefined,
+            _ => Prop::NotString,
+        }
+    }
 }
 
 /// Why a condition does not compile. `position` is the byte offset in the condition text.
@@ -1860,11 +1890,11 @@ fn num<'a>(x: f64) -> V<'a> {
     }
 }
 
-fn property<'a>(v: Option<Value>) -> Option<V<'a>> {
+fn property(v: Option<Prop<'_>>) -> Option<V<'_>> {
     match v? {
-        Value::Undefined => None,
-        Value::String(s) => Some(V::Str(Cow::Owned(s))),
-        _ => Some(V::NullStr),
+        Prop::Undefined => None,
+        Prop::Str(s) => Some(V::Str(s)),
+        Prop::NotString => Some(V::NullStr),
     }
 }
 
@@ -1875,14 +1905,14 @@ fn eval<'a>(e: &'a Expr, msg: &'a dyn MessageView) -> V<'a> {
         Expr::Bool(b) => V::Bool(*b),
         Expr::Num(x) => V::Num(*x),
         Expr::Str(s) => V::Str(Cow::Borrowed(s)),
-        Expr::AppProp(name) => property(msg.app_property(name)).unwrap_or(V::Undef),
-        Expr::SysProp(name) => property(msg.system_property(name)).unwrap_or(V::Undef),
-        Expr::AppOrSys { app, sys } => property(msg.app_property(app))
-            .or_else(|| property(msg.system_property(sys)))
+        Expr::AppProp(name) => property(msg.app_property_ref(name)).unwrap_or(V::Undef),
+        Expr::SysProp(name) => property(msg.system_property_ref(name)).unwrap_or(V::Undef),
+        Expr::AppOrSys { app, sys } => property(msg.app_property_ref(app))
+            .or_else(|| property(msg.system_property_ref(sys)))
             .unwrap_or(V::Undef),
         Expr::Body(path) => body_query(path, msg),
         Expr::AppOrBody { app, path } => {
-            property(msg.app_property(app)).unwrap_or_else(|| body_query(path, msg))
+            property(msg.app_property_ref(app)).unwrap_or_else(|| body_query(path, msg))
         }
         Expr::TwinIncludes(path) => twin_change_includes(path, msg),
         Expr::Neg(x) => match eval(x, msg) {
@@ -1965,7 +1995,13 @@ fn arith<'a>(op: Arith, query: bool, a: V<'a>, b: V<'a>) -> V<'a> {
 
 /// `string.Compare(a, b, StringComparison.Ordinal)`: UTF-16 code units.
 fn ordinal_cmp(a: &str, b: &str) -> Ordering {
-    a.encode_utf16().cmp(b.encode_utf16())
+    // Byte order equals UTF-16 order for ASCII (and for all text below U+E000, but not
+    // beyond): compare bytes when both are ASCII, code units otherwise.
+    if a.is_ascii() && b.is_ascii() {
+        a.as_bytes().cmp(b.as_bytes())
+    } else {
+        a.encode_utf16().cmp(b.encode_utf16())
+    }
 }
 
 /// `double.CompareTo`: NaN is equal to itself and below everything else.
@@ -2350,8 +2386,49 @@ fn dotnet_parse_double(s: &str) -> Option<f64> {
     })
 }
 
+/// The common case, `[+-]digits[.digits][e[+-]digits]` with a non-zero digit: Rust's parser
+/// reads it exactly as .NET does (both round correctly), without the general path's allocations.
+fn plain_decimal(s: &str) -> Option<f64> {
+    let b = s.as_bytes();
+    let mut i = usize::from(matches!(b.first(), Some(b'+' | b'-')));
+    let start = i;
+    let mut nonzero = false;
+    let mut dot = false;
+    while let Some(&c) = b.get(i) {
+        match c {
+            b'0'..=b'9' => nonzero |= c != b'0',
+            b'.' if !dot => dot = true,
+            _ => break,
+        }
+        i += 1;
+    }
+    if i == start || !nonzero {
+        return None;
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        let digits = i;
+        while matches!(b.get(i), Some(b'0'..=b'9')) {
+            i += 1;
+        }
+        if i == digits {
+            return None;
+        }
+    }
+    if i != b.len() {
+        return None;
+    }
+    s.parse().ok()
+}
+
 /// Number.TryParseNumber for NumberStyles.Any with the invariant culture.
 fn parse_number_any(s: &str) -> Option<f64> {
+    if let Some(v) = plain_decimal(s) {
+        return Some(v);
+    }
     const SIGN: u8 = 1;
     const PARENS: u8 = 2;
     const DIGITS: u8 = 4;

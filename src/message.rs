@@ -325,7 +325,23 @@ impl crate::condition::MessageView for RoutingView<'_> {
         use crate::condition::Value as V;
         let p = self.msg.properties.as_ref();
         let s = |v: Option<String>| v.map(V::String);
-        match name.to_ascii_lowercase().as_str() {
+        const NAMES: &[&str] = &[
+            "messageid",
+            "correlationid",
+            "cid",
+            "userid",
+            "to",
+            "contenttype",
+            "contentencoding",
+            "connectiondeviceid",
+            "connectionmoduleid",
+            "outputname",
+            "enqueuedtime",
+            "messageschema",
+            "creationtime",
+        ];
+        let canonical = NAMES.iter().find(|n| n.eq_ignore_ascii_case(name))?;
+        match *canonical {
             "messageid" => s(p.and_then(|p| p.message_id.as_ref()).map(message_id_text)),
             "correlationid" | "cid" => s(p
                 .and_then(|p| p.correlation_id.as_ref())
@@ -354,6 +370,19 @@ impl crate::condition::MessageView for RoutingView<'_> {
 
     fn body_json(&self) -> Option<&serde_json::Value> {
         self.parsed_body()
+    }
+
+    fn app_property_ref(&self, name: &str) -> Option<crate::condition::Prop<'_>> {
+        use crate::condition::Prop;
+        self.msg
+            .application_properties
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| match v {
+                SimpleValue::String(s) => Prop::Str(std::borrow::Cow::Borrowed(s.as_str())),
+                SimpleValue::Symbol(s) => Prop::Str(std::borrow::Cow::Borrowed(s.0.as_str())),
+                _ => Prop::NotString,
+            })
     }
 
     fn twin_change(&self) -> Option<&serde_json::Value> {

@@ -66,6 +66,12 @@ pub struct Router {
     /// of the router, so a link waiting on it is woken by endpoints a reload adds.
     module_ready: Arc<Mutex<HashMap<ModuleId, Arc<Notify>>>>,
     global_ttl_secs: Option<u64>,
+    /// Per route (same order as `routes`): index into `prefixes` and into `sinks`.
+    plan: Vec<(usize, usize)>,
+    /// Distinct source prefixes (lower-cased, one trailing `/`).
+    prefixes: Vec<String>,
+    /// Distinct sinks with their endpoints.
+    sinks: Vec<Arc<Endpoint>>,
     /// Bumped by every rebuild, so link tasks know to fetch their endpoints again.
     pub generation: u64,
 }
@@ -126,22 +132,61 @@ impl Router {
             };
             endpoints.insert(sink, Arc::new(endpoint));
         }
+        // Best priority first (stable: among equals the first configured wins), so the first
+        // route that matches a sink decides its priority and TTL and later ones can be skipped.
+        let mut routes = routes;
+        routes.sort_by_key(|r| r.priority);
+        let mut prefixes: Vec<String> = Vec::new();
+        let mut sink_ids: Vec<Sink> = Vec::new();
+        let mut sinks = Vec::new();
+        let mut plan = Vec::with_capacity(routes.len());
+        for r in &routes {
+            let p = match prefixes.iter().position(|x| *x == r.statement.source_prefix) {
+                Some(i) => i,
+                None => {
+                    prefixes.push(r.statement.source_prefix.clone());
+                    prefixes.len() - 1
+                }
+            };
+            let k = match sink_ids.iter().position(|x| *x == r.statement.sink) {
+                Some(i) => i,
+                None => {
+                    sink_ids.push(r.statement.sink.clone());
+                    sinks.push(endpoints[&r.statement.sink].clone());
+                    sink_ids.len() - 1
+                }
+            };
+            plan.push((p, k));
+        }
         Self {
             routes,
             endpoints,
             module_ready,
             global_ttl_secs,
+            plan,
+            prefixes,
+            sinks,
             generation: previous.map_or(0, |p| p.generation + 1),
         }
     }
 
     /// The endpoints a message goes to (deduplicated).
     pub fn route(&self, msg: &Message) -> Vec<Target> {
-        let source = msg.source_path();
+        let mut source = msg.source_path().trim_end_matches('/').to_ascii_lowercase();
+        source.push('/');
         let view = crate::message::RoutingView::new(msg);
-        let mut best: BTreeMap<&Sink, (u32, u32)> = BTreeMap::new();
-        for r in &self.routes {
-            if !r.statement.matches_source(&source) {
+        // Per distinct source prefix: 0 = not checked yet, 1 = matches, 2 = does not.
+        let mut prefix_match = vec![0u8; self.prefixes.len()];
+        let mut chosen: Vec<Option<(u32, u32)>> = vec![None; self.sinks.len()];
+        for (r, &(p, k)) in self.routes.iter().zip(&self.plan) {
+            if chosen[k].is_some() {
+                // A route with a better or equal priority already took this sink.
+                continue;
+            }
+            if prefix_match[p] == 0 {
+                prefix_match[p] = if source.starts_with(&self.prefixes[p]) { 1 } else { 2 };
+            }
+            if prefix_match[p] != 1 {
                 continue;
             }
             if let Some(c) = &r.statement.condition {
@@ -149,16 +194,13 @@ impl Router {
                     continue;
                 }
             }
-            let e = best
-                .entry(&r.statement.sink)
-                .or_insert((r.priority, r.time_to_live_secs));
-            if r.priority < e.0 {
-                *e = (r.priority, r.time_to_live_secs);
-            }
+            chosen[k] = Some((r.priority, r.time_to_live_secs));
         }
-        best.into_iter()
-            .filter_map(|(sink, (priority, ttl))| {
-                let endpoint = self.endpoints.get(sink)?.clone();
+        chosen
+            .into_iter()
+            .zip(&self.sinks)
+            .filter_map(|(c, endpoint)| {
+                let (priority, ttl) = c?;
                 let ttl = if ttl > 0 {
                     Some(ttl as u64)
                 } else {
@@ -169,7 +211,7 @@ impl Router {
                         .saturating_add((t as i64).saturating_mul(1000))
                 });
                 Some(Target {
-                    endpoint,
+                    endpoint: endpoint.clone(),
                     priority,
                     expires_ms,
                 })
