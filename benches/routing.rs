@@ -12,7 +12,10 @@ use edgehub::{
     route::{parse_statement, Route},
     router::{memory_queues, Router},
 };
-use fe2o3_amqp::types::{messaging::Properties, primitives::{SimpleValue, Symbol}};
+use fe2o3_amqp::types::{
+    messaging::Properties,
+    primitives::{SimpleValue, Symbol},
+};
 
 fn routes() -> Vec<Route> {
     (0..100)
@@ -61,7 +64,13 @@ fn message() -> Message {
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let n: u32 = if full { 1_000_000 } else { 1_000 };
-    let router = Router::new(&DeviceId::parse("edge").expect("id"), routes(), Some(7200), &memory_queues(10), &[]);
+    let router = Router::new(
+        &DeviceId::parse("edge").expect("id"),
+        routes(),
+        Some(7200),
+        &memory_queues(10),
+        &[],
+    );
     let msg = Arc::new(message());
     let targets = router.route(&msg).len();
     for _ in 0..n / 10 {

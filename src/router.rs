@@ -141,7 +141,10 @@ impl Router {
         let mut sinks = Vec::new();
         let mut plan = Vec::with_capacity(routes.len());
         for r in &routes {
-            let p = match prefixes.iter().position(|x| *x == r.statement.source_prefix) {
+            let p = match prefixes
+                .iter()
+                .position(|x| *x == r.statement.source_prefix)
+            {
                 Some(i) => i,
                 None => {
                     prefixes.push(r.statement.source_prefix.clone());
@@ -184,7 +187,11 @@ impl Router {
                 continue;
             }
             if prefix_match[p] == 0 {
-                prefix_match[p] = if source.starts_with(&self.prefixes[p]) { 1 } else { 2 };
+                prefix_match[p] = if source.starts_with(&self.prefixes[p]) {
+                    1
+                } else {
+                    2
+                };
             }
             if prefix_match[p] != 1 {
                 continue;
