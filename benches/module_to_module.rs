@@ -83,6 +83,12 @@ async fn main() {
     } as u64;
     let window = env_usize("BENCH_WINDOW", 1000);
     let warmup = if full { 10_000u64 } else { 100 };
+    // BENCH_STORAGE: "commit" (durable, fsync before ack; the default), "os", or "memory".
+    let storage_mode = std::env::var("BENCH_STORAGE").unwrap_or_else(|_| "commit".into());
+    let storage = match storage_mode.as_str() {
+        "memory" => r#"{"persistent": false}"#.to_owned(),
+        mode => format!(r#"{{"persistent": true, "sync": "{mode}"}}"#),
+    };
     let dir = std::env::temp_dir().join(format!("edgehub-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let config_text = format!(
@@ -90,7 +96,7 @@ async fn main() {
         "deviceId": "bench", "iothubHostname": "{IOTHUB}", "gatewayHostname": "localhost",
         "listen": {{"amqps": "127.0.0.1:0", "https": null, "metrics": null}},
         "dataDir": "{}", "deviceKey": "YmVuY2gtZGV2aWNlLWtleS0zMi1ieXRlcy1sb25nISE=",
-        "log": {{"level": "warn,edgehub=info"}},
+        "log": {{"level": "warn,edgehub=info"}}, "storage": {storage},
         "modules": {{"A": {{}}, "B": {{}}}},
         "$edgeHub": {{"schemaVersion": "1.1", "routes": {{
             "r": "FROM /messages/modules/A/outputs/out1 INTO BrokeredEndpoint(\"/modules/B/inputs/in1\")"}},
@@ -211,7 +217,7 @@ async fn main() {
     lat.sort_unstable();
     let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1e6;
     let rate = n as f64 / elapsed.as_secs_f64();
-    println!("module_to_module: {n} messages of 256 B, window {window}");
+    println!("module_to_module: {n} messages of 256 B, window {window}, storage {storage_mode}");
     println!("  throughput  {rate:.0} msg/s");
     println!(
         "  latency     p50 {:.2} ms, p99 {:.2} ms",

@@ -534,9 +534,18 @@ impl QueueStore for DurableQueue {
     }
 }
 
-/// Opens the keyspace under `dir`.
+/// Opens the keyspace under `dir`, sized for an edge device: small caches and write buffers
+/// (fjall's defaults suit servers and would make the hub's resident memory grow past 100 MiB
+/// under load), one flush and one compaction worker.
 pub fn open_keyspace(dir: &Path) -> Result<fjall::Keyspace, StoreError> {
-    fjall::Config::new(dir).open().map_err(fj)
+    fjall::Config::new(dir)
+        .cache_size(8 * 1024 * 1024)
+        .max_write_buffer_size(16 * 1024 * 1024)
+        .max_journaling_size(64 * 1024 * 1024)
+        .flush_workers(1)
+        .compaction_workers(1)
+        .open()
+        .map_err(fj)
 }
 
 #[cfg(test)]
