@@ -120,6 +120,8 @@ pub struct Storage {
     /// Queues in the store under `dataDir/store` (default) or in memory only.
     pub persistent: bool,
     pub sync: crate::store::SyncPolicy,
+    /// What happens when `storeLimits.maxSizeBytes` is reached.
+    pub overflow: crate::store::Overflow,
 }
 
 impl Default for Storage {
@@ -127,6 +129,7 @@ impl Default for Storage {
         Self {
             persistent: true,
             sync: crate::store::SyncPolicy::Commit,
+            overflow: crate::store::Overflow::RejectNew,
         }
     }
 }
@@ -476,7 +479,16 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
 
     let mut storage = Storage::default();
     if let Some(s) = o.get("storage") {
-        if let Some(s) = w.object(s, "$.storage", &["persistent", "sync"]) {
+        if let Some(s) = w.object(s, "$.storage", &["persistent", "sync", "overflow"]) {
+            match s.get("overflow").map(|v| v.as_str()) {
+                None => {}
+                Some(Some("rejectNew")) => storage.overflow = crate::store::Overflow::RejectNew,
+                Some(Some("dropOldest")) => storage.overflow = crate::store::Overflow::DropOldest,
+                Some(_) => w.err(
+                    "$.storage.overflow",
+                    "must be \"rejectNew\" or \"dropOldest\"",
+                ),
+            }
             match s.get("persistent") {
                 None => {}
                 Some(Value::Bool(b)) => storage.persistent = *b,

@@ -310,6 +310,8 @@ impl Hub {
             true => Some(crate::store::DurableStore::open(
                 keyspace,
                 settings.storage.sync,
+                settings.max_store_bytes,
+                settings.storage.overflow,
             )?),
             false => None,
         };
@@ -375,7 +377,8 @@ async fn housekeeping(core: Arc<HubCore>, shutdown: CancellationToken) {
             e.expire_now();
         }
         if let Some(s) = &core.store {
-            m::store_bytes(s.disk_bytes());
+            let (held, limit) = s.usage();
+            m::store_bytes(s.disk_bytes(), held, limit);
         }
     }
 }

@@ -34,6 +34,7 @@ pub const INVALID_ROUTES: &str = "edgehub_invalid_routes";
 pub const DROP_NO_ROUTE: &str = "no_route";
 pub const DROP_TTL: &str = "ttl_expiry";
 pub const DROP_REJECTED: &str = "rejected_by_module";
+pub const DROP_OVERFLOW: &str = "overflow";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -122,6 +123,12 @@ fn describe() {
         Unit::Bytes,
         "Resident memory of the hub process"
     );
+    describe_gauge!(
+        STORE_HELD_BYTES,
+        Unit::Bytes,
+        "Bytes of queued messages held against storeLimits.maxSizeBytes"
+    );
+    describe_gauge!(STORE_LIMIT_BYTES, Unit::Bytes, "storeLimits.maxSizeBytes");
     describe_gauge!(
         STORE_BYTES,
         Unit::Bytes,
@@ -292,6 +299,14 @@ pub fn twin_reported(id: &str, secs: f64) {
 
 pub const STORE_BYTES: &str = "edgehub_store_bytes";
 
-pub fn store_bytes(n: u64) {
-    gauge!(STORE_BYTES).set(n as f64);
+pub const STORE_HELD_BYTES: &str = "edgehub_store_held_bytes";
+pub const STORE_LIMIT_BYTES: &str = "edgehub_store_limit_bytes";
+
+/// Disk used by the store, bytes held against `storeLimits.maxSizeBytes`, and that limit.
+pub fn store_bytes(disk: u64, held: u64, limit: Option<u64>) {
+    gauge!(STORE_BYTES).set(disk as f64);
+    gauge!(STORE_HELD_BYTES).set(held as f64);
+    if let Some(l) = limit {
+        gauge!(STORE_LIMIT_BYTES).set(l as f64);
+    }
 }

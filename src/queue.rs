@@ -42,6 +42,8 @@ pub enum QueueError {
     Closed,
     #[error("the message could not be stored")]
     Storage,
+    #[error("the store is full (storeLimits.maxSizeBytes)")]
+    StoreFull,
 }
 
 /// What a `pop` found.

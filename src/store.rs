@@ -51,6 +51,17 @@ pub enum StoreError {
     Fjall(String),
     #[error("store record {0}: {1}")]
     Corrupt(u64, String),
+    #[error("the store holds {stored} of its {limit} bytes (storeLimits.maxSizeBytes)")]
+    Full { stored: u64, limit: u64 },
+}
+
+/// What to do when a new message would take the store past its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Refuse the new message (the sender gets `amqp:resource-limit-exceeded`).
+    RejectNew,
+    /// Drop the oldest messages of the same queue to make room (counted as `overflow`).
+    DropOldest,
 }
 
 fn fj(e: impl std::fmt::Display) -> StoreError {
@@ -152,7 +163,12 @@ pub struct DurableStore {
     messages: fjall::PartitionHandle,
     queue: fjall::PartitionHandle,
     policy: SyncPolicy,
-    refcounts: Mutex<HashMap<u64, u32>>,
+    /// Message id → (queue entries pointing at it, bytes of its record).
+    refcounts: Mutex<HashMap<u64, (u32, u64)>>,
+    /// Bytes of message records and queue entries held: what `limit` caps.
+    stored: AtomicU64,
+    limit: Option<u64>,
+    pub overflow: Overflow,
     recovered: Mutex<HashMap<String, Vec<Recovered>>>,
     /// Writes made / writes covered by a completed fsync.
     written: AtomicU64,
@@ -162,14 +178,20 @@ pub struct DurableStore {
 
 impl DurableStore {
     /// Opens the store in `keyspace` and loads the index of every queue.
-    pub fn open(keyspace: fjall::Keyspace, policy: SyncPolicy) -> Result<Arc<Self>, StoreError> {
+    pub fn open(
+        keyspace: fjall::Keyspace,
+        policy: SyncPolicy,
+        limit: Option<u64>,
+        overflow: Overflow,
+    ) -> Result<Arc<Self>, StoreError> {
         let messages = keyspace
             .open_partition("messages", fjall::PartitionCreateOptions::default())
             .map_err(fj)?;
         let queue = keyspace
             .open_partition("queue", fjall::PartitionCreateOptions::default())
             .map_err(fj)?;
-        let mut refcounts: HashMap<u64, u32> = HashMap::new();
+        let mut refcounts: HashMap<u64, (u32, u64)> = HashMap::new();
+        let mut stored = 0u64;
         let mut recovered: HashMap<String, Vec<Recovered>> = HashMap::new();
         for kv in queue.iter() {
             let (k, v) = kv.map_err(fj)?;
@@ -181,7 +203,8 @@ impl DurableStore {
             };
             let msg_id = u64::from_be_bytes(v[..8].try_into().unwrap_or_default());
             let exp = i64::from_be_bytes(v[8..].try_into().unwrap_or_default());
-            *refcounts.entry(msg_id).or_default() += 1;
+            refcounts.entry(msg_id).or_default().0 += 1;
+            stored += (k.len() + v.len()) as u64;
             recovered.entry(endpoint).or_default().push(Recovered {
                 priority,
                 seq,
@@ -193,11 +216,15 @@ impl DurableStore {
         let mut max_id = 0;
         let mut orphans = Vec::new();
         for kv in messages.iter() {
-            let (k, _) = kv.map_err(fj)?;
+            let (k, v) = kv.map_err(fj)?;
             let id = u64::from_be_bytes(k[..].try_into().unwrap_or_default());
             max_id = max_id.max(id);
-            if !refcounts.contains_key(&id) {
-                orphans.push(id);
+            match refcounts.get_mut(&id) {
+                Some(r) => {
+                    r.1 = (k.len() + v.len()) as u64;
+                    stored += r.1;
+                }
+                None => orphans.push(id),
             }
         }
         for id in orphans {
@@ -210,6 +237,9 @@ impl DurableStore {
             queue,
             policy,
             refcounts: Mutex::new(refcounts),
+            stored: AtomicU64::new(stored),
+            limit,
+            overflow,
             recovered: Mutex::new(recovered),
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
@@ -285,6 +315,11 @@ impl DurableStore {
         self.keyspace.disk_space()
     }
 
+    /// Bytes held (message records and queue entries) and the limit, if any.
+    pub fn usage(&self) -> (u64, Option<u64>) {
+        (self.stored.load(Ordering::Relaxed), self.limit)
+    }
+
     fn put(
         &self,
         endpoint: &str,
@@ -293,48 +328,74 @@ impl DurableStore {
         msg: &Message,
         expires_ms: Option<i64>,
     ) -> Result<(), StoreError> {
+        let key = queue_key(endpoint, priority, seq);
+        let entry_bytes = (key.len() + 16) as u64;
         let mut batch = self.keyspace.batch();
-        {
+        let added = {
             let mut rc = self.refcounts.lock().unwrap_or_else(|p| p.into_inner());
-            let n = rc.entry(msg.id).or_default();
-            if *n == 0 {
-                batch.insert(&self.messages, msg.id.to_be_bytes(), encode(msg)?);
+            let record = match rc.get(&msg.id) {
+                Some((n, _)) if *n > 0 => None,
+                _ => Some(encode(msg)?),
+            };
+            let record_bytes = record.as_ref().map_or(0, |r| (r.len() + 8) as u64);
+            let added = record_bytes + entry_bytes;
+            let stored = self.stored.load(Ordering::Relaxed);
+            if let Some(limit) = self.limit {
+                if stored + added > limit {
+                    return Err(StoreError::Full { stored, limit });
+                }
             }
-            *n += 1;
-        }
+            if let Some(r) = record {
+                batch.insert(&self.messages, msg.id.to_be_bytes(), r);
+            }
+            let e = rc.entry(msg.id).or_default();
+            e.0 += 1;
+            e.1 += record_bytes;
+            self.stored.fetch_add(added, Ordering::Relaxed);
+            added
+        };
         let mut v = [0u8; 16];
         v[..8].copy_from_slice(&msg.id.to_be_bytes());
         v[8..].copy_from_slice(&expires_ms.unwrap_or(i64::MAX).to_be_bytes());
-        batch.insert(&self.queue, queue_key(endpoint, priority, seq), v);
+        batch.insert(&self.queue, key, v);
         let r = batch.commit().map_err(fj);
         if r.is_err() {
             self.unref(msg.id);
+            self.stored.fetch_sub(
+                added.min(self.stored.load(Ordering::Relaxed)),
+                Ordering::Relaxed,
+            );
         }
         r?;
         self.written.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
-    fn unref(&self, msg_id: u64) -> bool {
+    /// Drops one reference; returns the record's bytes when it was the last.
+    fn unref(&self, msg_id: u64) -> Option<u64> {
         let mut rc = self.refcounts.lock().unwrap_or_else(|p| p.into_inner());
         match rc.get_mut(&msg_id) {
-            Some(n) if *n > 1 => {
+            Some((n, _)) if *n > 1 => {
                 *n -= 1;
-                false
+                None
             }
-            Some(_) => {
-                rc.remove(&msg_id);
-                true
-            }
-            None => false,
+            Some(_) => rc.remove(&msg_id).map(|(_, bytes)| bytes),
+            None => None,
         }
     }
 
     fn remove(&self, endpoint: &str, priority: u32, seq: u64, msg_id: u64) {
         let last = self.unref(msg_id);
+        let key = queue_key(endpoint, priority, seq);
+        let freed = (key.len() + 16) as u64 + last.unwrap_or(0);
+        let _ = self
+            .stored
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                Some(s.saturating_sub(freed))
+            });
         let mut batch = self.keyspace.batch();
-        batch.remove(&self.queue, queue_key(endpoint, priority, seq));
-        if last {
+        batch.remove(&self.queue, key);
+        if last.is_some() {
             batch.remove(&self.messages, msg_id.to_be_bytes());
         }
         if let Err(e) = batch.commit() {
@@ -405,12 +466,39 @@ impl QueueStore for DurableQueue {
             return Err(QueueError::Full);
         }
         let seq = g.next_seq + 1;
-        if let Err(e) = self
-            .store
-            .put(&self.endpoint, priority, seq, &msg, expires_ms)
-        {
-            tracing::error!(endpoint = %self.endpoint, "message not stored: {e}");
-            return Err(QueueError::Storage);
+        loop {
+            match self
+                .store
+                .put(&self.endpoint, priority, seq, &msg, expires_ms)
+            {
+                Ok(()) => break,
+                Err(StoreError::Full { .. }) if self.store.overflow == Overflow::DropOldest => {
+                    // Make room with this queue's oldest pending message, if it has one.
+                    let oldest = g
+                        .pending
+                        .iter()
+                        .min_by_key(|((_, s), _)| *s)
+                        .map(|(k, _)| *k);
+                    let Some((p, s)) = oldest else {
+                        return Err(QueueError::StoreFull);
+                    };
+                    if let Some(e) = g.pending.remove(&(p, s)) {
+                        dec(&mut g.per_priority, p);
+                        self.store.remove(&self.endpoint, p, s, e.msg_id);
+                        let dropped = e
+                            .cached
+                            .or_else(|| self.store.load(e.msg_id).ok().map(Arc::new));
+                        if let Some(m) = dropped {
+                            crate::metrics::dropped(crate::metrics::DROP_OVERFLOW, &m);
+                        }
+                    }
+                }
+                Err(StoreError::Full { .. }) => return Err(QueueError::StoreFull),
+                Err(e) => {
+                    tracing::error!(endpoint = %self.endpoint, "message not stored: {e}");
+                    return Err(QueueError::Storage);
+                }
+            }
         }
         g.next_seq = seq;
         let msg_id = msg.id;
@@ -579,7 +667,13 @@ mod tests {
     #[test]
     fn durable_queue_conforms() {
         let dir = temp();
-        let store = DurableStore::open(open_keyspace(&dir).unwrap(), SyncPolicy::Commit).unwrap();
+        let store = DurableStore::open(
+            open_keyspace(&dir).unwrap(),
+            SyncPolicy::Commit,
+            None,
+            Overflow::RejectNew,
+        )
+        .unwrap();
         let n = std::sync::atomic::AtomicUsize::new(0);
         conformance(|cap| {
             let i = n.fetch_add(1, Ordering::Relaxed);
@@ -594,8 +688,13 @@ mod tests {
         let dir = temp();
         let (a, b, c) = (msg("a"), msg("b"), msg("c"));
         {
-            let store =
-                DurableStore::open(open_keyspace(&dir).unwrap(), SyncPolicy::Commit).unwrap();
+            let store = DurableStore::open(
+                open_keyspace(&dir).unwrap(),
+                SyncPolicy::Commit,
+                None,
+                Overflow::RejectNew,
+            )
+            .unwrap();
             let q1 = store.queue("d/x/in", 100);
             let q2 = store.queue("iothub", 100);
             q1.try_push(a.clone(), 5, None).unwrap();
@@ -613,7 +712,13 @@ mod tests {
                 "a is stored once for two queues"
             );
         }
-        let store = DurableStore::open(open_keyspace(&dir).unwrap(), SyncPolicy::Commit).unwrap();
+        let store = DurableStore::open(
+            open_keyspace(&dir).unwrap(),
+            SyncPolicy::Commit,
+            None,
+            Overflow::RejectNew,
+        )
+        .unwrap();
         let mut eps = store.recovered_endpoints();
         eps.sort();
         assert_eq!(eps, vec!["d/x/in".to_owned(), "iothub".to_owned()]);
@@ -635,9 +740,72 @@ mod tests {
     }
 
     #[test]
+    fn the_size_limit_holds_with_either_policy() {
+        for overflow in [Overflow::RejectNew, Overflow::DropOldest] {
+            let dir = temp();
+            // Room for about three messages.
+            let limit = 3 * 400;
+            let store = DurableStore::open(
+                open_keyspace(&dir).unwrap(),
+                SyncPolicy::Os,
+                Some(limit),
+                overflow,
+            )
+            .unwrap();
+            let q = store.queue("cap", 1000);
+            let mut accepted = Vec::new();
+            for i in 0..10 {
+                let m = msg(&format!("{i:0>200}"));
+                match q.try_push(m.clone(), 1, None) {
+                    Ok(_) => accepted.push(i),
+                    Err(e) => {
+                        assert_eq!(overflow, Overflow::RejectNew);
+                        assert_eq!(e, QueueError::StoreFull);
+                    }
+                }
+                assert!(
+                    store.usage().0 <= limit,
+                    "{:?} over the limit",
+                    store.usage()
+                );
+            }
+            match overflow {
+                Overflow::RejectNew => {
+                    // The first ones stay, later ones are refused.
+                    assert!(accepted.len() >= 2 && accepted.len() < 10, "{accepted:?}");
+                    assert_eq!(
+                        q.pop(0).item.unwrap().msg.body,
+                        format!("{:0>200}", 0).as_bytes()
+                    );
+                }
+                Overflow::DropOldest => {
+                    // Everything was accepted; the newest are kept.
+                    assert_eq!(accepted.len(), 10);
+                    let kept = q.lengths().values().sum::<usize>();
+                    assert!((2..10).contains(&kept), "{kept}");
+                    let mut last = None;
+                    while let Some(item) = q.pop(0).item {
+                        last = Some(item.msg.body.clone());
+                    }
+                    assert_eq!(last.unwrap(), format!("{:0>200}", 9).as_bytes());
+                }
+            }
+            drop(q);
+            drop(store);
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    #[test]
     fn expired_messages_leave_the_store() {
         let dir = temp();
-        let store = DurableStore::open(open_keyspace(&dir).unwrap(), SyncPolicy::Os).unwrap();
+        let store = DurableStore::open(
+            open_keyspace(&dir).unwrap(),
+            SyncPolicy::Os,
+            None,
+            Overflow::RejectNew,
+        )
+        .unwrap();
         let q = store.queue("e", 10);
         q.try_push(msg("long"), 1, Some(10_000)).unwrap();
         q.try_push(msg("short"), 1, Some(100)).unwrap();

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{start_hub, WAIT};
+use common::{start_hub, start_hub_with, WAIT};
 use edgehub::message::{CONNECTION_DEVICE_ID, CONNECTION_MODULE_ID, INPUT_NAME_ANNOTATION};
 use fe2o3_amqp::types::{
     messaging::{annotations::OwnedKey, Body, Message, Outcome, Properties},
@@ -367,4 +367,58 @@ async fn shutdown_detaches_links_with_a_retryable_condition() {
         .unwrap_err();
     let text = format!("{err:?}");
     assert!(text.contains("DetachForced"), "{text}");
+}
+
+#[tokio::test]
+async fn a_full_store_refuses_new_messages_and_keeps_the_accepted_ones() {
+    let hub = start_hub_with(
+        ROUTES,
+        "{}",
+        r#"{"timeToLiveSecs": 7200, "storeLimits": {"maxSizeBytes": 2000}}"#,
+    )
+    .await;
+    let mut a = hub.connect("A").await;
+    let mut tx = a.sender(A_EVENTS).await.unwrap();
+    let mut accepted = Vec::new();
+    let mut refused = None;
+    for i in 0..50 {
+        match timeout(WAIT, tx.send(output(&"x".repeat(200), &format!("m{i}"))))
+            .await
+            .unwrap()
+        {
+            Ok(Outcome::Accepted(_)) => accepted.push(i),
+            Ok(Outcome::Rejected(r)) => {
+                refused = r.error;
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let error = refused.expect("the store filled up");
+    assert_eq!(
+        error.condition,
+        fe2o3_amqp::types::definitions::AmqpError::ResourceLimitExceeded.into()
+    );
+    assert!(error
+        .description
+        .unwrap_or_default()
+        .contains("maxSizeBytes"));
+    assert!(!accepted.is_empty());
+    // Everything accepted is delivered.
+    let mut b = hub.connect("B").await;
+    let mut rx = b.receiver(B_INPUTS).await.unwrap();
+    for i in &accepted {
+        let d = timeout(WAIT, rx.recv::<Body<Value>>())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            d.message().properties.as_ref().unwrap().message_id,
+            Some(format!("m{i}").into())
+        );
+        rx.accept(&d).await.unwrap();
+    }
+    a.close().await;
+    b.close().await;
+    hub.stop().await;
 }

@@ -329,6 +329,9 @@ pub(crate) async fn enqueue(core: &HubCore, msg: &Arc<Message>) -> Result<usize,
                     format!("the queue of endpoint {endpoint} is full; retry later")
                 }
                 QueueError::Closed => format!("endpoint {endpoint} is closed"),
+                QueueError::StoreFull => format!(
+                    "the store is full (storeLimits.maxSizeBytes); endpoint {endpoint} cannot take more"
+                ),
                 QueueError::Storage => {
                     format!("the message could not be stored for endpoint {endpoint}; retry later")
                 }

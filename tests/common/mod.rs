@@ -28,6 +28,11 @@ pub struct TestHub {
 
 /// Starts a hub with modules `A` and `B` and the given `$edgeHub.routes` (JSON object text).
 pub async fn start_hub(routes: &str, limits: &str) -> TestHub {
+    start_hub_with(routes, limits, r#"{"timeToLiveSecs": 7200}"#).await
+}
+
+/// Like `start_hub`, with the `storeAndForwardConfiguration` given (JSON object text).
+pub async fn start_hub_with(routes: &str, limits: &str, store_and_forward: &str) -> TestHub {
     let dir = std::env::temp_dir().join(format!("edgehub-test-{}", uuid::Uuid::new_v4()));
     let text = format!(
         r#"{{
@@ -38,7 +43,7 @@ pub async fn start_hub(routes: &str, limits: &str) -> TestHub {
             "dataDir": "{}",
             "limits": {limits},
             "modules": {{"A": {{}}, "B": {{}}}},
-            "$edgeHub": {{"schemaVersion": "1.1", "routes": {routes}, "storeAndForwardConfiguration": {{"timeToLiveSecs": 7200}}}}
+            "$edgeHub": {{"schemaVersion": "1.1", "routes": {routes}, "storeAndForwardConfiguration": {store_and_forward}}}
         }}"#,
         dir.join("data").display()
     );
