@@ -112,7 +112,12 @@ pub fn parse_statement(text: &str) -> Result<Statement, RouteError> {
     let s = text.trim();
     let mut rest = s;
     // Optional SELECT *
-    if rest.len() >= 6 && rest[..6].eq_ignore_ascii_case("select") {
+    // `get` rather than indexing: the text may have multi-byte characters anywhere.
+    let starts_with_keyword = |s: &str, kw: &str| {
+        s.get(..kw.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(kw))
+    };
+    if starts_with_keyword(rest, "select") {
         let after = rest[6..].trim_start();
         let Some(after) = after.strip_prefix('*') else {
             return err("only `SELECT *` is supported");
@@ -120,7 +125,7 @@ pub fn parse_statement(text: &str) -> Result<Statement, RouteError> {
         rest = after.trim_start();
     }
     if !(rest.len() >= 4
-        && rest[..4].eq_ignore_ascii_case("from")
+        && starts_with_keyword(rest, "from")
         && rest[4..].starts_with(char::is_whitespace))
     {
         return err("a route must start with `FROM <source>` (optionally after `SELECT *`)");
@@ -309,6 +314,9 @@ mod tests {
             "SELECT a FROM /messages INTO $upstream",
             "FROM /mess ages INTO $upstream",
             "FROM //x INTO $upstream",
+            "1>/\u{2c1}?*",
+            "sel\u{e9}ct * FROM /x INTO $upstream",
+            "fro\u{e9} /x INTO $upstream",
             "FROM /messages WHERE nosuchfn(1) INTO $upstream",
             "FROM /messages WHERE (a = 'b' INTO $upstream",
             "FROM /messages WHERE twin_change_includes(properties.reported.x) INTO $upstream",
