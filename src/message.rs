@@ -372,6 +372,38 @@ impl crate::condition::MessageView for RoutingView<'_> {
         self.parsed_body()
     }
 
+    fn system_property_ref(&self, name: &str) -> Option<crate::condition::Prop<'_>> {
+        use crate::condition::Prop;
+        use std::borrow::Cow::Borrowed;
+        // The common ones without a copy; the rest through `system_property`.
+        let p = self.msg.properties.as_ref();
+        fn lent(s: Option<&str>) -> Option<Prop<'_>> {
+            s.map(|s| Prop::Str(Borrowed(s)))
+        }
+        if name.eq_ignore_ascii_case("connectionModuleId") {
+            return lent(self.msg.from.module().map(|m| m.as_str()));
+        }
+        if name.eq_ignore_ascii_case("connectionDeviceId") {
+            return lent(Some(self.msg.from.device().as_str()));
+        }
+        if name.eq_ignore_ascii_case("outputName") {
+            return lent(self.msg.output.as_deref());
+        }
+        if name.eq_ignore_ascii_case("contentType") {
+            return lent(
+                p.and_then(|p| p.content_type.as_ref())
+                    .map(|c| c.0.as_str()),
+            );
+        }
+        if name.eq_ignore_ascii_case("contentEncoding") {
+            return lent(
+                p.and_then(|p| p.content_encoding.as_ref())
+                    .map(|c| c.0.as_str()),
+            );
+        }
+        self.system_property(name).map(Prop::from)
+    }
+
     fn app_property_ref(&self, name: &str) -> Option<crate::condition::Prop<'_>> {
         use crate::condition::Prop;
         self.msg
