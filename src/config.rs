@@ -122,6 +122,8 @@ pub struct Storage {
     pub sync: crate::store::SyncPolicy,
     /// What happens when `storeLimits.maxSizeBytes` is reached.
     pub overflow: crate::store::Overflow,
+    /// Endpoints that serve fresh messages interleaved with their backlog.
+    pub live_first: Vec<crate::route::Sink>,
 }
 
 impl Default for Storage {
@@ -130,6 +132,7 @@ impl Default for Storage {
             persistent: true,
             sync: crate::store::SyncPolicy::Commit,
             overflow: crate::store::Overflow::RejectNew,
+            live_first: Vec::new(),
         }
     }
 }
@@ -479,7 +482,35 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
 
     let mut storage = Storage::default();
     if let Some(s) = o.get("storage") {
-        if let Some(s) = w.object(s, "$.storage", &["persistent", "sync", "overflow"]) {
+        if let Some(s) = w.object(
+            s,
+            "$.storage",
+            &["persistent", "sync", "overflow", "liveFirst"],
+        ) {
+            match s.get("liveFirst") {
+                None => {}
+                Some(Value::Array(items)) => {
+                    for (i, item) in items.iter().enumerate() {
+                        let path = format!("$.storage.liveFirst[{i}]");
+                        let sink = item.as_str().and_then(|t| {
+                            if t.eq_ignore_ascii_case("$upstream") {
+                                Some(crate::route::Sink::Upstream)
+                            } else {
+                                let f = format!("FROM /x INTO BrokeredEndpoint(\"{t}\")");
+                                crate::route::parse_statement(&f).ok().map(|st| st.sink)
+                            }
+                        });
+                        match sink {
+                            Some(s) => storage.live_first.push(s),
+                            None => w.err(
+                                &path,
+                                "must be \"$upstream\" or \"/modules/<module>/inputs/<input>\"",
+                            ),
+                        }
+                    }
+                }
+                Some(_) => w.err("$.storage.liveFirst", "must be a list of endpoints"),
+            }
             match s.get("overflow").map(|v| v.as_str()) {
                 None => {}
                 Some(Some("rejectNew")) => storage.overflow = crate::store::Overflow::RejectNew,
@@ -861,6 +892,25 @@ mod tests {
         assert_eq!(paths.len(), 2, "{paths:?}");
         assert!(paths.contains(&"$[\"$edgeHub\"].routes.broken"));
         assert!(paths.contains(&"$[\"$edgeHub\"].routes.ghost"));
+    }
+
+    #[test]
+    fn storage_options() {
+        let text = GOOD.replace(
+            "\"dataDir\": \"data\",",
+            "\"dataDir\": \"data\", \"storage\": {\"sync\": \"os\", \"overflow\": \"dropOldest\", \"liveFirst\": [\"$upstream\", \"/modules/b/inputs/in1\"]},",
+        );
+        let s = from_str(&text, &env(&[])).unwrap();
+        assert_eq!(s.storage.sync, crate::store::SyncPolicy::Os);
+        assert_eq!(s.storage.overflow, crate::store::Overflow::DropOldest);
+        assert_eq!(s.storage.live_first.len(), 2);
+        let bad = GOOD.replace("\"dataDir\": \"data\",", "\"dataDir\": \"data\", \"storage\": {\"liveFirst\": [\"nowhere\"], \"sync\": \"sometimes\"},");
+        let errs = from_str(&bad, &env(&[])).unwrap_err().0;
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert!(
+            paths.contains(&"$.storage.liveFirst[0]") && paths.contains(&"$.storage.sync"),
+            "{paths:?}"
+        );
     }
 
     #[test]

@@ -48,14 +48,22 @@ impl HubCore {
     ) -> Self {
         let auth = Authenticator::new(&settings, device_key);
         let capacity = settings.limits.queue_capacity;
+        let live = settings.storage.live_first.clone();
+        let live_first =
+            move |id: &str| crate::router::sink_of(id).is_some_and(|s| live.contains(&s));
         let queues: Box<crate::router::QueueFactory> = match &store {
             Some(s) => {
                 let s = s.clone();
                 Box::new(move |id: &str| {
-                    Arc::new(s.queue(id, capacity)) as Arc<dyn crate::queue::QueueStore>
+                    Arc::new(s.queue(id, capacity, live_first(id)))
+                        as Arc<dyn crate::queue::QueueStore>
                 })
             }
-            None => crate::router::memory_queues(capacity),
+            None => Box::new(move |id: &str| {
+                let q = crate::queue::MemoryQueue::new(capacity);
+                let q = if live_first(id) { q.live_first() } else { q };
+                Arc::new(q) as Arc<dyn crate::queue::QueueStore>
+            }),
         };
         // Queues that hold messages from before a restart exist even if no route feeds them.
         let recovered: Vec<crate::route::Sink> = store

@@ -79,8 +79,33 @@ pub trait QueueStore: Send + Sync + 'static {
     }
 }
 
+/// Takes the next pending entry: the oldest of the best priority, or, with `live_first`,
+/// alternately the oldest and the newest, so fresh messages are not stuck behind a backlog.
+pub(crate) fn take_next<V>(
+    pending: &mut BTreeMap<(u32, u64), V>,
+    live_first: bool,
+    newest_next: &mut bool,
+) -> Option<((u32, u64), V)> {
+    if !live_first {
+        return pending.pop_first();
+    }
+    let (&(p, _), _) = pending.first_key_value()?;
+    let take_newest = std::mem::replace(newest_next, !*newest_next);
+    let key = if take_newest {
+        pending
+            .range((p, 0)..=(p, u64::MAX))
+            .next_back()
+            .map(|(k, _)| *k)?
+    } else {
+        pending.first_key_value().map(|(k, _)| *k)?
+    };
+    pending.remove(&key).map(|v| (key, v))
+}
+
 #[derive(Default)]
 struct MemInner {
+    live_first: bool,
+    newest_next: bool,
     next_seq: u64,
     pending: BTreeMap<(u32, u64), Queued>,
     in_flight: HashMap<u64, Queued>,
@@ -99,6 +124,12 @@ impl MemoryQueue {
             capacity,
             inner: Mutex::new(MemInner::default()),
         }
+    }
+
+    /// Serves the newest messages interleaved with the oldest (see [`take_next`]).
+    pub fn live_first(self) -> Self {
+        self.lock().live_first = true;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MemInner> {
@@ -144,7 +175,11 @@ impl QueueStore for MemoryQueue {
     fn pop(&self, now_ms: i64) -> Popped {
         let mut g = self.lock();
         let mut expired = Vec::new();
-        while let Some((_, q)) = g.pending.pop_first() {
+        loop {
+            let g = &mut *g;
+            let Some((_, q)) = take_next(&mut g.pending, g.live_first, &mut g.newest_next) else {
+                break;
+            };
             if q.expires_ms.is_some_and(|e| e <= now_ms) {
                 dec(&mut g.per_priority, q.priority);
                 expired.push(q);
@@ -377,6 +412,23 @@ pub(crate) mod tests {
         assert_eq!(p.expired.len(), 1);
         assert_eq!(p.item.unwrap().seq, live);
         assert_eq!(q.lengths().get(&1), Some(&1));
+    }
+
+    #[test]
+    fn live_first_interleaves_the_newest_with_the_oldest() {
+        let q = MemoryQueue::new(100).live_first();
+        let seqs: Vec<u64> = (0..6)
+            .map(|_| q.try_push(msg(), 3, None).unwrap())
+            .collect();
+        let order: Vec<u64> = (0..6).map(|_| q.pop(0).item.unwrap().seq).collect();
+        assert_eq!(
+            order,
+            vec![seqs[0], seqs[5], seqs[1], seqs[4], seqs[2], seqs[3]]
+        );
+        // A better priority still goes first.
+        q.try_push(msg(), 9, None).unwrap();
+        let urgent = q.try_push(msg(), 0, None).unwrap();
+        assert_eq!(q.pop(0).item.unwrap().seq, urgent);
     }
 
     #[test]

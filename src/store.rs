@@ -42,7 +42,7 @@ use serde_amqp::primitives::OrderedMap;
 use crate::{
     identity::{DeviceId, Identity, ModuleId},
     message::Message,
-    queue::{Popped, QueueError, QueueStore, Queued},
+    queue::{take_next, Popped, QueueError, QueueStore, Queued},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -258,14 +258,22 @@ impl DurableStore {
     }
 
     /// The queue for `endpoint`, seeded with what the store holds for it.
-    pub fn queue(self: &Arc<Self>, endpoint: &str, capacity: usize) -> DurableQueue {
+    pub fn queue(
+        self: &Arc<Self>,
+        endpoint: &str,
+        capacity: usize,
+        live_first: bool,
+    ) -> DurableQueue {
         let entries = self
             .recovered
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(endpoint)
             .unwrap_or_default();
-        let mut inner = DqInner::default();
+        let mut inner = DqInner {
+            live_first,
+            ..Default::default()
+        };
         for e in entries {
             inner.next_seq = inner.next_seq.max(e.seq);
             *inner.per_priority.entry(e.priority).or_default() += 1;
@@ -428,6 +436,8 @@ struct Entry {
 
 #[derive(Default)]
 struct DqInner {
+    live_first: bool,
+    newest_next: bool,
     next_seq: u64,
     pending: BTreeMap<(u32, u64), Entry>,
     in_flight: HashMap<u64, (u32, Entry)>,
@@ -519,7 +529,13 @@ impl QueueStore for DurableQueue {
     fn pop(&self, now_ms: i64) -> Popped {
         let mut g = self.lock();
         let mut expired = Vec::new();
-        while let Some(((priority, seq), entry)) = g.pending.pop_first() {
+        loop {
+            let inner = &mut *g;
+            let Some(((priority, seq), entry)) =
+                take_next(&mut inner.pending, inner.live_first, &mut inner.newest_next)
+            else {
+                break;
+            };
             let msg = match &entry.cached {
                 Some(m) => Ok(m.clone()),
                 None => self.store.load(entry.msg_id).map(Arc::new),
@@ -677,7 +693,7 @@ mod tests {
         let n = std::sync::atomic::AtomicUsize::new(0);
         conformance(|cap| {
             let i = n.fetch_add(1, Ordering::Relaxed);
-            Arc::new(store.queue(&format!("ep{i}"), cap))
+            Arc::new(store.queue(&format!("ep{i}"), cap, false))
         });
         drop(store);
         let _ = std::fs::remove_dir_all(dir);
@@ -695,8 +711,8 @@ mod tests {
                 Overflow::RejectNew,
             )
             .unwrap();
-            let q1 = store.queue("d/x/in", 100);
-            let q2 = store.queue("iothub", 100);
+            let q1 = store.queue("d/x/in", 100, false);
+            let q2 = store.queue("iothub", 100, false);
             q1.try_push(a.clone(), 5, None).unwrap();
             q1.try_push(b.clone(), 5, Some(i64::MAX - 1)).unwrap();
             q1.try_push(c.clone(), 0, None).unwrap();
@@ -722,7 +738,7 @@ mod tests {
         let mut eps = store.recovered_endpoints();
         eps.sort();
         assert_eq!(eps, vec!["d/x/in".to_owned(), "iothub".to_owned()]);
-        let q1 = store.queue("d/x/in", 100);
+        let q1 = store.queue("d/x/in", 100, false);
         assert_eq!(q1.lengths().get(&5), Some(&2));
         let got: Vec<Arc<Message>> = (0..2).map(|_| q1.pop(0).item.unwrap().msg).collect();
         assert_eq!(got[0].body, b"a");
@@ -752,7 +768,7 @@ mod tests {
                 overflow,
             )
             .unwrap();
-            let q = store.queue("cap", 1000);
+            let q = store.queue("cap", 1000, false);
             let mut accepted = Vec::new();
             for i in 0..10 {
                 let m = msg(&format!("{i:0>200}"));
@@ -806,7 +822,7 @@ mod tests {
             Overflow::RejectNew,
         )
         .unwrap();
-        let q = store.queue("e", 10);
+        let q = store.queue("e", 10, false);
         q.try_push(msg("long"), 1, Some(10_000)).unwrap();
         q.try_push(msg("short"), 1, Some(100)).unwrap();
         let gone = q.expire(500);
