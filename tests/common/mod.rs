@@ -34,6 +34,16 @@ pub async fn start_hub(routes: &str, limits: &str) -> TestHub {
 /// Like `start_hub`, with the `storeAndForwardConfiguration` given (JSON object text).
 pub async fn start_hub_with(routes: &str, limits: &str, store_and_forward: &str) -> TestHub {
     let dir = std::env::temp_dir().join(format!("edgehub-test-{}", uuid::Uuid::new_v4()));
+    start(dir, routes, limits, store_and_forward).await
+}
+
+/// Like `start_hub`, with its data directory under `parent`.
+pub async fn start_hub_in(parent: &std::path::Path, routes: &str) -> TestHub {
+    let dir = parent.join(format!("edgehub-test-{}", uuid::Uuid::new_v4()));
+    start(dir, routes, "{}", r#"{"timeToLiveSecs": 7200}"#).await
+}
+
+async fn start(dir: PathBuf, routes: &str, limits: &str, store_and_forward: &str) -> TestHub {
     let text = format!(
         r#"{{
             "deviceId": "edge1",
