@@ -30,15 +30,16 @@ cargo clippy --all-targets --quiet -- -D warnings
 echo "== cargo build (the binary the interop tests start)"
 cargo build --quiet --bins
 
-echo "== cargo test"
-cargo test --quiet --all-targets
-
-echo "== interop tests (Node SDK)"
-(cd tests && EDGEHUB_BIN="$PWD/../target/debug/edgehub" node --test --test-concurrency=1 interop/)
-
 echo "== fuzz: route and condition parser (cargo fuzz, 30 s)"
 if ! command -v cargo-fuzz >/dev/null; then
   cargo install cargo-fuzz --locked --quiet
 fi
 # cargo fuzz needs nightly-only compiler flags; RUSTC_BOOTSTRAP lets the stable toolchain take them.
 RUSTC_BOOTSTRAP=1 cargo fuzz run routes --fuzz-dir tests/fuzz -- -max_total_time=30 -print_final_stats=1 2>&1 | tail -n 3
+
+echo "== cargo test"
+cargo test --quiet --all-targets
+
+echo "== interop tests (Node SDK)"
+(cd tests && EDGEHUB_BIN="$PWD/../target/debug/edgehub" node --test --test-concurrency=1 interop/)
+
