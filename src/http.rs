@@ -22,13 +22,18 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
     r
 }
 
+/// Brings gauges up to date just before a scrape.
+pub type Refresh = std::sync::Arc<dyn Fn() + Send + Sync>;
+
 async fn metrics_service(
     req: Request<Incoming>,
     handle: PrometheusHandle,
+    refresh: Refresh,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
             crate::metrics::process_gauges();
+            refresh();
             respond(StatusCode::OK, "text/plain; version=0.0.4", handle.render())
         }
         (_, "/metrics") => respond(
@@ -48,6 +53,7 @@ pub async fn serve_metrics(
     listener: TcpListener,
     handle: PrometheusHandle,
     shutdown: CancellationToken,
+    refresh: Refresh,
 ) {
     let tracker = TaskTracker::new();
     loop {
@@ -60,8 +66,9 @@ pub async fn serve_metrics(
         };
         let handle = handle.clone();
         let shutdown = shutdown.clone();
+        let refresh = refresh.clone();
         tracker.spawn(async move {
-            let svc = service_fn(move |req| metrics_service(req, handle.clone()));
+            let svc = service_fn(move |req| metrics_service(req, handle.clone(), refresh.clone()));
             let conn = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))

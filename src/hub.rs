@@ -82,9 +82,6 @@ impl HubCore {
             &*queues,
             &recovered,
         );
-        for e in router.endpoints() {
-            e.publish_lengths();
-        }
         Self {
             settings,
             auth,
@@ -136,11 +133,21 @@ impl HubCore {
             &*self.queues,
         );
         for e in next.endpoints() {
-            e.publish_lengths();
             // Wake input links so they pick up endpoints the new routes added.
             e.ready.notify_one();
         }
         *guard = Arc::new(next);
+    }
+
+    /// Sets the gauges that are computed rather than counted: queue lengths and store size.
+    pub fn refresh_gauges(&self) {
+        for e in self.router().endpoints() {
+            e.publish_lengths();
+        }
+        if let Some(s) = &self.store {
+            let (held, limit) = s.usage();
+            m::store_bytes(s.disk_bytes(), held, limit);
+        }
     }
 
     pub fn router(&self) -> Arc<Router> {
@@ -344,7 +351,14 @@ impl Hub {
         }
         tasks.spawn(housekeeping(core.clone(), shutdown.clone()));
         if let Some(l) = metrics {
-            tasks.spawn(crate::http::serve_metrics(l, handle, shutdown.clone()));
+            let c = core.clone();
+            let refresh: crate::http::Refresh = Arc::new(move || c.refresh_gauges());
+            tasks.spawn(crate::http::serve_metrics(
+                l,
+                handle,
+                shutdown.clone(),
+                refresh,
+            ));
         }
         tasks.close();
         crate::amqp::log_ready(amqps_addr);
@@ -371,8 +385,8 @@ impl Hub {
     }
 }
 
-/// Once a second: drops expired messages from every queue (so a message with a short TTL does
-/// not wait behind longer-lived ones) and refreshes the store-size gauge.
+/// Once a second: drops expired messages from every queue, so a message with a short TTL does
+/// not wait behind longer-lived ones.
 async fn housekeeping(core: Arc<HubCore>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -383,10 +397,6 @@ async fn housekeeping(core: Arc<HubCore>, shutdown: CancellationToken) {
         }
         for e in core.router().endpoints() {
             e.expire_now();
-        }
-        if let Some(s) = &core.store {
-            let (held, limit) = s.usage();
-            m::store_bytes(s.disk_bytes(), held, limit);
         }
     }
 }
