@@ -162,4 +162,27 @@ function httpsPost(hub, path, headers, body) {
   }), 60000, `POST ${path}`);
 }
 
-module.exports = { startHub, withTimeout, sasToken, scrape, httpsPost };
+/// A ModuleClient made the way an IoT Edge module makes it: from the two environment values
+/// `edgehub module-env` prints, via `ModuleClient.fromEnvironment`.
+function fromEnv(env) {
+  const { ModuleClient } = require('azure-iot-device');
+  const { Amqp } = require('azure-iot-device-amqp');
+  const saved = { ...process.env };
+  Object.assign(process.env, env);
+  return new Promise((resolve, reject) => {
+    ModuleClient.fromEnvironment(Amqp, (err, client) => {
+      process.env = saved;
+      if (err) reject(err);
+      else resolve(client);
+    });
+  });
+}
+
+/// `fromEnv` for a module of `hub`, opened.
+async function openClient(hub, module) {
+  const c = await fromEnv(hub.env(module));
+  await withTimeout(c.open(), 15000, `${module} open`);
+  return c;
+}
+
+module.exports = { startHub, withTimeout, sasToken, scrape, httpsPost, fromEnv, openClient };

@@ -2,24 +2,10 @@
 // Direct methods between two Node SDK modules through the hub's HTTPS method API.
 const test = require('node:test');
 const assert = require('node:assert/strict');
-const { ModuleClient } = require('azure-iot-device');
-const { Amqp } = require('azure-iot-device-amqp');
-const { startHub, withTimeout, sasToken, scrape, httpsPost } = require('./hub');
+const { fromEnv, httpsPost, openClient, sasToken, scrape, startHub, withTimeout } = require('./hub');
 
 const HUB = 'test-hub.azure-devices.net';
 const hour = () => Math.floor(Date.now() / 1000) + 3600;
-
-function fromEnv(env) {
-  const saved = { ...process.env };
-  Object.assign(process.env, env);
-  return new Promise((resolve, reject) => {
-    ModuleClient.fromEnvironment(Amqp, (err, client) => {
-      process.env = saved;
-      if (err) reject(err);
-      else resolve(client);
-    });
-  });
-}
 
 function statusOf(err) {
   return err && err.response && err.response.statusCode;
@@ -30,8 +16,11 @@ test('direct methods', async (t) => {
   const a = await fromEnv(hub.env('A'));
   const b = await fromEnv(hub.env('B'));
   t.after(async () => {
-    await withTimeout(Promise.all([a.close(), b.close()]), 10000, 'closing clients');
-    await hub.stop();
+    try {
+      await withTimeout(Promise.all([a.close(), b.close()]), 10000, 'closing clients');
+    } finally {
+      await hub.stop();
+    }
   });
   await withTimeout(a.open(), 15000, 'A open');
   await withTimeout(b.open(), 15000, 'B open');

@@ -2,28 +2,9 @@
 // Two modules built with the real Azure IoT Node SDK, talking through edgehub.
 const test = require('node:test');
 const assert = require('node:assert/strict');
-const { ModuleClient, Message } = require('azure-iot-device');
-const { Amqp } = require('azure-iot-device-amqp');
-const { startHub, withTimeout, scrape } = require('./hub');
+const { Message } = require('azure-iot-device');
+const { fromEnv, openClient, scrape, startHub, withTimeout } = require('./hub');
 
-function fromEnv(env) {
-  // What the IoT Edge runtime does: put the two values in the module's environment.
-  const saved = { ...process.env };
-  Object.assign(process.env, env);
-  return new Promise((resolve, reject) => {
-    ModuleClient.fromEnvironment(Amqp, (err, client) => {
-      process.env = saved;
-      if (err) reject(err);
-      else resolve(client);
-    });
-  });
-}
-
-function nextInput(client) {
-  return new Promise((resolve) => {
-    client.once('inputMessage', (inputName, msg) => resolve({ inputName, msg }));
-  });
-}
 
 test('output of A reaches input of B with body, ids and properties intact', async (t) => {
   const hub = await startHub({
@@ -35,8 +16,11 @@ test('output of A reaches input of B with body, ids and properties intact', asyn
   const a = await fromEnv(hub.env('A'));
   const b = await fromEnv(hub.env('B'));
   t.after(async () => {
-    await withTimeout(Promise.all([a.close(), b.close()]), 10000, 'closing clients');
-    await hub.stop();
+    try {
+      await withTimeout(Promise.all([a.close(), b.close()]), 10000, 'closing clients');
+    } finally {
+      await hub.stop();
+    }
   });
   await withTimeout(a.open(), 15000, 'A open');
   await withTimeout(b.open(), 15000, 'B open');
@@ -88,8 +72,11 @@ test('routes reload on SIGHUP without dropping connections', async (t) => {
   const a = await fromEnv(hub.env('A'));
   const b = await fromEnv(hub.env('B'));
   t.after(async () => {
-    await withTimeout(Promise.all([a.close(), b.close()]), 10000, 'closing clients');
-    await hub.stop();
+    try {
+      await withTimeout(Promise.all([a.close(), b.close()]), 10000, 'closing clients');
+    } finally {
+      await hub.stop();
+    }
   });
   await withTimeout(a.open(), 15000, 'A open');
   await withTimeout(b.open(), 15000, 'B open');
@@ -122,8 +109,11 @@ test('a scrape taken under load passes promtool check metrics', async (t) => {
   const a = await fromEnv(hub.env('A'));
   const b = await fromEnv(hub.env('B'));
   t.after(async () => {
-    await withTimeout(Promise.all([a.close(), b.close()]), 10000, 'closing clients');
-    await hub.stop();
+    try {
+      await withTimeout(Promise.all([a.close(), b.close()]), 10000, 'closing clients');
+    } finally {
+      await hub.stop();
+    }
   });
   await withTimeout(a.open(), 15000, 'A open');
   await withTimeout(b.open(), 15000, 'B open');

@@ -2,27 +2,8 @@
 // Route conditions and priorities end to end with the Node SDK.
 const test = require('node:test');
 const assert = require('node:assert/strict');
-const { ModuleClient, Message } = require('azure-iot-device');
-const { Amqp } = require('azure-iot-device-amqp');
-const { startHub, withTimeout } = require('./hub');
-
-function fromEnv(env) {
-  const saved = { ...process.env };
-  Object.assign(process.env, env);
-  return new Promise((resolve, reject) => {
-    ModuleClient.fromEnvironment(Amqp, (err, client) => {
-      process.env = saved;
-      if (err) reject(err);
-      else resolve(client);
-    });
-  });
-}
-
-async function openClient(hub, module) {
-  const c = await fromEnv(hub.env(module));
-  await withTimeout(c.open(), 15000, `${module} open`);
-  return c;
-}
+const { Message } = require('azure-iot-device');
+const { fromEnv, openClient, startHub, withTimeout } = require('./hub');
 
 function json(id, body, props = {}) {
   const m = new Message(JSON.stringify(body));
@@ -47,8 +28,11 @@ test('conditions on an application property, $body and $connectionModuleId', asy
   const b = await openClient(hub, 'B');
   const c = await openClient(hub, 'C');
   t.after(async () => {
-    await withTimeout(Promise.all([a.close(), b.close(), c.close()]), 10000, 'close');
-    await hub.stop();
+    try {
+      await withTimeout(Promise.all([a.close(), b.close(), c.close()]), 20000, 'close');
+    } finally {
+      await hub.stop();
+    }
   });
 
   const expected = new Map([
@@ -104,8 +88,11 @@ test('a priority-0 route overtakes a backlog of priority-5 messages', async (t) 
   const a = await openClient(hub, 'A');
   let b;
   t.after(async () => {
-    await withTimeout(Promise.all([a.close(), b && b.close()]), 10000, 'close');
-    await hub.stop();
+    try {
+      await withTimeout(Promise.all([a.close(), b && b.close()]), 20000, 'close');
+    } finally {
+      await hub.stop();
+    }
   });
   // B is offline while the backlog builds up.
   const sends = [];
@@ -123,6 +110,8 @@ test('a priority-0 route overtakes a backlog of priority-5 messages', async (t) 
   const firstArrival = new Promise((resolve) => {
     b.once('inputMessage', (input, msg) => resolve(msg.messageId));
   });
+  // Settle everything, so closing does not wait on unsettled deliveries.
+  b.on('inputMessage', (input, msg) => b.complete(msg, () => {}));
   await withTimeout(b.open(), 15000, 'B open');
   const first = await withTimeout(firstArrival, 15000, 'first message at B');
   assert.equal(first, 'urgent');

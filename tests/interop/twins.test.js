@@ -3,27 +3,7 @@
 // reload, isolation, persistence across a restart, and no missed desired updates.
 const test = require('node:test');
 const assert = require('node:assert/strict');
-const { ModuleClient } = require('azure-iot-device');
-const { Amqp } = require('azure-iot-device-amqp');
-const { startHub, withTimeout, scrape } = require('./hub');
-
-function fromEnv(env) {
-  const saved = { ...process.env };
-  Object.assign(process.env, env);
-  return new Promise((resolve, reject) => {
-    ModuleClient.fromEnvironment(Amqp, (err, client) => {
-      process.env = saved;
-      if (err) reject(err);
-      else resolve(client);
-    });
-  });
-}
-
-async function openClient(hub, module) {
-  const c = await fromEnv(hub.env(module));
-  await withTimeout(c.open(), 15000, `${module} open`);
-  return c;
-}
+const { fromEnv, openClient, scrape, startHub, withTimeout } = require('./hub');
 
 function updateReported(twin, patch) {
   return withTimeout(new Promise((resolve, reject) => {
