@@ -94,10 +94,79 @@ pub fn run(path: &Path, env: &HashMap<String, String>) -> Vec<Outcome> {
     out.extend(certificates(&settings));
     out.extend(ports(&settings));
     out.extend(data_dir(&settings));
-    out.push(ok(
-        "upstream: none configured (standalone mode), nothing to reach",
-    ));
+    out.push(upstream(&settings));
     out
+}
+
+/// Connects to the configured upstream and completes a TLS handshake with the CA it is
+/// configured to trust (so a wrong CA or host name shows here, not only in the hub's log).
+fn upstream(s: &Settings) -> Outcome {
+    let Some(up) = &s.upstream else {
+        return ok("upstream: none configured (standalone mode), nothing to reach");
+    };
+    let target = format!("{}:{}", up.hostname, up.port);
+    let what = |m: &str| format!("upstream {target}: {m}");
+    let roots = match crate::upstream::tls_roots(up) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                what(&e),
+                "set upstream.caCert to the PEM of the CA that signed the parent's certificate",
+            )
+        }
+    };
+    let addrs: Vec<std::net::SocketAddr> =
+        match std::net::ToSocketAddrs::to_socket_addrs(&target.as_str()) {
+            Ok(a) => a.collect(),
+            Err(e) => {
+                return error(
+                    what(&format!("cannot resolve: {e}")),
+                    "check upstream.hostname and DNS",
+                )
+            }
+        };
+    let timeout = std::time::Duration::from_secs(5);
+    let Some(tcp) = addrs
+        .iter()
+        .find_map(|a| std::net::TcpStream::connect_timeout(a, timeout).ok())
+    else {
+        return error(
+            what("no TCP connection"),
+            "check that the parent runs and that a firewall allows outbound port 5671",
+        );
+    };
+    let _ = tcp.set_read_timeout(Some(timeout));
+    let _ = tcp.set_write_timeout(Some(timeout));
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map(|b| b.with_root_certificates(roots).with_no_client_auth());
+    let Ok(config) = config else {
+        return error(what("no TLS configuration"), "report this as a bug");
+    };
+    let Ok(name) = rustls::pki_types::ServerName::try_from(up.hostname.clone()) else {
+        return error(
+            what("not a valid TLS server name"),
+            "check upstream.hostname",
+        );
+    };
+    let handshake = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+        .map_err(|e| e.to_string())
+        .and_then(|mut conn| {
+            let mut tcp = tcp;
+            while conn.is_handshaking() {
+                conn.complete_io(&mut tcp).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        });
+    match handshake {
+        Ok(()) => ok(what("reachable, TLS certificate trusted")),
+        Err(e) => error(
+            what(&format!("TLS handshake failed: {e}")),
+            "the parent's certificate must be issued for upstream.hostname by a CA in upstream.caCert",
+        ),
+    }
 }
 
 fn certificates(s: &Settings) -> Vec<Outcome> {

@@ -146,6 +146,17 @@ pub struct ModuleSettings {
     pub desired: Map<String, Value>,
 }
 
+/// A downstream device of this hub: a leaf device, or with `edge` a child edge hub.
+#[derive(Debug, Clone)]
+pub struct DeviceSettings {
+    /// Explicit keys; `None` means derived from this hub's device key
+    /// ([`Key::derive_device_key`]).
+    pub keys: Option<KeyPair>,
+    /// A child edge device: its `$edgeHub` authenticates, and may put tokens on behalf of,
+    /// its own modules.
+    pub edge: bool,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -158,6 +169,10 @@ pub struct Settings {
     pub device_key: Option<Key>,
     pub tls: TlsFiles,
     pub modules: BTreeMap<ModuleId, ModuleSettings>,
+    /// Downstream devices (leaf devices and child edge devices).
+    pub devices: BTreeMap<DeviceId, DeviceSettings>,
+    /// Shared access policies for the service API: name → keys.
+    pub service_policies: BTreeMap<String, KeyPair>,
     pub routes: Vec<Route>,
     /// Routes that did not parse; the hub runs without them.
     pub route_errors: Vec<ConfigError>,
@@ -170,6 +185,176 @@ pub struct Settings {
     pub log_format: String,
     /// Log filter when `RUST_LOG` is not set.
     pub log_level: String,
+    /// The parent this hub forwards to (IoT Hub or a parent edge hub); `None` = standalone.
+    pub upstream: Option<UpstreamSettings>,
+}
+
+/// Where and how this hub connects upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub hostname: String,
+    pub port: u16,
+    /// PEM bundle of the CAs to trust; `None` = the system's roots.
+    pub ca: Option<PathBuf>,
+    /// The key of this hub's `$edgeHub` identity; `None` = derived from `deviceKey`.
+    pub edge_hub_key: Option<Key>,
+    /// Reconnect backoff bounds, in milliseconds.
+    pub min_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    /// Most unacknowledged telemetry transfers in flight upstream.
+    pub window: usize,
+}
+
+fn upstream_settings(w: &mut Walk, u: &Value) -> Option<UpstreamSettings> {
+    let p = "$.upstream";
+    let u = w.object(
+        u,
+        p,
+        &[
+            "hostname",
+            "port",
+            "caCert",
+            "sharedAccessKey",
+            "connectionString",
+            "minBackoffMs",
+            "maxBackoffMs",
+            "window",
+        ],
+    )?;
+    let hostname = w.string(u, p, "hostname", true).and_then(|h| {
+        if hostname_ok(h) {
+            Some(h.to_owned())
+        } else {
+            w.err(
+                "$.upstream.hostname",
+                format!("{h:?} is not a valid host name"),
+            );
+            None
+        }
+    });
+    let port = w.uint(u, p, "port", 65_535).unwrap_or(5671) as u16;
+    let ca = w.string(u, p, "caCert", false).map(PathBuf::from);
+    let mut edge_hub_key = w.key(u, p, "sharedAccessKey");
+    if let Some(cs) = w.string(u, p, "connectionString", false) {
+        match crate::identity::ConnectionString::parse(cs) {
+            Ok(c) if c.module_id.as_deref() == Some("$edgeHub") => {
+                if edge_hub_key.is_some() {
+                    w.err(p, "give sharedAccessKey or connectionString, not both");
+                }
+                match c.shared_access_key.as_deref().map(Key::from_base64) {
+                    Some(Ok(k)) => edge_hub_key = Some(k),
+                    Some(Err(e)) => w.err("$.upstream.connectionString", e),
+                    None => w.err("$.upstream.connectionString", "has no SharedAccessKey"),
+                }
+            }
+            Ok(_) => w.err(
+                "$.upstream.connectionString",
+                "must be the connection string of this device's $edgeHub module",
+            ),
+            Err(e) => w.err("$.upstream.connectionString", e),
+        }
+    }
+    let min_backoff_ms = w.uint(u, p, "minBackoffMs", 60_000).unwrap_or(100).max(1);
+    let max_backoff_ms = w.uint(u, p, "maxBackoffMs", 600_000).unwrap_or(10_000);
+    if max_backoff_ms < min_backoff_ms {
+        w.err("$.upstream.maxBackoffMs", "must be at least minBackoffMs");
+    }
+    let window = w.uint(u, p, "window", 65_535).unwrap_or(1000).max(1) as usize;
+    Some(UpstreamSettings {
+        hostname: hostname?,
+        port,
+        ca,
+        edge_hub_key,
+        min_backoff_ms,
+        max_backoff_ms,
+        window,
+    })
+}
+
+/// `devices`: device id → `{primaryKey?, secondaryKey?, edge?}`.
+fn downstream_devices(
+    w: &mut Walk,
+    v: Option<&Value>,
+    own: Option<&DeviceId>,
+) -> BTreeMap<DeviceId, DeviceSettings> {
+    let mut devices = BTreeMap::new();
+    let Some(v) = v else { return devices };
+    let Some(m) = v.as_object() else {
+        w.err("$.devices", "must be an object of device id → device");
+        return devices;
+    };
+    for (id, spec) in m {
+        let p = child("$.devices", id);
+        let device = match DeviceId::parse(id) {
+            Ok(d) if own.is_some_and(|o| o.as_str().eq_ignore_ascii_case(d.as_str())) => {
+                w.err(&p, "is this hub's own deviceId");
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                w.err(&p, format!("invalid device id: {e}"));
+                None
+            }
+        };
+        let Some(spec) = w.object(spec, &p, &["primaryKey", "secondaryKey", "edge"]) else {
+            continue;
+        };
+        let keys = w.key_pair(spec, &p, false);
+        let edge = match spec.get("edge") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                w.err(&child(&p, "edge"), "must be true or false");
+                false
+            }
+        };
+        if let Some(device) = device {
+            let duplicate = devices
+                .keys()
+                .any(|d: &DeviceId| d.as_str().eq_ignore_ascii_case(device.as_str()));
+            if duplicate {
+                w.err(&p, "appears twice (ids compare case-insensitively)");
+            }
+            devices.insert(device, DeviceSettings { keys, edge });
+        }
+    }
+    devices
+}
+
+/// `servicePolicies`: policy name → `{primaryKey, secondaryKey?}`.
+fn service_policies(w: &mut Walk, v: Option<&Value>) -> BTreeMap<String, KeyPair> {
+    let mut policies = BTreeMap::new();
+    let Some(v) = v else { return policies };
+    let Some(m) = v.as_object() else {
+        w.err(
+            "$.servicePolicies",
+            "must be an object of policy name → keys",
+        );
+        return policies;
+    };
+    for (name, spec) in m {
+        let p = child("$.servicePolicies", name);
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !name_ok {
+            w.err(
+                &p,
+                "a policy name is 1–64 characters: letters, digits, '-', '_', '.'",
+            );
+        }
+        let Some(spec) = w.object(spec, &p, &["primaryKey", "secondaryKey"]) else {
+            continue;
+        };
+        if let Some(keys) = w.key_pair(spec, &p, true) {
+            if name_ok {
+                policies.insert(name.clone(), keys);
+            }
+        }
+    }
+    policies
 }
 
 /// Reads, overrides and compiles a config file.
@@ -324,6 +509,29 @@ impl Walk {
         }
     }
 
+    /// `primaryKey` and `secondaryKey` (which defaults to the primary key).
+    fn key_pair(&mut self, o: &Map<String, Value>, path: &str, required: bool) -> Option<KeyPair> {
+        let primary = self.key(o, path, "primaryKey");
+        let secondary = self.key(o, path, "secondaryKey");
+        let absent = |k: &str| matches!(o.get(k), None | Some(Value::Null));
+        if absent("primaryKey") {
+            if required {
+                self.err(&child(path, "primaryKey"), "is required");
+            } else if !absent("secondaryKey") {
+                self.err(
+                    &child(path, "primaryKey"),
+                    "is required when secondaryKey is set",
+                );
+            }
+            return None;
+        }
+        let primary = primary?;
+        Some(KeyPair {
+            secondary: secondary.unwrap_or_else(|| primary.clone()),
+            primary,
+        })
+    }
+
     fn key(&mut self, o: &Map<String, Value>, path: &str, key: &str) -> Option<Key> {
         let s = self.string(o, path, key, false)?;
         match Key::from_base64(s) {
@@ -363,6 +571,9 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             "storage",
             "log",
             "modules",
+            "devices",
+            "servicePolicies",
+            "upstream",
             "$edgeHub",
         ],
     ) else {
@@ -537,6 +748,8 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
         }
     }
 
+    let upstream = o.get("upstream").and_then(|u| upstream_settings(&mut w, u));
+
     let (mut log_format, mut log_level) = ("text".to_owned(), "info".to_owned());
     if let Some(l) = o.get("log") {
         if let Some(l) = w.object(l, "$.log", &["format", "level"]) {
@@ -577,23 +790,7 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
                     ) else {
                         continue;
                     };
-                    let primary = w.key(spec, &p, "primaryKey");
-                    let secondary = w.key(spec, &p, "secondaryKey");
-                    let keys = match (primary, secondary) {
-                        (Some(primary), Some(secondary)) => Some(KeyPair { primary, secondary }),
-                        (Some(primary), None) => Some(KeyPair {
-                            secondary: primary.clone(),
-                            primary,
-                        }),
-                        (None, Some(_)) => {
-                            w.err(
-                                &child(&p, "primaryKey"),
-                                "is required when secondaryKey is set",
-                            );
-                            None
-                        }
-                        (None, None) => None,
-                    };
+                    let keys = w.key_pair(spec, &p, false);
                     let desired = match spec.get("properties.desired") {
                         None => Map::new(),
                         Some(Value::Object(d)) => d.clone(),
@@ -609,6 +806,9 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             }
         }
     }
+
+    let devices = downstream_devices(&mut w, o.get("devices"), device_id.as_ref());
+    let service_policies = service_policies(&mut w, o.get("servicePolicies"));
 
     let mut routes = Vec::new();
     let mut route_errors = Vec::new();
@@ -732,6 +932,8 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             device_key,
             tls,
             modules,
+            devices,
+            service_policies,
             routes,
             route_errors,
             time_to_live_secs,
@@ -740,6 +942,7 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             storage,
             log_format,
             log_level,
+            upstream,
         }),
         _ => Err(ConfigErrors(vec![ConfigError {
             path: "$".into(),
@@ -911,6 +1114,59 @@ mod tests {
             paths.contains(&"$.storage.liveFirst[0]") && paths.contains(&"$.storage.sync"),
             "{paths:?}"
         );
+    }
+
+    #[test]
+    fn downstream_devices_and_service_policies() {
+        let k = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        let text = GOOD.replace(
+            "\"modules\":",
+            &format!(
+                r#""devices": {{"leaf": {{}}, "child": {{"edge": true, "primaryKey": "{k}"}}}},
+                   "servicePolicies": {{"service": {{"primaryKey": "{k}"}}, "owner": {{"primaryKey": "{k}", "secondaryKey": "{k}"}}}},
+                   "modules":"#
+            ),
+        );
+        let s = from_str(&text, &env(&[])).unwrap();
+        let leaf = &s.devices[&DeviceId::parse("leaf").unwrap()];
+        assert!(!leaf.edge && leaf.keys.is_none());
+        let child = &s.devices[&DeviceId::parse("child").unwrap()];
+        assert!(child.edge && child.keys.is_some());
+        assert_eq!(
+            s.service_policies.keys().collect::<Vec<_>>(),
+            ["owner", "service"]
+        );
+        let p = &s.service_policies["service"];
+        assert_eq!(
+            p.primary, p.secondary,
+            "the secondary defaults to the primary"
+        );
+        // Neither is required.
+        let s = from_str(GOOD, &env(&[])).unwrap();
+        assert!(s.devices.is_empty() && s.service_policies.is_empty());
+
+        let bad = GOOD.replace(
+            "\"modules\":",
+            r#""devices": {"edge1": {}, "a b": {}, "x": {"edge": "yes", "key": 1}, "y": {"secondaryKey": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}},
+               "servicePolicies": {"no keys": {}, "p": {"secondaryKey": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}, "q": {"primaryKey": "short"}, "r": 5},
+               "modules":"#,
+        );
+        let errs = from_str(&bad, &env(&[])).unwrap_err().0;
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        for want in [
+            "$.devices.edge1",
+            "$.devices[\"a b\"]",
+            "$.devices.x.edge",
+            "$.devices.x.key",
+            "$.devices.y.primaryKey",
+            "$.servicePolicies[\"no keys\"]",
+            "$.servicePolicies[\"no keys\"].primaryKey",
+            "$.servicePolicies.p.primaryKey",
+            "$.servicePolicies.q.primaryKey",
+            "$.servicePolicies.r",
+        ] {
+            assert!(paths.contains(&want), "missing {want} in {paths:?}");
+        }
     }
 
     #[test]

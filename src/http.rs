@@ -84,8 +84,8 @@ pub async fn serve_metrics(
     tracker.wait().await;
 }
 
-/// The HTTPS API on `listen.https`: today the direct-method API
-/// (`POST /twins/{d}[/modules/{m}]/methods`); the upstream's service API will join it.
+/// The HTTPS API on `listen.https`: the direct-method API of modules and the service API
+/// (direct methods and twins, see `api`).
 pub async fn serve_https(
     listener: TcpListener,
     tls: tokio_rustls::TlsAcceptor,

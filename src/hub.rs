@@ -37,6 +37,8 @@ pub struct HubCore {
     pub store: Option<Arc<crate::store::DurableStore>>,
     /// Makes endpoint queues (in the store or in memory).
     queues: Box<crate::router::QueueFactory>,
+    /// Reported patches waiting to go upstream (empty in standalone mode).
+    pub upstream: crate::upstream::Outbox,
 }
 
 impl HubCore {
@@ -82,6 +84,7 @@ impl HubCore {
             &*queues,
             &recovered,
         );
+        let upstream = crate::upstream::Outbox::new(settings.upstream.is_some());
         Self {
             settings,
             auth,
@@ -90,6 +93,7 @@ impl HubCore {
             input_links: DashMap::new(),
             methods: crate::methods::Dispatcher::default(),
             twins,
+            upstream,
             store,
             queues,
         }
@@ -104,7 +108,7 @@ impl HubCore {
     }
 
     /// Makes each module's desired properties those of the config (a change is pushed to the
-    /// module as a patch).
+    /// module as a patch). With an upstream, desired properties come from the parent instead.
     pub fn apply_desired(
         &self,
         modules: &std::collections::BTreeMap<
@@ -112,6 +116,9 @@ impl HubCore {
             crate::config::ModuleSettings,
         >,
     ) {
+        if self.settings.upstream.is_some() {
+            return;
+        }
         for (module, spec) in modules {
             let id = Identity::Module(self.settings.device_id.clone(), module.clone());
             match self.twins.set_desired(&id, &spec.desired) {
@@ -159,9 +166,48 @@ impl HubCore {
 
     pub fn client_connected(&self, id: &Identity) {
         let key = id.to_string();
-        *self.clients.entry(key.clone()).or_insert(0) += 1;
+        let first = {
+            let mut n = self.clients.entry(key.clone()).or_insert(0);
+            *n += 1;
+            *n == 1
+        };
         m::connect_success(&key);
         m::connected_clients(self.clients.len());
+        if first {
+            self.report_client(id, true);
+        }
+    }
+
+    /// Records a client's connection state in this hub's `$edgeHub` reported properties
+    /// (`clients`), which go upstream as edgeHub reports them. Devices that leave are removed;
+    /// modules stay as `Disconnected`.
+    fn report_client(&self, id: &Identity, connected: bool) {
+        if self.settings.upstream.is_none() || id.module().is_some_and(|m| m.as_str() == "$edgeHub")
+        {
+            return;
+        }
+        let Ok(edge_hub) = crate::identity::ModuleId::parse("$edgeHub") else {
+            return;
+        };
+        let me = Identity::Module(self.settings.device_id.clone(), edge_hub);
+        let now = crate::twins::utc_now();
+        let entry = match (connected, id.module().is_some()) {
+            (true, _) => serde_json::json!({ "status": "Connected", "lastConnectedTimeUtc": now }),
+            (false, true) => {
+                serde_json::json!({ "status": "Disconnected", "lastDisconnectedTimeUtc": now })
+            }
+            (false, false) => serde_json::Value::Null,
+        };
+        let mut clients = serde_json::Map::new();
+        clients.insert(crate::twins::encode_key(&id.to_string()), entry);
+        let mut patch = serde_json::Map::new();
+        patch.insert("schemaVersion".into(), "1.0".into());
+        patch.insert("clients".into(), serde_json::Value::Object(clients));
+        if let Err(e) = self.twins.update_reported(&me, &patch) {
+            warn!("connected clients not recorded in the $edgeHub twin: {e}");
+            return;
+        }
+        self.upstream.report(&me, &patch);
     }
 
     pub fn client_disconnected(&self, id: &Identity) {
@@ -175,6 +221,7 @@ impl HubCore {
         };
         if gone {
             self.clients.remove_if(&key, |_, n| *n == 0);
+            self.report_client(id, false);
         }
         m::disconnected(&key);
         m::connected_clients(self.clients.len());
@@ -350,6 +397,19 @@ impl Hub {
             ));
         }
         tasks.spawn(housekeeping(core.clone(), shutdown.clone()));
+        if let Some(up) = core.settings.upstream.clone() {
+            let edge_hub = crate::identity::ModuleId::parse("$edgeHub")
+                .map_err(|e| StartError::DeviceKey(e.to_string()))?;
+            let key = up.edge_hub_key.clone().unwrap_or_else(|| {
+                crate::auth::module_keys(&core.settings, &key, &edge_hub).primary
+            });
+            tasks.spawn(crate::upstream::run(
+                core.clone(),
+                up,
+                key,
+                shutdown.clone(),
+            ));
+        }
         if let Some(l) = metrics {
             let c = core.clone();
             let refresh: crate::http::Refresh = Arc::new(move || c.refresh_gauges());

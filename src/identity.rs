@@ -166,6 +166,18 @@ impl Key {
         let msg = format!("{device}/{module}/{}", slot.as_str());
         Key(hmac::sign(&key, msg.as_bytes()).as_ref().to_vec())
     }
+
+    /// Derives the key of a downstream device (a leaf device or a child edge device) from this
+    /// hub's device key.
+    ///
+    /// The rule (documented in the README): `base64(HMAC-SHA256(deviceKey,
+    /// "{childDeviceId}/{slot}"))` with `slot` = `primary` or `secondary`. Ids cannot contain
+    /// `/`, so no device key equals a module key.
+    pub fn derive_device_key(&self, device: &DeviceId, slot: KeySlot) -> Key {
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &self.0);
+        let msg = format!("{device}/{}", slot.as_str());
+        Key(hmac::sign(&key, msg.as_bytes()).as_ref().to_vec())
+    }
 }
 
 /// Which of an identity's two keys.
@@ -302,6 +314,16 @@ mod tests {
         assert_eq!(p1, p2);
         assert_ne!(p1, s);
         assert_eq!(p1.0.len(), 32);
+        let dp = k.derive_device_key(&d, KeySlot::Primary);
+        assert_eq!(dp, k.derive_device_key(&d, KeySlot::Primary));
+        assert_ne!(dp, k.derive_device_key(&d, KeySlot::Secondary));
+        assert_ne!(
+            dp,
+            k.derive_device_key(&DeviceId::parse("e").unwrap(), KeySlot::Primary)
+        );
+        assert_ne!(dp, p1);
+        // The rule, spelled out: HMAC-SHA256(deviceKey, "{childDeviceId}/primary").
+        assert_eq!(dp.to_base64(), k.sign(b"d/primary"));
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //!   [`message`] (the hub's message and its AMQP mapping), [`router`] (route evaluation),
 //!   [`queue`] (endpoint queues behind the store interface).
 //! * IO: [`amqp`] (listener, connections, links), [`http`] (metrics endpoint), [`tls`]
-//!   (certificates), [`hub`] (start-up and shutdown).
+//!   (certificates), [`hub`] (start-up and shutdown), [`upstream`] (the connection to a
+//!   parent hub or IoT Hub).
 //!
 //! `docs/ARCHITECTURE.md` shows the tasks, channels and the path of a message.
 
@@ -34,5 +35,6 @@ pub mod sas;
 pub mod store;
 pub mod tls;
 pub mod twins;
+pub mod upstream;
 
 pub use hub::Hub;

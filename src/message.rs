@@ -231,6 +231,31 @@ impl Message {
     }
 }
 
+impl Message {
+    /// The AMQP message sent upstream on the origin identity's events link: ids, properties
+    /// and kept annotations as the client sent them, the output name back in
+    /// `iothub-outputname` so that the parent's routes see the same source.
+    pub fn to_upstream_message(&self) -> AmqpMessage<Body<Value>> {
+        let mut app = self.application_properties.clone();
+        if let Some(o) = &self.output {
+            app.insert(
+                OUTPUT_NAME_PROPERTY.to_owned(),
+                SimpleValue::String(o.clone()),
+            );
+        }
+        AmqpMessage {
+            header: None,
+            delivery_annotations: None,
+            message_annotations: (!self.annotations.is_empty())
+                .then(|| MessageAnnotations(self.annotations.clone())),
+            properties: self.properties.clone(),
+            application_properties: (!app.is_empty()).then_some(ApplicationProperties(app)),
+            body: Body::Data(vec![Data(Binary::from(self.body.clone()))].into()),
+            footer: None,
+        }
+    }
+}
+
 fn simple_len(v: &SimpleValue) -> usize {
     match v {
         SimpleValue::String(s) => s.len(),

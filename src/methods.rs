@@ -169,6 +169,11 @@ impl Dispatcher {
     pub fn links_len(&self) -> usize {
         self.links.len()
     }
+
+    /// Whether `id` has a method link now.
+    pub fn is_registered(&self, id: &Identity) -> bool {
+        self.links.contains_key(&key(id))
+    }
 }
 
 /// Shared handle.

@@ -35,6 +35,8 @@ pub const DROP_NO_ROUTE: &str = "no_route";
 pub const DROP_TTL: &str = "ttl_expiry";
 pub const DROP_REJECTED: &str = "rejected_by_module";
 pub const DROP_OVERFLOW: &str = "overflow";
+pub const DROP_UPSTREAM_REJECTED: &str = "rejected_upstream";
+pub const DROP_UPSTREAM_UNKNOWN: &str = "unknown_origin";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -129,6 +131,14 @@ fn describe() {
         "Bytes of queued messages held against storeLimits.maxSizeBytes"
     );
     describe_gauge!(STORE_LIMIT_BYTES, Unit::Bytes, "storeLimits.maxSizeBytes");
+    describe_counter!(OFFLINE_COUNT, "Times the upstream connection was lost");
+    describe_histogram!(
+        OFFLINE_DURATION,
+        Unit::Seconds,
+        "How long the upstream was away, per outage"
+    );
+    describe_counter!(OPERATION_RETRY, "Upstream operations retried");
+    describe_gauge!(UPSTREAM_CONNECTED, "1 while the upstream connection is up");
     describe_gauge!(
         STORE_BYTES,
         Unit::Bytes,
@@ -309,4 +319,41 @@ pub fn store_bytes(disk: u64, held: u64, limit: Option<u64>) {
     if let Some(l) = limit {
         gauge!(STORE_LIMIT_BYTES).set(l as f64);
     }
+}
+
+pub const OFFLINE_COUNT: &str = "edgehub_offline_count_total";
+pub const OFFLINE_DURATION: &str = "edgehub_offline_duration_seconds";
+pub const OPERATION_RETRY: &str = "edgehub_operation_retry_total";
+pub const UPSTREAM_CONNECTED: &str = "edgehub_upstream_connected";
+
+/// The upstream went away (`id` is this hub's `$edgeHub` identity, as edgeHub labels it).
+pub fn went_offline(id: &str) {
+    counter!(OFFLINE_COUNT, "id" => id.to_owned()).increment(1);
+    gauge!(UPSTREAM_CONNECTED).set(0.0);
+}
+
+/// The upstream is back after `secs` offline.
+pub fn back_online(id: &str, offline_secs: Option<f64>) {
+    if let Some(s) = offline_secs {
+        histogram!(OFFLINE_DURATION, "id" => id.to_owned()).record(s);
+    }
+    gauge!(UPSTREAM_CONNECTED).set(1.0);
+}
+
+/// An upstream operation failed and will be tried again.
+pub fn retry(id: &str, operation: &'static str) {
+    counter!(OPERATION_RETRY, "id" => id.to_owned(), "operation" => operation).increment(1);
+}
+
+/// A reported-properties patch delivered upstream (`target="upstream"`).
+pub fn twin_reported_upstream(id: &str, secs: f64) {
+    counter!(REPORTED_PROPERTIES, "target" => "upstream", "id" => id.to_owned()).increment(1);
+    histogram!(REPORTED_PROPERTIES_DURATION, "target" => "upstream", "id" => id.to_owned())
+        .record(secs);
+}
+
+/// A twin read from upstream (`source="upstream"`).
+pub fn twin_get_upstream(id: &str, secs: f64) {
+    counter!(GET_TWIN, "source" => "upstream", "id" => id.to_owned()).increment(1);
+    histogram!(GET_TWIN_DURATION, "source" => "upstream", "id" => id.to_owned()).record(secs);
 }

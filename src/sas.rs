@@ -17,7 +17,7 @@ use crate::identity::{DeviceId, Identity, Key, KeyPair, ModuleId};
 pub const MAX_CLOCK_SKEW_SECS: u64 = 300;
 
 /// What `encodeURIComponent` leaves alone; everything else is percent-encoded.
-const URI_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+pub(crate) const URI_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'_')
     .remove(b'.')
@@ -38,6 +38,8 @@ pub enum SasError {
     UnknownIdentity(String),
     #[error("token signature does not match the keys of {0}")]
     BadSignature(String),
+    #[error("a token of {0} cannot be put on behalf of {1}")]
+    NotOnBehalf(String, String),
 }
 
 /// A token split into its fields; `sr_raw` and `se_raw` are kept verbatim for the HMAC.
@@ -118,7 +120,7 @@ impl SasToken {
     }
 }
 
-fn url_decode(s: &str) -> Result<String, SasError> {
+pub(crate) fn url_decode(s: &str) -> Result<String, SasError> {
     // `+` is how .NET encodes a space.
     let s = s.replace('+', " ");
     percent_decode_str(&s)

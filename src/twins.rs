@@ -35,6 +35,8 @@ pub enum TwinError {
     Invalid(String),
     #[error("twin store: {0}")]
     Store(String),
+    #[error("the twin's etag is {0}, not the one given")]
+    Precondition(String),
 }
 
 /// One twin.
@@ -71,6 +73,60 @@ impl Twin {
             "reported": with_version(&self.reported, self.reported_version),
         })
     }
+
+    /// The twin's version as IoT Hub counts it: 1 for a new twin, one more for every change of
+    /// the desired or the reported properties.
+    pub fn version(&self) -> i64 {
+        self.desired_version + self.reported_version - 1
+    }
+
+    /// An opaque tag of this state of the twin, shaped like IoT Hub's (base64 of the version as
+    /// 8 big-endian bytes, e.g. `AAAAAAAAAAE=`); it changes with every change of the twin.
+    pub fn etag(&self) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(self.version().to_be_bytes())
+    }
+}
+
+/// A twin property name for an arbitrary string, as edgeHub encodes client ids: the characters
+/// IoT Hub does not allow in names (`.`, `$`, `#`, space) are percent-encoded.
+pub fn encode_key(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '.' => out.push_str("%2E"),
+            '$' => out.push_str("%24"),
+            '#' => out.push_str("%23"),
+            ' ' => out.push_str("%20"),
+            '%' => out.push_str("%25"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The current UTC time as RFC 3339 (`2026-11-26T07:12:03.123Z`).
+pub fn utc_now() -> String {
+    let ms = crate::message::now_ms().max(0);
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
 }
 
 /// JSON merge patch (RFC 7386): objects merge, `null` deletes, anything else replaces.
@@ -325,6 +381,53 @@ impl TwinStore {
         Ok(Some(version))
     }
 
+    /// Merges a desired-properties patch (JSON merge patch: `null` deletes) into the identity's
+    /// twin, if `precondition` holds for the twin as it is. A change bumps the desired
+    /// `$version` and is pushed to a subscribed link, as with [`set_desired`](Self::set_desired);
+    /// a patch that changes nothing keeps the version. Returns the twin after the patch.
+    pub fn patch_desired(
+        &self,
+        id: &Identity,
+        patch: &Map<String, Value>,
+        precondition: impl FnOnce(&Twin) -> bool,
+    ) -> Result<Twin, TwinError> {
+        validate_reported(patch)?;
+        let k = key(id);
+        let (twin, changed) = {
+            let mut entry = self.twins.entry(k.clone()).or_default();
+            if !precondition(&entry) {
+                return Err(TwinError::Precondition(entry.etag()));
+            }
+            let mut next = entry.clone();
+            merge(&mut next.desired, patch);
+            if next.desired == entry.desired {
+                (next, false)
+            } else {
+                let size = serde_json::to_vec(&next.desired)
+                    .map(|v| v.len())
+                    .unwrap_or(usize::MAX);
+                if size > MAX_DOCUMENT_BYTES {
+                    return Err(TwinError::Invalid(format!(
+                        "the desired properties would be {size} bytes; at most {MAX_DOCUMENT_BYTES}"
+                    )));
+                }
+                next.desired_version += 1;
+                self.persist(&k, &next)?;
+                *entry = next.clone();
+                (next, true)
+            }
+        };
+        if changed {
+            self.push_desired(&k);
+        }
+        Ok(twin)
+    }
+
+    /// Whether the identity has a twin response link attached.
+    pub fn has_link(&self, id: &Identity) -> bool {
+        self.links.contains_key(&key(id))
+    }
+
     /// Sends the subscribed link whatever it has not seen of the desired properties.
     fn push_desired(&self, k: &str) {
         let Some(twin) = self.twins.get(k).map(|t| t.clone()) else {
@@ -401,6 +504,26 @@ impl TwinStore {
                 self.push_desired(&k);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod time_tests {
+    #[test]
+    fn utc_now_is_rfc3339() {
+        let t = super::utc_now();
+        assert_eq!(t.len(), 24, "{t}");
+        assert!(
+            t.ends_with('Z') && &t[4..5] == "-" && &t[10..11] == "T",
+            "{t}"
+        );
+        let year: i32 = t[..4].parse().unwrap();
+        assert!(year >= 2024, "{t}");
+    }
+
+    #[test]
+    fn client_ids_become_valid_property_names() {
+        assert_eq!(super::encode_key("d/$edgeHub.x"), "d/%24edgeHub%2Ex");
     }
 }
 
@@ -543,6 +666,61 @@ mod tests {
         s.subscribe(&a, false);
         s.set_desired(&a, &obj(json!({"v": 4}))).unwrap();
         assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn desired_patches_merge_check_the_etag_and_reach_the_link() {
+        let s = TwinStore::in_memory();
+        let a = module("a");
+        let fresh = s.get(&a);
+        assert_eq!(
+            (fresh.version(), fresh.etag().as_str()),
+            (1, "AAAAAAAAAAE=")
+        );
+        s.set_desired(&a, &obj(json!({"keep": 1, "drop": 2})))
+            .unwrap();
+        let (_, mut rx) = s.attach_link(&a);
+        s.subscribe(&a, true);
+        let before = s.get(&a);
+        let after = s
+            .patch_desired(&a, &obj(json!({"drop": null, "new": {"x": 1}})), |t| {
+                t.etag() == before.etag()
+            })
+            .unwrap();
+        assert_eq!(
+            Value::Object(after.desired.clone()),
+            json!({"keep": 1, "new": {"x": 1}})
+        );
+        assert_eq!(after.desired_version, before.desired_version + 1);
+        assert_eq!(after.version(), before.version() + 1);
+        assert_ne!(after.etag(), before.etag());
+        assert_eq!(s.get(&a), after);
+        // Never read, so the first push is the whole document.
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            TwinOut::Desired {
+                patch: json!({"keep": 1, "new": {"x": 1}, "$version": after.desired_version}),
+                version: after.desired_version
+            }
+        );
+        // A stale etag changes nothing.
+        let stale = s.patch_desired(&a, &obj(json!({"keep": 2})), |t| t.etag() == before.etag());
+        assert!(matches!(stale, Err(TwinError::Precondition(e)) if e == after.etag()));
+        assert_eq!(s.get(&a), after);
+        // A patch that changes nothing keeps the version; an invalid one is refused.
+        let same = s
+            .patch_desired(&a, &obj(json!({"keep": 1})), |_| true)
+            .unwrap();
+        assert_eq!(same.version(), after.version());
+        assert!(rx.try_recv().is_err());
+        assert!(matches!(
+            s.patch_desired(&a, &obj(json!({"a.b": 1})), |_| true),
+            Err(TwinError::Invalid(_))
+        ));
+        // Reported changes move the etag too.
+        s.update_reported(&a, &obj(json!({"r": 1}))).unwrap();
+        assert_ne!(s.get(&a).etag(), after.etag());
+        assert!(s.has_link(&a) && !s.has_link(&module("b")));
     }
 
     #[test]

@@ -427,3 +427,508 @@ async fn a_full_store_refuses_new_messages_and_keeps_the_accepted_ones() {
     b.close().await;
     hub.stop().await;
 }
+
+// ---- The service API and child edge hubs ----------------------------------------------------
+
+/// A service policy key (any 32 bytes, base64).
+const SERVICE_KEY: &str = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
+const SERVICE_EXTRA: &str = r#""servicePolicies": {"service": {"primaryKey": "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA="}},
+    "devices": {"child": {"edge": true}, "leaf": {}},"#;
+
+fn service_token(key: &str, expiry: u64) -> String {
+    edgehub::sas::make_token(
+        common::IOTHUB,
+        &edgehub::identity::Key::from_base64(key).expect("a test key"),
+        expiry,
+        Some("service"),
+    )
+}
+
+fn in_an_hour() -> u64 {
+    edgehub::sas::now_secs() + 3600
+}
+
+fn data_body(m: &Message<Body<Value>>) -> serde_json::Value {
+    match &m.body {
+        Body::Data(b) => {
+            let bytes: Vec<u8> = b.iter().flat_map(|d| d.0.to_vec()).collect();
+            serde_json::from_slice(&bytes).expect("a JSON body")
+        }
+        other => panic!("body {other:?}"),
+    }
+}
+
+fn twin_request(op: &str, resource: &str, cid: &str, body: Option<&str>) -> Message<Body<Value>> {
+    let annotations = fe2o3_amqp::types::messaging::MessageAnnotations::builder()
+        .insert(
+            OwnedKey::Symbol(Symbol::from("operation")),
+            Value::String(op.into()),
+        )
+        .insert(
+            OwnedKey::Symbol(Symbol::from("resource")),
+            Value::String(resource.into()),
+        )
+        .build();
+    let body = match body {
+        Some(b) => Body::Data(
+            vec![fe2o3_amqp::types::messaging::Data(
+                fe2o3_amqp::types::primitives::Binary::from(b.as_bytes().to_vec()),
+            )]
+            .into(),
+        ),
+        None => Body::Empty,
+    };
+    Message::builder()
+        .properties(Properties {
+            correlation_id: Some(cid.to_owned().into()),
+            ..Default::default()
+        })
+        .message_annotations(annotations)
+        .body(body)
+        .build()
+}
+
+async fn recv_message(rx: &mut fe2o3_amqp::link::Receiver) -> Message<Body<Value>> {
+    let d = timeout(WAIT, rx.recv::<Body<Value>>())
+        .await
+        .expect("a message in time")
+        .expect("a message");
+    d.into_message()
+}
+
+/// Waits (bounded) until `ready` holds; for state the hub sets just after answering an attach.
+async fn until(mut ready: impl FnMut() -> bool) {
+    timeout(WAIT, async {
+        while !ready() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("condition in time");
+}
+
+#[tokio::test]
+async fn the_service_api_invokes_direct_methods() {
+    let hub = common::start_hub_https("{}", SERVICE_EXTRA).await;
+    let core = hub.hub.as_ref().unwrap().core.clone();
+    let mut b = hub.connect("B").await;
+    let address = "/devices/edge1/modules/B/methods/devicebound";
+    let mut requests = b.receiver(address).await.unwrap();
+    let mut responses = b.sender(address).await.unwrap();
+    until(|| core.methods.is_registered(&hub.module("B"))).await;
+    let token = service_token(SERVICE_KEY, in_an_hour());
+    let auth = [
+        ("authorization", token.as_str()),
+        ("content-type", "application/json; charset=utf-8"),
+    ];
+    let call = hub.https(
+        "POST",
+        "/twins/edge1/modules/B/methods?api-version=2021-04-12",
+        &auth,
+        r#"{"methodName": "echo", "payload": {"n": 7}, "responseTimeoutInSeconds": 10, "connectTimeoutInSeconds": 0}"#,
+    );
+    let answer = async {
+        let d = timeout(WAIT, requests.recv::<Body<Value>>())
+            .await
+            .unwrap()
+            .unwrap();
+        requests.accept(&d).await.unwrap();
+        let request = d.message();
+        let cid = request.properties.as_ref().unwrap().correlation_id.clone();
+        let got = data_body(request);
+        let reply = Message::builder()
+            .properties(Properties {
+                correlation_id: cid,
+                ..Default::default()
+            })
+            .application_properties(
+                fe2o3_amqp::types::messaging::ApplicationProperties::builder()
+                    .insert("IoThub-status", 201)
+                    .build(),
+            )
+            .body(Body::<Value>::Data(
+                vec![fe2o3_amqp::types::messaging::Data(
+                    fe2o3_amqp::types::primitives::Binary::from(
+                        serde_json::json!({ "got": got }).to_string().into_bytes(),
+                    ),
+                )]
+                .into(),
+            ))
+            .build();
+        timeout(WAIT, responses.send(reply)).await.unwrap().unwrap();
+    };
+    let (reply, ()) = tokio::join!(call, answer);
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(
+        reply.body,
+        serde_json::json!({"status": 201, "payload": {"got": {"n": 7}}})
+    );
+
+    // Not connected, and not known: both 404, with IoT Hub's error codes.
+    let body = r#"{"methodName": "m", "payload": null, "responseTimeoutInSeconds": 5}"#;
+    for (path, code) in [
+        ("/twins/edge1/modules/A/methods", "DeviceNotOnline"),
+        ("/twins/child/modules/anything/methods", "DeviceNotOnline"),
+        ("/twins/leaf/methods", "DeviceNotOnline"),
+        ("/twins/edge1/modules/Z/methods", "ModuleNotFound"),
+        ("/twins/nobody/methods", "DeviceNotFound"),
+    ] {
+        let r = hub.https("POST", path, &auth, body).await;
+        assert_eq!(r.status, 404, "{path}");
+        let message = r.body["Message"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!("ErrorCode:{code};")),
+            "{path}: {message}"
+        );
+    }
+    requests.close().await.unwrap();
+    responses.close().await.unwrap();
+    b.close().await;
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn the_service_api_reads_and_patches_module_twins() {
+    let hub = common::start_hub_https("{}", SERVICE_EXTRA).await;
+    let core = hub.hub.as_ref().unwrap().core.clone();
+    let mut b = hub.connect("B").await;
+    let address = "/devices/edge1/modules/B/twin";
+    let mut twin_out = b.receiver(address).await.unwrap();
+    let mut twin_in = b.sender(address).await.unwrap();
+    until(|| core.twins.has_link(&hub.module("B"))).await;
+    // B subscribes to desired patches.
+    timeout(
+        WAIT,
+        twin_in.send(twin_request(
+            "PUT",
+            "/notifications/twin/properties/desired",
+            "sub",
+            None,
+        )),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let sub = recv_message(&mut twin_out).await;
+    assert_eq!(
+        sub.properties.unwrap().correlation_id,
+        Some("sub".to_owned().into())
+    );
+
+    let token = service_token(SERVICE_KEY, in_an_hour());
+    let auth = [("authorization", token.as_str())];
+    let path = "/twins/edge1/modules/B?api-version=2021-04-12";
+    let got = hub.https("GET", path, &auth, "").await;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    let twin = &got.body;
+    assert_eq!(twin["deviceId"], "edge1");
+    assert_eq!(twin["moduleId"], "B");
+    assert_eq!(twin["status"], "enabled");
+    assert_eq!(twin["connectionState"], "Connected");
+    let etag = twin["etag"].as_str().unwrap().to_owned();
+    assert_eq!(got.header("etag"), Some(format!("\"{etag}\"").as_str()));
+    let version = twin["version"].as_i64().unwrap();
+    let desired_version = twin["properties"]["desired"]["$version"].as_i64().unwrap();
+    assert!(twin["properties"]["reported"]["$version"].is_i64());
+
+    // A patch with the etag (quoted, as the SDKs send it): merged, versioned, pushed to B.
+    let if_match = format!("\"{etag}\"");
+    let patch = r#"{"tags": {"site": "north"}, "properties": {"desired": {"threshold": 9, "mode": {"eco": true}}}}"#;
+    let mut headers = auth.to_vec();
+    headers.push(("if-match", if_match.as_str()));
+    headers.push(("content-type", "application/json; charset=utf-8"));
+    let patched = hub.https("PATCH", path, &headers, patch).await;
+    assert_eq!(patched.status, 200, "{:?}", patched.body);
+    assert_eq!(patched.body["properties"]["desired"]["threshold"], 9);
+    assert_eq!(
+        patched.body["properties"]["desired"]["$version"],
+        desired_version + 1
+    );
+    assert_eq!(patched.body["version"], version + 1);
+    assert_ne!(patched.body["etag"], etag.as_str());
+    let push = recv_message(&mut twin_out).await;
+    assert!(push
+        .properties
+        .as_ref()
+        .is_none_or(|p| p.correlation_id.is_none()));
+    let pushed = data_body(&push);
+    assert_eq!(pushed["threshold"], 9);
+    assert_eq!(pushed["mode"], serde_json::json!({"eco": true}));
+    assert_eq!(pushed["$version"], desired_version + 1);
+
+    // The old etag no longer matches; `*` always does; null deletes.
+    let stale = hub.https("PATCH", path, &headers, patch).await;
+    assert_eq!(stale.status, 412, "{:?}", stale.body);
+    assert!(stale.body["Message"]
+        .as_str()
+        .unwrap()
+        .starts_with("ErrorCode:PreconditionFailed;"));
+    let star = [auth[0], ("if-match", "*")];
+    let deleted = hub
+        .https(
+            "PATCH",
+            path,
+            &star,
+            r#"{"properties": {"desired": {"threshold": null}}}"#,
+        )
+        .await;
+    assert_eq!(deleted.status, 200);
+    assert!(deleted.body["properties"]["desired"]
+        .get("threshold")
+        .is_none());
+    let push = data_body(&recv_message(&mut twin_out).await);
+    assert_eq!(push["threshold"], serde_json::Value::Null);
+
+    // B reports; the service reads it.
+    timeout(
+        WAIT,
+        twin_in.send(twin_request(
+            "PATCH",
+            "/properties/reported",
+            "rep",
+            Some(r#"{"temp": 21}"#),
+        )),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let _ = recv_message(&mut twin_out).await;
+    let again = hub.https("GET", path, &auth, "").await;
+    assert_eq!(again.body["properties"]["reported"]["temp"], 21);
+    assert_eq!(again.body["version"], version + 3);
+
+    // A leaf device's twin has no moduleId and nobody connected.
+    let leaf = hub.https("GET", "/twins/leaf", &auth, "").await;
+    assert_eq!(leaf.status, 200);
+    assert_eq!(leaf.body["deviceId"], "leaf");
+    assert!(leaf.body.get("moduleId").is_none());
+    assert_eq!(leaf.body["connectionState"], "Disconnected");
+
+    twin_in.close().await.unwrap();
+    twin_out.close().await.unwrap();
+    b.close().await;
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn the_service_api_refuses_bad_requests_with_json_errors() {
+    let hub = common::start_hub_https("{}", SERVICE_EXTRA).await;
+    let token = service_token(SERVICE_KEY, in_an_hour());
+    let ok = [("authorization", token.as_str())];
+    let path = "/twins/edge1/modules/A";
+    let wrong_key = service_token("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", in_an_hour());
+    let expired = service_token(SERVICE_KEY, edgehub::sas::now_secs() - 600);
+    let key = edgehub::hub::device_key(&hub.settings).unwrap();
+    let a_key = edgehub::auth::module_keys(
+        &hub.settings,
+        &key,
+        &edgehub::identity::ModuleId::parse("A").unwrap(),
+    )
+    .primary;
+    let module_token = edgehub::sas::make_token(
+        &format!("{}/devices/edge1/modules/A", common::IOTHUB),
+        &a_key,
+        in_an_hour(),
+        None,
+    );
+    for (name, headers) in [
+        ("no token", vec![]),
+        ("wrong key", vec![("authorization", wrong_key.as_str())]),
+        ("expired", vec![("authorization", expired.as_str())]),
+        (
+            "module token",
+            vec![("authorization", module_token.as_str())],
+        ),
+        ("not a token", vec![("authorization", "Bearer x")]),
+    ] {
+        let r = hub.https("GET", path, &headers, "").await;
+        assert_eq!(r.status, 401, "{name}: {:?}", r.body);
+        assert!(r
+            .header("content-type")
+            .unwrap()
+            .starts_with("application/json"));
+        assert!(
+            r.body["Message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("ErrorCode:IotHubUnauthorizedAccess;")),
+            "{name}: {:?}",
+            r.body
+        );
+    }
+    let cases: [(&str, &str, &str, u16); 7] = [
+        ("GET", "/twins/edge1/modules/A/reported", "", 404),
+        ("GET", "/devices/edge1", "", 404),
+        ("DELETE", path, "", 405),
+        ("GET", "/twins/edge1/modules/A/methods", "", 405),
+        ("PATCH", path, "{not json", 400),
+        (
+            "PATCH",
+            path,
+            r#"{"properties": {"reported": {"a": 1}}}"#,
+            400,
+        ),
+        (
+            "PATCH",
+            path,
+            r#"{"properties": {"desired": {"a.b": 1}}}"#,
+            400,
+        ),
+    ];
+    for (method, p, body, status) in cases {
+        let r = hub.https(method, p, &ok, body).await;
+        assert_eq!(r.status, status, "{method} {p} {body}: {:?}", r.body);
+        assert!(r.body["Message"].is_string(), "{:?}", r.body);
+    }
+    let r = hub.https("DELETE", path, &ok, "").await;
+    assert_eq!(r.header("allow"), Some("GET, PATCH"));
+    let big = format!(
+        r#"{{"properties": {{"desired": {{"a": "{}"}}}}}}"#,
+        "x".repeat(70 * 1024)
+    );
+    let r = hub.https("PATCH", path, &ok, &big).await;
+    assert_eq!(r.status, 413, "{:?}", r.body);
+    let r = hub.https("GET", "/twins/edge1/modules/Z", &ok, "").await;
+    assert_eq!(r.status, 404);
+    assert!(r.body["Message"]
+        .as_str()
+        .unwrap()
+        .starts_with("ErrorCode:ModuleNotFound;"));
+
+    // The module API keeps edgeHub's `message` errors.
+    let r = hub
+        .https(
+            "POST",
+            "/twins/edge1/modules/B/methods",
+            &[
+                ("authorization", module_token.as_str()),
+                ("x-ms-edge-moduleId", "edge1/A"),
+            ],
+            r#"{"methodName": "m", "responseTimeoutInSeconds": 5}"#,
+        )
+        .await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    assert!(r.body["message"].is_string());
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_child_edge_hub_authenticates_its_modules_on_their_behalf() {
+    use edgehub::identity::{DeviceId, Identity, KeySlot, ModuleId};
+    let hub = common::start_hub_https("{}", SERVICE_EXTRA).await;
+    let key = edgehub::hub::device_key(&hub.settings).unwrap();
+    let child = DeviceId::parse("child").unwrap();
+    let edge_hub = ModuleId::parse("$edgeHub").unwrap();
+    // The child's deviceKey is the parent's key for it; the child derives its $edgeHub key from
+    // that by the module-key rule.
+    let child_key = edgehub::auth::device_keys(&hub.settings, &key, &child).primary;
+    let edge_hub_key = child_key.derive_module_key(&child, &edge_hub, KeySlot::Primary);
+    let ca = hub.settings.data_dir.join("certs").join("edge-ca.pem");
+    let addr = hub.hub.as_ref().unwrap().amqps_addr;
+    let mut c = timeout(
+        WAIT,
+        edgehub::client::Client::connect(
+            addr,
+            "localhost",
+            &ca,
+            common::IOTHUB,
+            &Identity::Module(child.clone(), edge_hub.clone()),
+            &edge_hub_key,
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let token = edgehub::sas::make_token(
+        &format!("{}/devices/child/modules/$edgeHub", common::IOTHUB),
+        &edge_hub_key,
+        in_an_hour(),
+        None,
+    );
+    // On behalf of the child's module `filter`, which the parent has never heard of.
+    timeout(
+        WAIT,
+        edgehub::client::put_token(
+            &mut c.session,
+            &format!("{}/devices/child/modules/filter", common::IOTHUB),
+            &token,
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let mut tx = c
+        .sender("/devices/child/modules/filter/messages/events")
+        .await
+        .unwrap();
+    let o = timeout(WAIT, tx.send(output("up", "c1")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(o, Outcome::Accepted(_)), "{o:?}");
+    // Its twin works, and the service sees it.
+    let core = hub.hub.as_ref().unwrap().core.clone();
+    let filter = Identity::Module(child.clone(), ModuleId::parse("filter").unwrap());
+    let mut twin_out = c
+        .receiver("/devices/child/modules/filter/twin")
+        .await
+        .unwrap();
+    let mut twin_in = c
+        .sender("/devices/child/modules/filter/twin")
+        .await
+        .unwrap();
+    until(|| core.twins.has_link(&filter)).await;
+    timeout(
+        WAIT,
+        twin_in.send(twin_request(
+            "PATCH",
+            "/properties/reported",
+            "r1",
+            Some(r#"{"seen": true}"#),
+        )),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    timeout(WAIT, twin_out.recv::<Body<Value>>())
+        .await
+        .unwrap()
+        .unwrap();
+    let service = service_token(SERVICE_KEY, in_an_hour());
+    let r = hub
+        .https(
+            "GET",
+            "/twins/child/modules/filter",
+            &[("authorization", service.as_str())],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["properties"]["reported"]["seen"], true);
+    assert_eq!(r.body["connectionState"], "Connected");
+
+    // Not on behalf of this hub's own modules: refused, and A's links do not attach.
+    let refused = timeout(
+        WAIT,
+        edgehub::client::put_token(
+            &mut c.session,
+            &format!("{}/devices/edge1/modules/A", common::IOTHUB),
+            &token,
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(refused, Err(edgehub::client::ClientError::Refused(401, _))),
+        "{refused:?}"
+    );
+    let attached = match timeout(WAIT, c.sender(A_EVENTS)).await.unwrap() {
+        Err(_) => false,
+        Ok(mut tx) => matches!(
+            timeout(WAIT, tx.send(output("x", "forged"))).await.unwrap(),
+            Ok(Outcome::Accepted(_))
+        ),
+    };
+    assert!(!attached, "a child's token reached this hub's own module");
+    c.close().await;
+    hub.stop().await;
+}

@@ -1,5 +1,9 @@
 //! The `$cbs` node: put-token requests in, status responses out. Pure functions; the link
 //! tasks move the messages.
+//!
+//! The identity granted is the token's (`sr`), whatever the audience (`name`) says, except for
+//! the token of a child edge device's `$edgeHub`: that one is put on behalf of the identity
+//! the audience names, which must be the child or one of its modules (see `auth`).
 
 use fe2o3_amqp::types::{
     messaging::{ApplicationProperties, Body, Message, Properties},
@@ -56,9 +60,10 @@ pub fn handle(m: &Message<Body<Value>>, auth: &Authenticator, now_secs: u64) -> 
         Some(t) => return reply(400, format!("unsupported token type {t:?}")),
         None => return reply(400, "missing application property 'type'".into()),
     }
-    if app_string(m, "name").is_none_or(|n| n.is_empty()) {
-        return reply(400, "missing application property 'name'".into());
-    }
+    let audience = match app_string(m, "name") {
+        Some(n) if !n.is_empty() => n,
+        _ => return reply(400, "missing application property 'name'".into()),
+    };
     let token = match &m.body {
         Body::Value(v) => match &v.0 {
             Value::String(s) => s.clone(),
@@ -66,7 +71,7 @@ pub fn handle(m: &Message<Body<Value>>, auth: &Authenticator, now_secs: u64) -> 
         },
         _ => return reply(400, "the token must be an amqp-value string".into()),
     };
-    match auth.verify(&token, now_secs) {
+    match auth.verify_put_token(&token, &audience, now_secs) {
         Ok((id, expiry)) => CbsReply {
             granted: Some((id, expiry)),
             ..reply(200, "OK".into())
@@ -108,5 +113,80 @@ pub fn response(reply: &CbsReply) -> Message<Body<Value>> {
         application_properties: Some(ApplicationProperties(app)),
         body: Body::Empty,
         footer: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{DeviceId, KeySlot, ModuleId};
+
+    fn request(name: &str, token: &str) -> Message<Body<Value>> {
+        let mut app = OrderedMap::new();
+        for (k, v) in [
+            ("operation", "put-token"),
+            ("type", "servicebus.windows.net:sastoken"),
+            ("name", name),
+        ] {
+            app.insert(k.to_owned(), SimpleValue::String(v.to_owned()));
+        }
+        Message::builder()
+            .properties(Properties {
+                message_id: Some("req-1".to_owned().into()),
+                ..Default::default()
+            })
+            .application_properties(ApplicationProperties(app))
+            .body(Body::Value(fe2o3_amqp::types::messaging::AmqpValue(
+                Value::String(token.to_owned()),
+            )))
+            .build()
+    }
+
+    #[test]
+    fn a_child_edge_hub_token_is_put_on_behalf_of_its_module() {
+        let text = r#"{"deviceId": "parent", "iothubHostname": "hub.example.net", "gatewayHostname": "parent.local",
+            "listen": {"amqps": "127.0.0.1:0"}, "dataDir": "d", "devices": {"child": {"edge": true}},
+            "$edgeHub": {"schemaVersion": "1.1", "routes": {}, "storeAndForwardConfiguration": {}}}"#;
+        let settings = crate::config::from_str(text, &Default::default()).unwrap();
+        let parent_key = crate::identity::Key::from_base64(&{
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode([3u8; 32])
+        })
+        .unwrap();
+        let auth = Authenticator::new(&settings, &parent_key);
+        let child = DeviceId::parse("child").unwrap();
+        let edge_hub_key = parent_key
+            .derive_device_key(&child, KeySlot::Primary)
+            .derive_module_key(
+                &child,
+                &ModuleId::parse("$edgeHub").unwrap(),
+                KeySlot::Primary,
+            );
+        let token = crate::sas::make_token(
+            "hub.example.net/devices/child/modules/$edgeHub",
+            &edge_hub_key,
+            4_000_000_000,
+            None,
+        );
+        let reply = handle(
+            &request("hub.example.net/devices/child/modules/filter", &token),
+            &auth,
+            1_700_000_000,
+        );
+        assert_eq!(reply.status, 200, "{}", reply.description);
+        assert_eq!(
+            reply.granted.map(|(id, _)| id.to_string()),
+            Some("child/filter".to_owned())
+        );
+        assert_eq!(reply.correlation_id, Some("req-1".to_owned().into()));
+
+        let reply = handle(
+            &request("hub.example.net/devices/parent/modules/$edgeHub", &token),
+            &auth,
+            1_700_000_000,
+        );
+        assert_eq!(reply.status, 401);
+        assert!(reply.granted.is_none());
+        assert_eq!(reply.refused_id.as_deref(), Some("child/$edgeHub"));
     }
 }

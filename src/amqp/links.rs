@@ -800,6 +800,7 @@ async fn twin_requests(
                         match core.twins.update_reported(&id, &patch) {
                             Ok(version) => {
                                 m::twin_reported(&label, started.elapsed().as_secs_f64());
+                                core.upstream.report(&id, &patch);
                                 let note = Arc::new(Message::twin_change_notification(
                                     id.clone(),
                                     version,

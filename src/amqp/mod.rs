@@ -334,7 +334,9 @@ async fn run_session(
             }
         };
         if let Some(id) = kind.identity() {
-            let known = core.auth.known(id).cloned();
+            // A module of a child edge device is known by its shape; only an on-behalf grant
+            // on this connection lets its links attach.
+            let known = core.auth.known(id);
             let authorized = known
                 .as_ref()
                 .is_some_and(|k| conn.is_authorized(k, now_secs()));

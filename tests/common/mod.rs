@@ -20,6 +20,23 @@ use edgehub::{
 pub const IOTHUB: &str = "test-hub.azure-devices.net";
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// What the HTTPS API answered.
+#[derive(Debug)]
+pub struct HttpsReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: serde_json::Value,
+}
+
+impl HttpsReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 pub struct TestHub {
     pub hub: Option<Hub>,
     pub dir: PathBuf,
@@ -43,14 +60,41 @@ pub async fn start_hub_in(parent: &std::path::Path, routes: &str) -> TestHub {
     start(dir, routes, "{}", r#"{"timeToLiveSecs": 7200}"#).await
 }
 
+/// Like `start_hub`, with the HTTPS API on port 0 and `extra` top-level config members (text
+/// such as `"devices": {…}, "servicePolicies": {…},`).
+pub async fn start_hub_https(routes: &str, extra: &str) -> TestHub {
+    let dir = std::env::temp_dir().join(format!("edgehub-test-{}", uuid::Uuid::new_v4()));
+    start_config(
+        dir,
+        routes,
+        "{}",
+        r#"{"timeToLiveSecs": 7200}"#,
+        r#""127.0.0.1:0""#,
+        extra,
+    )
+    .await
+}
+
 async fn start(dir: PathBuf, routes: &str, limits: &str, store_and_forward: &str) -> TestHub {
+    start_config(dir, routes, limits, store_and_forward, "null", "").await
+}
+
+async fn start_config(
+    dir: PathBuf,
+    routes: &str,
+    limits: &str,
+    store_and_forward: &str,
+    https: &str,
+    extra: &str,
+) -> TestHub {
     let text = format!(
         r#"{{
             "deviceId": "edge1",
             "iothubHostname": "{IOTHUB}",
             "gatewayHostname": "localhost",
-            "listen": {{"amqps": "127.0.0.1:0", "https": null, "metrics": "127.0.0.1:0"}},
+            "listen": {{"amqps": "127.0.0.1:0", "https": {https}, "metrics": "127.0.0.1:0"}},
             "dataDir": "{}",
+            {extra}
             "limits": {limits},
             "modules": {{"A": {{}}, "B": {{}}}},
             "$edgeHub": {{"schemaVersion": "1.1", "routes": {routes}, "storeAndForwardConfiguration": {store_and_forward}}}
@@ -96,6 +140,103 @@ impl TestHub {
         .await
         .expect("connect in time")
         .expect("connect")
+    }
+
+    /// One HTTPS request to the hub's API (trusting its CA, as `localhost`); returns the status,
+    /// the headers (names lower-cased) and the body parsed as JSON (`Null` when empty).
+    pub async fn https(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> HttpsReply {
+        tokio::time::timeout(WAIT, self.https_inner(method, path, headers, body))
+            .await
+            .expect("HTTPS request in time")
+    }
+
+    async fn https_inner(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> HttpsReply {
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.hub.as_ref().unwrap().https_addr.expect("https is on");
+        let ca = std::fs::read(self.settings.data_dir.join("certs").join("edge-ca.pem")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut ca.as_slice()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (k, v) in headers {
+            request.push_str(&format!("{k}: {v}\r\n"));
+        }
+        request.push_str("\r\n");
+        request.push_str(body);
+        tls.write_all(request.as_bytes()).await.unwrap();
+        // Read the head, then exactly Content-Length bytes of body.
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 16 * 1024];
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = tls.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "connection closed before the response head");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8(buf[..head_end].to_vec()).unwrap();
+        let mut lines = head.split("\r\n");
+        let status: u16 = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse().ok())
+            .expect("status line");
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let length: usize = headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .map(|(_, v)| v.parse().unwrap())
+            .unwrap_or(0);
+        while buf.len() < head_end + length {
+            let n = tls.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "connection closed inside the body");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let body = &buf[head_end..head_end + length];
+        let body = if body.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(body).expect("a JSON body")
+        };
+        HttpsReply {
+            status,
+            headers,
+            body,
+        }
     }
 
     pub async fn scrape(&self) -> String {

@@ -50,8 +50,9 @@ async function launch(configPath) {
   return proc;
 }
 
-async function startHub({ modules = { A: {}, B: {} }, routes = {}, limits, extra = {} } = {}) {
-  const host = loopback();
+/// `host` pins the hub's loopback address (for clients that cannot be told a port, such as the
+/// service SDK, which always dials 443); by default each hub gets a fresh one.
+async function startHub({ modules = { A: {}, B: {} }, routes = {}, limits, extra = {}, host = loopback() } = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'edgehub-test-'));
   const config = {
     deviceId: 'edge1',
@@ -116,6 +117,33 @@ async function startHub({ modules = { A: {}, B: {} }, routes = {}, limits, extra
       const r = await terminate();
       proc = await launch(configPath);
       return r;
+    },
+    /// Stops the hub (SIGTERM) and keeps its config and data for `resume`.
+    async halt() {
+      return terminate();
+    },
+    /// Starts a halted hub again on the same config and data.
+    async resume() {
+      proc = await launch(configPath);
+    },
+    /// Resolves with the match once the hub's log (since it last started) matches `re`.
+    waitLog(re, ms = 20000) {
+      const current = proc;
+      const clean = () => current.log.replace(/\x1b\[[0-9;]*m/g, '');
+      return withTimeout(new Promise((resolve) => {
+        const check = () => {
+          const m = re.exec(clean());
+          if (m) {
+            current.child.stderr.off('data', check);
+            resolve(m);
+          }
+        };
+        current.child.stderr.on('data', check);
+        check();
+      }), ms, `log ${re}`);
+    },
+    caPath() {
+      return path.join(config.dataDir, 'certs', 'edge-ca.pem');
     },
     caPem() {
       return fs.readFileSync(path.join(config.dataDir, 'certs', 'edge-ca.pem'));
@@ -185,4 +213,13 @@ async function openClient(hub, module) {
   return c;
 }
 
-module.exports = { startHub, withTimeout, sasToken, scrape, httpsPost, fromEnv, openClient };
+/// Makes an `azure-iothub` `Client` or `Registry` trust a hub's edge CA. The service SDK has no
+/// public option for a private CA; its HTTP layer passes `options.ca` of its `setOptions` to
+/// every request, and `Client`/`Registry` call that `setOptions` themselves, with a keep-alive
+/// agent, when they are made. So: the same call again, with the same kind of agent plus the CA.
+function trustHub(serviceObject, ca) {
+  const https = require('node:https');
+  serviceObject._restApiClient.setOptions({ ca, http: { agent: new https.Agent({ keepAlive: true }) } });
+}
+
+module.exports = { trustHub, startHub, withTimeout, sasToken, scrape, httpsPost, fromEnv, openClient };

@@ -1,0 +1,1106 @@
+//! The upstream: one AMQP connection from this hub to its parent (Azure IoT Hub, or a parent
+//! edge hub in nested mode) that carries every identity of this hub.
+//!
+//! Frames follow what the C# device SDK sends IoT Hub, since that is what edgeHub itself uses:
+//! TLS on port 5671, `$cbs` on its own session with one `put-token` per identity
+//! (`azure-devices.net:sastoken`), then one session per identity with absolute link addresses
+//! `amqps://{host}:{port}/devices/{d}/modules/{m}/…`. Tokens are those of this hub's own
+//! `$edgeHub` identity, put on behalf of each module (the audience names the module), as IoT Edge
+//! does. Per module identity the hub holds: an events sender (forwarded telemetry), a twin link
+//! pair (reported patches up, desired patches down) and a method link pair (cloud calls down).
+//!
+//! Any failure ends the whole connection: every unacknowledged message goes back to its place in
+//! the `$upstream` queue, and the hub reconnects with exponential backoff and jitter.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use fe2o3_amqp::{
+    connection::ConnectionHandle,
+    link::{Receiver, Sender},
+    session::SessionHandle,
+    types::{
+        definitions::Fields,
+        messaging::{
+            annotations::OwnedKey, ApplicationProperties, Body, Data, Message as AmqpMessage,
+            MessageAnnotations, MessageId, Outcome, Properties,
+        },
+        primitives::{Binary, SimpleValue, Symbol, Value},
+    },
+    Connection, Sendable, Session,
+};
+use futures_util::{stream::FuturesUnordered, StreamExt};
+use serde_json::Map;
+use tokio::{net::TcpStream, sync::Notify, task::JoinSet};
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::UpstreamSettings,
+    hub::HubCore,
+    identity::{Identity, Key, ModuleId},
+    metrics as m,
+    queue::Endpoint,
+    sas::{make_token, now_secs, resource_for},
+};
+
+/// Lifetime of the tokens put upstream; they are renewed at three quarters of it.
+const TOKEN_LIFETIME_SECS: u64 = 3600;
+/// Bound on connecting, on one put-token and on one twin request.
+const OP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on waiting for link credit for one transfer.
+const SEND_WAIT: Duration = Duration::from_secs(60);
+/// How long a call from upstream may wait for the module (edgeHub's internal 5 min 30 s).
+const METHOD_TIMEOUT: Duration = Duration::from_secs(330);
+const DESIRED_NOTIFICATIONS: &str = "/notifications/twin/properties/desired";
+const API_VERSION: &str = "2021-04-12";
+
+fn key(id: &Identity) -> String {
+    id.to_string().to_ascii_lowercase()
+}
+
+type Patch = Map<String, serde_json::Value>;
+/// Pending patches by lower-cased identity.
+type PendingMap = HashMap<String, (Identity, Patch)>;
+
+/// What the rest of the hub hands the upstream: reported patches not yet sent.
+pub struct Outbox {
+    enabled: bool,
+    reported: Mutex<PendingMap>,
+    ready: Notify,
+}
+
+/// Merges a patch into pending changes, keeping `null`s so that deletions travel too.
+fn merge_pending(
+    target: &mut Map<String, serde_json::Value>,
+    patch: &Map<String, serde_json::Value>,
+) {
+    for (k, v) in patch {
+        match (target.get_mut(k), v) {
+            (Some(serde_json::Value::Object(t)), serde_json::Value::Object(p)) => {
+                merge_pending(t, p)
+            }
+            _ => {
+                target.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+impl Outbox {
+    /// `enabled` is false in standalone mode, where nothing is kept.
+    pub fn new(enabled: bool) -> Self {
+        Self {
+            enabled,
+            reported: Mutex::new(HashMap::new()),
+            ready: Notify::new(),
+        }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, PendingMap> {
+        self.reported.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a reported-properties patch for upstream, merged with any not sent yet (so an
+    /// identity that reports while the upstream is away sends one patch when it is back).
+    pub fn report(&self, id: &Identity, patch: &Map<String, serde_json::Value>) {
+        if !self.enabled {
+            return;
+        }
+        {
+            let mut map = self.map();
+            let entry = map
+                .entry(key(id))
+                .or_insert_with(|| (id.clone(), Map::new()));
+            merge_pending(&mut entry.1, patch);
+        }
+        self.ready.notify_waiters();
+    }
+
+    fn take(&self, id: &Identity) -> Option<Map<String, serde_json::Value>> {
+        self.map().remove(&key(id)).map(|(_, p)| p)
+    }
+
+    /// Puts back a patch that could not be sent, under whatever arrived since.
+    fn put_back(&self, id: &Identity, mut older: Map<String, serde_json::Value>) {
+        let mut map = self.map();
+        if let Some((_, newer)) = map.remove(&key(id)) {
+            merge_pending(&mut older, &newer);
+        }
+        map.insert(key(id), (id.clone(), older));
+    }
+
+    /// Identities with a patch waiting.
+    pub fn pending(&self) -> usize {
+        self.map().len()
+    }
+}
+
+/// The identities this hub carries upstream: its `$edgeHub` and every configured module.
+fn identities(core: &HubCore) -> Vec<Identity> {
+    let device = core.settings.device_id.clone();
+    let edge_hub = ModuleId::parse("$edgeHub").ok();
+    edge_hub
+        .into_iter()
+        .chain(core.settings.modules.keys().cloned())
+        .map(|m| Identity::Module(device.clone(), m))
+        .collect()
+}
+
+/// Keeps the upstream connected until `shutdown`: connects, serves, and on any failure waits
+/// an exponentially growing, jittered delay before trying again.
+pub async fn run(
+    core: Arc<HubCore>,
+    up: UpstreamSettings,
+    edge_hub_key: Key,
+    shutdown: CancellationToken,
+) {
+    let me = format!("{}/$edgeHub", core.settings.device_id);
+    let min = Duration::from_millis(up.min_backoff_ms);
+    let max = Duration::from_millis(up.max_backoff_ms);
+    let mut backoff = min;
+    let mut offline_since: Option<Instant> = None;
+    let mut failures = 0u32;
+    loop {
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = connect(&core, &up, &edge_hub_key) => r,
+        };
+        match attempt {
+            Ok(live) => {
+                backoff = min;
+                failures = 0;
+                let offline = offline_since.take().map(|t| t.elapsed().as_secs_f64());
+                m::back_online(&me, offline);
+                info!(
+                    host = %up.hostname,
+                    port = up.port,
+                    identities = live.links.len(),
+                    offline_secs = offline.unwrap_or(0.0),
+                    "upstream connected"
+                );
+                let why = serve(&core, &up, live, &edge_hub_key, &shutdown).await;
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                warn!(host = %up.hostname, "upstream connection lost: {why}; messages stay queued");
+                offline_since = Some(Instant::now());
+                m::went_offline(&me);
+            }
+            Err(e) => {
+                if offline_since.is_none() {
+                    offline_since = Some(Instant::now());
+                    m::went_offline(&me);
+                }
+                m::retry(&me, "connect");
+                failures += 1;
+                if failures == 1 || failures.is_power_of_two() {
+                    warn!(host = %up.hostname, port = up.port, attempts = failures, "upstream unreachable: {e}; retrying");
+                } else {
+                    debug!(host = %up.hostname, "upstream unreachable: {e}");
+                }
+            }
+        }
+        let delay = jitter(backoff);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        backoff = (backoff * 2).min(max);
+    }
+}
+
+/// A delay between half of `d` and `d`, so that many hubs do not retry in step.
+fn jitter(d: Duration) -> Duration {
+    let r = (uuid::Uuid::new_v4().as_u128() % 1000) as u32;
+    d / 2 + (d / 2) * r / 1000
+}
+
+pub(crate) fn tls_roots(up: &UpstreamSettings) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let paths: Vec<std::path::PathBuf> = match &up.ca {
+        Some(p) => vec![p.clone()],
+        None => [
+            "/etc/ssl/certs/ca-certificates.crt",
+            "/etc/pki/tls/certs/ca-bundle.crt",
+            "/etc/ssl/cert.pem",
+        ]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.exists())
+        .take(1)
+        .collect(),
+    };
+    for path in &paths {
+        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let c = c.map_err(|e| format!("{}: {e}", path.display()))?;
+            // A system bundle may hold certificates rustls cannot use; skip those.
+            if roots.add(c).is_err() && up.ca.is_some() {
+                return Err(format!("{}: unusable CA certificate", path.display()));
+            }
+        }
+    }
+    if roots.is_empty() {
+        return Err("no CA certificate to trust (set upstream.caCert)".into());
+    }
+    Ok(roots)
+}
+
+/// The links of one identity on its own session.
+struct IdentityLinks {
+    id: Identity,
+    session: SessionHandle<()>,
+    events: Sender,
+    twin: Option<(Sender, Receiver)>,
+    methods: Option<(Receiver, Sender)>,
+}
+
+/// An open upstream connection with every identity authenticated and attached.
+struct Live {
+    connection: ConnectionHandle<()>,
+    _cbs_session: SessionHandle<()>,
+    cbs: Cbs,
+    links: Vec<IdentityLinks>,
+}
+
+fn audience(host: &str, id: &Identity) -> String {
+    resource_for(host, id)
+}
+
+fn edge_hub_token(core: &HubCore, key: &Key) -> String {
+    let me = Identity::Module(
+        core.settings.device_id.clone(),
+        ModuleId::parse("$edgeHub").expect("$edgeHub is a valid module id"),
+    );
+    make_token(
+        &resource_for(&core.settings.iothub_hostname, &me),
+        key,
+        now_secs() + TOKEN_LIFETIME_SECS,
+        None,
+    )
+}
+
+fn link_properties(channel: Option<String>) -> Fields {
+    let mut f = Fields::new();
+    f.insert(
+        Symbol::from("com.microsoft:client-version"),
+        Value::String(format!("edgehub/{}", env!("CARGO_PKG_VERSION"))),
+    );
+    f.insert(
+        Symbol::from("com.microsoft:api-version"),
+        Value::String(API_VERSION.into()),
+    );
+    if let Some(c) = channel {
+        f.insert(
+            Symbol::from("com.microsoft:channel-correlation-id"),
+            Value::String(c),
+        );
+    }
+    f
+}
+
+async fn connect(core: &HubCore, up: &UpstreamSettings, key: &Key) -> Result<Live, String> {
+    tokio::time::timeout(OP_TIMEOUT, connect_inner(core, up, key))
+        .await
+        .map_err(|_| format!("no answer within {} s", OP_TIMEOUT.as_secs()))?
+}
+
+async fn connect_inner(core: &HubCore, up: &UpstreamSettings, key: &Key) -> Result<Live, String> {
+    let roots = tls_roots(up)?;
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = TcpStream::connect((up.hostname.as_str(), up.port))
+        .await
+        .map_err(|e| format!("connecting to {}:{}: {e}", up.hostname, up.port))?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let name =
+        rustls::pki_types::ServerName::try_from(up.hostname.clone()).map_err(|e| e.to_string())?;
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS with {}: {e}", up.hostname))?;
+    let mut connection = Connection::builder()
+        .container_id(format!(
+            "{}-{}",
+            core.settings.device_id,
+            uuid::Uuid::new_v4()
+        ))
+        .hostname(up.hostname.as_str())
+        .max_frame_size(256 * 1024)
+        .open_with_stream(tls)
+        .await
+        .map_err(|e| format!("AMQP open: {e}"))?;
+    let mut cbs_session = Session::begin(&mut connection)
+        .await
+        .map_err(|e| format!("$cbs session: {e}"))?;
+    let mut cbs = Cbs::attach(&mut cbs_session).await?;
+    let ids = identities(core);
+    let host = &core.settings.iothub_hostname;
+    for id in &ids {
+        cbs.put_token(&audience(host, id), &edge_hub_token(core, key))
+            .await
+            .map_err(|e| format!("put-token for {id}: {e}"))?;
+    }
+    let base = format!("amqps://{}:{}", up.hostname, up.port);
+    let mut links = Vec::new();
+    for id in ids {
+        let mut session = Session::builder()
+            .incoming_window(4096)
+            .outgoing_window(4096)
+            .begin(&mut connection)
+            .await
+            .map_err(|e| format!("session for {id}: {e}"))?;
+        let path = id_path(&id);
+        let attach_err =
+            |what: &str, e: &dyn std::fmt::Display| format!("{what} link for {id}: {e}");
+        let events = Sender::builder()
+            .name(format!("events-{}", uuid::Uuid::new_v4()))
+            .target(format!("{base}{path}/messages/events"))
+            .properties(link_properties(None))
+            .attach(&mut session)
+            .await
+            .map_err(|e| attach_err("events", &e))?;
+        let twin_addr = format!("{base}{path}/twin");
+        let channel = uuid::Uuid::new_v4();
+        let twin_tx = Sender::builder()
+            .name(format!("twin-sender-{channel}"))
+            .target(twin_addr.clone())
+            .properties(link_properties(Some(format!("twin:{channel}"))))
+            .attach(&mut session)
+            .await
+            .map_err(|e| attach_err("twin", &e))?;
+        let twin_rx = Receiver::builder()
+            .name(format!("twin-receiver-{channel}"))
+            .source(twin_addr)
+            .target(format!("twin-receiver-{channel}"))
+            .properties(link_properties(Some(format!("twin:{channel}"))))
+            .attach(&mut session)
+            .await
+            .map_err(|e| attach_err("twin", &e))?;
+        let methods_addr = format!("{base}{path}/methods/devicebound");
+        let channel = uuid::Uuid::new_v4();
+        let method_rx = Receiver::builder()
+            .name(format!("methods-receiver-{channel}"))
+            .source(methods_addr.clone())
+            .target(format!("methods-receiver-{channel}"))
+            .properties(link_properties(Some(format!("methods:{channel}"))))
+            .attach(&mut session)
+            .await
+            .map_err(|e| attach_err("methods", &e))?;
+        let method_tx = Sender::builder()
+            .name(format!("methods-sender-{channel}"))
+            .target(methods_addr)
+            .properties(link_properties(Some(format!("methods:{channel}"))))
+            .attach(&mut session)
+            .await
+            .map_err(|e| attach_err("methods", &e))?;
+        links.push(IdentityLinks {
+            id,
+            session,
+            events,
+            twin: Some((twin_tx, twin_rx)),
+            methods: Some((method_rx, method_tx)),
+        });
+    }
+    Ok(Live {
+        connection,
+        _cbs_session: cbs_session,
+        cbs,
+        links,
+    })
+}
+
+/// `/devices/{d}` or `/devices/{d}/modules/{m}`, ids percent-encoded.
+fn id_path(id: &Identity) -> String {
+    let enc =
+        |s: &str| percent_encoding::utf8_percent_encode(s, crate::sas::URI_COMPONENT).to_string();
+    match id.module() {
+        Some(m) => format!(
+            "/devices/{}/modules/{}",
+            enc(id.device().as_str()),
+            enc(m.as_str())
+        ),
+        None => format!("/devices/{}", enc(id.device().as_str())),
+    }
+}
+
+/// Runs the connection's tasks until one fails, the connection ends, or `shutdown`; then ends
+/// them all (unacknowledged messages go back to the queue) and says why it stopped.
+async fn serve(
+    core: &Arc<HubCore>,
+    up: &UpstreamSettings,
+    mut live: Live,
+    token_key: &Key,
+    shutdown: &CancellationToken,
+) -> String {
+    let dead = CancellationToken::new();
+    let mut tasks: JoinSet<Result<(), String>> = JoinSet::new();
+    let mut senders = HashMap::new();
+    // Dropping a session handle ends the session: they live as long as the connection.
+    let mut sessions = Vec::new();
+    for l in live.links.drain(..) {
+        sessions.push(l.session);
+        senders.insert(key(&l.id), l.events);
+        if let Some((tx, rx)) = l.twin {
+            let twin = TwinLink {
+                id: l.id.clone(),
+                tx,
+                rx,
+                last_version: None,
+                pushes: VecDeque::new(),
+            };
+            tasks.spawn(twin_sync(core.clone(), twin, dead.clone()));
+        }
+        if let Some((rx, tx)) = l.methods {
+            tasks.spawn(methods(core.clone(), l.id.clone(), rx, tx, dead.clone()));
+        }
+    }
+    tasks.spawn(telemetry(
+        core.clone(),
+        senders,
+        up.window,
+        dead.clone(),
+        Instant::now(),
+    ));
+    let mut cbs = live.cbs;
+    let renew_core = core.clone();
+    let renew_key = token_key.clone();
+    let renew_dead = dead.clone();
+    tasks.spawn(async move {
+        let every = Duration::from_secs(TOKEN_LIFETIME_SECS * 3 / 4);
+        loop {
+            tokio::select! {
+                _ = renew_dead.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(every) => {}
+            }
+            let host = renew_core.settings.iothub_hostname.clone();
+            for id in identities(&renew_core) {
+                let token = edge_hub_token(&renew_core, &renew_key);
+                cbs.put_token(&audience(&host, &id), &token)
+                    .await
+                    .map_err(|e| format!("renewing the token of {id}: {e}"))?;
+            }
+            debug!("upstream tokens renewed");
+        }
+    });
+    let why = tokio::select! {
+        _ = shutdown.cancelled() => "shutting down".to_owned(),
+        r = live.connection.on_close() => match r {
+            Ok(()) => "the parent closed the connection".to_owned(),
+            Err(e) => format!("connection ended: {e}"),
+        },
+        Some(r) = tasks.join_next() => match r {
+            Ok(Ok(())) => "a link task ended".to_owned(),
+            Ok(Err(e)) => e,
+            Err(e) => format!("a link task failed: {e}"),
+        },
+    };
+    dead.cancel();
+    // Each task releases what it holds and returns promptly once `dead` fires.
+    let drained = tokio::time::timeout(Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tasks.abort_all();
+    }
+    for mut s in sessions {
+        let _ = tokio::time::timeout(Duration::from_secs(1), s.end()).await;
+    }
+    if !live.connection.is_closed() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), live.connection.close()).await;
+    }
+    why
+}
+
+/// The `$cbs` link pair: put-token requests and their replies.
+struct Cbs {
+    tx: Sender,
+    rx: Receiver,
+}
+
+impl Cbs {
+    async fn attach(session: &mut SessionHandle<()>) -> Result<Self, String> {
+        let tx = Sender::builder()
+            .name("$cbs-sender")
+            .target("$cbs")
+            .attach(session)
+            .await
+            .map_err(|e| format!("$cbs sender: {e}"))?;
+        let rx = Receiver::builder()
+            .name("$cbs-receiver")
+            .source("$cbs")
+            .target("$cbs-receiver")
+            .attach(session)
+            .await
+            .map_err(|e| format!("$cbs receiver: {e}"))?;
+        Ok(Self { tx, rx })
+    }
+
+    async fn put_token(&mut self, audience: &str, token: &str) -> Result<(), String> {
+        tokio::time::timeout(OP_TIMEOUT, self.put_token_inner(audience, token))
+            .await
+            .map_err(|_| "no put-token reply".to_owned())?
+    }
+
+    async fn put_token_inner(&mut self, audience: &str, token: &str) -> Result<(), String> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let app = ApplicationProperties::builder()
+            .insert("operation", "put-token")
+            .insert("type", "azure-devices.net:sastoken")
+            .insert("name", audience)
+            .build();
+        let msg = AmqpMessage::builder()
+            .properties(Properties {
+                message_id: Some(MessageId::String(id.clone())),
+                reply_to: Some("$cbs-receiver".into()),
+                to: Some("$cbs".into()),
+                ..Default::default()
+            })
+            .application_properties(app)
+            .value(token.to_owned())
+            .build();
+        self.tx
+            .send(Sendable::builder().message(msg).settled(true).build())
+            .await
+            .map_err(|e| format!("sending put-token: {e}"))?;
+        loop {
+            let reply = self
+                .rx
+                .recv::<Body<Value>>()
+                .await
+                .map_err(|e| format!("reading put-token reply: {e}"))?;
+            let _ = self.rx.accept(&reply).await;
+            let m = reply.message();
+            let cid = m.properties.as_ref().and_then(|p| p.correlation_id.clone());
+            if cid.is_some_and(|c| c != MessageId::String(id.clone())) {
+                continue;
+            }
+            let props = m.application_properties.as_ref().map(|a| &a.0);
+            let status = props.and_then(|p| p.get("status-code")).and_then(int_of);
+            let desc = match props.and_then(|p| p.get("status-description")) {
+                Some(SimpleValue::String(s)) => s.clone(),
+                _ => String::new(),
+            };
+            return match status {
+                Some(200) => Ok(()),
+                Some(s) => Err(format!("put-token refused ({s}): {desc}")),
+                None => Err("put-token reply has no status-code".into()),
+            };
+        }
+    }
+}
+
+fn int_of(v: &SimpleValue) -> Option<i64> {
+    match v {
+        SimpleValue::Int(i) => Some(i64::from(*i)),
+        SimpleValue::Long(i) => Some(*i),
+        SimpleValue::Uint(i) => Some(i64::from(*i)),
+        SimpleValue::Ulong(i) => i64::try_from(*i).ok(),
+        SimpleValue::Short(i) => Some(i64::from(*i)),
+        SimpleValue::Ushort(i) => Some(i64::from(*i)),
+        SimpleValue::Byte(i) => Some(i64::from(*i)),
+        SimpleValue::Ubyte(i) => Some(i64::from(*i)),
+        SimpleValue::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn value_int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(i64::from(*i)),
+        Value::Long(i) => Some(*i),
+        Value::Uint(i) => Some(i64::from(*i)),
+        Value::Ulong(i) => i64::try_from(*i).ok(),
+        _ => None,
+    }
+}
+
+fn upstream_endpoint(core: &HubCore) -> Option<Arc<Endpoint>> {
+    core.router()
+        .endpoints()
+        .find(|e| e.id == "iothub")
+        .cloned()
+}
+
+/// Drains the `$upstream` queue onto each origin's events link: up to `window` transfers in
+/// flight; a message leaves the queue only when the parent accepts it (or rejects it as
+/// invalid, which is counted and logged).
+async fn telemetry(
+    core: Arc<HubCore>,
+    mut senders: HashMap<String, Sender>,
+    window: usize,
+    dead: CancellationToken,
+    connected_at: Instant,
+) -> Result<(), String> {
+    let mut outstanding: HashMap<u64, (Arc<Endpoint>, u64)> = HashMap::new();
+    let mut in_flight = FuturesUnordered::new();
+    let mut next_key = 0u64;
+    let mut first = true;
+    let mut sent_metrics = m::SentCache::default();
+    let mut failure: Option<String> = None;
+    'outer: loop {
+        let Some(ep) = upstream_endpoint(&core) else {
+            // No route feeds `$upstream` (yet): look again after a reload.
+            tokio::select! {
+                _ = dead.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+            }
+        };
+        let notified = ep.ready.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        while in_flight.len() < window {
+            let Some(q) = ep.pop() else { break };
+            let Some(tx) = senders.get_mut(&key(&q.msg.from)) else {
+                warn!(origin = %q.msg.from, "message for upstream from an identity this hub does not carry upstream; dropped");
+                m::dropped(m::DROP_UPSTREAM_UNKNOWN, &q.msg);
+                ep.ack(q.seq);
+                continue;
+            };
+            let amqp = q.msg.to_upstream_message();
+            let sendable = Sendable::builder().message(amqp).settled(false).build();
+            match tokio::time::timeout(SEND_WAIT, tx.send_batchable(sendable)).await {
+                Ok(Ok(fut)) => {
+                    next_key += 1;
+                    outstanding.insert(next_key, (ep.clone(), q.seq));
+                    let k = next_key;
+                    let started = Instant::now();
+                    in_flight.push(async move { (k, q, started, fut.await) });
+                }
+                Ok(Err(e)) => {
+                    ep.release(q.seq);
+                    failure = Some(format!("sending upstream: {e}"));
+                    break 'outer;
+                }
+                Err(_) => {
+                    ep.release(q.seq);
+                    failure = Some("the parent granted no credit".into());
+                    break 'outer;
+                }
+            }
+        }
+        tokio::select! {
+            _ = dead.cancelled() => break,
+            _ = &mut notified => {}
+            Some((k, q, started, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                let Some((ep, seq)) = outstanding.remove(&k) else { continue };
+                match result {
+                    Ok(Outcome::Accepted(_)) => {
+                        ep.ack(seq);
+                        sent_metrics.record(&q.msg, "upstream", "", q.priority, started.elapsed().as_secs_f64());
+                        if first {
+                            first = false;
+                            info!(
+                                after_ms = connected_at.elapsed().as_millis() as u64,
+                                "upstream: first message forwarded after connecting"
+                            );
+                        }
+                    }
+                    Ok(Outcome::Rejected(r)) => {
+                        ep.ack(seq);
+                        let why = r.error.map(|e| format!("{:?}: {}", e.condition, e.description.unwrap_or_default())).unwrap_or_default();
+                        warn!(origin = %q.msg.from, "the parent rejected a message as invalid; dropped: {why}");
+                        m::dropped(m::DROP_UPSTREAM_REJECTED, &q.msg);
+                    }
+                    Ok(_) => {
+                        ep.release(seq);
+                        m::retry(&q.msg.from.to_string(), "send_event");
+                    }
+                    Err(e) => {
+                        ep.release(seq);
+                        m::retry(&q.msg.from.to_string(), "send_event");
+                        failure = Some(format!("delivery upstream failed: {e}"));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    drop(in_flight);
+    for (_, (ep, seq)) in outstanding.drain() {
+        ep.release(seq);
+    }
+    match failure {
+        Some(f) => Err(f),
+        None => Ok(()),
+    }
+}
+
+/// One identity's twin links upstream.
+struct TwinLink {
+    id: Identity,
+    tx: Sender,
+    rx: Receiver,
+    /// The version of the parent's desired properties last applied here.
+    last_version: Option<i64>,
+    /// Desired patches that arrived while waiting for a response.
+    pushes: VecDeque<AmqpMessage<Body<Value>>>,
+}
+
+fn annotation<'a>(m: &'a AmqpMessage<Body<Value>>, k: &str) -> Option<&'a Value> {
+    m.message_annotations
+        .as_ref()?
+        .0
+        .get(&OwnedKey::Symbol(Symbol::from(k)))
+}
+
+fn body_of(body: &Body<Value>) -> Vec<u8> {
+    match body {
+        Body::Data(batch) => batch.iter().flat_map(|d| d.0.iter().copied()).collect(),
+        Body::Value(v) => match &v.0 {
+            Value::String(s) => s.clone().into_bytes(),
+            Value::Binary(b) => b.to_vec(),
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    }
+}
+
+/// Desired properties without the document's `$version`/`$metadata`.
+fn strip_meta(mut m: Map<String, serde_json::Value>) -> Map<String, serde_json::Value> {
+    m.retain(|k, _| !k.starts_with('$'));
+    m
+}
+
+impl TwinLink {
+    async fn request(
+        &mut self,
+        operation: &str,
+        resource: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> Result<(i64, Vec<u8>), String> {
+        let cid = uuid::Uuid::new_v4().to_string();
+        let mut ann = MessageAnnotations::builder().insert(
+            OwnedKey::Symbol(Symbol::from("operation")),
+            Value::String(operation.into()),
+        );
+        if let Some(r) = resource {
+            ann = ann.insert(
+                OwnedKey::Symbol(Symbol::from("resource")),
+                Value::String(r.into()),
+            );
+        }
+        let msg = AmqpMessage {
+            header: None,
+            delivery_annotations: None,
+            message_annotations: Some(ann.build()),
+            properties: Some(Properties {
+                correlation_id: Some(MessageId::String(cid.clone())),
+                ..Default::default()
+            }),
+            application_properties: None,
+            body: match body {
+                Some(b) => Body::<Value>::Data(vec![Data(Binary::from(b))].into()),
+                None => Body::Empty,
+            },
+            footer: None,
+        };
+        let id = self.id.to_string();
+        tokio::time::timeout(OP_TIMEOUT, async {
+            self.tx
+                .send(Sendable::builder().message(msg).settled(true).build())
+                .await
+                .map_err(|e| format!("twin {operation} for {id}: {e}"))?;
+            loop {
+                let d = self
+                    .rx
+                    .recv::<Body<Value>>()
+                    .await
+                    .map_err(|e| format!("twin response for {id}: {e}"))?;
+                let _ = self.rx.accept(&d).await;
+                let msg = d.into_message();
+                let matches = msg
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.correlation_id.as_ref())
+                    .is_some_and(|c| *c == MessageId::String(cid.clone()));
+                if !matches {
+                    self.pushes.push_back(msg);
+                    continue;
+                }
+                let status = annotation(&msg, "status").and_then(value_int).unwrap_or(0);
+                return Ok((status, body_of(&msg.body)));
+            }
+        })
+        .await
+        .map_err(|_| format!("twin {operation} for {}: no response", self.id))?
+    }
+
+    /// Reads the whole twin upstream and makes its desired properties this hub's (a change
+    /// reaches the module as a patch through the twin store).
+    async fn full_sync(&mut self, core: &HubCore) -> Result<(), String> {
+        let started = Instant::now();
+        let (status, body) = self.request("GET", None, None).await?;
+        if status != 200 {
+            return Err(format!("twin GET for {} answered {status}", self.id));
+        }
+        m::twin_get_upstream(&self.id.to_string(), started.elapsed().as_secs_f64());
+        let doc: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| format!("twin GET for {}: not JSON: {e}", self.id))?;
+        let desired = doc
+            .get("desired")
+            .and_then(|d| d.as_object())
+            .cloned()
+            .unwrap_or_default();
+        let version = desired.get("$version").and_then(|v| v.as_i64());
+        self.apply(core, strip_meta(desired));
+        self.last_version = version;
+        Ok(())
+    }
+
+    fn apply(&self, core: &HubCore, desired: Map<String, serde_json::Value>) {
+        match core.twins.set_desired(&self.id, &desired) {
+            Ok(Some(v)) => {
+                info!(identity = %self.id, version = v, "desired properties updated from upstream")
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(identity = %self.id, "desired properties from upstream not stored: {e}")
+            }
+        }
+    }
+
+    /// Applies a desired patch pushed by the parent; returns false when a version was missed
+    /// (then the caller reads the whole twin).
+    fn apply_push(&mut self, core: &HubCore, msg: &AmqpMessage<Body<Value>>) -> bool {
+        let Ok(serde_json::Value::Object(patch)) =
+            serde_json::from_slice::<serde_json::Value>(&body_of(&msg.body))
+        else {
+            return false;
+        };
+        let version = annotation(msg, "version")
+            .and_then(value_int)
+            .or_else(|| patch.get("$version").and_then(|v| v.as_i64()));
+        match (self.last_version, version) {
+            (Some(last), Some(v)) if v == last + 1 => {
+                let mut desired = core.twins.get(&self.id).desired;
+                crate::twins::merge(&mut desired, &strip_meta(patch));
+                self.apply(core, desired);
+                self.last_version = Some(v);
+                true
+            }
+            (Some(last), Some(v)) if v <= last => true,
+            _ => false,
+        }
+    }
+}
+
+/// Keeps one identity's twin in step with the parent: subscribes to desired patches, applies
+/// them (a version gap reads the whole twin), and sends reported patches as they come.
+async fn twin_sync(
+    core: Arc<HubCore>,
+    mut link: TwinLink,
+    dead: CancellationToken,
+) -> Result<(), String> {
+    let label = link.id.to_string();
+    let work = async {
+        let (status, _) = link
+            .request("PUT", Some(DESIRED_NOTIFICATIONS), None)
+            .await?;
+        if !(200..300).contains(&status) {
+            return Err(format!(
+                "desired subscription for {label} answered {status}"
+            ));
+        }
+        link.full_sync(&core).await?;
+        loop {
+            let mut gap = false;
+            while let Some(p) = link.pushes.pop_front() {
+                gap |= !link.apply_push(&core, &p);
+            }
+            if gap {
+                link.full_sync(&core).await?;
+                continue;
+            }
+            let notified = core.upstream.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(patch) = core.upstream.take(&link.id) {
+                let started = Instant::now();
+                let body = serde_json::Value::Object(patch.clone())
+                    .to_string()
+                    .into_bytes();
+                match link
+                    .request("PATCH", Some("/properties/reported"), Some(body))
+                    .await
+                {
+                    Ok((s, _)) if (200..300).contains(&s) => {
+                        m::twin_reported_upstream(&label, started.elapsed().as_secs_f64());
+                    }
+                    Ok((s, b)) if (400..500).contains(&s) => {
+                        warn!(identity = %label, status = s, "the parent refused a reported patch; dropped: {}", String::from_utf8_lossy(&b));
+                    }
+                    Ok((s, _)) => {
+                        core.upstream.put_back(&link.id, patch);
+                        m::retry(&label, "update_reported_properties");
+                        return Err(format!("reported patch for {label} answered {s}"));
+                    }
+                    Err(e) => {
+                        core.upstream.put_back(&link.id, patch);
+                        m::retry(&label, "update_reported_properties");
+                        return Err(e);
+                    }
+                }
+                continue;
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                d = link.rx.recv::<Body<Value>>() => {
+                    let d = d.map_err(|e| format!("twin link of {label}: {e}"))?;
+                    let _ = link.rx.accept(&d).await;
+                    link.pushes.push_back(d.into_message());
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = dead.cancelled() => Ok(()),
+        r = work => r,
+    }
+}
+
+/// Serves calls from upstream to one identity through the method dispatcher; each answer
+/// carries the module's status (404 when it has no method link, 504 when it does not answer).
+async fn methods(
+    core: Arc<HubCore>,
+    id: Identity,
+    mut rx: Receiver,
+    mut tx: Sender,
+    dead: CancellationToken,
+) -> Result<(), String> {
+    let (answers, mut answered) = tokio::sync::mpsc::channel::<(MessageId, i32, Vec<u8>)>(64);
+    loop {
+        tokio::select! {
+            _ = dead.cancelled() => return Ok(()),
+            d = rx.recv::<Body<Value>>() => {
+                let d = d.map_err(|e| format!("method link of {id}: {e}"))?;
+                let _ = rx.accept(&d).await;
+                let msg = d.into_message();
+                let Some(cid) = msg.properties.as_ref().and_then(|p| p.correlation_id.clone()) else {
+                    debug!(identity = %id, "method call without a correlation id ignored");
+                    continue;
+                };
+                let name = match msg.application_properties.as_ref().and_then(|a| a.0.get("IoThub-methodname")) {
+                    Some(SimpleValue::String(s)) => s.clone(),
+                    _ => String::new(),
+                };
+                let payload = body_of(&msg.body);
+                let core = core.clone();
+                let target = id.clone();
+                let answers = answers.clone();
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let (status, body) = match core.methods.invoke(&target, &name, payload, METHOD_TIMEOUT, Duration::ZERO).await {
+                        Ok(r) => (r.status, r.payload),
+                        Err(e @ crate::methods::MethodError::NotConnected(_)) => (404, error_json(&e.to_string())),
+                        Err(e) => (504, error_json(&e.to_string())),
+                    };
+                    m::direct_method("upstream", &target.to_string(), started.elapsed().as_secs_f64());
+                    let _ = answers.send((cid, status, body)).await;
+                });
+            }
+            Some((cid, status, body)) = answered.recv() => {
+                let msg = AmqpMessage {
+                    header: None,
+                    delivery_annotations: None,
+                    message_annotations: None,
+                    properties: Some(Properties { correlation_id: Some(cid), ..Default::default() }),
+                    application_properties: Some(ApplicationProperties::builder().insert("IoThub-status", status).build()),
+                    body: Body::<Value>::Data(vec![Data(Binary::from(body))].into()),
+                    footer: None,
+                };
+                tokio::time::timeout(SEND_WAIT, tx.send(Sendable::builder().message(msg).settled(true).build()))
+                    .await
+                    .map_err(|_| format!("no credit for a method response of {id}"))?
+                    .map_err(|e| format!("method response of {id}: {e}"))?;
+            }
+        }
+    }
+}
+
+fn error_json(message: &str) -> Vec<u8> {
+    serde_json::json!({ "message": message })
+        .to_string()
+        .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: serde_json::Value) -> Patch {
+        v.as_object().cloned().unwrap()
+    }
+
+    fn module(m: &str) -> Identity {
+        Identity::Module(
+            crate::identity::DeviceId::parse("d").unwrap(),
+            ModuleId::parse(m).unwrap(),
+        )
+    }
+
+    #[test]
+    fn pending_patches_merge_and_keep_deletions() {
+        let o = Outbox::new(true);
+        let a = module("a");
+        o.report(&a, &obj(json!({"x": 1, "n": {"p": 1, "q": 2}})));
+        o.report(&a, &obj(json!({"x": null, "n": {"q": 3}})));
+        assert_eq!(o.pending(), 1);
+        let p = o.take(&a).unwrap();
+        assert_eq!(p, obj(json!({"x": null, "n": {"p": 1, "q": 3}})));
+        assert!(o.take(&a).is_none());
+    }
+
+    #[test]
+    fn a_failed_patch_goes_back_under_newer_changes() {
+        let o = Outbox::new(true);
+        let a = module("a");
+        o.report(&a, &obj(json!({"x": 1, "y": 1})));
+        let sent = o.take(&a).unwrap();
+        o.report(&a, &obj(json!({"y": 2})));
+        o.put_back(&a, sent);
+        assert_eq!(o.take(&a).unwrap(), obj(json!({"x": 1, "y": 2})));
+    }
+
+    #[test]
+    fn standalone_keeps_nothing() {
+        let o = Outbox::new(false);
+        o.report(&module("a"), &obj(json!({"x": 1})));
+        assert_eq!(o.pending(), 0);
+    }
+
+    #[test]
+    fn jitter_stays_between_half_and_whole() {
+        let d = Duration::from_millis(800);
+        for _ in 0..200 {
+            let j = jitter(d);
+            assert!(j >= d / 2 && j <= d, "{j:?}");
+        }
+    }
+
+    #[test]
+    fn desired_metadata_is_stripped() {
+        let m = strip_meta(obj(json!({"$version": 3, "$metadata": {}, "a": 1})));
+        assert_eq!(m, obj(json!({"a": 1})));
+    }
+
+    #[test]
+    fn identity_paths_are_encoded() {
+        assert_eq!(
+            id_path(&module("$edgeHub")),
+            "/devices/d/modules/%24edgeHub"
+        );
+    }
+}

@@ -1,0 +1,269 @@
+//! A child hub forwarding to a parent hub, both in this process on 127.0.0.1 port 0, through
+//! the fe2o3 client: telemetry with its origin ids, and `edgehub check` on the upstream.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests fail on any error"
+)]
+
+use std::{collections::HashMap, path::Path, time::Duration};
+
+use edgehub::{
+    auth::module_keys,
+    client::Client,
+    config,
+    hub::Hub,
+    identity::{DeviceId, Identity, ModuleId},
+};
+use fe2o3_amqp::types::{
+    messaging::{annotations::OwnedKey, ApplicationProperties, Body, Message, Outcome},
+    primitives::Value,
+};
+
+const IOTHUB: &str = "test-hub.azure-devices.net";
+const CHILD_KEY: &str = "Y2hpbGQtZGV2aWNlLWtleS0zMi1ieXRlcy1sb25nISE=";
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Pair {
+    parent: Hub,
+    child: Hub,
+    parent_settings: config::Settings,
+    child_settings: config::Settings,
+    dir: std::path::PathBuf,
+}
+
+fn parent_text(dir: &Path, routes: &str) -> String {
+    format!(
+        r#"{{
+        "deviceId": "parent", "iothubHostname": "{IOTHUB}", "gatewayHostname": "localhost",
+        "listen": {{"amqps": "127.0.0.1:0", "https": null, "metrics": null}},
+        "dataDir": "{}",
+        "modules": {{"sink": {{}}}},
+        "devices": {{"child": {{"primaryKey": "{CHILD_KEY}", "edge": true}}}},
+        "$edgeHub": {{"schemaVersion": "1.1", "routes": {routes},
+            "storeAndForwardConfiguration": {{"timeToLiveSecs": 7200}}}}
+    }}"#,
+        dir.join("parent").display()
+    )
+}
+
+fn child_text(dir: &Path, port: u16, ca: &Path) -> String {
+    format!(
+        r#"{{
+        "deviceId": "child", "iothubHostname": "{IOTHUB}", "gatewayHostname": "localhost",
+        "listen": {{"amqps": "127.0.0.1:0", "https": null, "metrics": null}},
+        "dataDir": "{}", "deviceKey": "{CHILD_KEY}",
+        "modules": {{"A": {{}}}},
+        "upstream": {{"hostname": "localhost", "port": {port}, "caCert": "{}",
+            "minBackoffMs": 20, "maxBackoffMs": 200}},
+        "$edgeHub": {{"schemaVersion": "1.1",
+            "routes": {{"up": "FROM /messages/modules/A/outputs/* INTO $upstream"}},
+            "storeAndForwardConfiguration": {{"timeToLiveSecs": 7200}}}}
+    }}"#,
+        dir.join("child").display(),
+        ca.display()
+    )
+}
+
+async fn start_pair(parent_routes: &str) -> Pair {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+    let dir = std::env::temp_dir().join(format!("edgehub-up-{}", uuid::Uuid::new_v4()));
+    let ptext = parent_text(&dir, parent_routes);
+    let parent_settings = config::from_str(&ptext, &HashMap::new()).expect("parent config");
+    let parent = tokio::time::timeout(WAIT, Hub::start(parent_settings.clone()))
+        .await
+        .expect("parent starts in time")
+        .expect("parent starts");
+    let ca = dir.join("parent/certs/edge-ca.pem");
+    let ctext = child_text(&dir, parent.amqps_addr.port(), &ca);
+    let child_settings = config::from_str(&ctext, &HashMap::new()).expect("child config");
+    let child = tokio::time::timeout(WAIT, Hub::start(child_settings.clone()))
+        .await
+        .expect("child starts in time")
+        .expect("child starts");
+    Pair {
+        parent,
+        child,
+        parent_settings,
+        child_settings,
+        dir,
+    }
+}
+
+async fn connect(hub: &Hub, settings: &config::Settings, device: &str, module: &str) -> Client {
+    let key = edgehub::hub::device_key(settings).unwrap();
+    let m = ModuleId::parse(module).unwrap();
+    let keys = module_keys(settings, &key, &m);
+    let id = Identity::Module(DeviceId::parse(device).unwrap(), m);
+    let ca = settings.data_dir.join("certs/edge-ca.pem");
+    tokio::time::timeout(
+        WAIT,
+        Client::connect(hub.amqps_addr, "localhost", &ca, IOTHUB, &id, &keys.primary),
+    )
+    .await
+    .expect("connect in time")
+    .expect("connect")
+}
+
+fn annotation(m: &Message<Body<Value>>, k: &str) -> Option<String> {
+    match m
+        .message_annotations
+        .as_ref()?
+        .0
+        .get(&OwnedKey::Symbol(k.into()))?
+    {
+        Value::String(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn child_telemetry_reaches_a_parent_module_with_its_origin_ids() {
+    let pair = start_pair(
+        r#"{"fromChild": "FROM /messages/modules/A/outputs/out1 WHERE $connectionDeviceId = 'child' INTO BrokeredEndpoint(\"/modules/sink/inputs/in1\")"}"#,
+    )
+    .await;
+    let mut a = connect(&pair.child, &pair.child_settings, "child", "A").await;
+    let mut sink = connect(&pair.parent, &pair.parent_settings, "parent", "sink").await;
+    let mut rx = sink
+        .receiver("/devices/parent/modules/sink/messages/events")
+        .await
+        .unwrap();
+    let mut tx = a
+        .sender("/devices/child/modules/A/messages/events")
+        .await
+        .unwrap();
+    let n = 100;
+    for i in 0..n {
+        let msg = Message::builder()
+            .properties(fe2o3_amqp::types::messaging::Properties {
+                message_id: Some(format!("m{i}").into()),
+                ..Default::default()
+            })
+            .application_properties(
+                ApplicationProperties::builder()
+                    .insert("iothub-outputname", "out1")
+                    .insert("seq", i as i64)
+                    .build(),
+            )
+            .value(format!("body {i}"))
+            .build();
+        let outcome = tokio::time::timeout(WAIT, tx.send(msg))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+    }
+    for i in 0..n {
+        let d = tokio::time::timeout(WAIT, rx.recv::<Body<Value>>())
+            .await
+            .expect("message at the parent in time")
+            .unwrap();
+        rx.accept(&d).await.unwrap();
+        let m = d.message();
+        assert_eq!(
+            m.properties.as_ref().and_then(|p| p.message_id.clone()),
+            Some(format!("m{i}").into())
+        );
+        assert_eq!(
+            annotation(m, "iothub-connection-device-id").as_deref(),
+            Some("child")
+        );
+        assert_eq!(
+            annotation(m, "iothub-connection-module-id").as_deref(),
+            Some("A")
+        );
+        assert_eq!(annotation(m, "x-opt-input-name").as_deref(), Some("in1"));
+        let seq = m
+            .application_properties
+            .as_ref()
+            .and_then(|a| a.0.get("seq").cloned());
+        assert_eq!(seq, Some((i as i64).into()));
+    }
+    a.close().await;
+    sink.close().await;
+    tokio::time::timeout(WAIT, pair.child.shutdown())
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, pair.parent.shutdown())
+        .await
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&pair.dir);
+}
+
+#[tokio::test]
+async fn check_reaches_the_upstream_or_says_why_not() {
+    let dir = std::env::temp_dir().join(format!("edgehub-up-check-{}", uuid::Uuid::new_v4()));
+    let ptext = parent_text(&dir, "{}");
+    let parent_settings = config::from_str(&ptext, &HashMap::new()).unwrap();
+    let parent = Hub::start(parent_settings).await.unwrap();
+    let ca = dir.join("parent/certs/edge-ca.pem");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("child.json");
+
+    std::fs::write(&path, child_text(&dir, parent.amqps_addr.port(), &ca)).unwrap();
+    let lines = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || edgehub::check::run(&path, &HashMap::new())
+    })
+    .await
+    .unwrap();
+    let up = lines
+        .iter()
+        .map(|o| o.to_string())
+        .find(|l| l.contains("upstream"))
+        .unwrap();
+    assert!(
+        up.starts_with("OK") && up.contains("TLS certificate trusted"),
+        "{up}"
+    );
+
+    // A CA that did not sign the parent's certificate: the handshake fails, with a hint.
+    let other = dir.join("other-ca.pem");
+    let (other_ca, _) = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        (params.self_signed(&key).unwrap().pem(), key)
+    };
+    std::fs::write(&other, other_ca).unwrap();
+    std::fs::write(&path, child_text(&dir, parent.amqps_addr.port(), &other)).unwrap();
+    let lines = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || edgehub::check::run(&path, &HashMap::new())
+    })
+    .await
+    .unwrap();
+    let up = lines
+        .iter()
+        .map(|o| o.to_string())
+        .find(|l| l.contains("upstream"))
+        .unwrap();
+    assert!(
+        up.starts_with("ERROR") && up.contains("TLS handshake failed"),
+        "{up}"
+    );
+
+    tokio::time::timeout(WAIT, parent.shutdown()).await.unwrap();
+    // Nothing listens on the port any more.
+    let lines = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || edgehub::check::run(&path, &HashMap::new())
+    })
+    .await
+    .unwrap();
+    let up = lines
+        .iter()
+        .map(|o| o.to_string())
+        .find(|l| l.contains("upstream"))
+        .unwrap();
+    assert!(
+        up.starts_with("ERROR") && up.contains("no TCP connection"),
+        "{up}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
