@@ -456,7 +456,7 @@ async fn direct_method(
 /// The twin in IoT Hub's REST shape, with its etag also in `ETag`.
 fn twin_response(core: &HubCore, id: &Identity, twin: &Twin) -> Response<Full<Bytes>> {
     // Connected, as far as this hub can tell: the identity holds a twin or a method link.
-    let connected = core.twins.has_link(id) || core.methods.is_registered(id);
+    let connected = core.is_connected(id);
     let mut body = json!({
         "deviceId": id.device().as_str(),
         "etag": twin.etag(),

@@ -121,7 +121,7 @@ impl HubCore {
         }
         for (module, spec) in modules {
             let id = Identity::Module(self.settings.device_id.clone(), module.clone());
-            match self.twins.set_desired(&id, &spec.desired) {
+            match self.twins.apply_config_desired(&id, &spec.desired) {
                 Ok(Some(v)) => info!(identity = %id, version = v, "desired properties updated"),
                 Ok(None) => {}
                 Err(e) => tracing::error!(identity = %id, "desired properties not updated: {e}"),
@@ -208,6 +208,11 @@ impl HubCore {
             return;
         }
         self.upstream.report(&me, &patch);
+    }
+
+    /// Does some connection hold a valid token for `id`?
+    pub fn is_connected(&self, id: &Identity) -> bool {
+        self.clients.get(&id.to_string()).is_some_and(|n| *n > 0)
     }
 
     pub fn client_disconnected(&self, id: &Identity) {

@@ -46,6 +46,10 @@ pub struct Twin {
     pub desired_version: i64,
     pub reported: Map<String, Value>,
     pub reported_version: i64,
+    /// The desired properties the config (deployment manifest) gave last, so that a new config
+    /// changes only what it changes and leaves patches made through the service API alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_desired: Option<Map<String, Value>>,
 }
 
 impl Default for Twin {
@@ -55,6 +59,7 @@ impl Default for Twin {
             desired_version: 1,
             reported: Map::new(),
             reported_version: 1,
+            config_desired: None,
         }
     }
 }
@@ -428,6 +433,41 @@ impl TwinStore {
         self.links.contains_key(&key(id))
     }
 
+    /// Applies the desired properties a config (deployment manifest) gives a module: the first
+    /// time they become the desired properties; afterwards only the difference from the previous
+    /// config is applied, so changes made since through the service API stay unless the config
+    /// changes the same keys. Returns the new version when the desired properties changed.
+    pub fn apply_config_desired(
+        &self,
+        id: &Identity,
+        config: &Map<String, Value>,
+    ) -> Result<Option<i64>, TwinError> {
+        let k = key(id);
+        let changed = {
+            let mut entry = self.twins.entry(k.clone()).or_default();
+            if entry.config_desired.as_ref() == Some(config) {
+                return Ok(None);
+            }
+            let mut next = entry.clone();
+            match &entry.config_desired {
+                Some(previous) => merge(&mut next.desired, &diff(previous, config)),
+                None => next.desired = config.clone(),
+            }
+            next.config_desired = Some(config.clone());
+            let changed = next.desired != entry.desired;
+            if changed {
+                next.desired_version += 1;
+            }
+            self.persist(&k, &next)?;
+            *entry = next;
+            changed.then_some(entry.desired_version)
+        };
+        if changed.is_some() {
+            self.push_desired(&k);
+        }
+        Ok(changed)
+    }
+
     /// Sends the subscribed link whatever it has not seen of the desired properties.
     fn push_desired(&self, k: &str) {
         let Some(twin) = self.twins.get(k).map(|t| t.clone()) else {
@@ -504,6 +544,46 @@ impl TwinStore {
                 self.push_desired(&k);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod config_desired_tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().expect("object")
+    }
+
+    #[test]
+    fn a_new_config_changes_only_what_it_changes() {
+        let store = TwinStore::in_memory();
+        let id = Identity::Module(
+            crate::identity::DeviceId::parse("d").expect("id"),
+            crate::identity::ModuleId::parse("m").expect("id"),
+        );
+        let v1 = store
+            .apply_config_desired(&id, &obj(json!({"a": 1, "b": 1})))
+            .expect("apply");
+        assert_eq!(v1, Some(2));
+        // A service patch on another key and on a config key.
+        store
+            .patch_desired(&id, &obj(json!({"s": 5, "a": 9})), |_| true)
+            .expect("patch");
+        // The same config again (a restart or a reload that changed nothing else): no change.
+        assert_eq!(
+            store
+                .apply_config_desired(&id, &obj(json!({"a": 1, "b": 1})))
+                .expect("apply"),
+            None
+        );
+        assert_eq!(store.get(&id).desired, obj(json!({"a": 9, "b": 1, "s": 5})));
+        // The config changes b and drops a: only those keys move.
+        store
+            .apply_config_desired(&id, &obj(json!({"b": 2})))
+            .expect("apply");
+        assert_eq!(store.get(&id).desired, obj(json!({"b": 2, "s": 5})));
     }
 }
 
