@@ -229,17 +229,37 @@ impl Authenticator {
         {
             return Err(SasError::WrongHost(host));
         }
-        let (canonical, keys) = self
-            .identities
-            .get(&lower(&id))
-            .ok_or_else(|| SasError::UnknownIdentity(id.to_string()))?;
+        let (canonical, keys) = match self.identities.get(&lower(&id)) {
+            Some((canonical, keys)) => (canonical.clone(), keys.clone()),
+            None => self
+                .child_module(&id)
+                .ok_or_else(|| SasError::UnknownIdentity(id.to_string()))?,
+        };
         if !keys.iter().any(|k| t.signed_by(k)) {
             return Err(SasError::BadSignature(id.to_string()));
         }
         if t.expired_at(now_secs) {
             return Err(SasError::Expired(t.expiry));
         }
-        Ok((canonical.clone(), t.expiry))
+        Ok((canonical, t.expiry))
+    }
+
+    /// A module of a child edge device with the keys the child derives for it from its device
+    /// key (the module-key rule), so a child may also authenticate a module with the module's
+    /// own token rather than on behalf.
+    fn child_module(&self, id: &Identity) -> Option<(Identity, Vec<KeyPair>)> {
+        let Identity::Module(d, m) = id else {
+            return None;
+        };
+        let child = self.edge_child(d)?;
+        let (_, device_keys) = self
+            .identities
+            .get(&lower(&Identity::Device(child.clone())))?;
+        let keys = device_keys
+            .iter()
+            .flat_map(|pair| child_edge_hub_keys(child, pair, m))
+            .collect();
+        Some((Identity::Module(child.clone(), m.clone()), keys))
     }
 }
 
@@ -365,6 +385,28 @@ mod tests {
     }
 
     #[test]
+    fn a_child_module_may_use_its_own_derived_key() {
+        let (_, k, a) = parent();
+        let child = DeviceId::parse("Child").unwrap();
+        let module = ModuleId::parse("Sensor").unwrap();
+        let child_key = k.derive_device_key(&child, KeySlot::Primary);
+        let own = child_key.derive_module_key(&child, &module, KeySlot::Secondary);
+        let (got, _) = a.verify(&token("child/Sensor", &own, LATER), NOW).unwrap();
+        assert_eq!(got, id("Child/Sensor"));
+        let other =
+            child_key.derive_module_key(&child, &ModuleId::parse("x").unwrap(), KeySlot::Primary);
+        assert!(matches!(
+            a.verify(&token("Child/Sensor", &other, LATER), NOW),
+            Err(SasError::BadSignature(_))
+        ));
+        // A leaf device's modules have no derived keys here.
+        assert!(matches!(
+            a.verify(&token("leaf/Sensor", &own, LATER), NOW),
+            Err(SasError::UnknownIdentity(_))
+        ));
+    }
+
+    #[test]
     fn on_behalf_tokens_grant_the_audience_within_the_child_only() {
         let (_, k, a) = parent();
         let ek = child_edge_hub_key(&k, "Child");
@@ -446,10 +488,10 @@ mod tests {
             a.verify_put_token(&token("Child/$edgeHub", &ek, NOW - 301), audience, NOW),
             Err(SasError::Expired(_))
         ));
-        // A token for a child's module itself: the parent holds no key for it.
+        // A token for a child's module itself, signed with a key other than the module's.
         assert!(matches!(
             a.verify_put_token(&token("Child/m", &ek, LATER), audience, NOW),
-            Err(SasError::UnknownIdentity(_))
+            Err(SasError::BadSignature(_))
         ));
         // The token of a module of this hub is not an on-behalf token: the audience is
         // ignored and it grants only itself.

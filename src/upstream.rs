@@ -879,20 +879,44 @@ impl TwinLink {
         else {
             return false;
         };
-        let version = annotation(msg, "version")
-            .and_then(value_int)
-            .or_else(|| patch.get("$version").and_then(|v| v.as_i64()));
-        match (self.last_version, version) {
-            (Some(last), Some(v)) if v == last + 1 => {
+        let version = annotation(msg, "version").and_then(value_int);
+        match next_desired(self.last_version, version, &patch) {
+            Push::Apply(v) => {
                 let mut desired = core.twins.get(&self.id).desired;
                 crate::twins::merge(&mut desired, &strip_meta(patch));
                 self.apply(core, desired);
                 self.last_version = Some(v);
                 true
             }
-            (Some(last), Some(v)) if v <= last => true,
-            _ => false,
+            Push::Stale => true,
+            Push::Gap => false,
         }
+    }
+}
+
+/// What to do with a desired patch pushed from upstream.
+#[derive(Debug, PartialEq, Eq)]
+enum Push {
+    /// The next version: merge it in.
+    Apply(i64),
+    /// Already seen (a duplicate or an older one): ignore it.
+    Stale,
+    /// A version was missed (or there is none to compare): read the whole twin.
+    Gap,
+}
+
+/// Decides on a pushed patch from its version (the `version` annotation, else the patch's
+/// `$version`) and the last version applied.
+fn next_desired(
+    last: Option<i64>,
+    annotated: Option<i64>,
+    patch: &Map<String, serde_json::Value>,
+) -> Push {
+    let version = annotated.or_else(|| patch.get("$version").and_then(|v| v.as_i64()));
+    match (last, version) {
+        (Some(last), Some(v)) if v == last + 1 => Push::Apply(v),
+        (Some(last), Some(v)) if v <= last => Push::Stale,
+        _ => Push::Gap,
     }
 }
 
@@ -1094,6 +1118,24 @@ mod tests {
     fn desired_metadata_is_stripped() {
         let m = strip_meta(obj(json!({"$version": 3, "$metadata": {}, "a": 1})));
         assert_eq!(m, obj(json!({"a": 1})));
+    }
+
+    #[test]
+    fn desired_pushes_apply_in_order_and_a_gap_reads_the_twin() {
+        let p = obj(json!({"a": 1, "$version": 5}));
+        assert_eq!(next_desired(Some(4), None, &p), Push::Apply(5));
+        assert_eq!(
+            next_desired(Some(4), Some(5), &obj(json!({}))),
+            Push::Apply(5)
+        );
+        assert_eq!(next_desired(Some(5), None, &p), Push::Stale);
+        assert_eq!(next_desired(Some(7), None, &p), Push::Stale);
+        assert_eq!(next_desired(Some(3), None, &p), Push::Gap);
+        assert_eq!(next_desired(None, None, &p), Push::Gap);
+        assert_eq!(
+            next_desired(Some(4), None, &obj(json!({"a": 1}))),
+            Push::Gap
+        );
     }
 
     #[test]

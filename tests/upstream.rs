@@ -267,3 +267,64 @@ async fn check_reaches_the_upstream_or_says_why_not() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Standalone (no `upstream`): `$upstream` messages stay queued until their TTL, then leave.
+#[tokio::test]
+async fn standalone_upstream_messages_wait_under_their_ttl() {
+    let dir = std::env::temp_dir().join(format!("edgehub-standalone-{}", uuid::Uuid::new_v4()));
+    let text = format!(
+        r#"{{
+        "deviceId": "edge1", "iothubHostname": "{IOTHUB}", "gatewayHostname": "localhost",
+        "listen": {{"amqps": "127.0.0.1:0", "https": null, "metrics": null}},
+        "dataDir": "{}", "modules": {{"A": {{}}}},
+        "$edgeHub": {{"schemaVersion": "1.1",
+            "routes": {{"up": "FROM /messages/* INTO $upstream",
+                        "short": {{"route": "FROM /messages/modules/A/outputs/short INTO $upstream", "priority": 1, "timeToLiveSecs": 1}}}},
+            "storeAndForwardConfiguration": {{"timeToLiveSecs": 7200}}}}
+    }}"#,
+        dir.join("data").display()
+    );
+    let settings = config::from_str(&text, &HashMap::new()).unwrap();
+    let hub = Hub::start(settings.clone()).await.unwrap();
+    let mut a = connect(&hub, &settings, "edge1", "A").await;
+    let mut tx = a
+        .sender("/devices/edge1/modules/A/messages/events")
+        .await
+        .unwrap();
+    for output in ["long", "long", "short"] {
+        let msg = Message::builder()
+            .application_properties(
+                ApplicationProperties::builder()
+                    .insert("iothub-outputname", output)
+                    .build(),
+            )
+            .value("x")
+            .build();
+        let outcome = tokio::time::timeout(WAIT, tx.send(msg))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+    }
+    let queue = hub
+        .core
+        .router()
+        .endpoints()
+        .find(|e| e.id == "iothub")
+        .cloned()
+        .expect("the $upstream endpoint");
+    let lengths = queue.store.lengths();
+    assert_eq!(lengths.values().sum::<usize>(), 3, "{lengths:?}");
+    // The priority-1 message with a 1 s TTL leaves; the others stay, with nobody to send them to.
+    tokio::time::timeout(WAIT, async {
+        while queue.store.lengths().get(&1).copied().unwrap_or(0) > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the short-lived message expires");
+    assert_eq!(queue.store.len(), 2);
+    a.close().await;
+    tokio::time::timeout(WAIT, hub.shutdown()).await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
