@@ -56,6 +56,28 @@ impl Client {
         identity: &Identity,
         key: &Key,
     ) -> Result<Self, ClientError> {
+        Self::connect_until(
+            addr,
+            server_name,
+            ca_pem,
+            iothub,
+            identity,
+            key,
+            now_secs() + 3600,
+        )
+        .await
+    }
+
+    /// Like `connect`, with a token that expires at `expiry` (Unix seconds).
+    pub async fn connect_until(
+        addr: SocketAddr,
+        server_name: &str,
+        ca_pem: &Path,
+        iothub: &str,
+        identity: &Identity,
+        key: &Key,
+        expiry: u64,
+    ) -> Result<Self, ClientError> {
         let mut roots = rustls::RootCertStore::empty();
         let pem = std::fs::read(ca_pem)?;
         for c in rustls_pemfile::certs(&mut pem.as_slice()) {
@@ -88,12 +110,7 @@ impl Client {
             .begin(&mut connection)
             .await
             .map_err(amqp)?;
-        let token = make_token(
-            &resource_for(iothub, identity),
-            key,
-            now_secs() + 3600,
-            None,
-        );
+        let token = make_token(&resource_for(iothub, identity), key, expiry, None);
         put_token(&mut session, &resource_for(iothub, identity), &token).await?;
         Ok(Self {
             connection,

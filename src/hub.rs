@@ -233,12 +233,11 @@ impl HubCore {
     }
 
     /// Registers a module's new input link and cancels the one it replaces.
-    pub fn replace_input_link(&self, id: &Identity, link: CancellationToken) -> CancellationToken {
+    pub fn replace_input_link(&self, id: &Identity, link: CancellationToken) {
         let key = id.to_string().to_ascii_lowercase();
-        if let Some(old) = self.input_links.insert(key, link.clone()) {
+        if let Some(old) = self.input_links.insert(key, link) {
             old.cancel();
         }
-        link
     }
 }
 

@@ -31,11 +31,36 @@ const IOTHUB: &str = "crash-hub.azure-devices.net";
 const WINDOW: usize = 200;
 const WAIT: Duration = Duration::from_secs(30);
 
-fn start(config: &Path) -> (Child, SocketAddr) {
+/// The hub process, killed when the test ends however it ends (a failed assertion must not
+/// leave it running).
+struct HubProcess(Child);
+
+impl std::ops::Deref for HubProcess {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for HubProcess {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for HubProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(config: &Path) -> (HubProcess, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_edgehub"))
         .args(["run", "--config"])
         .arg(config)
         .env("RUST_LOG", "warn,edgehub::hub=info")
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the hub");
@@ -58,7 +83,7 @@ fn start(config: &Path) -> (Child, SocketAddr) {
         .expect("the hub is ready")
         .parse()
         .expect("address");
-    (child, addr)
+    (HubProcess(child), addr)
 }
 
 fn output(i: u64) -> Message<Body<Value>> {
@@ -174,7 +199,7 @@ async fn acknowledged_messages_survive_sigkill() {
     let mut rx = b
         .receiver("/devices/edge1/modules/B/messages/events")
         .await
-        .unwrap();
+        .expect("B attaches its inputs after the restart");
     let want: HashSet<u64> = accepted.iter().copied().collect();
     let mut got: Vec<u64> = Vec::new();
     let mut seen = HashSet::new();

@@ -70,6 +70,8 @@ async fn a_module_output_reaches_the_routed_input_with_the_sender_stamped() {
         .unwrap()
         .unwrap();
     rx.accept(&d).await.unwrap();
+    // 16-byte tags: the C# SDK makes its lock token a GUID from the tag.
+    assert_eq!(d.delivery_tag().len(), 16);
     let msg = d.message();
     assert_eq!(
         annotation(msg, INPUT_NAME_ANNOTATION),
@@ -930,5 +932,162 @@ async fn a_child_edge_hub_authenticates_its_modules_on_their_behalf() {
     };
     assert!(!attached, "a child's token reached this hub's own module");
     c.close().await;
+    hub.stop().await;
+}
+
+/// A token that expires without a renewal closes the identity's links, idle ones included,
+/// with `amqp:unauthorized-access`.
+#[tokio::test]
+async fn an_expired_token_closes_idle_links() {
+    use fe2o3_amqp::link::{LinkStateError, RecvError};
+    let hub = start_hub(ROUTES, "{}").await;
+    let key = edgehub::hub::device_key(&hub.settings).unwrap();
+    let b = edgehub::identity::ModuleId::parse("B").unwrap();
+    let keys = edgehub::auth::module_keys(&hub.settings, &key, &b);
+    let ca = hub.settings.data_dir.join("certs/edge-ca.pem");
+    // Still within the 5-minute clock skew for about two seconds.
+    let expiry = edgehub::sas::now_secs() - edgehub::sas::MAX_CLOCK_SKEW_SECS + 2;
+    let mut client = timeout(
+        WAIT,
+        edgehub::client::Client::connect_until(
+            hub.hub.as_ref().unwrap().amqps_addr,
+            "localhost",
+            &ca,
+            common::IOTHUB,
+            &hub.module("B"),
+            &keys.primary,
+            expiry,
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let mut rx = client.receiver(B_INPUTS).await.unwrap();
+    // Nothing is sent to B: the input link is idle until the hub closes it.
+    let err = timeout(WAIT, rx.recv::<Body<Value>>())
+        .await
+        .expect("the hub closes the link in time")
+        .expect_err("no message, an error");
+    match err {
+        RecvError::LinkStateError(LinkStateError::RemoteDetachedWithError(e))
+        | RecvError::LinkStateError(LinkStateError::RemoteClosedWithError(e)) => {
+            assert_eq!(
+                e.condition,
+                fe2o3_amqp::types::definitions::AmqpError::UnauthorizedAccess.into()
+            );
+        }
+        other => panic!("unexpected: {other:?}"),
+    }
+    hub.stop().await;
+}
+
+/// The batched format (the C# SDK's `SendEventBatchAsync`): every message of the batch is
+/// routed; a batch that does not decode, or another format, is rejected.
+#[tokio::test]
+async fn a_batched_delivery_is_routed_message_by_message() {
+    use fe2o3_amqp::types::messaging::{message::__private::Serializable, Data};
+    use fe2o3_amqp::types::primitives::Binary;
+    let hub = start_hub(ROUTES, "{}").await;
+    let mut a = hub.connect("A").await;
+    let mut b = hub.connect("B").await;
+    let mut rx = b.receiver(B_INPUTS).await.unwrap();
+    let mut tx = a.sender(A_EVENTS).await.unwrap();
+    let encode =
+        |m: Message<Body<Value>>| Data(Binary::from(serde_amqp::to_vec(&Serializable(m)).unwrap()));
+    let batch = |sections: Vec<Data>| {
+        Message::builder()
+            .body(Body::<Value>::Data(sections.into()))
+            .build()
+    };
+    let send = |m: Message<Body<Value>>, format: u32| {
+        Sendable::builder()
+            .message(m)
+            .message_format(format)
+            .settled(false)
+            .build()
+    };
+    let ok = batch(vec![
+        encode(output("one", "b1")),
+        encode(output("two", "b2")),
+    ]);
+    let outcome = timeout(WAIT, tx.send(send(ok, 0x8001_3700)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+    for want in ["b1", "b2"] {
+        let d = timeout(WAIT, rx.recv::<Body<Value>>())
+            .await
+            .unwrap()
+            .unwrap();
+        rx.accept(&d).await.unwrap();
+        let id = d
+            .message()
+            .properties
+            .as_ref()
+            .and_then(|p| p.message_id.clone());
+        assert_eq!(id, Some(want.to_owned().into()));
+        assert_eq!(
+            annotation(d.message(), CONNECTION_MODULE_ID),
+            Some(Value::String("A".into()))
+        );
+    }
+    let garbage = batch(vec![Data(Binary::from(vec![0xff, 0x00, 0x13]))]);
+    let outcome = timeout(WAIT, tx.send(send(garbage, 0x8001_3700)))
+        .await
+        .unwrap()
+        .unwrap();
+    match outcome {
+        Outcome::Rejected(r) => assert_eq!(
+            r.error.unwrap().condition,
+            fe2o3_amqp::types::definitions::AmqpError::DecodeError.into()
+        ),
+        other => panic!("{other:?}"),
+    }
+    let outcome = timeout(WAIT, tx.send(send(output("x", "x1"), 0x1234)))
+        .await
+        .unwrap()
+        .unwrap();
+    match outcome {
+        Outcome::Rejected(r) => assert_eq!(
+            r.error.unwrap().condition,
+            fe2o3_amqp::types::definitions::AmqpError::NotImplemented.into()
+        ),
+        other => panic!("{other:?}"),
+    }
+    hub.stop().await;
+}
+
+/// A message larger than the receiver's max frame size travels in several transfer frames;
+/// the first, whose tag grows to 16 bytes, still fits the receiver's limit.
+#[tokio::test]
+async fn a_message_spanning_frames_arrives_whole() {
+    let hub = start_hub(ROUTES, "{}").await;
+    let mut a = hub.connect("A").await;
+    let mut b = hub.connect("B").await;
+    let mut rx = b.receiver(B_INPUTS).await.unwrap();
+    let mut tx = a.sender(A_EVENTS).await.unwrap();
+    // The test client announces a 256 KiB max frame size.
+    let body: String = (0..600_000)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    let outcome = timeout(WAIT, tx.send(output(&body, "big")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+    let d = timeout(WAIT, rx.recv::<Body<Value>>())
+        .await
+        .unwrap()
+        .unwrap();
+    rx.accept(&d).await.unwrap();
+    assert_eq!(d.delivery_tag().len(), 16);
+    match &d.message().body {
+        Body::Data(batch) => {
+            let got: Vec<u8> = batch.iter().flat_map(|x| x.0.iter().copied()).collect();
+            assert_eq!(got, body.as_bytes());
+        }
+        other => panic!("{other:?}"),
+    }
     hub.stop().await;
 }

@@ -39,7 +39,7 @@ pub(super) async fn run(
     kind: LinkKind,
     conn: Arc<ConnState>,
     core: Arc<HubCore>,
-    cancel: CancellationToken,
+    cancel: LinkStop,
 ) {
     match (link, kind) {
         (LinkEndpoint::Receiver(rx), LinkKind::Cbs) => cbs_requests(rx, conn, core, cancel).await,
@@ -70,6 +70,48 @@ pub(super) async fn run(
     }
 }
 
+/// A link task's stop signal and, when the hub stops it for a reason of its own (an expired
+/// token), the error it detaches with; otherwise `detach-forced`.
+#[derive(Clone)]
+pub(crate) struct LinkStop {
+    token: CancellationToken,
+    reason: Arc<std::sync::OnceLock<fe2o3_amqp::types::definitions::Error>>,
+}
+
+impl LinkStop {
+    pub(crate) fn new(token: CancellationToken) -> Self {
+        Self {
+            token,
+            reason: Arc::default(),
+        }
+    }
+
+    /// A stop signal for one more link: stopped with this one, with the same reason.
+    pub(crate) fn child(&self) -> Self {
+        Self {
+            token: self.token.child_token(),
+            reason: self.reason.clone(),
+        }
+    }
+
+    /// Stops every link under this signal, which detach with `error`.
+    pub(crate) fn stop_with(&self, error: fe2o3_amqp::types::definitions::Error) {
+        let _ = self.reason.set(error);
+        self.token.cancel();
+    }
+
+    fn error(&self) -> fe2o3_amqp::types::definitions::Error {
+        self.reason.get().cloned().unwrap_or_else(forced_detach)
+    }
+}
+
+impl std::ops::Deref for LinkStop {
+    type Target = CancellationToken;
+    fn deref(&self) -> &CancellationToken {
+        &self.token
+    }
+}
+
 /// Why the hub ends a link it was told to end (shutdown, connection end, a newer link).
 fn forced_detach() -> fe2o3_amqp::types::definitions::Error {
     // The SDKs treat detach-forced as retryable (Node maps it to ServiceUnavailable).
@@ -79,18 +121,19 @@ fn forced_detach() -> fe2o3_amqp::types::definitions::Error {
     )
 }
 
-/// Ends a receiver: a plain close after the peer's end, `detach-forced` when the hub ends it.
-async fn close_receiver(rx: Receiver, cancel: &CancellationToken) {
+/// Ends a receiver: a plain close after the peer's end, `detach-forced` (or the stop's own
+/// reason) when the hub ends it.
+async fn close_receiver(rx: Receiver, cancel: &LinkStop) {
     if cancel.is_cancelled() {
-        let _ = rx.close_with_error(forced_detach()).await;
+        let _ = rx.close_with_error(cancel.error()).await;
     } else {
         let _ = rx.close().await;
     }
 }
 
-async fn close_sender(tx: Sender, cancel: &CancellationToken) {
+async fn close_sender(tx: Sender, cancel: &LinkStop) {
     if cancel.is_cancelled() {
-        let _ = tx.close_with_error(forced_detach()).await;
+        let _ = tx.close_with_error(cancel.error()).await;
     } else {
         let _ = tx.close().await;
     }
@@ -104,7 +147,7 @@ async fn cbs_requests(
     mut rx: Receiver,
     conn: Arc<ConnState>,
     core: Arc<HubCore>,
-    cancel: CancellationToken,
+    cancel: LinkStop,
 ) {
     loop {
         let delivery = tokio::select! {
@@ -150,7 +193,7 @@ async fn cbs_requests(
     close_receiver(rx, &cancel).await;
 }
 
-async fn cbs_responses(mut tx: Sender, conn: Arc<ConnState>, cancel: CancellationToken) {
+async fn cbs_responses(mut tx: Sender, conn: Arc<ConnState>, cancel: LinkStop) {
     // A later response link (a client that re-attaches) takes over, and this one ends.
     let mut replies = conn.take_cbs_replies();
     loop {
@@ -189,7 +232,7 @@ async fn events(
     id: Identity,
     conn: Arc<ConnState>,
     core: Arc<HubCore>,
-    cancel: CancellationToken,
+    cancel: LinkStop,
 ) {
     let max = core.settings.limits.max_message_size as usize;
     // Accepted deliveries whose disposition is not sent yet. A burst of transfers is settled
@@ -237,51 +280,37 @@ async fn events(
                 .await;
             return;
         }
-        if delivery.message_format().is_some_and(|f| f != 0) {
+        let format = delivery.message_format().unwrap_or(0);
+        if format != 0 && format != BATCHED_FORMAT {
+            let why = format!("message format {format:#x} is not supported");
             let _ = rx
-                .reject(
-                    &delivery,
-                    amqp_error(
-                        AmqpError::NotImplemented,
-                        "batched message format is not supported",
-                    ),
-                )
+                .reject(&delivery, amqp_error(AmqpError::NotImplemented, why))
                 .await;
             continue;
         }
         let info = DeliveryInfo::from(&delivery);
-        let msg = match Message::from_amqp(delivery.into_message(), id.clone()) {
-            Ok(msg) => msg,
-            Err(e) => {
-                let _ = rx
-                    .reject(info, amqp_error(AmqpError::DecodeError, e.to_string()))
-                    .await;
-                continue;
-            }
+        let parts = match format {
+            BATCHED_FORMAT => unbatch(delivery.into_message()),
+            _ => Ok(vec![delivery.into_message()]),
         };
-        if msg.size() > max {
-            let why = format!("message of {} bytes exceeds the limit of {max}", msg.size());
-            let _ = rx
-                .reject(
-                    info,
-                    amqp_error(custom_condition("amqp:link:message-size-exceeded"), why),
-                )
-                .await;
-            continue;
-        }
-        received_metrics.record(&msg);
-        let msg = Arc::new(msg);
-        match enqueue(&core, &msg).await {
-            Ok(0) => {
-                m::dropped(m::DROP_NO_ROUTE, &msg);
-                to_accept.push(info);
+        // Every message of a batch is taken, or the whole delivery is refused (the sender
+        // resends it; messages of it queued before the refusal then arrive twice, never lost).
+        let mut refused = None;
+        match parts {
+            Err(why) => refused = Some(amqp_error(AmqpError::DecodeError, why)),
+            Ok(parts) => {
+                for part in parts {
+                    if let Err(e) = take(&core, part, &id, max, &mut received_metrics).await {
+                        refused = Some(e);
+                        break;
+                    }
+                }
             }
-            Ok(_) => to_accept.push(info),
-            Err(why) => {
-                m::unacked("queue_full", &msg);
-                let _ = rx
-                    .reject(info, amqp_error(AmqpError::ResourceLimitExceeded, why))
-                    .await;
+        }
+        match refused {
+            None => to_accept.push(info),
+            Some(e) => {
+                let _ = rx.reject(info, e).await;
             }
         }
     }
@@ -289,6 +318,62 @@ async fn events(
         settle(&rx, &mut to_accept, &core).await;
     }
     close_receiver(rx, &cancel).await;
+}
+
+/// The message format of a batch (the C# SDK's `SendEventBatchAsync`): each data section of
+/// the body holds one encoded AMQP message.
+const BATCHED_FORMAT: u32 = 0x8001_3700;
+
+/// The messages of a batched delivery.
+fn unbatch(
+    batch: fe2o3_amqp::types::messaging::Message<Body<Value>>,
+) -> Result<Vec<fe2o3_amqp::types::messaging::Message<Body<Value>>>, String> {
+    use fe2o3_amqp::types::messaging::message::DecodeIntoMessage;
+    let Body::Data(sections) = batch.body else {
+        return Err("a batched message must carry its messages in data sections".into());
+    };
+    sections
+        .into_iter()
+        .enumerate()
+        .map(|(i, data)| {
+            let reader = serde_amqp::read::SliceReader::new(data.0.as_slice());
+            <Body<Value> as DecodeIntoMessage>::decode_message_from_reader(reader)
+                .map_err(|e| format!("message {i} of the batch does not decode: {e}"))
+        })
+        .collect()
+}
+
+/// Takes one message from `id`: decoded, checked against the size limit, routed and queued.
+/// The error is what the delivery is rejected with.
+async fn take(
+    core: &HubCore,
+    amqp: fe2o3_amqp::types::messaging::Message<Body<Value>>,
+    id: &Identity,
+    max: usize,
+    received_metrics: &mut m::ReceivedCache,
+) -> Result<(), fe2o3_amqp::types::definitions::Error> {
+    let msg = Message::from_amqp(amqp, id.clone())
+        .map_err(|e| amqp_error(AmqpError::DecodeError, e.to_string()))?;
+    if msg.size() > max {
+        let why = format!("message of {} bytes exceeds the limit of {max}", msg.size());
+        return Err(amqp_error(
+            custom_condition("amqp:link:message-size-exceeded"),
+            why,
+        ));
+    }
+    received_metrics.record(&msg);
+    let msg = Arc::new(msg);
+    match enqueue(core, &msg).await {
+        Ok(0) => {
+            m::dropped(m::DROP_NO_ROUTE, &msg);
+            Ok(())
+        }
+        Ok(_) => Ok(()),
+        Err(why) => {
+            m::unacked("queue_full", &msg);
+            Err(amqp_error(AmqpError::ResourceLimitExceeded, why))
+        }
+    }
 }
 
 /// Accepts the deliveries whose messages are queued, once the store has made them durable; if
@@ -371,16 +456,11 @@ fn next_message(
 /// Delivers a module's inputs: up to `delivery_window` unsettled transfers in flight; accepted
 /// or rejected messages leave the queue, released or modified ones go back to their place; when
 /// the link ends every message still in flight goes back to its queue.
-async fn module_inputs(
-    mut tx: Sender,
-    id: Identity,
-    core: Arc<HubCore>,
-    cancel: CancellationToken,
-) {
+async fn module_inputs(mut tx: Sender, id: Identity, core: Arc<HubCore>, cancel: LinkStop) {
     let Some(module) = id.module().cloned() else {
         return;
     };
-    let cancel = core.replace_input_link(&id, cancel);
+    core.replace_input_link(&id, cancel.token.clone());
     let router = core.router();
     let mut generation = router.generation;
     let (mut endpoints, ready) = router.module_inputs(&module);
@@ -473,7 +553,7 @@ async fn module_inputs(
     }
 }
 
-async fn idle_sender(mut tx: Sender, cancel: CancellationToken) {
+async fn idle_sender(mut tx: Sender, cancel: LinkStop) {
     tokio::select! {
         _ = cancel.cancelled() => close_sender(tx, &cancel).await,
         _ = tx.on_detach() => {}
@@ -481,12 +561,7 @@ async fn idle_sender(mut tx: Sender, cancel: CancellationToken) {
 }
 
 /// Sends method calls to a client, pre-settled (as edgeHub does), with a uuid correlation id.
-async fn method_requests(
-    mut tx: Sender,
-    id: Identity,
-    core: Arc<HubCore>,
-    cancel: CancellationToken,
-) {
+async fn method_requests(mut tx: Sender, id: Identity, core: Arc<HubCore>, cancel: LinkStop) {
     let (generation, mut calls) = core.methods.register(&id);
     let replaced = loop {
         let call = tokio::select! {
@@ -562,12 +637,7 @@ fn correlation_text(id: &fe2o3_amqp::types::messaging::MessageId) -> String {
 const GENERIC_BAD_REQUEST: i32 = 400_000;
 
 /// Receives method responses from a client and hands them to the waiting callers.
-async fn method_responses(
-    mut rx: Receiver,
-    id: Identity,
-    core: Arc<HubCore>,
-    cancel: CancellationToken,
-) {
+async fn method_responses(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cancel: LinkStop) {
     use fe2o3_amqp::types::primitives::SimpleValue;
     loop {
         let delivery = tokio::select! {
@@ -636,12 +706,7 @@ async fn method_responses(
 }
 
 /// Sends twin responses and desired-property pushes to a client, pre-settled.
-async fn twin_responses(
-    mut tx: Sender,
-    id: Identity,
-    core: Arc<HubCore>,
-    cancel: CancellationToken,
-) {
+async fn twin_responses(mut tx: Sender, id: Identity, core: Arc<HubCore>, cancel: LinkStop) {
     use crate::twins::TwinOut;
     use fe2o3_amqp::types::messaging::{
         Data, Message as AmqpMessage, MessageAnnotations, Properties,
@@ -748,12 +813,7 @@ const DESIRED_NOTIFICATIONS: &str = "/notifications/twin/properties/desired";
 
 /// Serves twin requests: GET, PATCH of reported properties, PUT/DELETE of the desired-property
 /// subscription. Answers go to the identity's twin response link.
-async fn twin_requests(
-    mut rx: Receiver,
-    id: Identity,
-    core: Arc<HubCore>,
-    cancel: CancellationToken,
-) {
+async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cancel: LinkStop) {
     use crate::twins::TwinOut;
     let error_body = |m: String| serde_json::json!({ "message": m }).to_string().into_bytes();
     let label = id.to_string();

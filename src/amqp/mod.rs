@@ -7,6 +7,7 @@
 
 pub mod cbs;
 mod links;
+mod tags;
 
 use std::{
     collections::HashMap,
@@ -58,29 +59,51 @@ pub(crate) fn custom_condition(name: &str) -> ErrorCondition {
     ErrorCondition::Custom(Symbol::from(name))
 }
 
+/// An identity proven on a connection: the token's expiry, and what stops that identity's links.
+struct Grant {
+    id: Identity,
+    expiry: u64,
+    links: links::LinkStop,
+}
+
 /// What one connection has proven: identities with a valid token, and their expiry.
 pub(crate) struct ConnState {
-    authorized: Mutex<HashMap<String, (Identity, u64)>>,
+    authorized: Mutex<HashMap<String, Grant>>,
+    /// Cancelled when the connection ends; every link's stop signal descends from it.
+    root: CancellationToken,
     /// Where put-token replies go: the newest `$cbs` response link of this connection.
     cbs_replies: Mutex<Option<mpsc::Sender<cbs::CbsReply>>>,
 }
 
 impl ConnState {
-    fn new() -> Self {
+    fn new(root: CancellationToken) -> Self {
         Self {
             authorized: Mutex::new(HashMap::new()),
+            root,
             cbs_replies: Mutex::new(None),
         }
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Identity, u64)>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Grant>> {
         self.authorized.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a verified identity; returns true when it is new on this connection.
+    /// Records a verified identity (a renewal moves its expiry); returns true when it is new on
+    /// this connection.
     pub fn authorize(&self, id: Identity, expiry: u64) -> bool {
         let key = id.to_string().to_ascii_lowercase();
-        self.map().insert(key, (id, expiry)).is_none()
+        let mut map = self.map();
+        match map.get_mut(&key) {
+            Some(g) => {
+                g.expiry = g.expiry.max(expiry);
+                false
+            }
+            None => {
+                let links = links::LinkStop::new(self.root.child_token());
+                map.insert(key, Grant { id, expiry, links });
+                true
+            }
+        }
     }
 
     /// Does this connection hold an unexpired token for `id`?
@@ -88,7 +111,36 @@ impl ConnState {
         let key = id.to_string().to_ascii_lowercase();
         self.map()
             .get(&key)
-            .is_some_and(|(_, exp)| exp.saturating_add(crate::sas::MAX_CLOCK_SKEW_SECS) >= now)
+            .is_some_and(|g| g.expiry.saturating_add(crate::sas::MAX_CLOCK_SKEW_SECS) >= now)
+    }
+
+    /// The stop signal of a new link of `id` (ends with the identity's grant).
+    fn link_stop(&self, id: &Identity) -> Option<links::LinkStop> {
+        let key = id.to_string().to_ascii_lowercase();
+        self.map().get(&key).map(|g| g.links.child())
+    }
+
+    /// Ends the grants whose token expired (beyond the clock skew) without a renewal: their
+    /// links are closed with `amqp:unauthorized-access`. Returns the identities that expired.
+    fn expire(&self, now: u64) -> Vec<Identity> {
+        let mut map = self.map();
+        let gone: Vec<String> = map
+            .iter()
+            .filter(|(_, g)| g.expiry.saturating_add(crate::sas::MAX_CLOCK_SKEW_SECS) < now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        gone.iter()
+            .filter_map(|k| map.remove(k))
+            .map(|g| {
+                let why = format!(
+                    "the token for {} has expired; put a new token and reattach",
+                    g.id
+                );
+                g.links
+                    .stop_with(amqp_error(AmqpError::UnauthorizedAccess, why));
+                g.id
+            })
+            .collect()
     }
 
     /// Makes a new `$cbs` response link the one replies go to; the older one then ends.
@@ -106,7 +158,7 @@ impl ConnState {
     }
 
     fn identities(&self) -> Vec<Identity> {
-        self.map().values().map(|(i, _)| i.clone()).collect()
+        self.map().values().map(|g| g.id.clone()).collect()
     }
 }
 
@@ -175,7 +227,7 @@ async fn handle_socket(
     shutdown: CancellationToken,
 ) {
     let _ = tcp.set_nodelay(true);
-    let conn = Arc::new(ConnState::new());
+    let conn = Arc::new(ConnState::new(shutdown.child_token()));
     let deadline = Duration::from_secs(core.settings.limits.handshake_timeout_secs);
     let handshake = async {
         let mut stream = tls.accept(tcp).await.map_err(HandshakeError::Tls)?;
@@ -192,7 +244,7 @@ async fn handle_socket(
             let _ = stream.write_all(b"AMQP\x00\x01\x00\x00").await;
             return Err(HandshakeError::BadHeader(header));
         }
-        let stream = Replay::new(header, stream);
+        let stream = tags::WideTags::new(Replay::new(header, stream));
         let handle = if header[4] == 3 {
             let sasl = HubSasl {
                 core: core.clone(),
@@ -232,7 +284,7 @@ async fn handle_socket(
         }
     };
     debug!("connection open");
-    run_connection(handle, conn.clone(), core.clone(), shutdown).await;
+    run_connection(handle, conn.clone(), core.clone()).await;
     for id in conn.identities() {
         core.client_disconnected(&id);
     }
@@ -243,10 +295,10 @@ async fn run_connection(
     mut handle: ListenerConnectionHandle,
     conn: Arc<ConnState>,
     core: Arc<HubCore>,
-    shutdown: CancellationToken,
 ) {
-    let cancel = shutdown.child_token();
+    let cancel = conn.root.clone();
     let tracker = TaskTracker::new();
+    tracker.spawn(expire_tokens(conn.clone(), core.clone(), cancel.clone()));
     let session_acceptor = SessionAcceptor::builder()
         .incoming_window(4096)
         .outgoing_window(4096)
@@ -275,6 +327,23 @@ async fn run_connection(
     tracker.close();
     tracker.wait().await;
     let _ = handle.close().await;
+}
+
+/// Once a second: closes the links of identities whose token expired and was not renewed
+/// (idle links too, not only those that send), as edgeHub disconnects expired clients.
+async fn expire_tokens(conn: Arc<ConnState>, core: Arc<HubCore>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for id in conn.expire(now_secs()) {
+            debug!(identity = %id, "token expired; links of this identity closed");
+            core.client_disconnected(&id);
+        }
+    }
 }
 
 fn attach_address(
@@ -356,8 +425,14 @@ async fn run_session(
             continue;
         }
         let span = info_span!("link", kind = kind.name(), name = %name);
-        let (conn, core, cancel) = (conn.clone(), core.clone(), cancel.clone());
-        tracker.spawn(links::run(link, kind, conn, core, cancel).instrument(span));
+        // Links of an identity stop with its grant; the others ($cbs) with the connection.
+        let stop = kind
+            .identity()
+            .and_then(|id| core.auth.known(id))
+            .and_then(|id| conn.link_stop(&id))
+            .unwrap_or_else(|| links::LinkStop::new(cancel.child_token()));
+        let (conn, core) = (conn.clone(), core.clone());
+        tracker.spawn(links::run(link, kind, conn, core, stop).instrument(span));
     }
     tracker.close();
     tracker.wait().await;
