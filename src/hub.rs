@@ -404,13 +404,16 @@ impl Hub {
         if let Some(up) = core.settings.upstream.clone() {
             let edge_hub = crate::identity::ModuleId::parse("$edgeHub")
                 .map_err(|e| StartError::DeviceKey(e.to_string()))?;
-            let key = up.edge_hub_key.clone().unwrap_or_else(|| {
-                crate::auth::module_keys(&core.settings, &key, &edge_hub).primary
-            });
+            let keys = crate::upstream::UpstreamKeys {
+                edge_hub: up.edge_hub_key.clone().unwrap_or_else(|| {
+                    crate::auth::module_keys(&core.settings, &key, &edge_hub).primary
+                }),
+                device: key.clone(),
+            };
             tasks.spawn(crate::upstream::run(
                 core.clone(),
                 up,
-                key,
+                keys,
                 shutdown.clone(),
             ));
         }

@@ -140,15 +140,50 @@ impl Outbox {
     }
 }
 
-/// The identities this hub carries upstream: its `$edgeHub` and every configured module.
+/// The identities this hub carries upstream: its `$edgeHub`, every configured module, and every
+/// downstream leaf device (`devices.<id>` without `edge`; a child edge device's own modules are
+/// its hub's to carry).
 fn identities(core: &HubCore) -> Vec<Identity> {
     let device = core.settings.device_id.clone();
     let edge_hub = ModuleId::parse("$edgeHub").ok();
+    let leaves = core
+        .settings
+        .devices
+        .iter()
+        .filter(|(_, spec)| !spec.edge)
+        .map(|(d, _)| Identity::Device(d.clone()));
     edge_hub
         .into_iter()
         .chain(core.settings.modules.keys().cloned())
         .map(|m| Identity::Module(device.clone(), m))
+        .chain(leaves)
         .collect()
+}
+
+/// The keys tokens upstream are signed with.
+#[derive(Clone)]
+pub struct UpstreamKeys {
+    /// This hub's `$edgeHub` key: tokens on behalf of its own modules.
+    pub edge_hub: Key,
+    /// This hub's device key: leaf devices' keys derive from it unless configured.
+    pub device: Key,
+}
+
+/// The token put for `id`: this hub's `$edgeHub` token for its own identities (the audience
+/// names the one acted for), a leaf device's own token for a leaf device.
+fn token_for(core: &HubCore, keys: &UpstreamKeys, id: &Identity) -> String {
+    match id {
+        Identity::Device(d) if *d != core.settings.device_id => {
+            let key = crate::auth::device_keys(&core.settings, &keys.device, d).primary;
+            make_token(
+                &resource_for(&core.settings.iothub_hostname, id),
+                &key,
+                now_secs() + TOKEN_LIFETIME_SECS,
+                None,
+            )
+        }
+        _ => edge_hub_token(core, &keys.edge_hub),
+    }
 }
 
 /// Keeps the upstream connected until `shutdown`: connects, serves, and on any failure waits
@@ -156,7 +191,7 @@ fn identities(core: &HubCore) -> Vec<Identity> {
 pub async fn run(
     core: Arc<HubCore>,
     up: UpstreamSettings,
-    edge_hub_key: Key,
+    keys: UpstreamKeys,
     shutdown: CancellationToken,
 ) {
     let me = format!("{}/$edgeHub", core.settings.device_id);
@@ -168,7 +203,7 @@ pub async fn run(
     loop {
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = connect(&core, &up, &edge_hub_key) => r,
+            r = connect(&core, &up, &keys) => r,
         };
         match attempt {
             Ok(live) => {
@@ -183,7 +218,7 @@ pub async fn run(
                     offline_secs = offline.unwrap_or(0.0),
                     "upstream connected"
                 );
-                let why = serve(&core, &up, live, &edge_hub_key, &shutdown).await;
+                let why = serve(&core, &up, live, &keys, &shutdown).await;
                 if shutdown.is_cancelled() {
                     return;
                 }
@@ -304,13 +339,21 @@ fn link_properties(channel: Option<String>) -> Fields {
     f
 }
 
-async fn connect(core: &HubCore, up: &UpstreamSettings, key: &Key) -> Result<Live, String> {
-    tokio::time::timeout(OP_TIMEOUT, connect_inner(core, up, key))
+async fn connect(
+    core: &HubCore,
+    up: &UpstreamSettings,
+    keys: &UpstreamKeys,
+) -> Result<Live, String> {
+    tokio::time::timeout(OP_TIMEOUT, connect_inner(core, up, keys))
         .await
         .map_err(|_| format!("no answer within {} s", OP_TIMEOUT.as_secs()))?
 }
 
-async fn connect_inner(core: &HubCore, up: &UpstreamSettings, key: &Key) -> Result<Live, String> {
+async fn connect_inner(
+    core: &HubCore,
+    up: &UpstreamSettings,
+    keys: &UpstreamKeys,
+) -> Result<Live, String> {
     let roots = tls_roots(up)?;
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -347,7 +390,7 @@ async fn connect_inner(core: &HubCore, up: &UpstreamSettings, key: &Key) -> Resu
     let ids = identities(core);
     let host = &core.settings.iothub_hostname;
     for id in &ids {
-        cbs.put_token(&audience(host, id), &edge_hub_token(core, key))
+        cbs.put_token(&audience(host, id), &token_for(core, keys, id))
             .await
             .map_err(|e| format!("put-token for {id}: {e}"))?;
     }
@@ -440,7 +483,7 @@ async fn serve(
     core: &Arc<HubCore>,
     up: &UpstreamSettings,
     mut live: Live,
-    token_key: &Key,
+    token_keys: &UpstreamKeys,
     shutdown: &CancellationToken,
 ) -> String {
     let dead = CancellationToken::new();
@@ -474,7 +517,7 @@ async fn serve(
     ));
     let mut cbs = live.cbs;
     let renew_core = core.clone();
-    let renew_key = token_key.clone();
+    let renew_keys = token_keys.clone();
     let renew_dead = dead.clone();
     tasks.spawn(async move {
         let every = Duration::from_secs(TOKEN_LIFETIME_SECS * 3 / 4);
@@ -485,7 +528,7 @@ async fn serve(
             }
             let host = renew_core.settings.iothub_hostname.clone();
             for id in identities(&renew_core) {
-                let token = edge_hub_token(&renew_core, &renew_key);
+                let token = token_for(&renew_core, &renew_keys, &id);
                 cbs.put_token(&audience(&host, &id), &token)
                     .await
                     .map_err(|e| format!("renewing the token of {id}: {e}"))?;

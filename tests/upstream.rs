@@ -23,6 +23,7 @@ use fe2o3_amqp::types::{
 
 const IOTHUB: &str = "test-hub.azure-devices.net";
 const CHILD_KEY: &str = "Y2hpbGQtZGV2aWNlLWtleS0zMi1ieXRlcy1sb25nISE=";
+const LEAF_KEY: &str = "bGVhZi1kZXZpY2Uta2V5LTMyLWJ5dGVzLWxvbmchISE=";
 const WAIT: Duration = Duration::from_secs(20);
 
 struct Pair {
@@ -40,7 +41,8 @@ fn parent_text(dir: &Path, routes: &str) -> String {
         "listen": {{"amqps": "127.0.0.1:0", "https": null, "metrics": null}},
         "dataDir": "{}",
         "modules": {{"sink": {{}}}},
-        "devices": {{"child": {{"primaryKey": "{CHILD_KEY}", "edge": true}}}},
+        "devices": {{"child": {{"primaryKey": "{CHILD_KEY}", "edge": true}},
+                     "leaf": {{"primaryKey": "{LEAF_KEY}"}}}},
         "$edgeHub": {{"schemaVersion": "1.1", "routes": {routes},
             "storeAndForwardConfiguration": {{"timeToLiveSecs": 7200}}}}
     }}"#,
@@ -55,10 +57,12 @@ fn child_text(dir: &Path, port: u16, ca: &Path) -> String {
         "listen": {{"amqps": "127.0.0.1:0", "https": null, "metrics": null}},
         "dataDir": "{}", "deviceKey": "{CHILD_KEY}",
         "modules": {{"A": {{}}}},
+        "devices": {{"leaf": {{"primaryKey": "{LEAF_KEY}"}}}},
         "upstream": {{"hostname": "localhost", "port": {port}, "caCert": "{}",
             "minBackoffMs": 20, "maxBackoffMs": 200}},
         "$edgeHub": {{"schemaVersion": "1.1",
-            "routes": {{"up": "FROM /messages/modules/A/outputs/* INTO $upstream"}},
+            "routes": {{"up": "FROM /messages/modules/A/outputs/* INTO $upstream",
+                        "leafUp": "FROM /messages/* WHERE $connectionDeviceId = 'leaf' INTO $upstream"}},
             "storeAndForwardConfiguration": {{"timeToLiveSecs": 7200}}}}
     }}"#,
         dir.join("child").display(),
@@ -327,4 +331,64 @@ async fn standalone_upstream_messages_wait_under_their_ttl() {
     a.close().await;
     tokio::time::timeout(WAIT, hub.shutdown()).await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A leaf device of the child: its telemetry goes upstream on its own identity, with its own
+/// token (the parent knows the leaf too), and parent routes see it as the leaf's.
+#[tokio::test]
+async fn a_leaf_device_behind_the_child_reaches_the_parent() {
+    let pair = start_pair(
+        r#"{"fromLeaf": "FROM /messages/* WHERE $connectionDeviceId = 'leaf' INTO BrokeredEndpoint(\"/modules/sink/inputs/leaf\")"}"#,
+    )
+    .await;
+    let leaf_id = Identity::Device(DeviceId::parse("leaf").unwrap());
+    let ca = pair.child_settings.data_dir.join("certs/edge-ca.pem");
+    let mut leaf = tokio::time::timeout(
+        WAIT,
+        Client::connect(
+            pair.child.amqps_addr,
+            "localhost",
+            &ca,
+            IOTHUB,
+            &leaf_id,
+            &edgehub::identity::Key::from_base64(LEAF_KEY).unwrap(),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let mut sink = connect(&pair.parent, &pair.parent_settings, "parent", "sink").await;
+    let mut rx = sink
+        .receiver("/devices/parent/modules/sink/messages/events")
+        .await
+        .unwrap();
+    let mut tx = leaf.sender("/devices/leaf/messages/events").await.unwrap();
+    let outcome = tokio::time::timeout(WAIT, tx.send(Message::builder().value("t=21").build()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+    let d = tokio::time::timeout(WAIT, rx.recv::<Body<Value>>())
+        .await
+        .expect("the leaf's message at the parent in time")
+        .unwrap();
+    rx.accept(&d).await.unwrap();
+    assert_eq!(
+        annotation(d.message(), "iothub-connection-device-id").as_deref(),
+        Some("leaf")
+    );
+    assert_eq!(annotation(d.message(), "iothub-connection-module-id"), None);
+    assert_eq!(
+        annotation(d.message(), "x-opt-input-name").as_deref(),
+        Some("leaf")
+    );
+    leaf.close().await;
+    sink.close().await;
+    tokio::time::timeout(WAIT, pair.child.shutdown())
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, pair.parent.shutdown())
+        .await
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&pair.dir);
 }
