@@ -387,12 +387,23 @@ async fn connect_inner(
         .await
         .map_err(|e| format!("$cbs session: {e}"))?;
     let mut cbs = Cbs::attach(&mut cbs_session).await?;
-    let ids = identities(core);
     let host = &core.settings.iothub_hostname;
-    for id in &ids {
-        cbs.put_token(&audience(host, id), &token_for(core, keys, id))
+    let mut ids = Vec::new();
+    for id in identities(core) {
+        match cbs
+            .put_token(&audience(host, &id), &token_for(core, keys, &id))
             .await
-            .map_err(|e| format!("put-token for {id}: {e}"))?;
+        {
+            Ok(()) => ids.push(id),
+            // One identity the parent does not know must not keep the others offline.
+            Err(CbsError::Refused(status, why)) => tracing::error!(
+                identity = %id,
+                status,
+                "the parent refused this identity's token ({why}); its messages cannot go upstream \
+                 until the parent knows it with the same key"
+            ),
+            Err(CbsError::Failed(e)) => return Err(format!("put-token for {id}: {e}")),
+        }
     }
     let base = format!("amqps://{}:{}", up.hostname, up.port);
     let mut links = Vec::new();
@@ -488,6 +499,7 @@ async fn serve(
 ) -> String {
     let dead = CancellationToken::new();
     let mut tasks: JoinSet<Result<(), String>> = JoinSet::new();
+    let carried: Vec<Identity> = live.links.iter().map(|l| l.id.clone()).collect();
     let mut senders = HashMap::new();
     // Dropping a session handle ends the session: they live as long as the connection.
     let mut sessions = Vec::new();
@@ -527,9 +539,9 @@ async fn serve(
                 _ = tokio::time::sleep(every) => {}
             }
             let host = renew_core.settings.iothub_hostname.clone();
-            for id in identities(&renew_core) {
-                let token = token_for(&renew_core, &renew_keys, &id);
-                cbs.put_token(&audience(&host, &id), &token)
+            for id in &carried {
+                let token = token_for(&renew_core, &renew_keys, id);
+                cbs.put_token(&audience(&host, id), &token)
                     .await
                     .map_err(|e| format!("renewing the token of {id}: {e}"))?;
             }
@@ -566,6 +578,30 @@ async fn serve(
     why
 }
 
+/// Why a put-token did not succeed.
+#[derive(Debug)]
+enum CbsError {
+    /// The parent answered with this status and description.
+    Refused(i64, String),
+    /// The link or the connection failed.
+    Failed(String),
+}
+
+impl std::fmt::Display for CbsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CbsError::Refused(s, d) => write!(f, "put-token refused ({s}): {d}"),
+            CbsError::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+impl From<String> for CbsError {
+    fn from(e: String) -> Self {
+        CbsError::Failed(e)
+    }
+}
+
 /// The `$cbs` link pair: put-token requests and their replies.
 struct Cbs {
     tx: Sender,
@@ -590,13 +626,13 @@ impl Cbs {
         Ok(Self { tx, rx })
     }
 
-    async fn put_token(&mut self, audience: &str, token: &str) -> Result<(), String> {
+    async fn put_token(&mut self, audience: &str, token: &str) -> Result<(), CbsError> {
         tokio::time::timeout(OP_TIMEOUT, self.put_token_inner(audience, token))
             .await
-            .map_err(|_| "no put-token reply".to_owned())?
+            .map_err(|_| CbsError::Failed("no put-token reply".to_owned()))?
     }
 
-    async fn put_token_inner(&mut self, audience: &str, token: &str) -> Result<(), String> {
+    async fn put_token_inner(&mut self, audience: &str, token: &str) -> Result<(), CbsError> {
         let id = uuid::Uuid::new_v4().to_string();
         let app = ApplicationProperties::builder()
             .insert("operation", "put-token")
@@ -637,8 +673,10 @@ impl Cbs {
             };
             return match status {
                 Some(200) => Ok(()),
-                Some(s) => Err(format!("put-token refused ({s}): {desc}")),
-                None => Err("put-token reply has no status-code".into()),
+                Some(s) => Err(CbsError::Refused(s, desc)),
+                None => Err(CbsError::Failed(
+                    "put-token reply has no status-code".into(),
+                )),
             };
         }
     }
@@ -706,7 +744,7 @@ async fn telemetry(
         while in_flight.len() < window {
             let Some(q) = ep.pop() else { break };
             let Some(tx) = senders.get_mut(&key(&q.msg.from)) else {
-                warn!(origin = %q.msg.from, "message for upstream from an identity this hub does not carry upstream; dropped");
+                tracing::error!(origin = %q.msg.from, "message for upstream dropped: its origin is not carried upstream (not this hub's, or refused by the parent)");
                 m::dropped(m::DROP_UPSTREAM_UNKNOWN, &q.msg);
                 ep.ack(q.seq);
                 continue;

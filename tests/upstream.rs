@@ -50,6 +50,8 @@ fn parent_text(dir: &Path, routes: &str) -> String {
     )
 }
 
+/// The child also serves `stranger`, a leaf the parent does not know: the parent refuses its
+/// token, and everything else must still go upstream.
 fn child_text(dir: &Path, port: u16, ca: &Path) -> String {
     format!(
         r#"{{
@@ -57,7 +59,8 @@ fn child_text(dir: &Path, port: u16, ca: &Path) -> String {
         "listen": {{"amqps": "127.0.0.1:0", "https": null, "metrics": null}},
         "dataDir": "{}", "deviceKey": "{CHILD_KEY}",
         "modules": {{"A": {{}}}},
-        "devices": {{"leaf": {{"primaryKey": "{LEAF_KEY}"}}}},
+        "devices": {{"leaf": {{"primaryKey": "{LEAF_KEY}"}},
+                     "stranger": {{"primaryKey": "{LEAF_KEY}"}}}},
         "upstream": {{"hostname": "localhost", "port": {port}, "caCert": "{}",
             "minBackoffMs": 20, "maxBackoffMs": 200}},
         "$edgeHub": {{"schemaVersion": "1.1",
