@@ -1,9 +1,11 @@
 //! Route conditions: the `<condition>` in `FROM <source> WHERE <condition> INTO <sink>`.
 //!
 //! [`Condition::parse`] lexes, parses and type-checks the text once, into a tree that
-//! [`Condition::evaluate`] walks for each message; nothing is re-parsed per message. The caller
-//! parses a message body (once, lazily) only when [`Condition::uses_body`] says a condition
-//! reads it.
+//! [`Condition::evaluate`] walks for each message; nothing is re-parsed per message. What a
+//! condition reads from a message (properties, body paths) are its lookups, each made at most
+//! once per message and only when the evaluation gets to it. A [`ConditionSet`] (the router's
+//! routes) shares lookups and repeated subexpressions among all its conditions, so a property
+//! or a test that many routes use costs one lookup or one evaluation per message.
 //!
 //! The language and its semantics are edgeHub's (Azure/iotedge `Routing.Core`:
 //! `grammar/Condition.g4`, `grammar/GrammarLexer.g4`, `query/ConditionVisitor.cs`,
@@ -35,7 +37,9 @@
 //! pure: it only reads the message through [`MessageView`].
 
 use std::borrow::Cow;
+use std::cell::{Cell, OnceCell};
 use std::cmp::Ordering;
+use std::collections::HashMap;
 use std::fmt;
 
 /// Deepest nesting of parentheses, function calls and prefix operators.
@@ -56,8 +60,9 @@ pub enum Value {
 /// What a condition can look at in a message. Implemented by the hub's message type elsewhere.
 ///
 /// edgeHub keeps both property maps in dictionaries with `StringComparer.OrdinalIgnoreCase`
-/// (`Routing.Core/Message.cs`), so `KEY1` finds `key1`: implementations should look names up
-/// ignoring case.
+/// (`Routing.Core/Message.cs`), so `KEY1` finds `key1`: implementations must look names up
+/// ignoring (at least ASCII) case. Conditions rely on it: names that differ only in ASCII case
+/// are looked up once for all of them.
 pub trait MessageView {
     /// Application property by name (strings, numbers, bools as the client sent them).
     ///
@@ -96,6 +101,14 @@ pub trait MessageView {
     /// [`MessageView::system_property`] without copying.
     fn system_property_ref(&self, name: &str) -> Option<Prop<'_>> {
         self.system_property(name).map(Prop::from)
+    }
+
+    /// The text that [`MessageView::body_json`] parses, when the gate lets `$body` queries
+    /// read it. Implementations that offer it let a [`ConditionSet`] read the values of all
+    /// its plain body paths (names and indexes, no `*`) in one pass over the text, without
+    /// building the document; with None, every body query reads `body_json`.
+    fn body_text(&self) -> Option<&str> {
+        None
     }
 }
 
@@ -140,6 +153,7 @@ impl ConditionError {
 pub struct Condition {
     text: String,
     root: Expr,
+    reads: Reads,
     uses_body: bool,
     uses_twin_change: bool,
 }
@@ -155,6 +169,7 @@ impl Condition {
         Ok(Condition {
             text: text.to_owned(),
             root,
+            reads: Reads::new(compiler.lookups, Vec::new()),
             uses_body: compiler.uses_body,
             uses_twin_change: compiler.uses_twin_change,
         })
@@ -163,12 +178,13 @@ impl Condition {
     /// Full three-valued result: the value of the whole expression (a string condition yields
     /// a string, and so on). A `NaN` number is reported as `Undefined`.
     pub fn evaluate(&self, msg: &dyn MessageView) -> Value {
-        eval(&self.root, msg).into_public()
+        eval(&self.root, &Slots::new(&self.reads, msg)).into_public()
     }
 
     /// True only when the result is Bool(true).
     pub fn matches(&self, msg: &dyn MessageView) -> bool {
-        matches!(eval(&self.root, msg), V::Bool(true))
+        let slots = Slots::new(&self.reads, msg);
+        matches!(eval(&self.root, &slots), V::Bool(true))
     }
 
     /// Whether the condition reads the body ($body...), so callers can skip parsing JSON otherwise.
@@ -192,6 +208,173 @@ impl Condition {
 impl fmt::Debug for Condition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("Condition").field(&self.text).finish()
+    }
+}
+
+/// Many conditions evaluated against the same messages (a router's routes), sharing work:
+///
+/// * every distinct property reference and body path among them is a lookup, made at most
+///   once per message however many conditions read it;
+/// * a boolean or number subexpression that occurs in several places (`$connectionModuleId =
+///   'sensor'` in many routes) is evaluated at most once per message.
+///
+/// Both happen lazily, when a condition first needs the value, so `AND`/`OR` still skip
+/// what they do not need. Evaluation is pure, which is what makes reusing a value safe.
+/// Lookups are shared on what [`MessageView`] asks of implementations: property names are
+/// looked up ignoring ASCII case, so `alert` and `ALERT` share one.
+#[derive(Clone, Default)]
+pub struct ConditionSet {
+    /// The lookups of all the conditions, and the repeated subexpressions (only boolean and
+    /// number valued ones, see [`Expr::shareable`]).
+    reads: Reads,
+    roots: Vec<Expr>,
+}
+
+impl ConditionSet {
+    /// The set of `conditions`; condition `i` of the list is evaluated as number `i`.
+    pub fn new(conditions: &[&Condition]) -> Self {
+        let mut lookups = Vec::new();
+        let roots: Vec<Expr> = conditions
+            .iter()
+            .map(|c| {
+                let moved: Vec<usize> = c
+                    .reads
+                    .lookups
+                    .iter()
+                    .map(|l| intern(&mut lookups, l))
+                    .collect();
+                let mut root = c.root.clone();
+                root.renumber(&moved);
+                root
+            })
+            .collect();
+        // How many places evaluate each subexpression once shared ones are shared: the
+        // inside of a repeated subexpression is counted once, as it will be evaluated once.
+        let mut uses: HashMap<String, usize> = HashMap::new();
+        for root in &roots {
+            count_uses(root, &mut uses);
+        }
+        let mut sharing = Sharing {
+            uses,
+            slots: HashMap::new(),
+            shared: Vec::new(),
+        };
+        let roots = roots.into_iter().map(|root| sharing.share(root)).collect();
+        ConditionSet {
+            reads: Reads::new(lookups, sharing.shared),
+            roots,
+        }
+    }
+
+    /// How many distinct lookups the conditions make.
+    pub fn lookups(&self) -> usize {
+        self.reads.lookups.len()
+    }
+
+    /// How many subexpressions the conditions share.
+    pub fn shared(&self) -> usize {
+        self.reads.shared.len()
+    }
+
+    /// Empty slots for one message, filled as conditions read them.
+    pub fn slots<'m>(&'m self, msg: &'m dyn MessageView) -> Slots<'m> {
+        Slots::new(&self.reads, msg)
+    }
+
+    /// Whether condition `i` is true for the message of `slots` (from this set's
+    /// [`ConditionSet::slots`]).
+    pub fn matches(&self, i: usize, slots: &Slots<'_>) -> bool {
+        debug_assert!(
+            std::ptr::eq(slots.reads, &self.reads),
+            "slots of another set"
+        );
+        self.roots
+            .get(i)
+            .is_some_and(|root| matches!(operand(root, slots), V::Bool(true)))
+    }
+
+    /// The full three-valued result of condition `i`, as [`Condition::evaluate`] gives it.
+    pub fn evaluate(&self, i: usize, slots: &Slots<'_>) -> Value {
+        debug_assert!(
+            std::ptr::eq(slots.reads, &self.reads),
+            "slots of another set"
+        );
+        self.roots
+            .get(i)
+            .map_or(Value::Undefined, |root| eval(root, slots).into_public())
+    }
+}
+
+/// Replaces repeated subexpressions by shared slots.
+struct Sharing {
+    /// Uses of each shareable subexpression, by [`Expr::key`].
+    uses: HashMap<String, usize>,
+    /// The slot of each shared subexpression, by key.
+    slots: HashMap<String, usize>,
+    shared: Vec<Expr>,
+}
+
+impl Sharing {
+    /// `e` with every subexpression used in more than one place replaced by its slot.
+    fn share(&mut self, mut e: Expr) -> Expr {
+        let key = e.shareable().then(|| e.key());
+        e.children_mut(&mut |child| {
+            let taken = std::mem::replace(child, Expr::Undef);
+            *child = self.share(taken);
+        });
+        let Some(key) = key.filter(|k| self.uses.get(k).is_some_and(|&n| n > 1)) else {
+            return e;
+        };
+        let shared = &mut self.shared;
+        let slot = *self.slots.entry(key).or_insert_with(|| {
+            shared.push(e);
+            shared.len() - 1
+        });
+        Expr::Shared(slot)
+    }
+}
+
+fn count_uses(e: &Expr, uses: &mut HashMap<String, usize>) {
+    if e.shareable() {
+        let n = uses.entry(e.key()).or_default();
+        *n += 1;
+        if *n > 1 {
+            return;
+        }
+    }
+    e.children(&mut |child| count_uses(child, uses));
+}
+
+/// What a condition, or a [`ConditionSet`], reads from a message and what it shares; the
+/// expressions refer to these by slot.
+#[derive(Clone, Default)]
+struct Reads {
+    lookups: Vec<Lookup>,
+    /// Subexpressions used in several places (only in a [`ConditionSet`]).
+    shared: Vec<Expr>,
+    /// The plain `$body` paths among `lookups`.
+    body: BodyPaths,
+}
+
+impl Reads {
+    fn new(lookups: Vec<Lookup>, shared: Vec<Expr>) -> Self {
+        let body = BodyPaths::new(&lookups);
+        Reads {
+            lookups,
+            shared,
+            body,
+        }
+    }
+}
+
+/// The slot of `lookup` in `lookups`, added when no equivalent one is there yet.
+fn intern(lookups: &mut Vec<Lookup>, lookup: &Lookup) -> usize {
+    match lookups.iter().position(|l| l.same_as(lookup)) {
+        Some(i) => i,
+        None => {
+            lookups.push(lookup.clone());
+            lookups.len() - 1
+        }
     }
 }
 
@@ -1101,10 +1284,19 @@ enum Func {
     Contains,
 }
 
+impl Func {
+    fn gives_string(self) -> bool {
+        matches!(
+            self,
+            Func::Concat | Func::Lower | Func::Upper | Func::Substring | Func::SubstringLength
+        )
+    }
+}
+
 const TWIN_CHANGE_INCLUDES: &str = "twin_change_includes";
 
 /// One step of a body path, as Newtonsoft's `SelectTokens` runs it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 enum Step {
     Field(String),
     AnyField,
@@ -1112,34 +1304,70 @@ enum Step {
     AnyIndex,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct JsonPath {
     /// None when Newtonsoft would throw while parsing the path at run time, which edgeHub
     /// catches and turns into undefined.
     steps: Option<Vec<Step>>,
 }
 
+/// What a condition reads from a message. Each distinct lookup has a slot (an index into the
+/// condition's or the [`ConditionSet`]'s lookups) and is made at most once per message.
 #[derive(Debug, Clone)]
+enum Lookup {
+    /// An application property: a string, a null string or undefined.
+    App(String),
+    /// A system property, by edgeHub's name without `$`.
+    System(String),
+    /// A `$body` query (BodyQuery.Runtime).
+    Body(JsonPath),
+    /// `twin_change_includes(path)`: a boolean or undefined.
+    TwinIncludes(JsonPath),
+}
+
+impl Lookup {
+    /// Whether both always read the same value: names compare ignoring ASCII case, as the
+    /// message's property maps do; paths compare step by step (JSON names are case-sensitive).
+    fn same_as(&self, other: &Lookup) -> bool {
+        match (self, other) {
+            (Lookup::App(a), Lookup::App(b)) | (Lookup::System(a), Lookup::System(b)) => {
+                a.eq_ignore_ascii_case(b)
+            }
+            (Lookup::Body(a), Lookup::Body(b))
+            | (Lookup::TwinIncludes(a), Lookup::TwinIncludes(b)) => a == b,
+            _ => false,
+        }
+    }
+
+    fn read<'m>(&self, msg: &'m dyn MessageView) -> V<'m> {
+        match self {
+            Lookup::App(name) => property(msg.app_property_ref(name)),
+            Lookup::System(name) => property(msg.system_property_ref(name)),
+            Lookup::Body(path) => body_query(path, msg),
+            Lookup::TwinIncludes(path) => twin_change_includes(path, msg),
+        }
+    }
+}
+
+// A plain tag (no niche in the `String`s) makes the evaluator's match on every node cheaper.
+#[derive(Debug, Clone)]
+#[repr(u8)]
 enum Expr {
     Undef,
     Null,
     Bool(bool),
     Num(f64),
     Str(String),
-    AppProp(String),
-    SysProp(String),
-    /// `$name`: the application property `$name` if present, else system property `name`.
-    AppOrSys {
-        app: String,
-        sys: String,
+    /// A lookup's value, by slot.
+    Lookup(usize),
+    /// A subexpression of a [`ConditionSet`] that occurs in several places, by slot.
+    Shared(usize),
+    /// `$name` and `$body.x`: the application property of that name (slot `app`) if it is
+    /// defined, else the system property `name` or the body query (slot `or`).
+    AppOr {
+        app: usize,
+        or: usize,
     },
-    Body(JsonPath),
-    /// `$body.x`: the application property `$body.x` if present, else the body query.
-    AppOrBody {
-        app: String,
-        path: JsonPath,
-    },
-    TwinIncludes(JsonPath),
     Neg(Box<Expr>),
     Not(Box<Expr>),
     Arith {
@@ -1164,12 +1392,110 @@ enum Expr {
         l: Box<Expr>,
         r: Box<Expr>,
     },
+    /// `subject = 'literal'` (`equal`) or `subject <> 'literal'`, with `query` when the
+    /// subject is a body query: what [`Expr::Cmp`] would give, without its generality.
+    StrEq {
+        subject: Box<Expr>,
+        literal: String,
+        equal: bool,
+        query: bool,
+    },
     Coalesce(Box<Expr>, Box<Expr>),
     Call(Func, Vec<Expr>),
 }
 
+impl Expr {
+    fn children(&self, f: &mut impl FnMut(&Expr)) {
+        match self {
+            Expr::Undef
+            | Expr::Null
+            | Expr::Bool(_)
+            | Expr::Num(_)
+            | Expr::Str(_)
+            | Expr::Lookup(_)
+            | Expr::Shared(_)
+            | Expr::AppOr { .. } => {}
+            Expr::Neg(x) | Expr::Not(x) | Expr::StrEq { subject: x, .. } => f(x),
+            Expr::Arith { l, r, .. }
+            | Expr::Cmp { l, r, .. }
+            | Expr::Logic { l, r, .. }
+            | Expr::Coalesce(l, r) => {
+                f(l);
+                f(r);
+            }
+            Expr::Call(_, args) => args.iter().for_each(f),
+        }
+    }
+
+    fn children_mut(&mut self, f: &mut impl FnMut(&mut Expr)) {
+        match self {
+            Expr::Undef
+            | Expr::Null
+            | Expr::Bool(_)
+            | Expr::Num(_)
+            | Expr::Str(_)
+            | Expr::Lookup(_)
+            | Expr::Shared(_)
+            | Expr::AppOr { .. } => {}
+            Expr::Neg(x) | Expr::Not(x) | Expr::StrEq { subject: x, .. } => f(x),
+            Expr::Arith { l, r, .. }
+            | Expr::Cmp { l, r, .. }
+            | Expr::Logic { l, r, .. }
+            | Expr::Coalesce(l, r) => {
+                f(l);
+                f(r);
+            }
+            Expr::Call(_, args) => args.iter_mut().for_each(f),
+        }
+    }
+
+    /// Moves every lookup slot `i` to `slots[i]` (when the condition joins a
+    /// [`ConditionSet`]).
+    fn renumber(&mut self, slots: &[usize]) {
+        let moved = |i: &mut usize| *i = slots.get(*i).copied().unwrap_or(*i);
+        match self {
+            Expr::Lookup(i) => moved(i),
+            Expr::AppOr { app, or } => {
+                moved(app);
+                moved(or);
+            }
+            _ => self.children_mut(&mut |child| child.renumber(slots)),
+        }
+    }
+
+    /// Whether a [`ConditionSet`] may keep this expression's value for reuse: it reads the
+    /// message (constants cost nothing to evaluate) and its value is a boolean, a number or
+    /// undefined, never a string, so that keeping it borrows nothing.
+    fn shareable(&self) -> bool {
+        let scalar = match self {
+            Expr::Neg(_)
+            | Expr::Not(_)
+            | Expr::Arith { .. }
+            | Expr::Cmp { .. }
+            | Expr::StrEq { .. }
+            | Expr::Logic { .. } => true,
+            Expr::Call(f, _) => !f.gives_string(),
+            _ => false,
+        };
+        scalar && self.reads_message()
+    }
+
+    fn reads_message(&self) -> bool {
+        let mut reads = matches!(self, Expr::Lookup(_) | Expr::Shared(_) | Expr::AppOr { .. });
+        self.children(&mut |child| reads |= child.reads_message());
+        reads
+    }
+
+    /// Equal keys for equal expressions: the derived `Debug` text names every field, and
+    /// prints each number with the digits that read back as exactly it (`-0.0` too).
+    fn key(&self) -> String {
+        format!("{self:?}")
+    }
+}
+
 #[derive(Default)]
 struct Compiler {
+    lookups: Vec<Lookup>,
     uses_body: bool,
     uses_twin_change: bool,
 }
@@ -1191,6 +1517,10 @@ fn operand_error(ast: &Ast, tys: &[Ty]) -> ConditionError {
 }
 
 impl Compiler {
+    fn slot(&mut self, lookup: Lookup) -> usize {
+        intern(&mut self.lookups, &lookup)
+    }
+
     fn compile(&mut self, ast: &Ast) -> PResult<(Expr, Ty)> {
         Ok(match &ast.kind {
             AstKind::Bool(b) => (Expr::Bool(*b), Ty::Bool),
@@ -1198,7 +1528,7 @@ impl Compiler {
             AstKind::Num(Some(v)) => (Expr::Num(*v), Ty::Num),
             AstKind::Num(None) | AstKind::Undefined => (Expr::Undef, Ty::Undef),
             AstKind::Null => (Expr::Null, Ty::Null),
-            AstKind::Prop(name) => (Expr::AppProp(name.clone()), Ty::Str),
+            AstKind::Prop(name) => (Expr::Lookup(self.slot(Lookup::App(name.clone()))), Ty::Str),
             AstKind::SysProp { name, escaped } => self.sys_prop(name, *escaped, ast.pos)?,
             AstKind::Call {
                 name,
@@ -1221,27 +1551,30 @@ impl Compiler {
             None => None,
         };
         let has_brackets = name.contains('[') || name.contains(']');
+        let app_or = |c: &mut Self, or: usize| Expr::AppOr {
+            app: c.slot(Lookup::App(name.to_owned())),
+            or,
+        };
         Ok(match (body, escaped) {
             // `{$body.x}` and bracketed `$body.x[0]` skip the application-property lookup.
-            (Some(path), true) => (Expr::Body(path), Ty::Query),
-            (Some(path), false) if has_brackets => (Expr::Body(path), Ty::Query),
-            (Some(path), false) => (
-                Expr::AppOrBody {
-                    app: name.to_owned(),
-                    path,
-                },
-                Ty::Query,
-            ),
+            (Some(path), true) => (Expr::Lookup(self.slot(Lookup::Body(path))), Ty::Query),
+            (Some(path), false) if has_brackets => {
+                (Expr::Lookup(self.slot(Lookup::Body(path))), Ty::Query)
+            }
+            (Some(path), false) => {
+                let body = self.slot(Lookup::Body(path));
+                (app_or(self, body), Ty::Query)
+            }
             // Property names cannot contain brackets: edgeHub compiles `$x[0]` to undefined.
             (None, _) if has_brackets => (Expr::Undef, Ty::Undef),
-            (None, true) => (Expr::SysProp(bare.to_owned()), Ty::Str),
-            (None, false) => (
-                Expr::AppOrSys {
-                    app: name.to_owned(),
-                    sys: bare.to_owned(),
-                },
+            (None, true) => (
+                Expr::Lookup(self.slot(Lookup::System(bare.to_owned()))),
                 Ty::Str,
             ),
+            (None, false) => {
+                let system = self.slot(Lookup::System(bare.to_owned()));
+                (app_or(self, system), Ty::Str)
+            }
         })
     }
 
@@ -1311,6 +1644,31 @@ impl Compiler {
                 return Err(operand_error(ast, &[lt, rt]));
             }
             let kind = if query { Ty::Query } else { lt };
+            // The commonest test in routes, `name = 'literal'`, gets a node of its own. Both
+            // `=` and `<>` are symmetric, so the literal may be on either side.
+            if let (Cmp::Eq | Cmp::Ne, Ty::Str | Ty::Query) = (cmp, kind) {
+                let (subject, literal) = match (*l, *r) {
+                    (subject, Expr::Str(literal)) | (Expr::Str(literal), subject) => {
+                        (subject, literal)
+                    }
+                    (l, r) => {
+                        let e = Expr::Cmp {
+                            op: cmp,
+                            kind,
+                            l: Box::new(l),
+                            r: Box::new(r),
+                        };
+                        return Ok((e, Ty::Bool));
+                    }
+                };
+                let e = Expr::StrEq {
+                    subject: Box::new(subject),
+                    literal,
+                    equal: cmp == Cmp::Eq,
+                    query,
+                };
+                return Ok((e, Ty::Bool));
+            }
             return Ok((
                 Expr::Cmp {
                     op: cmp,
@@ -1420,7 +1778,10 @@ impl Compiler {
             }
             let path = json_path(raw, pos, true)?;
             self.uses_twin_change = true;
-            return Ok((Expr::TwinIncludes(path), Ty::Bool));
+            return Ok((
+                Expr::Lookup(self.slot(Lookup::TwinIncludes(path))),
+                Ty::Bool,
+            ));
         }
         let mut exprs = Vec::with_capacity(args.len());
         let mut tys = Vec::with_capacity(args.len());
@@ -1822,6 +2183,335 @@ fn select<'a>(root: &'a serde_json::Value, steps: &[Step]) -> Option<Selected<'a
     })
 }
 
+/// BodyQuery.Runtime's value of a selected token: objects, arrays and strings Newtonsoft
+/// reads as dates are undefined.
+fn token_value(v: &serde_json::Value) -> V<'_> {
+    use serde_json::Value as J;
+    match v {
+        J::Null => V::Null,
+        J::Bool(b) => V::Bool(*b),
+        J::Number(n) => n.as_f64().map_or(V::Undef, V::Num),
+        J::String(s) => token_string(Cow::Borrowed(s)),
+        J::Array(_) | J::Object(_) => V::Undef,
+    }
+}
+
+/// The plain body paths (names and indexes only) among some lookups, merged into a tree so
+/// that one pass over a body's JSON text finds all their values ([`BodyPaths::read`]).
+/// Paths with `*` or `[*]` can select several values; they read [`MessageView::body_json`].
+#[derive(Debug, Clone, Default)]
+struct BodyPaths {
+    root: PathNode,
+    /// The lookup slot of each path, by path number.
+    slots: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct PathNode {
+    /// The number of the path that ends here.
+    end: Option<usize>,
+    /// Where the paths go on, by name (an object member) or index (an array element).
+    next: Vec<(Step, PathNode)>,
+}
+
+impl BodyPaths {
+    fn new(lookups: &[Lookup]) -> Self {
+        let mut paths = BodyPaths::default();
+        for (slot, lookup) in lookups.iter().enumerate() {
+            let Lookup::Body(JsonPath { steps: Some(steps) }) = lookup else {
+                continue;
+            };
+            if !steps
+                .iter()
+                .all(|s| matches!(s, Step::Field(_) | Step::Index(_)))
+            {
+                continue;
+            }
+            let mut node = &mut paths.root;
+            for step in steps {
+                node = node.step(step);
+            }
+            // Lookups are distinct, so no other path ends here.
+            node.end = Some(paths.slots.len());
+            paths.slots.push(slot);
+        }
+        paths
+    }
+
+    /// The value of every path in the JSON document `text`, by path number: what
+    /// `body_query` gives for it with `serde_json::from_str(text)` as the body. The rest of
+    /// the document goes through the same parser (so the same texts are rejected) but is not
+    /// kept.
+    fn read<'t>(&self, text: &'t str) -> Vec<V<'t>> {
+        let mut values = vec![V::Missing; self.slots.len()];
+        let mut de = serde_json::Deserializer::from_str(text);
+        let reader = Reader {
+            node: &self.root,
+            values: &mut values,
+            root: true,
+        };
+        let read = serde::de::DeserializeSeed::deserialize(reader, &mut de);
+        if read.and_then(|()| de.end()).is_err() {
+            values.fill(V::Undef);
+        }
+        values
+    }
+}
+
+impl PathNode {
+    fn step(&mut self, step: &Step) -> &mut PathNode {
+        let i = match self.next.iter().position(|(s, _)| s == step) {
+            Some(i) => i,
+            None => {
+                self.next.push((step.clone(), PathNode::default()));
+                self.next.len() - 1
+            }
+        };
+        &mut self.next[i].1
+    }
+
+    fn member(&self, name: &str) -> Option<&PathNode> {
+        self.next
+            .iter()
+            .find(|(s, _)| matches!(s, Step::Field(n) if n == name))
+            .map(|(_, node)| node)
+    }
+
+    fn element(&self, index: i64) -> Option<&PathNode> {
+        self.next
+            .iter()
+            .find(|(s, _)| matches!(s, Step::Index(i) if *i == index))
+            .map(|(_, node)| node)
+    }
+
+    /// Sets the value of every path through this node.
+    fn fill(&self, values: &mut [V<'_>], value: &V<'static>) {
+        if let Some(v) = self.end.and_then(|k| values.get_mut(k)) {
+            *v = value.clone();
+        }
+        for (_, node) in &self.next {
+            node.fill(values, value);
+        }
+    }
+}
+
+/// Reads one JSON value at `node` of a path tree: keeps it when a path ends there and goes
+/// into the members and elements that paths go on through. Every path starts as selecting
+/// nothing (`Missing`).
+struct Reader<'p, 'v, 't> {
+    node: &'p PathNode,
+    values: &'v mut [V<'t>],
+    /// The document itself: any value but an object makes every body query undefined.
+    root: bool,
+}
+
+impl<'t> Reader<'_, '_, 't> {
+    fn found(self, value: impl FnOnce() -> V<'t>) {
+        if let Some(v) = self.node.end.and_then(|k| self.values.get_mut(k)) {
+            *v = value();
+        }
+        if self.root {
+            self.values.fill(V::Undef);
+        }
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Reader<'_, '_, 'de> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Reader<'_, '_, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.found(|| V::Null);
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<(), E> {
+        self.found(|| V::Bool(b));
+        Ok(())
+    }
+
+    // Numbers as `serde_json::Number::as_f64` reads them.
+    fn visit_u64<E>(self, n: u64) -> Result<(), E> {
+        self.found(|| V::Num(n as f64));
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<(), E> {
+        self.found(|| V::Num(n as f64));
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, x: f64) -> Result<(), E> {
+        // serde_json::Value holds a number that is not finite as null.
+        self.found(|| if x.is_finite() { V::Num(x) } else { V::Null });
+        Ok(())
+    }
+
+    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<(), E> {
+        self.found(|| token_string(Cow::Borrowed(s)));
+        Ok(())
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<(), E> {
+        // Only strings with escapes come here, and are copied only when a path ends here.
+        self.found(|| token_string(Cow::Owned(s.to_owned())));
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let (node, values) = (self.node, self.values);
+        // Newtonsoft throws on a negative index into an array: those paths are undefined.
+        for (step, next) in &node.next {
+            if matches!(step, Step::Index(i) if *i < 0) {
+                next.fill(values, &V::Undef);
+            }
+        }
+        let mut index = 0;
+        loop {
+            let more = match node.element(index) {
+                Some(next) => seq
+                    .next_element_seed(Reader {
+                        node: next,
+                        values: &mut *values,
+                        root: false,
+                    })?
+                    .is_some(),
+                None => seq.next_element::<Skip>()?.is_some(),
+            };
+            if !more {
+                break;
+            }
+            index += 1;
+        }
+        Reader {
+            node,
+            values,
+            root: self.root,
+        }
+        .found(|| V::Undef);
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let (node, values) = (self.node, self.values);
+        while let Some(next) = map.next_key_seed(Member(node))? {
+            match next {
+                Some(next) => {
+                    // A repeated name: its last value is the one kept.
+                    next.fill(values, &V::Missing);
+                    map.next_value_seed(Reader {
+                        node: next,
+                        values: &mut *values,
+                        root: false,
+                    })?;
+                }
+                None => {
+                    map.next_value::<Skip>()?;
+                }
+            }
+        }
+        if let Some(v) = node.end.and_then(|k| values.get_mut(k)) {
+            *v = V::Undef;
+        }
+        Ok(())
+    }
+}
+
+/// An object member's name, answered with the path node paths go on through from it.
+struct Member<'p>(&'p PathNode);
+
+impl<'de, 'p> serde::de::DeserializeSeed<'de> for Member<'p> {
+    type Value = Option<&'p PathNode>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de, 'p> serde::de::Visitor<'de> for Member<'p> {
+    type Value = Option<&'p PathNode>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a member name")
+    }
+
+    fn visit_str<E>(self, name: &str) -> Result<Self::Value, E> {
+        Ok(self.0.member(name))
+    }
+}
+
+/// A JSON value that no path reads: parsed as `serde_json::Value` parses it (numbers,
+/// strings and escapes checked the same way, unlike `IgnoredAny`) and dropped.
+struct Skip;
+
+impl<'de> serde::Deserialize<'de> for Skip {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Skip)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Skip {
+    type Value = Skip;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Skip, A::Error> {
+        while seq.next_element::<Skip>()?.is_some() {}
+        Ok(Skip)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Skip, A::Error> {
+        while map.next_entry::<Skip, Skip>()?.is_some() {}
+        Ok(Skip)
+    }
+}
+
+/// [`token_value`] of a string.
+fn token_string(s: Cow<'_, str>) -> V<'_> {
+    if is_newtonsoft_date(&s) {
+        V::Undef
+    } else {
+        V::Str(s)
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Evaluation.
 // ---------------------------------------------------------------------------------------------
@@ -1830,7 +2520,9 @@ fn select<'a>(root: &'a serde_json::Value, steps: &[Step]) -> Option<Selected<'a
 /// it: string-typed expressions give `Str`, `NullStr` or `Undef`; numbers give `Num` (never
 /// NaN: .NET's NaN double is edgeHub's undefined number) or `Undef`; booleans `Bool` or
 /// `Undef`; body queries any of them, including a NaN `Num` and `Missing`.
+// A plain tag, as for `Expr`: values are matched at every step.
 #[derive(Debug, Clone)]
+#[repr(u8)]
 enum V<'a> {
     Undef,
     /// A null string: an application property edgeHub stored without a string value.
@@ -1859,6 +2551,19 @@ impl V<'_> {
 
     fn is_undef(&self) -> bool {
         matches!(self, V::Undef)
+    }
+
+    /// The same value, borrowing its string instead of copying it.
+    fn lend(&self) -> V<'_> {
+        match self {
+            V::Undef => V::Undef,
+            V::NullStr => V::NullStr,
+            V::Null => V::Null,
+            V::Missing => V::Missing,
+            V::Bool(b) => V::Bool(*b),
+            V::Num(x) => V::Num(*x),
+            V::Str(s) => V::Str(Cow::Borrowed(s)),
+        }
     }
 
     fn as_bool(&self) -> Option<bool> {
@@ -1890,79 +2595,210 @@ fn num<'a>(x: f64) -> V<'a> {
     }
 }
 
-fn property(v: Option<Prop<'_>>) -> Option<V<'_>> {
-    match v? {
-        Prop::Undefined => None,
-        Prop::Str(s) => Some(V::Str(s)),
-        Prop::NotString => Some(V::NullStr),
+/// An absent property is undefined.
+fn property(v: Option<Prop<'_>>) -> V<'_> {
+    match v {
+        None | Some(Prop::Undefined) => V::Undef,
+        Some(Prop::Str(s)) => V::Str(s),
+        Some(Prop::NotString) => V::NullStr,
     }
 }
 
-fn eval<'a>(e: &'a Expr, msg: &'a dyn MessageView) -> V<'a> {
+/// One message's lookups and shared values, each computed the first time a condition reads
+/// it and then reused (strings are lent, not copied).
+pub struct Slots<'m> {
+    reads: &'m Reads,
+    msg: &'m dyn MessageView,
+    /// The lookups' values, then the shared expressions' (booleans, numbers or undefined).
+    values: Vec<OnceCell<V<'m>>>,
+    /// Whether the plain body paths were read yet.
+    body_read: Cell<bool>,
+}
+
+impl<'m> Slots<'m> {
+    fn new(reads: &'m Reads, msg: &'m dyn MessageView) -> Self {
+        Slots {
+            reads,
+            msg,
+            values: std::iter::repeat_with(OnceCell::new)
+                .take(reads.lookups.len() + reads.shared.len())
+                .collect(),
+            body_read: Cell::new(false),
+        }
+    }
+
+    #[inline]
+    fn lookup(&self, slot: usize) -> V<'_> {
+        match self.values.get(slot).and_then(OnceCell::get) {
+            Some(value) => value.lend(),
+            None => self.first_lookup(slot),
+        }
+    }
+
+    #[cold]
+    fn first_lookup(&self, slot: usize) -> V<'_> {
+        let (Some(value), Some(lookup)) = (self.values.get(slot), self.reads.lookups.get(slot))
+        else {
+            return V::Undef;
+        };
+        if matches!(lookup, Lookup::Body(_)) {
+            self.read_body();
+        }
+        value.get_or_init(|| lookup.read(self.msg)).lend()
+    }
+
+    /// Reads every plain body path at once when the message offers the body's text; without
+    /// it, each body lookup reads [`MessageView::body_json`].
+    fn read_body(&self) {
+        if self.body_read.replace(true) || self.reads.body.slots.is_empty() {
+            return;
+        }
+        let Some(text) = self.msg.body_text() else {
+            return;
+        };
+        let values = self.reads.body.read(text);
+        for (value, &slot) in values.into_iter().zip(&self.reads.body.slots) {
+            if let Some(cell) = self.values.get(slot) {
+                // Not read before: `lookup` reads the body before any body path.
+                let _ = cell.set(value);
+            }
+        }
+    }
+
+    #[inline]
+    fn shared(&self, slot: usize) -> V<'static> {
+        let value = self.values.get(self.reads.lookups.len() + slot);
+        match value.and_then(OnceCell::get) {
+            Some(value) => scalar(value),
+            None => self.first_shared(slot),
+        }
+    }
+
+    #[cold]
+    fn first_shared(&self, slot: usize) -> V<'static> {
+        let value = self.values.get(self.reads.lookups.len() + slot);
+        let (Some(value), Some(e)) = (value, self.reads.shared.get(slot)) else {
+            return V::Undef;
+        };
+        scalar(value.get_or_init(|| scalar(&eval(e, self))))
+    }
+}
+
+/// A boolean, number or undefined value, which borrows nothing; shared expressions give
+/// nothing else (see [`Expr::shareable`]).
+fn scalar(v: &V<'_>) -> V<'static> {
+    match v {
+        V::Bool(b) => V::Bool(*b),
+        V::Num(x) => V::Num(*x),
+        _ => V::Undef,
+    }
+}
+
+/// [`eval`] with the common leaves (lookups and literals) read in place, saving a call per
+/// operand: most comparisons are a lookup against a literal.
+#[inline(always)]
+fn operand<'a>(e: &'a Expr, slots: &'a Slots<'_>) -> V<'a> {
+    match e {
+        Expr::Lookup(i) => slots.lookup(*i),
+        Expr::Shared(i) => slots.shared(*i),
+        Expr::Str(s) => V::Str(Cow::Borrowed(s)),
+        Expr::Num(x) => V::Num(*x),
+        Expr::Cmp { op, kind, l, r } => comparison(*op, *kind, l, r, slots),
+        Expr::StrEq {
+            subject,
+            literal,
+            equal,
+            query,
+        } => string_equality(subject, literal, *equal, *query, slots),
+        Expr::Logic { and, kleene, l, r } => logic(*and, *kleene, l, r, slots),
+        _ => eval(e, slots),
+    }
+}
+
+/// [`Expr::StrEq`]: as [`compare`] decides it for a string literal. A string-typed subject
+/// that is not a string is undefined; a body query of another type is simply not equal.
+#[inline(never)]
+fn string_equality<'a>(
+    subject: &'a Expr,
+    literal: &str,
+    equal: bool,
+    query: bool,
+    slots: &'a Slots<'_>,
+) -> V<'a> {
+    match operand(subject, slots) {
+        V::Str(s) => V::Bool(same_bytes(s.as_bytes(), literal.as_bytes()) == equal),
+        V::Undef => V::Undef,
+        _ if query => V::Bool(!equal),
+        _ => V::Undef,
+    }
+}
+
+/// A comparison node, outside [`eval`] whose many cases make every call to it costlier.
+#[inline(never)]
+fn comparison<'a>(op: Cmp, kind: Ty, l: &'a Expr, r: &'a Expr, slots: &'a Slots<'_>) -> V<'a> {
+    compare(op, kind, &operand(l, slots), &operand(r, slots))
+}
+
+fn eval<'a>(e: &'a Expr, slots: &'a Slots<'_>) -> V<'a> {
     match e {
         Expr::Undef => V::Undef,
         Expr::Null => V::Null,
         Expr::Bool(b) => V::Bool(*b),
         Expr::Num(x) => V::Num(*x),
         Expr::Str(s) => V::Str(Cow::Borrowed(s)),
-        Expr::AppProp(name) => property(msg.app_property_ref(name)).unwrap_or(V::Undef),
-        Expr::SysProp(name) => property(msg.system_property_ref(name)).unwrap_or(V::Undef),
-        Expr::AppOrSys { app, sys } => property(msg.app_property_ref(app))
-            .or_else(|| property(msg.system_property_ref(sys)))
-            .unwrap_or(V::Undef),
-        Expr::Body(path) => body_query(path, msg),
-        Expr::AppOrBody { app, path } => {
-            property(msg.app_property_ref(app)).unwrap_or_else(|| body_query(path, msg))
-        }
-        Expr::TwinIncludes(path) => twin_change_includes(path, msg),
-        Expr::Neg(x) => match eval(x, msg) {
+        Expr::Lookup(i) => slots.lookup(*i),
+        Expr::Shared(i) => slots.shared(*i),
+        Expr::AppOr { app, or } => match slots.lookup(*app) {
+            V::Undef => slots.lookup(*or),
+            v => v,
+        },
+        Expr::Neg(x) => match operand(x, slots) {
             V::Num(v) => num(-v),
             _ => V::Undef,
         },
-        Expr::Not(x) => match eval(x, msg) {
+        Expr::Not(x) => match operand(x, slots) {
             V::Bool(b) => V::Bool(!b),
             _ => V::Undef,
         },
-        Expr::Arith { op, query, l, r } => arith(*op, *query, eval(l, msg), eval(r, msg)),
-        Expr::Cmp { op, kind, l, r } => compare(*op, *kind, &eval(l, msg), &eval(r, msg)),
-        Expr::Logic { and, kleene, l, r } => logic(*and, *kleene, l, r, msg),
+        Expr::Arith { op, query, l, r } => arith(*op, *query, operand(l, slots), operand(r, slots)),
+        Expr::Cmp { op, kind, l, r } => comparison(*op, *kind, l, r, slots),
+        Expr::StrEq {
+            subject,
+            literal,
+            equal,
+            query,
+        } => string_equality(subject, literal, *equal, *query, slots),
+        Expr::Logic { and, kleene, l, r } => logic(*and, *kleene, l, r, slots),
         Expr::Coalesce(l, r) => {
-            let v = eval(l, msg);
+            let v = eval(l, slots);
             if v.is_undef() {
-                eval(r, msg)
+                eval(r, slots)
             } else {
                 v
             }
         }
-        Expr::Call(f, args) => call(*f, args, msg),
+        Expr::Call(f, args) => call(*f, args, slots),
     }
 }
 
 /// BodyQuery.Runtime: objects, arrays, several matches and strings Newtonsoft reads as dates
 /// are undefined; a path that matches nothing is null (verified in JsonMessageQueryValueProvider:
 /// no token gives QueryValue.Null, so `$body.missing = null` is true).
-fn body_query<'a>(path: &'a JsonPath, msg: &'a dyn MessageView) -> V<'a> {
-    use serde_json::Value as J;
-    let (Some(root @ J::Object(_)), Some(steps)) = (msg.body_json(), &path.steps) else {
+fn body_query<'m>(path: &JsonPath, msg: &'m dyn MessageView) -> V<'m> {
+    let (Some(root @ serde_json::Value::Object(_)), Some(steps)) = (msg.body_json(), &path.steps)
+    else {
         return V::Undef;
     };
     match select(root, steps) {
         None | Some(Selected::Many) => V::Undef,
         Some(Selected::Nothing) => V::Missing,
-        Some(Selected::One(v)) => match v {
-            J::Null => V::Null,
-            J::Bool(b) => V::Bool(*b),
-            J::Number(n) => n.as_f64().map_or(V::Undef, V::Num),
-            J::String(s) if is_newtonsoft_date(s) => V::Undef,
-            J::String(s) => V::Str(Cow::Borrowed(s)),
-            J::Array(_) | J::Object(_) => V::Undef,
-        },
+        Some(Selected::One(v)) => token_value(v),
     }
 }
 
 /// TwinChangeIncludes.Runtime: true when the path selects anything (even null or an
 /// object), false when it selects nothing, undefined without a twin change body.
-fn twin_change_includes<'a>(path: &'a JsonPath, msg: &'a dyn MessageView) -> V<'a> {
+fn twin_change_includes<'m>(path: &JsonPath, msg: &'m dyn MessageView) -> V<'m> {
     let (Some(root @ serde_json::Value::Object(_)), Some(steps)) = (msg.twin_change(), &path.steps)
     else {
         return V::Undef;
@@ -1993,6 +2829,11 @@ fn arith<'a>(op: Arith, query: bool, a: V<'a>, b: V<'a>) -> V<'a> {
     }
 }
 
+/// `a == b`, without a library call for the short strings routes compare.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
+}
+
 /// `string.Compare(a, b, StringComparison.Ordinal)`: UTF-16 code units.
 fn ordinal_cmp(a: &str, b: &str) -> Ordering {
     // Byte order equals UTF-16 order for ASCII (and for all text below U+E000, but not
@@ -2016,6 +2857,11 @@ fn dotnet_double_cmp(a: f64, b: f64) -> Ordering {
 
 /// ComparisonOperators.Compare for each static type.
 fn compare<'a>(op: Cmp, kind: Ty, a: &V<'a>, b: &V<'a>) -> V<'a> {
+    // Most route conditions test strings for equality, which needs no ordering: strings are
+    // equal in UTF-16 exactly when their bytes are.
+    if let (Cmp::Eq | Cmp::Ne, Ty::Str | Ty::Query, V::Str(x), V::Str(y)) = (op, kind, a, b) {
+        return V::Bool(same_bytes(x.as_bytes(), y.as_bytes()) == (op == Cmp::Eq));
+    }
     let ord = match kind {
         Ty::Query => {
             if a.is_undef() || b.is_undef() {
@@ -2056,10 +2902,11 @@ fn compare<'a>(op: Cmp, kind: Ty, a: &V<'a>, b: &V<'a>) -> V<'a> {
     V::Bool(op.holds(ord))
 }
 
-fn logic<'a>(and: bool, kleene: bool, l: &'a Expr, r: &'a Expr, msg: &'a dyn MessageView) -> V<'a> {
-    let a = eval(l, msg);
+#[inline(never)]
+fn logic<'a>(and: bool, kleene: bool, l: &'a Expr, r: &'a Expr, slots: &'a Slots<'_>) -> V<'a> {
+    let a = operand(l, slots);
     if !kleene {
-        return match (a, eval(r, msg)) {
+        return match (a, operand(r, slots)) {
             (V::Bool(x), V::Bool(y)) => V::Bool(if and { x && y } else { x || y }),
             _ => V::Undef,
         };
@@ -2069,7 +2916,7 @@ fn logic<'a>(and: bool, kleene: bool, l: &'a Expr, r: &'a Expr, msg: &'a dyn Mes
     if a == Some(!and) {
         return V::Bool(!and);
     }
-    let b = eval(r, msg).as_bool();
+    let b = operand(r, slots).as_bool();
     match (a, b) {
         (_, Some(x)) if x != and => V::Bool(x),
         (Some(x), Some(y)) => V::Bool(if and { x && y } else { x || y }),
@@ -2084,8 +2931,8 @@ fn string_arg<'v>(v: &'v V<'_>) -> Option<&'v str> {
     }
 }
 
-fn call<'a>(f: Func, args: &'a [Expr], msg: &'a dyn MessageView) -> V<'a> {
-    let arg = |i: usize| args.get(i).map_or(V::Undef, |e| eval(e, msg));
+fn call<'a>(f: Func, args: &'a [Expr], slots: &'a Slots<'_>) -> V<'a> {
+    let arg = |i: usize| args.get(i).map_or(V::Undef, |e| operand(e, slots));
     match f {
         Func::Math(m) => match arg(0) {
             V::Num(x) => num(match m {
@@ -2130,7 +2977,7 @@ fn call<'a>(f: Func, args: &'a [Expr], msg: &'a dyn MessageView) -> V<'a> {
         Func::Concat => {
             let mut out = String::new();
             for e in args {
-                match eval(e, msg) {
+                match eval(e, slots) {
                     V::Str(s) => out.push_str(&s),
                     // A null string is defined and concatenates as nothing.
                     V::NullStr => {}
@@ -2678,8 +3525,44 @@ mod tests {
         Value::Number(x)
     }
 
+    /// `Msg` that also offers its body as text, so that plain body paths are read in one
+    /// pass over it instead of from `body_json`.
+    struct WithText<'a> {
+        msg: &'a Msg,
+        text: Option<String>,
+    }
+
+    impl<'a> WithText<'a> {
+        fn new(msg: &'a Msg) -> Self {
+            let text = msg.body.as_ref().map(|b| b.to_string());
+            WithText { msg, text }
+        }
+    }
+
+    impl MessageView for WithText<'_> {
+        fn app_property(&self, name: &str) -> Option<Value> {
+            self.msg.app_property(name)
+        }
+        fn system_property(&self, name: &str) -> Option<Value> {
+            self.msg.system_property(name)
+        }
+        fn body_json(&self) -> Option<&serde_json::Value> {
+            self.msg.body_json()
+        }
+        fn twin_change(&self) -> Option<&serde_json::Value> {
+            self.msg.twin_change()
+        }
+        fn body_text(&self) -> Option<&str> {
+            self.text.as_deref()
+        }
+    }
+
+    /// Checks every case alone, then all of them together in one [`ConditionSet`] (each
+    /// twice, so that every condition is also a shared subexpression), from `body_json` and
+    /// from the body's text.
     fn check(cases: &[(&str, Value)], m: &Msg) -> usize {
         let mut failures = Vec::new();
+        let mut compiled = Vec::new();
         for (text, want) in cases {
             match Condition::parse(text) {
                 Ok(c) => {
@@ -2688,8 +3571,26 @@ mod tests {
                         failures.push(format!("{text:?}: got {got:?}, want {want:?}"));
                     }
                     assert_eq!(c.matches(m), got == T, "{text:?}");
+                    assert_eq!(c.evaluate(&WithText::new(m)), got, "{text:?} from text");
+                    compiled.push((text, c, want));
                 }
                 Err(e) => failures.push(format!("{text:?}: {e}")),
+            }
+        }
+        let list: Vec<&Condition> = compiled.iter().flat_map(|(_, c, _)| [c, c]).collect();
+        let set = ConditionSet::new(&list);
+        let with_text = WithText::new(m);
+        for view in [m as &dyn MessageView, &with_text] {
+            let slots = set.slots(view);
+            // Backwards, so that shared values are often first needed by a later condition.
+            for (i, (text, _, want)) in compiled.iter().enumerate().rev() {
+                for k in [2 * i + 1, 2 * i] {
+                    let got = set.evaluate(k, &slots);
+                    if &got != *want {
+                        failures.push(format!("{text:?} in a set: got {got:?}, want {want:?}"));
+                    }
+                    assert_eq!(set.matches(k, &slots), got == T, "{text:?} in a set");
+                }
             }
         }
         assert!(failures.is_empty(), "\n{}", failures.join("\n"));
@@ -3541,18 +4442,299 @@ mod tests {
             state
         };
         let (m, t) = (msg(), msg_twin());
-        let mut parsed = 0;
+        let mut parsed = Vec::new();
         for _ in 0..30_000 {
             let len = (next() % 12) as usize;
             let text: String = (0..len)
                 .map(|_| PARTS[(next() % PARTS.len() as u64) as usize])
                 .collect();
             if let Ok(c) = Condition::parse(&text) {
-                parsed += 1;
                 let _ = c.evaluate(&m);
                 let _ = c.matches(&t);
+                parsed.push(c);
             }
         }
-        assert!(parsed > 100, "only {parsed} random conditions parsed");
+        assert!(
+            parsed.len() > 100,
+            "only {} random conditions parsed",
+            parsed.len()
+        );
+        let set = ConditionSet::new(&parsed.iter().collect::<Vec<_>>());
+        let view = WithText::new(&m);
+        let slots = set.slots(&view);
+        for (i, c) in parsed.iter().enumerate() {
+            assert_eq!(set.evaluate(i, &slots), c.evaluate(&m), "{c:?}");
+        }
+    }
+
+    /// Records what conditions ask a message for.
+    struct Counting<'a> {
+        view: WithText<'a>,
+        asked: std::cell::RefCell<Vec<String>>,
+    }
+
+    impl Counting<'_> {
+        fn asked(&self, what: String) {
+            self.asked.borrow_mut().push(what);
+        }
+    }
+
+    impl MessageView for Counting<'_> {
+        fn app_property(&self, name: &str) -> Option<Value> {
+            self.asked(format!("app {name}"));
+            self.view.app_property(name)
+        }
+        fn system_property(&self, name: &str) -> Option<Value> {
+            self.asked(format!("system {name}"));
+            self.view.system_property(name)
+        }
+        fn body_json(&self) -> Option<&serde_json::Value> {
+            self.asked("body_json".to_owned());
+            self.view.body_json()
+        }
+        fn twin_change(&self) -> Option<&serde_json::Value> {
+            self.asked("twin_change".to_owned());
+            self.view.twin_change()
+        }
+        fn body_text(&self) -> Option<&str> {
+            self.asked("body_text".to_owned());
+            self.view.body_text()
+        }
+    }
+
+    fn set_of(texts: &[&str]) -> (ConditionSet, Vec<Condition>) {
+        let conditions: Vec<Condition> = texts
+            .iter()
+            .map(|t| Condition::parse(t).unwrap_or_else(|e| panic!("{t}: {e}")))
+            .collect();
+        let set = ConditionSet::new(&conditions.iter().collect::<Vec<_>>());
+        (set, conditions)
+    }
+
+    #[test]
+    fn a_set_looks_each_name_up_once_ignoring_case() {
+        let (set, _) = set_of(&[
+            "key1 = 'value1'",
+            "KEY1 = 'x' OR Key1 <> 'y'",
+            // `$key1` reads the application property `$key1`, then the system property.
+            "$key1 = 'value1'",
+            "{$KEY1} = 'z'",
+            "$body.temp > 1",
+            "$BODY.temp < 100",
+            // Body member names are case-sensitive: there is `temp`, not `Temp`.
+            "$body.Temp = 50",
+            "$body.list[0] = 20 AND {$body.list[0]} = 20",
+        ]);
+        // key1; $key1 and system key1; the application property $body.temp (any case) and the
+        // body paths temp and Temp; list[0], which has brackets, so it is only a body path.
+        assert_eq!(set.lookups(), 7);
+
+        let m = msg();
+        let counting = Counting {
+            view: WithText::new(&m),
+            asked: Default::default(),
+        };
+        let slots = set.slots(&counting);
+        let results: Vec<Value> = (0..8).map(|i| set.evaluate(i, &slots)).collect();
+        assert_eq!(results, [T, T, U, U, T, T, F, T]);
+        let mut asked = counting.asked.take();
+        asked.sort();
+        assert_eq!(
+            asked,
+            [
+                "app $body.temp",
+                "app $key1",
+                "app key1",
+                "body_text",
+                "system key1",
+            ],
+            "each lookup once; every body path from one pass over the text"
+        );
+    }
+
+    #[test]
+    fn dollar_names_and_escaped_names_in_a_set() {
+        let m = Msg {
+            app: vec![
+                ("$connectionModuleId", s("from-app")),
+                ("$body.temp", s("shadow")),
+            ],
+            ..msg()
+        };
+        let texts = [
+            "$connectionModuleId = 'from-app'",
+            "{$connectionModuleId} = 'mod1'",
+            "$connectionDeviceId = 'dev1'",
+            "{$connectionDeviceId} = 'dev1'",
+            "$body.temp = 'shadow'",
+            "{$body.temp} = 50",
+            "$body.temp = 50",
+        ];
+        let (set, conditions) = set_of(&texts);
+        let with_text = WithText::new(&m);
+        for view in [&m as &dyn MessageView, &with_text] {
+            let slots = set.slots(view);
+            for (i, c) in conditions.iter().enumerate() {
+                let want = if i == 6 { F } else { T };
+                assert_eq!(c.evaluate(view), want, "{}", texts[i]);
+                assert_eq!(set.evaluate(i, &slots), want, "{} in a set", texts[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn repeated_tests_are_shared() {
+        let (set, _) = set_of(&[
+            "$connectionModuleId = 'mod1' AND as_number(key2) % 2 = 1",
+            "$connectionModuleId = 'mod1' AND as_number(key2) % 3 = 0",
+            "$connectionModuleId = 'mod1' AND as_number(key2) % 3 = 0",
+            // Strings are not shared (a shared value borrows nothing); constants need not be.
+            "lower(key3) = 'value3' AND 1 + 1 = 2",
+            "lower(key3) = 'value3' AND 1 + 1 = 2 OR false",
+        ]);
+        // The module test, as_number(key2), the second condition (used twice) and the
+        // `lower(...)` comparison: not `... % 2 = 1` (used once), and nothing inside the
+        // second condition is counted twice for it being used twice.
+        assert_eq!(set.shared(), 4);
+        let m = msg();
+        let slots = set.slots(&m);
+        let results: Vec<Value> = (0..5).map(|i| set.evaluate(i, &slots)).collect();
+        assert_eq!(results, [T, T, T, T, T]);
+    }
+
+    /// A body path as the run time reads it (negative indexes get there only in trailing
+    /// text the grammar ignores, so they are made directly).
+    fn body_path(query: &str) -> Lookup {
+        let steps = newtonsoft_steps(query);
+        assert!(steps.is_some(), "{query}");
+        Lookup::Body(JsonPath { steps })
+    }
+
+    /// The one-pass reader against `body_query` on the parsed document, for every path.
+    fn compare_body_reads(documents: &[&str], queries: &[&str]) {
+        let lookups: Vec<Lookup> = queries.iter().map(|q| body_path(q)).collect();
+        let paths = BodyPaths::new(&lookups);
+        assert_eq!(paths.slots.len(), queries.len(), "all paths are plain");
+        for text in documents {
+            let m = Msg {
+                body: serde_json::from_str(text).ok(),
+                ..msg()
+            };
+            let read = paths.read(text);
+            for (k, &slot) in paths.slots.iter().enumerate() {
+                let Lookup::Body(path) = &lookups[slot] else {
+                    unreachable!()
+                };
+                let want = format!("{:?}", body_query(path, &m));
+                let got = format!("{:?}", read[k]);
+                assert_eq!(got, want, "{} in {text}", queries[slot]);
+            }
+        }
+    }
+
+    #[test]
+    fn body_paths_read_in_one_pass_select_what_the_document_does() {
+        let queries = [
+            "a", "a.b", "a.b.c", "a[0]", "a[1].b", "a[-1]", "a[-1].b", "list[2]", "list[5]", "s",
+            "esc", "date", "n", "big", "neg", "x.y", "kv", "é",
+        ];
+        let documents = [
+            r#"{"a": 1, "list": [1, 2, 3], "s": "text", "n": null}"#,
+            r#"{"a": {"b": {"c": true}}, "a": {"b": 2}}"#,
+            r#"{"a": {"b": 1}, "a": [5, {"b": "x"}]}"#,
+            r#"{"a": [5, {"b": "x"}], "a": {"b": 1}}"#,
+            r#"{"a": [], "list": {"2": 7}, "x": {"y": [1]}}"#,
+            r#"{"esc": "tab\there \"q\" \u00e9", "date": "2017-03-09T00:00:00Z", "é": 1}"#,
+            r#"{"big": 18446744073709551615, "neg": -0, "n": 1.5e3, "s": 12345678901234567890}"#,
+            r#"{"a": {"b": {"c": [1, {"d": 2}]}}, "x": {"y": {"z": 1}}, "s": "/Date(0)/"}"#,
+            r#"{"k\u0076": "escaped name", "a": [[1], [2]], "kv": 2}"#,
+            // Not an object, or not JSON: every body query is undefined.
+            r#"[1, 2]"#,
+            r#""a""#,
+            r#"3"#,
+            r#"null"#,
+            r#""#,
+            r#"{"a": 1,}"#,
+            r#"{"a": 1} x"#,
+            r#"{"a": 1, "z": 1e400}"#,
+            r#"{"a": 1, "z": "\ud800"}"#,
+            r#"{"a": 1, "z": "\x"}"#,
+            r#"{"a": 1, "z": [1 2]}"#,
+            r#"{"a": 1, "z": -}"#,
+        ];
+        compare_body_reads(&documents, &queries);
+        // Nesting deeper than the parser allows fails the whole document, read or skipped.
+        let deep = format!(
+            r#"{{"a": 1, "z": {}1{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let shallow = format!(
+            r#"{{"a": 1, "z": {}1{}}}"#,
+            "[".repeat(100),
+            "]".repeat(100)
+        );
+        compare_body_reads(&[&deep, &shallow], &["a", "z[0][0]"]);
+    }
+
+    /// A random JSON value as text, with repeated and escaped member names.
+    fn random_json(next: &mut dyn FnMut() -> u64, depth: u32) -> String {
+        const NAMES: [&str; 4] = ["a", "b", "c", "\\u0061"];
+        const SCALARS: [&str; 8] = [
+            "1",
+            "-2.5",
+            "true",
+            "null",
+            "\"x\"",
+            "\"a\\nb\"",
+            "0",
+            "1e2",
+        ];
+        let kinds = if depth > 3 { 1 } else { 3 };
+        match next() % kinds {
+            0 => SCALARS[(next() % 8) as usize].to_owned(),
+            1 => {
+                let items: Vec<String> = (0..next() % 4)
+                    .map(|_| random_json(next, depth + 1))
+                    .collect();
+                format!("[{}]", items.join(","))
+            }
+            _ => {
+                let members: Vec<String> = (0..next() % 4)
+                    .map(|_| {
+                        let name = NAMES[(next() % 4) as usize];
+                        format!("\"{name}\":{}", random_json(next, depth + 1))
+                    })
+                    .collect();
+                format!("{{{}}}", members.join(","))
+            }
+        }
+    }
+
+    #[test]
+    fn body_paths_read_in_one_pass_agree_on_random_documents() {
+        let mut state: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let queries = [
+            "a", "b", "a.a", "a.b", "a[0]", "a[1]", "b[0].a", "a.a.a", "a[0][0]", "c[-1]", "c[0].b",
+        ];
+        let documents: Vec<String> = (0..2_000)
+            .map(|i| {
+                let v = random_json(&mut next, 0);
+                // Mostly objects at the top, as bodies are.
+                if i % 10 == 0 || v.starts_with('{') {
+                    v
+                } else {
+                    format!("{{\"a\":{v},\"b\":{v},\"c\":[{v}]}}")
+                }
+            })
+            .collect();
+        let documents: Vec<&str> = documents.iter().map(String::as_str).collect();
+        compare_body_reads(&documents, &queries);
     }
 }

@@ -5,6 +5,7 @@
 //! annotations edgeHub adds (`x-opt-input-name`, the sender's connection ids, enqueued time,
 //! delivery count, sequence number) and drops `iothub-outputname`, which is routing metadata.
 
+use std::borrow::Cow;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use fe2o3_amqp::types::messaging::annotations::OwnedKey;
@@ -269,34 +270,48 @@ fn simple_len(v: &SimpleValue) -> usize {
 /// and the JSON body, parsed at most once and only when a condition asks for it.
 pub struct RoutingView<'a> {
     msg: &'a Message,
-    body: std::cell::OnceCell<Option<serde_json::Value>>,
+    /// The body as JSON text (see [`RoutingView::text`]).
+    text: std::cell::OnceCell<Option<Cow<'a, str>>>,
+    /// The body parsed, for twin change notifications and `$body` paths with wildcards.
+    value: std::cell::OnceCell<Option<serde_json::Value>>,
 }
 
 impl<'a> RoutingView<'a> {
     pub fn new(msg: &'a Message) -> Self {
         Self {
             msg,
-            body: std::cell::OnceCell::new(),
+            text: std::cell::OnceCell::new(),
+            value: std::cell::OnceCell::new(),
         }
     }
 
+    /// The body as text when edgeHub's gate lets conditions query it: content type
+    /// `application/json` and encoding `utf-8`, `utf-16` or `utf-32` (little-endian), both
+    /// ignoring case; leading byte order marks removed. UTF-8, the usual case, is borrowed.
+    fn text(&self) -> Option<&str> {
+        let text = self.text.get_or_init(|| {
+            let p = self.msg.properties.as_ref()?;
+            let ct = &p.content_type.as_ref()?.0;
+            let ce = &p.content_encoding.as_ref()?.0;
+            if !ct.eq_ignore_ascii_case("application/json") {
+                return None;
+            }
+            if ce.eq_ignore_ascii_case("utf-8") {
+                std::str::from_utf8(&self.msg.body).ok().map(Cow::Borrowed)
+            } else if ce.eq_ignore_ascii_case("utf-16") {
+                utf16le(&self.msg.body).map(Cow::Owned)
+            } else if ce.eq_ignore_ascii_case("utf-32") {
+                utf32le(&self.msg.body).map(Cow::Owned)
+            } else {
+                None
+            }
+        });
+        text.as_deref().map(|t| t.trim_start_matches('\u{feff}'))
+    }
+
     fn parsed_body(&self) -> Option<&serde_json::Value> {
-        self.body
-            .get_or_init(|| {
-                let p = self.msg.properties.as_ref()?;
-                let ct = p.content_type.as_ref()?.0.to_ascii_lowercase();
-                let ce = p.content_encoding.as_ref()?.0.to_ascii_lowercase();
-                if ct != "application/json" {
-                    return None;
-                }
-                let text = match ce.as_str() {
-                    "utf-8" => String::from_utf8(self.msg.body.clone()).ok()?,
-                    "utf-16" => utf16le(&self.msg.body)?,
-                    "utf-32" => utf32le(&self.msg.body)?,
-                    _ => return None,
-                };
-                serde_json::from_str(text.trim_start_matches('\u{feff}')).ok()
-            })
+        self.value
+            .get_or_init(|| serde_json::from_str(self.text()?).ok())
             .as_ref()
     }
 }
@@ -395,6 +410,10 @@ impl crate::condition::MessageView for RoutingView<'_> {
 
     fn body_json(&self) -> Option<&serde_json::Value> {
         self.parsed_body()
+    }
+
+    fn body_text(&self) -> Option<&str> {
+        self.text()
     }
 
     fn system_property_ref(&self, name: &str) -> Option<crate::condition::Prop<'_>> {
@@ -557,5 +576,59 @@ mod tests {
             Message::from_amqp(a, module("a")).unwrap_err(),
             MessageError::UnsupportedBody
         );
+    }
+
+    #[test]
+    fn routing_view_offers_the_body_text_its_json_comes_from() {
+        use crate::condition::{ConditionSet, MessageView, Value as C};
+        let with = |content_type: &str, encoding: &str, body: Vec<u8>| Message {
+            body,
+            properties: Some(Properties {
+                content_type: Some(Symbol::from(content_type)),
+                content_encoding: Some(Symbol::from(encoding)),
+                ..Default::default()
+            }),
+            application_properties: OrderedMap::new(),
+            annotations: OrderedMap::new(),
+            from: module("a"),
+            output: None,
+            enqueued_ms: 0,
+            twin_change: false,
+            id: 1,
+        };
+        let text = "\u{feff}{\"t\": 5, \"s\": \"é\", \"o\": {\"k\": 5}}";
+        let utf16: Vec<u8> = text.encode_utf16().flat_map(u16::to_le_bytes).collect();
+        let conditions = [
+            crate::condition::Condition::parse("$body.t = 5 AND $body.s = 'é'").unwrap(),
+            crate::condition::Condition::parse("$body.o.* = 5").unwrap(),
+        ];
+        let set = ConditionSet::new(&conditions.iter().collect::<Vec<_>>());
+        for (m, readable) in [
+            (
+                with("application/json", "utf-8", text.as_bytes().to_vec()),
+                true,
+            ),
+            (with("Application/JSON", "UTF-16", utf16), true),
+            (with("text/plain", "utf-8", text.as_bytes().to_vec()), false),
+            (
+                with("application/json", "latin-1", text.as_bytes().to_vec()),
+                false,
+            ),
+        ] {
+            let view = RoutingView::new(&m);
+            assert_eq!(view.body_text(), readable.then_some(&text[3..]));
+            let parsed = view.body_text().map(|t| serde_json::from_str(t).unwrap());
+            assert_eq!(view.body_json(), parsed.as_ref());
+            let want = if readable {
+                C::Bool(true)
+            } else {
+                C::Undefined
+            };
+            let slots = set.slots(&view);
+            for (i, c) in conditions.iter().enumerate() {
+                assert_eq!(set.evaluate(i, &slots), want, "{c:?}");
+                assert_eq!(c.evaluate(&RoutingView::new(&m)), want, "{c:?}");
+            }
+        }
     }
 }

@@ -12,6 +12,7 @@ use std::{
 use tokio::sync::Notify;
 
 use crate::{
+    condition::ConditionSet,
     identity::{DeviceId, ModuleId},
     message::Message,
     queue::{Endpoint, MemoryQueue, QueueStore},
@@ -58,16 +59,43 @@ pub fn sink_of(endpoint_id: &str) -> Option<Sink> {
     })
 }
 
+/// One route as [`Router::route`] walks it: what it needs, packed together.
+struct Planned {
+    /// Index into `Router::prefixes`.
+    prefix: usize,
+    /// Index into `Router::sinks`.
+    sink: usize,
+    /// Number of the route's condition in `Router::conditions`.
+    condition: Option<usize>,
+    priority: u32,
+    time_to_live_secs: u32,
+}
+
+/// Whether a message from `source` matches a route's `prefix` (lower-cased, ending in `/`):
+/// whether `source`, without its trailing slashes and with one `/` added, starts with
+/// `prefix`, ignoring ASCII case.
+fn under(source: &str, prefix: &str) -> bool {
+    let s = source.trim_end_matches('/').as_bytes();
+    let p = prefix.as_bytes();
+    match p.split_last() {
+        // The prefix ends with the added `/`.
+        Some((b'/', head)) if head.len() == s.len() => s.eq_ignore_ascii_case(head),
+        _ => s.get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p)),
+    }
+}
+
 /// Routes plus the endpoints they feed.
 pub struct Router {
-    routes: Vec<Route>,
     endpoints: BTreeMap<Sink, Arc<Endpoint>>,
     /// Per module: the wake-up shared by all of its input endpoints. Shared by every generation
     /// of the router, so a link waiting on it is woken by endpoints a reload adds.
     module_ready: Arc<Mutex<HashMap<ModuleId, Arc<Notify>>>>,
     global_ttl_secs: Option<u64>,
-    /// Per route (same order as `routes`): index into `prefixes` and into `sinks`.
-    plan: Vec<(usize, usize)>,
+    /// The routes, best priority first.
+    plan: Vec<Planned>,
+    /// Every route's condition, sharing lookups: a property or body path that many routes
+    /// test is read once per message.
+    conditions: ConditionSet,
     /// Distinct source prefixes (lower-cased, one trailing `/`).
     prefixes: Vec<String>,
     /// Distinct sinks with their endpoints.
@@ -139,6 +167,7 @@ impl Router {
         let mut prefixes: Vec<String> = Vec::new();
         let mut sink_ids: Vec<Sink> = Vec::new();
         let mut sinks = Vec::new();
+        let mut conditions = Vec::new();
         let mut plan = Vec::with_capacity(routes.len());
         for r in &routes {
             let p = match prefixes
@@ -159,14 +188,25 @@ impl Router {
                     sink_ids.len() - 1
                 }
             };
-            plan.push((p, k));
+            let condition = r.statement.condition.as_ref().map(|c| {
+                conditions.push(c);
+                conditions.len() - 1
+            });
+            plan.push(Planned {
+                prefix: p,
+                sink: k,
+                condition,
+                priority: r.priority,
+                time_to_live_secs: r.time_to_live_secs,
+            });
         }
+        let conditions = ConditionSet::new(&conditions);
         Self {
-            routes,
             endpoints,
             module_ready,
             global_ttl_secs,
             plan,
+            conditions,
             prefixes,
             sinks,
             generation: previous.map_or(0, |p| p.generation + 1),
@@ -175,19 +215,22 @@ impl Router {
 
     /// The endpoints a message goes to (deduplicated).
     pub fn route(&self, msg: &Message) -> Vec<Target> {
-        let mut source = msg.source_path().trim_end_matches('/').to_ascii_lowercase();
-        source.push('/');
+        let source = msg.source_path();
         let view = crate::message::RoutingView::new(msg);
-        // Per distinct source prefix: 0 = not checked yet, 1 = matches, 2 = does not.
-        let mut prefix_match = vec![0u8; self.prefixes.len()];
-        let mut chosen: Vec<Option<(u32, u32)>> = vec![None; self.sinks.len()];
-        for (r, &(p, k)) in self.routes.iter().zip(&self.plan) {
-            if chosen[k].is_some() {
+        let slots = self.conditions.slots(&view);
+        // One scratch array for two tables: per distinct source prefix, 0 = not checked yet,
+        // 1 = matches, 2 = does not; per sink, 0 = not taken, else 1 + the route that took it.
+        let mut scratch = vec![0usize; self.prefixes.len() + self.sinks.len()];
+        let (prefix_match, chosen) = scratch.split_at_mut(self.prefixes.len());
+        let mut taken = 0;
+        for (i, r) in self.plan.iter().enumerate() {
+            if chosen[r.sink] != 0 {
                 // A route with a better or equal priority already took this sink.
                 continue;
             }
+            let p = r.prefix;
             if prefix_match[p] == 0 {
-                prefix_match[p] = if source.starts_with(&self.prefixes[p]) {
+                prefix_match[p] = if under(&source, &self.prefixes[p]) {
                     1
                 } else {
                     2
@@ -196,34 +239,38 @@ impl Router {
             if prefix_match[p] != 1 {
                 continue;
             }
-            if let Some(c) = &r.statement.condition {
-                if !c.matches(&view) {
+            if let Some(c) = r.condition {
+                if !self.conditions.matches(c, &slots) {
                     continue;
                 }
             }
-            chosen[k] = Some((r.priority, r.time_to_live_secs));
+            chosen[r.sink] = i + 1;
+            taken += 1;
+            if taken == chosen.len() {
+                break;
+            }
         }
-        chosen
-            .into_iter()
-            .zip(&self.sinks)
-            .filter_map(|(c, endpoint)| {
-                let (priority, ttl) = c?;
-                let ttl = if ttl > 0 {
-                    Some(ttl as u64)
-                } else {
-                    self.global_ttl_secs
-                };
-                let expires_ms = ttl.map(|t| {
-                    msg.enqueued_ms
-                        .saturating_add((t as i64).saturating_mul(1000))
-                });
-                Some(Target {
-                    endpoint: endpoint.clone(),
-                    priority,
-                    expires_ms,
-                })
-            })
-            .collect()
+        let mut targets = Vec::with_capacity(taken);
+        for (&c, endpoint) in chosen.iter().zip(&self.sinks) {
+            let Some(r) = c.checked_sub(1).and_then(|i| self.plan.get(i)) else {
+                continue;
+            };
+            let ttl = if r.time_to_live_secs > 0 {
+                Some(u64::from(r.time_to_live_secs))
+            } else {
+                self.global_ttl_secs
+            };
+            let expires_ms = ttl.map(|t| {
+                msg.enqueued_ms
+                    .saturating_add((t as i64).saturating_mul(1000))
+            });
+            targets.push(Target {
+                endpoint: endpoint.clone(),
+                priority: r.priority,
+                expires_ms,
+            });
+        }
+        targets
     }
 
     /// A module's input endpoints and their shared wake-up; empty when no route feeds it.
@@ -467,5 +514,154 @@ mod model {
                 assert_eq!(got, want, "seed {seed}, source {source}, routes {routes:?}");
             }
         }
+    }
+
+    const CONDITIONS: &[&str] = &[
+        "alert = 'high'",
+        "ALERT = 'high' OR alert = 'low'",
+        "alert <> 'high'",
+        "$alert = 'high'",
+        "lower(alert) = 'high'",
+        "$connectionModuleId = 'a'",
+        "{$connectionModuleId} = 'a'",
+        "$connectionModuleId = 'b' OR alert = 'low'",
+        "as_number(seq) % 2 = 0",
+        "as_number(seq) % 2 = 0 AND $connectionModuleId = 'a'",
+        "NOT is_defined(alert)",
+        "$body.t > 3",
+        "$body.t > 3 AND $body.tags[0] = 'x'",
+        "$body.T = 1",
+        "{$body.t} = 9",
+        "$body.n.m = 'deep'",
+        "$body.list[1] = 2",
+        "$body.n.* = 'deep'",
+        "is_null($body.gone)",
+    ];
+    const APP: &[(&str, &str)] = &[
+        ("alert", "high"),
+        ("Alert", "low"),
+        ("ALERT", "HIGH"),
+        ("$alert", "high"),
+        ("$connectionModuleId", "b"),
+        ("seq", "4"),
+        ("SEQ", "3"),
+        ("$body.t", "9"),
+    ];
+    const BODIES: &[&str] = &[
+        r#"{"t": 5, "tags": ["x", "y"], "n": {"m": "deep"}, "list": [1, 2]}"#,
+        r#"{"t": 1, "T": 1, "tags": ["y"], "t": 4}"#,
+        r#"{"tags": "x", "list": {"1": 2}, "n": {"m": "deep", "m": "shallow"}}"#,
+        r#"[1]"#,
+        r#"{"t": 5,"#,
+    ];
+
+    /// The router against the model on random routes with conditions: the model evaluates
+    /// each route's condition alone, on a fresh view of the message.
+    #[test]
+    fn router_with_conditions_agrees_with_the_model() {
+        use crate::message::RoutingView;
+        use fe2o3_amqp::types::{
+            messaging::Properties,
+            primitives::{SimpleValue, Symbol},
+        };
+        let device = DeviceId::parse("d").unwrap();
+        // Conditions tested by the model that held and that did not.
+        let mut outcomes = [0; 2];
+        for seed in 1..=300u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D));
+            let n = 1 + rng.next() % 12;
+            let mut routes = Vec::new();
+            for _ in 0..n {
+                let src = *rng.pick(&SOURCES[..SOURCES.len() - 1]);
+                let sink = *rng.pick(SINKS);
+                let condition = (rng.next() % 5 != 0).then(|| *rng.pick(CONDITIONS));
+                let priority = (rng.next() % 4) as u32;
+                routes.push((src, sink, condition, priority));
+            }
+            let statement = |(src, sink, condition, _): &(&str, &str, Option<&str>, u32)| {
+                let text = match condition {
+                    Some(c) => format!("FROM {src} WHERE {c} INTO {sink}"),
+                    None => format!("FROM {src} INTO {sink}"),
+                };
+                parse_statement(&text).unwrap()
+            };
+            let table: Vec<Route> = routes
+                .iter()
+                .enumerate()
+                .map(|(i, r)| Route {
+                    name: format!("r{i}"),
+                    statement: statement(r),
+                    priority: r.3,
+                    time_to_live_secs: 0,
+                })
+                .collect();
+            let router = Router::new(&device, table, None, &memory_queues(100), &[]);
+            for _ in 0..20 {
+                let mut app = serde_amqp::primitives::OrderedMap::new();
+                for (name, value) in APP {
+                    if rng.next() % 3 == 0 {
+                        app.insert((*name).to_owned(), SimpleValue::String((*value).into()));
+                    }
+                }
+                let json = rng.next() % 4 != 0;
+                let msg = Message {
+                    body: rng.pick(BODIES).as_bytes().to_vec(),
+                    properties: Some(Properties {
+                        content_type: Some(Symbol::from(if json {
+                            "Application/JSON"
+                        } else {
+                            "text/plain"
+                        })),
+                        content_encoding: Some(Symbol::from("UTF-8")),
+                        ..Default::default()
+                    }),
+                    application_properties: app,
+                    annotations: Default::default(),
+                    from: Identity::Module(
+                        device.clone(),
+                        ModuleId::parse(if rng.next() % 2 == 0 { "a" } else { "b" }).unwrap(),
+                    ),
+                    output: Some("o1".to_owned()),
+                    enqueued_ms: 0,
+                    twin_change: false,
+                    id: crate::message::next_id(),
+                };
+                let source = msg.source_path();
+                let mut want: BTreeMap<String, u32> = BTreeMap::new();
+                for r in &routes {
+                    let s = statement(r);
+                    if !naive_matches(r.0, &source) {
+                        continue;
+                    }
+                    let taken = match &s.condition {
+                        Some(c) => {
+                            let holds = c.matches(&RoutingView::new(&msg));
+                            outcomes[usize::from(holds)] += 1;
+                            holds
+                        }
+                        None => true,
+                    };
+                    if taken {
+                        let e = want.entry(s.sink.to_string()).or_insert(r.3);
+                        *e = (*e).min(r.3);
+                    }
+                }
+                let got: BTreeMap<String, u32> = router
+                    .route(&msg)
+                    .into_iter()
+                    .map(|t| {
+                        let sink = router
+                            .endpoints
+                            .iter()
+                            .find(|(_, e)| Arc::ptr_eq(e, &t.endpoint))
+                            .map(|(s, _)| s.to_string())
+                            .unwrap();
+                        (sink, t.priority)
+                    })
+                    .collect();
+                assert_eq!(got, want, "seed {seed}, routes {routes:?}");
+            }
+        }
+        assert!(outcomes.iter().all(|&n| n > 1_000), "{outcomes:?}");
     }
 }
