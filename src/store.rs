@@ -2,42 +2,74 @@
 //!
 //! # Layout (one fjall keyspace under `dataDir/store`, shared with the twins)
 //!
-//! * partition `messages`: key = message id (u64, big-endian) → the message record (the message, once,
-//!   however many queues hold it);
-//! * partition `queue`: key = endpoint id, `0x00`, priority (u32 BE), sequence (u64 BE) →
-//!   message id (u64 BE) + expiry (i64 BE ms since the epoch, `i64::MAX` = never).
+//! * partition `queue`: key = endpoint id, `0x00`, priority (u32 BE), sequence (u64 BE) → a
+//!   queue entry: kind (u8), message id (u64 BE), expiry (i64 BE ms since the epoch, `i64::MAX`
+//!   = never), and then
+//!   * kind 1, *inline*: the message record itself (the rest of the value);
+//!   * kind 2, *pointer*: nothing; the record is in `messages`.
+//! * partition `messages`: key = message id (u64 BE) → the message record, for a message that
+//!   several queues hold (*shared*).
+//! * a message record: format (u8, `1`), flags (u8: twin change, has module, has output, has
+//!   properties, has application properties, has annotations), enqueued time (i64 BE ms), the
+//!   sender's device id, then its module id and the output name when flagged (each a u32 BE
+//!   length and UTF-8), then the properties, application properties and annotations when flagged
+//!   (each a u32 BE length and the section's AMQP encoding), and the body as the rest.
+//!
+//! A message routed to one endpoint, the usual case, costs one write when it is queued and one
+//! delete when it is acknowledged. A message routed to several endpoints is still stored once:
+//! the first queue's entry holds it inline; when a second queue takes it, one atomic batch moves
+//! the record to `messages` and turns that first entry into a pointer, and later queues write
+//! pointers only.
 //!
 //! # Invariants and recovery
 //!
-//! * A message record is written (in the same batch) before the first queue entry that points
-//!   at it, and removed when the last entry pointing at it is acknowledged or expires. Reference
-//!   counts live in memory and are rebuilt at open by counting queue entries.
+//! * Every stored message has exactly one record: inline in its only queue entry, or in
+//!   `messages` with one pointer entry per queue holding it. A shared record is written in the
+//!   same batch as the pointers that first refer to it and deleted with the last of them.
+//!   Reference counts of shared records live in memory and are rebuilt at open by counting
+//!   pointer entries; a record no pointer refers to any more (its last delete was lost in a
+//!   crash) is deleted at open.
 //! * "Durable" means: with `sync = "commit"` (the default), [`DurableStore::sync`] has fsynced
 //!   the journal after the write; the hub acknowledges a sender only after that (one fsync
-//!   covers every write made before it started: group commit). With `sync = "os"` writes go to
-//!   the OS only: they survive a crash of the hub but not a power loss.
-//! * Removals (acks, expiries) are not fsynced: a removal lost in a crash redelivers a message
-//!   that was in flight, never loses one.
+//!   covers every write made before it started: group commit). With `sync = "os"`,
+//!   [`DurableStore::sync`] hands the journal to the OS without an fsync: the write survives a
+//!   crash of the hub but not a power loss. Writes wait in fjall's journal buffer until then
+//!   (batches and the store's partitions use manual journal persistence; a twin write, which
+//!   fsyncs, writes the buffer out too), so a burst costs one write to the journal file, not one
+//!   per message.
+//! * Removals (acks, expiries, overflow drops) are not fsynced and are written in batches: they
+//!   collect in memory and are committed every [`REMOVAL_BATCH`] removals, on the housekeeping
+//!   tick (every second), before a shared record is written again, and when the store closes. A
+//!   removal lost in a crash redelivers a message that was in flight, never loses one. Queue keys
+//!   are never reused while a removal may be pending (sequences only grow while the hub runs,
+//!   and after a restart continue past the highest entry on disk), so a late delete never hits
+//!   a newer entry.
 //! * At open every queue entry is loaded into its queue's in-memory index (priority, sequence,
-//!   message id, expiry), so FIFO per (endpoint, priority) and the exact queue lengths survive a
-//!   restart; message bodies stay on disk until delivered. fjall's journal recovery discards a
-//!   torn last write.
+//!   message id, expiry, kind, bytes), so FIFO per (endpoint, priority) and the exact queue
+//!   lengths survive a restart; message bodies stay on disk until delivered (messages queued
+//!   while the hub runs are also kept in memory, up to 4 MiB of them per queue). fjall's
+//!   journal recovery discards a torn last write. Entries that do not parse are skipped and
+//!   logged.
+//! * `storeLimits.maxSizeBytes` caps the bytes of keys and values held (entries and records),
+//!   counted in memory and rebuilt at open; a write that would pass it is refused before it is
+//!   made (or makes room by dropping the oldest of its queue with `dropOldest`).
+//! * A journal that cannot be written (a full disk) poisons the keyspace, whether that shows at
+//!   a write (which then has fjall write its buffer out at once) or at the next
+//!   [`DurableStore::sync`]: every later write fails instead of landing after a torn one, so
+//!   senders are refused; what was stored before stays readable and is delivered.
 
 use std::{
+    cell::RefCell,
     collections::{BTreeMap, HashMap},
     path::Path,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, MutexGuard,
     },
 };
 
-use fe2o3_amqp::types::{
-    messaging::{annotations::OwnedKey, Properties},
-    primitives::{Binary, SimpleValue, Value},
-};
-use serde::{Deserialize, Serialize};
-use serde_amqp::primitives::OrderedMap;
+use fe2o3_amqp::types::messaging::Properties;
+use serde::{de::DeserializeOwned, Serialize};
 
 use crate::{
     identity::{DeviceId, Identity, ModuleId},
@@ -51,6 +83,8 @@ pub enum StoreError {
     Fjall(String),
     #[error("store record {0}: {1}")]
     Corrupt(u64, String),
+    #[error("store: message {0} cannot be encoded: {1}")]
+    Encode(u64, String),
     #[error("the store holds {stored} of its {limit} bytes (storeLimits.maxSizeBytes)")]
     Full { stored: u64, limit: u64 },
 }
@@ -77,75 +111,294 @@ pub enum SyncPolicy {
     Os,
 }
 
-/// A message as stored.
-#[derive(Serialize, Deserialize)]
-struct Record {
-    body: Binary,
-    properties: Option<Properties>,
-    application_properties: OrderedMap<String, SimpleValue>,
-    annotations: OrderedMap<OwnedKey, Value>,
-    device: String,
-    module: Option<String>,
-    output: Option<String>,
-    enqueued_ms: i64,
-    twin_change: bool,
+// ---------------------------------------------------------------------------------------------
+// Message records
+
+const RECORD_FORMAT: u8 = 1;
+const HAS_TWIN_CHANGE: u8 = 1;
+const HAS_MODULE: u8 = 1 << 1;
+const HAS_OUTPUT: u8 = 1 << 2;
+const HAS_PROPERTIES: u8 = 1 << 3;
+const HAS_APPLICATION_PROPERTIES: u8 = 1 << 4;
+const HAS_ANNOTATIONS: u8 = 1 << 5;
+
+fn section_len(m: &Message, len: usize) -> Result<[u8; 4], StoreError> {
+    u32::try_from(len)
+        .map(u32::to_be_bytes)
+        .map_err(|_| StoreError::Encode(m.id, format!("a section of {len} bytes")))
 }
 
-fn encode(m: &Message) -> Result<Vec<u8>, StoreError> {
-    let r = Record {
-        body: Binary::from(m.body.clone()),
-        properties: m.properties.clone(),
-        application_properties: m.application_properties.clone(),
-        annotations: m.annotations.clone(),
-        device: m.from.device().to_string(),
-        module: m.from.module().map(|x| x.to_string()),
-        output: m.output.clone(),
-        enqueued_ms: m.enqueued_ms,
-        twin_change: m.twin_change,
-    };
-    serde_amqp::to_vec(&r).map_err(fj)
+fn put_text(out: &mut Vec<u8>, m: &Message, text: &str) -> Result<(), StoreError> {
+    out.extend_from_slice(&section_len(m, text.len())?);
+    out.extend_from_slice(text.as_bytes());
+    Ok(())
 }
 
-fn decode(id: u64, bytes: &[u8]) -> Result<Message, StoreError> {
-    let r: Record =
-        serde_amqp::from_slice(bytes).map_err(|e| StoreError::Corrupt(id, e.to_string()))?;
+/// Appends a length and the AMQP encoding of `value`, serialized in place.
+fn put_amqp<T: Serialize>(out: &mut Vec<u8>, m: &Message, value: &T) -> Result<(), StoreError> {
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    value
+        .serialize(&mut serde_amqp::ser::Serializer::new(&mut *out))
+        .map_err(|e| StoreError::Encode(m.id, e.to_string()))?;
+    let len = section_len(m, out.len() - at - 4)?;
+    out[at..at + 4].copy_from_slice(&len);
+    Ok(())
+}
+
+/// Appends the record of `m` (layout in the module doc).
+fn encode_record(m: &Message, out: &mut Vec<u8>) -> Result<(), StoreError> {
+    let module = m.from.module();
+    let mut flags = 0;
+    for (set, flag) in [
+        (m.twin_change, HAS_TWIN_CHANGE),
+        (module.is_some(), HAS_MODULE),
+        (m.output.is_some(), HAS_OUTPUT),
+        (m.properties.is_some(), HAS_PROPERTIES),
+        (
+            !m.application_properties.is_empty(),
+            HAS_APPLICATION_PROPERTIES,
+        ),
+        (!m.annotations.is_empty(), HAS_ANNOTATIONS),
+    ] {
+        if set {
+            flags |= flag;
+        }
+    }
+    out.reserve(m.body.len() + 64);
+    out.push(RECORD_FORMAT);
+    out.push(flags);
+    out.extend_from_slice(&m.enqueued_ms.to_be_bytes());
+    put_text(out, m, m.from.device().as_str())?;
+    if let Some(module) = module {
+        put_text(out, m, module.as_str())?;
+    }
+    if let Some(output) = &m.output {
+        put_text(out, m, output)?;
+    }
+    if let Some(p) = &m.properties {
+        put_amqp(out, m, p)?;
+    }
+    if !m.application_properties.is_empty() {
+        put_amqp(out, m, &m.application_properties)?;
+    }
+    if !m.annotations.is_empty() {
+        put_amqp(out, m, &m.annotations)?;
+    }
+    out.extend_from_slice(&m.body);
+    Ok(())
+}
+
+/// Reads a record front to back; every read checks the length left.
+struct RecordReader<'a> {
+    rest: &'a [u8],
+    id: u64,
+}
+
+impl<'a> RecordReader<'a> {
+    fn corrupt(&self, why: impl Into<String>) -> StoreError {
+        StoreError::Corrupt(self.id, why.into())
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
+        if self.rest.len() < n {
+            return Err(self.corrupt("the record is cut short"));
+        }
+        let (head, rest) = self.rest.split_at(n);
+        self.rest = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], StoreError> {
+        let bytes = self.take(N)?;
+        <[u8; N]>::try_from(bytes).map_err(|_| self.corrupt("the record is cut short"))
+    }
+
+    fn section(&mut self) -> Result<&'a [u8], StoreError> {
+        let len = u32::from_be_bytes(self.array()?);
+        self.take(len as usize)
+    }
+
+    fn text(&mut self) -> Result<&'a str, StoreError> {
+        let bytes = self.section()?;
+        std::str::from_utf8(bytes).map_err(|e| self.corrupt(e.to_string()))
+    }
+
+    fn amqp<T: DeserializeOwned>(&mut self) -> Result<T, StoreError> {
+        let bytes = self.section()?;
+        serde_amqp::from_slice(bytes).map_err(|e| self.corrupt(e.to_string()))
+    }
+}
+
+fn decode_record(id: u64, bytes: &[u8]) -> Result<Message, StoreError> {
+    let mut r = RecordReader { rest: bytes, id };
+    let [format, flags] = r.array()?;
+    if format != RECORD_FORMAT {
+        return Err(r.corrupt(format!("unknown record format {format}")));
+    }
+    let has = |flag: u8| flags & flag != 0;
+    let enqueued_ms = i64::from_be_bytes(r.array()?);
     let bad = |e: crate::identity::IdError| StoreError::Corrupt(id, e.to_string());
-    let device = DeviceId::parse(&r.device).map_err(bad)?;
-    let from = match r.module {
-        Some(m) => Identity::Module(device, ModuleId::parse(&m).map_err(bad)?),
-        None => Identity::Device(device),
+    let device = DeviceId::parse(r.text()?).map_err(bad)?;
+    let from = if has(HAS_MODULE) {
+        Identity::Module(device, ModuleId::parse(r.text()?).map_err(bad)?)
+    } else {
+        Identity::Device(device)
+    };
+    let output = if has(HAS_OUTPUT) {
+        Some(r.text()?.to_owned())
+    } else {
+        None
+    };
+    let properties: Option<Properties> = if has(HAS_PROPERTIES) {
+        Some(r.amqp()?)
+    } else {
+        None
+    };
+    let application_properties = if has(HAS_APPLICATION_PROPERTIES) {
+        r.amqp()?
+    } else {
+        Default::default()
+    };
+    let annotations = if has(HAS_ANNOTATIONS) {
+        r.amqp()?
+    } else {
+        Default::default()
     };
     Ok(Message {
-        body: r.body.into_vec(),
-        properties: r.properties,
-        application_properties: r.application_properties,
-        annotations: r.annotations,
+        body: r.rest.to_vec(),
+        properties,
+        application_properties,
+        annotations,
         from,
-        output: r.output,
-        enqueued_ms: r.enqueued_ms,
-        twin_change: r.twin_change,
+        output,
+        enqueued_ms,
+        twin_change: has(HAS_TWIN_CHANGE),
         id,
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// Queue entries
+
+/// The entry holds the message record after its head.
+const INLINE: u8 = 1;
+/// The entry points at the message's record in `messages`.
+const POINTER: u8 = 2;
+/// Kind, message id, expiry.
+const ENTRY_HEAD: usize = 17;
+/// The key's bytes after the endpoint id: `0x00`, priority, sequence.
+const KEY_TAIL: usize = 13;
+
+fn push_key(out: &mut Vec<u8>, endpoint: &str, priority: u32, seq: u64) {
+    out.extend_from_slice(endpoint.as_bytes());
+    out.push(0);
+    out.extend_from_slice(&priority.to_be_bytes());
+    out.extend_from_slice(&seq.to_be_bytes());
+}
+
 fn queue_key(endpoint: &str, priority: u32, seq: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(endpoint.len() + 13);
-    k.extend_from_slice(endpoint.as_bytes());
-    k.push(0);
-    k.extend_from_slice(&priority.to_be_bytes());
-    k.extend_from_slice(&seq.to_be_bytes());
+    let mut k = Vec::with_capacity(endpoint.len() + KEY_TAIL);
+    push_key(&mut k, endpoint, priority, seq);
     k
 }
 
 fn split_queue_key(k: &[u8]) -> Option<(String, u32, u64)> {
     let zero = k.iter().position(|b| *b == 0)?;
     let (ep, rest) = (&k[..zero], k.get(zero + 1..)?);
-    if rest.len() != 12 {
+    if rest.len() != KEY_TAIL - 1 {
         return None;
     }
     let p = u32::from_be_bytes(rest[..4].try_into().ok()?);
     let s = u64::from_be_bytes(rest[4..].try_into().ok()?);
     Some((String::from_utf8(ep.to_vec()).ok()?, p, s))
+}
+
+fn entry_head(kind: u8, msg_id: u64, expires_ms: Option<i64>) -> [u8; ENTRY_HEAD] {
+    let mut h = [0u8; ENTRY_HEAD];
+    h[0] = kind;
+    h[1..9].copy_from_slice(&msg_id.to_be_bytes());
+    h[9..].copy_from_slice(&expires_ms.unwrap_or(i64::MAX).to_be_bytes());
+    h
+}
+
+/// A queue entry's value, parsed.
+struct EntryValue<'a> {
+    kind: u8,
+    msg_id: u64,
+    expires_ms: Option<i64>,
+    /// The record, for an inline entry.
+    record: &'a [u8],
+}
+
+fn parse_entry(v: &[u8]) -> Option<EntryValue<'_>> {
+    let head = v.get(..ENTRY_HEAD)?;
+    let kind = head[0];
+    let msg_id = u64::from_be_bytes(head[1..9].try_into().ok()?);
+    let expires = i64::from_be_bytes(head[9..].try_into().ok()?);
+    let record = &v[ENTRY_HEAD..];
+    match kind {
+        INLINE if !record.is_empty() => {}
+        POINTER if record.is_empty() => {}
+        _ => return None,
+    }
+    Some(EntryValue {
+        kind,
+        msg_id,
+        expires_ms: (expires != i64::MAX).then_some(expires),
+        record,
+    })
+}
+
+thread_local! {
+    /// Where a queue entry is assembled before fjall copies it: one buffer per thread rather
+    /// than an allocation per message.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A scratch buffer that grew past this (a large message) is given back after use.
+const SCRATCH_KEEP: usize = 1 << 20;
+
+fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut buf) => {
+            buf.clear();
+            let r = f(&mut buf);
+            if buf.capacity() > SCRATCH_KEEP {
+                *buf = Vec::new();
+            }
+            r
+        }
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
+/// Removals wait in memory until this many are pending, then go to fjall in one batch.
+pub const REMOVAL_BATCH: usize = 128;
+
+/// A queue entry's place: its queue (an index into [`DurableStore::endpoints`]), priority and
+/// sequence. Small, since the store keeps one per message queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    queue: u32,
+    priority: u32,
+    seq: u64,
+}
+
+/// Where the one stored copy of a message lives.
+#[derive(Debug)]
+enum Copies {
+    /// Inside its only queue entry.
+    Inline(Slot),
+    /// In `messages`, with `refs` pointer entries.
+    Shared {
+        refs: u32,
+        /// Bytes of the record (key and value).
+        record_bytes: u64,
+        /// The entry that held the message inline until a second queue took it: a pointer on
+        /// disk now, though its queue's index still knows it as written (inline).
+        converted: Option<Slot>,
+    },
 }
 
 /// A queue entry as recovered at open.
@@ -155,25 +408,46 @@ struct Recovered {
     seq: u64,
     msg_id: u64,
     expires_ms: Option<i64>,
+    inline: bool,
+    bytes: u64,
 }
 
-/// The shared store: the keyspace, the two partitions, reference counts, group commit.
+/// How a queue entry was written.
+struct Written {
+    inline: bool,
+    bytes: u64,
+}
+
+/// The shared store: the keyspace, the two partitions, where each message's copy is, the
+/// pending removals, group commit.
 pub struct DurableStore {
     keyspace: fjall::Keyspace,
     messages: fjall::PartitionHandle,
     queue: fjall::PartitionHandle,
     policy: SyncPolicy,
-    /// Message id → (queue entries pointing at it, bytes of its record).
-    refcounts: Mutex<HashMap<u64, (u32, u64)>>,
-    /// Bytes of message records and queue entries held: what `limit` caps.
+    /// Messages queued in this run (inline ones until acknowledged) and every shared record.
+    /// Messages recovered inline at open are not here: their entry is all there is to know.
+    /// Lock order: a queue's lock, then this, then `removals`.
+    copies: Mutex<HashMap<u64, Copies>>,
+    /// The endpoint id of each queue, by [`Slot::queue`].
+    endpoints: Mutex<Vec<Arc<str>>>,
+    /// Deletes not yet given to fjall (see the module doc).
+    removals: Mutex<fjall::Batch>,
+    /// Bytes of entries and records held: what `limit` caps.
     stored: AtomicU64,
     limit: Option<u64>,
     pub overflow: Overflow,
     recovered: Mutex<HashMap<String, Vec<Recovered>>>,
-    /// Writes made / writes covered by a completed fsync.
+    /// Writes made / writes covered by a completed sync.
     written: AtomicU64,
     synced: AtomicU64,
     sync_lock: tokio::sync::Mutex<()>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means another thread panicked mid-update of plain maps and counters;
+    // the data stays usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl DurableStore {
@@ -184,59 +458,80 @@ impl DurableStore {
         limit: Option<u64>,
         overflow: Overflow,
     ) -> Result<Arc<Self>, StoreError> {
-        let messages = keyspace
-            .open_partition("messages", fjall::PartitionCreateOptions::default())
-            .map_err(fj)?;
-        let queue = keyspace
-            .open_partition("queue", fjall::PartitionCreateOptions::default())
-            .map_err(fj)?;
-        let mut refcounts: HashMap<u64, (u32, u64)> = HashMap::new();
+        // Single writes, like batches, stay in the journal buffer until `sync`.
+        let options = || fjall::PartitionCreateOptions::default().manual_journal_persist(true);
+        let messages = keyspace.open_partition("messages", options()).map_err(fj)?;
+        let queue = keyspace.open_partition("queue", options()).map_err(fj)?;
+        let mut copies: HashMap<u64, Copies> = HashMap::new();
         let mut stored = 0u64;
+        let mut max_id = 0;
+        let mut malformed = 0usize;
         let mut recovered: HashMap<String, Vec<Recovered>> = HashMap::new();
         for kv in queue.iter() {
             let (k, v) = kv.map_err(fj)?;
-            let (Some((endpoint, priority, seq)), Ok(v)) =
-                (split_queue_key(&k), <[u8; 16]>::try_from(&v[..]))
+            let (Some((endpoint, priority, seq)), Some(e)) = (split_queue_key(&k), parse_entry(&v))
             else {
-                tracing::error!("skipping a malformed queue entry in the store");
+                malformed += 1;
                 continue;
             };
-            let msg_id = u64::from_be_bytes(v[..8].try_into().unwrap_or_default());
-            let exp = i64::from_be_bytes(v[8..].try_into().unwrap_or_default());
-            refcounts.entry(msg_id).or_default().0 += 1;
-            stored += (k.len() + v.len()) as u64;
+            let bytes = (k.len() + v.len()) as u64;
+            if e.kind == POINTER {
+                match copies.entry(e.msg_id).or_insert(Copies::Shared {
+                    refs: 0,
+                    record_bytes: 0,
+                    converted: None,
+                }) {
+                    Copies::Shared { refs, .. } => *refs += 1,
+                    Copies::Inline(_) => {}
+                }
+            }
+            stored += bytes;
+            max_id = max_id.max(e.msg_id);
             recovered.entry(endpoint).or_default().push(Recovered {
                 priority,
                 seq,
-                msg_id,
-                expires_ms: (exp != i64::MAX).then_some(exp),
+                msg_id: e.msg_id,
+                expires_ms: e.expires_ms,
+                inline: e.kind == INLINE,
+                bytes,
             });
         }
-        // Message records no queue points at any more (their last ack was not yet applied).
-        let mut max_id = 0;
+        if malformed > 0 {
+            tracing::error!(malformed, "skipping malformed queue entries in the store");
+        }
+        // Shared records no pointer refers to any more (their last delete was lost).
         let mut orphans = Vec::new();
         for kv in messages.iter() {
             let (k, v) = kv.map_err(fj)?;
-            let id = u64::from_be_bytes(k[..].try_into().unwrap_or_default());
+            let Ok(id) = <[u8; 8]>::try_from(&k[..]).map(u64::from_be_bytes) else {
+                continue;
+            };
             max_id = max_id.max(id);
-            match refcounts.get_mut(&id) {
-                Some(r) => {
-                    r.1 = (k.len() + v.len()) as u64;
-                    stored += r.1;
+            match copies.get_mut(&id) {
+                Some(Copies::Shared { record_bytes, .. }) => {
+                    *record_bytes = (k.len() + v.len()) as u64;
+                    stored += *record_bytes;
                 }
-                None => orphans.push(id),
+                _ => orphans.push(id),
             }
         }
-        for id in orphans {
-            messages.remove(id.to_be_bytes()).map_err(fj)?;
+        if !orphans.is_empty() {
+            let mut batch = keyspace.batch();
+            for id in orphans {
+                batch.remove(&messages, id.to_be_bytes());
+            }
+            batch.commit().map_err(fj)?;
         }
         crate::message::seed_ids(max_id + 1);
+        let removals = fjall::Batch::with_capacity(keyspace.clone(), REMOVAL_BATCH + 1);
         Ok(Arc::new(Self {
             keyspace,
             messages,
             queue,
             policy,
-            refcounts: Mutex::new(refcounts),
+            copies: Mutex::new(copies),
+            endpoints: Mutex::new(Vec::new()),
+            removals: Mutex::new(removals),
             stored: AtomicU64::new(stored),
             limit,
             overflow,
@@ -249,12 +544,7 @@ impl DurableStore {
 
     /// Endpoint ids that have messages on disk (their queues must exist even without a route).
     pub fn recovered_endpoints(&self) -> Vec<String> {
-        self.recovered
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect()
+        locked(&self.recovered).keys().cloned().collect()
     }
 
     /// The queue for `endpoint`, seeded with what the store holds for it.
@@ -264,12 +554,7 @@ impl DurableStore {
         capacity: usize,
         live_first: bool,
     ) -> DurableQueue {
-        let entries = self
-            .recovered
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(endpoint)
-            .unwrap_or_default();
+        let entries = locked(&self.recovered).remove(endpoint).unwrap_or_default();
         let mut inner = DqInner {
             live_first,
             ..Default::default()
@@ -283,23 +568,30 @@ impl DurableStore {
                     msg_id: e.msg_id,
                     expires_ms: e.expires_ms,
                     delivery_count: 0,
+                    inline: e.inline,
+                    bytes: e.bytes,
                     cached: None,
                 },
             );
         }
+        let endpoint: Arc<str> = Arc::from(endpoint);
+        let index = {
+            let mut endpoints = locked(&self.endpoints);
+            endpoints.push(endpoint.clone());
+            u32::try_from(endpoints.len() - 1).unwrap_or(u32::MAX)
+        };
         DurableQueue {
             store: self.clone(),
-            endpoint: endpoint.to_owned(),
+            endpoint,
+            index,
             capacity,
             inner: Mutex::new(inner),
         }
     }
 
-    /// Makes every write made so far durable (one fsync for all writers waiting together).
+    /// Makes every write made so far durable (one journal write, and with `commit` one fsync,
+    /// for all writers waiting together).
     pub async fn sync(&self) -> Result<(), StoreError> {
-        if self.policy == SyncPolicy::Os {
-            return Ok(());
-        }
         let target = self.written.load(Ordering::Acquire);
         if self.synced.load(Ordering::Acquire) >= target {
             return Ok(());
@@ -309,11 +601,20 @@ impl DurableStore {
             return Ok(());
         }
         let covered = self.written.load(Ordering::Acquire);
-        let ks = self.keyspace.clone();
-        tokio::task::spawn_blocking(move || ks.persist(fjall::PersistMode::SyncAll))
-            .await
-            .map_err(fj)?
-            .map_err(fj)?;
+        match self.policy {
+            // One write of the journal buffer to the OS; no disk wait.
+            SyncPolicy::Os => self
+                .keyspace
+                .persist(fjall::PersistMode::Buffer)
+                .map_err(fj)?,
+            SyncPolicy::Commit => {
+                let ks = self.keyspace.clone();
+                tokio::task::spawn_blocking(move || ks.persist(fjall::PersistMode::SyncAll))
+                    .await
+                    .map_err(fj)?
+                    .map_err(fj)?;
+            }
+        }
         self.synced.fetch_max(covered, Ordering::AcqRel);
         Ok(())
     }
@@ -323,114 +624,267 @@ impl DurableStore {
         self.keyspace.disk_space()
     }
 
-    /// Bytes held (message records and queue entries) and the limit, if any.
+    /// Bytes held (entries and records) and the limit, if any.
     pub fn usage(&self) -> (u64, Option<u64>) {
         (self.stored.load(Ordering::Relaxed), self.limit)
     }
 
+    /// Counts `bytes` as held, unless that would pass the limit.
+    fn reserve(&self, bytes: u64) -> Result<(), StoreError> {
+        let Some(limit) = self.limit else {
+            self.stored.fetch_add(bytes, Ordering::Relaxed);
+            return Ok(());
+        };
+        self.stored
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                (s + bytes <= limit).then_some(s + bytes)
+            })
+            .map(|_| ())
+            .map_err(|stored| StoreError::Full { stored, limit })
+    }
+
+    fn unreserve(&self, bytes: u64) {
+        let _ = self
+            .stored
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                Some(s.saturating_sub(bytes))
+            });
+    }
+
+    /// A failed write may leave part of an entry in the journal buffer: have fjall write the
+    /// buffer out now, so that a journal which cannot be written poisons the keyspace (every
+    /// later write fails) rather than taking later entries after a torn one.
+    fn failed(&self, e: fjall::Error) -> StoreError {
+        let _ = self.keyspace.persist(fjall::PersistMode::Buffer);
+        fj(e)
+    }
+
+    /// Writes the queue entry of message `msg_id` at `at` (in queue `endpoint`). `entry` holds
+    /// its key followed by its value as an inline entry; whether it is written that way depends
+    /// on whether another queue holds the message already.
     fn put(
+        &self,
+        at: Slot,
+        endpoint: &str,
+        expires_ms: Option<i64>,
+        msg_id: u64,
+        entry: &[u8],
+    ) -> Result<Written, StoreError> {
+        let key_len = endpoint.len() + KEY_TAIL;
+        let (key, value) = entry.split_at(key_len.min(entry.len()));
+        let pointer_bytes = (key_len + ENTRY_HEAD) as u64;
+        let mut copies = locked(&self.copies);
+        let written = match copies.get_mut(&msg_id) {
+            None => {
+                // The first (and usually only) queue: the record goes inline.
+                let bytes = entry.len() as u64;
+                self.reserve(bytes)?;
+                copies.insert(msg_id, Copies::Inline(at));
+                drop(copies);
+                if let Err(e) = self.queue.insert(key, value) {
+                    locked(&self.copies).remove(&msg_id);
+                    self.unreserve(bytes);
+                    return Err(self.failed(e));
+                }
+                Written {
+                    inline: true,
+                    bytes,
+                }
+            }
+            Some(copy) => {
+                // A further queue: the record is (or becomes) shared. Written under the lock,
+                // so an acknowledgement of the entry being converted cannot come in between.
+                let mut batch = self.keyspace.batch();
+                let (added, converting) = match copy {
+                    Copies::Inline(home) => {
+                        let home = *home;
+                        let home_key =
+                            queue_key(&self.endpoint(home.queue), home.priority, home.seq);
+                        let old = self.queue.get(&home_key).map_err(fj)?.ok_or_else(|| {
+                            StoreError::Corrupt(msg_id, "queue entry missing".into())
+                        })?;
+                        let expires = parse_entry(&old)
+                            .ok_or_else(|| {
+                                StoreError::Corrupt(msg_id, "malformed queue entry".into())
+                            })?
+                            .expires_ms;
+                        let record = value.get(ENTRY_HEAD..).unwrap_or_default();
+                        let record_bytes = (8 + record.len()) as u64;
+                        let home_pointer = (home_key.len() + ENTRY_HEAD) as u64;
+                        let added = (record_bytes + home_pointer + pointer_bytes)
+                            .saturating_sub((home_key.len() + old.len()) as u64);
+                        self.reserve(added)?;
+                        // The message's id may have had a shared record before, acknowledged
+                        // everywhere since: its delete must reach the journal first.
+                        self.flush_removals();
+                        batch.insert(&self.messages, msg_id.to_be_bytes(), record);
+                        batch.insert(&self.queue, home_key, entry_head(POINTER, msg_id, expires));
+                        *copy = Copies::Shared {
+                            refs: 1,
+                            record_bytes,
+                            converted: Some(home),
+                        };
+                        (added, true)
+                    }
+                    Copies::Shared { .. } => {
+                        self.reserve(pointer_bytes)?;
+                        (pointer_bytes, false)
+                    }
+                };
+                batch.insert(&self.queue, key, entry_head(POINTER, msg_id, expires_ms));
+                if let Err(e) = batch.commit() {
+                    // The batch is all or nothing: a message being converted is still inline.
+                    if converting {
+                        if let Some(Copies::Shared {
+                            converted: Some(home),
+                            ..
+                        }) = copies.remove(&msg_id)
+                        {
+                            copies.insert(msg_id, Copies::Inline(home));
+                        }
+                    }
+                    self.unreserve(added);
+                    return Err(self.failed(e));
+                }
+                if let Some(Copies::Shared { refs, .. }) = copies.get_mut(&msg_id) {
+                    *refs += 1;
+                }
+                Written {
+                    inline: false,
+                    bytes: pointer_bytes,
+                }
+            }
+        };
+        self.written.fetch_add(1, Ordering::AcqRel);
+        Ok(written)
+    }
+
+    /// The endpoint id of queue `index`.
+    fn endpoint(&self, index: u32) -> Arc<str> {
+        locked(&self.endpoints)
+            .get(index as usize)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(""))
+    }
+
+    /// Removes the entry `e` at `at` (in queue `endpoint`), and the shared record with its last
+    /// pointer. The deletes join the pending removals.
+    fn remove(&self, at: Slot, endpoint: &str, e: &Entry) {
+        let key = queue_key(endpoint, at.priority, at.seq);
+        let flush = {
+            let mut copies = locked(&self.copies);
+            let mut freed = e.bytes;
+            let mut last = false;
+            match copies.get_mut(&e.msg_id) {
+                Some(Copies::Inline(home)) if e.inline && *home == at => last = true,
+                Some(Copies::Shared {
+                    refs,
+                    record_bytes,
+                    converted,
+                }) if !e.inline || *converted == Some(at) => {
+                    if e.inline {
+                        *converted = None;
+                    }
+                    freed = (key.len() + ENTRY_HEAD) as u64;
+                    *refs = refs.saturating_sub(1);
+                    if *refs == 0 {
+                        freed += *record_bytes;
+                        last = true;
+                    }
+                }
+                // Recovered inline: the entry is all there is.
+                _ => {}
+            }
+            let shared = last && matches!(copies.get(&e.msg_id), Some(Copies::Shared { .. }));
+            if last {
+                copies.remove(&e.msg_id);
+            }
+            self.unreserve(freed);
+            // Still under `copies`: a conversion that writes this id's record again flushes
+            // the removals first, and must find this delete among them.
+            let mut removals = locked(&self.removals);
+            removals.remove(&self.queue, key);
+            if shared {
+                removals.remove(&self.messages, e.msg_id.to_be_bytes());
+            }
+            removals.len() >= REMOVAL_BATCH
+        };
+        if flush {
+            self.flush_removals();
+        }
+    }
+
+    /// Gives the pending removals to fjall in one batch.
+    pub fn flush_removals(&self) {
+        let mut pending = locked(&self.removals);
+        if pending.is_empty() {
+            return;
+        }
+        let batch = std::mem::replace(
+            &mut *pending,
+            fjall::Batch::with_capacity(self.keyspace.clone(), REMOVAL_BATCH + 1),
+        );
+        // Committed under the lock, so a flush that finds nothing pending knows every earlier
+        // delete is in fjall.
+        if let Err(e) = batch.commit() {
+            // The entries stay on disk and are delivered again after a restart: duplicates,
+            // never a loss.
+            tracing::warn!(error = %e, "removing delivered messages from the store failed");
+        }
+    }
+
+    /// Reads the message of the entry at (`endpoint`, `priority`, `seq`).
+    fn load(
         &self,
         endpoint: &str,
         priority: u32,
         seq: u64,
-        msg: &Message,
-        expires_ms: Option<i64>,
-    ) -> Result<(), StoreError> {
-        let key = queue_key(endpoint, priority, seq);
-        let entry_bytes = (key.len() + 16) as u64;
-        let mut batch = self.keyspace.batch();
-        let added = {
-            let mut rc = self.refcounts.lock().unwrap_or_else(|p| p.into_inner());
-            let record = match rc.get(&msg.id) {
-                Some((n, _)) if *n > 0 => None,
-                _ => Some(encode(msg)?),
-            };
-            let record_bytes = record.as_ref().map_or(0, |r| (r.len() + 8) as u64);
-            let added = record_bytes + entry_bytes;
-            let stored = self.stored.load(Ordering::Relaxed);
-            if let Some(limit) = self.limit {
-                if stored + added > limit {
-                    return Err(StoreError::Full { stored, limit });
-                }
-            }
-            if let Some(r) = record {
-                batch.insert(&self.messages, msg.id.to_be_bytes(), r);
-            }
-            let e = rc.entry(msg.id).or_default();
-            e.0 += 1;
-            e.1 += record_bytes;
-            self.stored.fetch_add(added, Ordering::Relaxed);
-            added
-        };
-        let mut v = [0u8; 16];
-        v[..8].copy_from_slice(&msg.id.to_be_bytes());
-        v[8..].copy_from_slice(&expires_ms.unwrap_or(i64::MAX).to_be_bytes());
-        batch.insert(&self.queue, key, v);
-        let r = batch.commit().map_err(fj);
-        if r.is_err() {
-            self.unref(msg.id);
-            self.stored.fetch_sub(
-                added.min(self.stored.load(Ordering::Relaxed)),
-                Ordering::Relaxed,
-            );
+        msg_id: u64,
+    ) -> Result<Message, StoreError> {
+        let corrupt = |why: &str| StoreError::Corrupt(msg_id, why.into());
+        let v = self
+            .queue
+            .get(queue_key(endpoint, priority, seq))
+            .map_err(fj)?
+            .ok_or_else(|| corrupt("queue entry missing"))?;
+        let e = parse_entry(&v).ok_or_else(|| corrupt("malformed queue entry"))?;
+        if e.msg_id != msg_id {
+            return Err(corrupt("the queue entry holds another message"));
         }
-        r?;
-        self.written.fetch_add(1, Ordering::AcqRel);
-        Ok(())
-    }
-
-    /// Drops one reference; returns the record's bytes when it was the last.
-    fn unref(&self, msg_id: u64) -> Option<u64> {
-        let mut rc = self.refcounts.lock().unwrap_or_else(|p| p.into_inner());
-        match rc.get_mut(&msg_id) {
-            Some((n, _)) if *n > 1 => {
-                *n -= 1;
-                None
-            }
-            Some(_) => rc.remove(&msg_id).map(|(_, bytes)| bytes),
-            None => None,
+        if e.kind == INLINE {
+            return decode_record(msg_id, e.record);
         }
-    }
-
-    fn remove(&self, endpoint: &str, priority: u32, seq: u64, msg_id: u64) {
-        let last = self.unref(msg_id);
-        let key = queue_key(endpoint, priority, seq);
-        let freed = (key.len() + 16) as u64 + last.unwrap_or(0);
-        let _ = self
-            .stored
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
-                Some(s.saturating_sub(freed))
-            });
-        let mut batch = self.keyspace.batch();
-        batch.remove(&self.queue, key);
-        if last.is_some() {
-            batch.remove(&self.messages, msg_id.to_be_bytes());
-        }
-        if let Err(e) = batch.commit() {
-            // The entry stays on disk and is delivered again after a restart: a duplicate,
-            // never a loss.
-            tracing::warn!(error = %e, "removing a delivered message from the store failed");
-        }
-    }
-
-    fn load(&self, msg_id: u64) -> Result<Message, StoreError> {
-        let bytes = self
+        let record = self
             .messages
             .get(msg_id.to_be_bytes())
             .map_err(fj)?
-            .ok_or_else(|| StoreError::Corrupt(msg_id, "message record missing".into()))?;
-        decode(msg_id, &bytes)
+            .ok_or_else(|| corrupt("message record missing"))?;
+        decode_record(msg_id, &record)
     }
 }
 
-/// Messages pushed while the queue holds fewer than this stay in memory too, so the live path
-/// does not read back what it just wrote; beyond it (a backlog) bodies are read from disk.
-const CACHE_LIMIT: usize = 4096;
+impl Drop for DurableStore {
+    fn drop(&mut self) {
+        self.flush_removals();
+        if let Err(e) = self.keyspace.persist(fjall::PersistMode::Buffer) {
+            tracing::warn!(error = %e, "writing the store's journal at close failed");
+        }
+    }
+}
+
+/// Bytes of messages (as [`Message::size`] counts them) a queue also keeps in memory, so that
+/// the live path does not read back what it just wrote; beyond it (a backlog) bodies are read
+/// from disk when delivered. Messages in flight are always kept.
+const CACHE_BYTES: usize = 4 << 20;
 
 struct Entry {
     msg_id: u64,
     expires_ms: Option<i64>,
     delivery_count: u8,
+    /// Written with the record inside (the store may have turned it into a pointer since).
+    inline: bool,
+    /// Bytes of the entry as written (key and value).
+    bytes: u64,
     cached: Option<Arc<Message>>,
 }
 
@@ -442,19 +896,66 @@ struct DqInner {
     pending: BTreeMap<(u32, u64), Entry>,
     in_flight: HashMap<u64, (u32, Entry)>,
     per_priority: BTreeMap<u32, usize>,
+    /// Bytes of the messages held in `cached`.
+    cached_bytes: usize,
+}
+
+impl DqInner {
+    /// The message to keep in memory with a new entry, if the cache has room for it.
+    fn cache(&mut self, msg: Arc<Message>) -> Option<Arc<Message>> {
+        let size = msg.size();
+        if self.cached_bytes + size > CACHE_BYTES {
+            return None;
+        }
+        self.cached_bytes += size;
+        Some(msg)
+    }
+
+    /// Accounts for an entry leaving the queue.
+    fn forget(&mut self, e: &Entry) {
+        if let Some(m) = &e.cached {
+            self.cached_bytes = self.cached_bytes.saturating_sub(m.size());
+        }
+    }
 }
 
 /// One endpoint's queue in the durable store.
 pub struct DurableQueue {
     store: Arc<DurableStore>,
-    endpoint: String,
+    endpoint: Arc<str>,
+    /// This queue's number in the store (see [`Slot`]).
+    index: u32,
     capacity: usize,
     inner: Mutex<DqInner>,
 }
 
 impl DurableQueue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, DqInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, DqInner> {
+        locked(&self.inner)
+    }
+
+    fn slot(&self, priority: u32, seq: u64) -> Slot {
+        Slot {
+            queue: self.index,
+            priority,
+            seq,
+        }
+    }
+
+    fn remove(&self, priority: u32, seq: u64, e: &Entry) {
+        self.store
+            .remove(self.slot(priority, seq), &self.endpoint, e);
+    }
+
+    /// The message of an entry: from memory, else from disk.
+    fn message(&self, priority: u32, seq: u64, e: &Entry) -> Result<Arc<Message>, StoreError> {
+        match &e.cached {
+            Some(m) => Ok(m.clone()),
+            None => self
+                .store
+                .load(&self.endpoint, priority, seq, e.msg_id)
+                .map(Arc::new),
+        }
     }
 }
 
@@ -471,59 +972,74 @@ impl QueueStore for DurableQueue {
         priority: u32,
         expires_ms: Option<i64>,
     ) -> Result<u64, QueueError> {
-        let mut g = self.lock();
-        if g.pending.len() + g.in_flight.len() >= self.capacity {
-            return Err(QueueError::Full);
-        }
-        let seq = g.next_seq + 1;
-        loop {
-            match self
-                .store
-                .put(&self.endpoint, priority, seq, &msg, expires_ms)
-            {
-                Ok(()) => break,
-                Err(StoreError::Full { .. }) if self.store.overflow == Overflow::DropOldest => {
-                    // Make room with this queue's oldest pending message, if it has one.
-                    let oldest = g
-                        .pending
-                        .iter()
-                        .min_by_key(|((_, s), _)| *s)
-                        .map(|(k, _)| *k);
-                    let Some((p, s)) = oldest else {
-                        return Err(QueueError::StoreFull);
-                    };
-                    if let Some(e) = g.pending.remove(&(p, s)) {
-                        dec(&mut g.per_priority, p);
-                        self.store.remove(&self.endpoint, p, s, e.msg_id);
-                        let dropped = e
-                            .cached
-                            .or_else(|| self.store.load(e.msg_id).ok().map(Arc::new));
-                        if let Some(m) = dropped {
-                            crate::metrics::dropped(crate::metrics::DROP_OVERFLOW, &m);
+        with_scratch(|entry| {
+            // Key (its sequence filled in below) and inline value, assembled outside the lock.
+            push_key(entry, &self.endpoint, priority, 0);
+            let key_len = entry.len();
+            entry.extend_from_slice(&entry_head(INLINE, msg.id, expires_ms));
+            if let Err(e) = encode_record(&msg, entry) {
+                tracing::error!(endpoint = %self.endpoint, "message not stored: {e}");
+                return Err(QueueError::Storage);
+            }
+            let mut g = self.lock();
+            if g.pending.len() + g.in_flight.len() >= self.capacity {
+                return Err(QueueError::Full);
+            }
+            let seq = g.next_seq + 1;
+            entry[key_len - 8..key_len].copy_from_slice(&seq.to_be_bytes());
+            let written = loop {
+                match self.store.put(
+                    self.slot(priority, seq),
+                    &self.endpoint,
+                    expires_ms,
+                    msg.id,
+                    entry,
+                ) {
+                    Ok(w) => break w,
+                    Err(StoreError::Full { .. }) if self.store.overflow == Overflow::DropOldest => {
+                        // Make room with this queue's oldest pending message, if it has one.
+                        let oldest = g
+                            .pending
+                            .iter()
+                            .min_by_key(|((_, s), _)| *s)
+                            .map(|(k, _)| *k);
+                        let Some((p, s)) = oldest else {
+                            return Err(QueueError::StoreFull);
+                        };
+                        if let Some(e) = g.pending.remove(&(p, s)) {
+                            dec(&mut g.per_priority, p);
+                            g.forget(&e);
+                            let dropped = self.message(p, s, &e).ok();
+                            self.remove(p, s, &e);
+                            if let Some(m) = dropped {
+                                crate::metrics::dropped(crate::metrics::DROP_OVERFLOW, &m);
+                            }
                         }
                     }
+                    Err(StoreError::Full { .. }) => return Err(QueueError::StoreFull),
+                    Err(e) => {
+                        tracing::error!(endpoint = %self.endpoint, "message not stored: {e}");
+                        return Err(QueueError::Storage);
+                    }
                 }
-                Err(StoreError::Full { .. }) => return Err(QueueError::StoreFull),
-                Err(e) => {
-                    tracing::error!(endpoint = %self.endpoint, "message not stored: {e}");
-                    return Err(QueueError::Storage);
-                }
-            }
-        }
-        g.next_seq = seq;
-        let msg_id = msg.id;
-        let cached = (g.pending.len() < CACHE_LIMIT).then_some(msg);
-        g.pending.insert(
-            (priority, seq),
-            Entry {
-                msg_id,
-                expires_ms,
-                delivery_count: 0,
-                cached,
-            },
-        );
-        *g.per_priority.entry(priority).or_default() += 1;
-        Ok(seq)
+            };
+            g.next_seq = seq;
+            let msg_id = msg.id;
+            let cached = g.cache(msg);
+            g.pending.insert(
+                (priority, seq),
+                Entry {
+                    msg_id,
+                    expires_ms,
+                    delivery_count: 0,
+                    inline: written.inline,
+                    bytes: written.bytes,
+                    cached,
+                },
+            );
+            *g.per_priority.entry(priority).or_default() += 1;
+            Ok(seq)
+        })
     }
 
     fn pop(&self, now_ms: i64) -> Popped {
@@ -531,22 +1047,18 @@ impl QueueStore for DurableQueue {
         let mut expired = Vec::new();
         loop {
             let inner = &mut *g;
-            let Some(((priority, seq), entry)) =
+            let Some(((priority, seq), mut entry)) =
                 take_next(&mut inner.pending, inner.live_first, &mut inner.newest_next)
             else {
                 break;
             };
-            let msg = match &entry.cached {
-                Some(m) => Ok(m.clone()),
-                None => self.store.load(entry.msg_id).map(Arc::new),
-            };
-            let msg = match msg {
+            let msg = match self.message(priority, seq, &entry) {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::error!(endpoint = %self.endpoint, "dropping an unreadable stored message: {e}");
                     dec(&mut g.per_priority, priority);
-                    self.store
-                        .remove(&self.endpoint, priority, seq, entry.msg_id);
+                    g.forget(&entry);
+                    self.remove(priority, seq, &entry);
                     continue;
                 }
             };
@@ -559,16 +1071,17 @@ impl QueueStore for DurableQueue {
             };
             if entry.expires_ms.is_some_and(|e| e <= now_ms) {
                 dec(&mut g.per_priority, priority);
-                self.store
-                    .remove(&self.endpoint, priority, seq, entry.msg_id);
+                g.forget(&entry);
+                self.remove(priority, seq, &entry);
                 expired.push(q);
                 continue;
             }
-            let kept = Entry {
-                cached: Some(q.msg.clone()),
-                ..entry
-            };
-            g.in_flight.insert(seq, (priority, kept));
+            if entry.cached.is_none() {
+                // Kept while in flight, so a release does not read it again.
+                g.cached_bytes += q.msg.size();
+                entry.cached = Some(q.msg.clone());
+            }
+            g.in_flight.insert(seq, (priority, entry));
             return Popped {
                 item: Some(q),
                 expired,
@@ -584,8 +1097,9 @@ impl QueueStore for DurableQueue {
         let mut g = self.lock();
         if let Some((priority, e)) = g.in_flight.remove(&seq) {
             dec(&mut g.per_priority, priority);
+            g.forget(&e);
             drop(g);
-            self.store.remove(&self.endpoint, priority, seq, e.msg_id);
+            self.remove(priority, seq, &e);
         }
     }
 
@@ -602,34 +1116,35 @@ impl QueueStore for DurableQueue {
     }
 
     fn expire(&self, now_ms: i64) -> Vec<Queued> {
-        let mut g = self.lock();
-        let dead: Vec<(u32, u64)> = g
-            .pending
-            .iter()
-            .filter(|(_, e)| e.expires_ms.is_some_and(|x| x <= now_ms))
-            .map(|(k, _)| *k)
-            .collect();
         let mut out = Vec::new();
-        for (priority, seq) in dead {
-            if let Some(e) = g.pending.remove(&(priority, seq)) {
-                dec(&mut g.per_priority, priority);
-                self.store.remove(&self.endpoint, priority, seq, e.msg_id);
-                let msg = match e.cached {
-                    Some(m) => m,
-                    None => match self.store.load(e.msg_id) {
-                        Ok(m) => Arc::new(m),
-                        Err(_) => continue,
-                    },
-                };
-                out.push(Queued {
-                    seq,
-                    priority,
-                    msg,
-                    expires_ms: e.expires_ms,
-                    delivery_count: e.delivery_count,
-                });
+        {
+            let mut g = self.lock();
+            let dead: Vec<(u32, u64)> = g
+                .pending
+                .iter()
+                .filter(|(_, e)| e.expires_ms.is_some_and(|x| x <= now_ms))
+                .map(|(k, _)| *k)
+                .collect();
+            for (priority, seq) in dead {
+                if let Some(e) = g.pending.remove(&(priority, seq)) {
+                    dec(&mut g.per_priority, priority);
+                    g.forget(&e);
+                    let msg = self.message(priority, seq, &e);
+                    self.remove(priority, seq, &e);
+                    if let Ok(msg) = msg {
+                        out.push(Queued {
+                            seq,
+                            priority,
+                            msg,
+                            expires_ms: e.expires_ms,
+                            delivery_count: e.delivery_count,
+                        });
+                    }
+                }
             }
         }
+        // Called every second by the housekeeping task: removals wait no longer than that.
+        self.store.flush_removals();
         out
     }
 
@@ -640,7 +1155,9 @@ impl QueueStore for DurableQueue {
 
 /// Opens the keyspace under `dir`, sized for an edge device: small caches and write buffers
 /// (fjall's defaults suit servers and would make the hub's resident memory grow past 100 MiB
-/// under load), one flush and one compaction worker.
+/// under load), one flush and one compaction worker. Writes stay in the journal buffer until
+/// [`DurableStore::sync`] (or a twin write) persists it, instead of one write to the journal
+/// file per fjall write.
 pub fn open_keyspace(dir: &Path) -> Result<fjall::Keyspace, StoreError> {
     fjall::Config::new(dir)
         .cache_size(8 * 1024 * 1024)
@@ -648,6 +1165,7 @@ pub fn open_keyspace(dir: &Path) -> Result<fjall::Keyspace, StoreError> {
         .max_journaling_size(64 * 1024 * 1024)
         .flush_workers(1)
         .compaction_workers(1)
+        .manual_journal_persist(true)
         .open()
         .map_err(fj)
 }
@@ -656,9 +1174,24 @@ pub fn open_keyspace(dir: &Path) -> Result<fjall::Keyspace, StoreError> {
 mod tests {
     use super::*;
     use crate::{identity::DeviceId, queue::tests::conformance};
+    use fe2o3_amqp::types::{
+        messaging::annotations::OwnedKey,
+        primitives::{SimpleValue, Symbol, Value},
+    };
+    use serde_amqp::primitives::OrderedMap;
 
     fn temp() -> std::path::PathBuf {
         std::env::temp_dir().join(format!("edgehub-store-{}", uuid::Uuid::new_v4()))
+    }
+
+    fn open(dir: &Path, policy: SyncPolicy) -> Arc<DurableStore> {
+        DurableStore::open(
+            open_keyspace(dir).unwrap(),
+            policy,
+            None,
+            Overflow::RejectNew,
+        )
+        .unwrap()
     }
 
     fn msg(body: &str) -> Arc<Message> {
@@ -680,16 +1213,68 @@ mod tests {
         })
     }
 
+    /// The kinds of the queue entries on disk, in key order.
+    fn kinds(store: &DurableStore) -> Vec<u8> {
+        store
+            .queue
+            .iter()
+            .map(|kv| kv.unwrap().1[0])
+            .collect::<Vec<_>>()
+    }
+
+    fn drain(q: &DurableQueue) -> Vec<Vec<u8>> {
+        std::iter::from_fn(|| {
+            q.pop(0).item.map(|i| {
+                q.ack(i.seq);
+                i.msg.body.clone()
+            })
+        })
+        .collect()
+    }
+
+    #[test]
+    fn records_round_trip_with_and_without_optional_parts() {
+        let mut annotations = OrderedMap::new();
+        annotations.insert(OwnedKey::Symbol(Symbol::from("x-opt-a")), Value::Long(-7));
+        let full = Message {
+            annotations,
+            twin_change: true,
+            ..(*msg("full")).clone()
+        };
+        let bare = Message {
+            body: Vec::new(),
+            properties: None,
+            application_properties: OrderedMap::new(),
+            annotations: OrderedMap::new(),
+            from: Identity::Device(DeviceId::parse("leaf").unwrap()),
+            output: None,
+            enqueued_ms: -1,
+            twin_change: false,
+            id: 9,
+        };
+        for m in [full, bare] {
+            let mut bytes = Vec::new();
+            encode_record(&m, &mut bytes).unwrap();
+            let back = decode_record(m.id, &bytes).unwrap();
+            assert_eq!(back.body, m.body);
+            assert_eq!(back.properties, m.properties);
+            assert_eq!(back.application_properties, m.application_properties);
+            assert_eq!(back.annotations, m.annotations);
+            assert_eq!(back.from, m.from);
+            assert_eq!(back.output, m.output);
+            assert_eq!(back.enqueued_ms, m.enqueued_ms);
+            assert_eq!(back.twin_change, m.twin_change);
+            // Every cut of a record is refused, never misread or a panic.
+            for cut in 0..bytes.len() - m.body.len() {
+                assert!(decode_record(m.id, &bytes[..cut]).is_err(), "cut at {cut}");
+            }
+        }
+    }
+
     #[test]
     fn durable_queue_conforms() {
         let dir = temp();
-        let store = DurableStore::open(
-            open_keyspace(&dir).unwrap(),
-            SyncPolicy::Commit,
-            None,
-            Overflow::RejectNew,
-        )
-        .unwrap();
+        let store = open(&dir, SyncPolicy::Commit);
         let n = std::sync::atomic::AtomicUsize::new(0);
         conformance(|cap| {
             let i = n.fetch_add(1, Ordering::Relaxed);
@@ -699,18 +1284,147 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    #[test]
+    fn a_message_for_one_queue_is_one_inline_entry() {
+        let dir = temp();
+        let store = open(&dir, SyncPolicy::Os);
+        let q = store.queue("one", 10, false);
+        q.try_push(msg("solo"), 1, Some(1 << 50)).unwrap();
+        assert_eq!(kinds(&store), vec![INLINE]);
+        assert_eq!(store.messages.len().unwrap(), 0);
+        let (k, v) = store.queue.iter().next().unwrap().unwrap();
+        assert_eq!(store.usage().0, (k.len() + v.len()) as u64);
+        let e = parse_entry(&v).unwrap();
+        assert_eq!(e.expires_ms, Some(1 << 50));
+        assert_eq!(drain(&q), vec![b"solo".to_vec()]);
+        assert_eq!(store.usage().0, 0);
+        store.flush_removals();
+        assert!(store.queue.is_empty().unwrap());
+        drop(q);
+        drop(store);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_message_for_several_queues_is_stored_once() {
+        let dir = temp();
+        let store = open(&dir, SyncPolicy::Os);
+        let qs: Vec<DurableQueue> = ["a", "b", "c"]
+            .iter()
+            .map(|e| store.queue(e, 10, false))
+            .collect();
+        let m = msg("fan");
+        qs[0].try_push(m.clone(), 1, None).unwrap();
+        assert_eq!(kinds(&store), vec![INLINE]);
+        for q in &qs[1..] {
+            q.try_push(m.clone(), 1, None).unwrap();
+        }
+        // One record, three pointers (the first entry was turned into one).
+        assert_eq!(kinds(&store), vec![POINTER; 3]);
+        assert_eq!(store.messages.len().unwrap(), 1);
+        let on_disk: u64 = store
+            .queue
+            .iter()
+            .chain(store.messages.iter())
+            .map(|kv| kv.map(|(k, v)| (k.len() + v.len()) as u64).unwrap())
+            .sum();
+        assert_eq!(store.usage().0, on_disk);
+        // The record stays until the last queue acknowledges.
+        assert_eq!(drain(&qs[0]), vec![b"fan".to_vec()]);
+        assert_eq!(drain(&qs[2]), vec![b"fan".to_vec()]);
+        store.flush_removals();
+        assert_eq!(store.messages.len().unwrap(), 1);
+        assert_eq!(drain(&qs[1]), vec![b"fan".to_vec()]);
+        store.flush_removals();
+        assert_eq!(store.messages.len().unwrap(), 0);
+        assert!(store.queue.is_empty().unwrap());
+        assert_eq!(store.usage().0, 0);
+        drop(qs);
+        drop(store);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn an_entry_in_flight_can_be_turned_into_a_pointer() {
+        let dir = temp();
+        let store = open(&dir, SyncPolicy::Os);
+        let (q1, q2) = (store.queue("p", 10, false), store.queue("q", 10, false));
+        let m = msg("moving");
+        q1.try_push(m.clone(), 3, Some(1 << 50)).unwrap();
+        let first = q1.pop(0).item.unwrap();
+        q2.try_push(m, 1, None).unwrap();
+        // The converted entry keeps its expiry.
+        let expiries: Vec<Option<i64>> = store
+            .queue
+            .iter()
+            .map(|kv| parse_entry(&kv.unwrap().1).unwrap().expires_ms)
+            .collect();
+        assert_eq!(expiries, vec![Some(1 << 50), None]);
+        q1.ack(first.seq);
+        store.flush_removals();
+        assert_eq!(store.messages.len().unwrap(), 1);
+        assert_eq!(kinds(&store), vec![POINTER]);
+        assert_eq!(drain(&q2), vec![b"moving".to_vec()]);
+        store.flush_removals();
+        assert_eq!(store.messages.len().unwrap(), 0);
+        assert!(store.queue.is_empty().unwrap());
+        assert_eq!(store.usage().0, 0);
+        drop((q1, q2, store));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_record_written_again_after_its_delete_is_kept() {
+        // A message acknowledged everywhere, then queued to two more endpoints (a sender that
+        // waited for room): its shared record is deleted and written again, in that order.
+        let dir = temp();
+        let m = msg("again");
+        {
+            let store = open(&dir, SyncPolicy::Os);
+            let qs: Vec<DurableQueue> = ["a", "b", "c", "d"]
+                .iter()
+                .map(|e| store.queue(e, 10, false))
+                .collect();
+            qs[0].try_push(m.clone(), 1, None).unwrap();
+            qs[1].try_push(m.clone(), 1, None).unwrap();
+            drain(&qs[0]);
+            drain(&qs[1]);
+            qs[2].try_push(m.clone(), 1, None).unwrap();
+            qs[3].try_push(m.clone(), 1, None).unwrap();
+        }
+        let store = open(&dir, SyncPolicy::Os);
+        assert_eq!(store.messages.len().unwrap(), 1);
+        for e in ["c", "d"] {
+            assert_eq!(drain(&store.queue(e, 10, false)), vec![b"again".to_vec()]);
+        }
+        store.flush_removals();
+        assert_eq!(store.messages.len().unwrap(), 0);
+        drop(store);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_message_queued_again_after_its_ack_is_inline_again() {
+        let dir = temp();
+        let store = open(&dir, SyncPolicy::Os);
+        let (q1, q2) = (store.queue("x", 10, false), store.queue("y", 10, false));
+        let m = msg("late");
+        q1.try_push(m.clone(), 1, None).unwrap();
+        drain(&q1);
+        q2.try_push(m, 1, None).unwrap();
+        store.flush_removals();
+        assert_eq!(kinds(&store), vec![INLINE]);
+        assert_eq!(store.messages.len().unwrap(), 0);
+        drop((q1, q2, store));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[tokio::test]
     async fn queues_survive_a_reopen_with_one_copy_per_message() {
         let dir = temp();
         let (a, b, c) = (msg("a"), msg("b"), msg("c"));
-        {
-            let store = DurableStore::open(
-                open_keyspace(&dir).unwrap(),
-                SyncPolicy::Commit,
-                None,
-                Overflow::RejectNew,
-            )
-            .unwrap();
+        let held = {
+            let store = open(&dir, SyncPolicy::Commit);
             let q1 = store.queue("d/x/in", 100, false);
             let q2 = store.queue("iothub", 100, false);
             q1.try_push(a.clone(), 5, None).unwrap();
@@ -724,23 +1438,21 @@ mod tests {
             store.sync().await.unwrap();
             assert_eq!(
                 store.messages.len().unwrap(),
-                2,
-                "a is stored once for two queues"
+                1,
+                "a is stored once for two queues, b inline"
             );
-        }
-        let store = DurableStore::open(
-            open_keyspace(&dir).unwrap(),
-            SyncPolicy::Commit,
-            None,
-            Overflow::RejectNew,
-        )
-        .unwrap();
+            store.usage().0
+        };
+        let store = open(&dir, SyncPolicy::Commit);
+        assert_eq!(store.usage().0, held, "the bytes held are counted again");
         let mut eps = store.recovered_endpoints();
         eps.sort();
         assert_eq!(eps, vec!["d/x/in".to_owned(), "iothub".to_owned()]);
         let q1 = store.queue("d/x/in", 100, false);
+        let q2 = store.queue("iothub", 100, false);
         assert_eq!(q1.lengths().get(&5), Some(&2));
-        let got: Vec<Arc<Message>> = (0..2).map(|_| q1.pop(0).item.unwrap().msg).collect();
+        let items: Vec<Queued> = (0..2).map(|_| q1.pop(0).item.unwrap()).collect();
+        let got: Vec<Arc<Message>> = items.iter().map(|i| i.msg.clone()).collect();
         assert_eq!(got[0].body, b"a");
         assert_eq!(got[1].body, b"b");
         assert_eq!(got[0].properties, a.properties);
@@ -752,6 +1464,66 @@ mod tests {
         assert!(q1.pop(0).item.is_none());
         // New ids never collide with stored ones.
         assert!(crate::message::next_id() > a.id.max(b.id).max(c.id));
+        // The recovered shared record goes with its last pointer, the inline one with its entry.
+        for i in &items {
+            q1.ack(i.seq);
+        }
+        store.flush_removals();
+        assert_eq!(store.messages.len().unwrap(), 1);
+        assert_eq!(drain(&q2), vec![b"a".to_vec()]);
+        store.flush_removals();
+        assert_eq!(store.messages.len().unwrap(), 0);
+        assert!(store.queue.is_empty().unwrap());
+        assert_eq!(store.usage().0, 0);
+        drop((q1, q2, store));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn removals_are_written_in_batches_and_at_close() {
+        let dir = temp();
+        let n = REMOVAL_BATCH + 10;
+        {
+            let store = open(&dir, SyncPolicy::Os);
+            let q = store.queue("r", n + 1, false);
+            for i in 0..n {
+                q.try_push(msg(&format!("r{i}")), 1, None).unwrap();
+            }
+            let seqs: Vec<u64> = (0..n).map(|_| q.pop(0).item.unwrap().seq).collect();
+            for s in &seqs[..REMOVAL_BATCH - 1] {
+                q.ack(*s);
+            }
+            assert_eq!(store.queue.len().unwrap(), n, "deletes wait for a batch");
+            q.ack(seqs[REMOVAL_BATCH - 1]);
+            assert_eq!(store.queue.len().unwrap(), n - REMOVAL_BATCH);
+            q.ack(seqs[REMOVAL_BATCH]);
+            assert_eq!(store.queue.len().unwrap(), n - REMOVAL_BATCH);
+            // The housekeeping tick writes what is pending.
+            assert!(q.expire(0).is_empty());
+            assert_eq!(store.queue.len().unwrap(), n - REMOVAL_BATCH - 1);
+            q.ack(seqs[REMOVAL_BATCH + 1]);
+        }
+        // Closing the store writes the rest: nothing acknowledged comes back.
+        let store = open(&dir, SyncPolicy::Os);
+        let q = store.queue("r", n + 1, false);
+        assert_eq!(q.len(), n - REMOVAL_BATCH - 2);
+        drop((q, store));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn an_orphaned_shared_record_is_deleted_at_open() {
+        let dir = temp();
+        {
+            let store = open(&dir, SyncPolicy::Os);
+            let mut bytes = Vec::new();
+            encode_record(&msg("orphan"), &mut bytes).unwrap();
+            store.messages.insert(77u64.to_be_bytes(), bytes).unwrap();
+        }
+        let store = open(&dir, SyncPolicy::Os);
+        assert_eq!(store.messages.len().unwrap(), 0);
+        assert_eq!(store.usage().0, 0);
+        drop(store);
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -828,13 +1600,7 @@ mod tests {
         let dir = temp();
         let bodies: Vec<String> = (0..50).map(|i| format!("torn-{i}")).collect();
         {
-            let store = DurableStore::open(
-                open_keyspace(&dir).unwrap(),
-                SyncPolicy::Commit,
-                None,
-                Overflow::RejectNew,
-            )
-            .unwrap();
+            let store = open(&dir, SyncPolicy::Commit);
             let q = store.queue("t", 100, false);
             for b in &bodies {
                 q.try_push(msg(b), 1, None).unwrap();
@@ -854,13 +1620,7 @@ mod tests {
             h.write_all(&[0x5a, 0x01, 0xff, 0x00, 0x13, 0x37, 0xde])
                 .unwrap();
         }
-        let store = DurableStore::open(
-            open_keyspace(&dir).unwrap(),
-            SyncPolicy::Commit,
-            None,
-            Overflow::RejectNew,
-        )
-        .unwrap();
+        let store = open(&dir, SyncPolicy::Commit);
         let q = store.queue("t", 100, false);
         let got: Vec<Vec<u8>> =
             std::iter::from_fn(|| q.pop(0).item.map(|i| i.msg.body.clone())).collect();
@@ -872,13 +1632,7 @@ mod tests {
     #[test]
     fn expired_messages_leave_the_store() {
         let dir = temp();
-        let store = DurableStore::open(
-            open_keyspace(&dir).unwrap(),
-            SyncPolicy::Os,
-            None,
-            Overflow::RejectNew,
-        )
-        .unwrap();
+        let store = open(&dir, SyncPolicy::Os);
         let q = store.queue("e", 10, false);
         q.try_push(msg("long"), 1, Some(10_000)).unwrap();
         q.try_push(msg("short"), 1, Some(100)).unwrap();
