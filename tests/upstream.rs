@@ -202,6 +202,19 @@ async fn child_telemetry_reaches_a_parent_module_with_its_origin_ids() {
     let _ = std::fs::remove_dir_all(&pair.dir);
 }
 
+/// Runs `edgehub check` on a config and returns its upstream line.
+async fn check_upstream_line(path: &Path) -> String {
+    let path = path.to_owned();
+    let lines = tokio::task::spawn_blocking(move || edgehub::check::run(&path, &HashMap::new()))
+        .await
+        .unwrap();
+    lines
+        .iter()
+        .map(|o| o.to_string())
+        .find(|l| l.contains("upstream"))
+        .unwrap()
+}
+
 #[tokio::test]
 async fn check_reaches_the_upstream_or_says_why_not() {
     let dir = std::env::temp_dir().join(format!("edgehub-up-check-{}", uuid::Uuid::new_v4()));
@@ -213,17 +226,7 @@ async fn check_reaches_the_upstream_or_says_why_not() {
     let path = dir.join("child.json");
 
     std::fs::write(&path, child_text(&dir, parent.amqps_addr.port(), &ca)).unwrap();
-    let lines = tokio::task::spawn_blocking({
-        let path = path.clone();
-        move || edgehub::check::run(&path, &HashMap::new())
-    })
-    .await
-    .unwrap();
-    let up = lines
-        .iter()
-        .map(|o| o.to_string())
-        .find(|l| l.contains("upstream"))
-        .unwrap();
+    let up = check_upstream_line(&path).await;
     assert!(
         up.starts_with("OK") && up.contains("TLS certificate trusted"),
         "{up}"
@@ -239,17 +242,7 @@ async fn check_reaches_the_upstream_or_says_why_not() {
     };
     std::fs::write(&other, other_ca).unwrap();
     std::fs::write(&path, child_text(&dir, parent.amqps_addr.port(), &other)).unwrap();
-    let lines = tokio::task::spawn_blocking({
-        let path = path.clone();
-        move || edgehub::check::run(&path, &HashMap::new())
-    })
-    .await
-    .unwrap();
-    let up = lines
-        .iter()
-        .map(|o| o.to_string())
-        .find(|l| l.contains("upstream"))
-        .unwrap();
+    let up = check_upstream_line(&path).await;
     assert!(
         up.starts_with("ERROR") && up.contains("TLS handshake failed"),
         "{up}"
@@ -257,17 +250,7 @@ async fn check_reaches_the_upstream_or_says_why_not() {
 
     tokio::time::timeout(WAIT, parent.shutdown()).await.unwrap();
     // Nothing listens on the port any more.
-    let lines = tokio::task::spawn_blocking({
-        let path = path.clone();
-        move || edgehub::check::run(&path, &HashMap::new())
-    })
-    .await
-    .unwrap();
-    let up = lines
-        .iter()
-        .map(|o| o.to_string())
-        .find(|l| l.contains("upstream"))
-        .unwrap();
+    let up = check_upstream_line(&path).await;
     assert!(
         up.starts_with("ERROR") && up.contains("no TCP connection"),
         "{up}"
