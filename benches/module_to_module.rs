@@ -3,8 +3,10 @@
 //! process so its RSS is its own. Prints msg/s, p50/p99 latency (send → receive) and hub RSS.
 //!
 //! `cargo bench --bench module_to_module` (env `BENCH_MESSAGES`, default 200000;
-//! `BENCH_WINDOW`, unsettled sends in flight, default 1000). Without `--bench` (as `cargo test
-//! --all-targets` runs it) it sends 2000 messages as a smoke test.
+//! `BENCH_WINDOW`, unsettled sends in flight, default 1000; `BENCH_HUB`, another hub binary to
+//! measure, e.g. one built from an earlier commit, so two versions run alternately on the same
+//! machine). Without `--bench` (as `cargo test --all-targets` runs it) it sends 2000 messages as
+//! a smoke test.
 
 use std::{
     collections::HashMap,
@@ -108,7 +110,8 @@ async fn main() {
     std::fs::write(&config_path, &config_text).expect("write config");
     let settings = config::from_str(&config_text, &HashMap::new()).expect("config");
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgehub"))
+    let hub = std::env::var("BENCH_HUB").unwrap_or_else(|_| env!("CARGO_BIN_EXE_edgehub").into());
+    let mut child = Command::new(hub)
         .args(["run", "--config"])
         .arg(&config_path)
         .stderr(Stdio::piped())

@@ -370,10 +370,12 @@ impl Hub {
             _ => None,
         };
 
-        let keyspace = crate::store::open_keyspace(&settings.data_dir.join("store"))?;
+        let store_dir = settings.data_dir.join("store");
+        let keyspace = crate::store::open_keyspace(&store_dir)?;
         let twins = crate::twins::TwinStore::with_keyspace(keyspace.clone())?;
         let store = match settings.storage.persistent {
             true => Some(crate::store::DurableStore::open(
+                &store_dir,
                 keyspace,
                 settings.storage.sync,
                 settings.max_store_bytes,

@@ -31,7 +31,8 @@
 //!   crash) is deleted at open.
 //! * "Durable" means: with `sync = "commit"` (the default), [`DurableStore::sync`] has fsynced
 //!   the journal after the write; the hub acknowledges a sender only after that (one fsync
-//!   covers every write made before it started: group commit). With `sync = "os"`,
+//!   covers every write made before it started: group commit; the fsync is made on a handle
+//!   of the store's own, see [`ActiveJournal`], so writes go on meanwhile). With `sync = "os"`,
 //!   [`DurableStore::sync`] hands the journal to the OS without an fsync: the write survives a
 //!   crash of the hub but not a power loss. Writes wait in fjall's journal buffer until then
 //!   (batches and the store's partitions use manual journal persistence; a twin write, which
@@ -100,6 +101,12 @@ pub enum Overflow {
 
 fn fj(e: impl std::fmt::Display) -> StoreError {
     StoreError::Fjall(e.to_string())
+}
+
+fn poisoned() -> StoreError {
+    StoreError::Fjall(
+        "an earlier fsync of the journal failed; the store takes no more writes".into(),
+    )
 }
 
 /// How writes become durable.
@@ -442,6 +449,63 @@ pub struct DurableStore {
     written: AtomicU64,
     synced: AtomicU64,
     sync_lock: tokio::sync::Mutex<()>,
+    journal: Arc<Mutex<ActiveJournal>>,
+    /// Set when an fsync of the journal failed: what it should have covered may be lost, so
+    /// every later write is refused (as fjall does when it cannot write its journal).
+    poisoned: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// fjall's active journal, fsynced through a file handle of the store's own.
+///
+/// fjall's own fsync (`persist(SyncAll)`) holds the journal's lock for the whole fsync, and
+/// every write in the meantime (a sender's message, a batch of deletes) waits for it on its
+/// thread, which here is one of the runtime's workers. The store instead has fjall write its
+/// buffer to the file (`persist(Buffer)`, the lock held only for that) and fsyncs the file
+/// itself, while writes go on.
+///
+/// Why that covers every write made before it: once `persist(Buffer)` returns, those writes
+/// are in the file of the journal that was active at that moment, or of an older one. fjall
+/// fsyncs a journal before it creates the next (`rotate`), and journal files are numbered in
+/// the order they are created; so whichever journal is newest when the handle is chosen,
+/// fsyncing it leaves every earlier write on disk. If the directory does not look as expected
+/// (no numbered journal, or it cannot be opened), fjall's own fsync is used instead.
+struct ActiveJournal {
+    /// `journals` under the keyspace's directory.
+    dir: std::path::PathBuf,
+    open: Option<(u64, std::fs::File)>,
+}
+
+impl ActiveJournal {
+    /// Makes every write given to fjall so far durable.
+    fn sync(&mut self, keyspace: &fjall::Keyspace) -> Result<(), StoreError> {
+        keyspace.persist(fjall::PersistMode::Buffer).map_err(fj)?;
+        match self.newest() {
+            Some(file) => file
+                .sync_data()
+                .map_err(|e| StoreError::Fjall(format!("fsync of the journal failed: {e}"))),
+            None => keyspace.persist(fjall::PersistMode::SyncAll).map_err(fj),
+        }
+    }
+
+    /// A handle on the newest journal file.
+    fn newest(&mut self) -> Option<&std::fs::File> {
+        let mut id = match &self.open {
+            Some((id, _)) => *id,
+            None => std::fs::read_dir(&self.dir)
+                .ok()?
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+                .max()?,
+        };
+        while self.dir.join((id + 1).to_string()).exists() {
+            id += 1;
+        }
+        if self.open.as_ref().map(|(open, _)| *open) != Some(id) {
+            self.open = std::fs::File::open(self.dir.join(id.to_string()))
+                .ok()
+                .map(|f| (id, f));
+        }
+        self.open.as_ref().map(|(_, f)| f)
+    }
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -451,8 +515,10 @@ fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl DurableStore {
-    /// Opens the store in `keyspace` and loads the index of every queue.
+    /// Opens the store in `keyspace` (opened by [`open_keyspace`] in `dir`) and loads the index
+    /// of every queue.
     pub fn open(
+        dir: &Path,
         keyspace: fjall::Keyspace,
         policy: SyncPolicy,
         limit: Option<u64>,
@@ -539,6 +605,11 @@ impl DurableStore {
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             sync_lock: tokio::sync::Mutex::new(()),
+            journal: Arc::new(Mutex::new(ActiveJournal {
+                dir: dir.join("journals"),
+                open: None,
+            })),
+            poisoned: Arc::default(),
         }))
     }
 
@@ -592,6 +663,9 @@ impl DurableStore {
     /// Makes every write made so far durable (one journal write, and with `commit` one fsync,
     /// for all writers waiting together).
     pub async fn sync(&self) -> Result<(), StoreError> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(poisoned());
+        }
         let target = self.written.load(Ordering::Acquire);
         if self.synced.load(Ordering::Acquire) >= target {
             return Ok(());
@@ -609,10 +683,15 @@ impl DurableStore {
                 .map_err(fj)?,
             SyncPolicy::Commit => {
                 let ks = self.keyspace.clone();
-                tokio::task::spawn_blocking(move || ks.persist(fjall::PersistMode::SyncAll))
-                    .await
-                    .map_err(fj)?
-                    .map_err(fj)?;
+                let journal = self.journal.clone();
+                let poisoned = self.poisoned.clone();
+                tokio::task::spawn_blocking(move || {
+                    locked(&journal).sync(&ks).inspect_err(|_| {
+                        poisoned.store(true, Ordering::Release);
+                    })
+                })
+                .await
+                .map_err(fj)??;
             }
         }
         self.synced.fetch_max(covered, Ordering::AcqRel);
@@ -673,6 +752,9 @@ impl DurableStore {
         let key_len = endpoint.len() + KEY_TAIL;
         let (key, value) = entry.split_at(key_len.min(entry.len()));
         let pointer_bytes = (key_len + ENTRY_HEAD) as u64;
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(poisoned());
+        }
         let mut copies = locked(&self.copies);
         let written = match copies.get_mut(&msg_id) {
             None => {
@@ -1186,6 +1268,7 @@ mod tests {
 
     fn open(dir: &Path, policy: SyncPolicy) -> Arc<DurableStore> {
         DurableStore::open(
+            dir,
             open_keyspace(dir).unwrap(),
             policy,
             None,
@@ -1420,6 +1503,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_journal_is_fsynced_through_a_handle_on_the_newest_journal() {
+        let dir = temp();
+        let newest = || {
+            std::fs::read_dir(dir.join("journals"))
+                .unwrap()
+                .filter_map(|e| e.unwrap().file_name().to_str()?.parse::<u64>().ok())
+                .max()
+                .unwrap()
+        };
+        let handle = |store: &DurableStore| locked(&store.journal).open.as_ref().map(|o| o.0);
+        let body = "x".repeat(64 * 1024);
+        let written = {
+            let store = open(&dir, SyncPolicy::Commit);
+            let q = store.queue("big", 10_000, false);
+            store.sync().await.unwrap();
+            q.try_push(msg("first"), 0, None).unwrap();
+            store.sync().await.unwrap();
+            // fjall's own layout, as the handle expects it (else it falls back to fjall's fsync).
+            assert_eq!(handle(&store), Some(newest()));
+            // Past the 16 MiB write buffer: fjall seals the journal and starts the next one.
+            let mut n = 1;
+            while newest() == 0 {
+                for _ in 0..16 {
+                    q.try_push(msg(&body), 0, None).unwrap();
+                    n += 1;
+                }
+                store.sync().await.unwrap();
+                assert!(n < 1000, "the journal was never rotated");
+            }
+            q.try_push(msg("last"), 0, None).unwrap();
+            store.sync().await.unwrap();
+            assert_eq!(handle(&store), Some(newest()));
+            n + 1
+        };
+        let store = open(&dir, SyncPolicy::Commit);
+        assert_eq!(store.queue("big", 10_000, false).lengths().get(&0), Some(&written));
+    }
+
+    #[tokio::test]
     async fn queues_survive_a_reopen_with_one_copy_per_message() {
         let dir = temp();
         let (a, b, c) = (msg("a"), msg("b"), msg("c"));
@@ -1534,6 +1656,7 @@ mod tests {
             // Room for about three messages.
             let limit = 3 * 400;
             let store = DurableStore::open(
+                &dir,
                 open_keyspace(&dir).unwrap(),
                 SyncPolicy::Os,
                 Some(limit),

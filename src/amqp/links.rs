@@ -25,13 +25,14 @@ use crate::{
     metrics as m,
     queue::{Endpoint, QueueError},
     sas::now_secs,
+    store::StoreError,
 };
 
 /// How long a sender waits for room in a full queue before its message is refused.
 const PUSH_WAIT: Duration = Duration::from_secs(30);
 /// Bound on one hub-to-client transfer waiting for link credit.
 const SEND_WAIT: Duration = Duration::from_secs(60);
-/// Most deliveries settled by one disposition.
+/// Deliveries that start a group commit without waiting for the end of their burst.
 const ACCEPT_BATCH: usize = 64;
 
 pub(super) async fn run(
@@ -235,36 +236,40 @@ async fn events(
     cancel: LinkStop,
 ) {
     let max = core.settings.limits.max_message_size as usize;
-    // Accepted deliveries whose disposition is not sent yet. A burst of transfers is settled
-    // with one disposition once no further transfer is ready (or 64 are waiting); each was
-    // already in every target queue before it was added here.
-    let mut to_accept: Vec<DeliveryInfo> = Vec::new();
+    let mut commits = GroupCommit::new(core.clone());
     let mut received_metrics = m::ReceivedCache::default();
     loop {
-        if to_accept.len() >= ACCEPT_BATCH {
-            settle(&rx, &mut to_accept, &core).await;
-        }
-        let delivery = if to_accept.is_empty() {
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                d = rx.recv::<Body<Value>>() => d,
+        // A group commit starts once no further transfer is ready (or enough are waiting) and
+        // none is in flight; while one is in flight the link reads on, and what it reads
+        // meanwhile waits for the next.
+        let mut ready = None;
+        if commits.can_start() {
+            if commits.queued.len() < ACCEPT_BATCH {
+                // recv is cancel-safe: polling it once loses nothing.
+                ready = rx.recv::<Body<Value>>().now_or_never();
             }
-        } else {
-            // recv is cancel-safe: polling it once loses nothing.
-            match rx.recv::<Body<Value>>().now_or_never() {
-                Some(d) => d,
-                None => {
-                    settle(&rx, &mut to_accept, &core).await;
+            if ready.is_none() {
+                commits.start();
+            }
+        }
+        let delivery = match ready {
+            Some(d) => d,
+            None => tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                result = commits.in_flight() => {
+                    commits.settle(&rx, result).await;
                     continue;
                 }
-            }
+                d = rx.recv::<Body<Value>>(), if commits.queued.len() < MAX_QUEUED => d,
+            },
         };
         let delivery = match delivery {
             Ok(d) => d,
             Err(e) => {
                 if !is_normal_end(&e) {
                     debug!(error = %e, "closing events link");
-                    settle(&rx, &mut to_accept, &core).await;
+                    commits.finish(&rx).await;
                     let _ = rx
                         .close_with_error(amqp_error(AmqpError::DecodeError, e.to_string()))
                         .await;
@@ -273,7 +278,7 @@ async fn events(
             }
         };
         if !conn.is_authorized(&id, now_secs()) {
-            settle(&rx, &mut to_accept, &core).await;
+            commits.finish(&rx).await;
             let why = format!("the token for {id} has expired");
             let _ = rx
                 .close_with_error(amqp_error(AmqpError::UnauthorizedAccess, why))
@@ -308,16 +313,97 @@ async fn events(
             }
         }
         match refused {
-            None => to_accept.push(info),
+            None => commits.queued.push(info),
             Some(e) => {
                 let _ = rx.reject(info, e).await;
             }
         }
     }
-    if !to_accept.is_empty() {
-        settle(&rx, &mut to_accept, &core).await;
-    }
+    commits.finish(&rx).await;
     close_receiver(rx, &cancel).await;
+}
+
+/// Most deliveries an events link holds waiting for a group commit before it stops reading.
+const MAX_QUEUED: usize = 1024;
+
+type SyncFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
+
+/// The deliveries of an events link whose messages are queued, on their way to being accepted
+/// once the store has made them durable: `queued` wait for the next group commit, `syncing`
+/// for the one in flight (at most one per link; the store joins links' commits together).
+struct GroupCommit {
+    core: Arc<HubCore>,
+    queued: Vec<DeliveryInfo>,
+    syncing: Vec<DeliveryInfo>,
+    sync: Option<SyncFuture>,
+}
+
+impl GroupCommit {
+    fn new(core: Arc<HubCore>) -> Self {
+        Self {
+            core,
+            queued: Vec::new(),
+            syncing: Vec::new(),
+            sync: None,
+        }
+    }
+
+    /// Whether a commit could start now: deliveries wait and none is in flight.
+    fn can_start(&self) -> bool {
+        self.sync.is_none() && !self.queued.is_empty()
+    }
+
+    /// Starts a commit covering every queued delivery.
+    fn start(&mut self) {
+        self.syncing.append(&mut self.queued);
+        let core = self.core.clone();
+        self.sync = Some(Box::pin(async move { core.sync().await }));
+    }
+
+    /// The outcome of the commit in flight; pending while there is none.
+    async fn in_flight(&mut self) -> Result<(), StoreError> {
+        match self.sync.as_mut() {
+            Some(sync) => sync.await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Settles the deliveries of the commit that ended with `result`: accepted once durable;
+    /// if the store could not make them so, rejected so the sender sends them again (a
+    /// duplicate, never a loss).
+    async fn settle(&mut self, rx: &Receiver, result: Result<(), StoreError>) {
+        self.sync = None;
+        match result {
+            Ok(()) => {
+                let _ = rx.accept_all(self.syncing.drain(..)).await;
+            }
+            Err(e) => {
+                tracing::error!(
+                    "queued messages could not be made durable; senders must resend: {e}"
+                );
+                for info in self.syncing.drain(..) {
+                    let why = format!("the hub could not store the message: {e}");
+                    let _ = rx
+                        .reject(info, amqp_error(AmqpError::ResourceLimitExceeded, why))
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Settles everything: the commit in flight, then one for what is still queued.
+    async fn finish(&mut self, rx: &Receiver) {
+        if self.sync.is_some() {
+            let result = self.in_flight().await;
+            self.settle(rx, result).await;
+        }
+        if !self.queued.is_empty() {
+            self.start();
+            let result = self.in_flight().await;
+            self.settle(rx, result).await;
+        }
+    }
 }
 
 /// The message format of a batch (the C# SDK's `SendEventBatchAsync`): each data section of
@@ -372,28 +458,6 @@ async fn take(
         Err(why) => {
             m::unacked("queue_full", &msg);
             Err(amqp_error(AmqpError::ResourceLimitExceeded, why))
-        }
-    }
-}
-
-/// Accepts the deliveries whose messages are queued, once the store has made them durable; if
-/// it cannot, they are rejected so the sender sends them again (a duplicate, never a loss).
-async fn settle(rx: &Receiver, pending: &mut Vec<DeliveryInfo>, core: &HubCore) {
-    if pending.is_empty() {
-        return;
-    }
-    match core.sync().await {
-        Ok(()) => {
-            let _ = rx.accept_all(pending.drain(..)).await;
-        }
-        Err(e) => {
-            tracing::error!("queued messages could not be made durable; senders must resend: {e}");
-            for info in pending.drain(..) {
-                let why = format!("the hub could not store the message: {e}");
-                let _ = rx
-                    .reject(info, amqp_error(AmqpError::ResourceLimitExceeded, why))
-                    .await;
-            }
         }
     }
 }
