@@ -371,7 +371,7 @@ impl Hub {
         };
 
         let store_dir = settings.data_dir.join("store");
-        let keyspace = crate::store::open_keyspace(&store_dir)?;
+        let keyspace = crate::store::open_keyspace(&store_dir, settings.max_store_bytes)?;
         let twins = crate::twins::TwinStore::with_keyspace(keyspace.clone())?;
         let store = match settings.storage.persistent {
             true => Some(crate::store::DurableStore::open(
@@ -466,6 +466,9 @@ async fn housekeeping(core: Arc<HubCore>, shutdown: CancellationToken) {
         }
         for e in core.router().endpoints() {
             e.expire_now();
+        }
+        if let Some(store) = &core.store {
+            store.reclaim();
         }
     }
 }

@@ -34,6 +34,9 @@ pub struct Queued {
     pub delivery_count: u8,
 }
 
+/// How often a push waiting for a compacting store looks again.
+const STORE_BUSY_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum QueueError {
     #[error("the queue is full")]
@@ -44,6 +47,9 @@ pub enum QueueError {
     Storage,
     #[error("the store is full (storeLimits.maxSizeBytes)")]
     StoreFull,
+    /// The store's files are past their bound until a compaction ends: worth waiting for.
+    #[error("the store is compacting to keep its files within storeLimits.maxSizeBytes")]
+    StoreBusy,
 }
 
 /// What a `pop` found.
@@ -272,7 +278,8 @@ impl Endpoint {
         }
     }
 
-    /// Pushes a message, waiting for room up to `wait`.
+    /// Puts a message in the queue, waiting up to `wait` for room (a full queue, or a store
+    /// compacting to stay within its limit).
     pub async fn push(
         &self,
         msg: Arc<Message>,
@@ -294,6 +301,14 @@ impl Endpoint {
                     if tokio::time::timeout_at(deadline, notified).await.is_err() {
                         return Err(QueueError::Full);
                     }
+                }
+                Err(QueueError::StoreBusy) => {
+                    // Nothing signals the end of a compaction: look again shortly.
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(QueueError::StoreBusy);
+                    }
+                    let next = tokio::time::Instant::now() + STORE_BUSY_POLL;
+                    tokio::time::sleep_until(next.min(deadline)).await;
                 }
                 Err(e) => return Err(e),
             }

@@ -88,6 +88,8 @@ pub enum StoreError {
     Encode(u64, String),
     #[error("the store holds {stored} of its {limit} bytes (storeLimits.maxSizeBytes)")]
     Full { stored: u64, limit: u64 },
+    #[error("the store's files take {files} bytes, over their bound of {bound} (storeLimits.maxSizeBytes and room to compact); compacting")]
+    Compacting { files: u64, bound: u64 },
 }
 
 /// What to do when a new message would take the store past its limit.
@@ -101,6 +103,30 @@ pub enum Overflow {
 
 fn fj(e: impl std::fmt::Display) -> StoreError {
     StoreError::Fjall(e.to_string())
+}
+
+/// Writes between two measures of the store's files against its limit (see
+/// [`DurableStore::reclaim`]).
+const FILES_CHECK_EVERY: u64 = 32;
+
+/// Bytes the files in `dir` take on disk: fjall's journals are created at 32 MiB and filled
+/// in place, so their length says nothing about what they use.
+fn allocated(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// What the store's files may hold beyond the messages before a full compaction: a quarter of
+/// the limit, at least 4 MiB.
+fn slack(limit: u64) -> u64 {
+    (limit / 4).max(4 * 1024 * 1024)
 }
 
 fn poisoned() -> StoreError {
@@ -453,6 +479,12 @@ pub struct DurableStore {
     /// Set when an fsync of the journal failed: what it should have covered may be lost, so
     /// every later write is refused (as fjall does when it cannot write its journal).
     poisoned: Arc<std::sync::atomic::AtomicBool>,
+    /// A compaction started by [`DurableStore::reclaim`] is running.
+    compacting: Arc<std::sync::atomic::AtomicBool>,
+    /// Bytes of the store's files when last measured (journals and both partitions).
+    files: AtomicU64,
+    /// fjall's journal directory.
+    journals: std::path::PathBuf,
 }
 
 /// fjall's active journal, fsynced through a file handle of the store's own.
@@ -610,6 +642,9 @@ impl DurableStore {
                 open: None,
             })),
             poisoned: Arc::default(),
+            compacting: Arc::default(),
+            files: AtomicU64::new(0),
+            journals: dir.join("journals"),
         }))
     }
 
@@ -698,9 +733,65 @@ impl DurableStore {
         Ok(())
     }
 
-    /// Bytes the store takes on disk.
+    /// With a size limit, keeps what the store's files hold beyond the messages themselves
+    /// (entries deleted or replaced but not yet compacted away, journals) under [`slack`]: past
+    /// that, both partitions are compacted in full on a thread of their own, one compaction at
+    /// a time. fjall's own compactions leave deleted entries in its upper levels for as long as
+    /// those stay under their size targets, which are fixed and may be far larger than a small
+    /// limit; under a flood with `dropOldest` the files would grow to several times the limit.
+    /// Called every second and every [`FILES_CHECK_EVERY`] writes; returns the files' bytes.
+    pub fn reclaim(&self) -> u64 {
+        let files =
+            self.queue.disk_space() + self.messages.disk_space() + allocated(&self.journals);
+        self.files.store(files, Ordering::Relaxed);
+        let Some(limit) = self.limit else {
+            return files;
+        };
+        if files <= self.stored.load(Ordering::Relaxed) + slack(limit)
+            || self.compacting.swap(true, Ordering::AcqRel)
+        {
+            return files;
+        }
+        let parts = [self.queue.clone(), self.messages.clone()];
+        let compacting = self.compacting.clone();
+        let spawned = std::thread::Builder::new()
+            .name("store-compaction".into())
+            .spawn(move || {
+                for part in parts {
+                    if let Err(e) = part.major_compact() {
+                        tracing::warn!(error = %e, "compacting the store failed");
+                    }
+                }
+                compacting.store(false, Ordering::Release);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "compacting the store failed");
+            self.compacting.store(false, Ordering::Release);
+        }
+        files
+    }
+
+    /// Refuses a write while the store's files are past the limit and twice [`slack`]: writers
+    /// then wait for the compaction to catch up (back-pressure), so a flood cannot outrun it.
+    fn check_files(&self) -> Result<(), StoreError> {
+        let Some(limit) = self.limit else {
+            return Ok(());
+        };
+        let bound = limit + 2 * slack(limit);
+        let mut files = self.files.load(Ordering::Relaxed);
+        if files > bound || self.written.load(Ordering::Relaxed) % FILES_CHECK_EVERY == 0 {
+            files = self.reclaim();
+        }
+        if files > bound {
+            return Err(StoreError::Compacting { files, bound });
+        }
+        Ok(())
+    }
+
+    /// Bytes the store (and the twins beside it) takes on disk. fjall counts its active
+    /// journal at its preallocated length; the blocks it uses are counted instead.
     pub fn disk_bytes(&self) -> u64 {
-        self.keyspace.disk_space()
+        self.keyspace.disk_space() - self.keyspace.journal_disk_space() + allocated(&self.journals)
     }
 
     /// Bytes held (entries and records) and the limit, if any.
@@ -755,6 +846,7 @@ impl DurableStore {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(poisoned());
         }
+        self.check_files()?;
         let mut copies = locked(&self.copies);
         let written = match copies.get_mut(&msg_id) {
             None => {
@@ -1099,6 +1191,7 @@ impl QueueStore for DurableQueue {
                         }
                     }
                     Err(StoreError::Full { .. }) => return Err(QueueError::StoreFull),
+                    Err(StoreError::Compacting { .. }) => return Err(QueueError::StoreBusy),
                     Err(e) => {
                         tracing::error!(endpoint = %self.endpoint, "message not stored: {e}");
                         return Err(QueueError::Storage);
@@ -1240,10 +1333,16 @@ impl QueueStore for DurableQueue {
 /// under load), one flush and one compaction worker. Writes stay in the journal buffer until
 /// [`DurableStore::sync`] (or a twin write) persists it, instead of one write to the journal
 /// file per fjall write.
-pub fn open_keyspace(dir: &Path) -> Result<fjall::Keyspace, StoreError> {
+///
+/// With a store limit (`cap`, `storeLimits.maxSizeBytes`) the write buffer is an eighth of it
+/// (from 1 to 16 MiB): fjall keeps a journal until the memtables it fed are flushed, so a
+/// smaller buffer keeps the journals on disk small next to the cap, whatever flows through.
+pub fn open_keyspace(dir: &Path, cap: Option<u64>) -> Result<fjall::Keyspace, StoreError> {
+    const MIB: u64 = 1024 * 1024;
+    let write_buffer = cap.map_or(16 * MIB, |cap| (cap / 8).clamp(MIB, 16 * MIB));
     fjall::Config::new(dir)
         .cache_size(8 * 1024 * 1024)
-        .max_write_buffer_size(16 * 1024 * 1024)
+        .max_write_buffer_size(write_buffer)
         .max_journaling_size(64 * 1024 * 1024)
         .flush_workers(1)
         .compaction_workers(1)
@@ -1269,7 +1368,7 @@ mod tests {
     fn open(dir: &Path, policy: SyncPolicy) -> Arc<DurableStore> {
         DurableStore::open(
             dir,
-            open_keyspace(dir).unwrap(),
+            open_keyspace(dir, None).unwrap(),
             policy,
             None,
             Overflow::RejectNew,
@@ -1538,7 +1637,10 @@ mod tests {
             n + 1
         };
         let store = open(&dir, SyncPolicy::Commit);
-        assert_eq!(store.queue("big", 10_000, false).lengths().get(&0), Some(&written));
+        assert_eq!(
+            store.queue("big", 10_000, false).lengths().get(&0),
+            Some(&written)
+        );
     }
 
     #[tokio::test]
@@ -1657,7 +1759,7 @@ mod tests {
             let limit = 3 * 400;
             let store = DurableStore::open(
                 &dir,
-                open_keyspace(&dir).unwrap(),
+                open_keyspace(&dir, Some(limit)).unwrap(),
                 SyncPolicy::Os,
                 Some(limit),
                 overflow,

@@ -481,6 +481,9 @@ pub(crate) async fn enqueue(core: &HubCore, msg: &Arc<Message>) -> Result<usize,
                 QueueError::StoreFull => format!(
                     "the store is full (storeLimits.maxSizeBytes); endpoint {endpoint} cannot take more"
                 ),
+                QueueError::StoreBusy => format!(
+                    "the store is compacting to keep its files within storeLimits.maxSizeBytes; endpoint {endpoint} cannot take more yet, retry later"
+                ),
                 QueueError::Storage => {
                     format!("the message could not be stored for endpoint {endpoint}; retry later")
                 }

@@ -75,6 +75,12 @@ pub async fn start_hub_https(routes: &str, extra: &str) -> TestHub {
     .await
 }
 
+/// Like `start_hub_with`, with `extra` top-level config members (see `start_hub_https`).
+pub async fn start_hub_extra(routes: &str, store_and_forward: &str, extra: &str) -> TestHub {
+    let dir = std::env::temp_dir().join(format!("edgehub-test-{}", uuid::Uuid::new_v4()));
+    start_config(dir, routes, "{}", store_and_forward, "null", extra).await
+}
+
 async fn start(dir: PathBuf, routes: &str, limits: &str, store_and_forward: &str) -> TestHub {
     start_config(dir, routes, limits, store_and_forward, "null", "").await
 }
