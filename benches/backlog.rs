@@ -95,7 +95,9 @@ async fn main() {
     let cfg = dir.join("edgehub.json");
     std::fs::write(&cfg, &text).expect("config");
     let settings = config::from_str(&text, &HashMap::new()).expect("config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgehub"))
+    // BENCH_HUB: another hub binary to measure (e.g. built from an earlier commit).
+    let hub = std::env::var("BENCH_HUB").unwrap_or_else(|_| env!("CARGO_BIN_EXE_edgehub").into());
+    let mut child = Command::new(hub)
         .args(["run", "--config"])
         .arg(&cfg)
         .stderr(Stdio::piped())
