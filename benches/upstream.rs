@@ -80,7 +80,9 @@ fn message(t0: Instant, seq: u64) -> Message<Body<Value>> {
 /// Starts `edgehub run` on `config` and waits for the stderr line matching `ready`; returns the
 /// process and the text after `amqps=` on the ready line.
 fn spawn_hub(config: &Path, wait_for: &[&str]) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgehub"))
+    // BENCH_HUB: another hub binary to measure (e.g. built from an earlier commit).
+    let hub = std::env::var("BENCH_HUB").unwrap_or_else(|_| env!("CARGO_BIN_EXE_edgehub").into());
+    let mut child = Command::new(hub)
         .args(["run", "--config"])
         .arg(config)
         .stderr(Stdio::piped())

@@ -487,6 +487,15 @@ pub struct DurableStore {
     journals: std::path::PathBuf,
 }
 
+/// Clears the store's `compacting` flag when the compaction ends, however it ends.
+struct Compacting(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Compacting {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// fjall's active journal, fsynced through a file handle of the store's own.
 ///
 /// fjall's own fsync (`persist(SyncAll)`) holds the journal's lock for the whole fsync, and
@@ -520,17 +529,14 @@ impl ActiveJournal {
     }
 
     /// A handle on the newest journal file.
+    ///
+    /// The directory is listed at every sync (it holds a few files): between two syncs fjall may
+    /// have started several journals and deleted the older ones, the one held open included.
     fn newest(&mut self) -> Option<&std::fs::File> {
-        let mut id = match &self.open {
-            Some((id, _)) => *id,
-            None => std::fs::read_dir(&self.dir)
-                .ok()?
-                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
-                .max()?,
-        };
-        while self.dir.join((id + 1).to_string()).exists() {
-            id += 1;
-        }
+        let id = std::fs::read_dir(&self.dir)
+            .ok()?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+            .max()?;
         if self.open.as_ref().map(|(open, _)| *open) != Some(id) {
             self.open = std::fs::File::open(self.dir.join(id.to_string()))
                 .ok()
@@ -709,6 +715,11 @@ impl DurableStore {
         if self.synced.load(Ordering::Acquire) >= target {
             return Ok(());
         }
+        // Checked again under the lock: an fsync that failed while this caller waited may have
+        // lost writes, and the next fsync of the same file would not report it again.
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(poisoned());
+        }
         let covered = self.written.load(Ordering::Acquire);
         match self.policy {
             // One write of the journal buffer to the OS; no disk wait.
@@ -721,7 +732,11 @@ impl DurableStore {
                 let journal = self.journal.clone();
                 let poisoned = self.poisoned.clone();
                 tokio::task::spawn_blocking(move || {
-                    locked(&journal).sync(&ks).inspect_err(|_| {
+                    let mut journal = locked(&journal);
+                    if poisoned.load(Ordering::Acquire) {
+                        return Err(self::poisoned());
+                    }
+                    journal.sync(&ks).inspect_err(|_| {
                         poisoned.store(true, Ordering::Release);
                     })
                 })
@@ -753,20 +768,20 @@ impl DurableStore {
             return files;
         }
         let parts = [self.queue.clone(), self.messages.clone()];
-        let compacting = self.compacting.clone();
+        let running = Compacting(self.compacting.clone());
         let spawned = std::thread::Builder::new()
             .name("store-compaction".into())
             .spawn(move || {
+                let _running = running;
                 for part in parts {
                     if let Err(e) = part.major_compact() {
                         tracing::warn!(error = %e, "compacting the store failed");
                     }
                 }
-                compacting.store(false, Ordering::Release);
             });
         if let Err(e) = spawned {
+            // The closure, and with it the guard, is dropped: the flag is clear again.
             tracing::warn!(error = %e, "compacting the store failed");
-            self.compacting.store(false, Ordering::Release);
         }
         files
     }
@@ -791,7 +806,11 @@ impl DurableStore {
     /// Bytes the store (and the twins beside it) takes on disk. fjall counts its active
     /// journal at its preallocated length; the blocks it uses are counted instead.
     pub fn disk_bytes(&self) -> u64 {
-        self.keyspace.disk_space() - self.keyspace.journal_disk_space() + allocated(&self.journals)
+        // Read at different moments: a rotation in between may make the second the larger.
+        self.keyspace
+            .disk_space()
+            .saturating_sub(self.keyspace.journal_disk_space())
+            + allocated(&self.journals)
     }
 
     /// Bytes held (entries and records) and the limit, if any.
@@ -1641,6 +1660,49 @@ mod tests {
             store.queue("big", 10_000, false).lengths().get(&0),
             Some(&written)
         );
+    }
+
+    #[tokio::test]
+    async fn the_journal_handle_follows_journals_started_and_deleted_between_syncs() {
+        let dir = temp();
+        let limit = 8 << 20; // a 1 MiB write buffer: journals rotate often
+        let store = DurableStore::open(
+            &dir,
+            open_keyspace(&dir, Some(limit)).unwrap(),
+            SyncPolicy::Commit,
+            Some(limit),
+            Overflow::RejectNew,
+        )
+        .unwrap();
+        let q = store.queue("q", 100, false);
+        q.try_push(msg("a"), 0, None).unwrap();
+        store.sync().await.unwrap();
+        let first = locked(&store.journal).open.as_ref().unwrap().0;
+        let journal = |id: u64| dir.join("journals").join(id.to_string());
+        // Writes the store does not count (as removals and twin writes) start new journals
+        // until fjall has deleted the one the handle holds and the one after it.
+        let big = vec![7u8; 256 * 1024];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut i = 0u64;
+        while journal(first).exists() || journal(first + 1).exists() {
+            store.messages.insert(i.to_be_bytes(), &big).unwrap();
+            store.messages.remove(i.to_be_bytes()).unwrap();
+            i += 1;
+            assert!(
+                std::time::Instant::now() < deadline,
+                "journals never deleted"
+            );
+            tokio::task::yield_now().await;
+        }
+        q.try_push(msg("b"), 0, None).unwrap();
+        store.sync().await.unwrap();
+        let newest = std::fs::read_dir(dir.join("journals"))
+            .unwrap()
+            .filter_map(|e| e.unwrap().file_name().to_str()?.parse::<u64>().ok())
+            .max()
+            .unwrap();
+        assert!(newest > first + 1);
+        assert_eq!(locked(&store.journal).open.as_ref().unwrap().0, newest);
     }
 
     #[tokio::test]

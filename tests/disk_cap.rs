@@ -81,9 +81,10 @@ struct Flood {
 }
 
 /// Module A sends `total` bytes in messages of `size` bytes (50 unsettled at a time) to a hub
-/// whose store may hold `cap` bytes, while the store's files are sampled; then module B takes
+/// whose store may hold `cap` bytes, while the store's files are sampled; then the files may
+/// settle (a compaction may still run) until they are within `settle_to`, and module B takes
 /// everything that was kept.
-async fn flood(overflow: &str, cap: u64, total: u64, size: usize) -> Flood {
+async fn flood(overflow: &str, cap: u64, total: u64, size: usize, settle_to: u64) -> Flood {
     let hub = start_hub_extra(
         ROUTES,
         &format!(r#"{{"timeToLiveSecs": 7200, "storeLimits": {{"maxSizeBytes": {cap}}}}}"#),
@@ -107,6 +108,8 @@ async fn flood(overflow: &str, cap: u64, total: u64, size: usize) -> Flood {
     let sent = (total / size as u64) as usize;
     let mut accepted = 0;
     let mut in_flight = FuturesUnordered::new();
+    // A send may wait up to 30 s for a compacting store before it is refused.
+    let send_wait = Duration::from_secs(45);
     let mut tally = |outcome: Option<Result<Outcome, _>>| match outcome {
         Some(Ok(Outcome::Accepted(_))) => accepted += 1,
         Some(Ok(Outcome::Rejected(r))) => {
@@ -116,28 +119,26 @@ async fn flood(overflow: &str, cap: u64, total: u64, size: usize) -> Flood {
         other => panic!("{other:?}"),
     };
     for i in 0..sent {
-        let fut = timeout(WAIT, tx.send_batchable(message(i, size)))
+        let fut = timeout(send_wait, tx.send_batchable(message(i, size)))
             .await
             .unwrap()
             .unwrap();
         in_flight.push(fut);
         if in_flight.len() >= 50 {
-            tally(timeout(WAIT, in_flight.next()).await.unwrap());
+            tally(timeout(send_wait, in_flight.next()).await.unwrap());
         }
     }
     while !in_flight.is_empty() {
-        tally(timeout(WAIT, in_flight.next()).await.unwrap());
+        tally(timeout(send_wait, in_flight.next()).await.unwrap());
     }
     sampler.abort();
     let peak = peak.load(Ordering::Relaxed).max(disk_use(&store_dir));
-    // A compaction may still be running: the files settle once it ends.
-    let settled_bound = cap + (cap / 4).max(4 << 20) + (4 << 20);
     let settled = timeout(WAIT, async {
         let mut every = tokio::time::interval(Duration::from_millis(50));
         loop {
             every.tick().await;
             let now = disk_use(&store_dir);
-            if now <= settled_bound {
+            if now <= settle_to {
                 return now;
             }
         }
@@ -189,7 +190,7 @@ const MIB: u64 = 1 << 20;
 #[tokio::test]
 async fn with_reject_new_a_flood_is_refused_and_the_files_stay_at_the_cap() {
     let cap = 4 * MIB;
-    let f = flood("rejectNew", cap, 12 * cap, 16 << 10).await;
+    let f = flood("rejectNew", cap, 12 * cap, 16 << 10, cap + 4 * MIB).await;
     assert!(
         f.accepted > 0 && f.accepted < f.sent,
         "{} of {}",
@@ -209,7 +210,8 @@ async fn with_reject_new_a_flood_is_refused_and_the_files_stay_at_the_cap() {
 #[tokio::test]
 async fn with_drop_oldest_the_files_stay_within_their_bound_under_a_flood() {
     let cap = 32 * MIB;
-    let f = flood("dropOldest", cap, 10 * cap, 64 << 10).await;
+    let settle_to = cap + cap / 4 + 8 * MIB;
+    let f = flood("dropOldest", cap, 10 * cap, 64 << 10, settle_to).await;
     // Nothing is refused: the oldest messages make room, the newest are kept, in order.
     assert_eq!(f.accepted, f.sent);
     let newest = f.sent as i64 - 1;
@@ -225,7 +227,7 @@ async fn with_drop_oldest_the_files_stay_within_their_bound_under_a_flood() {
         f.peak
     );
     assert!(
-        f.settled <= cap + cap / 4 + 8 * MIB,
+        f.settled <= settle_to,
         "settled at {} for a cap of {cap}",
         f.settled
     );

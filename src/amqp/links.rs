@@ -326,9 +326,6 @@ async fn events(
 /// Most deliveries an events link holds waiting for a group commit before it stops reading.
 const MAX_QUEUED: usize = 1024;
 
-type SyncFuture =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
-
 /// The deliveries of an events link whose messages are queued, on their way to being accepted
 /// once the store has made them durable: `queued` wait for the next group commit, `syncing`
 /// for the one in flight (at most one per link; the store joins links' commits together).
@@ -336,7 +333,9 @@ struct GroupCommit {
     core: Arc<HubCore>,
     queued: Vec<DeliveryInfo>,
     syncing: Vec<DeliveryInfo>,
-    sync: Option<SyncFuture>,
+    /// The commit in flight, a task of its own: it holds the store's sync lock while it runs,
+    /// which must not wait on this link (a push waiting for room, a disposition).
+    sync: Option<tokio::task::JoinHandle<Result<(), StoreError>>>,
 }
 
 impl GroupCommit {
@@ -358,13 +357,15 @@ impl GroupCommit {
     fn start(&mut self) {
         self.syncing.append(&mut self.queued);
         let core = self.core.clone();
-        self.sync = Some(Box::pin(async move { core.sync().await }));
+        self.sync = Some(tokio::spawn(async move { core.sync().await }));
     }
 
     /// The outcome of the commit in flight; pending while there is none.
     async fn in_flight(&mut self) -> Result<(), StoreError> {
         match self.sync.as_mut() {
-            Some(sync) => sync.await,
+            Some(sync) => sync
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Fjall(format!("the commit task failed: {e}")))),
             None => std::future::pending().await,
         }
     }
