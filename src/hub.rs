@@ -241,7 +241,8 @@ impl HubCore {
     }
 }
 
-/// Re-reads the config file and applies what can change while running: the routes and the TTL.
+/// Re-reads the config file and applies what can change while running: the routes, the TTL,
+/// the store's size limit and desired properties.
 /// Returns the number of routes now running; on a config error nothing changes.
 pub fn reload(
     core: &HubCore,
@@ -255,6 +256,12 @@ pub fn reload(
     m::invalid_routes(next.route_errors.len());
     let n = next.routes.len();
     core.reload_routes(next.routes, next.time_to_live_secs);
+    if let Some(store) = &core.store {
+        if store.usage().1 != next.max_store_bytes {
+            info!(limit = ?next.max_store_bytes, "store limit changed (storeLimits.maxSizeBytes)");
+            store.set_limit(next.max_store_bytes);
+        }
+    }
     core.apply_desired(&next.modules);
     Ok(n)
 }

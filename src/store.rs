@@ -468,7 +468,8 @@ pub struct DurableStore {
     removals: Mutex<fjall::Batch>,
     /// Bytes of entries and records held: what `limit` caps.
     stored: AtomicU64,
-    limit: Option<u64>,
+    /// `storeLimits.maxSizeBytes`; `u64::MAX` for none. Changes with a config reload.
+    limit: AtomicU64,
     pub overflow: Overflow,
     recovered: Mutex<HashMap<String, Vec<Recovered>>>,
     /// Writes made / writes covered by a completed sync.
@@ -637,7 +638,7 @@ impl DurableStore {
             endpoints: Mutex::new(Vec::new()),
             removals: Mutex::new(removals),
             stored: AtomicU64::new(stored),
-            limit,
+            limit: AtomicU64::new(limit.unwrap_or(u64::MAX)),
             overflow,
             recovered: Mutex::new(recovered),
             written: AtomicU64::new(0),
@@ -759,7 +760,7 @@ impl DurableStore {
         let files =
             self.queue.disk_space() + self.messages.disk_space() + allocated(&self.journals);
         self.files.store(files, Ordering::Relaxed);
-        let Some(limit) = self.limit else {
+        let Some(limit) = self.limit() else {
             return files;
         };
         if files <= self.stored.load(Ordering::Relaxed) + slack(limit)
@@ -789,7 +790,7 @@ impl DurableStore {
     /// Refuses a write while the store's files are past the limit and twice [`slack`]: writers
     /// then wait for the compaction to catch up (back-pressure), so a flood cannot outrun it.
     fn check_files(&self) -> Result<(), StoreError> {
-        let Some(limit) = self.limit else {
+        let Some(limit) = self.limit() else {
             return Ok(());
         };
         let bound = limit + 2 * slack(limit);
@@ -813,14 +814,27 @@ impl DurableStore {
             + allocated(&self.journals)
     }
 
+    /// `storeLimits.maxSizeBytes`, if any.
+    fn limit(&self) -> Option<u64> {
+        Some(self.limit.load(Ordering::Relaxed)).filter(|l| *l != u64::MAX)
+    }
+
+    /// Changes the limit (a config reload). Messages already held stay, even past a lower
+    /// limit; new ones are refused (or make room) until the store is back under it. The write
+    /// buffer sized from the limit at open changes at the next start.
+    pub fn set_limit(&self, limit: Option<u64>) {
+        self.limit
+            .store(limit.unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
     /// Bytes held (entries and records) and the limit, if any.
     pub fn usage(&self) -> (u64, Option<u64>) {
-        (self.stored.load(Ordering::Relaxed), self.limit)
+        (self.stored.load(Ordering::Relaxed), self.limit())
     }
 
     /// Counts `bytes` as held, unless that would pass the limit.
     fn reserve(&self, bytes: u64) -> Result<(), StoreError> {
-        let Some(limit) = self.limit else {
+        let Some(limit) = self.limit() else {
             self.stored.fetch_add(bytes, Ordering::Relaxed);
             return Ok(());
         };

@@ -122,6 +122,11 @@ async function startHub({ modules = { A: {}, B: {} }, routes = {}, limits, extra
     async halt() {
       return terminate();
     },
+    /// Kills the hub (SIGKILL: no shutdown, nothing flushed) and keeps its data for `resume`.
+    async kill() {
+      proc.child.kill('SIGKILL');
+      return withTimeout(proc.exited, 15000, 'edgehub killed');
+    },
     /// Starts a halted hub again on the same config and data.
     async resume() {
       proc = await launch(configPath);
