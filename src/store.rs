@@ -32,7 +32,7 @@
 //! * "Durable" means: with `sync = "commit"` (the default), [`DurableStore::sync`] has fsynced
 //!   the journal after the write; the hub acknowledges a sender only after that (one fsync
 //!   covers every write made before it started: group commit; the fsync is made on a handle
-//!   of the store's own, see [`ActiveJournal`], so writes go on meanwhile). With `sync = "os"`,
+//!   of the store's own, see `ActiveJournal`, so writes go on meanwhile). With `sync = "os"`,
 //!   [`DurableStore::sync`] hands the journal to the OS without an fsync: the write survives a
 //!   crash of the hub but not a power loss. Writes wait in fjall's journal buffer until then
 //!   (batches and the store's partitions use manual journal persistence; a twin write, which
@@ -53,7 +53,10 @@
 //!   logged.
 //! * `storeLimits.maxSizeBytes` caps the bytes of keys and values held (entries and records),
 //!   counted in memory and rebuilt at open; a write that would pass it is refused before it is
-//!   made (or makes room by dropping the oldest of its queue with `dropOldest`).
+//!   made (or makes room by dropping the oldest of its queue with `dropOldest`). The files
+//!   are kept in proportion to it: a write buffer of an eighth of it ([`open_keyspace`]), full
+//!   compactions past a slack, and writers held back past twice that
+//!   ([`DurableStore::reclaim`]).
 //! * A journal that cannot be written (a full disk) poisons the keyspace, whether that shows at
 //!   a write (which then has fjall write its buffer out at once) or at the next
 //!   [`DurableStore::sync`]: every later write fails instead of landing after a torn one, so
@@ -750,12 +753,12 @@ impl DurableStore {
     }
 
     /// With a size limit, keeps what the store's files hold beyond the messages themselves
-    /// (entries deleted or replaced but not yet compacted away, journals) under [`slack`]: past
+    /// (entries deleted or replaced but not yet compacted away, journals) under `slack`: past
     /// that, both partitions are compacted in full on a thread of their own, one compaction at
     /// a time. fjall's own compactions leave deleted entries in its upper levels for as long as
     /// those stay under their size targets, which are fixed and may be far larger than a small
     /// limit; under a flood with `dropOldest` the files would grow to several times the limit.
-    /// Called every second and every [`FILES_CHECK_EVERY`] writes; returns the files' bytes.
+    /// Called every second and every `FILES_CHECK_EVERY` writes; returns the files' bytes.
     pub fn reclaim(&self) -> u64 {
         let files =
             self.queue.disk_space() + self.messages.disk_space() + allocated(&self.journals);
