@@ -192,11 +192,21 @@ fn module_env(settings: &Settings, module: &str) -> anyhow::Result<String> {
 }
 
 async fn run(settings: Settings, config: PathBuf) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Signal handlers first: a SIGTERM or SIGHUP that comes as soon as the hub says it is ready
+    // must find them (without one, either signal would kill the process).
+    let term = signal(SignalKind::terminate())?;
+    let interrupt = signal(SignalKind::interrupt())?;
+    let hup = signal(SignalKind::hangup())
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "SIGHUP cannot be watched; reload on file change only"),
+        )
+        .ok();
     let hub = Hub::start(settings).await?;
     let core = hub.core.clone();
     let stop = hub.shutdown_token();
-    let watcher = tokio::spawn(watch_config(core, config, stop));
-    wait_for_signal().await?;
+    let watcher = tokio::spawn(watch_config(core, config, hup, stop));
+    wait_for_signal(term, interrupt).await;
     watcher.abort();
     tracing::info!("shutting down");
     hub.shutdown().await;
@@ -208,23 +218,21 @@ async fn run(settings: Settings, config: PathBuf) -> anyhow::Result<()> {
 async fn watch_config(
     core: std::sync::Arc<edgehub::hub::HubCore>,
     path: PathBuf,
+    mut hup: Option<tokio::signal::unix::Signal>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "SIGHUP cannot be watched; reload on file change only");
-            return;
-        }
-    };
     let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut last = modified(&path);
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
     loop {
         let why = tokio::select! {
             _ = stop.cancelled() => return,
-            _ = hup.recv() => "SIGHUP",
+            Some(_) = async {
+                match hup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => "SIGHUP",
             _ = tick.tick() => {
                 let now = modified(&path);
                 if now == last { continue; }
@@ -247,12 +255,12 @@ async fn watch_config(
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
+async fn wait_for_signal(
+    mut term: tokio::signal::unix::Signal,
+    mut interrupt: tokio::signal::unix::Signal,
+) {
     tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
+        _ = interrupt.recv() => {}
         _ = term.recv() => {}
     }
-    Ok(())
 }

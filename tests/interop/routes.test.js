@@ -110,9 +110,17 @@ test('a priority-0 route overtakes a backlog of priority-5 messages', async (t) 
   const firstArrival = new Promise((resolve) => {
     b.once('inputMessage', (input, msg) => resolve(msg.messageId));
   });
-  // Settle everything, so closing does not wait on unsettled deliveries.
-  b.on('inputMessage', (input, msg) => b.complete(msg, () => {}));
+  // Settle everything, and take the whole backlog before the test ends, so closing does not
+  // race deliveries still arriving.
+  let completed = 0;
+  const allSettled = new Promise((resolve) => {
+    b.on('inputMessage', (input, msg) => b.complete(msg, () => {
+      completed += 1;
+      if (completed === 51) resolve();
+    }));
+  });
   await withTimeout(b.open(), 15000, 'B open');
   const first = await withTimeout(firstArrival, 15000, 'first message at B');
   assert.equal(first, 'urgent');
+  await withTimeout(allSettled, 15000, 'the whole backlog at B, completed');
 });

@@ -133,12 +133,16 @@ test('a full store refuses the SDK\'s message with resource-limit-exceeded and l
 
   const b = await fromEnv(hub.env('B'));
   clients.push(b);
+  // Resolved once every message is completed, so closing does not race a completion.
   const received = [];
+  let completed = 0;
   const all = new Promise((resolve) => {
     b.on('inputMessage', (_input, msg) => {
       received.push(msg.messageId);
-      b.complete(msg, () => {});
-      if (received.length === accepted.length) resolve();
+      b.complete(msg, () => {
+        completed += 1;
+        if (completed === accepted.length) resolve();
+      });
     });
   });
   await withTimeout(b.open(), 15000, 'B open');
@@ -201,16 +205,23 @@ test('SIGKILL under load from the SDK: every acknowledged message is delivered a
   const b = await fromEnv(hub.env('B'));
   clients.push(b);
   const received = [];
+  let completed = 0;
   const missing = () => [...ackedAtKill].filter((id) => !received.includes(id));
   const all = new Promise((resolve) => {
     b.on('inputMessage', (_input, msg) => {
       received.push(msg.messageId);
-      b.complete(msg, () => {});
-      if (missing().length === 0) resolve();
+      b.complete(msg, () => {
+        completed += 1;
+        if (missing().length === 0) resolve();
+      });
     });
   });
   await withTimeout(b.open(), 15000, 'B open');
   await withTimeout(all, 20000, 'every acknowledged message after the restart');
+  // Let the extras (messages that were in flight at the kill) arrive and be completed too, so
+  // the counts below are final and closing does not race a delivery.
+  const queue = (m) => sample(m, 'edgehub_queue_length', { endpoint: 'edge1/B/in1' });
+  await until(hub, (m) => queue(m) === 0 && completed === received.length, 15000, 'the queue drained');
   // Nothing invented; nothing acknowledged lost; extras only from A's window in flight at the kill;
   // order kept.
   assert.ok(received.every((id) => sent.has(id)));
