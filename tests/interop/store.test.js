@@ -30,24 +30,31 @@ async function until(hub, check, ms, what) {
   }
 }
 
-test('the queue-length metric matches the store: offline, after a restart, after expiry, drained', async (t) => {
-  const hub = await startHub({
-    routes: {
-      kept: 'FROM /messages/modules/A/outputs/out1 INTO BrokeredEndpoint("/modules/B/inputs/in1")',
-      shortLived: {
-        route: 'FROM /messages/modules/A/outputs/out2 INTO BrokeredEndpoint("/modules/B/inputs/in2")',
-        priority: 0,
-        timeToLiveSecs: 1,
-      },
-    },
-  });
+const A_TO_B = 'FROM /messages/modules/A/outputs/out1 INTO BrokeredEndpoint("/modules/B/inputs/in1")';
+
+/// A hub for test `t` with `routes`, and the list of SDK clients it closes (then the hub) when
+/// the test ends.
+async function hubFor(t, routes = { aToB: A_TO_B }) {
+  const hub = await startHub({ routes });
   const clients = [];
   t.after(async () => {
     try {
-      await withTimeout(Promise.all(clients.map((c) => c.close())), 10000, 'closing clients');
+      await withTimeout(Promise.allSettled(clients.map((c) => c.close())), 10000, 'closing clients');
     } finally {
       await hub.stop();
     }
+  });
+  return { hub, clients };
+}
+
+test('the queue-length metric matches the store: offline, after a restart, after expiry, drained', async (t) => {
+  const { hub, clients } = await hubFor(t, {
+    kept: A_TO_B,
+    shortLived: {
+      route: 'FROM /messages/modules/A/outputs/out2 INTO BrokeredEndpoint("/modules/B/inputs/in2")',
+      priority: 0,
+      timeToLiveSecs: 1,
+    },
   });
   const length = (text, input) => sample(text, 'edgehub_queue_length', { endpoint: `edge1/B/${input}` });
 
@@ -97,19 +104,9 @@ test('the queue-length metric matches the store: offline, after a restart, after
 });
 
 test('a full store refuses the SDK\'s message with resource-limit-exceeded and loses nothing accepted', async (t) => {
-  const hub = await startHub({
-    routes: { aToB: 'FROM /messages/modules/A/outputs/out1 INTO BrokeredEndpoint("/modules/B/inputs/in1")' },
-  });
+  const { hub, clients } = await hubFor(t);
   // The cap comes with a config reload, which applies it to the running store.
   await hub.rewrite((c) => { c.$edgeHub.storeAndForwardConfiguration.storeLimits = { maxSizeBytes: 20000 }; });
-  const clients = [];
-  t.after(async () => {
-    try {
-      await withTimeout(Promise.all(clients.map((c) => c.close())), 10000, 'closing clients');
-    } finally {
-      await hub.stop();
-    }
-  });
   const a = await fromEnv(hub.env('A'));
   clients.push(a);
   await withTimeout(a.open(), 15000, 'A open');
@@ -151,17 +148,7 @@ test('a full store refuses the SDK\'s message with resource-limit-exceeded and l
 });
 
 test('SIGKILL under load from the SDK: every acknowledged message is delivered after the restart', async (t) => {
-  const hub = await startHub({
-    routes: { aToB: 'FROM /messages/modules/A/outputs/out1 INTO BrokeredEndpoint("/modules/B/inputs/in1")' },
-  });
-  const clients = [];
-  t.after(async () => {
-    try {
-      await withTimeout(Promise.allSettled(clients.map((c) => c.close())), 10000, 'closing clients');
-    } finally {
-      await hub.stop();
-    }
-  });
+  const { hub, clients } = await hubFor(t);
   const a = await fromEnv(hub.env('A'));
   clients.push(a);
   // A does not reconnect after the kill (it would keep retrying for minutes otherwise).
