@@ -489,8 +489,9 @@ fn get_twin(
 /// Does an `If-Match` value (`*`, or entity tags, quoted or not, weak or strong) match `etag`?
 fn etag_matches(if_match: &str, etag: &str) -> bool {
     if_match.split(',').map(str::trim).any(|t| {
-        let t = t.strip_prefix("W/").unwrap_or(t);
-        t == "*" || t.trim_matches('"') == etag
+        // The service SDKs quote every etag they send, `*` included (`If-Match: "*"`).
+        let t = t.strip_prefix("W/").unwrap_or(t).trim_matches('"');
+        t == "*" || t == etag
     })
 }
 
@@ -604,6 +605,7 @@ mod tests {
         let e = "AAAAAAAAAAM=";
         for m in [
             "*",
+            "\"*\"",
             "\"AAAAAAAAAAM=\"",
             "AAAAAAAAAAM=",
             "W/\"AAAAAAAAAAM=\"",

@@ -11,6 +11,7 @@ use edgehub::{
     identity::{ConnectionString, ModuleId},
     tls,
 };
+use tracing_log::LogTracer;
 
 /// mimalloc instead of the system allocator: a message's way through the hub is many small,
 /// short-lived allocations (decoded sections, queue entries, frames), where glibc's allocator
@@ -77,10 +78,54 @@ fn init_logs(settings: &Settings) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if settings.log_format == "json" {
-        builder.json().init();
+    // `log` records (rustls) reach tracing through `QuietSni`, not tracing-log's own bridge.
+    let installed = if settings.log_format == "json" {
+        tracing::subscriber::set_global_default(builder.json().finish())
     } else {
-        builder.init();
+        tracing::subscriber::set_global_default(builder.finish())
+    };
+    if installed.is_ok() && log::set_boxed_logger(Box::new(QuietSni(LogTracer::new()))).is_ok() {
+        log::set_max_level(log::LevelFilter::Trace);
+    }
+}
+
+/// Forwards `log` records to tracing, with rustls's "Illegal SNI" warnings as debug: every SDK
+/// (and Proton) sends the gateway's IP address as SNI, which rustls warns about on each
+/// connection although it is normal client behaviour.
+struct QuietSni(LogTracer);
+
+impl QuietSni {
+    fn is_sni_notice(record: &log::Record<'_>) -> bool {
+        record.level() == log::Level::Warn
+            && record.target().starts_with("rustls::")
+            && record.args().to_string().starts_with("Illegal SNI")
+    }
+}
+
+impl log::Log for QuietSni {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if Self::is_sni_notice(record) {
+            let args = *record.args();
+            let demoted = log::Record::builder()
+                .level(log::Level::Debug)
+                .target(record.target())
+                .module_path(record.module_path())
+                .file(record.file())
+                .line(record.line())
+                .args(args)
+                .build();
+            self.0.log(&demoted);
+        } else {
+            self.0.log(record);
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush();
     }
 }
 

@@ -814,11 +814,11 @@ async fn twin_responses(mut tx: Sender, id: Identity, core: Arc<HubCore>, cancel
             }
             a.build()
         });
-        let body = if body.is_empty() {
-            Body::<Value>::Empty
-        } else {
-            Body::Data(vec![Data(fe2o3_amqp::types::primitives::Binary::from(body))].into())
-        };
+        // Always exactly one `data` section, empty or not, as edgeHub sends: the C SDK's twin
+        // messenger drops a reply whose body is anything else (an `amqp-value` null, say).
+        let body = Body::<Value>::Data(
+            vec![Data(fe2o3_amqp::types::primitives::Binary::from(body))].into(),
+        );
         let msg = AmqpMessage {
             header: None,
             delivery_annotations: None,
