@@ -30,6 +30,16 @@ cargo clippy --all-targets --quiet -- -D warnings
 echo "== cargo build (the binary the interop tests start)"
 cargo build --quiet --bins
 
+echo "== tools: Qpid Proton and pytest for the system Python (Debian python3-qpid-proton, python3-pytest)"
+if ! /usr/bin/python3 -c 'import proton, pytest' 2>/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-qpid-proton python3-pytest >/dev/null
+fi
+
+echo "== conformance (Python Qpid Proton)"
+EDGEHUB_BIN="$PWD/target/debug/edgehub" PYTHONDONTWRITEBYTECODE=1 \
+  timeout 300 /usr/bin/python3 -m pytest -q tests/conformance
+
 echo "== fuzz: route and condition parser (cargo fuzz, 30 s)"
 if ! command -v cargo-fuzz >/dev/null; then
   cargo install cargo-fuzz --locked --quiet

@@ -1,0 +1,57 @@
+import os
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from hubproc import DEVICE, Hub  # noqa: E402
+from wire import IOTHUB_HOST, Client, sas_token  # noqa: E402
+
+SERVICE_POLICY = "service"
+SERVICE_KEY = "c2VydmljZS1wb2xpY3kta2V5LWZvci1jb25mb3JtYW5jZS10ZXN0cw=="
+
+ROUTES = {
+    "aToB": 'FROM /messages/modules/A/outputs/out1 INTO BrokeredEndpoint("/modules/B/inputs/in1")',
+}
+
+
+@pytest.fixture(scope="session")
+def hub():
+    h = Hub(modules={"A": {"properties.desired": {"threshold": 5}}, "B": {}, "C": {}},
+            routes=ROUTES,
+            extra={"servicePolicies": {SERVICE_POLICY: {"primaryKey": SERVICE_KEY}}})
+    try:
+        yield h
+    finally:
+        h.stop()
+
+
+@pytest.fixture
+def connect(hub):
+    """Opens clients to the hub; closes every one of them after the test."""
+    clients = []
+
+    def open_client(idle_timeout=None):
+        c = Client(hub.host, hub.ca_path, idle_timeout=idle_timeout)
+        clients.append(c)
+        return c
+
+    yield open_client
+    for c in clients:
+        c.close()
+
+
+@pytest.fixture
+def module_client(hub, connect):
+    """A client authenticated as a module of the edge device."""
+    def make(module, idle_timeout=None):
+        c = connect(idle_timeout)
+        c.authenticate(DEVICE, module, hub.module_key(module))
+        return c
+    return make
+
+
+def service_token():
+    return sas_token(IOTHUB_HOST, SERVICE_KEY, int(time.time()) + 3600, skn=SERVICE_POLICY)

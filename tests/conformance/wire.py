@@ -1,0 +1,546 @@
+"""A small AMQP 1.0 client built on the Qpid Proton engine, driven by hand over a TLS socket.
+
+Everything the hub sends is kept twice: as raw frames (split from the decrypted byte stream
+here, independently of Proton, with their arrival times) and as raw delivery payloads, which
+`sections` decodes section by section with Proton's codec. Nothing relies on
+`proton.Message`, whose convenience decoding hides the difference between no body, an
+`amqp-value` null and an empty `data` section.
+"""
+
+import base64
+import hashlib
+import hmac
+import select
+import socket
+import ssl
+import time
+import urllib.parse
+import uuid
+
+from proton import Collector, Connection, Data, Endpoint, Event, Transport, symbol
+
+IOTHUB_HOST = "test-hub.azure-devices.net"
+
+# Message section descriptors (AMQP 1.0, part 3.2).
+HEADER = 0x70
+DELIVERY_ANNOTATIONS = 0x71
+MESSAGE_ANNOTATIONS = 0x72
+PROPERTIES = 0x73
+APPLICATION_PROPERTIES = 0x74
+DATA = 0x75
+AMQP_SEQUENCE = 0x76
+AMQP_VALUE = 0x77
+FOOTER = 0x78
+
+# Performative descriptors (AMQP 1.0, part 2.7).
+OPEN = 0x10
+ATTACH = 0x12
+TRANSFER = 0x14
+CLOSE = 0x18
+
+# Proton's type codes by name, for messages that say what was found.
+TYPE_NAMES = {getattr(Data, n): n.lower() for n in (
+    "NULL", "BOOL", "UBYTE", "BYTE", "USHORT", "SHORT", "UINT", "INT", "CHAR", "ULONG", "LONG",
+    "TIMESTAMP", "FLOAT", "DOUBLE", "DECIMAL32", "DECIMAL64", "DECIMAL128", "UUID", "BINARY",
+    "STRING", "SYMBOL", "DESCRIBED", "ARRAY", "LIST", "MAP")}
+
+PROPERTY_FIELDS = ("message-id", "user-id", "to", "subject", "reply-to", "correlation-id",
+                   "content-type", "content-encoding", "absolute-expiry-time", "creation-time",
+                   "group-id", "group-sequence", "reply-to-group-id")
+
+
+class Typed:
+    """A decoded AMQP value with its AMQP type (one of Proton's `Data` type codes)."""
+
+    def __init__(self, type_code, value):
+        self.type = type_code
+        self.value = value
+
+    @property
+    def type_name(self):
+        return TYPE_NAMES.get(self.type, str(self.type))
+
+    def __repr__(self):
+        return f"{self.type_name}:{self.value!r}"
+
+
+def _read(d):
+    """Reads the current node of `d` as a Typed value; maps become dicts of Typed to Typed."""
+    t = d.type()
+    if t == Data.MAP:
+        n = d.get_map()
+        d.enter()
+        out = {}
+        for _ in range(n // 2):
+            d.next()
+            k = _read(d)
+            d.next()
+            v = _read(d)
+            out[(k.type, k.value)] = (k, v)
+        d.exit()
+        return Typed(t, out)
+    if t == Data.LIST:
+        n = d.get_list()
+        d.enter()
+        items = []
+        for _ in range(n):
+            d.next()
+            items.append(_read(d))
+        d.exit()
+        return Typed(t, items)
+    if t == Data.DESCRIBED:
+        d.enter()
+        d.next()
+        desc = _read(d)
+        d.next()
+        inner = _read(d)
+        d.exit()
+        return Typed(t, (desc, inner))
+    return Typed(t, d.get_object())
+
+
+def decode_one(raw):
+    """Decodes the first AMQP value of `raw`; returns (Typed, bytes consumed)."""
+    d = Data()
+    n = d.decode(raw)
+    d.rewind()
+    d.next()
+    return _read(d), n
+
+
+class Section:
+    def __init__(self, code, value, raw):
+        self.code = code
+        self.value = value  # Typed
+        self.raw = raw  # the section's encoded bytes
+
+    def __repr__(self):
+        return f"Section(0x{self.code:02x}, {self.value!r})"
+
+
+def sections(raw):
+    """Splits an encoded message into its described sections, in order."""
+    out = []
+    pos = 0
+    while pos < len(raw):
+        value, n = decode_one(raw[pos:])
+        assert value.type == Data.DESCRIBED, f"section at byte {pos} is not described: {value!r}"
+        desc, inner = value.value
+        assert desc.type == Data.ULONG, f"section descriptor is not a ulong code: {desc!r}"
+        out.append(Section(int(desc.value), inner, raw[pos:pos + n]))
+        pos += n
+    return out
+
+
+class Decoded:
+    """An encoded message split into sections, with typed lookups."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.sections = sections(raw)
+
+    def of(self, code):
+        return [s for s in self.sections if s.code == code]
+
+    def _map(self, code):
+        found = self.of(code)
+        assert len(found) <= 1, f"section 0x{code:02x} appears {len(found)} times"
+        if not found:
+            return None
+        assert found[0].value.type == Data.MAP, f"section 0x{code:02x} is not a map"
+        return found[0].value.value
+
+    def annotations(self):
+        """Message annotations: {key text: (key Typed, value Typed)}, or None when absent."""
+        m = self._map(MESSAGE_ANNOTATIONS)
+        return None if m is None else {str(k.value): (k, v) for k, v in m.values()}
+
+    def application_properties(self):
+        m = self._map(APPLICATION_PROPERTIES)
+        return None if m is None else {str(k.value): (k, v) for k, v in m.values()}
+
+    def properties(self):
+        """The properties section as {field name: Typed} (null fields left out), or None."""
+        found = self.of(PROPERTIES)
+        assert len(found) <= 1, f"properties section appears {len(found)} times"
+        if not found:
+            return None
+        assert found[0].value.type == Data.LIST, "properties is not a list"
+        return {PROPERTY_FIELDS[i]: v for i, v in enumerate(found[0].value.value)
+                if v.type != Data.NULL}
+
+    def body_sections(self):
+        return [s for s in self.sections if s.code in (DATA, AMQP_SEQUENCE, AMQP_VALUE)]
+
+    def describe_body(self):
+        return [(f"0x{s.code:02x}", s.value) for s in self.body_sections()]
+
+
+def encode_message(*, properties=None, annotations=None, app_properties=None, data=None,
+                   value=None):
+    """Encodes a message section by section. `properties`: {field name: (put method, value)};
+    `annotations`: {symbol key: str}; `app_properties`: {str: value}; body: `data` bytes (one
+    data section) or `value` (an amqp-value string)."""
+    d = Data()
+
+    def described(code, fill):
+        d.put_described()
+        d.enter()
+        d.put_ulong(code)
+        fill()
+        d.exit()
+
+    if annotations is not None:
+        described(MESSAGE_ANNOTATIONS, lambda: d.put_dict({symbol(k): v for k, v in annotations.items()}))
+    if properties is not None:
+        def fill_props():
+            d.put_list()
+            d.enter()
+            last = max(PROPERTY_FIELDS.index(k) for k in properties)
+            for name in PROPERTY_FIELDS[:last + 1]:
+                if name in properties:
+                    put, v = properties[name]
+                    getattr(d, put)(v)
+                else:
+                    d.put_null()
+            d.exit()
+        described(PROPERTIES, fill_props)
+    if app_properties is not None:
+        described(APPLICATION_PROPERTIES, lambda: d.put_dict(app_properties))
+    if data is not None:
+        described(DATA, lambda: d.put_binary(data))
+    if value is not None:
+        described(AMQP_VALUE, lambda: d.put_string(value))
+    return d.encode()
+
+
+def sas_token(resource, key_b64, expiry, skn=None):
+    sr = urllib.parse.quote(resource, safe="")
+    mac = hmac.new(base64.b64decode(key_b64), f"{sr}\n{expiry}".encode(), hashlib.sha256)
+    sig = urllib.parse.quote(base64.b64encode(mac.digest()).decode(), safe="")
+    token = f"SharedAccessSignature sr={sr}&sig={sig}&se={expiry}"
+    if skn:
+        token += f"&skn={urllib.parse.quote(skn, safe='')}"
+    return token
+
+
+class Frame:
+    def __init__(self, at, raw):
+        self.at = at  # time.monotonic() when its last byte arrived
+        self.raw = raw
+
+    @property
+    def empty(self):
+        """An empty frame (a keep-alive): the 8-byte header and nothing else."""
+        doff = self.raw[4] * 4
+        return len(self.raw) == doff
+
+    @property
+    def performative(self):
+        """(descriptor code, fields as a list of Typed), or None for an empty frame."""
+        if self.empty:
+            return None
+        value, _ = decode_one(self.raw[self.raw[4] * 4:])
+        desc, fields = value.value
+        return int(desc.value), fields.value
+
+
+class FrameLog:
+    """Splits one direction of the AMQP byte stream into frames, timestamped on arrival."""
+
+    def __init__(self):
+        self.buf = b""
+        self.header = None
+        self.frames = []
+
+    def feed(self, data, at):
+        self.buf += data
+        while True:
+            if self.header is None:
+                if len(self.buf) < 8:
+                    return
+                self.header, self.buf = self.buf[:8], self.buf[8:]
+                continue
+            if len(self.buf) < 8:
+                return
+            size = int.from_bytes(self.buf[:4], "big")
+            if len(self.buf) < size:
+                return
+            self.frames.append(Frame(at, self.buf[:size]))
+            self.buf = self.buf[size:]
+
+    def performatives(self, code):
+        return [f for f in self.frames if not f.empty and f.performative[0] == code]
+
+
+class Received:
+    """One delivery the hub sent, as it arrived. `tag` is the tag as Proton reports it, used
+    to settle; the exact tag bytes are read from the raw frames (`Client.transfer_tags`)."""
+
+    def __init__(self, link_name, tag, settled, raw):
+        self.link_name = link_name
+        self.tag = tag
+        self.settled = settled
+        self.raw = raw
+        self.message = Decoded(raw)
+
+
+class HubError(AssertionError):
+    pass
+
+
+class Client:
+    """One AMQP connection to the hub: no SASL layer (as the Node and C# SDKs connect), TLS
+    verified against the hub's edge CA."""
+
+    def __init__(self, host, ca_path, idle_timeout=None, connect_timeout=10.0):
+        ctx = ssl.create_default_context(cafile=ca_path)
+        raw = socket.create_connection((host, 5671), timeout=connect_timeout)
+        self.sock = ctx.wrap_socket(raw, server_hostname=host)
+        self.sock.setblocking(False)
+        self.inbound = FrameLog()
+        self.outbound = FrameLog()
+        self.eof = False
+        self.received = {}  # link name -> [Received]
+        self._unsettled = {}  # (link name, tag) -> proton Delivery still to settle
+        self.conn = Connection()
+        self.collector = Collector()
+        self.conn.collect(self.collector)
+        self.transport = Transport()
+        if idle_timeout is not None:
+            # Proton announces half of the idle time-out it is given.
+            self.transport.idle_timeout = idle_timeout
+        self.transport.bind(self.conn)
+        self.conn.container = str(uuid.uuid4())
+        self.conn.hostname = host
+        self.conn.open()
+        self.session = self.conn.session()
+        self.session.open()
+        self.wait(lambda: self.conn.state & Endpoint.REMOTE_ACTIVE, 10, "the hub's open")
+
+    # -- driving the engine ----------------------------------------------------------------
+
+    def _flush(self):
+        while True:
+            n = self.transport.pending()
+            if n <= 0:
+                return
+            data = self.transport.peek(n)
+            self.outbound.feed(data, time.monotonic())
+            view = memoryview(data)
+            while view:
+                try:
+                    sent = self.sock.send(view)
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                    select.select([], [self.sock], [], 1.0)
+                    continue
+                view = view[sent:]
+            self.transport.pop(n)
+
+    def _events(self):
+        while True:
+            ev = self.collector.peek()
+            if ev is None:
+                return
+            if ev.type == Event.DELIVERY:
+                dlv = ev.delivery
+                link = dlv.link
+                if link.is_receiver and dlv.readable and not dlv.partial:
+                    raw = link.recv(dlv.pending) or b""
+                    tag = dlv.tag
+                    self.received.setdefault(link.name, []).append(
+                        Received(link.name, tag, dlv.settled, raw))
+                    link.advance()
+                    if dlv.settled:
+                        dlv.settle()
+                    else:
+                        self._unsettled[(link.name, tag)] = dlv
+            self.collector.pop()
+
+    def pump(self, timeout):
+        """Moves bytes both ways once, waiting at most `timeout` seconds for input."""
+        self._events()
+        deadline = self.transport.tick(time.monotonic())
+        self._flush()
+        wait = timeout
+        if deadline:
+            wait = max(0.0, min(wait, deadline - time.monotonic()))
+        if self.eof:
+            return
+        if self.sock.pending() == 0:
+            select.select([self.sock], [], [], wait)
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except (ssl.SSLWantReadError, BlockingIOError):
+                break
+            except (ConnectionError, OSError):
+                data = b""
+            if not data:
+                self.eof = True
+                self.transport.close_tail()
+                break
+            now = time.monotonic()
+            self.inbound.feed(data, now)
+            pos = 0
+            while pos < len(data):
+                cap = self.transport.capacity()
+                if cap <= 0:
+                    self._events()
+                    self._flush()
+                    cap = self.transport.capacity()
+                    if cap <= 0:
+                        raise HubError("the Proton transport stopped taking input")
+                self.transport.push(data[pos:pos + cap])
+                pos += cap
+            if self.sock.pending() == 0:
+                break
+        self.transport.tick(time.monotonic())
+        self._events()
+        self._flush()
+
+    def wait(self, predicate, timeout, what):
+        end = time.monotonic() + timeout
+        while True:
+            self.pump(0)
+            result = predicate()
+            if result:
+                return result
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+            if self.eof:
+                raise HubError(f"the hub closed the connection while waiting for {what}")
+            self.pump(min(left, 0.5))
+
+    def run_for(self, seconds):
+        """Keeps the connection going for `seconds` (measuring, not synchronising)."""
+        end = time.monotonic() + seconds
+        while not self.eof:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self.pump(min(left, 0.5))
+
+    def close(self):
+        try:
+            if not self.eof:
+                self.conn.close()
+                end = time.monotonic() + 5
+                while not self.eof and time.monotonic() < end and not (
+                        self.conn.state & Endpoint.REMOTE_CLOSED):
+                    self.pump(0.2)
+        finally:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+    # -- links -----------------------------------------------------------------------------
+
+    def sender(self, address, snd_settled=False, properties=None):
+        s = self.session.sender(f"snd-{uuid.uuid4()}")
+        s.target.address = address
+        if snd_settled:
+            s.snd_settle_mode = s.SND_SETTLED
+        if properties:
+            s.properties = {symbol(k): v for k, v in properties.items()}
+        s.open()
+        self.wait(lambda: s.state & (Endpoint.REMOTE_ACTIVE | Endpoint.REMOTE_CLOSED), 10,
+                  f"attach of sender {address}")
+        return s
+
+    def receiver(self, address, credit=100, properties=None):
+        r = self.session.receiver(f"rcv-{uuid.uuid4()}")
+        r.source.address = address
+        if properties:
+            r.properties = {symbol(k): v for k, v in properties.items()}
+        r.open()
+        self.wait(lambda: r.state & (Endpoint.REMOTE_ACTIVE | Endpoint.REMOTE_CLOSED), 10,
+                  f"attach of receiver {address}")
+        r.flow(credit)
+        self.pump(0)
+        return r
+
+    def send(self, sender, payload, settled=False):
+        dlv = sender.delivery(uuid.uuid4().hex)
+        sender.send(payload)
+        sender.advance()
+        if settled:
+            dlv.settle()
+        self.pump(0)
+        return dlv
+
+    def outcome(self, dlv, timeout, what):
+        """Waits for the hub's outcome of a delivery we sent; returns it (e.g. ACCEPTED)."""
+        self.wait(lambda: dlv.remote_state, timeout, what)
+        return dlv.remote_state
+
+    def deliveries(self, link):
+        return self.received.get(link.name, [])
+
+    def next_delivery(self, link, seen, timeout, what):
+        """Waits for the delivery after the first `seen` ones on `link`."""
+        self.wait(lambda: len(self.deliveries(link)) > seen, timeout, what)
+        return self.deliveries(link)[seen]
+
+    def accept(self, received):
+        dlv = self._unsettled.pop((received.link_name, received.tag), None)
+        if dlv is not None:
+            dlv.update(dlv.ACCEPTED)
+            dlv.settle()
+            self.pump(0)
+
+    def transfer_tags(self, link):
+        """The delivery tags of the hub's transfer frames on `link`, read from the raw frames
+        (the first frame of each delivery carries it; continuation frames may omit it)."""
+        handles = set()
+        for f in self.inbound.performatives(ATTACH):
+            fields = f.performative[1]
+            if fields[0].value == link.name:
+                handles.add(int(fields[1].value))
+        tags = []
+        for f in self.inbound.performatives(TRANSFER):
+            fields = f.performative[1]
+            if int(fields[0].value) in handles and len(fields) > 2 and fields[2].type != Data.NULL:
+                tags.append(bytes(fields[2].value))
+        return tags
+
+    def link_open(self, link):
+        return bool(link.state & Endpoint.REMOTE_ACTIVE) and not (
+            link.state & Endpoint.REMOTE_CLOSED)
+
+    # -- $cbs ------------------------------------------------------------------------------
+
+    def cbs(self):
+        if not hasattr(self, "_cbs"):
+            tx = self.sender("$cbs")
+            rx = self.receiver("$cbs")
+            self._cbs = (tx, rx)
+        return self._cbs
+
+    def put_token(self, token, audience, message_id=None, timeout=10):
+        """Sends one put-token; returns (request message-id, the reply as Received)."""
+        tx, rx = self.cbs()
+        message_id = message_id if message_id is not None else str(uuid.uuid4())
+        put = "put_uuid" if isinstance(message_id, uuid.UUID) else "put_string"
+        payload = encode_message(
+            properties={"message-id": (put, message_id), "to": ("put_string", "$cbs"),
+                        "reply-to": ("put_string", "cbs")},
+            app_properties={"operation": "put-token", "type": "servicebus.windows.net:sastoken",
+                            "name": audience},
+            value=token)
+        seen = len(self.deliveries(rx))
+        self.send(tx, payload)
+        reply = self.next_delivery(rx, seen, timeout, "the put-token reply")
+        self.accept(reply)
+        return message_id, reply
+
+    def authenticate(self, device, module, key, expiry=None):
+        resource = f"{IOTHUB_HOST}/devices/{device}/modules/{module}"
+        expiry = expiry or int(time.time()) + 3600
+        _, reply = self.put_token(sas_token(resource, key, expiry),
+                                  urllib.parse.quote(resource, safe=""))
+        status = reply.message.application_properties()["status-code"][1].value
+        if status != 200:
+            raise HubError(f"put-token for {device}/{module} answered {status}")
