@@ -380,7 +380,8 @@ async fn connect_inner(
         ))
         .hostname(up.hostname.as_str())
         .max_frame_size(256 * 1024)
-        .open_with_stream(tls)
+        // Keep-alives at half the parent's idle-time-out, as towards clients.
+        .open_with_stream(crate::amqp::tags::WideTags::new(tls))
         .await
         .map_err(|e| format!("AMQP open: {e}"))?;
     let mut cbs_session = Session::begin(&mut connection)
@@ -881,10 +882,11 @@ impl TwinLink {
                 ..Default::default()
             }),
             application_properties: None,
-            body: match body {
-                Some(b) => Body::<Value>::Data(vec![Data(Binary::from(b))].into()),
-                None => Body::Empty,
-            },
+            // A request without content carries a data section of one space, as the Node and C
+            // SDKs send it; fe2o3 would encode `Body::Empty` as an `amqp-value` null.
+            body: Body::<Value>::Data(
+                vec![Data(Binary::from(body.unwrap_or_else(|| b" ".to_vec())))].into(),
+            ),
             footer: None,
         };
         let id = self.id.to_string();

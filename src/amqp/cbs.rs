@@ -111,7 +111,14 @@ pub fn response(reply: &CbsReply) -> Message<Body<Value>> {
             ..Default::default()
         }),
         application_properties: Some(ApplicationProperties(app)),
-        body: Body::Empty,
+        // edgeHub and IoT Hub send no body; fe2o3 would encode `Body::Empty` as an `amqp-value`
+        // null, so the nearest thing, an empty `data` section, goes instead.
+        body: Body::Data(
+            vec![fe2o3_amqp::types::messaging::Data(
+                fe2o3_amqp::types::primitives::Binary::from(Vec::new()),
+            )]
+            .into(),
+        ),
         footer: None,
     }
 }

@@ -35,12 +35,19 @@ const SEND_WAIT: Duration = Duration::from_secs(60);
 /// Deliveries that start a group commit without waiting for the end of their burst.
 const ACCEPT_BATCH: usize = 64;
 
+/// A twin response link's registration with the twin store: its generation and its queue.
+pub(super) type TwinSlot = (
+    u64,
+    tokio::sync::mpsc::UnboundedReceiver<crate::twins::TwinOut>,
+);
+
 pub(super) async fn run(
     link: LinkEndpoint,
     kind: LinkKind,
     conn: Arc<ConnState>,
     core: Arc<HubCore>,
     cancel: LinkStop,
+    twin_slot: Option<TwinSlot>,
 ) {
     match (link, kind) {
         (LinkEndpoint::Receiver(rx), LinkKind::Cbs) => cbs_requests(rx, conn, core, cancel).await,
@@ -53,7 +60,8 @@ pub(super) async fn run(
         }
         (LinkEndpoint::Sender(tx), LinkKind::C2d(_)) => idle_sender(tx, cancel).await,
         (LinkEndpoint::Sender(tx), LinkKind::TwinResponses(id)) => {
-            twin_responses(tx, id, core, cancel).await
+            let slot = twin_slot.unwrap_or_else(|| core.twins.attach_link(&id));
+            twin_responses(tx, id, core, cancel, slot).await
         }
         (LinkEndpoint::Receiver(rx), LinkKind::TwinRequests(id)) => {
             twin_requests(rx, id, core, cancel).await
@@ -774,12 +782,17 @@ async fn method_responses(mut rx: Receiver, id: Identity, core: Arc<HubCore>, ca
 }
 
 /// Sends twin responses and desired-property pushes to a client, pre-settled.
-async fn twin_responses(mut tx: Sender, id: Identity, core: Arc<HubCore>, cancel: LinkStop) {
+async fn twin_responses(
+    mut tx: Sender,
+    id: Identity,
+    core: Arc<HubCore>,
+    cancel: LinkStop,
+    (generation, mut out): TwinSlot,
+) {
     use crate::twins::TwinOut;
     use fe2o3_amqp::types::messaging::{
         Data, Message as AmqpMessage, MessageAnnotations, Properties,
     };
-    let (generation, mut out) = core.twins.attach_link(&id);
     let replaced = loop {
         let next = tokio::select! {
             _ = cancel.cancelled() => break false,
@@ -910,11 +923,16 @@ async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cance
             .properties
             .as_ref()
             .and_then(|p| p.correlation_id.clone());
+        let operation = operation.to_ascii_uppercase();
+        // A reply without a correlation-id reads as a desired-properties push to every SDK, so
+        // a request without one gets no reply, as on edgeHub; only a reported patch still
+        // applies.
+        if correlation_id.is_none() && operation != "PATCH" {
+            debug!(identity = %id, "twin request without a correlation-id ignored");
+            continue;
+        }
         let started = std::time::Instant::now();
-        let (status, body, version) = match (
-            operation.to_ascii_uppercase().as_str(),
-            resource.as_str(),
-        ) {
+        let (status, body, version) = match (operation.as_str(), resource.as_str()) {
             ("GET", _) => {
                 let twin = core.twins.get(&id);
                 core.twins.mark_read(&id, &twin);
@@ -974,6 +992,10 @@ async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cance
                 None,
             ),
         };
+        if correlation_id.is_none() {
+            debug!(identity = %id, status, "twin patch without a correlation-id applied, not answered");
+            continue;
+        }
         if !core.twins.respond(
             &id,
             TwinOut::Response {

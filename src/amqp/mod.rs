@@ -7,7 +7,7 @@
 
 pub mod cbs;
 mod links;
-mod tags;
+pub(crate) mod tags;
 
 use std::{
     collections::HashMap,
@@ -252,7 +252,7 @@ async fn handle_socket(
             };
             ConnectionAcceptor::builder()
                 .container_id("edgehub")
-                .max_frame_size(256 * 1024)
+                .max_frame_size(tags::MAX_FRAME_SIZE)
                 .sasl_acceptor(sasl)
                 .build()
                 .accept(stream)
@@ -260,7 +260,7 @@ async fn handle_socket(
         } else {
             ConnectionAcceptor::builder()
                 .container_id("edgehub")
-                .max_frame_size(256 * 1024)
+                .max_frame_size(tags::MAX_FRAME_SIZE)
                 .build()
                 .accept(stream)
                 .await?
@@ -373,9 +373,7 @@ async fn run_session(
     cancel: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
-    let acceptor = LinkAcceptor::builder()
-        .max_message_size(core.settings.limits.max_message_size)
-        .build();
+    let acceptors = LinkAcceptors::new(core.settings.limits.max_message_size);
     loop {
         let attach = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -385,10 +383,27 @@ async fn run_session(
         let (role, address) = attach_address(&attach);
         let name = attach.name.clone();
         let kind = classify(address.as_deref(), role);
+        // A twin response link is registered before its attach is answered: a client sends its
+        // first twin request as soon as it sees both attaches, and the reply must find the link.
+        let twin_slot = match &kind {
+            Ok(LinkKind::TwinResponses(id))
+                if core
+                    .auth
+                    .known(id)
+                    .is_some_and(|k| conn.is_authorized(&k, now_secs())) =>
+            {
+                Some((id.clone(), core.twins.attach_link(id)))
+            }
+            _ => None,
+        };
+        let acceptor = acceptors.for_link(kind.as_ref().ok(), role);
         let link = match acceptor.accept_incoming_attach(attach, &mut session).await {
             Ok(l) => l,
             Err(e) => {
                 debug!(link = %name, error = ?e, "link attach failed");
+                if let Some((id, (generation, _))) = twin_slot {
+                    core.twins.detach_link(&id, generation);
+                }
                 continue;
             }
         };
@@ -432,11 +447,73 @@ async fn run_session(
             .and_then(|id| conn.link_stop(&id))
             .unwrap_or_else(|| links::LinkStop::new(cancel.child_token()));
         let (conn, core) = (conn.clone(), core.clone());
-        tracker.spawn(links::run(link, kind, conn, core, stop).instrument(span));
+        let twin_slot = twin_slot.map(|(_, slot)| slot);
+        tracker.spawn(links::run(link, kind, conn, core, stop, twin_slot).instrument(span));
     }
     tracker.close();
     tracker.wait().await;
     let _ = session.end().await;
+}
+
+/// Link acceptors by the settle mode the hub uses where it sends, as edgeHub sets them
+/// whatever the client asks: pre-settled where a lost message is answered by the protocol
+/// itself (twin responses, method requests, `$cbs` replies: edgeHub's at-most-once links),
+/// unsettled where the client's outcome completes a stored message (module inputs, C2D: a
+/// client asking for pre-settled deliveries there would make them leave the store unread).
+/// Where the client sends, its own mode stands.
+struct LinkAcceptors {
+    settled: PlainLinkAcceptor,
+    unsettled: PlainLinkAcceptor,
+    client_sends: PlainLinkAcceptor,
+}
+
+type PlainLinkAcceptor = LinkAcceptor<
+    fn(fe2o3_amqp::types::messaging::Source) -> Option<fe2o3_amqp::types::messaging::Source>,
+    fn(fe2o3_amqp::types::messaging::Target) -> Option<fe2o3_amqp::types::messaging::Target>,
+>;
+
+impl LinkAcceptors {
+    fn new(max_message_size: u64) -> Self {
+        use fe2o3_amqp::{
+            acceptor::SupportedSenderSettleModes, types::definitions::SenderSettleMode,
+        };
+        let only = |supported, fallback| {
+            LinkAcceptor::builder()
+                .max_message_size(max_message_size)
+                .supported_sender_settle_modes(supported)
+                .fallback_sender_settle_mode(fallback)
+                .build()
+        };
+        Self {
+            settled: only(
+                SupportedSenderSettleModes::Settled,
+                SenderSettleMode::Settled,
+            ),
+            unsettled: only(
+                SupportedSenderSettleModes::Unsettled,
+                SenderSettleMode::Unsettled,
+            ),
+            client_sends: LinkAcceptor::builder()
+                .max_message_size(max_message_size)
+                .build(),
+        }
+    }
+
+    fn for_link(&self, kind: Option<&LinkKind>, role: ClientRole) -> &PlainLinkAcceptor {
+        if role == ClientRole::Sender {
+            return &self.client_sends;
+        }
+        match kind {
+            Some(LinkKind::ModuleInputs(_) | LinkKind::C2d(_)) => &self.unsettled,
+            Some(
+                LinkKind::Cbs
+                | LinkKind::TwinResponses(_)
+                | LinkKind::MethodRequests(_)
+                | LinkKind::ModuleC2d(_),
+            ) => &self.settled,
+            _ => &self.client_sends,
+        }
+    }
 }
 
 /// Refuses a link: attach, then detach-close with the condition (fe2o3 cannot refuse inline).

@@ -13,17 +13,28 @@
 //!   [`HEADROOM`], so a full transfer frame that fe2o3 builds still fits after its tag grows,
 //!   and its idle-time-out is halved, so fe2o3's keep-alives arrive well inside the peer's limit.
 //!
+//! * incoming: a `disposition` from the peer as receiver that gives a terminal outcome without
+//!   settling (the C# SDK's complete/abandon/reject, and every receiver in rcv-settle-mode
+//!   `second`) is settled before fe2o3 sees it, and the hub answers it with a settled `accepted`
+//!   disposition for the same deliveries, as edgeHub does. The C# SDK waits for that answer
+//!   (`CompleteAsync` hangs until its timeout without it) and requires it to be `accepted`;
+//!   fe2o3 answers only in rcv-settle-mode `second`, and then with the peer's own outcome. The
+//!   answer goes on the hub's channel of the session, learnt from the hub's outgoing `begin`.
+//!
 //! Protocol headers, SASL frames, empty (heartbeat) frames and every other frame pass through
-//! byte for byte; performatives are decoded and encoded with serde_amqp.
+//! byte for byte; performatives are decoded and encoded with serde_amqp. An incoming frame
+//! larger than [`MAX_FRAME_SIZE`] ends the stream with an error before it is buffered.
 
 use std::{
+    collections::HashMap,
     pin::Pin,
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
 };
 
 use fe2o3_amqp::types::{
-    definitions::DeliveryTag,
-    performatives::{MaxFrameSize, Open, Transfer},
+    definitions::{DeliveryTag, Role},
+    messaging::{Accepted, DeliveryState},
+    performatives::{Begin, Disposition, MaxFrameSize, Open, Transfer},
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -35,8 +46,13 @@ pub const HEADROOM: u32 = 64;
 /// Bytes written by fe2o3 and not yet sent before `poll_write` pushes back.
 const MAX_BUFFERED: usize = 1 << 20;
 
+/// The largest frame the hub announces it accepts (its `open`'s max-frame-size).
+pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
+
 const TRANSFER: u64 = 0x14;
 const OPEN: u64 = 0x10;
+const BEGIN: u64 = 0x11;
+const DISPOSITION: u64 = 0x15;
 
 /// One unit at the head of a byte stream.
 enum Unit {
@@ -48,7 +64,8 @@ enum Unit {
     Incomplete,
 }
 
-fn next_unit(buf: &[u8]) -> std::io::Result<Unit> {
+/// The unit at the head of `buf`; a frame declaring more than `limit` bytes is an error.
+fn next_unit(buf: &[u8], limit: usize) -> std::io::Result<Unit> {
     if buf.len() < 8 {
         return Ok(Unit::Incomplete);
     }
@@ -60,6 +77,12 @@ fn next_unit(buf: &[u8]) -> std::io::Result<Unit> {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("frame size {size} is below the minimum of 8"),
+        ));
+    }
+    if size > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame size {size} is above the limit of {limit}"),
         ));
     }
     if buf.len() < size {
@@ -118,7 +141,11 @@ fn rebuild(frame: &[u8], performative: &[u8], payload: &[u8], out: &mut Vec<u8>)
 
 /// Appends `frame` to `out`, with its delivery tag widened when it is a transfer with a short
 /// tag. A frame that does not decode is passed on as it is (fe2o3 wrote it; the peer judges).
-fn widen_transfer(frame: &[u8], out: &mut Vec<u8>) {
+///
+/// fe2o3's tags are a per-link counter from 0; the wide tag is the connection's random
+/// `prefix`, the link handle, then that counter, so that tags (and the C# SDK's lock tokens made
+/// of them) differ across links and connections, as edgeHub's GUIDs do.
+fn widen_transfer(frame: &[u8], out: &mut Vec<u8>, prefix: &[u8; 8]) {
     let doff = frame[4] as usize * 4;
     let body = &frame[doff..];
     let Some(plen) = performative_len(body) else {
@@ -138,7 +165,12 @@ fn widen_transfer(frame: &[u8], out: &mut Vec<u8>) {
         return;
     }
     if let Some(tag) = transfer.delivery_tag.take() {
-        let mut wide = vec![0u8; TAG_LEN - tag.len()];
+        let mut wide = Vec::with_capacity(TAG_LEN);
+        if tag.len() <= 4 {
+            wide.extend_from_slice(prefix);
+            wide.extend_from_slice(&transfer.handle.0.to_be_bytes());
+        }
+        wide.resize(TAG_LEN - tag.len(), 0);
         wide.extend_from_slice(&tag);
         transfer.delivery_tag = Some(DeliveryTag::from(wide));
     }
@@ -189,36 +221,121 @@ fn adjust_peer_open(frame: &[u8], out: &mut Vec<u8>) {
     }
 }
 
-/// Moves every complete unit of `raw` to `out`, rewriting AMQP frames with `code` by `f`.
-/// Returns whether a frame with `code` was seen.
+/// Moves every complete unit of `raw` to `out`; each AMQP frame goes through `f` (frame,
+/// descriptor code, out), which appends it, changed or not.
+fn process_with(
+    raw: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    limit: usize,
+    mut f: impl FnMut(&[u8], u64, &mut Vec<u8>),
+) -> std::io::Result<()> {
+    let mut at = 0;
+    let result = loop {
+        match next_unit(&raw[at..], limit) {
+            Err(e) => break Err(e),
+            Ok(Unit::Incomplete) => break Ok(()),
+            Ok(Unit::Pass(n)) => {
+                out.extend_from_slice(&raw[at..at + n]);
+                at += n;
+            }
+            Ok(Unit::Frame(n, c)) => {
+                f(&raw[at..at + n], c, out);
+                at += n;
+            }
+        }
+    };
+    raw.drain(..at);
+    result
+}
+
+/// [`process_with`] rewriting only the frames with `code`, by `f`; returns whether one was seen.
+#[cfg(test)]
 fn process(
     raw: &mut Vec<u8>,
     out: &mut Vec<u8>,
     code: u64,
     f: fn(&[u8], &mut Vec<u8>),
 ) -> std::io::Result<bool> {
-    let mut at = 0;
     let mut seen = false;
-    loop {
-        match next_unit(&raw[at..])? {
-            Unit::Incomplete => break,
-            Unit::Pass(n) => {
-                out.extend_from_slice(&raw[at..at + n]);
-                at += n;
-            }
-            Unit::Frame(n, c) => {
-                if c == code {
-                    f(&raw[at..at + n], out);
-                    seen = true;
-                } else {
-                    out.extend_from_slice(&raw[at..at + n]);
-                }
-                at += n;
-            }
+    process_with(raw, out, usize::MAX, |frame, c, out| {
+        if c == code {
+            f(frame, out);
+            seen = true;
+        } else {
+            out.extend_from_slice(frame);
         }
-    }
-    raw.drain(..at);
+    })?;
     Ok(seen)
+}
+
+/// The channel a frame was sent on.
+fn channel(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[6], frame[7]])
+}
+
+/// Learns from the hub's outgoing `begin` which of its channels answers the peer's channel.
+fn note_begin(frame: &[u8], channels: &mut HashMap<u16, u16>) {
+    let doff = frame[4] as usize * 4;
+    let body = &frame[doff..];
+    let begin =
+        performative_len(body).and_then(|plen| serde_amqp::from_slice::<Begin>(&body[..plen]).ok());
+    if let Some(remote) = begin.and_then(|b| b.remote_channel) {
+        channels.insert(remote, channel(frame));
+    }
+}
+
+/// An AMQP frame (data offset 2, type 0) carrying `performative` on `channel`.
+fn amqp_frame(channel: u16, performative: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&((8 + performative.len()) as u32).to_be_bytes());
+    out.extend_from_slice(&[2, 0]);
+    out.extend_from_slice(&channel.to_be_bytes());
+    out.extend_from_slice(performative);
+}
+
+/// Appends the peer's `disposition` to `out`, settled when it is an unsettled terminal outcome
+/// of the peer as receiver; then the hub's settled `accepted` answer goes to `replies`. Any
+/// other disposition, or one on a session whose channel is unknown, passes unchanged.
+fn settle_disposition(
+    frame: &[u8],
+    out: &mut Vec<u8>,
+    channels: &HashMap<u16, u16>,
+    replies: &mut Vec<u8>,
+) {
+    let doff = frame[4] as usize * 4;
+    let body = &frame[doff..];
+    let decoded = performative_len(body).and_then(|plen| {
+        serde_amqp::from_slice::<Disposition>(&body[..plen])
+            .ok()
+            .map(|d| (plen, d))
+    });
+    let Some((plen, mut d)) = decoded else {
+        out.extend_from_slice(frame);
+        return;
+    };
+    let ours = channels.get(&channel(frame)).copied();
+    let wanted = d.role == Role::Receiver
+        && !d.settled
+        && d.state.as_ref().is_some_and(DeliveryState::is_terminal);
+    let (true, Some(ours)) = (wanted, ours) else {
+        out.extend_from_slice(frame);
+        return;
+    };
+    d.settled = true;
+    let answer = Disposition {
+        role: Role::Sender,
+        first: d.first,
+        last: d.last,
+        settled: true,
+        state: Some(DeliveryState::Accepted(Accepted {})),
+        batchable: false,
+    };
+    match (serde_amqp::to_vec(&d), serde_amqp::to_vec(&answer)) {
+        (Ok(settled), Ok(answer)) => {
+            rebuild(frame, &settled, &body[plen..], out);
+            amqp_frame(ours, &answer, replies);
+        }
+        _ => out.extend_from_slice(frame),
+    }
 }
 
 /// The stream wrapper: see the module documentation.
@@ -234,6 +351,19 @@ pub struct WideTags<S> {
     /// Rewritten incoming bytes not yet handed to fe2o3.
     incoming: Vec<u8>,
     open_seen: bool,
+    /// The peer's session channel → the hub's channel of the same session.
+    channels: HashMap<u16, u16>,
+    /// The writer, when it last found `outgoing` could not all go out; the reader wakes it
+    /// after it sent disposition answers (and so everything before them).
+    write_waker: Option<Waker>,
+    /// The first bytes of every widened delivery tag of this connection.
+    tag_prefix: [u8; 8],
+}
+
+fn random_prefix() -> [u8; 8] {
+    let mut p = [0u8; 8];
+    p.copy_from_slice(&uuid::Uuid::new_v4().as_bytes()[..8]);
+    p
 }
 
 impl<S> WideTags<S> {
@@ -245,6 +375,9 @@ impl<S> WideTags<S> {
             read_raw: Vec::new(),
             incoming: Vec::new(),
             open_seen: false,
+            channels: HashMap::new(),
+            write_waker: None,
+            tag_prefix: random_prefix(),
         }
     }
 }
@@ -283,15 +416,25 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WideTags<S> {
             }
         }
         this.written.extend_from_slice(buf);
-        process(
+        let (channels, tag_prefix) = (&mut this.channels, &this.tag_prefix);
+        process_with(
             &mut this.written,
             &mut this.outgoing,
-            TRANSFER,
-            widen_transfer,
+            usize::MAX,
+            |frame, code, out| match code {
+                TRANSFER => widen_transfer(frame, out, tag_prefix),
+                BEGIN => {
+                    note_begin(frame, channels);
+                    out.extend_from_slice(frame);
+                }
+                _ => out.extend_from_slice(frame),
+            },
         )?;
         // Start sending; what does not go now goes on the next write or flush.
-        if let Poll::Ready(Err(e)) = this.drain(cx) {
-            return Poll::Ready(Err(e));
+        match this.drain(cx) {
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => this.write_waker = Some(cx.waker().clone()),
+            Poll::Ready(Ok(())) => {}
         }
         Poll::Ready(Ok(buf.len()))
     }
@@ -300,6 +443,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WideTags<S> {
         let this = self.get_mut();
         match this.drain(cx) {
             Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_flush(cx),
+            Poll::Pending => {
+                this.write_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
             other => other,
         }
     }
@@ -313,13 +460,37 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WideTags<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for WideTags<S> {
+impl<S: AsyncWrite + Unpin> WideTags<S> {
+    /// Sends disposition answers queued by a read (with whatever the writer left before them),
+    /// then lets the writer know. When the socket is full, the reader's waker is registered and
+    /// the next read tries again.
+    fn send_answers(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
+        match self.drain(cx) {
+            Poll::Ready(Ok(())) => {
+                if let Poll::Ready(Err(e)) = Pin::new(&mut self.inner).poll_flush(cx) {
+                    return Err(e);
+                }
+                if let Some(w) = self.write_waker.take() {
+                    w.wake();
+                }
+                Ok(())
+            }
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Ok(()),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WideTags<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
+        if !this.outgoing.is_empty() {
+            this.send_answers(cx)?;
+        }
         loop {
             if !this.incoming.is_empty() {
                 let n = this.incoming.len().min(buf.remaining());
@@ -327,15 +498,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for WideTags<S> {
                 this.incoming.drain(..n);
                 return Poll::Ready(Ok(()));
             }
-            if this.open_seen {
-                if !this.read_raw.is_empty() {
-                    // Bytes read after the open in the same chunk.
-                    std::mem::swap(&mut this.incoming, &mut this.read_raw);
-                    continue;
-                }
-                return Pin::new(&mut this.inner).poll_read(cx, buf);
-            }
-            let mut chunk = [0u8; 4096];
+            let mut chunk = [0u8; 16 * 1024];
             let mut rb = ReadBuf::new(&mut chunk);
             match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) => {
@@ -349,12 +512,25 @@ impl<S: AsyncRead + Unpin> AsyncRead for WideTags<S> {
                         continue;
                     }
                     this.read_raw.extend_from_slice(got);
-                    this.open_seen = process(
+                    let answers = this.outgoing.len();
+                    let (open_seen, channels, replies) =
+                        (&mut this.open_seen, &this.channels, &mut this.outgoing);
+                    process_with(
                         &mut this.read_raw,
                         &mut this.incoming,
-                        OPEN,
-                        adjust_peer_open,
+                        MAX_FRAME_SIZE as usize,
+                        |frame, code, out| match code {
+                            OPEN if !*open_seen => {
+                                adjust_peer_open(frame, out);
+                                *open_seen = true;
+                            }
+                            DISPOSITION => settle_disposition(frame, out, channels, replies),
+                            _ => out.extend_from_slice(frame),
+                        },
                     )?;
+                    if this.outgoing.len() > answers {
+                        this.send_answers(cx)?;
+                    }
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
@@ -405,16 +581,40 @@ mod tests {
         )
     }
 
+    fn widen_zero(frame: &[u8], out: &mut Vec<u8>) {
+        widen_transfer(frame, out, &[0; 8]);
+    }
+
+    #[test]
+    fn wide_tags_differ_across_connections_and_links() {
+        let mut seen = std::collections::HashSet::new();
+        for prefix in [random_prefix(), random_prefix()] {
+            for handle in [0u32, 1] {
+                let mut t: Transfer =
+                    serde_amqp::from_slice(&transfer(Some(vec![0, 0, 0, 0]))).unwrap();
+                t.handle = fe2o3_amqp::types::definitions::Handle(handle);
+                let f = frame(&serde_amqp::to_vec(&t).unwrap(), b"", 0);
+                let mut out = Vec::new();
+                widen_transfer(&f, &mut out, &prefix);
+                let tag = parse(&out).0.delivery_tag.unwrap().into_vec();
+                assert_eq!(tag.len(), 16);
+                assert_eq!(&tag[..8], &prefix);
+                assert!(seen.insert(tag), "tag repeated");
+            }
+        }
+    }
+
     #[test]
     fn a_short_tag_grows_to_16_bytes_and_the_payload_stays() {
         let payload = b"\x00\x53\x75\xa0\x03abc".to_vec();
         let f = frame(&transfer(Some(vec![0, 0, 0, 9])), &payload, 0);
         let mut raw = f.clone();
         let mut out = Vec::new();
-        process(&mut raw, &mut out, TRANSFER, widen_transfer).unwrap();
+        process(&mut raw, &mut out, TRANSFER, widen_zero).unwrap();
         assert!(raw.is_empty());
         let (t, p) = parse(&out);
         let mut want = vec![0u8; 16];
+        want[11] = 7; // the link handle
         want[15] = 9;
         assert_eq!(t.delivery_tag.unwrap().into_vec(), want);
         assert_eq!(t.delivery_id, Some(42));
@@ -434,12 +634,12 @@ mod tests {
         let tail = frame(&transfer(Some(vec![5])), b"z", 0);
         stream.extend_from_slice(&tail[..10]);
         let mut out = Vec::new();
-        process(&mut stream, &mut out, TRANSFER, widen_transfer).unwrap();
+        process(&mut stream, &mut out, TRANSFER, widen_zero).unwrap();
         assert_eq!(out, whole);
         assert_eq!(stream, tail[..10].to_vec(), "the incomplete frame waits");
         stream.extend_from_slice(&tail[10..]);
         out.clear();
-        process(&mut stream, &mut out, TRANSFER, widen_transfer).unwrap();
+        process(&mut stream, &mut out, TRANSFER, widen_zero).unwrap();
         let (t, p) = parse(&out);
         assert_eq!(t.delivery_tag.unwrap().len(), 16);
         assert_eq!(p, b"z");
@@ -501,9 +701,115 @@ mod tests {
         }
     }
 
+    fn disposition(role: Role, settled: bool, state: Option<DeliveryState>) -> Vec<u8> {
+        let d = Disposition {
+            role,
+            first: 5,
+            last: Some(9),
+            settled,
+            state,
+            batchable: false,
+        };
+        frame(&serde_amqp::to_vec(&d).unwrap(), b"", 0)
+    }
+
+    fn parse_disposition(f: &[u8]) -> (u16, Disposition) {
+        let body = &f[8..];
+        let plen = performative_len(body).unwrap();
+        (channel(f), serde_amqp::from_slice(&body[..plen]).unwrap())
+    }
+
+    #[test]
+    fn an_unsettled_outcome_is_settled_and_answered_accepted_on_the_hubs_channel() {
+        use fe2o3_amqp::types::messaging::{Rejected, Released};
+        // The test frames are on channel 3 (the peer's); the hub's channel for it is 1.
+        let channels = HashMap::from([(3, 1)]);
+        for outcome in [
+            DeliveryState::Accepted(Accepted {}),
+            DeliveryState::Released(Released {}),
+            DeliveryState::Rejected(Rejected { error: None }),
+        ] {
+            let f = disposition(Role::Receiver, false, Some(outcome.clone()));
+            let (mut out, mut replies) = (Vec::new(), Vec::new());
+            settle_disposition(&f, &mut out, &channels, &mut replies);
+            let (ch, seen) = parse_disposition(&out);
+            assert_eq!(ch, 3);
+            assert!(seen.settled, "fe2o3 sees it settled");
+            assert_eq!(seen.state, Some(outcome), "with the peer's outcome");
+            assert_eq!((seen.first, seen.last), (5, Some(9)));
+            let (ch, answer) = parse_disposition(&replies);
+            assert_eq!(ch, 1, "the answer goes on the hub's channel");
+            assert_eq!(answer.role, Role::Sender);
+            assert!(answer.settled);
+            assert_eq!(answer.state, Some(DeliveryState::Accepted(Accepted {})));
+            assert_eq!((answer.first, answer.last), (5, Some(9)));
+        }
+    }
+
+    #[test]
+    fn settled_or_non_terminal_or_sender_dispositions_pass_unanswered() {
+        use fe2o3_amqp::types::messaging::Received;
+        let channels = HashMap::from([(3, 1)]);
+        let accepted = || Some(DeliveryState::Accepted(Accepted {}));
+        let received = Some(DeliveryState::Received(Received {
+            section_number: 0,
+            section_offset: 0,
+        }));
+        for f in [
+            disposition(Role::Receiver, true, accepted()),
+            disposition(Role::Receiver, false, received),
+            disposition(Role::Receiver, false, None),
+            disposition(Role::Sender, false, accepted()),
+        ] {
+            let (mut out, mut replies) = (Vec::new(), Vec::new());
+            settle_disposition(&f, &mut out, &channels, &mut replies);
+            assert_eq!(out, f);
+            assert!(replies.is_empty());
+        }
+        // A session the hub never began: left to fe2o3.
+        let f = disposition(Role::Receiver, false, accepted());
+        let (mut out, mut replies) = (Vec::new(), Vec::new());
+        settle_disposition(&f, &mut out, &HashMap::new(), &mut replies);
+        assert_eq!(out, f);
+        assert!(replies.is_empty());
+    }
+
+    #[test]
+    fn the_hubs_begin_maps_the_peers_channel() {
+        let begin = Begin {
+            remote_channel: Some(3),
+            next_outgoing_id: 0,
+            incoming_window: 10,
+            outgoing_window: 10,
+            handle_max: Default::default(),
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        };
+        let mut f = frame(&serde_amqp::to_vec(&begin).unwrap(), b"", 0);
+        f[6..8].copy_from_slice(&7u16.to_be_bytes());
+        let mut channels = HashMap::new();
+        note_begin(&f, &mut channels);
+        assert_eq!(channels.get(&3), Some(&7));
+    }
+
+    #[test]
+    fn an_incoming_frame_above_the_limit_is_an_error_before_it_is_buffered() {
+        let mut raw = ((MAX_FRAME_SIZE + 1).to_be_bytes()).to_vec();
+        raw.extend_from_slice(&[2, 0, 0, 0]);
+        let err = process_with(
+            &mut raw,
+            &mut Vec::new(),
+            MAX_FRAME_SIZE as usize,
+            |_, _, _| {},
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    }
+
     #[test]
     fn a_frame_size_below_eight_is_an_error() {
         let mut raw = vec![0, 0, 0, 4, 2, 0, 0, 0];
-        assert!(process(&mut raw, &mut Vec::new(), TRANSFER, widen_transfer).is_err());
+        assert!(process(&mut raw, &mut Vec::new(), TRANSFER, widen_zero).is_err());
     }
 }
