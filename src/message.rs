@@ -11,7 +11,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use fe2o3_amqp::types::messaging::annotations::OwnedKey;
 use fe2o3_amqp::types::{
     messaging::{
-        ApplicationProperties, Body, Data, Message as AmqpMessage, MessageAnnotations, Properties,
+        ApplicationProperties, Body, Data, Message as AmqpMessage, MessageAnnotations, MessageId,
+        Properties,
     },
     primitives::{Binary, SimpleValue, Symbol, Timestamp, Value},
 };
@@ -215,17 +216,23 @@ impl Message {
         );
         ann.insert(sym(DELIVERY_COUNT), Value::Ubyte(delivery_count));
         ann.insert(sym(SEQUENCE_NUMBER), Value::Ulong(sequence));
-        let app = if self.application_properties.is_empty() {
-            None
-        } else {
-            Some(ApplicationProperties(self.application_properties.clone()))
-        };
+        let app = string_properties(&self.application_properties);
+        // Ids as strings, as edgeHub delivers them (its messages hold string ids).
+        let properties = self.properties.clone().map(|mut p| {
+            p.message_id = p
+                .message_id
+                .map(|id| MessageId::String(message_id_text(&id)));
+            p.correlation_id = p
+                .correlation_id
+                .map(|id| MessageId::String(message_id_text(&id)));
+            p
+        });
         AmqpMessage {
             header: None,
             delivery_annotations: None,
             message_annotations: Some(MessageAnnotations(ann)),
-            properties: self.properties.clone(),
-            application_properties: app,
+            properties,
+            application_properties: (!app.is_empty()).then_some(ApplicationProperties(app)),
             body: Body::Data(vec![Data(Binary::from(self.body.clone()))].into()),
             footer: None,
         }
@@ -237,7 +244,7 @@ impl Message {
     /// and kept annotations as the client sent them, the output name back in
     /// `iothub-outputname` so that the parent's routes see the same source.
     pub fn to_upstream_message(&self) -> AmqpMessage<Body<Value>> {
-        let mut app = self.application_properties.clone();
+        let mut app = string_properties(&self.application_properties);
         if let Some(o) = &self.output {
             app.insert(
                 OUTPUT_NAME_PROPERTY.to_owned(),
@@ -255,6 +262,19 @@ impl Message {
             footer: None,
         }
     }
+}
+
+/// The application properties the hub sends on: the string ones (symbols as strings). edgeHub
+/// keeps only string properties, the C# SDK drops others, and the C SDK refuses a whole message
+/// that has one that is not a string.
+fn string_properties(app: &OrderedMap<String, SimpleValue>) -> OrderedMap<String, SimpleValue> {
+    app.iter()
+        .filter_map(|(k, v)| match v {
+            SimpleValue::String(_) => Some((k.clone(), v.clone())),
+            SimpleValue::Symbol(s) => Some((k.clone(), SimpleValue::String(s.0.clone()))),
+            _ => None,
+        })
+        .collect()
 }
 
 fn simple_len(v: &SimpleValue) -> usize {
@@ -336,8 +356,7 @@ fn utf32le(b: &[u8]) -> Option<String> {
         .collect()
 }
 
-fn message_id_text(id: &fe2o3_amqp::types::messaging::MessageId) -> String {
-    use fe2o3_amqp::types::messaging::MessageId;
+fn message_id_text(id: &MessageId) -> String {
     match id {
         MessageId::String(s) => s.clone(),
         MessageId::Uuid(u) => uuid::Uuid::from(u.clone()).to_string(),
@@ -565,6 +584,38 @@ mod tests {
         assert_eq!(
             out.properties.unwrap().content_type,
             Some(Symbol::from("application/json"))
+        );
+    }
+
+    #[test]
+    fn only_string_properties_and_string_ids_go_on_as_on_edgehub() {
+        let mut a = amqp(Some("out1"));
+        let u = uuid::Uuid::new_v4();
+        if let Some(p) = a.properties.as_mut() {
+            p.message_id = Some(MessageId::Uuid(u.into()));
+            p.correlation_id = Some(MessageId::Ulong(42));
+        }
+        if let Some(app) = a.application_properties.as_mut() {
+            app.0.insert("n".to_owned(), SimpleValue::Int(3));
+            app.0.insert("b".to_owned(), SimpleValue::Bool(true));
+            app.0
+                .insert("s".to_owned(), SimpleValue::Symbol(Symbol::from("sym")));
+        }
+        let m = Message::from_amqp(a, module("a")).unwrap();
+        let out = m.to_input_message("in1", 7, 0);
+        let props = out.properties.unwrap();
+        assert_eq!(props.message_id, Some(MessageId::String(u.to_string())));
+        assert_eq!(props.correlation_id, Some(MessageId::String("42".into())));
+        let app = out.application_properties.unwrap().0;
+        assert_eq!(app.get("k"), Some(&SimpleValue::String("v".into())));
+        assert_eq!(app.get("s"), Some(&SimpleValue::String("sym".into())));
+        assert!(app.get("n").is_none() && app.get("b").is_none());
+        let up = m.to_upstream_message().application_properties.unwrap().0;
+        assert!(up.get("n").is_none() && up.get("b").is_none());
+        assert_eq!(up.get("s"), Some(&SimpleValue::String("sym".into())));
+        assert_eq!(
+            up.get(OUTPUT_NAME_PROPERTY),
+            Some(&SimpleValue::String("out1".into()))
         );
     }
 

@@ -154,7 +154,8 @@ async fn child_telemetry_reaches_a_parent_module_with_its_origin_ids() {
             .application_properties(
                 ApplicationProperties::builder()
                     .insert("iothub-outputname", "out1")
-                    .insert("seq", i as i64)
+                    .insert("seq", i.to_string())
+                    .insert("typed", i as i64)
                     .build(),
             )
             .value(format!("body {i}"))
@@ -185,11 +186,14 @@ async fn child_telemetry_reaches_a_parent_module_with_its_origin_ids() {
             Some("A")
         );
         assert_eq!(annotation(m, "x-opt-input-name").as_deref(), Some("in1"));
-        let seq = m
-            .application_properties
-            .as_ref()
-            .and_then(|a| a.0.get("seq").cloned());
-        assert_eq!(seq, Some((i as i64).into()));
+        let prop = |k: &str| {
+            m.application_properties
+                .as_ref()
+                .and_then(|a| a.0.get(k).cloned())
+        };
+        assert_eq!(prop("seq"), Some(i.to_string().into()));
+        // Only string application properties travel on, as on edgeHub.
+        assert_eq!(prop("typed"), None);
     }
     a.close().await;
     sink.close().await;
