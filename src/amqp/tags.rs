@@ -17,13 +17,18 @@
 //! byte for byte; performatives are decoded and encoded with serde_amqp.
 
 use std::{
+    collections::{HashMap, HashSet},
     pin::Pin,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     task::{Context, Poll},
 };
 
 use fe2o3_amqp::types::{
-    definitions::DeliveryTag,
-    performatives::{MaxFrameSize, Open, Transfer},
+    definitions::{DeliveryTag, ErrorCondition},
+    performatives::{Attach, Close, Detach, Flow, MaxFrameSize, Open, Transfer},
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -221,6 +226,412 @@ fn process(
     Ok(seen)
 }
 
+/// What the frame guard enforces on the peer's frames (see [`Guard::inspect`]).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// The max-frame-size the hub announces: no AMQP frame may be larger.
+    pub max_frame_size: u32,
+    /// The channel-max the hub announces.
+    pub channel_max: u16,
+    /// Links one session may hold before the connection is closed (the hub refuses links
+    /// beyond its own per-session cap first; this backstop catches peers that never answer).
+    pub max_handles_per_session: usize,
+    /// Bytes of unfinished multi-frame deliveries an authenticated connection may hold.
+    pub incomplete_budget: u64,
+    /// Set once the connection holds a valid token or SASL identity.
+    pub authenticated: Arc<AtomicBool>,
+    /// Where the guard reports a session the peer broke (a transfer or flow on a handle it
+    /// never attached); the session's task ends it with `amqp:session:unattached-handle`.
+    pub faults: Arc<SessionFaults>,
+}
+
+/// One stop signal per session the peer began, by the peer's channel: cancelled when the
+/// peer sends a transfer or flow on a handle it never attached. (fe2o3's acceptor drops such
+/// a transfer and keeps such a flow, waiting for an attach that may never come.)
+#[derive(Debug, Default)]
+pub struct SessionFaults(std::sync::Mutex<HashMap<u16, tokio_util::sync::CancellationToken>>);
+
+impl SessionFaults {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<u16, tokio_util::sync::CancellationToken>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The stop signal of the session the peer began on `channel`.
+    pub fn signal(&self, channel: u16) -> tokio_util::sync::CancellationToken {
+        self.map().entry(channel).or_default().clone()
+    }
+
+    fn begun(&self, channel: u16) {
+        self.map().insert(channel, Default::default());
+    }
+
+    fn ended(&self, channel: u16) {
+        self.map().remove(&channel);
+    }
+
+    fn fault(&self, channel: u16) {
+        self.map().entry(channel).or_default().cancel();
+    }
+}
+
+/// The largest SASL frame accepted. SASL frames carry a mechanism name and, for PLAIN, a user
+/// name and a SAS token: a few hundred bytes.
+pub const SASL_MAX_FRAME: u32 = 16 * 1024;
+/// Sessions an unauthenticated connection may hold.
+pub const PRE_AUTH_SESSIONS: usize = 2;
+/// Links an unauthenticated connection may hold: `$cbs` twice each way, and a few refused
+/// ones whose detach is on its way.
+pub const PRE_AUTH_LINKS: usize = 8;
+/// The largest `$cbs` message (its links' max-message-size).
+pub const CBS_MAX_MESSAGE: u64 = 64 * 1024;
+/// Bytes of unfinished deliveries an unauthenticated connection may hold: one `$cbs` message
+/// per request link, with room for frame overhead.
+pub const PRE_AUTH_INCOMPLETE: u64 = 2 * CBS_MAX_MESSAGE + 4096;
+
+const BEGIN: u64 = 0x11;
+const FLOW: u64 = 0x13;
+const ATTACH: u64 = 0x12;
+const DETACH: u64 = 0x16;
+const END: u64 = 0x17;
+
+/// Why the guard closes a connection: an AMQP error condition and a description.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Violation {
+    pub condition: ErrorCondition,
+    pub description: String,
+}
+
+fn violation(condition: impl Into<ErrorCondition>, description: impl Into<String>) -> Violation {
+    Violation {
+        condition: condition.into(),
+        description: description.into(),
+    }
+}
+
+#[derive(Debug, Default)]
+struct SessionTrack {
+    /// Handles the peer attached and has not detached.
+    handles: HashSet<u32>,
+    /// Bytes of each handle's unfinished delivery.
+    partial: HashMap<u32, u64>,
+}
+
+/// The peer's side of the frame stream, checked frame by frame before fe2o3 sees it.
+///
+/// Only frame headers are trusted up front: a frame larger than the hub accepts is refused on
+/// its header, before its bytes are read, so a peer cannot make the hub buffer more than one
+/// frame of at most the hub's max-frame-size (a SASL frame: [`SASL_MAX_FRAME`]). Sessions,
+/// attached handles and the bytes of unfinished deliveries are counted per connection, with
+/// tighter caps until the connection authenticates.
+#[derive(Debug)]
+pub struct Guard {
+    limits: Limits,
+    /// The version byte of the last protocol header from the peer (0 AMQP, 3 SASL).
+    protocol: Option<u8>,
+    open_seen: bool,
+    /// min(the hub's channel-max, the peer's), once the peer's open is seen.
+    channel_max: u16,
+    sessions: HashMap<u16, SessionTrack>,
+    incomplete: u64,
+}
+
+impl Guard {
+    pub fn new(limits: Limits) -> Self {
+        let channel_max = limits.channel_max;
+        Self {
+            limits,
+            protocol: None,
+            open_seen: false,
+            channel_max,
+            sessions: HashMap::new(),
+            incomplete: 0,
+        }
+    }
+
+    fn authenticated(&self) -> bool {
+        self.limits.authenticated.load(Ordering::Relaxed)
+    }
+
+    /// Moves every complete, acceptable unit of `raw` to `out` (the peer's open adjusted as
+    /// the module documentation says). Stops at the first unacceptable frame: what precedes
+    /// it is in `out`, and the error says why the connection must close.
+    pub fn inspect(&mut self, raw: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<(), Violation> {
+        let mut at = 0;
+        let result = loop {
+            match self.unit(&raw[at..], out) {
+                Ok(Some(n)) => at += n,
+                Ok(None) => break Ok(()),
+                Err(v) => break Err(v),
+            }
+        };
+        raw.drain(..at);
+        result
+    }
+
+    /// Handles the unit at the head of `buf`: `Some(length)` once it is complete and passed on.
+    fn unit(&mut self, buf: &[u8], out: &mut Vec<u8>) -> Result<Option<usize>, Violation> {
+        use fe2o3_amqp::types::definitions::{AmqpError, ConnectionError};
+        if !self.open_seen && buf.len() >= 4 && &buf[..4] == b"AMQP" {
+            if buf.len() < 8 {
+                return Ok(None);
+            }
+            self.protocol = Some(buf[4]);
+            out.extend_from_slice(&buf[..8]);
+            return Ok(Some(8));
+        }
+        if buf.len() < 8 {
+            return Ok(None);
+        }
+        let size = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+        let doff = u32::from(buf[4]) * 4;
+        let frame_type = buf[5];
+        let channel = u16::from_be_bytes([buf[6], buf[7]]);
+        if size < 8 || doff < 8 || doff > size {
+            return Err(violation(
+                ConnectionError::FramingError,
+                format!("malformed frame header (size {size}, data offset {doff})"),
+            ));
+        }
+        let limit = match (frame_type, self.protocol) {
+            (1, Some(3)) if !self.open_seen => SASL_MAX_FRAME,
+            (0, Some(0)) => self.limits.max_frame_size,
+            _ => {
+                return Err(violation(
+                    ConnectionError::FramingError,
+                    format!("unexpected frame of type {frame_type} here"),
+                ))
+            }
+        };
+        if size > limit {
+            return Err(violation(
+                ConnectionError::FramingError,
+                format!("a frame of {size} bytes exceeds the max-frame-size of {limit}"),
+            ));
+        }
+        let size = size as usize;
+        if buf.len() < size {
+            return Ok(None);
+        }
+        let frame = &buf[..size];
+        let body = &frame[doff as usize..];
+        if frame_type == 1 || body.is_empty() {
+            // SASL frames (fe2o3 checks their content) and empty keep-alive frames.
+            out.extend_from_slice(frame);
+            return Ok(Some(size));
+        }
+        let decode =
+            |what: &str| violation(AmqpError::DecodeError, format!("{what} does not decode"));
+        let Some(code) = descriptor(body) else {
+            return Err(decode("a frame body"));
+        };
+        let plen = performative_len(body).ok_or_else(|| decode("a performative"))?;
+        let performative = &body[..plen];
+        if !self.open_seen {
+            if code != OPEN {
+                return Err(violation(
+                    AmqpError::IllegalState,
+                    format!("performative {code:#x} before the open"),
+                ));
+            }
+            let open: Open =
+                serde_amqp::from_slice(performative).map_err(|_| decode("the open"))?;
+            if open.max_frame_size.0 < 512 {
+                return Err(violation(
+                    AmqpError::InvalidField,
+                    format!(
+                        "max-frame-size {} is below the minimum of 512",
+                        open.max_frame_size.0
+                    ),
+                ));
+            }
+            self.channel_max = self.channel_max.min(open.channel_max.0);
+            self.open_seen = true;
+            adjust_peer_open(frame, out);
+            return Ok(Some(size));
+        }
+        match code {
+            BEGIN => {
+                if channel > self.channel_max {
+                    return Err(violation(
+                        ConnectionError::FramingError,
+                        format!(
+                            "begin on channel {channel}, above the channel-max of {}",
+                            self.channel_max
+                        ),
+                    ));
+                }
+                if !self.authenticated() && self.sessions.len() >= PRE_AUTH_SESSIONS {
+                    return Err(violation(
+                        AmqpError::ResourceLimitExceeded,
+                        format!(
+                            "at most {PRE_AUTH_SESSIONS} sessions before the connection authenticates"
+                        ),
+                    ));
+                }
+                self.sessions.entry(channel).or_default();
+                self.limits.faults.begun(channel);
+            }
+            ATTACH => {
+                let attach: Attach =
+                    serde_amqp::from_slice(performative).map_err(|_| decode("an attach"))?;
+                let authenticated = self.authenticated();
+                let links: usize = self.sessions.values().map(|s| s.handles.len()).sum();
+                if !authenticated && links >= PRE_AUTH_LINKS {
+                    return Err(violation(
+                        AmqpError::ResourceLimitExceeded,
+                        format!(
+                            "at most {PRE_AUTH_LINKS} links before the connection authenticates"
+                        ),
+                    ));
+                }
+                if let Some(s) = self.sessions.get_mut(&channel) {
+                    if s.handles.len() >= self.limits.max_handles_per_session {
+                        return Err(violation(
+                            AmqpError::ResourceLimitExceeded,
+                            format!(
+                                "more than {} links on one session",
+                                self.limits.max_handles_per_session
+                            ),
+                        ));
+                    }
+                    s.handles.insert(attach.handle.0);
+                }
+            }
+            DETACH => {
+                let detach: Detach =
+                    serde_amqp::from_slice(performative).map_err(|_| decode("a detach"))?;
+                if let Some(s) = self.sessions.get_mut(&channel) {
+                    s.handles.remove(&detach.handle.0);
+                    let freed = s.partial.remove(&detach.handle.0).unwrap_or(0);
+                    self.incomplete = self.incomplete.saturating_sub(freed);
+                }
+            }
+            END => {
+                self.limits.faults.ended(channel);
+                if let Some(s) = self.sessions.remove(&channel) {
+                    let freed: u64 = s.partial.values().sum();
+                    self.incomplete = self.incomplete.saturating_sub(freed);
+                }
+            }
+            TRANSFER => {
+                let transfer: Transfer =
+                    serde_amqp::from_slice(performative).map_err(|_| decode("a transfer"))?;
+                let payload = (body.len() - plen) as u64;
+                let budget = if self.authenticated() {
+                    self.limits.incomplete_budget
+                } else {
+                    PRE_AUTH_INCOMPLETE
+                };
+                if let Some(s) = self.sessions.get_mut(&channel) {
+                    let handle = transfer.handle.0;
+                    if !s.handles.contains(&handle) {
+                        // Not passed on: the session ends with unattached-handle.
+                        self.limits.faults.fault(channel);
+                        return Ok(Some(size));
+                    }
+                    {
+                        if transfer.more && !transfer.aborted {
+                            *s.partial.entry(handle).or_default() += payload;
+                            self.incomplete += payload;
+                        } else {
+                            let freed = s.partial.remove(&handle).unwrap_or(0);
+                            self.incomplete = self.incomplete.saturating_sub(freed);
+                        }
+                    }
+                }
+                if self.incomplete > budget {
+                    return Err(violation(
+                        AmqpError::ResourceLimitExceeded,
+                        format!("unfinished deliveries hold more than {budget} bytes"),
+                    ));
+                }
+            }
+            FLOW => {
+                let flow: Flow =
+                    serde_amqp::from_slice(performative).map_err(|_| decode("a flow"))?;
+                if let (Some(s), Some(handle)) = (self.sessions.get(&channel), flow.handle) {
+                    if !s.handles.contains(&handle.0) {
+                        self.limits.faults.fault(channel);
+                        return Ok(Some(size));
+                    }
+                }
+            }
+            OPEN => {
+                return Err(violation(AmqpError::IllegalState, "a second open"));
+            }
+            _ => {}
+        }
+        out.extend_from_slice(frame);
+        Ok(Some(size))
+    }
+
+    /// The frames that tell the peer why its connection ends: a `close` with the condition,
+    /// preceded by the protocol header and an `open` when the hub has not sent them yet (a
+    /// connection is refused with open + close). Nothing during SASL, which has no close.
+    fn farewell(&self, v: &Violation, header_sent: bool, open_sent: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        if self.protocol != Some(0) {
+            return out;
+        }
+        let mut frame = |performative: &[u8]| {
+            let size = 8 + performative.len();
+            out.extend_from_slice(&(size as u32).to_be_bytes());
+            out.extend_from_slice(&[2, 0, 0, 0]);
+            out.extend_from_slice(performative);
+        };
+        if !open_sent {
+            let open = Open {
+                container_id: "edgehub".into(),
+                hostname: None,
+                max_frame_size: MaxFrameSize(self.limits.max_frame_size),
+                channel_max: Default::default(),
+                idle_time_out: None,
+                outgoing_locales: None,
+                incoming_locales: None,
+                offered_capabilities: None,
+                desired_capabilities: None,
+                properties: None,
+            };
+            if let Ok(p) = serde_amqp::to_vec(&open) {
+                frame(&p);
+            }
+        }
+        let close = Close {
+            error: Some(fe2o3_amqp::types::definitions::Error::new(
+                v.condition.clone(),
+                Some(v.description.clone()),
+                None,
+            )),
+        };
+        if let Ok(p) = serde_amqp::to_vec(&close) {
+            frame(&p);
+        }
+        if !header_sent {
+            out.splice(0..0, b"AMQP\x00\x01\x00\x00".iter().copied());
+        }
+        out
+    }
+}
+
+/// Whether the complete units of `buf` include an AMQP protocol header and an `open`.
+fn scan_outgoing(buf: &[u8]) -> (bool, bool) {
+    let (mut header, mut open, mut at) = (false, false, 0);
+    while let Ok(unit) = next_unit(&buf[at..]) {
+        match unit {
+            Unit::Incomplete => break,
+            Unit::Pass(n) => {
+                header |= n == 8 && buf[at..].starts_with(b"AMQP\x00");
+                at += n;
+            }
+            Unit::Frame(n, code) => {
+                open |= code == OPEN;
+                at += n;
+            }
+        }
+    }
+    (header, open)
+}
+
 /// The stream wrapper: see the module documentation.
 #[derive(Debug)]
 pub struct WideTags<S> {
@@ -229,22 +640,31 @@ pub struct WideTags<S> {
     written: Vec<u8>,
     /// Rewritten, waiting to go to `inner`.
     outgoing: Vec<u8>,
-    /// Until the peer's `open` has been seen: read from `inner`, not yet a complete unit.
+    /// Read from `inner`, not yet a complete unit.
     read_raw: Vec<u8>,
-    /// Rewritten incoming bytes not yet handed to fe2o3.
+    /// Checked incoming bytes not yet handed to fe2o3.
     incoming: Vec<u8>,
-    open_seen: bool,
+    guard: Guard,
+    /// Whether the hub's AMQP protocol header and its open have gone to `outgoing`.
+    header_sent: bool,
+    open_sent: bool,
+    /// Set once the peer broke a limit: the reason, the close is on its way and the stream
+    /// ends for fe2o3.
+    fatal: Option<Violation>,
 }
 
 impl<S> WideTags<S> {
-    pub fn new(inner: S) -> Self {
+    pub fn new(inner: S, limits: Limits) -> Self {
         Self {
             inner,
             written: Vec::new(),
             outgoing: Vec::new(),
             read_raw: Vec::new(),
             incoming: Vec::new(),
-            open_seen: false,
+            guard: Guard::new(limits),
+            header_sent: false,
+            open_sent: false,
+            fatal: None,
         }
     }
 }
@@ -268,6 +688,22 @@ impl<S: AsyncWrite + Unpin> WideTags<S> {
     }
 }
 
+fn refused(v: &Violation) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("{}: {}", symbol(&v.condition), v.description),
+    )
+}
+
+/// The condition's name, as the peer sees it.
+pub fn symbol(c: &ErrorCondition) -> String {
+    serde_amqp::to_vec(c)
+        .ok()
+        .and_then(|b| serde_amqp::from_slice::<fe2o3_amqp::types::primitives::Symbol>(&b).ok())
+        .map(|s| s.0)
+        .unwrap_or_else(|| format!("{c:?}"))
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for WideTags<S> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -275,6 +711,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WideTags<S> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(v) = &this.fatal {
+            return Poll::Ready(Err(refused(v)));
+        }
         if this.outgoing.len() >= MAX_BUFFERED {
             match this.drain(cx) {
                 Poll::Ready(Ok(())) => {}
@@ -283,6 +722,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WideTags<S> {
             }
         }
         this.written.extend_from_slice(buf);
+        if !this.open_sent {
+            let (header, open) = scan_outgoing(&this.written);
+            this.header_sent |= header;
+            this.open_sent |= open;
+        }
         process(
             &mut this.written,
             &mut this.outgoing,
@@ -313,7 +757,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WideTags<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for WideTags<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WideTags<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -327,34 +771,40 @@ impl<S: AsyncRead + Unpin> AsyncRead for WideTags<S> {
                 this.incoming.drain(..n);
                 return Poll::Ready(Ok(()));
             }
-            if this.open_seen {
-                if !this.read_raw.is_empty() {
-                    // Bytes read after the open in the same chunk.
-                    std::mem::swap(&mut this.incoming, &mut this.read_raw);
-                    continue;
-                }
-                return Pin::new(&mut this.inner).poll_read(cx, buf);
+            if let Some(v) = &this.fatal {
+                // The close goes out first; then the stream ends for fe2o3 and the socket
+                // is dropped.
+                let v = v.clone();
+                return match this.drain(cx) {
+                    Poll::Ready(Ok(())) => match Pin::new(&mut this.inner).poll_flush(cx) {
+                        Poll::Pending => Poll::Pending,
+                        Poll::Ready(_) => Poll::Ready(Err(refused(&v))),
+                    },
+                    Poll::Ready(Err(_)) => Poll::Ready(Err(refused(&v))),
+                    Poll::Pending => Poll::Pending,
+                };
             }
-            let mut chunk = [0u8; 4096];
+            let mut chunk = [0u8; 16 * 1024];
             let mut rb = ReadBuf::new(&mut chunk);
             match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) => {
                     let got = rb.filled();
                     if got.is_empty() {
-                        // End of stream: hand on whatever is left, then the end.
-                        std::mem::swap(&mut this.incoming, &mut this.read_raw);
-                        if this.incoming.is_empty() {
-                            return Poll::Ready(Ok(()));
-                        }
-                        continue;
+                        // End of stream: an incomplete frame is of no use to fe2o3.
+                        return Poll::Ready(Ok(()));
                     }
                     this.read_raw.extend_from_slice(got);
-                    this.open_seen = process(
-                        &mut this.read_raw,
-                        &mut this.incoming,
-                        OPEN,
-                        adjust_peer_open,
-                    )?;
+                    if let Err(v) = this.guard.inspect(&mut this.read_raw, &mut this.incoming) {
+                        tracing::debug!(
+                            condition = %symbol(&v.condition),
+                            reason = %v.description,
+                            "closing the connection"
+                        );
+                        let bye = this.guard.farewell(&v, this.header_sent, this.open_sent);
+                        this.outgoing.extend_from_slice(&bye);
+                        this.read_raw = Vec::new();
+                        this.fatal = Some(v);
+                    }
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
