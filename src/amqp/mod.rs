@@ -4,6 +4,11 @@
 //! One task per connection accepts sessions; one task per session accepts links; one task per
 //! link moves messages. Every link is authorised at attach from its address (the identity) and
 //! the tokens this connection has put on `$cbs` (or its SASL PLAIN identity).
+//!
+//! Until a connection authenticates it is pending: it may hold only `$cbs` links and little
+//! buffered data (see `tags::Guard`), it must authenticate within `limits.authTimeoutSecs`, and
+//! a newer connection may evict it when the pending queue or every slot is full. Every wait for
+//! a peer's detach, end or close is bounded, so a silent peer holds no task.
 
 pub mod cbs;
 mod links;

@@ -15,6 +15,13 @@
 //!
 //! Protocol headers, SASL frames, empty (heartbeat) frames and every other frame pass through
 //! byte for byte; performatives are decoded and encoded with serde_amqp.
+//!
+//! The same stream guards the hub against what the peer sends ([`Guard`]): each incoming frame
+//! is checked before fe2o3 reads it, its size on its header alone. A frame the hub does not
+//! accept ends the stream for fe2o3 after a `close` with the condition has been written (the
+//! hub's protocol header and `open` first, if fe2o3 has not sent them yet), so the socket is
+//! dropped at once. Invariant: the stream holds at most one incomplete incoming frame, of at
+//! most the hub's max-frame-size.
 
 use std::{
     collections::{HashMap, HashSet},
