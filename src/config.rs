@@ -132,7 +132,7 @@ impl Default for Limits {
             auth_timeout_secs: 10,
             max_pending_connections: 500,
             idle_timeout_secs: 240,
-            max_sessions_per_connection: 16,
+            max_sessions_per_connection: 256,
             max_links_per_session: 64,
             max_incomplete_bytes_per_connection: 8 * 1024 * 1024,
             shutdown_timeout_secs: 10,
@@ -1092,6 +1092,37 @@ mod tests {
         assert_eq!(s.time_to_live_secs, None);
         assert!(s.modules[&ModuleId::parse("a").unwrap()].keys.is_none());
         assert!(s.modules[&ModuleId::parse("b").unwrap()].keys.is_some());
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_and_pending_follows_max_connections() {
+        let s = from_str(GOOD, &env(&[])).unwrap();
+        assert_eq!(s.limits.auth_timeout_secs, 10);
+        assert_eq!(s.limits.shutdown_timeout_secs, 10);
+        assert_eq!(s.limits.max_pending_connections, 500);
+        let with = |limits: &str| {
+            let text = GOOD.replacen(
+                r#""dataDir": "data","#,
+                &format!(r#""dataDir": "data", "limits": {limits},"#),
+                1,
+            );
+            from_str(&text, &env(&[]))
+        };
+        let s = with(r#"{"maxConnections": 50}"#).unwrap();
+        assert_eq!(s.limits.max_pending_connections, 25);
+        let s = with(r#"{"maxConnections": 50, "maxPendingConnections": 5, "idleTimeoutSecs": 0, "maxLinksPerSession": 8}"#).unwrap();
+        assert_eq!(
+            (
+                s.limits.max_pending_connections,
+                s.limits.idle_timeout_secs,
+                s.limits.max_links_per_session
+            ),
+            (5, 0, 8)
+        );
+        let errs =
+            with(r#"{"maxSessionsPerConnection": 0, "maxIncompleteBytesPerConnection": 10}"#)
+                .unwrap_err();
+        assert_eq!(errs.0.len(), 2, "{errs:?}");
     }
 
     #[test]

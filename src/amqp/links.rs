@@ -765,7 +765,7 @@ async fn method_responses(mut rx: Receiver, id: Identity, core: Arc<HubCore>, ca
                     crate::methods::MethodResponse { status, payload },
                 );
                 if !answered {
-                    debug!(correlation_id = %cid, "method response for no waiting call (late or unknown)");
+                    debug!(correlation_id = %clip(&cid), "method response for no waiting call (late or unknown)");
                 }
             }
             None => debug!("method response without a correlation id ignored"),

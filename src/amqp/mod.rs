@@ -909,3 +909,30 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
 pub(crate) fn log_ready(addr: SocketAddr) {
     info!(%addr, "amqps listener ready");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_text_in_log_lines_is_clipped() {
+        assert_eq!(clip("short"), "short");
+        let long = "é".repeat(1000);
+        let c = clip(&long);
+        assert!(c.starts_with(&"é".repeat(LOG_CLIP)));
+        assert!(c.ends_with("(2000 bytes)"), "{c}");
+        assert!(c.len() < 2 * LOG_CLIP + 32);
+    }
+
+    #[test]
+    fn a_full_pending_queue_evicts_its_oldest() {
+        let pending = Pending::new(2);
+        let stops: Vec<CancellationToken> = (0..3).map(|_| CancellationToken::new()).collect();
+        let tickets: Vec<PendingTicket> = stops.iter().map(|s| pending.admit(s.clone())).collect();
+        assert!(stops[0].is_cancelled());
+        assert!(!stops[1].is_cancelled() && !stops[2].is_cancelled());
+        // An authenticated connection leaves the queue; the oldest left is evicted next.
+        drop(tickets);
+        assert!(!pending.evict_oldest());
+    }
+}

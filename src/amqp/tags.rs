@@ -963,4 +963,185 @@ mod tests {
         let mut raw = vec![0, 0, 0, 4, 2, 0, 0, 0];
         assert!(process(&mut raw, &mut Vec::new(), TRANSFER, widen_transfer).is_err());
     }
+
+    fn guard() -> (Guard, Arc<AtomicBool>, Arc<SessionFaults>) {
+        let authenticated = Arc::new(AtomicBool::new(false));
+        let faults = Arc::new(SessionFaults::default());
+        let g = Guard::new(Limits {
+            max_frame_size: 256 * 1024,
+            channel_max: 3,
+            max_handles_per_session: 16,
+            incomplete_budget: 1 << 20,
+            authenticated: authenticated.clone(),
+            faults: faults.clone(),
+        });
+        (g, authenticated, faults)
+    }
+
+    fn amqp(channel: u16, p: &[u8], payload: &[u8]) -> Vec<u8> {
+        let mut f = frame(p, payload, 0);
+        f[6..8].copy_from_slice(&channel.to_be_bytes());
+        f
+    }
+
+    fn open_frame(max_frame_size: u32) -> Vec<u8> {
+        let open = Open {
+            container_id: "peer".into(),
+            hostname: None,
+            max_frame_size: MaxFrameSize(max_frame_size),
+            channel_max: Default::default(),
+            idle_time_out: None,
+            outgoing_locales: None,
+            incoming_locales: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        };
+        amqp(0, &serde_amqp::to_vec(&open).unwrap(), b"")
+    }
+
+    fn begin_frame(channel: u16) -> Vec<u8> {
+        let begin = fe2o3_amqp::types::performatives::Begin {
+            remote_channel: None,
+            next_outgoing_id: 0,
+            incoming_window: 10,
+            outgoing_window: 10,
+            handle_max: Default::default(),
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        };
+        amqp(channel, &serde_amqp::to_vec(&begin).unwrap(), b"")
+    }
+
+    fn attach_frame(handle: u32) -> Vec<u8> {
+        let attach = Attach {
+            name: format!("l{handle}"),
+            handle: fe2o3_amqp::types::definitions::Handle(handle),
+            role: fe2o3_amqp::types::definitions::Role::Sender,
+            snd_settle_mode: Default::default(),
+            rcv_settle_mode: Default::default(),
+            source: None,
+            target: None,
+            unsettled: None,
+            incomplete_unsettled: false,
+            initial_delivery_count: Some(0),
+            max_message_size: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        };
+        amqp(0, &serde_amqp::to_vec(&attach).unwrap(), b"")
+    }
+
+    fn opened() -> (Guard, Arc<AtomicBool>, Arc<SessionFaults>) {
+        let (mut g, a, f) = guard();
+        let mut raw = [
+            b"AMQP\x00\x01\x00\x00".to_vec(),
+            open_frame(65_536),
+            begin_frame(0),
+        ]
+        .concat();
+        g.inspect(&mut raw, &mut Vec::new()).unwrap();
+        (g, a, f)
+    }
+
+    fn condition(v: Violation) -> String {
+        symbol(&v.condition)
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused_on_its_header_alone() {
+        let (mut g, _, _) = guard();
+        let mut raw = b"AMQP\x00\x01\x00\x00".to_vec();
+        raw.extend_from_slice(&[0xff, 0xff, 0xff, 0x00, 2, 0, 0, 0]);
+        let mut out = Vec::new();
+        let v = g.inspect(&mut raw, &mut out).unwrap_err();
+        assert_eq!(condition(v), "amqp:connection:framing-error");
+        assert_eq!(
+            out, b"AMQP\x00\x01\x00\x00",
+            "the header went on, the frame did not"
+        );
+
+        let (mut g, _, _) = guard();
+        let mut raw = b"AMQP\x03\x01\x00\x00".to_vec();
+        raw.extend_from_slice(&[0, 0, 0x40, 0x01, 2, 1, 0, 0]);
+        assert!(
+            g.inspect(&mut raw, &mut Vec::new()).is_err(),
+            "SASL frames are capped lower"
+        );
+    }
+
+    #[test]
+    fn an_open_below_512_and_a_begin_above_channel_max_are_refused() {
+        let (mut g, _, _) = guard();
+        let mut raw = [b"AMQP\x00\x01\x00\x00".to_vec(), open_frame(511)].concat();
+        let v = g.inspect(&mut raw, &mut Vec::new()).unwrap_err();
+        assert_eq!(condition(v), "amqp:invalid-field");
+
+        let (mut g, _, _) = opened();
+        let v = g.inspect(&mut begin_frame(4), &mut Vec::new()).unwrap_err();
+        assert_eq!(condition(v), "amqp:connection:framing-error");
+    }
+
+    #[test]
+    fn the_farewell_is_header_open_and_close_when_the_hub_sent_nothing_yet() {
+        let (mut g, _, _) = guard();
+        let mut raw = b"AMQP\x00\x01\x00\x00".to_vec();
+        raw.extend_from_slice(&amqp(0, b"\x00\x53\x10\xff", b""));
+        let v = g.inspect(&mut raw, &mut Vec::new()).unwrap_err();
+        assert_eq!(condition(v.clone()), "amqp:decode-error");
+        let bye = g.farewell(&v, false, false);
+        assert!(bye.starts_with(b"AMQP\x00\x01\x00\x00"));
+        let (header, open) = scan_outgoing(&bye);
+        assert!(header && open);
+        assert!(g.farewell(&v, true, true).len() < bye.len());
+    }
+
+    #[test]
+    fn before_authentication_links_and_unfinished_bytes_are_capped() {
+        let (mut g, _, _) = opened();
+        for h in 0..PRE_AUTH_LINKS as u32 {
+            g.inspect(&mut attach_frame(h), &mut Vec::new()).unwrap();
+        }
+        let err = g
+            .inspect(&mut attach_frame(99), &mut Vec::new())
+            .unwrap_err();
+        assert_eq!(condition(err), "amqp:resource-limit-exceeded");
+
+        let (mut g, authenticated, _) = opened();
+        g.inspect(&mut attach_frame(0), &mut Vec::new()).unwrap();
+        let part = |more| {
+            let mut t = serde_amqp::from_slice::<Transfer>(&transfer(Some(vec![1]))).unwrap();
+            t.handle = fe2o3_amqp::types::definitions::Handle(0);
+            t.more = more;
+            amqp(0, &serde_amqp::to_vec(&t).unwrap(), &[0u8; 32 * 1024])
+        };
+        for _ in 0..4 {
+            g.inspect(&mut part(true), &mut Vec::new()).unwrap();
+        }
+        // The last frame of a delivery frees its bytes.
+        g.inspect(&mut part(false), &mut Vec::new()).unwrap();
+        assert_eq!(g.incomplete, 0);
+        for _ in 0..4 {
+            g.inspect(&mut part(true), &mut Vec::new()).unwrap();
+        }
+        let err = g.inspect(&mut part(true), &mut Vec::new()).unwrap_err();
+        assert_eq!(condition(err), "amqp:resource-limit-exceeded");
+
+        // Authenticated: the connection's own budget applies.
+        authenticated.store(true, Ordering::Relaxed);
+        g.inspect(&mut part(true), &mut Vec::new()).unwrap();
+    }
+
+    #[test]
+    fn a_transfer_on_a_handle_never_attached_faults_its_session_and_goes_no_further() {
+        let (mut g, _, faults) = opened();
+        let signal = faults.signal(0);
+        let t = amqp(0, &transfer(Some(vec![1])), b"x");
+        let mut out = Vec::new();
+        g.inspect(&mut t.clone(), &mut out).unwrap();
+        assert!(out.is_empty());
+        assert!(signal.is_cancelled());
+    }
 }
