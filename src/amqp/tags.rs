@@ -89,12 +89,31 @@ fn next_unit(buf: &[u8]) -> std::io::Result<Unit> {
     })
 }
 
-/// The numeric descriptor of a performative (`0x00` then a small ulong or a ulong).
+/// The symbolic names of the performatives, by numeric code from 0x10.
+const PERFORMATIVE_NAMES: [&[u8]; 9] = [
+    b"amqp:open:list",
+    b"amqp:begin:list",
+    b"amqp:attach:list",
+    b"amqp:flow:list",
+    b"amqp:transfer:list",
+    b"amqp:disposition:list",
+    b"amqp:detach:list",
+    b"amqp:end:list",
+    b"amqp:close:list",
+];
+
+/// The numeric descriptor of a performative (`0x00` then a small ulong, a ulong or the
+/// symbolic name as a sym8).
 fn descriptor(body: &[u8]) -> Option<u64> {
     match body {
         [0x00, 0x53, code, ..] => Some(u64::from(*code)),
         [0x00, 0x80, rest @ ..] if rest.len() >= 8 => {
             Some(u64::from_be_bytes(rest[..8].try_into().ok()?))
+        }
+        [0x00, 0xa3, n, rest @ ..] => {
+            let name = rest.get(..usize::from(*n))?;
+            let i = PERFORMATIVE_NAMES.iter().position(|p| *p == name)?;
+            Some(0x10 + i as u64)
         }
         _ => None,
     }
@@ -105,6 +124,7 @@ fn performative_len(body: &[u8]) -> Option<usize> {
     let descriptor = match body.get(1)? {
         0x53 => 3,
         0x80 => 10,
+        0xa3 => 3 + usize::from(*body.get(2)?),
         _ => return None,
     };
     let list = body.get(descriptor..)?;
@@ -1132,6 +1152,35 @@ mod tests {
         // Authenticated: the connection's own budget applies.
         authenticated.store(true, Ordering::Relaxed);
         g.inspect(&mut part(true), &mut Vec::new()).unwrap();
+    }
+
+    #[test]
+    fn symbolic_descriptors_are_understood() {
+        let (mut g, _, _) = guard();
+        let mut open = serde_amqp::to_vec(&Open {
+            container_id: "peer".into(),
+            hostname: None,
+            max_frame_size: MaxFrameSize(100),
+            channel_max: Default::default(),
+            idle_time_out: None,
+            outgoing_locales: None,
+            incoming_locales: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        })
+        .unwrap();
+        // 0x00 0x53 0x10 → 0x00 0xa3 14 "amqp:open:list"
+        let mut symbolic = vec![0x00, 0xa3, 14];
+        symbolic.extend_from_slice(b"amqp:open:list");
+        symbolic.extend_from_slice(&open.split_off(3));
+        let mut raw = [b"AMQP\x00\x01\x00\x00".to_vec(), amqp(0, &symbolic, b"")].concat();
+        let v = g.inspect(&mut raw, &mut Vec::new()).unwrap_err();
+        assert_eq!(
+            condition(v),
+            "amqp:invalid-field",
+            "decoded, and its max-frame-size checked"
+        );
     }
 
     #[test]
