@@ -570,9 +570,9 @@ async fn silent_sockets_never_lock_an_authenticating_module_out() {
     let key = device_key(&hub.settings).unwrap();
     let keys = module_keys(&hub.settings, &key, &ModuleId::parse("A").unwrap());
     let ca = hub.settings.data_dir.join("certs").join("edge-ca.pem");
-    let started = std::time::Instant::now();
+    // The target is a connection within 1 s of trying (the benchmark measures ~20 ms).
     let client = timeout(
-        Duration::from_secs(5),
+        Duration::from_secs(1),
         edgehub::client::Client::connect(
             addr,
             "localhost",
@@ -585,7 +585,11 @@ async fn silent_sockets_never_lock_an_authenticating_module_out() {
     .await
     .expect("the module connects at once")
     .expect("the module connects");
-    eprintln!("connected in {:?}", started.elapsed());
+    // The oldest connection that never authenticated made room, and was told why.
+    assert_eq!(
+        opened[0].closed_with().await,
+        "amqp:resource-limit-exceeded"
+    );
     drop(client);
     drop(silent);
     drop(opened);

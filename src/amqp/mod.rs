@@ -108,7 +108,7 @@ pub(crate) struct ConnState {
     /// This connection's place among the pending ones, until it authenticates.
     pending: Mutex<Option<PendingTicket>>,
     /// The error the connection closes with, when the hub closes it for a reason of its own.
-    close_reason: Mutex<Option<AmqpErrorBody>>,
+    close_reason: Arc<Mutex<Option<AmqpErrorBody>>>,
     /// `$cbs` links attached: (request links, response links).
     cbs_links: Mutex<(usize, usize)>,
     /// Sessions the frame guard found broken by the peer.
@@ -139,7 +139,7 @@ impl ConnState {
             cbs_replies: Mutex::new(CbsReplies::new()),
             authenticated: Arc::new(AtomicBool::new(false)),
             pending: Mutex::new(None),
-            close_reason: Mutex::new(None),
+            close_reason: Arc::default(),
             cbs_links: Mutex::new((0, 0)),
             faults: Arc::default(),
         }
@@ -284,8 +284,27 @@ impl Drop for CbsLinkGuard {
 /// at most this many slots, and only until newer connections push it out.
 struct Pending {
     cap: usize,
-    queue: Mutex<std::collections::VecDeque<(u64, CancellationToken)>>,
+    queue: Mutex<std::collections::VecDeque<(u64, Stop)>>,
     next: std::sync::atomic::AtomicU64,
+}
+
+/// How a pending connection is ended: its token, and where the reason goes.
+#[derive(Clone, Default)]
+struct Stop {
+    token: CancellationToken,
+    reason: Arc<Mutex<Option<AmqpErrorBody>>>,
+}
+
+impl Stop {
+    fn evict(&self) {
+        lock(&self.reason).get_or_insert_with(|| {
+            amqp_error(
+                AmqpError::ResourceLimitExceeded,
+                "too many connections are waiting to authenticate; this, the oldest, is closed",
+            )
+        });
+        self.token.cancel();
+    }
 }
 
 /// A connection's place in [`Pending`]; dropping it (authenticated or gone) frees it.
@@ -310,13 +329,13 @@ impl Pending {
     }
 
     /// Registers a connection whose `stop` ends it; evicts the oldest when full.
-    fn admit(self: &Arc<Self>, stop: CancellationToken) -> PendingTicket {
+    fn admit(self: &Arc<Self>, stop: Stop) -> PendingTicket {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut q = lock(&self.queue);
         while q.len() >= self.cap {
             if let Some((_, oldest)) = q.pop_front() {
                 debug!("pending connections at their limit; closing the oldest");
-                oldest.cancel();
+                oldest.evict();
             }
         }
         q.push_back((id, stop));
@@ -330,7 +349,7 @@ impl Pending {
     fn evict_oldest(&self) -> bool {
         match lock(&self.queue).pop_front() {
             Some((_, stop)) => {
-                stop.cancel();
+                stop.evict();
                 true
             }
             None => false,
@@ -378,7 +397,10 @@ pub async fn serve(
         };
         // Pending from now on, until it authenticates.
         let conn = Arc::new(ConnState::new(shutdown.child_token()));
-        *lock(&conn.pending) = Some(pending.admit(conn.root.clone()));
+        *lock(&conn.pending) = Some(pending.admit(Stop {
+            token: conn.root.clone(),
+            reason: conn.close_reason.clone(),
+        }));
         let (tls, core, permits) = (tls.clone(), core.clone(), permits.clone());
         tracker.spawn(
             async move {
@@ -927,10 +949,11 @@ mod tests {
     #[test]
     fn a_full_pending_queue_evicts_its_oldest() {
         let pending = Pending::new(2);
-        let stops: Vec<CancellationToken> = (0..3).map(|_| CancellationToken::new()).collect();
+        let stops: Vec<Stop> = (0..3).map(|_| Stop::default()).collect();
         let tickets: Vec<PendingTicket> = stops.iter().map(|s| pending.admit(s.clone())).collect();
-        assert!(stops[0].is_cancelled());
-        assert!(!stops[1].is_cancelled() && !stops[2].is_cancelled());
+        assert!(stops[0].token.is_cancelled());
+        assert!(lock(&stops[0].reason).is_some(), "closed with a reason");
+        assert!(!stops[1].token.is_cancelled() && !stops[2].token.is_cancelled());
         // An authenticated connection leaves the queue; the oldest left is evicted next.
         drop(tickets);
         assert!(!pending.evict_oldest());
