@@ -72,7 +72,15 @@ fn frame_bytes(channel: u16, frame_type: u8, body: &[u8]) -> Vec<u8> {
 impl Raw {
     async fn connect(hub: &TestHub) -> Self {
         let addr = hub.hub.as_ref().unwrap().amqps_addr;
-        let ca = std::fs::read(hub.settings.data_dir.join("certs").join("edge-ca.pem")).unwrap();
+        Self::connect_to(
+            addr,
+            &hub.settings.data_dir.join("certs").join("edge-ca.pem"),
+        )
+        .await
+    }
+
+    async fn connect_to(addr: std::net::SocketAddr, ca: &std::path::Path) -> Self {
+        let ca = std::fs::read(ca).unwrap();
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls_pemfile::certs(&mut ca.as_slice()) {
             roots.add(c.unwrap()).unwrap();
@@ -724,4 +732,75 @@ async fn after_a_token_a_session_holds_at_most_max_links_per_session() {
         .await;
     assert_eq!(condition(error.1), "amqp:resource-limit-exceeded");
     hub.stop().await;
+}
+
+#[tokio::test]
+async fn sigterm_ends_the_process_in_bound_while_a_peer_is_silent() {
+    use std::io::{BufRead, BufReader};
+    let dir = std::env::temp_dir().join(format!("edgehub-sigterm-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("data");
+    let config = format!(
+        r#"{{"deviceId": "edge1", "iothubHostname": "{IOTHUB}", "gatewayHostname": "localhost",
+            "listen": {{"amqps": "127.0.0.1:0", "https": null, "metrics": null}},
+            "dataDir": "{}", "modules": {{"A": {{}}}},
+            "limits": {{"shutdownTimeoutSecs": 2, "authTimeoutSecs": 600}},
+            "$edgeHub": {{"schemaVersion": "1.1", "routes": {{}},
+                          "storeAndForwardConfiguration": {{"timeToLiveSecs": 60}}}}}}"#,
+        data.display()
+    );
+    let path = dir.join("edgehub.json");
+    std::fs::write(&path, config).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edgehub"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("amqps=").nth(1) {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(
+                        rest.split_whitespace()
+                            .next()
+                            .unwrap_or_default()
+                            .to_owned(),
+                    );
+                }
+            }
+        }
+    });
+    let addr = timeout(WAIT, rx).await.unwrap().unwrap().parse().unwrap();
+    let mut raw = Raw::connect_to(addr, &data.join("certs").join("edge-ca.pem")).await;
+    raw.open(client_open()).await;
+    raw.begin(0).await;
+    raw.attach("cbs", 0, Role::Sender, "$cbs").await;
+    raw.attached("cbs").await;
+    raw.attach("cbs-reply", 1, Role::Receiver, "$cbs").await;
+    raw.attached("cbs-reply").await;
+    // From here on the client answers nothing.
+    let pid = child.id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut waiting = tokio::task::spawn_blocking(move || child.wait());
+    let status = match timeout(Duration::from_secs(8), &mut waiting).await {
+        Ok(done) => done.unwrap().unwrap(),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid])
+                .status();
+            panic!("the hub did not exit within its shutdown bound");
+        }
+    };
+    assert!(status.success(), "{status:?}");
+    drop(raw);
+    let _ = std::fs::remove_dir_all(dir);
 }
