@@ -191,6 +191,7 @@ async fn attack(
         "amqp:resource-limit-exceeded",
         "amqp:unauthorized-access",
         "amqp:decode-error",
+        "amqp:link:message-size-exceeded",
     ]
     .into_iter()
     .find(|c| text.contains(c))

@@ -457,6 +457,7 @@ async fn handle_socket(
         incomplete_budget: limits
             .max_incomplete_bytes_per_connection
             .max(limits.max_message_size),
+        max_message_size: limits.max_message_size,
         authenticated: conn.authenticated.clone(),
         faults: conn.faults.clone(),
     };

@@ -265,6 +265,9 @@ pub struct Limits {
     pub max_handles_per_session: usize,
     /// Bytes of unfinished multi-frame deliveries an authenticated connection may hold.
     pub incomplete_budget: u64,
+    /// The largest message on an authenticated connection's links: no link's unfinished
+    /// delivery may grow beyond it (before authentication: [`CBS_MAX_MESSAGE`]).
+    pub max_message_size: u64,
     /// Set once the connection holds a valid token or SASL identity.
     pub authenticated: Arc<AtomicBool>,
     /// Where the guard reports a session the peer broke (a transfer or flow on a handle it
@@ -558,8 +561,22 @@ impl Guard {
                     }
                     {
                         if transfer.more && !transfer.aborted {
-                            *s.partial.entry(handle).or_default() += payload;
+                            let partial = s.partial.entry(handle).or_default();
+                            *partial += payload;
                             self.incomplete += payload;
+                            let cap = if self.limits.authenticated.load(Ordering::Relaxed) {
+                                self.limits.max_message_size
+                            } else {
+                                CBS_MAX_MESSAGE
+                            };
+                            if *partial > cap {
+                                return Err(violation(
+                                    fe2o3_amqp::types::definitions::LinkError::MessageSizeExceeded,
+                                    format!(
+                                        "an unfinished delivery on handle {handle} exceeds the max-message-size of {cap}"
+                                    ),
+                                ));
+                            }
                         } else {
                             let freed = s.partial.remove(&handle).unwrap_or(0);
                             self.incomplete = self.incomplete.saturating_sub(freed);
@@ -992,6 +1009,7 @@ mod tests {
             channel_max: 3,
             max_handles_per_session: 16,
             incomplete_budget: 1 << 20,
+            max_message_size: 256 * 1024,
             authenticated: authenticated.clone(),
             faults: faults.clone(),
         });
@@ -1130,28 +1148,52 @@ mod tests {
         assert_eq!(condition(err), "amqp:resource-limit-exceeded");
 
         let (mut g, authenticated, _) = opened();
-        g.inspect(&mut attach_frame(0), &mut Vec::new()).unwrap();
-        let part = |more| {
+        for h in 0..3 {
+            g.inspect(&mut attach_frame(h), &mut Vec::new()).unwrap();
+        }
+        let part = |handle, more| {
             let mut t = serde_amqp::from_slice::<Transfer>(&transfer(Some(vec![1]))).unwrap();
-            t.handle = fe2o3_amqp::types::definitions::Handle(0);
+            t.handle = fe2o3_amqp::types::definitions::Handle(handle);
             t.more = more;
             amqp(0, &serde_amqp::to_vec(&t).unwrap(), &[0u8; 32 * 1024])
         };
-        for _ in 0..4 {
-            g.inspect(&mut part(true), &mut Vec::new()).unwrap();
+        for _ in 0..2 {
+            g.inspect(&mut part(0, true), &mut Vec::new()).unwrap();
         }
         // The last frame of a delivery frees its bytes.
-        g.inspect(&mut part(false), &mut Vec::new()).unwrap();
+        g.inspect(&mut part(0, false), &mut Vec::new()).unwrap();
         assert_eq!(g.incomplete, 0);
-        for _ in 0..4 {
-            g.inspect(&mut part(true), &mut Vec::new()).unwrap();
+        // One link's unfinished delivery is capped at the $cbs message size.
+        for _ in 0..2 {
+            g.inspect(&mut part(0, true), &mut Vec::new()).unwrap();
         }
-        let err = g.inspect(&mut part(true), &mut Vec::new()).unwrap_err();
+        let err = g.inspect(&mut part(0, true), &mut Vec::new()).unwrap_err();
+        assert_eq!(condition(err), "amqp:link:message-size-exceeded");
+
+        // All links together, at the connection's budget.
+        let (mut g, _, _) = opened();
+        for h in 0..3 {
+            g.inspect(&mut attach_frame(h), &mut Vec::new()).unwrap();
+        }
+        for h in 0..2 {
+            for _ in 0..2 {
+                g.inspect(&mut part(h, true), &mut Vec::new()).unwrap();
+            }
+        }
+        let err = g.inspect(&mut part(2, true), &mut Vec::new()).unwrap_err();
         assert_eq!(condition(err), "amqp:resource-limit-exceeded");
 
-        // Authenticated: the connection's own budget applies.
+        // Authenticated: the connection's own budget and the max-message-size apply.
+        let (mut g, _, _) = opened();
+        g.inspect(&mut attach_frame(0), &mut Vec::new()).unwrap();
         authenticated.store(true, Ordering::Relaxed);
-        g.inspect(&mut part(true), &mut Vec::new()).unwrap();
+        let mut g2 = g;
+        g2.limits.authenticated = authenticated.clone();
+        for _ in 0..8 {
+            g2.inspect(&mut part(0, true), &mut Vec::new()).unwrap();
+        }
+        let err = g2.inspect(&mut part(0, true), &mut Vec::new()).unwrap_err();
+        assert_eq!(condition(err), "amqp:link:message-size-exceeded");
     }
 
     #[test]
