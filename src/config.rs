@@ -98,6 +98,25 @@ pub struct Limits {
     pub method_name_max_len: usize,
     /// Largest direct-method payload accepted by the method API, in bytes.
     pub method_payload_max_bytes: usize,
+    /// Seconds after the AMQP open within which a connection must hold a valid token (or a
+    /// SASL PLAIN identity); a connection that never authenticates is closed then.
+    pub auth_timeout_secs: u64,
+    /// Connections still in their TLS, AMQP or authentication handshake at most; a new one
+    /// beyond this closes the oldest of them, so unauthenticated peers never hold every slot.
+    pub max_pending_connections: usize,
+    /// The idle-time-out the hub announces, in seconds: a peer that sends no frame for this
+    /// long is closed (0 = none).
+    pub idle_timeout_secs: u64,
+    /// Sessions one AMQP connection may begin (the hub announces `channel-max` one less).
+    pub max_sessions_per_connection: usize,
+    /// Links one session may hold attached; more are refused with
+    /// `amqp:resource-limit-exceeded`.
+    pub max_links_per_session: usize,
+    /// Bytes of unfinished multi-frame deliveries one authenticated connection may hold (at
+    /// least `max_message_size` is allowed).
+    pub max_incomplete_bytes_per_connection: u64,
+    /// Seconds shutdown waits for connections and tasks before the hub exits anyway.
+    pub shutdown_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -110,6 +129,13 @@ impl Default for Limits {
             max_message_size: 1024 * 1024,
             method_name_max_len: 100,
             method_payload_max_bytes: 128 * 1024,
+            auth_timeout_secs: 10,
+            max_pending_connections: 500,
+            idle_timeout_secs: 240,
+            max_sessions_per_connection: 256,
+            max_links_per_session: 64,
+            max_incomplete_bytes_per_connection: 8 * 1024 * 1024,
+            shutdown_timeout_secs: 10,
         }
     }
 }
@@ -651,6 +677,13 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             "maxMessageSize",
             "methodNameMaxLength",
             "methodPayloadMaxBytes",
+            "authTimeoutSecs",
+            "maxPendingConnections",
+            "idleTimeoutSecs",
+            "maxSessionsPerConnection",
+            "maxLinksPerSession",
+            "maxIncompleteBytesPerConnection",
+            "shutdownTimeoutSecs",
         ];
         if let Some(l) = w.object(l, "$.limits", &keys) {
             let p = "$.limits";
@@ -671,6 +704,13 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
                 limits.max_message_size,
                 limits.method_name_max_len as u64,
                 limits.method_payload_max_bytes as u64,
+                limits.auth_timeout_secs,
+                limits.max_pending_connections as u64,
+                limits.idle_timeout_secs,
+                limits.max_sessions_per_connection as u64,
+                limits.max_links_per_session as u64,
+                limits.max_incomplete_bytes_per_connection,
+                limits.shutdown_timeout_secs,
             ];
             set(&mut w, keys[0], 1, 1_000_000, &mut v[0]);
             set(&mut w, keys[1], 1, 3600, &mut v[1]);
@@ -679,6 +719,16 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             set(&mut w, keys[4], 1024, 64 * 1024 * 1024, &mut v[4]);
             set(&mut w, keys[5], 1, 65_536, &mut v[5]);
             set(&mut w, keys[6], 2, 64 * 1024 * 1024, &mut v[6]);
+            set(&mut w, keys[7], 1, 3600, &mut v[7]);
+            // Unless given, half of maxConnections: the other half stays for clients that
+            // authenticate.
+            v[8] = (v[0] / 2).max(1);
+            set(&mut w, keys[8], 1, 1_000_000, &mut v[8]);
+            set(&mut w, keys[9], 0, 3600, &mut v[9]);
+            set(&mut w, keys[10], 1, 65_536, &mut v[10]);
+            set(&mut w, keys[11], 1, 1_000_000, &mut v[11]);
+            set(&mut w, keys[12], 64 * 1024, 1 << 40, &mut v[12]);
+            set(&mut w, keys[13], 1, 3600, &mut v[13]);
             limits = Limits {
                 max_connections: v[0] as usize,
                 handshake_timeout_secs: v[1],
@@ -687,6 +737,13 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
                 max_message_size: v[4],
                 method_name_max_len: v[5] as usize,
                 method_payload_max_bytes: v[6] as usize,
+                auth_timeout_secs: v[7],
+                max_pending_connections: v[8] as usize,
+                idle_timeout_secs: v[9],
+                max_sessions_per_connection: v[10] as usize,
+                max_links_per_session: v[11] as usize,
+                max_incomplete_bytes_per_connection: v[12],
+                shutdown_timeout_secs: v[13],
             };
         }
     }
@@ -1035,6 +1092,37 @@ mod tests {
         assert_eq!(s.time_to_live_secs, None);
         assert!(s.modules[&ModuleId::parse("a").unwrap()].keys.is_none());
         assert!(s.modules[&ModuleId::parse("b").unwrap()].keys.is_some());
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_and_pending_follows_max_connections() {
+        let s = from_str(GOOD, &env(&[])).unwrap();
+        assert_eq!(s.limits.auth_timeout_secs, 10);
+        assert_eq!(s.limits.shutdown_timeout_secs, 10);
+        assert_eq!(s.limits.max_pending_connections, 500);
+        let with = |limits: &str| {
+            let text = GOOD.replacen(
+                r#""dataDir": "data","#,
+                &format!(r#""dataDir": "data", "limits": {limits},"#),
+                1,
+            );
+            from_str(&text, &env(&[]))
+        };
+        let s = with(r#"{"maxConnections": 50}"#).unwrap();
+        assert_eq!(s.limits.max_pending_connections, 25);
+        let s = with(r#"{"maxConnections": 50, "maxPendingConnections": 5, "idleTimeoutSecs": 0, "maxLinksPerSession": 8}"#).unwrap();
+        assert_eq!(
+            (
+                s.limits.max_pending_connections,
+                s.limits.idle_timeout_secs,
+                s.limits.max_links_per_session
+            ),
+            (5, 0, 8)
+        );
+        let errs =
+            with(r#"{"maxSessionsPerConnection": 0, "maxIncompleteBytesPerConnection": 10}"#)
+                .unwrap_err();
+        assert_eq!(errs.0.len(), 2, "{errs:?}");
     }
 
     #[test]

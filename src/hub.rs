@@ -449,10 +449,20 @@ impl Hub {
         })
     }
 
-    /// Stops accepting, closes every connection and waits for all tasks.
+    /// Stops accepting, closes every connection and waits for all tasks, at most
+    /// `limits.shutdownTimeoutSecs`: peers that stop answering do not hold the hub.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
-        self.tasks.wait().await;
+        let bound = std::time::Duration::from_secs(self.core.settings.limits.shutdown_timeout_secs);
+        if tokio::time::timeout(bound, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                secs = bound.as_secs(),
+                "shutdown: tasks still running after the timeout; stopping anyway"
+            );
+        }
     }
 
     /// A token that stops the hub when cancelled.

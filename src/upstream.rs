@@ -381,7 +381,10 @@ async fn connect_inner(
         .hostname(up.hostname.as_str())
         .max_frame_size(256 * 1024)
         // Keep-alives at half the parent's idle-time-out, as towards clients.
-        .open_with_stream(crate::amqp::tags::WideTags::new(tls))
+        .open_with_stream(crate::amqp::tags::WideTags::new(
+            tls,
+            crate::amqp::tags::Limits::for_parent(256 * 1024),
+        ))
         .await
         .map_err(|e| format!("AMQP open: {e}"))?;
     let mut cbs_session = Session::begin(&mut connection)

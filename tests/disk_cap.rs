@@ -62,7 +62,7 @@ fn message(i: usize, size: usize) -> Message<Body<Value>> {
         .application_properties(
             ApplicationProperties::builder()
                 .insert("iothub-outputname", "out1")
-                .insert("i", i as i64)
+                .insert("i", i.to_string())
                 .build(),
         )
         .body(Body::Data(vec![Data(Binary::from(body))].into()))
@@ -164,8 +164,9 @@ async fn flood(overflow: &str, cap: u64, total: u64, size: usize, settle_to: u64
             .application_properties
             .as_ref()
             .and_then(|p| p.get("i").cloned());
+        // Application properties reach modules as strings (only string ones are forwarded).
         match i {
-            Some(SimpleValue::Long(i)) => received.push(i),
+            Some(SimpleValue::String(i)) => received.push(i.parse::<i64>().unwrap()),
             other => panic!("{other:?}"),
         }
         rx.accept(&d).await.unwrap();

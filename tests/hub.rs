@@ -273,8 +273,9 @@ async fn a_client_that_never_speaks_is_dropped_after_the_handshake_deadline() {
 async fn connections_over_the_cap_are_closed_at_once() {
     let hub = start_hub("{}", r#"{"maxConnections": 1, "handshakeTimeoutSecs": 30}"#).await;
     let addr = hub.hub.as_ref().unwrap().amqps_addr;
-    // The first connection holds the only slot while it sits in its handshake.
-    let _first = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // An authenticated module holds the only slot (a connection still in its handshake would
+    // make room instead; see amqp_limits.rs).
+    let _first = hub.connect("A").await;
     let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
     use tokio::io::AsyncReadExt;
     let mut buf = [0u8; 16];

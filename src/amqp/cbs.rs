@@ -52,12 +52,22 @@ pub fn handle(m: &Message<Body<Value>>, auth: &Authenticator, now_secs: u64) -> 
     };
     match app_string(m, "operation").as_deref() {
         Some("put-token") => {}
-        Some(op) => return reply(400, format!("unsupported operation {op:?}")),
+        Some(op) => {
+            return reply(
+                400,
+                format!("unsupported operation {:?}", super::clip(op).as_ref()),
+            )
+        }
         None => return reply(400, "missing application property 'operation'".into()),
     }
     match app_string(m, "type") {
         Some(t) if TOKEN_TYPES.iter().any(|k| k.eq_ignore_ascii_case(&t)) => {}
-        Some(t) => return reply(400, format!("unsupported token type {t:?}")),
+        Some(t) => {
+            return reply(
+                400,
+                format!("unsupported token type {:?}", super::clip(&t).as_ref()),
+            )
+        }
         None => return reply(400, "missing application property 'type'".into()),
     }
     let audience = match app_string(m, "name") {

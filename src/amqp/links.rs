@@ -16,7 +16,7 @@ use futures_util::{stream::FuturesUnordered, FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{amqp_error, cbs, custom_condition, refuse, ConnState};
+use super::{amqp_error, cbs, clip, custom_condition, refuse, ConnState, CLOSE_WAIT};
 use crate::{
     address::LinkKind,
     hub::HubCore,
@@ -132,20 +132,27 @@ fn forced_detach() -> fe2o3_amqp::types::definitions::Error {
 
 /// Ends a receiver: a plain close after the peer's end, `detach-forced` (or the stop's own
 /// reason) when the hub ends it.
+/// The peer's detach is awaited at most [`CLOSE_WAIT`].
 async fn close_receiver(rx: Receiver, cancel: &LinkStop) {
     if cancel.is_cancelled() {
-        let _ = rx.close_with_error(cancel.error()).await;
+        let _ = tokio::time::timeout(CLOSE_WAIT, rx.close_with_error(cancel.error())).await;
     } else {
-        let _ = rx.close().await;
+        let _ = tokio::time::timeout(CLOSE_WAIT, rx.close()).await;
     }
 }
 
 async fn close_sender(tx: Sender, cancel: &LinkStop) {
     if cancel.is_cancelled() {
-        let _ = tx.close_with_error(cancel.error()).await;
+        let _ = tokio::time::timeout(CLOSE_WAIT, tx.close_with_error(cancel.error())).await;
     } else {
-        let _ = tx.close().await;
+        let _ = tokio::time::timeout(CLOSE_WAIT, tx.close()).await;
     }
+}
+
+/// Awaits a detach the hub sent for at most [`CLOSE_WAIT`]: a peer that never answers does
+/// not hold the link task (nor shutdown).
+async fn bounded<F: std::future::Future>(close: F) {
+    let _ = tokio::time::timeout(CLOSE_WAIT, close).await;
 }
 
 fn is_normal_end(e: &RecvError) -> bool {
@@ -167,8 +174,7 @@ async fn cbs_requests(
             Ok(d) => d,
             Err(e) => {
                 if !is_normal_end(&e) {
-                    let _ = rx
-                        .close_with_error(amqp_error(AmqpError::DecodeError, e.to_string()))
+                    bounded(rx.close_with_error(amqp_error(AmqpError::DecodeError, e.to_string())))
                         .await;
                 }
                 return;
@@ -186,17 +192,14 @@ async fn cbs_requests(
             None => {
                 let id = reply.refused_id.clone().unwrap_or_else(|| "unknown".into());
                 m::connect_failed(&id, "not_authenticated");
-                warn!(identity = %id, status = reply.status, reason = %reply.description, "put-token refused");
+                warn!(identity = %clip(&id), status = reply.status, reason = %clip(&reply.description), "put-token refused");
             }
         }
         let _ = rx.accept(info).await;
-        match conn.cbs_reply_sender() {
-            Some(out) => {
-                if out.send(reply).await.is_err() {
-                    debug!("the $cbs response link went away; reply dropped");
-                }
-            }
-            None => debug!("no $cbs response link is attached; reply dropped"),
+        // Queued for the response link, even one that has not attached yet (an SDK may put
+        // its token as soon as the request link has credit).
+        if !conn.send_cbs_reply(reply).await {
+            debug!("no $cbs response link took the reply in time; reply dropped");
         }
     }
     close_receiver(rx, &cancel).await;
@@ -211,7 +214,13 @@ async fn cbs_responses(mut tx: Sender, conn: Arc<ConnState>, cancel: LinkStop) {
             _ = tx.on_detach() => return,
             r = replies.recv() => r,
         };
-        let Some(reply) = reply else { break };
+        let Some((deadline, reply)) = reply else {
+            break;
+        };
+        if tokio::time::Instant::now() > deadline {
+            debug!("a put-token reply waited too long for the response link; dropped");
+            continue;
+        }
         let msg = Sendable::builder()
             .message(cbs::response(&reply))
             .settled(true)
@@ -223,12 +232,11 @@ async fn cbs_responses(mut tx: Sender, conn: Arc<ConnState>, cancel: LinkStop) {
                 return;
             }
             Err(_) => {
-                let _ = tx
-                    .close_with_error(amqp_error(
-                        custom_condition("com.microsoft:timeout"),
-                        "no link credit for the put-token response",
-                    ))
-                    .await;
+                bounded(tx.close_with_error(amqp_error(
+                    custom_condition("com.microsoft:timeout"),
+                    "no link credit for the put-token response",
+                )))
+                .await;
                 return;
             }
         }
@@ -278,8 +286,7 @@ async fn events(
                 if !is_normal_end(&e) {
                     debug!(error = %e, "closing events link");
                     commits.finish(&rx).await;
-                    let _ = rx
-                        .close_with_error(amqp_error(AmqpError::DecodeError, e.to_string()))
+                    bounded(rx.close_with_error(amqp_error(AmqpError::DecodeError, e.to_string())))
                         .await;
                 }
                 return;
@@ -288,9 +295,7 @@ async fn events(
         if !conn.is_authorized(&id, now_secs()) {
             commits.finish(&rx).await;
             let why = format!("the token for {id} has expired");
-            let _ = rx
-                .close_with_error(amqp_error(AmqpError::UnauthorizedAccess, why))
-                .await;
+            bounded(rx.close_with_error(amqp_error(AmqpError::UnauthorizedAccess, why))).await;
             return;
         }
         let format = delivery.message_format().unwrap_or(0);
@@ -621,8 +626,7 @@ async fn module_inputs(mut tx: Sender, id: Identity, core: Arc<HubCore>, cancel:
     }
     if stalled {
         let why = "the module granted no credit";
-        let _ = tx
-            .close_with_error(amqp_error(custom_condition("com.microsoft:timeout"), why))
+        bounded(tx.close_with_error(amqp_error(custom_condition("com.microsoft:timeout"), why)))
             .await;
     } else {
         close_sender(tx, &cancel).await;
@@ -664,9 +668,7 @@ async fn method_requests(mut tx: Sender, id: Identity, core: Arc<HubCore>, cance
     core.methods.unregister(&id, generation);
     if replaced {
         let why = "a newer method link for this identity replaced this one";
-        let _ = tx
-            .close_with_error(amqp_error(custom_condition("amqp:link:stolen"), why))
-            .await;
+        bounded(tx.close_with_error(amqp_error(custom_condition("amqp:link:stolen"), why))).await;
     } else {
         close_sender(tx, &cancel).await;
     }
@@ -724,8 +726,7 @@ async fn method_responses(mut rx: Receiver, id: Identity, core: Arc<HubCore>, ca
             Ok(d) => d,
             Err(e) => {
                 if !is_normal_end(&e) {
-                    let _ = rx
-                        .close_with_error(amqp_error(AmqpError::DecodeError, e.to_string()))
+                    bounded(rx.close_with_error(amqp_error(AmqpError::DecodeError, e.to_string())))
                         .await;
                 }
                 return;
@@ -772,7 +773,7 @@ async fn method_responses(mut rx: Receiver, id: Identity, core: Arc<HubCore>, ca
                     crate::methods::MethodResponse { status, payload },
                 );
                 if !answered {
-                    debug!(correlation_id = %cid, "method response for no waiting call (late or unknown)");
+                    debug!(correlation_id = %clip(&cid), "method response for no waiting call (late or unknown)");
                 }
             }
             None => debug!("method response without a correlation id ignored"),
@@ -853,9 +854,7 @@ async fn twin_responses(
     core.twins.detach_link(&id, generation);
     if replaced {
         let why = "a newer twin link for this identity replaced this one";
-        let _ = tx
-            .close_with_error(amqp_error(custom_condition("amqp:link:stolen"), why))
-            .await;
+        bounded(tx.close_with_error(amqp_error(custom_condition("amqp:link:stolen"), why))).await;
     } else {
         close_sender(tx, &cancel).await;
     }
@@ -907,8 +906,7 @@ async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cance
             Ok(d) => d,
             Err(e) => {
                 if !is_normal_end(&e) {
-                    let _ = rx
-                        .close_with_error(amqp_error(AmqpError::DecodeError, e.to_string()))
+                    bounded(rx.close_with_error(amqp_error(AmqpError::DecodeError, e.to_string())))
                         .await;
                 }
                 return;

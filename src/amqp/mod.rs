@@ -4,6 +4,11 @@
 //! One task per connection accepts sessions; one task per session accepts links; one task per
 //! link moves messages. Every link is authorised at attach from its address (the identity) and
 //! the tokens this connection has put on `$cbs` (or its SASL PLAIN identity).
+//!
+//! Until a connection authenticates it is pending: it may hold only `$cbs` links and little
+//! buffered data (see `tags::Guard`), it must authenticate within `limits.authTimeoutSecs`, and
+//! a newer connection may evict it when the pending queue or every slot is full. Every wait for
+//! a peer's detach, end or close is bounded, so a silent peer holds no task.
 
 pub mod cbs;
 mod links;
@@ -13,7 +18,10 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -59,6 +67,26 @@ pub(crate) fn custom_condition(name: &str) -> ErrorCondition {
     ErrorCondition::Custom(Symbol::from(name))
 }
 
+/// Longest client-supplied text put in a log line.
+const LOG_CLIP: usize = 128;
+
+/// `s` cut to [`LOG_CLIP`] characters, for log lines that quote what a client sent.
+pub(crate) fn clip(s: &str) -> std::borrow::Cow<'_, str> {
+    match s.char_indices().nth(LOG_CLIP) {
+        None => std::borrow::Cow::Borrowed(s),
+        Some((at, _)) => std::borrow::Cow::Owned(format!("{}… ({} bytes)", &s[..at], s.len())),
+    }
+}
+
+/// Bound on waiting for the peer's answer to a detach, end or close the hub sent: a peer
+/// that stops answering holds no task beyond it.
+pub(crate) const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a put-token reply waits for the `$cbs` response link to attach.
+const CBS_REPLY_WAIT: Duration = Duration::from_secs(10);
+/// Put-token replies held for a response link that has not attached yet.
+const CBS_REPLY_QUEUE: usize = 16;
+
 /// An identity proven on a connection: the token's expiry, and what stops that identity's links.
 struct Grant {
     id: Identity,
@@ -69,10 +97,38 @@ struct Grant {
 /// What one connection has proven: identities with a valid token, and their expiry.
 pub(crate) struct ConnState {
     authorized: Mutex<HashMap<String, Grant>>,
-    /// Cancelled when the connection ends; every link's stop signal descends from it.
+    /// Cancelled when the connection ends (or is evicted while pending); every link's stop
+    /// signal descends from it.
     root: CancellationToken,
-    /// Where put-token replies go: the newest `$cbs` response link of this connection.
-    cbs_replies: Mutex<Option<mpsc::Sender<cbs::CbsReply>>>,
+    /// Put-token replies: the sender side, and the receiver until a response link takes it.
+    /// Replies put before the response link attaches wait here (bounded) for it.
+    cbs_replies: Mutex<CbsReplies>,
+    /// Set by the first valid token or SASL PLAIN identity; read by the frame guard.
+    authenticated: Arc<AtomicBool>,
+    /// This connection's place among the pending ones, until it authenticates.
+    pending: Mutex<Option<PendingTicket>>,
+    /// The error the connection closes with, when the hub closes it for a reason of its own.
+    close_reason: Arc<Mutex<Option<AmqpErrorBody>>>,
+    /// `$cbs` links attached: (request links, response links).
+    cbs_links: Mutex<(usize, usize)>,
+    /// Sessions the frame guard found broken by the peer.
+    faults: Arc<tags::SessionFaults>,
+}
+
+struct CbsReplies {
+    tx: mpsc::Sender<(tokio::time::Instant, cbs::CbsReply)>,
+    rx: Option<mpsc::Receiver<(tokio::time::Instant, cbs::CbsReply)>>,
+}
+
+impl CbsReplies {
+    fn new() -> Self {
+        let (tx, rx) = mpsc::channel(CBS_REPLY_QUEUE);
+        Self { tx, rx: Some(rx) }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl ConnState {
@@ -80,8 +136,38 @@ impl ConnState {
         Self {
             authorized: Mutex::new(HashMap::new()),
             root,
-            cbs_replies: Mutex::new(None),
+            cbs_replies: Mutex::new(CbsReplies::new()),
+            authenticated: Arc::new(AtomicBool::new(false)),
+            pending: Mutex::new(None),
+            close_reason: Arc::default(),
+            cbs_links: Mutex::new((0, 0)),
+            faults: Arc::default(),
         }
+    }
+
+    fn is_authenticated(&self) -> bool {
+        self.authenticated.load(Ordering::Relaxed)
+    }
+
+    /// Closes the connection with `error`.
+    fn close_with(&self, error: AmqpErrorBody) {
+        lock(&self.close_reason).get_or_insert(error);
+        self.root.cancel();
+    }
+
+    /// Counts a new `$cbs` link of a role; `None` when the connection holds its maximum of
+    /// them before authenticating. The guard uncounts it.
+    fn cbs_link(self: &Arc<Self>, request: bool) -> Option<CbsLinkGuard> {
+        let mut n = lock(&self.cbs_links);
+        let slot = if request { &mut n.0 } else { &mut n.1 };
+        if *slot >= MAX_CBS_LINKS_PER_ROLE && !self.is_authenticated() {
+            return None;
+        }
+        *slot += 1;
+        Some(CbsLinkGuard {
+            conn: self.clone(),
+            request,
+        })
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Grant>> {
@@ -91,6 +177,9 @@ impl ConnState {
     /// Records a verified identity (a renewal moves its expiry); returns true when it is new on
     /// this connection.
     pub fn authorize(&self, id: Identity, expiry: u64) -> bool {
+        self.authenticated.store(true, Ordering::Relaxed);
+        // Authenticated: no longer counted among the pending connections.
+        drop(lock(&self.pending).take());
         let key = id.to_string().to_ascii_lowercase();
         let mut map = self.map();
         match map.get_mut(&key) {
@@ -143,24 +232,133 @@ impl ConnState {
             .collect()
     }
 
-    /// Makes a new `$cbs` response link the one replies go to; the older one then ends.
-    pub fn take_cbs_replies(&self) -> mpsc::Receiver<cbs::CbsReply> {
-        let (tx, rx) = mpsc::channel(64);
-        *self.cbs_replies.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
-        rx
+    /// Makes a new `$cbs` response link the one replies go to: the first one takes the
+    /// replies queued before it attached; a later one takes over and the older one ends.
+    pub fn take_cbs_replies(&self) -> mpsc::Receiver<(tokio::time::Instant, cbs::CbsReply)> {
+        let mut r = lock(&self.cbs_replies);
+        match r.rx.take() {
+            Some(rx) => rx,
+            None => {
+                let (tx, rx) = mpsc::channel(CBS_REPLY_QUEUE);
+                r.tx = tx;
+                rx
+            }
+        }
     }
 
-    pub fn cbs_reply_sender(&self) -> Option<mpsc::Sender<cbs::CbsReply>> {
-        self.cbs_replies
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    /// Queues a put-token reply for the response link (attached or still to come); it waits
+    /// at most [`CBS_REPLY_WAIT`] for room and for the link.
+    pub async fn send_cbs_reply(&self, reply: cbs::CbsReply) -> bool {
+        let tx = lock(&self.cbs_replies).tx.clone();
+        let deadline = tokio::time::Instant::now() + CBS_REPLY_WAIT;
+        matches!(
+            tokio::time::timeout_at(deadline, tx.send((deadline, reply))).await,
+            Ok(Ok(()))
+        )
     }
 
     fn identities(&self) -> Vec<Identity> {
         self.map().values().map(|g| g.id.clone()).collect()
     }
 }
+
+/// `$cbs` links of each role a connection may hold before it authenticates.
+const MAX_CBS_LINKS_PER_ROLE: usize = 2;
+
+/// Uncounts a `$cbs` link when its task ends.
+struct CbsLinkGuard {
+    conn: Arc<ConnState>,
+    request: bool,
+}
+
+impl Drop for CbsLinkGuard {
+    fn drop(&mut self) {
+        let mut n = lock(&self.conn.cbs_links);
+        let slot = if self.request { &mut n.0 } else { &mut n.1 };
+        *slot = slot.saturating_sub(1);
+    }
+}
+
+/// The connections still in their TLS, AMQP or authentication handshake, oldest first. When
+/// it is full, a new connection evicts the oldest: a peer that never authenticates can hold
+/// at most this many slots, and only until newer connections push it out.
+struct Pending {
+    cap: usize,
+    queue: Mutex<std::collections::VecDeque<(u64, Stop)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// How a pending connection is ended: its token, and where the reason goes.
+#[derive(Clone, Default)]
+struct Stop {
+    token: CancellationToken,
+    reason: Arc<Mutex<Option<AmqpErrorBody>>>,
+}
+
+impl Stop {
+    fn evict(&self) {
+        lock(&self.reason).get_or_insert_with(|| {
+            amqp_error(
+                AmqpError::ResourceLimitExceeded,
+                "too many connections are waiting to authenticate; this, the oldest, is closed",
+            )
+        });
+        self.token.cancel();
+    }
+}
+
+/// A connection's place in [`Pending`]; dropping it (authenticated or gone) frees it.
+struct PendingTicket {
+    pending: Arc<Pending>,
+    id: u64,
+}
+
+impl Drop for PendingTicket {
+    fn drop(&mut self) {
+        lock(&self.pending.queue).retain(|(id, _)| *id != self.id);
+    }
+}
+
+impl Pending {
+    fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Self {
+            cap: cap.max(1),
+            queue: Mutex::new(std::collections::VecDeque::new()),
+            next: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Registers a connection whose `stop` ends it; evicts the oldest when full.
+    fn admit(self: &Arc<Self>, stop: Stop) -> PendingTicket {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut q = lock(&self.queue);
+        while q.len() >= self.cap {
+            if let Some((_, oldest)) = q.pop_front() {
+                debug!("pending connections at their limit; closing the oldest");
+                oldest.evict();
+            }
+        }
+        q.push_back((id, stop));
+        PendingTicket {
+            pending: self.clone(),
+            id,
+        }
+    }
+
+    /// Ends the oldest pending connection; false when there is none.
+    fn evict_oldest(&self) -> bool {
+        match lock(&self.queue).pop_front() {
+            Some((_, stop)) => {
+                stop.evict();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// How long a new connection waits for the slot of a pending one it evicted.
+const EVICTION_WAIT: Duration = Duration::from_secs(2);
 
 /// Accepts connections until `shutdown`, then waits for every connection task.
 pub async fn serve(
@@ -171,6 +369,7 @@ pub async fn serve(
 ) {
     let tracker = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(core.settings.limits.max_connections));
+    let pending = Pending::new(core.settings.limits.max_pending_connections);
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -185,16 +384,37 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            warn!(%peer, limit = core.settings.limits.max_connections, "connection limit reached; closing");
-            drop(tcp);
-            continue;
+        // Every slot taken: a connection that has not authenticated makes room, since slots
+        // are for clients that authenticate.
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) if pending.evict_oldest() => None,
+            Err(_) => {
+                warn!(%peer, limit = core.settings.limits.max_connections, "connection limit reached; closing");
+                drop(tcp);
+                continue;
+            }
         };
-        let (tls, core, shutdown) = (tls.clone(), core.clone(), shutdown.clone());
+        // Pending from now on, until it authenticates.
+        let conn = Arc::new(ConnState::new(shutdown.child_token()));
+        *lock(&conn.pending) = Some(pending.admit(Stop {
+            token: conn.root.clone(),
+            reason: conn.close_reason.clone(),
+        }));
+        let (tls, core, permits) = (tls.clone(), core.clone(), permits.clone());
         tracker.spawn(
             async move {
+                let permit = match permit {
+                    Some(p) => p,
+                    None => {
+                        match tokio::time::timeout(EVICTION_WAIT, permits.acquire_owned()).await {
+                            Ok(Ok(p)) => p,
+                            _ => return,
+                        }
+                    }
+                };
                 m::open_connections(1.0);
-                handle_socket(tcp, peer, tls, core, shutdown).await;
+                handle_socket(tcp, peer, tls, core, conn).await;
                 m::open_connections(-1.0);
                 drop(permit);
             }
@@ -224,11 +444,24 @@ async fn handle_socket(
     _peer: SocketAddr,
     tls: TlsAcceptor,
     core: Arc<HubCore>,
-    shutdown: CancellationToken,
+    conn: Arc<ConnState>,
 ) {
     let _ = tcp.set_nodelay(true);
-    let conn = Arc::new(ConnState::new(shutdown.child_token()));
-    let deadline = Duration::from_secs(core.settings.limits.handshake_timeout_secs);
+    let limits = &core.settings.limits;
+    let deadline = Duration::from_secs(limits.handshake_timeout_secs);
+    let channel_max = channel_max(limits.max_sessions_per_connection);
+    let guard = tags::Limits {
+        max_frame_size: MAX_FRAME_SIZE,
+        channel_max,
+        max_handles_per_session: limits.max_links_per_session.saturating_mul(2),
+        incomplete_budget: limits
+            .max_incomplete_bytes_per_connection
+            .max(limits.max_message_size),
+        max_message_size: limits.max_message_size,
+        authenticated: conn.authenticated.clone(),
+        faults: conn.faults.clone(),
+    };
+    let idle_ms = u32::try_from(limits.idle_timeout_secs.saturating_mul(1000)).unwrap_or(u32::MAX);
     let handshake = async {
         let mut stream = tls.accept(tcp).await.map_err(HandshakeError::Tls)?;
         let mut header = [0u8; 8];
@@ -244,32 +477,30 @@ async fn handle_socket(
             let _ = stream.write_all(b"AMQP\x00\x01\x00\x00").await;
             return Err(HandshakeError::BadHeader(header));
         }
-        let stream = tags::WideTags::new(Replay::new(header, stream));
+        let stream = tags::WideTags::new(Replay::new(header, stream), guard);
+        let builder = ConnectionAcceptor::builder()
+            .container_id("edgehub")
+            .max_frame_size(MAX_FRAME_SIZE)
+            .channel_max(channel_max);
+        // fe2o3 closes a connection that sends nothing for the idle-time-out it announced.
+        let builder = match idle_ms {
+            0 => builder,
+            ms => builder.idle_time_out(ms),
+        };
         let handle = if header[4] == 3 {
             let sasl = HubSasl {
                 core: core.clone(),
                 conn: conn.clone(),
             };
-            ConnectionAcceptor::builder()
-                .container_id("edgehub")
-                .max_frame_size(tags::MAX_FRAME_SIZE)
-                .sasl_acceptor(sasl)
-                .build()
-                .accept(stream)
-                .await?
+            builder.sasl_acceptor(sasl).build().accept(stream).await?
         } else {
-            ConnectionAcceptor::builder()
-                .container_id("edgehub")
-                .max_frame_size(tags::MAX_FRAME_SIZE)
-                .build()
-                .accept(stream)
-                .await?
+            builder.build().accept(stream).await?
         };
         Ok::<_, HandshakeError>(handle)
     };
     let handshake = tokio::select! {
-        // Shutdown does not wait for handshakes in progress.
-        _ = shutdown.cancelled() => return,
+        // Shutdown (or an eviction) does not wait for handshakes in progress.
+        _ = conn.root.cancelled() => return,
         h = tokio::time::timeout(deadline, handshake) => h,
     };
     let handle = match handshake {
@@ -285,10 +516,35 @@ async fn handle_socket(
     };
     debug!("connection open");
     run_connection(handle, conn.clone(), core.clone()).await;
+    drop(lock(&conn.pending).take());
     for id in conn.identities() {
         core.client_disconnected(&id);
     }
     debug!("connection closed");
+}
+
+/// The max-frame-size the hub announces.
+const MAX_FRAME_SIZE: u32 = 256 * 1024;
+
+/// The channel-max announced for a cap on sessions per connection.
+fn channel_max(sessions: usize) -> u16 {
+    u16::try_from(sessions.saturating_sub(1)).unwrap_or(u16::MAX)
+}
+
+/// Closes a connection that holds no valid token `after` its open.
+async fn auth_deadline(conn: Arc<ConnState>, after: Duration) {
+    tokio::select! {
+        _ = conn.root.cancelled() => {}
+        _ = tokio::time::sleep(after) => {
+            if !conn.is_authenticated() {
+                debug!(secs = after.as_secs(), "no valid token in time; closing the connection");
+                conn.close_with(amqp_error(
+                    AmqpError::UnauthorizedAccess,
+                    format!("no valid token was put within {} s of the open", after.as_secs()),
+                ));
+            }
+        }
+    }
 }
 
 async fn run_connection(
@@ -299,9 +555,16 @@ async fn run_connection(
     let cancel = conn.root.clone();
     let tracker = TaskTracker::new();
     tracker.spawn(expire_tokens(conn.clone(), core.clone(), cancel.clone()));
+    tracker.spawn(auth_deadline(
+        conn.clone(),
+        Duration::from_secs(core.settings.limits.auth_timeout_secs),
+    ));
+    let handle_max = u32::try_from(core.settings.limits.max_links_per_session.saturating_sub(1))
+        .unwrap_or(u32::MAX);
     let session_acceptor = SessionAcceptor::builder()
         .incoming_window(4096)
         .outgoing_window(4096)
+        .handle_max(handle_max)
         .build();
     loop {
         let incoming = tokio::select! {
@@ -309,13 +572,14 @@ async fn run_connection(
             s = handle.next_incoming_session() => s,
         };
         let Some(incoming) = incoming else { break };
+        let fault = conn.faults.signal(incoming.channel);
         match session_acceptor
             .accept_incoming_session(incoming, &mut handle)
             .await
         {
             Ok(session) => {
                 let (conn, core, cancel) = (conn.clone(), core.clone(), cancel.clone());
-                tracker.spawn(run_session(session, conn, core, cancel).in_current_span());
+                tracker.spawn(run_session(session, conn, core, cancel, fault).in_current_span());
             }
             Err(e) => {
                 debug!(error = %e, "session begin failed");
@@ -326,7 +590,12 @@ async fn run_connection(
     cancel.cancel();
     tracker.close();
     tracker.wait().await;
-    let _ = handle.close().await;
+    let reason = lock(&conn.close_reason).take();
+    // The peer's close is awaited only so long: a silent peer does not hold the task.
+    let _ = match reason {
+        Some(e) => tokio::time::timeout(CLOSE_WAIT, handle.close_with_error(e)).await,
+        None => tokio::time::timeout(CLOSE_WAIT, handle.close()).await,
+    };
 }
 
 /// Once a second: closes the links of identities whose token expired and was not renewed
@@ -371,12 +640,24 @@ async fn run_session(
     conn: Arc<ConnState>,
     core: Arc<HubCore>,
     cancel: CancellationToken,
+    fault: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
     let acceptors = LinkAcceptors::new(core.settings.limits.max_message_size);
+    let max_links = core.settings.limits.max_links_per_session;
+    let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let attach = tokio::select! {
             _ = cancel.cancelled() => break,
+            _ = fault.cancelled() => {
+                debug!("a transfer or flow on a handle never attached; ending the session");
+                let error = amqp_error(
+                    fe2o3_amqp::types::definitions::SessionError::UnattachedHandle,
+                    "a transfer or flow on a handle that is not attached",
+                );
+                let _ = tokio::time::timeout(CLOSE_WAIT, session.end_with_error(error)).await;
+                break;
+            }
             a = session.next_incoming_attach() => a,
         };
         let Some(attach) = attach else { break };
@@ -400,23 +681,47 @@ async fn run_session(
         let link = match acceptor.accept_incoming_attach(attach, &mut session).await {
             Ok(l) => l,
             Err(e) => {
-                debug!(link = %name, error = ?e, "link attach failed");
+                debug!(link = %clip(&name), error = ?e, "link attach failed");
                 if let Some((id, (generation, _))) = twin_slot {
                     core.twins.detach_link(&id, generation);
                 }
                 continue;
             }
         };
+        // A refusal waits for the peer's detach in a task of its own (bounded): a peer that
+        // never answers does not stop this session from serving later attaches.
+        let refuse_later = |link, error| {
+            tracker.spawn(refuse(link, error).in_current_span());
+        };
+        if live.load(Ordering::Relaxed) >= max_links {
+            let why = format!("this session holds its maximum of {max_links} links");
+            debug!(link = %clip(&name), "{why}");
+            refuse_later(link, amqp_error(AmqpError::ResourceLimitExceeded, why));
+            continue;
+        }
         let kind = match kind {
             Ok(k) => k,
             Err(e) => {
                 let cond = match e {
                     AddressError::Missing | AddressError::NotFound(_) => AmqpError::NotFound,
                 };
-                refuse(link, amqp_error(cond, e.to_string())).await;
+                refuse_later(link, amqp_error(cond, clip(&e.to_string())));
                 continue;
             }
         };
+        let cbs_guard = match (&kind, &link) {
+            (LinkKind::Cbs, LinkEndpoint::Receiver(_)) => Some(conn.cbs_link(true)),
+            (LinkKind::Cbs, LinkEndpoint::Sender(_)) => Some(conn.cbs_link(false)),
+            _ => None,
+        };
+        if let Some(None) = cbs_guard {
+            let why = format!(
+                "at most {MAX_CBS_LINKS_PER_ROLE} $cbs links each way before a token is accepted"
+            );
+            debug!(link = %clip(&name), "{why}");
+            refuse_later(link, amqp_error(AmqpError::UnauthorizedAccess, why));
+            continue;
+        }
         if let Some(id) = kind.identity() {
             // A module of a child edge device is known by its shape; only an on-behalf grant
             // on this connection lets its links attach.
@@ -426,20 +731,21 @@ async fn run_session(
                 .is_some_and(|k| conn.is_authorized(k, now_secs()));
             if !authorized {
                 let why = format!(
-                    "{} link for {id}: this connection holds no valid token for that identity",
-                    kind.name()
+                    "{} link for {}: this connection holds no valid token for that identity",
+                    kind.name(),
+                    clip(&id.to_string())
                 );
-                debug!(link = %name, "{why}");
-                refuse(link, amqp_error(AmqpError::UnauthorizedAccess, why)).await;
+                debug!(link = %clip(&name), "{why}");
+                refuse_later(link, amqp_error(AmqpError::UnauthorizedAccess, why));
                 continue;
             }
         }
         if let LinkKind::ModuleC2d(id) = &kind {
             let why = format!("{id} is a module: modules cannot receive cloud-to-device messages");
-            refuse(link, amqp_error(AmqpError::NotAllowed, why)).await;
+            refuse_later(link, amqp_error(AmqpError::NotAllowed, why));
             continue;
         }
-        let span = info_span!("link", kind = kind.name(), name = %name);
+        let span = info_span!("link", kind = kind.name(), name = %clip(&name));
         // Links of an identity stop with its grant; the others ($cbs) with the connection.
         let stop = kind
             .identity()
@@ -448,11 +754,20 @@ async fn run_session(
             .unwrap_or_else(|| links::LinkStop::new(cancel.child_token()));
         let (conn, core) = (conn.clone(), core.clone());
         let twin_slot = twin_slot.map(|(_, slot)| slot);
-        tracker.spawn(links::run(link, kind, conn, core, stop, twin_slot).instrument(span));
+        let live = live.clone();
+        live.fetch_add(1, Ordering::Relaxed);
+        tracker.spawn(
+            async move {
+                links::run(link, kind, conn, core, stop, twin_slot).await;
+                drop(cbs_guard);
+                live.fetch_sub(1, Ordering::Relaxed);
+            }
+            .instrument(span),
+        );
     }
     tracker.close();
     tracker.wait().await;
-    let _ = session.end().await;
+    let _ = tokio::time::timeout(CLOSE_WAIT, session.end()).await;
 }
 
 /// Link acceptors by the settle mode the hub uses where it sends, as edgeHub sets them
@@ -465,6 +780,9 @@ struct LinkAcceptors {
     settled: PlainLinkAcceptor,
     unsettled: PlainLinkAcceptor,
     client_sends: PlainLinkAcceptor,
+    /// `$cbs` messages are small whoever sends them; before a token they are all there is.
+    cbs_replies: PlainLinkAcceptor,
+    cbs_requests: PlainLinkAcceptor,
 }
 
 type PlainLinkAcceptor = LinkAcceptor<
@@ -477,39 +795,47 @@ impl LinkAcceptors {
         use fe2o3_amqp::{
             acceptor::SupportedSenderSettleModes, types::definitions::SenderSettleMode,
         };
-        let only = |supported, fallback| {
+        let only = |size: u64, supported, fallback| {
             LinkAcceptor::builder()
-                .max_message_size(max_message_size)
+                .max_message_size(size)
                 .supported_sender_settle_modes(supported)
                 .fallback_sender_settle_mode(fallback)
                 .build()
         };
-        Self {
-            settled: only(
+        let settled = |size| {
+            only(
+                size,
                 SupportedSenderSettleModes::Settled,
                 SenderSettleMode::Settled,
-            ),
+            )
+        };
+        let any = |size: u64| LinkAcceptor::builder().max_message_size(size).build();
+        Self {
+            settled: settled(max_message_size),
             unsettled: only(
+                max_message_size,
                 SupportedSenderSettleModes::Unsettled,
                 SenderSettleMode::Unsettled,
             ),
-            client_sends: LinkAcceptor::builder()
-                .max_message_size(max_message_size)
-                .build(),
+            client_sends: any(max_message_size),
+            cbs_replies: settled(tags::CBS_MAX_MESSAGE),
+            cbs_requests: any(tags::CBS_MAX_MESSAGE),
         }
     }
 
     fn for_link(&self, kind: Option<&LinkKind>, role: ClientRole) -> &PlainLinkAcceptor {
-        if role == ClientRole::Sender {
-            return &self.client_sends;
-        }
-        match kind {
-            Some(LinkKind::ModuleInputs(_) | LinkKind::C2d(_)) => &self.unsettled,
-            Some(
-                LinkKind::Cbs
-                | LinkKind::TwinResponses(_)
-                | LinkKind::MethodRequests(_)
-                | LinkKind::ModuleC2d(_),
+        match (kind, role) {
+            (Some(LinkKind::Cbs), ClientRole::Sender) => &self.cbs_requests,
+            (Some(LinkKind::Cbs), ClientRole::Receiver) => &self.cbs_replies,
+            (_, ClientRole::Sender) => &self.client_sends,
+            (Some(LinkKind::ModuleInputs(_) | LinkKind::C2d(_)), _) => &self.unsettled,
+            (
+                Some(
+                    LinkKind::TwinResponses(_)
+                    | LinkKind::MethodRequests(_)
+                    | LinkKind::ModuleC2d(_),
+                ),
+                _,
             ) => &self.settled,
             _ => &self.client_sends,
         }
@@ -517,13 +843,20 @@ impl LinkAcceptors {
 }
 
 /// Refuses a link: attach, then detach-close with the condition (fe2o3 cannot refuse inline).
+/// The peer's detach is awaited at most [`CLOSE_WAIT`].
 pub(crate) async fn refuse(link: LinkEndpoint, error: AmqpErrorBody) {
     let r = match link {
-        LinkEndpoint::Sender(s) => s.close_with_error(error).await,
-        LinkEndpoint::Receiver(r) => r.close_with_error(error).await,
+        LinkEndpoint::Sender(s) => tokio::time::timeout(CLOSE_WAIT, s.close_with_error(error))
+            .await
+            .map(|r| r.map_err(|e| format!("{e:?}"))),
+        LinkEndpoint::Receiver(r) => tokio::time::timeout(CLOSE_WAIT, r.close_with_error(error))
+            .await
+            .map(|r| r.map_err(|e| format!("{e:?}"))),
     };
-    if let Err(e) = r {
-        debug!(error = ?e, "closing a refused link");
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!(error = %e, "closing a refused link"),
+        Err(_) => debug!("the peer did not answer the detach of a refused link"),
     }
 }
 
@@ -673,4 +1006,32 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
 
 pub(crate) fn log_ready(addr: SocketAddr) {
     info!(%addr, "amqps listener ready");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_text_in_log_lines_is_clipped() {
+        assert_eq!(clip("short"), "short");
+        let long = "é".repeat(1000);
+        let c = clip(&long);
+        assert!(c.starts_with(&"é".repeat(LOG_CLIP)));
+        assert!(c.ends_with("(2000 bytes)"), "{c}");
+        assert!(c.len() < 2 * LOG_CLIP + 32);
+    }
+
+    #[test]
+    fn a_full_pending_queue_evicts_its_oldest() {
+        let pending = Pending::new(2);
+        let stops: Vec<Stop> = (0..3).map(|_| Stop::default()).collect();
+        let tickets: Vec<PendingTicket> = stops.iter().map(|s| pending.admit(s.clone())).collect();
+        assert!(stops[0].token.is_cancelled());
+        assert!(lock(&stops[0].reason).is_some(), "closed with a reason");
+        assert!(!stops[1].token.is_cancelled() && !stops[2].token.is_cancelled());
+        // An authenticated connection leaves the queue; the oldest left is evicted next.
+        drop(tickets);
+        assert!(!pending.evict_oldest());
+    }
 }

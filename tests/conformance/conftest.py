@@ -14,18 +14,26 @@ SERVICE_KEY = "c2VydmljZS1wb2xpY3kta2V5LWZvci1jb25mb3JtYW5jZS10ZXN0cw=="
 
 ROUTES = {
     "aToB": 'FROM /messages/modules/A/outputs/out1 INTO BrokeredEndpoint("/modules/B/inputs/in1")',
+    # Each test that leaves inputs in flight has its own destination module.
+    "cToD": 'FROM /messages/modules/C/outputs/toD INTO BrokeredEndpoint("/modules/D/inputs/fromC")',
+    "cToE": 'FROM /messages/modules/C/outputs/toE INTO BrokeredEndpoint("/modules/E/inputs/fromC")',
 }
 
 
 @pytest.fixture(scope="session")
 def hub():
-    h = Hub(modules={"A": {"properties.desired": {"threshold": 5}}, "B": {}, "C": {}},
+    h = Hub(modules={"A": {"properties.desired": {"threshold": 5}}, "B": {}, "C": {}, "D": {},
+                     "E": {}},
             routes=ROUTES,
             extra={"servicePolicies": {SERVICE_POLICY: {"primaryKey": SERVICE_KEY}}})
     try:
         yield h
     finally:
         h.stop()
+        # CONFORMANCE_HUB_LOG=<file> keeps the hub's log (set RUST_LOG for more detail).
+        if os.environ.get("CONFORMANCE_HUB_LOG"):
+            with open(os.environ["CONFORMANCE_HUB_LOG"], "w") as f:
+                f.write(h.log)
 
 
 @pytest.fixture

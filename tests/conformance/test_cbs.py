@@ -17,6 +17,10 @@ def reply_fields(reply):
     assert "status-code" in props and "status-description" in props, props
     code = checks.typed(props["status-code"], Data.INT, "status-code")
     checks.typed(props["status-description"], Data.STRING, "status-description")
+    # edgeHub sends no body; the nearest an AMQP library without body-less messages can send
+    # is one empty data section (not an amqp-value null).
+    body = checks.one_data_section(reply)
+    assert body == b"", f"the put-token reply's data section is not empty: {body!r}"
     return code
 
 

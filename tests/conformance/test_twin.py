@@ -151,3 +151,63 @@ def test_twin_error_response(module_client):
     body = r.message.body_sections()
     if body:
         assert isinstance(checks.json_body(r), dict)
+
+
+def send_without_correlation_id(client, links, operation, resource=None, body=b" "):
+    """A twin request with no properties section (so no correlation-id), pre-settled."""
+    ann = {"operation": operation}
+    if resource:
+        ann["resource"] = resource
+    client.send(links[0], encode_message(annotations=ann, data=body), settled=True)
+
+
+def replies_up_to_marker(client, links, seen):
+    """Sends a GET with a correlation-id as a marker and waits for its reply (twin requests
+    on a link are answered in order); returns every delivery on the response link since
+    `seen`, the marker's reply last."""
+    tx, rx = links
+    cid = str(uuid.uuid4())
+    client.send(tx, encode_message(annotations={"operation": "GET"},
+                                   properties={"correlation-id": ("put_string", cid)},
+                                   data=b" "), settled=True)
+
+    def marker_index():
+        for i, r in enumerate(client.deliveries(rx)[seen:]):
+            props = r.message.properties() or {}
+            if "correlation-id" in props and props["correlation-id"].value == cid:
+                return i + 1
+        return None
+    n = client.wait(marker_index, 10, "the reply to the marker GET")
+    got = client.deliveries(rx)[seen:seen + n]
+    return got, got[-1]
+
+
+@pytest.mark.parametrize("operation,resource", [("GET", None), ("PUT", DESIRED),
+                                                ("DELETE", DESIRED)],
+                         ids=["GET", "PUT", "DELETE"])
+def test_twin_request_without_correlation_id_unanswered(module_client, operation, resource):
+    """No reply at all: one without a correlation-id reads as a desired push to every SDK."""
+    c = module_client("A")
+    links = twin_links(c, "A")
+    seen = len(c.deliveries(links[1]))
+    send_without_correlation_id(c, links, operation, resource)
+    got, _ = replies_up_to_marker(c, links, seen)
+    assert len(got) == 1, (
+        f"the {operation} without a correlation-id was answered: "
+        f"{[(r.message.annotations(), r.message.describe_body()) for r in got[:-1]]}")
+
+
+def test_twin_reported_patch_without_correlation_id_applied(module_client):
+    """Applied (seen in a later GET), not answered."""
+    c = module_client("A")
+    links = twin_links(c, "A")
+    mark = str(uuid.uuid4())
+    seen = len(c.deliveries(links[1]))
+    send_without_correlation_id(c, links, "PATCH", "/properties/reported",
+                                body=b'{"nocid":"%s"}' % mark.encode())
+    got, marker = replies_up_to_marker(c, links, seen)
+    assert len(got) == 1, (
+        f"the PATCH without a correlation-id was answered: "
+        f"{[(r.message.annotations(), r.message.describe_body()) for r in got[:-1]]}")
+    reported = checks.json_body(marker)["reported"]
+    assert reported.get("nocid") == mark, f"the PATCH was not applied: reported {reported}"

@@ -34,9 +34,14 @@ FOOTER = 0x78
 
 # Performative descriptors (AMQP 1.0, part 2.7).
 OPEN = 0x10
+BEGIN = 0x11
 ATTACH = 0x12
 TRANSFER = 0x14
+DISPOSITION = 0x15
 CLOSE = 0x18
+
+# Outcome descriptors (AMQP 1.0, part 3.4).
+OUTCOMES = {0x24: "accepted", 0x25: "rejected", 0x26: "released", 0x27: "modified"}
 
 # Proton's type codes by name, for messages that say what was found.
 TYPE_NAMES = {getattr(Data, n): n.lower() for n in (
@@ -228,6 +233,10 @@ class Frame:
     def __init__(self, at, raw):
         self.at = at  # time.monotonic() when its last byte arrived
         self.raw = raw
+
+    @property
+    def channel(self):
+        return int.from_bytes(self.raw[6:8], "big")
 
     @property
     def empty(self):
@@ -450,9 +459,13 @@ class Client:
                   f"attach of sender {address}")
         return s
 
-    def receiver(self, address, credit=100, properties=None):
+    def receiver(self, address, credit=100, properties=None, snd_settle_mode=None):
+        """A receiving link; `snd_settle_mode` (0 unsettled, 1 settled, 2 mixed) is what this
+        client asks of the hub as sender (Proton's default asks mixed)."""
         r = self.session.receiver(f"rcv-{uuid.uuid4()}")
         r.source.address = address
+        if snd_settle_mode is not None:
+            r.snd_settle_mode = snd_settle_mode
         if properties:
             r.properties = {symbol(k): v for k, v in properties.items()}
         r.open()
@@ -491,20 +504,140 @@ class Client:
             dlv.settle()
             self.pump(0)
 
-    def transfer_tags(self, link):
-        """The delivery tags of the hub's transfer frames on `link`, read from the raw frames
-        (the first frame of each delivery carries it; continuation frames may omit it)."""
-        handles = set()
+    def dispose(self, received, state, settle=False):
+        """Gives the hub an outcome (e.g. `Delivery.RELEASED`) for a delivery it sent;
+        unsettled unless `settle`, as the C# SDK's complete/abandon/reject. Returns the Proton
+        delivery."""
+        dlv = self._unsettled.pop((received.link_name, received.tag))
+        dlv.update(state)
+        if settle:
+            dlv.settle()
+        self.pump(0)
+        return dlv
+
+    def dispose_range(self, link, received, outcome_code):
+        """Gives one outcome (descriptor code, e.g. 0x26 released) for several deliveries the hub
+        sent, unsettled, in one disposition frame covering their delivery ids `first`..`last`
+        (Proton sends one frame per delivery, so this frame is encoded here and written to
+        the socket between Proton's frames). Returns (first, last)."""
+        ids = sorted(self.delivery_id(link, r) for r in received)
+        first, last = ids[0], ids[-1]
+        assert ids == list(range(first, last + 1)), f"delivery ids not contiguous: {ids}"
+        for r in received:
+            self._unsettled.pop((r.link_name, r.tag))
+        d = Data()
+        d.put_described()
+        d.enter()
+        d.put_ulong(0x15)
+        d.put_list()
+        d.enter()
+        d.put_bool(True)  # role receiver
+        d.put_uint(first)
+        d.put_uint(last)
+        d.put_bool(False)  # unsettled
+        d.put_described()
+        d.enter()
+        d.put_ulong(outcome_code)
+        d.put_list()
+        d.exit()
+        d.exit()
+        d.exit()
+        body = d.encode()
+        channel = self.outbound.performatives(BEGIN)[0].channel
+        frame = (8 + len(body)).to_bytes(4, "big") + bytes([2, 0]) + channel.to_bytes(2, "big") + body
+        self._flush()
+        self.send_raw(frame)
+        return first, last
+
+    def send_raw(self, data):
+        """Writes bytes to the socket as they are (logged as outbound)."""
+        self.outbound.feed(data, time.monotonic())
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self.sock.send(view)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                select.select([], [self.sock], [], 1.0)
+                continue
+            view = view[sent:]
+
+    def delivery_id(self, link, r):
+        """The delivery-id of `r` on `link`, from the hub's transfer frames (in the same order
+        as Proton's deliveries)."""
+        transfers, received = self.hub_transfers(link), self.deliveries(link)
+        return transfers[received.index(r)]["id"]
+
+    def hub_attach(self, link):
+        """The fields of the hub's attach answering `link` (matched by link name)."""
         for f in self.inbound.performatives(ATTACH):
             fields = f.performative[1]
             if fields[0].value == link.name:
-                handles.add(int(fields[1].value))
-        tags = []
-        for f in self.inbound.performatives(TRANSFER):
+                return fields
+        raise AssertionError(f"no attach from the hub for link {link.name}")
+
+    def hub_channel(self):
+        """The hub's channel for this client's session (its begin names ours as remote)."""
+        ours = self.outbound.performatives(BEGIN)[0].channel
+        for f in self.inbound.performatives(BEGIN):
             fields = f.performative[1]
-            if int(fields[0].value) in handles and len(fields) > 2 and fields[2].type != Data.NULL:
-                tags.append(bytes(fields[2].value))
-        return tags
+            if fields and fields[0].type != Data.NULL and int(fields[0].value) == ours:
+                return f.channel
+        raise AssertionError(f"no begin from the hub answering channel {ours}")
+
+    def _link_transfers(self, link):
+        """The hub's transfer frames on `link`: those on its handle between the hub's attach
+        for this link and the next attach reusing the handle (handles are reused after a
+        detach). Returns their field lists in order."""
+        current = {}  # handle -> link name
+        out = []
+        for f in self.inbound.frames:
+            if f.empty:
+                continue
+            code, fields = f.performative
+            if code == ATTACH:
+                current[int(fields[1].value)] = fields[0].value
+            elif code == TRANSFER and current.get(int(fields[0].value)) == link.name:
+                out.append(fields)
+        return out
+
+    def hub_transfers(self, link):
+        """The first transfer frame of each delivery the hub sent on `link`, as dicts with
+        `id` (delivery-id), `tag` (bytes) and `settled` (the frame's settled flag), in order."""
+        out = []
+        for fields in self._link_transfers(link):
+            if len(fields) > 1 and fields[1].type != Data.NULL:
+                settled = len(fields) > 4 and fields[4].type == Data.BOOL and fields[4].value
+                out.append({"id": int(fields[1].value), "tag": bytes(fields[2].value),
+                            "settled": bool(settled)})
+        return out
+
+    def dispositions(self, log, role_receiver):
+        """Disposition frames in `log` (self.inbound or self.outbound) with the given role, as
+        dicts: channel, first, last (None when absent), settled, state (outcome name or None)."""
+        out = []
+        for f in log.performatives(DISPOSITION):
+            fields = f.performative[1]
+            if bool(fields[0].value) != role_receiver:
+                continue
+
+            def field(i):
+                return fields[i] if len(fields) > i and fields[i].type != Data.NULL else None
+            last, settled, state = field(2), field(3), field(4)
+            name = None
+            if state is not None:
+                desc = state.value[0]
+                name = OUTCOMES.get(desc.value, str(desc.value)) if desc.type == Data.ULONG else str(desc.value)
+            out.append({"channel": f.channel, "first": int(fields[1].value),
+                        "last": None if last is None else int(last.value),
+                        "settled": bool(settled.value) if settled is not None else False,
+                        "state": name, "at": f.at})
+        return out
+
+    def transfer_tags(self, link):
+        """The delivery tags of the hub's transfer frames on `link`, read from the raw frames
+        (the first frame of each delivery carries it; continuation frames may omit it)."""
+        return [bytes(fields[2].value) for fields in self._link_transfers(link)
+                if len(fields) > 2 and fields[2].type != Data.NULL]
 
     def link_open(self, link):
         return bool(link.state & Endpoint.REMOTE_ACTIVE) and not (
