@@ -542,6 +542,7 @@ async fn patch_twin(
                 .as_deref()
                 .is_none_or(|m| etag_matches(m, &t.etag()))
         })
+        .await
         .map_err(|e| match e {
             TwinError::Precondition(current) => ApiError::new(
                 StatusCode::PRECONDITION_FAILED,

@@ -286,7 +286,7 @@ async fn watch_config(
             }
         };
         let env: HashMap<String, String> = std::env::vars().collect();
-        match edgehub::hub::reload(&core, &path, &env) {
+        match edgehub::hub::reload(&core, &path, &env).await {
             Ok(n) => tracing::info!(trigger = why, routes = n, "config reloaded"),
             Err(errs) => {
                 for e in &errs.0 {

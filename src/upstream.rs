@@ -935,13 +935,13 @@ impl TwinLink {
             .cloned()
             .unwrap_or_default();
         let version = desired.get("$version").and_then(|v| v.as_i64());
-        self.apply(core, strip_meta(desired));
+        self.apply(core, strip_meta(desired)).await;
         self.last_version = version;
         Ok(())
     }
 
-    fn apply(&self, core: &HubCore, desired: Map<String, serde_json::Value>) {
-        match core.twins.set_desired(&self.id, &desired) {
+    async fn apply(&self, core: &HubCore, desired: Map<String, serde_json::Value>) {
+        match core.twins.set_desired(&self.id, &desired).await {
             Ok(Some(v)) => {
                 info!(identity = %self.id, version = v, "desired properties updated from upstream")
             }
@@ -954,7 +954,7 @@ impl TwinLink {
 
     /// Applies a desired patch pushed by the parent; returns false when a version was missed
     /// (then the caller reads the whole twin).
-    fn apply_push(&mut self, core: &HubCore, msg: &AmqpMessage<Body<Value>>) -> bool {
+    async fn apply_push(&mut self, core: &HubCore, msg: &AmqpMessage<Body<Value>>) -> bool {
         let Ok(serde_json::Value::Object(patch)) =
             serde_json::from_slice::<serde_json::Value>(&body_of(&msg.body))
         else {
@@ -965,7 +965,7 @@ impl TwinLink {
             Push::Apply(v) => {
                 let mut desired = core.twins.get(&self.id).desired;
                 crate::twins::merge(&mut desired, &strip_meta(patch));
-                self.apply(core, desired);
+                self.apply(core, desired).await;
                 self.last_version = Some(v);
                 true
             }
@@ -1022,7 +1022,7 @@ async fn twin_sync(
         loop {
             let mut gap = false;
             while let Some(p) = link.pushes.pop_front() {
-                gap |= !link.apply_push(&core, &p);
+                gap |= !link.apply_push(&core, &p).await;
             }
             if gap {
                 link.full_sync(&core).await?;

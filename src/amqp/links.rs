@@ -902,6 +902,18 @@ async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cance
             }
         };
         let info = DeliveryInfo::from(&delivery);
+        // A client that does not take its answers gets its requests refused, not queued.
+        let slot = match core.twins.reserve(&id) {
+            Ok(slot) => slot,
+            Err(full) => {
+                debug!(identity = %id, "twin request refused: {full}");
+                let condition = custom_condition("com.microsoft:device-container-throttled");
+                let _ = rx
+                    .reject(info, amqp_error(condition, full.to_string()))
+                    .await;
+                continue;
+            }
+        };
         let _ = rx.accept(info).await;
         let msg = delivery.into_message();
         let operation = annotation_string(&msg, "operation").unwrap_or_default();
@@ -925,7 +937,7 @@ async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cance
                 let body = body_bytes(msg.body);
                 match serde_json::from_slice::<serde_json::Value>(&body) {
                     Ok(serde_json::Value::Object(patch)) => {
-                        match core.twins.update_reported(&id, &patch) {
+                        match core.twins.update_reported(&id, &patch).await {
                             Ok(version) => {
                                 m::twin_reported(&label, started.elapsed().as_secs_f64());
                                 core.upstream.report(&id, &patch);
@@ -974,15 +986,12 @@ async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cance
                 None,
             ),
         };
-        if !core.twins.respond(
-            &id,
-            TwinOut::Response {
-                correlation_id,
-                status,
-                body,
-                version,
-            },
-        ) {
+        if !slot.send(TwinOut::Response {
+            correlation_id,
+            status,
+            body,
+            version,
+        }) {
             debug!(identity = %id, "twin response dropped: no twin response link");
         }
     }
