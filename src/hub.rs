@@ -370,6 +370,7 @@ impl Hub {
         let certs = tls::ensure_certs(&settings)?;
         let tls_config = tls::server_config(&certs)?;
         let handle = m::install(&settings.iothub_hostname, settings.device_id.as_str());
+        m::start_gauges(settings.upstream.is_some());
         m::invalid_routes(settings.route_errors.len());
         for e in &settings.route_errors {
             warn!(path = %e.path, "invalid route skipped: {}", e.message);
@@ -456,11 +457,17 @@ impl Hub {
         if let Some(l) = metrics {
             let c = core.clone();
             let refresh: crate::http::Refresh = Arc::new(move || c.refresh_gauges());
+            let limits = &core.settings.limits;
+            let bounds = crate::http::Bounds {
+                max_connections: limits.metrics_max_connections,
+                header_timeout: std::time::Duration::from_secs(limits.http_header_timeout_secs),
+            };
             tasks.spawn(crate::http::serve_metrics(
                 l,
                 handle,
                 shutdown.clone(),
                 refresh,
+                bounds,
             ));
         }
         tasks.close();

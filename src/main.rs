@@ -247,6 +247,7 @@ async fn run(settings: Settings, config: PathBuf) -> anyhow::Result<()> {
             |e| tracing::warn!(error = %e, "SIGHUP cannot be watched; reload on file change only"),
         )
         .ok();
+    raise_open_files_limit();
     let hub = Hub::start(settings).await?;
     let core = hub.core.clone();
     let stop = hub.shutdown_token();
@@ -257,6 +258,17 @@ async fn run(settings: Settings, config: PathBuf) -> anyhow::Result<()> {
     hub.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit: every connection and every store
+/// file takes a descriptor, and distributions' default soft limit (often 1024) is far below
+/// what `limits.maxConnections` allows.
+fn raise_open_files_limit() {
+    let was = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft);
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, was = was.unwrap_or(limit), "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "open files limit could not be raised"),
+    }
 }
 
 /// Reloads routes and TTLs on SIGHUP and when the config file changes (checked every 2 s).
