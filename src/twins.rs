@@ -11,7 +11,12 @@
 //! * a client that read its twin (GET) and subscribes later (PUT) gets the difference between
 //!   what it read and the current desired properties at once: nothing changed in between is lost;
 //! * persisted state is the JSON of [`Twin`] under the lower-cased identity in the `twins`
-//!   partition; a write is fsynced before the client is answered.
+//!   partition; a write is fsynced before the client is answered, on the blocking pool, with no
+//!   map guard held: writes are ordered by an async lock and become visible once durable;
+//! * a twin link holds at most [`RESPONSE_QUEUE`] unsent answers: a request is served only
+//!   when its answer has a place ([`TwinStore::reserve`]); desired changes take no place, they
+//!   coalesce into one patch that goes out after the answers queued before it;
+//! * the whole reported document, not only each patch, is held to IoT Hub's 32 KB.
 
 use std::{
     path::Path,
