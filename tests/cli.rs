@@ -271,8 +271,8 @@ impl RunningHub {
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
+            .expect("edgehub starts");
+        let stderr = child.stderr.take().expect("stderr is piped");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -318,12 +318,13 @@ impl RunningHub {
 
     fn scrape(&self) -> String {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&self.metrics).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut s = std::net::TcpStream::connect(&self.metrics).expect("metrics listener");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("read timeout");
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .unwrap();
+            .expect("request sent");
         let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
+        s.read_to_string(&mut out).expect("the scrape in time");
         out
     }
 
@@ -332,7 +333,7 @@ impl RunningHub {
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while self.child.try_wait().unwrap().is_none() {
+        while self.child.try_wait().expect("child status").is_none() {
             if std::time::Instant::now() > deadline {
                 let _ = self.child.kill();
                 panic!("the hub did not exit after SIGTERM");
