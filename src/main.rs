@@ -271,14 +271,23 @@ fn raise_open_files_limit() {
     }
 }
 
-/// Reloads routes and TTLs on SIGHUP and when the config file changes (checked every 2 s).
+/// Reloads routes and TTLs on SIGHUP and when the config file changes (its time, size or inode,
+/// checked every 2 s).
 async fn watch_config(
     core: std::sync::Arc<edgehub::hub::HubCore>,
     path: PathBuf,
     mut hup: Option<tokio::signal::unix::Signal>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    // The modification time alone misses a file put in place with the same time (`cp -p`, a
+    // second write within the file system's time granularity): its size and inode tell those
+    // apart.
+    let modified = |p: &PathBuf| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len(), m.ino()))
+    };
     let mut last = modified(&path);
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
     loop {
