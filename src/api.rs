@@ -19,7 +19,8 @@
 //!   (`*` or the etag; another etag is 412): a merge patch of the desired properties, pushed to
 //!   the identity's twin link as a versioned patch; `tags` are accepted and not kept.
 //!
-//! Unknown paths are 404, other HTTP methods 405, bad JSON 400, large bodies 413.
+//! Unknown paths are 404, other HTTP methods 405, bad JSON 400, large bodies 413, bodies that
+//! do not arrive within `limits.httpBodyTimeoutSecs` 408.
 
 use std::time::{Duration, Instant};
 
@@ -89,6 +90,7 @@ impl ApiError {
             StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowed",
             StatusCode::PRECONDITION_FAILED => "PreconditionFailed",
             StatusCode::PAYLOAD_TOO_LARGE => "MessageTooLarge",
+            StatusCode::REQUEST_TIMEOUT => "RequestTimeout",
             StatusCode::GATEWAY_TIMEOUT => "GatewayTimeout",
             _ => "ServerError",
         };
@@ -277,11 +279,25 @@ fn known_target(core: &HubCore, id: &Identity) -> Result<Identity, ApiError> {
     })
 }
 
-/// Reads a JSON object body of at most `max` bytes.
-async fn read_object(req: Request<Incoming>, max: usize) -> Result<Map<String, Value>, ApiError> {
-    let body = Limited::new(req.into_body(), max)
-        .collect()
+/// Reads a JSON object body of at most `max` bytes, which must arrive whole within
+/// `limits.httpBodyTimeoutSecs` (a body trickled in a byte at a time is cut off, 408).
+async fn read_object(
+    req: Request<Incoming>,
+    max: usize,
+    core: &HubCore,
+) -> Result<Map<String, Value>, ApiError> {
+    let deadline = Duration::from_secs(core.settings.limits.http_body_timeout_secs);
+    let body = tokio::time::timeout(deadline, Limited::new(req.into_body(), max).collect())
         .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} s",
+                    deadline.as_secs()
+                ),
+            )
+        })?
         .map_err(|_| {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -382,7 +398,7 @@ async fn direct_method(
     let limits = &core.settings.limits;
     // The payload limit plus room for the other fields.
     let max_body = limits.method_payload_max_bytes + limits.method_name_max_len * 4 + 1024;
-    let body = read_object(req, max_body).await?;
+    let body = read_object(req, max_body, core).await?;
     let method = match body.get("methodName") {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
         _ => {
@@ -533,7 +549,7 @@ async fn patch_twin(
     let policy = service_caller(&req, core)?;
     let id = known_target(core, id)?;
     let if_match = header_text(&req, header::IF_MATCH.as_str())?.map(str::to_owned);
-    let body = read_object(req, TWIN_BODY_MAX).await?;
+    let body = read_object(req, TWIN_BODY_MAX, core).await?;
     let patch = desired_patch(&body)?;
     let twin = core
         .twins
@@ -542,6 +558,7 @@ async fn patch_twin(
                 .as_deref()
                 .is_none_or(|m| etag_matches(m, &t.etag()))
         })
+        .await
         .map_err(|e| match e {
             TwinError::Precondition(current) => ApiError::new(
                 StatusCode::PRECONDITION_FAILED,

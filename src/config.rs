@@ -117,6 +117,15 @@ pub struct Limits {
     pub max_incomplete_bytes_per_connection: u64,
     /// Seconds shutdown waits for connections and tasks before the hub exits anyway.
     pub shutdown_timeout_secs: u64,
+    /// Open connections on the HTTPS listener at most; more are closed right after accept.
+    pub https_max_connections: usize,
+    /// Open connections on the metrics listener at most; more are closed right after accept.
+    pub metrics_max_connections: usize,
+    /// An HTTP request's head (and an idle keep-alive connection's next one) must arrive
+    /// within this many seconds, on both HTTP listeners.
+    pub http_header_timeout_secs: u64,
+    /// An HTTP request's whole body must arrive within this many seconds.
+    pub http_body_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -136,6 +145,10 @@ impl Default for Limits {
             max_links_per_session: 64,
             max_incomplete_bytes_per_connection: 8 * 1024 * 1024,
             shutdown_timeout_secs: 10,
+            https_max_connections: 100,
+            metrics_max_connections: 16,
+            http_header_timeout_secs: 10,
+            http_body_timeout_secs: 30,
         }
     }
 }
@@ -402,8 +415,99 @@ pub fn from_str(text: &str, env: &HashMap<String, String>) -> Result<Settings, C
             message: format!("not valid JSON: {e}"),
         }])
     })?;
+    let duplicates = duplicate_keys(text);
     apply_env(&mut value, env);
-    compile(&value)
+    match compile(&value) {
+        Ok(settings) if duplicates.is_empty() => Ok(settings),
+        Ok(_) => Err(ConfigErrors(duplicates)),
+        Err(ConfigErrors(errors)) => {
+            Err(ConfigErrors(duplicates.into_iter().chain(errors).collect()))
+        }
+    }
+}
+
+/// Keys that appear more than once in one object, by path: JSON parsers keep only one of them
+/// (serde_json the last), so such a file does not say what its writer may think it says.
+fn duplicate_keys(text: &str) -> Vec<ConfigError> {
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+
+    /// Walks one value at `path`, recording the duplicates it finds.
+    struct Walker<'a> {
+        path: String,
+        found: &'a mut Vec<ConfigError>,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Walker<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Walker<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let mut i = 0;
+            loop {
+                let item = Walker {
+                    path: format!("{}[{i}]", self.path),
+                    found: &mut *self.found,
+                };
+                if seq.next_element_seed(item)?.is_none() {
+                    return Ok(());
+                }
+                i += 1;
+            }
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(k) = map.next_key::<String>()? {
+                let path = child(&self.path, &k);
+                if !seen.insert(k) && !self.found.iter().any(|e| e.path == path) {
+                    self.found.push(ConfigError {
+                        path: path.clone(),
+                        message: "appears more than once in its object (only one would be used); keep one".into(),
+                    });
+                }
+                map.next_value_seed(Walker {
+                    path,
+                    found: &mut *self.found,
+                })?;
+            }
+            Ok(())
+        }
+    }
+
+    let mut found = Vec::new();
+    let mut de = serde_json::Deserializer::from_str(text);
+    // The text already parsed as JSON; an error here can only repeat that one.
+    let _ = Walker {
+        path: "$".into(),
+        found: &mut found,
+    }
+    .deserialize(&mut de);
+    found
 }
 
 fn apply_env(value: &mut Value, env: &HashMap<String, String>) {
@@ -684,6 +788,10 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             "maxLinksPerSession",
             "maxIncompleteBytesPerConnection",
             "shutdownTimeoutSecs",
+            "httpsMaxConnections",
+            "metricsMaxConnections",
+            "httpHeaderTimeoutSecs",
+            "httpBodyTimeoutSecs",
         ];
         if let Some(l) = w.object(l, "$.limits", &keys) {
             let p = "$.limits";
@@ -711,6 +819,10 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
                 limits.max_links_per_session as u64,
                 limits.max_incomplete_bytes_per_connection,
                 limits.shutdown_timeout_secs,
+                limits.https_max_connections as u64,
+                limits.metrics_max_connections as u64,
+                limits.http_header_timeout_secs,
+                limits.http_body_timeout_secs,
             ];
             set(&mut w, keys[0], 1, 1_000_000, &mut v[0]);
             set(&mut w, keys[1], 1, 3600, &mut v[1]);
@@ -729,6 +841,10 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             set(&mut w, keys[11], 1, 1_000_000, &mut v[11]);
             set(&mut w, keys[12], 64 * 1024, 1 << 40, &mut v[12]);
             set(&mut w, keys[13], 1, 3600, &mut v[13]);
+            set(&mut w, keys[14], 1, 1_000_000, &mut v[14]);
+            set(&mut w, keys[15], 1, 1_000_000, &mut v[15]);
+            set(&mut w, keys[16], 1, 3600, &mut v[16]);
+            set(&mut w, keys[17], 1, 3600, &mut v[17]);
             limits = Limits {
                 max_connections: v[0] as usize,
                 handshake_timeout_secs: v[1],
@@ -744,6 +860,10 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
                 max_links_per_session: v[11] as usize,
                 max_incomplete_bytes_per_connection: v[12],
                 shutdown_timeout_secs: v[13],
+                https_max_connections: v[14] as usize,
+                metrics_max_connections: v[15] as usize,
+                http_header_timeout_secs: v[16],
+                http_body_timeout_secs: v[17],
             };
         }
     }
@@ -1119,6 +1239,21 @@ mod tests {
             ),
             (5, 0, 8)
         );
+        // Every key lands in its own field.
+        let s = with(r#"{"authTimeoutSecs": 6, "maxPendingConnections": 9, "shutdownTimeoutSecs": 11, "httpsMaxConnections": 7, "metricsMaxConnections": 3, "httpHeaderTimeoutSecs": 4, "httpBodyTimeoutSecs": 5}"#).unwrap();
+        let l = &s.limits;
+        assert_eq!(
+            (
+                l.auth_timeout_secs,
+                l.max_pending_connections,
+                l.shutdown_timeout_secs,
+                l.https_max_connections,
+                l.metrics_max_connections,
+                l.http_header_timeout_secs,
+                l.http_body_timeout_secs
+            ),
+            (6, 9, 11, 7, 3, 4, 5)
+        );
         let errs =
             with(r#"{"maxSessionsPerConnection": 0, "maxIncompleteBytesPerConnection": 10}"#)
                 .unwrap_err();
@@ -1255,6 +1390,37 @@ mod tests {
         ] {
             assert!(paths.contains(&want), "missing {want} in {paths:?}");
         }
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_with_their_paths() {
+        let text = GOOD
+            .replacen(
+                "\"dataDir\": \"data\",",
+                "\"dataDir\": \"data\", \"dataDir\": \"other\",",
+                1,
+            )
+            .replacen(
+                "\"r1\":",
+                "\"r2\": \"FROM /messages/* INTO $upstream\", \"r1\":",
+                1,
+            )
+            .replacen("\"b\": {", "\"b\": {\"primaryKey\": \"x\", ", 1);
+        let errs = from_str(&text, &env(&[])).unwrap_err().0;
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        for want in [
+            "$.dataDir",
+            "$[\"$edgeHub\"].routes.r2",
+            "$.modules.b.primaryKey",
+        ] {
+            assert!(paths.contains(&want), "missing {want} in {paths:?}");
+        }
+        // The same key in different objects, or in objects inside a list, is no duplicate.
+        let fine = r#"{"a": {"k": 1}, "b": {"k": 1}, "l": [{"k": 1}, {"k": 2}]}"#;
+        assert!(duplicate_keys(fine).is_empty());
+        let in_list = duplicate_keys(r#"{"l": [{"k": 1, "k": 2}]}"#);
+        assert_eq!(in_list.len(), 1);
+        assert_eq!(in_list[0].path, "$.l[0].k");
     }
 
     #[test]

@@ -39,6 +39,12 @@ pub struct HubCore {
     queues: Box<crate::router::QueueFactory>,
     /// Reported patches waiting to go upstream (empty in standalone mode).
     pub upstream: crate::upstream::Outbox,
+    /// Client connection states not yet written to `$edgeHub`'s reported `clients`, by encoded
+    /// client id: the newest state of each, so the map holds at most one entry per identity.
+    /// Connects and disconnects (some inside the SASL exchange, which cannot wait) only record
+    /// here; `report_clients` writes them in the background.
+    client_reports: std::sync::Mutex<serde_json::Map<String, serde_json::Value>>,
+    client_reports_ready: tokio::sync::Notify,
 }
 
 impl HubCore {
@@ -96,6 +102,8 @@ impl HubCore {
             upstream,
             store,
             queues,
+            client_reports: Default::default(),
+            client_reports_ready: tokio::sync::Notify::new(),
         }
     }
 
@@ -109,7 +117,7 @@ impl HubCore {
 
     /// Makes each module's desired properties those of the config (a change is pushed to the
     /// module as a patch). With an upstream, desired properties come from the parent instead.
-    pub fn apply_desired(
+    pub async fn apply_desired(
         &self,
         modules: &std::collections::BTreeMap<
             crate::identity::ModuleId,
@@ -121,7 +129,7 @@ impl HubCore {
         }
         for (module, spec) in modules {
             let id = Identity::Module(self.settings.device_id.clone(), module.clone());
-            match self.twins.apply_config_desired(&id, &spec.desired) {
+            match self.twins.apply_config_desired(&id, &spec.desired).await {
                 Ok(Some(v)) => info!(identity = %id, version = v, "desired properties updated"),
                 Ok(None) => {}
                 Err(e) => tracing::error!(identity = %id, "desired properties not updated: {e}"),
@@ -178,18 +186,14 @@ impl HubCore {
         }
     }
 
-    /// Records a client's connection state in this hub's `$edgeHub` reported properties
+    /// Records a client's connection state for this hub's `$edgeHub` reported properties
     /// (`clients`), which go upstream as edgeHub reports them. Devices that leave are removed;
-    /// modules stay as `Disconnected`.
+    /// modules stay as `Disconnected`. Never waits: the write happens in `report_clients`.
     fn report_client(&self, id: &Identity, connected: bool) {
         if self.settings.upstream.is_none() || id.module().is_some_and(|m| m.as_str() == "$edgeHub")
         {
             return;
         }
-        let Ok(edge_hub) = crate::identity::ModuleId::parse("$edgeHub") else {
-            return;
-        };
-        let me = Identity::Module(self.settings.device_id.clone(), edge_hub);
         let now = crate::twins::utc_now();
         let entry = match (connected, id.module().is_some()) {
             (true, _) => serde_json::json!({ "status": "Connected", "lastConnectedTimeUtc": now }),
@@ -198,12 +202,34 @@ impl HubCore {
             }
             (false, false) => serde_json::Value::Null,
         };
-        let mut clients = serde_json::Map::new();
-        clients.insert(crate::twins::encode_key(&id.to_string()), entry);
+        self.client_reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(crate::twins::encode_key(&id.to_string()), entry);
+        self.client_reports_ready.notify_one();
+    }
+
+    /// Writes the client states recorded since the last call into `$edgeHub`'s reported
+    /// properties as one patch (one fsync however many clients came and went) and queues the
+    /// patch for upstream.
+    pub async fn write_client_reports(&self) {
+        let clients = std::mem::take(
+            &mut *self
+                .client_reports
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        if clients.is_empty() {
+            return;
+        }
+        let Ok(edge_hub) = crate::identity::ModuleId::parse("$edgeHub") else {
+            return;
+        };
+        let me = Identity::Module(self.settings.device_id.clone(), edge_hub);
         let mut patch = serde_json::Map::new();
         patch.insert("schemaVersion".into(), "1.0".into());
         patch.insert("clients".into(), serde_json::Value::Object(clients));
-        if let Err(e) = self.twins.update_reported(&me, &patch) {
+        if let Err(e) = self.twins.update_reported(&me, &patch).await {
             warn!("connected clients not recorded in the $edgeHub twin: {e}");
             return;
         }
@@ -244,7 +270,7 @@ impl HubCore {
 /// Re-reads the config file and applies what can change while running: the routes, the TTL,
 /// the store's size limit and desired properties.
 /// Returns the number of routes now running; on a config error nothing changes.
-pub fn reload(
+pub async fn reload(
     core: &HubCore,
     path: &std::path::Path,
     env: &std::collections::HashMap<String, String>,
@@ -262,7 +288,7 @@ pub fn reload(
             store.set_limit(next.max_store_bytes);
         }
     }
-    core.apply_desired(&next.modules);
+    core.apply_desired(&next.modules).await;
     Ok(n)
 }
 
@@ -344,6 +370,7 @@ impl Hub {
         let certs = tls::ensure_certs(&settings)?;
         let tls_config = tls::server_config(&certs)?;
         let handle = m::install(&settings.iothub_hostname, settings.device_id.as_str());
+        m::start_gauges(settings.upstream.is_some());
         m::invalid_routes(settings.route_errors.len());
         for e in &settings.route_errors {
             warn!(path = %e.path, "invalid route skipped: {}", e.message);
@@ -391,7 +418,7 @@ impl Hub {
             false => None,
         };
         let core = Arc::new(HubCore::new(settings, &key, twins, store));
-        core.apply_desired(&core.settings.modules);
+        core.apply_desired(&core.settings.modules).await;
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let tls = TlsAcceptor::from(tls_config);
@@ -411,6 +438,7 @@ impl Hub {
         }
         tasks.spawn(housekeeping(core.clone(), shutdown.clone()));
         if let Some(up) = core.settings.upstream.clone() {
+            tasks.spawn(report_clients(core.clone(), shutdown.clone()));
             let edge_hub = crate::identity::ModuleId::parse("$edgeHub")
                 .map_err(|e| StartError::DeviceKey(e.to_string()))?;
             let keys = crate::upstream::UpstreamKeys {
@@ -429,11 +457,17 @@ impl Hub {
         if let Some(l) = metrics {
             let c = core.clone();
             let refresh: crate::http::Refresh = Arc::new(move || c.refresh_gauges());
+            let limits = &core.settings.limits;
+            let bounds = crate::http::Bounds {
+                max_connections: limits.metrics_max_connections,
+                header_timeout: std::time::Duration::from_secs(limits.http_header_timeout_secs),
+            };
             tasks.spawn(crate::http::serve_metrics(
                 l,
                 handle,
                 shutdown.clone(),
                 refresh,
+                bounds,
             ));
         }
         tasks.close();
@@ -488,4 +522,17 @@ async fn housekeeping(core: Arc<HubCore>, shutdown: CancellationToken) {
             store.reclaim();
         }
     }
+}
+
+/// Writes recorded client connection states to `$edgeHub`'s twin as they come, batched; what
+/// is left at shutdown is written before the task ends.
+async fn report_clients(core: Arc<HubCore>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = core.client_reports_ready.notified() => {}
+        }
+        core.write_client_reports().await;
+    }
+    core.write_client_reports().await;
 }

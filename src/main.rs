@@ -247,6 +247,7 @@ async fn run(settings: Settings, config: PathBuf) -> anyhow::Result<()> {
             |e| tracing::warn!(error = %e, "SIGHUP cannot be watched; reload on file change only"),
         )
         .ok();
+    raise_open_files_limit();
     let hub = Hub::start(settings).await?;
     let core = hub.core.clone();
     let stop = hub.shutdown_token();
@@ -259,14 +260,34 @@ async fn run(settings: Settings, config: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reloads routes and TTLs on SIGHUP and when the config file changes (checked every 2 s).
+/// Raises the soft limit on open files to the hard limit: every connection and every store
+/// file takes a descriptor, and distributions' default soft limit (often 1024) is far below
+/// what `limits.maxConnections` allows.
+fn raise_open_files_limit() {
+    let was = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft);
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, was = was.unwrap_or(limit), "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "open files limit could not be raised"),
+    }
+}
+
+/// Reloads routes and TTLs on SIGHUP and when the config file changes (its time, size or inode,
+/// checked every 2 s).
 async fn watch_config(
     core: std::sync::Arc<edgehub::hub::HubCore>,
     path: PathBuf,
     mut hup: Option<tokio::signal::unix::Signal>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    // The modification time alone misses a file put in place with the same time (`cp -p`, a
+    // second write within the file system's time granularity): its size and inode tell those
+    // apart.
+    let modified = |p: &PathBuf| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len(), m.ino()))
+    };
     let mut last = modified(&path);
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
     loop {
@@ -286,7 +307,7 @@ async fn watch_config(
             }
         };
         let env: HashMap<String, String> = std::env::vars().collect();
-        match edgehub::hub::reload(&core, &path, &env) {
+        match edgehub::hub::reload(&core, &path, &env).await {
             Ok(n) => tracing::info!(trigger = why, routes = n, "config reloaded"),
             Err(errs) => {
                 for e in &errs.0 {

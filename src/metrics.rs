@@ -176,6 +176,23 @@ pub fn disconnected(id: &str) {
     counter!(DISCONNECT, "id" => id.to_owned()).increment(1);
 }
 
+/// Creates the unlabelled gauges at 0 (without changing one that has a value), so that a
+/// scrape right after start shows them: alerts on an absent series see nothing.
+pub fn start_gauges(upstream: bool) {
+    for name in [
+        CONNECTED_CLIENTS,
+        OPEN_CONNECTIONS,
+        INVALID_ROUTES,
+        STORE_BYTES,
+        STORE_HELD_BYTES,
+    ] {
+        gauge!(name).increment(0.0);
+    }
+    if upstream {
+        gauge!(UPSTREAM_CONNECTED).increment(0.0);
+    }
+}
+
 pub fn connected_clients(n: usize) {
     gauge!(CONNECTED_CLIENTS).set(n as f64);
 }

@@ -11,14 +11,22 @@
 //! * a client that read its twin (GET) and subscribes later (PUT) gets the difference between
 //!   what it read and the current desired properties at once: nothing changed in between is lost;
 //! * persisted state is the JSON of [`Twin`] under the lower-cased identity in the `twins`
-//!   partition; a write is fsynced before the client is answered.
+//!   partition; a write is fsynced before the client is answered, on the blocking pool, with no
+//!   map guard held: writes are ordered by an async lock and become visible once durable;
+//! * a twin link holds at most [`RESPONSE_QUEUE`] unsent answers: a request is served only
+//!   when its answer has a place ([`TwinStore::reserve`]); desired changes take no place, they
+//!   coalesce into one patch that goes out after the answers queued before it;
+//! * the whole reported document, not only each patch, is held to IoT Hub's 32 KB.
 
-use std::{path::Path, sync::Mutex};
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+};
 
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use crate::identity::Identity;
 
@@ -262,13 +270,106 @@ pub enum TwinOut {
     Desired { patch: Value, version: i64 },
 }
 
-struct LinkState {
-    generation: u64,
-    tx: mpsc::UnboundedSender<TwinOut>,
+/// Answers a twin link may hold unsent. A client that sends requests and withholds credit on
+/// its response link fills them; its next requests are refused (see [`TwinStore::reserve`])
+/// instead of growing the hub's memory.
+pub const RESPONSE_QUEUE: usize = 16;
+
+/// The desired-property state of one twin link, shared by the store (which records changes)
+/// and the link's receiver (which turns them into patches when it sends).
+#[derive(Default)]
+struct DesiredState {
     subscribed: bool,
     /// The desired properties as the client last saw them (from a GET or a push).
     seen: Option<(i64, Map<String, Value>)>,
+    /// The newest desired properties not pushed yet: changes made while the client is slow
+    /// coalesce here into one patch, so they take one slot however many there are.
+    pending: Option<(i64, Map<String, Value>)>,
 }
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct LinkState {
+    generation: u64,
+    tx: mpsc::Sender<TwinOut>,
+    desired: Arc<Mutex<DesiredState>>,
+    wake: Arc<Notify>,
+}
+
+/// The receiving end of a twin link: request answers in order, and desired-property patches.
+pub struct TwinLinkRx {
+    rx: mpsc::Receiver<TwinOut>,
+    desired: Arc<Mutex<DesiredState>>,
+    wake: Arc<Notify>,
+}
+
+impl TwinLinkRx {
+    /// The next thing to send; `None` once the link was replaced or detached. Answers queued
+    /// before a desired change go out first.
+    pub async fn recv(&mut self) -> Option<TwinOut> {
+        loop {
+            tokio::select! {
+                biased;
+                o = self.rx.recv() => return o,
+                _ = self.wake.notified() => {
+                    if let Some(d) = self.take_desired() {
+                        return Some(d);
+                    }
+                }
+            }
+        }
+    }
+
+    /// What `recv` would give now, without waiting.
+    pub fn try_recv(&mut self) -> Option<TwinOut> {
+        self.rx.try_recv().ok().or_else(|| self.take_desired())
+    }
+
+    /// The patch from what the client saw to the newest desired properties, if it is subscribed
+    /// and has not seen them.
+    fn take_desired(&self) -> Option<TwinOut> {
+        let mut s = lock(&self.desired);
+        let (version, doc) = s.pending.take()?;
+        if !s.subscribed {
+            return None;
+        }
+        let patch = match &s.seen {
+            Some((v, _)) if *v >= version => return None,
+            Some((_, seen)) => diff(seen, &doc),
+            // Never read: the whole desired document is the patch.
+            None => doc.clone(),
+        };
+        s.seen = Some((version, doc));
+        Some(TwinOut::Desired {
+            patch: with_version(&patch, version),
+            version,
+        })
+    }
+}
+
+/// A request may be served: its answer has a place on the identity's twin link (or there is no
+/// link, and the answer will be dropped as before).
+pub struct ResponseSlot(Option<mpsc::OwnedPermit<TwinOut>>);
+
+impl ResponseSlot {
+    /// Queues the answer; false when the identity had no twin link.
+    pub fn send(self, out: TwinOut) -> bool {
+        match self.0 {
+            Some(permit) => {
+                permit.send(out);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The identity's twin link already holds [`RESPONSE_QUEUE`] unsent answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{RESPONSE_QUEUE} twin answers are waiting for link credit; request refused")]
+pub struct ResponsesFull;
 
 /// The twins of every identity, their store, and the twin response links.
 pub struct TwinStore {
@@ -276,8 +377,13 @@ pub struct TwinStore {
     links: DashMap<String, LinkState>,
     generation: std::sync::atomic::AtomicU64,
     store: Option<(fjall::Keyspace, fjall::PartitionHandle)>,
-    /// Serialises writes to the store so they are fsynced in the order they were made.
-    write: Mutex<()>,
+    /// Held by every write from reading the twin until it is durable and in `twins`, so writes
+    /// are fsynced in the order they were made and none is lost to a concurrent one. An async
+    /// lock: the fsync runs on the blocking pool and no worker thread waits for it.
+    write: tokio::sync::Mutex<()>,
+    /// Woken whenever a twin response link registers: a request that arrived first (a client
+    /// may send it before the hub has processed the response link's attach) waits for it.
+    link_attached: Notify,
 }
 
 fn key(id: &Identity) -> String {
@@ -288,6 +394,10 @@ fn store_err(e: impl std::fmt::Display) -> TwinError {
     TwinError::Store(e.to_string())
 }
 
+fn json_len(m: &Map<String, Value>) -> usize {
+    serde_json::to_vec(m).map(|v| v.len()).unwrap_or(usize::MAX)
+}
+
 impl TwinStore {
     /// In memory only (tests).
     pub fn in_memory() -> Self {
@@ -295,8 +405,9 @@ impl TwinStore {
             twins: DashMap::new(),
             links: DashMap::new(),
             generation: Default::default(),
+            link_attached: Notify::new(),
             store: None,
-            write: Mutex::new(()),
+            write: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -324,64 +435,81 @@ impl TwinStore {
             links: DashMap::new(),
             generation: Default::default(),
             store: Some((ks, part)),
-            write: Mutex::new(()),
+            write: tokio::sync::Mutex::new(()),
+            link_attached: Notify::new(),
         })
     }
 
-    fn persist(&self, k: &str, twin: &Twin) -> Result<(), TwinError> {
-        let Some((ks, part)) = &self.store else {
-            return Ok(());
-        };
-        let _order = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let bytes = serde_json::to_vec(twin).map_err(store_err)?;
-        part.insert(k, bytes).map_err(store_err)?;
-        ks.persist(fjall::PersistMode::SyncAll).map_err(store_err)
+    /// The twin under `k` as it is now (a copy; no guard is kept).
+    fn current(&self, k: &str) -> Twin {
+        self.twins.get(k).map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// Writes `next` through to the store and fsyncs it on the blocking pool, then makes it the
+    /// twin in memory. The caller holds `write`. If the caller goes away during the fsync, the
+    /// write may be on disk and not in memory: it was never acknowledged, and the next write
+    /// of that twin replaces it.
+    async fn commit(&self, k: &str, next: Twin) -> Result<(), TwinError> {
+        if let Some((ks, part)) = &self.store {
+            let bytes = serde_json::to_vec(&next).map_err(store_err)?;
+            let (ks, part, key) = (ks.clone(), part.clone(), k.to_owned());
+            tokio::task::spawn_blocking(move || {
+                part.insert(key, bytes).map_err(store_err)?;
+                ks.persist(fjall::PersistMode::SyncAll).map_err(store_err)
+            })
+            .await
+            .map_err(store_err)??;
+        }
+        self.twins.insert(k.to_owned(), next);
+        Ok(())
     }
 
     pub fn get(&self, id: &Identity) -> Twin {
-        self.twins
-            .get(&key(id))
-            .map(|t| t.clone())
-            .unwrap_or_default()
+        self.current(&key(id))
     }
 
-    /// Validates and applies a reported patch; returns the new reported `$version`.
-    pub fn update_reported(
+    /// Validates and applies a reported patch; returns the new reported `$version` once the
+    /// change is durable. The whole reported document is held to IoT Hub's 32 KB, as each
+    /// patch is.
+    pub async fn update_reported(
         &self,
         id: &Identity,
         patch: &Map<String, Value>,
     ) -> Result<i64, TwinError> {
         validate_reported(patch)?;
         let k = key(id);
-        let mut entry = self.twins.entry(k.clone()).or_default();
-        let mut next = entry.clone();
+        let _order = self.write.lock().await;
+        let mut next = self.current(&k);
         merge(&mut next.reported, patch);
+        let size = json_len(&next.reported);
+        if size > MAX_DOCUMENT_BYTES {
+            return Err(TwinError::Invalid(format!(
+                "the reported properties would be {size} bytes; at most {MAX_DOCUMENT_BYTES}"
+            )));
+        }
         next.reported_version += 1;
-        self.persist(&k, &next)?;
-        *entry = next;
-        Ok(entry.reported_version)
+        let version = next.reported_version;
+        self.commit(&k, next).await?;
+        Ok(version)
     }
 
     /// Makes `desired` the identity's desired properties. When they change, the version goes up
     /// by one and the patch is pushed to a subscribed link. Returns the new version, if any.
-    pub fn set_desired(
+    pub async fn set_desired(
         &self,
         id: &Identity,
         desired: &Map<String, Value>,
     ) -> Result<Option<i64>, TwinError> {
         let k = key(id);
-        let version = {
-            let mut entry = self.twins.entry(k.clone()).or_default();
-            if &entry.desired == desired {
-                return Ok(None);
-            }
-            let mut next = entry.clone();
-            next.desired = desired.clone();
-            next.desired_version += 1;
-            self.persist(&k, &next)?;
-            *entry = next;
-            entry.desired_version
-        };
+        let _order = self.write.lock().await;
+        let mut next = self.current(&k);
+        if &next.desired == desired {
+            return Ok(None);
+        }
+        next.desired = desired.clone();
+        next.desired_version += 1;
+        let version = next.desired_version;
+        self.commit(&k, next).await?;
         self.push_desired(&k);
         Ok(Some(version))
     }
@@ -390,7 +518,7 @@ impl TwinStore {
     /// twin, if `precondition` holds for the twin as it is. A change bumps the desired
     /// `$version` and is pushed to a subscribed link, as with [`set_desired`](Self::set_desired);
     /// a patch that changes nothing keeps the version. Returns the twin after the patch.
-    pub fn patch_desired(
+    pub async fn patch_desired(
         &self,
         id: &Identity,
         patch: &Map<String, Value>,
@@ -398,34 +526,26 @@ impl TwinStore {
     ) -> Result<Twin, TwinError> {
         validate_reported(patch)?;
         let k = key(id);
-        let (twin, changed) = {
-            let mut entry = self.twins.entry(k.clone()).or_default();
-            if !precondition(&entry) {
-                return Err(TwinError::Precondition(entry.etag()));
-            }
-            let mut next = entry.clone();
-            merge(&mut next.desired, patch);
-            if next.desired == entry.desired {
-                (next, false)
-            } else {
-                let size = serde_json::to_vec(&next.desired)
-                    .map(|v| v.len())
-                    .unwrap_or(usize::MAX);
-                if size > MAX_DOCUMENT_BYTES {
-                    return Err(TwinError::Invalid(format!(
-                        "the desired properties would be {size} bytes; at most {MAX_DOCUMENT_BYTES}"
-                    )));
-                }
-                next.desired_version += 1;
-                self.persist(&k, &next)?;
-                *entry = next.clone();
-                (next, true)
-            }
-        };
-        if changed {
-            self.push_desired(&k);
+        let _order = self.write.lock().await;
+        let current = self.current(&k);
+        if !precondition(&current) {
+            return Err(TwinError::Precondition(current.etag()));
         }
-        Ok(twin)
+        let mut next = current.clone();
+        merge(&mut next.desired, patch);
+        if next.desired == current.desired {
+            return Ok(next);
+        }
+        let size = json_len(&next.desired);
+        if size > MAX_DOCUMENT_BYTES {
+            return Err(TwinError::Invalid(format!(
+                "the desired properties would be {size} bytes; at most {MAX_DOCUMENT_BYTES}"
+            )));
+        }
+        next.desired_version += 1;
+        self.commit(&k, next.clone()).await?;
+        self.push_desired(&k);
+        Ok(next)
     }
 
     /// Whether the identity has a twin response link attached.
@@ -437,79 +557,86 @@ impl TwinStore {
     /// time they become the desired properties; afterwards only the difference from the previous
     /// config is applied, so changes made since through the service API stay unless the config
     /// changes the same keys. Returns the new version when the desired properties changed.
-    pub fn apply_config_desired(
+    pub async fn apply_config_desired(
         &self,
         id: &Identity,
         config: &Map<String, Value>,
     ) -> Result<Option<i64>, TwinError> {
         let k = key(id);
-        let changed = {
-            let mut entry = self.twins.entry(k.clone()).or_default();
-            if entry.config_desired.as_ref() == Some(config) {
-                return Ok(None);
-            }
-            let mut next = entry.clone();
-            match &entry.config_desired {
-                Some(previous) => merge(&mut next.desired, &diff(previous, config)),
-                None => next.desired = config.clone(),
-            }
-            next.config_desired = Some(config.clone());
-            let changed = next.desired != entry.desired;
-            if changed {
-                next.desired_version += 1;
-            }
-            self.persist(&k, &next)?;
-            *entry = next;
-            changed.then_some(entry.desired_version)
-        };
-        if changed.is_some() {
+        let _order = self.write.lock().await;
+        let current = self.current(&k);
+        if current.config_desired.as_ref() == Some(config) {
+            return Ok(None);
+        }
+        let mut next = current.clone();
+        match &current.config_desired {
+            Some(previous) => merge(&mut next.desired, &diff(previous, config)),
+            None => next.desired = config.clone(),
+        }
+        next.config_desired = Some(config.clone());
+        let changed = next.desired != current.desired;
+        if changed {
+            next.desired_version += 1;
+        }
+        let version = next.desired_version;
+        self.commit(&k, next).await?;
+        if changed {
             self.push_desired(&k);
         }
-        Ok(changed)
+        Ok(changed.then_some(version))
     }
 
-    /// Sends the subscribed link whatever it has not seen of the desired properties.
+    /// Tells the subscribed link that the desired properties changed; it sends the client what
+    /// it has not seen when it next has credit. Called under `write`, so versions go out in
+    /// order.
     fn push_desired(&self, k: &str) {
-        let Some(twin) = self.twins.get(k).map(|t| t.clone()) else {
+        let Some((version, doc)) = self
+            .twins
+            .get(k)
+            .map(|t| (t.desired_version, t.desired.clone()))
+        else {
             return;
         };
-        if let Some(mut link) = self.links.get_mut(k) {
-            if !link.subscribed {
+        let Some((state, wake)) = self
+            .links
+            .get(k)
+            .map(|l| (l.desired.clone(), l.wake.clone()))
+        else {
+            return;
+        };
+        {
+            let mut s = lock(&state);
+            if !s.subscribed || s.seen.as_ref().is_some_and(|(v, _)| *v >= version) {
                 return;
             }
-            let patch = match &link.seen {
-                Some((v, _)) if *v == twin.desired_version => return,
-                Some((_, seen)) => diff(seen, &twin.desired),
-                // Never read: the whole desired document is the patch.
-                None => twin.desired.clone(),
-            };
-            let out = TwinOut::Desired {
-                patch: with_version(&patch, twin.desired_version),
-                version: twin.desired_version,
-            };
-            if link.tx.send(out).is_ok() {
-                link.seen = Some((twin.desired_version, twin.desired.clone()));
+            if s.pending.as_ref().is_some_and(|(v, _)| *v >= version) {
+                return;
             }
+            s.pending = Some((version, doc));
         }
+        wake.notify_one();
     }
 
     /// A new twin response link for `id`; it replaces any older one.
-    pub fn attach_link(&self, id: &Identity) -> (u64, mpsc::UnboundedReceiver<TwinOut>) {
+    pub fn attach_link(&self, id: &Identity) -> (u64, TwinLinkRx) {
         let generation = self
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
+        let desired = Arc::new(Mutex::new(DesiredState::default()));
+        let wake = Arc::new(Notify::new());
         self.links.insert(
             key(id),
             LinkState {
                 generation,
                 tx,
-                subscribed: false,
-                seen: None,
+                desired: desired.clone(),
+                wake: wake.clone(),
             },
         );
-        (generation, rx)
+        self.link_attached.notify_waiters();
+        (generation, TwinLinkRx { rx, desired, wake })
     }
 
     pub fn detach_link(&self, id: &Identity, generation: u64) {
@@ -517,32 +644,71 @@ impl TwinStore {
             .remove_if(&key(id), |_, l| l.generation == generation);
     }
 
-    /// Sends a response to the identity's twin link; false when it has none.
+    /// A place for the answer to a request of `id`, taken before the request is served; when
+    /// the link already holds [`RESPONSE_QUEUE`] answers the request is to be refused.
+    pub fn reserve(&self, id: &Identity) -> Result<ResponseSlot, ResponsesFull> {
+        let Some(tx) = self.links.get(&key(id)).map(|l| l.tx.clone()) else {
+            return Ok(ResponseSlot(None));
+        };
+        match tx.try_reserve_owned() {
+            Ok(permit) => Ok(ResponseSlot(Some(permit))),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(ResponsesFull),
+            Err(mpsc::error::TrySendError::Closed(_)) => Ok(ResponseSlot(None)),
+        }
+    }
+
+    /// [`reserve`](Self::reserve), waiting up to `wait` for the identity's twin response link
+    /// when it has none yet: a client may send its first request as soon as the request link is
+    /// attached, before the hub has processed the response link's attach.
+    pub async fn reserve_within(
+        &self,
+        id: &Identity,
+        wait: std::time::Duration,
+    ) -> Result<ResponseSlot, ResponsesFull> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let attached = self.link_attached.notified();
+            tokio::pin!(attached);
+            attached.as_mut().enable();
+            let slot = self.reserve(id)?;
+            if slot.0.is_some() || tokio::time::Instant::now() >= deadline {
+                return Ok(slot);
+            }
+            if tokio::time::timeout_at(deadline, attached).await.is_err() {
+                return self.reserve(id);
+            }
+        }
+    }
+
+    /// Sends a response to the identity's twin link; false when it has none or it is full.
     pub fn respond(&self, id: &Identity, out: TwinOut) -> bool {
-        self.links
-            .get(&key(id))
-            .is_some_and(|l| l.tx.send(out).is_ok())
+        self.reserve(id).is_ok_and(|slot| slot.send(out))
     }
 
     /// Records that the client just read `twin` (a GET answer).
     pub fn mark_read(&self, id: &Identity, twin: &Twin) {
-        if let Some(mut l) = self.links.get_mut(&key(id)) {
-            l.seen = Some((twin.desired_version, twin.desired.clone()));
+        if let Some(state) = self.links.get(&key(id)).map(|l| l.desired.clone()) {
+            lock(&state).seen = Some((twin.desired_version, twin.desired.clone()));
         }
     }
 
     /// PUT / DELETE of `/notifications/twin/properties/desired`.
     pub fn subscribe(&self, id: &Identity, on: bool) {
         let k = key(id);
-        if let Some(mut l) = self.links.get_mut(&k) {
-            l.subscribed = on;
-        }
-        if on {
-            // Whatever changed between the client's GET and now goes out at once.
-            let read = self.links.get(&k).is_some_and(|l| l.seen.is_some());
-            if read {
-                self.push_desired(&k);
+        let Some(state) = self.links.get(&k).map(|l| l.desired.clone()) else {
+            return;
+        };
+        let read = {
+            let mut s = lock(&state);
+            s.subscribed = on;
+            if !on {
+                s.pending = None;
             }
+            s.seen.is_some()
+        };
+        // Whatever changed between the client's GET and now goes out at once.
+        if on && read {
+            self.push_desired(&k);
         }
     }
 }
@@ -556,8 +722,8 @@ mod config_desired_tests {
         v.as_object().cloned().expect("object")
     }
 
-    #[test]
-    fn a_new_config_changes_only_what_it_changes() {
+    #[tokio::test]
+    async fn a_new_config_changes_only_what_it_changes() {
         let store = TwinStore::in_memory();
         let id = Identity::Module(
             crate::identity::DeviceId::parse("d").expect("id"),
@@ -565,16 +731,19 @@ mod config_desired_tests {
         );
         let v1 = store
             .apply_config_desired(&id, &obj(json!({"a": 1, "b": 1})))
+            .await
             .expect("apply");
         assert_eq!(v1, Some(2));
         // A service patch on another key and on a config key.
         store
             .patch_desired(&id, &obj(json!({"s": 5, "a": 9})), |_| true)
+            .await
             .expect("patch");
         // The same config again (a restart or a reload that changed nothing else): no change.
         assert_eq!(
             store
                 .apply_config_desired(&id, &obj(json!({"a": 1, "b": 1})))
+                .await
                 .expect("apply"),
             None
         );
@@ -582,6 +751,7 @@ mod config_desired_tests {
         // The config changes b and drops a: only those keys move.
         store
             .apply_config_desired(&id, &obj(json!({"b": 2})))
+            .await
             .expect("apply");
         assert_eq!(store.get(&id).desired, obj(json!({"b": 2, "s": 5})));
     }
@@ -683,16 +853,48 @@ mod tests {
         }
     }
 
-    #[test]
-    fn reported_updates_bump_the_version_and_twins_are_isolated() {
+    #[tokio::test(start_paused = true)]
+    async fn a_request_before_the_response_link_waits_for_it_within_a_bound() {
+        let s = std::sync::Arc::new(TwinStore::in_memory());
+        let id = module("a");
+        // No response link ever: the slot comes back empty at the deadline.
+        let started = tokio::time::Instant::now();
+        let slot = s
+            .reserve_within(&id, std::time::Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(slot.0.is_none());
+        assert_eq!(started.elapsed(), std::time::Duration::from_secs(5));
+        // The response link attaches while the request waits: the slot is its.
+        let waiting = {
+            let (s, id) = (s.clone(), id.clone());
+            tokio::spawn(async move {
+                s.reserve_within(&id, std::time::Duration::from_secs(5))
+                    .await
+                    .unwrap()
+            })
+        };
+        tokio::task::yield_now().await;
+        let (_generation, _rx) = s.attach_link(&id);
+        let slot = tokio::time::timeout(std::time::Duration::from_secs(1), waiting)
+            .await
+            .expect("woken by the attach")
+            .unwrap();
+        assert!(slot.0.is_some());
+    }
+
+    #[tokio::test]
+    async fn reported_updates_bump_the_version_and_twins_are_isolated() {
         let s = TwinStore::in_memory();
         assert_eq!(
             s.update_reported(&module("a"), &obj(json!({"x": 1})))
+                .await
                 .unwrap(),
             2
         );
         assert_eq!(
             s.update_reported(&module("a"), &obj(json!({"x": null, "y": 2})))
+                .await
                 .unwrap(),
             3
         );
@@ -705,20 +907,21 @@ mod tests {
         );
     }
 
-    #[test]
-    fn desired_patches_reach_a_subscribed_link_with_nothing_missed() {
+    #[tokio::test]
+    async fn desired_patches_reach_a_subscribed_link_with_nothing_missed() {
         let s = TwinStore::in_memory();
         let a = module("a");
-        s.set_desired(&a, &obj(json!({"v": 1}))).unwrap();
+        s.set_desired(&a, &obj(json!({"v": 1}))).await.unwrap();
         let (_, mut rx) = s.attach_link(&a);
         // Not subscribed yet: nothing is pushed.
-        s.set_desired(&a, &obj(json!({"v": 2}))).unwrap();
-        assert!(rx.try_recv().is_err());
+        s.set_desired(&a, &obj(json!({"v": 2}))).await.unwrap();
+        assert!(rx.try_recv().is_none());
         // The client reads, then the desired state changes before it subscribes.
         let read = s.get(&a);
         s.mark_read(&a, &read);
         let v4 = s
             .set_desired(&a, &obj(json!({"v": 3, "w": 1})))
+            .await
             .unwrap()
             .unwrap();
         s.subscribe(&a, true);
@@ -730,7 +933,7 @@ mod tests {
             }
         );
         // Later changes are pushed as patches in order.
-        s.set_desired(&a, &obj(json!({"v": 3}))).unwrap();
+        s.set_desired(&a, &obj(json!({"v": 3}))).await.unwrap();
         assert_eq!(
             rx.try_recv().unwrap(),
             TwinOut::Desired {
@@ -739,17 +942,17 @@ mod tests {
             }
         );
         assert_eq!(
-            s.set_desired(&a, &obj(json!({"v": 3}))).unwrap(),
+            s.set_desired(&a, &obj(json!({"v": 3}))).await.unwrap(),
             None,
             "no change, no version"
         );
         s.subscribe(&a, false);
-        s.set_desired(&a, &obj(json!({"v": 4}))).unwrap();
-        assert!(rx.try_recv().is_err());
+        s.set_desired(&a, &obj(json!({"v": 4}))).await.unwrap();
+        assert!(rx.try_recv().is_none());
     }
 
-    #[test]
-    fn desired_patches_merge_check_the_etag_and_reach_the_link() {
+    #[tokio::test]
+    async fn desired_patches_merge_check_the_etag_and_reach_the_link() {
         let s = TwinStore::in_memory();
         let a = module("a");
         let fresh = s.get(&a);
@@ -758,6 +961,7 @@ mod tests {
             (1, "AAAAAAAAAAE=")
         );
         s.set_desired(&a, &obj(json!({"keep": 1, "drop": 2})))
+            .await
             .unwrap();
         let (_, mut rx) = s.attach_link(&a);
         s.subscribe(&a, true);
@@ -766,6 +970,7 @@ mod tests {
             .patch_desired(&a, &obj(json!({"drop": null, "new": {"x": 1}})), |t| {
                 t.etag() == before.etag()
             })
+            .await
             .unwrap();
         assert_eq!(
             Value::Object(after.desired.clone()),
@@ -784,39 +989,161 @@ mod tests {
             }
         );
         // A stale etag changes nothing.
-        let stale = s.patch_desired(&a, &obj(json!({"keep": 2})), |t| t.etag() == before.etag());
+        let stale = s
+            .patch_desired(&a, &obj(json!({"keep": 2})), |t| t.etag() == before.etag())
+            .await;
         assert!(matches!(stale, Err(TwinError::Precondition(e)) if e == after.etag()));
         assert_eq!(s.get(&a), after);
         // A patch that changes nothing keeps the version; an invalid one is refused.
         let same = s
             .patch_desired(&a, &obj(json!({"keep": 1})), |_| true)
+            .await
             .unwrap();
         assert_eq!(same.version(), after.version());
-        assert!(rx.try_recv().is_err());
+        assert!(rx.try_recv().is_none());
         assert!(matches!(
-            s.patch_desired(&a, &obj(json!({"a.b": 1})), |_| true),
+            s.patch_desired(&a, &obj(json!({"a.b": 1})), |_| true).await,
             Err(TwinError::Invalid(_))
         ));
         // Reported changes move the etag too.
-        s.update_reported(&a, &obj(json!({"r": 1}))).unwrap();
+        s.update_reported(&a, &obj(json!({"r": 1}))).await.unwrap();
         assert_ne!(s.get(&a).etag(), after.etag());
         assert!(s.has_link(&a) && !s.has_link(&module("b")));
     }
 
-    #[test]
-    fn twins_survive_a_reopen() {
+    #[tokio::test]
+    async fn twins_survive_a_reopen() {
         let dir = std::env::temp_dir().join(format!("edgehub-twins-{}", uuid::Uuid::new_v4()));
         {
             let s = TwinStore::open(&dir).unwrap();
             s.update_reported(&module("a"), &obj(json!({"x": 1})))
+                .await
                 .unwrap();
             s.set_desired(&module("a"), &obj(json!({"d": true})))
+                .await
                 .unwrap();
         }
         let s = TwinStore::open(&dir).unwrap();
         let t = s.get(&module("a"));
         assert_eq!((t.reported_version, t.desired_version), (2, 2));
         assert_eq!(Value::Object(t.desired), json!({"d": true}));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn the_whole_reported_document_is_held_to_32_kb() {
+        let s = TwinStore::in_memory();
+        let a = module("a");
+        // Each patch is well under the limit; together they are not.
+        let chunk = "x".repeat(4000);
+        let mut stored = 0;
+        let refused = loop {
+            let patch = obj(json!({ format!("k{stored}"): chunk }));
+            match s.update_reported(&a, &patch).await {
+                Ok(_) => stored += 1,
+                Err(e) => break e,
+            }
+            assert!(stored < 20, "the document grew past the limit");
+        };
+        assert_eq!(
+            stored, 8,
+            "eight 4 KB values fit in 32 KB, a ninth does not"
+        );
+        assert!(
+            matches!(&refused, TwinError::Invalid(m) if m.contains("32768")),
+            "{refused}"
+        );
+        // Nothing of the refused patch was kept; removing something makes room again.
+        assert_eq!(s.get(&a).reported.len(), 8);
+        assert_eq!(s.get(&a).reported_version, 9);
+        s.update_reported(&a, &obj(json!({"k0": null})))
+            .await
+            .unwrap();
+        s.update_reported(&a, &obj(json!({"k8": chunk})))
+            .await
+            .unwrap();
+    }
+
+    fn response(n: i32) -> TwinOut {
+        TwinOut::Response {
+            correlation_id: None,
+            status: n,
+            body: Vec::new(),
+            version: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_link_that_takes_no_answers_gets_its_requests_refused() {
+        let s = TwinStore::in_memory();
+        let a = module("a");
+        // No link: requests are served and their answers dropped, as before.
+        assert!(!s.reserve(&a).unwrap().send(response(0)));
+        let (_, mut rx) = s.attach_link(&a);
+        for n in 0..RESPONSE_QUEUE {
+            assert!(s.reserve(&a).unwrap().send(response(n as i32)));
+        }
+        assert_eq!(s.reserve(&a).err(), Some(ResponsesFull));
+        assert!(!s.respond(&a, response(99)), "nothing beyond the bound");
+        // Desired changes meanwhile take no slot and are not lost.
+        let read = s.get(&a);
+        s.mark_read(&a, &read);
+        s.subscribe(&a, true);
+        for v in 0..50 {
+            s.set_desired(&a, &obj(json!({ "v": v }))).await.unwrap();
+        }
+        // The client takes one answer: one request may be served again.
+        assert_eq!(rx.recv().await, Some(response(0)));
+        assert!(s.reserve(&a).unwrap().send(response(100)));
+        assert_eq!(s.reserve(&a).err(), Some(ResponsesFull));
+        // Answers come in order, then the fifty changes as one patch with the last version.
+        for n in (1..RESPONSE_QUEUE as i32).chain([100]) {
+            assert_eq!(rx.recv().await, Some(response(n)));
+        }
+        let v = s.get(&a).desired_version;
+        assert_eq!(
+            rx.recv().await,
+            Some(TwinOut::Desired {
+                patch: json!({"v": 49, "$version": v}),
+                version: v
+            })
+        );
+        assert!(rx.try_recv().is_none());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_twin_write_waits_without_holding_the_thread() {
+        let s = std::sync::Arc::new(TwinStore::in_memory());
+        let a = module("a");
+        // Another write is in progress (holding the write order).
+        let order = s.write.lock().await;
+        let writer = tokio::spawn({
+            let (s, a) = (s.clone(), a.clone());
+            async move { s.update_reported(&a, &obj(json!({"x": 1}))).await }
+        });
+        // On a one-thread runtime, this task still runs and reads while the write waits.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!writer.is_finished());
+        assert_eq!(s.get(&a).reported_version, 1);
+        drop(order);
+        assert_eq!(writer.await.unwrap().unwrap(), 2);
+        assert_eq!(s.get(&a).reported_version, 2);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_persistent_twin_write_is_durable_when_it_returns() {
+        let dir = std::env::temp_dir().join(format!("edgehub-twins-{}", uuid::Uuid::new_v4()));
+        let s = TwinStore::open(&dir).unwrap();
+        let a = module("a");
+        assert_eq!(
+            s.update_reported(&a, &obj(json!({"x": 1}))).await.unwrap(),
+            2
+        );
+        drop(s);
+        let reopened = TwinStore::open(&dir).unwrap();
+        assert_eq!(reopened.get(&a).reported_version, 2);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -64,10 +64,46 @@ fn key(id: &Identity) -> String {
 }
 
 type Patch = Map<String, serde_json::Value>;
-/// Pending patches by lower-cased identity.
-type PendingMap = HashMap<String, (Identity, Patch)>;
+/// Pending changes by lower-cased identity.
+type PendingMap = HashMap<String, (Identity, Pending)>;
 
-/// What the rest of the hub hands the upstream: reported patches not yet sent.
+/// The most a pending patch may hold, as JSON: twice a whole reported document (IoT Hub's
+/// 32 KB), room for a document's worth of changes and of deletions.
+pub const PENDING_MAX_BYTES: usize = 2 * crate::twins::MAX_DOCUMENT_BYTES;
+
+/// What one identity has waiting for upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pending {
+    /// The changes reported since the last patch sent, merged (deletions kept as `null`).
+    Patch(Patch),
+    /// More changes piled up than [`PENDING_MAX_BYTES`] (a client that adds and deletes new
+    /// names while the parent is away leaves a `null` for each): instead of them, the parent's
+    /// reported properties are read and the difference to this hub's is sent.
+    Resync,
+}
+
+impl Pending {
+    /// Merges `newer` over `self`, becoming `Resync` past the bound.
+    fn merge(self, newer: Pending) -> Pending {
+        match (self, newer) {
+            (Pending::Patch(mut older), Pending::Patch(newer)) => {
+                merge_pending(&mut older, &newer);
+                let size = serde_json::to_vec(&older)
+                    .map(|v| v.len())
+                    .unwrap_or(usize::MAX);
+                if size > PENDING_MAX_BYTES {
+                    Pending::Resync
+                } else {
+                    Pending::Patch(older)
+                }
+            }
+            _ => Pending::Resync,
+        }
+    }
+}
+
+/// What the rest of the hub hands the upstream: reported patches not yet sent, at most
+/// [`PENDING_MAX_BYTES`] per identity.
 pub struct Outbox {
     enabled: bool,
     reported: Mutex<PendingMap>,
@@ -113,31 +149,40 @@ impl Outbox {
         }
         {
             let mut map = self.map();
-            let entry = map
-                .entry(key(id))
-                .or_insert_with(|| (id.clone(), Map::new()));
-            merge_pending(&mut entry.1, patch);
+            let next = match map.remove(&key(id)) {
+                Some((_, older)) => older.merge(Pending::Patch(patch.clone())),
+                None => Pending::Patch(Patch::new()).merge(Pending::Patch(patch.clone())),
+            };
+            map.insert(key(id), (id.clone(), next));
         }
         self.ready.notify_waiters();
     }
 
-    fn take(&self, id: &Identity) -> Option<Map<String, serde_json::Value>> {
+    fn take(&self, id: &Identity) -> Option<Pending> {
         self.map().remove(&key(id)).map(|(_, p)| p)
     }
 
-    /// Puts back a patch that could not be sent, under whatever arrived since.
-    fn put_back(&self, id: &Identity, mut older: Map<String, serde_json::Value>) {
+    /// Puts back what could not be sent, under whatever arrived since.
+    fn put_back(&self, id: &Identity, older: Pending) {
         let mut map = self.map();
-        if let Some((_, newer)) = map.remove(&key(id)) {
-            merge_pending(&mut older, &newer);
-        }
-        map.insert(key(id), (id.clone(), older));
+        let next = match map.remove(&key(id)) {
+            Some((_, newer)) => older.merge(newer),
+            None => older,
+        };
+        map.insert(key(id), (id.clone(), next));
     }
 
     /// Identities with a patch waiting.
     pub fn pending(&self) -> usize {
         self.map().len()
     }
+}
+
+/// The patch that makes the parent's reported properties (as read, `$` members ignored) this
+/// hub's: changed and new members, and `null` for members the parent has and this hub does
+/// not.
+fn resync_patch(parent: &Patch, here: &Patch) -> Patch {
+    crate::twins::diff(&strip_meta(parent.clone()), here)
 }
 
 /// The identities this hub carries upstream: its `$edgeHub`, every configured module, and every
@@ -940,13 +985,31 @@ impl TwinLink {
             .cloned()
             .unwrap_or_default();
         let version = desired.get("$version").and_then(|v| v.as_i64());
-        self.apply(core, strip_meta(desired));
+        self.apply(core, strip_meta(desired)).await;
         self.last_version = version;
         Ok(())
     }
 
-    fn apply(&self, core: &HubCore, desired: Map<String, serde_json::Value>) {
-        match core.twins.set_desired(&self.id, &desired) {
+    /// Reads the parent's twin and returns the patch that makes its reported properties this
+    /// hub's (after too many changes piled up to keep them one by one).
+    async fn reported_resync(&mut self, core: &HubCore) -> Result<Patch, String> {
+        let (status, body) = self.request("GET", None, None).await?;
+        if status != 200 {
+            return Err(format!("twin GET for {} answered {status}", self.id));
+        }
+        let doc: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| format!("twin GET for {}: not JSON: {e}", self.id))?;
+        let parent = doc
+            .get("reported")
+            .and_then(|d| d.as_object())
+            .cloned()
+            .unwrap_or_default();
+        info!(identity = %self.id, "reported properties resynchronised with the parent");
+        Ok(resync_patch(&parent, &core.twins.get(&self.id).reported))
+    }
+
+    async fn apply(&self, core: &HubCore, desired: Map<String, serde_json::Value>) {
+        match core.twins.set_desired(&self.id, &desired).await {
             Ok(Some(v)) => {
                 info!(identity = %self.id, version = v, "desired properties updated from upstream")
             }
@@ -959,7 +1022,7 @@ impl TwinLink {
 
     /// Applies a desired patch pushed by the parent; returns false when a version was missed
     /// (then the caller reads the whole twin).
-    fn apply_push(&mut self, core: &HubCore, msg: &AmqpMessage<Body<Value>>) -> bool {
+    async fn apply_push(&mut self, core: &HubCore, msg: &AmqpMessage<Body<Value>>) -> bool {
         let Ok(serde_json::Value::Object(patch)) =
             serde_json::from_slice::<serde_json::Value>(&body_of(&msg.body))
         else {
@@ -970,7 +1033,7 @@ impl TwinLink {
             Push::Apply(v) => {
                 let mut desired = core.twins.get(&self.id).desired;
                 crate::twins::merge(&mut desired, &strip_meta(patch));
-                self.apply(core, desired);
+                self.apply(core, desired).await;
                 self.last_version = Some(v);
                 true
             }
@@ -1027,7 +1090,7 @@ async fn twin_sync(
         loop {
             let mut gap = false;
             while let Some(p) = link.pushes.pop_front() {
-                gap |= !link.apply_push(&core, &p);
+                gap |= !link.apply_push(&core, &p).await;
             }
             if gap {
                 link.full_sync(&core).await?;
@@ -1036,7 +1099,26 @@ async fn twin_sync(
             let notified = core.upstream.ready.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(patch) = core.upstream.take(&link.id) {
+            if let Some(pending) = core.upstream.take(&link.id) {
+                let resync = pending == Pending::Resync;
+                let patch = match pending {
+                    Pending::Patch(p) => p,
+                    Pending::Resync => match link.reported_resync(&core).await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            core.upstream.put_back(&link.id, Pending::Resync);
+                            m::retry(&label, "update_reported_properties");
+                            return Err(e);
+                        }
+                    },
+                };
+                if patch.is_empty() {
+                    continue;
+                }
+                let back = |patch| match resync {
+                    true => Pending::Resync,
+                    false => Pending::Patch(patch),
+                };
                 let started = Instant::now();
                 let body = serde_json::Value::Object(patch.clone())
                     .to_string()
@@ -1052,12 +1134,12 @@ async fn twin_sync(
                         warn!(identity = %label, status = s, "the parent refused a reported patch; dropped: {}", String::from_utf8_lossy(&b));
                     }
                     Ok((s, _)) => {
-                        core.upstream.put_back(&link.id, patch);
+                        core.upstream.put_back(&link.id, back(patch));
                         m::retry(&label, "update_reported_properties");
                         return Err(format!("reported patch for {label} answered {s}"));
                     }
                     Err(e) => {
-                        core.upstream.put_back(&link.id, patch);
+                        core.upstream.put_back(&link.id, back(patch));
                         m::retry(&label, "update_reported_properties");
                         return Err(e);
                     }
@@ -1169,7 +1251,10 @@ mod tests {
         o.report(&a, &obj(json!({"x": null, "n": {"q": 3}})));
         assert_eq!(o.pending(), 1);
         let p = o.take(&a).unwrap();
-        assert_eq!(p, obj(json!({"x": null, "n": {"p": 1, "q": 3}})));
+        assert_eq!(
+            p,
+            Pending::Patch(obj(json!({"x": null, "n": {"p": 1, "q": 3}})))
+        );
         assert!(o.take(&a).is_none());
     }
 
@@ -1181,7 +1266,44 @@ mod tests {
         let sent = o.take(&a).unwrap();
         o.report(&a, &obj(json!({"y": 2})));
         o.put_back(&a, sent);
-        assert_eq!(o.take(&a).unwrap(), obj(json!({"x": 1, "y": 2})));
+        assert_eq!(
+            o.take(&a).unwrap(),
+            Pending::Patch(obj(json!({"x": 1, "y": 2})))
+        );
+    }
+
+    #[test]
+    fn pending_changes_stay_bounded_and_fall_back_to_a_resync() {
+        let o = Outbox::new(true);
+        let a = module("a");
+        // A client adds and deletes a new name each time while the parent is away: each
+        // deletion leaves a `null` to send.
+        let long = "n".repeat(100);
+        for i in 0..1000 {
+            let name = format!("{long}{i}");
+            o.report(&a, &obj(json!({ name.clone(): 1 })));
+            o.report(&a, &obj(json!({ name: null })));
+            let held = match o.map().get(&key(&a)) {
+                Some((_, Pending::Patch(p))) => serde_json::to_vec(p).unwrap().len(),
+                Some((_, Pending::Resync)) => 0,
+                None => panic!("nothing pending"),
+            };
+            assert!(held <= PENDING_MAX_BYTES, "{held} bytes after {i}");
+        }
+        assert!(matches!(o.take(&a), Some(Pending::Resync)));
+        // A resync that fails goes back, and stays a resync under newer changes.
+        o.report(&a, &obj(json!({"x": 1})));
+        o.put_back(&a, Pending::Resync);
+        assert_eq!(o.take(&a), Some(Pending::Resync));
+        // What a resync sends: this hub's document over the parent's, `null` for the rest.
+        let parent = obj(
+            json!({"$version": 7, "keep": 1, "old": {"a": 1}, "gone": 2, "n": {"p": 1, "q": 1}}),
+        );
+        let here = obj(json!({"keep": 1, "new": 3, "n": {"p": 2, "q": 1}}));
+        assert_eq!(
+            resync_patch(&parent, &here),
+            obj(json!({"old": null, "gone": null, "new": 3, "n": {"p": 2}}))
+        );
     }
 
     #[test]

@@ -240,3 +240,278 @@ fn check_reports_one_line_per_result_with_fixes() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("$.deviceId"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A hub started with `edgehub run` (through `sh -c` when `shell` is given, with the command
+/// after it), its log lines as they come, and its ready line.
+struct RunningHub {
+    child: std::process::Child,
+    lines: mpsc::Receiver<String>,
+    log: Vec<String>,
+    metrics: String,
+}
+
+impl RunningHub {
+    fn start(cfg: &Path, shell_prefix: Option<&str>) -> Self {
+        let mut cmd = match shell_prefix {
+            Some(prefix) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("{prefix} exec \"$0\" run --config \"$1\""))
+                    .arg(BIN)
+                    .arg(cfg);
+                c
+            }
+            None => {
+                let mut c = Command::new(BIN);
+                c.args(["run", "--config"]).arg(cfg);
+                c
+            }
+        };
+        let mut child = cmd
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("edgehub starts");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut hub = Self {
+            child,
+            lines,
+            log: Vec::new(),
+            metrics: String::new(),
+        };
+        let ready = hub.wait_for(|l| l.contains("edgehub ready"));
+        hub.metrics = ready
+            .split("metrics=Some(")
+            .nth(1)
+            .and_then(|r| r.split(')').next())
+            .expect("metrics address in the ready line")
+            .to_owned();
+        hub
+    }
+
+    /// The first log line (from now on, or already seen) for which `want` holds.
+    fn wait_for(&mut self, want: impl Fn(&str) -> bool) -> String {
+        if let Some(l) = self.log.iter().find(|l| want(l)) {
+            return l.clone();
+        }
+        self.wait_for_next(want)
+    }
+
+    /// The first log line from now on for which `want` holds.
+    fn wait_for_next(&mut self, want: impl Fn(&str) -> bool) -> String {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(20)) {
+                Ok(l) => {
+                    self.log.push(l.clone());
+                    if want(&l) {
+                        return l;
+                    }
+                }
+                Err(e) => panic!(
+                    "no such log line ({e}); log so far:\n{}",
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn scrape(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.metrics).expect("metrics listener");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("read timeout");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("request sent");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("the scrape in time");
+        out
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().expect("child status").is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("the hub did not exit after SIGTERM");
+            }
+            // Waiting on a child process has no async signal here; poll with a bound.
+            std::thread::park_timeout(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RunningHub {
+    /// A test that fails before `stop` leaves no hub running (it would hold the test's output
+    /// open).
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The value of the series `name` (any labels) in a scrape.
+fn series(scrape: &str, name: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn unlabelled_gauges_are_scraped_at_zero_from_the_start() {
+    let dir = temp_dir();
+    let cfg = write_config(&dir, &good_config(&dir));
+    let hub = RunningHub::start(&cfg, None);
+    let scrape = hub.scrape();
+    for name in [
+        "edgehub_connected_clients",
+        "edgehub_open_connections",
+        "edgehub_invalid_routes",
+        "edgehub_store_bytes",
+        "edgehub_store_held_bytes",
+    ] {
+        assert!(
+            series(&scrape, name).is_some(),
+            "{name} missing from:\n{scrape}"
+        );
+    }
+    assert_eq!(series(&scrape, "edgehub_connected_clients"), Some(0.0));
+    assert_eq!(series(&scrape, "edgehub_open_connections"), Some(0.0));
+    hub.stop();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn the_hub_raises_its_open_files_limit_and_logs_it() {
+    let dir = temp_dir();
+    let cfg = write_config(&dir, &good_config(&dir));
+    let hard = Command::new("sh")
+        .args(["-c", "ulimit -H -n"])
+        .output()
+        .unwrap();
+    let hard = String::from_utf8(hard.stdout).unwrap().trim().to_owned();
+    let mut hub = RunningHub::start(&cfg, Some("ulimit -S -n 256 &&"));
+    let line = hub.wait_for(|l| l.contains("open files limit"));
+    if hard != "unlimited" {
+        assert!(
+            line.contains(&format!("limit={hard}")),
+            "{line} (hard {hard})"
+        );
+        assert!(line.contains("was=256"), "{line}");
+    }
+    hub.stop();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_changed_config_file_is_reloaded_without_a_signal() {
+    let dir = temp_dir();
+    let cfg = write_config(&dir, &good_config(&dir));
+    let mut hub = RunningHub::start(&cfg, None);
+    assert_eq!(series(&hub.scrape(), "edgehub_invalid_routes"), Some(0.0));
+    // Add a route that does not parse: the reload counts it as invalid.
+    let changed = good_config(&dir).replace(
+        r#""up": "FROM /messages/* INTO $upstream""#,
+        r#""up": "FROM /messages/* INTO $upstream", "broken": "FROM nowhere""#,
+    );
+    assert_ne!(changed, good_config(&dir));
+    std::fs::write(&cfg, changed).unwrap();
+    let line = hub.wait_for(|l| l.contains("config reloaded"));
+    assert!(line.contains("file change"), "{line}");
+    assert_eq!(series(&hub.scrape(), "edgehub_invalid_routes"), Some(1.0));
+    // A file put in place with the same modification time (`cp -p`, or a second write within
+    // the file system's time granularity) is a change too.
+    let same_time = std::fs::metadata(&cfg).unwrap().modified().unwrap();
+    let staged = dir.join("staged.json");
+    std::fs::write(&staged, good_config(&dir)).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&staged)
+        .unwrap()
+        .set_modified(same_time)
+        .unwrap();
+    std::fs::rename(&staged, &cfg).unwrap();
+    let line = hub.wait_for_next(|l| l.contains("config reloaded"));
+    assert!(line.contains("file change"), "{line}");
+    assert_eq!(series(&hub.scrape(), "edgehub_invalid_routes"), Some(0.0));
+    // A broken file is refused and the running config stays.
+    std::fs::write(&cfg, "{").unwrap();
+    let line = hub.wait_for(|l| l.contains("config not reloaded"));
+    assert!(line.contains("file change"), "{line}");
+    assert_eq!(series(&hub.scrape(), "edgehub_invalid_routes"), Some(0.0));
+    hub.stop();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn check_applies_the_environment_overrides_of_run() {
+    let dir = temp_dir();
+    let cfg = write_config(&dir, &good_config(&dir));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let other = dir.join("elsewhere");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .env("EDGEHUB_LISTEN_METRICS", &addr)
+        .env("EDGEHUB_DATA_DIR", &other)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains(&format!("listen.metrics {addr} is in use")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("dataDir {} is writable", other.display())),
+        "{text}"
+    );
+    drop(taken);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn check_config_refuses_duplicate_keys_with_their_paths() {
+    let dir = temp_dir();
+    let text = good_config(&dir)
+        .replacen(
+            r#""deviceId": "edge1","#,
+            r#""deviceId": "edge1", "deviceId": "edge2","#,
+            1,
+        )
+        .replacen(
+            r#""amqps": "127.0.0.1:0","#,
+            r#""amqps": "127.0.0.1:0", "amqps": "127.0.0.1:1","#,
+            1,
+        );
+    let cfg = write_config(&dir, &text);
+    for command in ["check-config", "run"] {
+        let out = Command::new(BIN)
+            .args([command, "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{command}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        for path in ["$.deviceId: ", "$.listen.amqps: "] {
+            assert!(
+                err.lines()
+                    .any(|l| l.contains(path) && l.contains("more than once")),
+                "{command}: {path} missing from:\n{err}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1092,3 +1092,217 @@ async fn a_message_spanning_frames_arrives_whole() {
     }
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn a_twin_client_that_withholds_credit_gets_refusals_and_reported_twins_stay_bounded() {
+    use fe2o3_amqp::link::receiver::CreditMode;
+    let hub = common::start_hub("{}", "{}").await;
+    let core = hub.hub.as_ref().unwrap().core.clone();
+    let mut b = hub.connect("B").await;
+    let address = "/devices/edge1/modules/B/twin";
+    // A response link with no credit: the hub can send B nothing.
+    let mut twin_out = timeout(
+        WAIT,
+        fe2o3_amqp::link::Receiver::builder()
+            .name("twin-out")
+            .source(address)
+            .credit_mode(CreditMode::Manual)
+            .attach(&mut b.session),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let mut twin_in = b.sender(address).await.unwrap();
+    until(|| core.twins.has_link(&hub.module("B"))).await;
+    let queue = edgehub::twins::RESPONSE_QUEUE;
+    let get = |i: usize| twin_request("GET", "", &format!("get{i}"), None);
+    // Answers wait for credit: the queue's worth, and one in the link's hands. Requests
+    // beyond that are refused, not queued.
+    let mut accepted = 0;
+    for i in 0..queue + 4 {
+        match timeout(WAIT, twin_in.send(get(i))).await.unwrap() {
+            Ok(Outcome::Accepted(_)) => {
+                assert_eq!(accepted, i, "a request accepted after a refusal");
+                accepted += 1;
+            }
+            Ok(Outcome::Rejected(r)) => {
+                let condition = format!("{:?}", r.error.expect("an error").condition);
+                assert!(
+                    condition.contains("device-container-throttled"),
+                    "{condition}"
+                );
+            }
+            other => panic!("request {i}: {other:?}"),
+        }
+    }
+    assert!((queue..=queue + 1).contains(&accepted), "{accepted}");
+    // With credit, the held answers arrive in order, and requests are served again.
+    twin_out.set_credit(4 * queue as u32).await.unwrap();
+    for i in 0..accepted {
+        let m = recv_message(&mut twin_out).await;
+        assert_eq!(
+            m.properties.unwrap().correlation_id,
+            Some(format!("get{i}").into())
+        );
+    }
+    // Reported properties: patches of 4 KB each until the whole document would pass 32 KB.
+    let chunk = "x".repeat(4000);
+    let mut statuses = Vec::new();
+    for i in 0..9 {
+        let body = serde_json::json!({ format!("k{i}"): chunk }).to_string();
+        let cid = format!("rep{i}");
+        timeout(
+            WAIT,
+            twin_in.send(twin_request(
+                "PATCH",
+                "/properties/reported",
+                &cid,
+                Some(&body),
+            )),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let m = recv_message(&mut twin_out).await;
+        statuses.push(annotation(&m, "status"));
+        if i == 8 {
+            let error = data_body(&m);
+            assert!(
+                error["message"].as_str().unwrap().contains("at most 32768"),
+                "{error}"
+            );
+        }
+    }
+    let mut want = vec![Some(Value::Int(204)); 8];
+    want.push(Some(Value::Int(400)));
+    assert_eq!(statuses, want);
+    assert_eq!(core.twins.get(&hub.module("B")).reported.len(), 8);
+    twin_in.close().await.unwrap();
+    twin_out.close().await.unwrap();
+    b.close().await;
+    hub.stop().await;
+}
+
+/// Reads until the peer closes (or errs); what it sent before that.
+async fn read_to_close(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return out,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Writes `bytes` one at a time, 300 ms apart, as a slow client does; ends at the first error.
+fn trickle(
+    mut w: impl tokio::io::AsyncWrite + Unpin + Send + 'static,
+    bytes: Vec<u8>,
+) -> tokio::task::JoinHandle<()> {
+    use tokio::io::AsyncWriteExt;
+    tokio::spawn(async move {
+        let mut pace = tokio::time::interval(std::time::Duration::from_millis(300));
+        for b in bytes {
+            pace.tick().await;
+            if w.write_all(&[b]).await.is_err() || w.flush().await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+#[tokio::test]
+async fn slow_request_heads_and_bodies_are_cut_off_at_their_deadlines() {
+    use tokio::io::AsyncWriteExt;
+    let limits = r#"{"httpHeaderTimeoutSecs": 1, "httpBodyTimeoutSecs": 1}"#;
+    let hub = common::start_hub_https_limits("{}", SERVICE_EXTRA, limits).await;
+    let bound = std::time::Duration::from_secs(6);
+
+    // A head sent a byte at a time to the metrics listener: the connection is closed.
+    let metrics = hub.hub.as_ref().unwrap().metrics_addr.unwrap();
+    let s = tokio::net::TcpStream::connect(metrics).await.unwrap();
+    let (mut r, w) = tokio::io::split(s);
+    let started = std::time::Instant::now();
+    let writer = trickle(
+        w,
+        b"GET /metrics HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n"
+            .to_vec(),
+    );
+    let got = timeout(WAIT, read_to_close(&mut r))
+        .await
+        .expect("closed in time");
+    assert!(started.elapsed() < bound, "{:?}", started.elapsed());
+    assert!(
+        !got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    writer.abort();
+
+    // A body sent a byte at a time to the API: 408 at the body deadline, whoever sends it.
+    let token = service_token(SERVICE_KEY, in_an_hour());
+    let mut tls = hub.https_stream().await;
+    let head = format!(
+        "PATCH /twins/edge1/modules/B HTTP/1.1\r\nHost: localhost\r\nAuthorization: {token}\r\nIf-Match: *\r\nContent-Length: 100\r\n\r\n{{"
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let (mut r, w) = tokio::io::split(tls);
+    let started = std::time::Instant::now();
+    let writer = trickle(w, vec![b' '; 99]);
+    let got = timeout(WAIT, read_to_close(&mut r))
+        .await
+        .expect("answered in time");
+    assert!(started.elapsed() < bound, "{:?}", started.elapsed());
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("RequestTimeout"), "{text}");
+    writer.abort();
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn the_metrics_listener_serves_at_most_its_connection_cap() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hub = common::start_hub_https_limits("{}", "", r#"{"metricsMaxConnections": 2}"#).await;
+    let metrics = hub.hub.as_ref().unwrap().metrics_addr.unwrap();
+    const GET: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    // Two kept-alive connections, each served once, hold both slots.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(metrics).await.unwrap();
+        s.write_all(GET).await.unwrap();
+        let mut head = [0u8; 12];
+        timeout(WAIT, s.read_exact(&mut head))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        held.push(s);
+    }
+    // A third is closed without an answer.
+    let mut third = tokio::net::TcpStream::connect(metrics).await.unwrap();
+    let _ = third.write_all(GET).await;
+    let got = timeout(WAIT, read_to_close(&mut third))
+        .await
+        .expect("closed in time");
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    // Once one goes, a new connection is served again.
+    drop(held.pop());
+    timeout(WAIT, async {
+        loop {
+            let mut s = tokio::net::TcpStream::connect(metrics).await.unwrap();
+            let _ = s
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await;
+            if read_to_close(&mut s).await.starts_with(b"HTTP/1.1 200") {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("a slot frees when a connection ends");
+    hub.stop().await;
+}

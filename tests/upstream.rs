@@ -382,3 +382,62 @@ async fn a_leaf_device_behind_the_child_reaches_the_parent() {
         .unwrap();
     let _ = std::fs::remove_dir_all(&pair.dir);
 }
+
+#[tokio::test]
+async fn reported_changes_that_pile_up_are_resynchronised_not_dropped() {
+    let pair = start_pair("{}").await;
+    let a = Identity::Module(
+        DeviceId::parse("child").unwrap(),
+        ModuleId::parse("A").unwrap(),
+    );
+    let obj = |v: serde_json::Value| v.as_object().cloned().unwrap();
+    let (child, parent) = (pair.child.core.clone(), pair.parent.core.clone());
+    let report = |patch: serde_json::Map<String, serde_json::Value>| {
+        let child = child.clone();
+        let a = a.clone();
+        async move {
+            child.twins.update_reported(&a, &patch).await.unwrap();
+            child.upstream.report(&a, &patch);
+        }
+    };
+    let parent_has = |want: serde_json::Value| {
+        let (parent, a) = (parent.clone(), a.clone());
+        async move {
+            let want = want.as_object().cloned().unwrap();
+            tokio::time::timeout(WAIT, async {
+                loop {
+                    let mut got = parent.twins.get(&a).reported;
+                    got.retain(|k, _| !k.starts_with('$'));
+                    if got == want {
+                        return;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .expect("the parent's reported properties in time");
+        }
+    };
+    report(obj(serde_json::json!({"keep": 1, "stale": 1}))).await;
+    parent_has(serde_json::json!({"keep": 1, "stale": 1})).await;
+    // A change, then many more pending changes than one patch may carry (names added and
+    // deleted), all queued before the upstream task runs again (one thread: no await between).
+    let change = obj(serde_json::json!({"stale": null, "fresh": 2}));
+    child.twins.update_reported(&a, &change).await.unwrap();
+    child.upstream.report(&a, &change);
+    let long = "n".repeat(100);
+    for i in 0..1000 {
+        child
+            .upstream
+            .report(&a, &obj(serde_json::json!({ format!("{long}{i}"): null })));
+    }
+    // The parent ends up with exactly this hub's reported properties.
+    parent_has(serde_json::json!({"keep": 1, "fresh": 2})).await;
+    tokio::time::timeout(WAIT, pair.child.shutdown())
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, pair.parent.shutdown())
+        .await
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&pair.dir);
+}

@@ -36,10 +36,7 @@ const SEND_WAIT: Duration = Duration::from_secs(60);
 const ACCEPT_BATCH: usize = 64;
 
 /// A twin response link's registration with the twin store: its generation and its queue.
-pub(super) type TwinSlot = (
-    u64,
-    tokio::sync::mpsc::UnboundedReceiver<crate::twins::TwinOut>,
-);
+pub(super) type TwinSlot = (u64, crate::twins::TwinLinkRx);
 
 pub(super) async fn run(
     link: LinkEndpoint,
@@ -890,6 +887,8 @@ fn body_bytes(body: Body<Value>) -> Vec<u8> {
 }
 
 const DESIRED_NOTIFICATIONS: &str = "/notifications/twin/properties/desired";
+/// How long a twin request waits for its identity's response link to attach.
+const TWIN_LINK_WAIT: Duration = Duration::from_secs(5);
 
 /// Serves twin requests: GET, PATCH of reported properties, PUT/DELETE of the desired-property
 /// subscription. Answers go to the identity's twin response link.
@@ -913,6 +912,18 @@ async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cance
             }
         };
         let info = DeliveryInfo::from(&delivery);
+        // A client that does not take its answers gets its requests refused, not queued.
+        let slot = match core.twins.reserve_within(&id, TWIN_LINK_WAIT).await {
+            Ok(slot) => slot,
+            Err(full) => {
+                debug!(identity = %id, "twin request refused: {full}");
+                let condition = custom_condition("com.microsoft:device-container-throttled");
+                let _ = rx
+                    .reject(info, amqp_error(condition, full.to_string()))
+                    .await;
+                continue;
+            }
+        };
         let _ = rx.accept(info).await;
         let msg = delivery.into_message();
         let operation = annotation_string(&msg, "operation").unwrap_or_default();
@@ -941,7 +952,7 @@ async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cance
                 let body = body_bytes(msg.body);
                 match serde_json::from_slice::<serde_json::Value>(&body) {
                     Ok(serde_json::Value::Object(patch)) => {
-                        match core.twins.update_reported(&id, &patch) {
+                        match core.twins.update_reported(&id, &patch).await {
                             Ok(version) => {
                                 m::twin_reported(&label, started.elapsed().as_secs_f64());
                                 core.upstream.report(&id, &patch);
@@ -994,15 +1005,12 @@ async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cance
             debug!(identity = %id, status, "twin patch without a correlation-id applied, not answered");
             continue;
         }
-        if !core.twins.respond(
-            &id,
-            TwinOut::Response {
-                correlation_id,
-                status,
-                body,
-                version,
-            },
-        ) {
+        if !slot.send(TwinOut::Response {
+            correlation_id,
+            status,
+            body,
+            version,
+        }) {
             debug!(identity = %id, "twin response dropped: no twin response link");
         }
     }

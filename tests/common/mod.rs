@@ -75,6 +75,20 @@ pub async fn start_hub_https(routes: &str, extra: &str) -> TestHub {
     .await
 }
 
+/// Like `start_hub_https`, with the given `limits` (JSON object text).
+pub async fn start_hub_https_limits(routes: &str, extra: &str, limits: &str) -> TestHub {
+    let dir = std::env::temp_dir().join(format!("edgehub-test-{}", uuid::Uuid::new_v4()));
+    start_config(
+        dir,
+        routes,
+        limits,
+        r#"{"timeToLiveSecs": 7200}"#,
+        r#""127.0.0.1:0""#,
+        extra,
+    )
+    .await
+}
+
 /// Like `start_hub_with`, with `extra` top-level config members (see `start_hub_https`).
 pub async fn start_hub_extra(routes: &str, store_and_forward: &str, extra: &str) -> TestHub {
     let dir = std::env::temp_dir().join(format!("edgehub-test-{}", uuid::Uuid::new_v4()));
@@ -162,15 +176,9 @@ impl TestHub {
             .expect("HTTPS request in time")
     }
 
-    async fn https_inner(
-        &self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &str,
-    ) -> HttpsReply {
+    /// A TLS connection to the HTTPS API, trusting the hub's CA, as `localhost`.
+    pub async fn https_stream(&self) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
         use std::sync::Arc;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let addr = self.hub.as_ref().unwrap().https_addr.expect("https is on");
         let ca = std::fs::read(self.settings.data_dir.join("certs").join("edge-ca.pem")).unwrap();
         let mut roots = rustls::RootCertStore::empty();
@@ -186,10 +194,21 @@ impl TestHub {
         .with_no_client_auth();
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    async fn https_inner(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> HttpsReply {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tls = self.https_stream().await;
         let mut request = format!(
             "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
             body.len()
