@@ -46,6 +46,8 @@ WORK=$(mktemp -d /tmp/edgehub-container.XXXXXX)
 cleanup() {
   podman rm -f -t 0 "$NAME" >/dev/null 2>&1 || true
   podman volume rm -f "$VOLUME" >/dev/null 2>&1 || true
+  # The image goes; the base stays, so that the next run skips mmdebstrap.
+  podman rmi -f "$IMAGE" >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -88,9 +90,14 @@ step "building the image (target prebuilt, binary $BIN)"
 mkdir -p "$WORK/context/config"
 strip -o "$WORK/context/edgehub" "$BIN"
 cp config/edgehub.json "$WORK/context/config/"
-# docker format: the OCI image format has no HEALTHCHECK.
-podman build --quiet --format docker --pull=never --target prebuilt \
-  -f deploy/Dockerfile -t "$IMAGE" "$WORK/context" >/dev/null
+# docker format: the OCI image format has no HEALTHCHECK. The `runtime` stage (base, packages,
+# user) is tagged of its own, so that it stays cached when the test image is removed.
+for target in runtime prebuilt; do
+  tag=$IMAGE
+  [ "$target" = prebuilt ] || tag=$IMAGE-$target
+  podman build --quiet --format docker --pull=never --target "$target" \
+    -f deploy/Dockerfile -t "$tag" "$WORK/context" >/dev/null
+done
 caps=$(podman run --rm --entrypoint getcap "$IMAGE" /usr/local/bin/edgehub)
 case "$caps" in
   *cap_net_bind_service=ep*) ;;
@@ -137,11 +144,12 @@ stop_hub() {
   [ "$took" -lt $((STOP_TIMEOUT * 1000)) ] || fail "SIGTERM took ${took} ms (the bound is ${STOP_TIMEOUT} s)"
   echo "   stopped by SIGTERM in ${took} ms (podman stop included), exit code 0"
 }
-# What must survive a restart: the CA, the server certificate and key, the module keys.
+# What must survive a restart: the device key, the CA, the server certificate and key, and the
+# module keys derived from the device key.
 identity() {
   local data
   data=$(podman volume inspect --format '{{.Mountpoint}}' "$VOLUME")
-  (cd "$data" && sha256sum certs/*)
+  (cd "$data" && sha256sum device.key certs/*)
   podman exec "$NAME" edgehub module-env --config /etc/edgehub/edgehub.json --module A
   podman exec "$NAME" edgehub module-env --config /etc/edgehub/edgehub.json --module B
 }
