@@ -52,8 +52,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# runc: crun refuses this kind of VM's hybrid cgroup layout. No default ulimits: podman's
-# defaults (nofile, nproc) cannot be set inside this sandbox.
+# The test's own podman settings, which this kind of VM needs: the runc runtime (crun refuses
+# its hybrid cgroup layout) and no default ulimits.
 cat >"$WORK/containers.conf" <<'EOF'
 [containers]
 default_ulimits = []
