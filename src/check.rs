@@ -287,7 +287,9 @@ fn ports(s: &Settings) -> Vec<Outcome> {
             )),
             Err(e) => out.push(error(
                 format!("listen.{name} {addr} cannot be bound: {e}"),
-                "ports below 1024 need root or CAP_NET_BIND_SERVICE; or change listen.*",
+                "ports below 1024 need root or CAP_NET_BIND_SERVICE (the container image's binary \
+                 carries it as a file capability, which no-new-privileges or dropping every \
+                 capability takes away); or change listen.*",
             )),
         }
     }

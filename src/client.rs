@@ -14,7 +14,7 @@ use fe2o3_amqp::{
     },
     Connection, Session,
 };
-use rustls::pki_types::ServerName;
+use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
 use serde_amqp::primitives::OrderedMap;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -80,8 +80,9 @@ impl Client {
     ) -> Result<Self, ClientError> {
         let mut roots = rustls::RootCertStore::empty();
         let pem = std::fs::read(ca_pem)?;
-        for c in rustls_pemfile::certs(&mut pem.as_slice()) {
-            roots.add(c?).map_err(|e| ClientError::Tls(e.to_string()))?;
+        for c in CertificateDer::pem_slice_iter(&pem) {
+            let c = c.map_err(|e| ClientError::Tls(format!("{}: {e}", ca_pem.display())))?;
+            roots.add(c).map_err(|e| ClientError::Tls(e.to_string()))?;
         }
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),

@@ -16,7 +16,10 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
-use rustls::ServerConfig;
+use rustls::{
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
+    ServerConfig,
+};
 
 use crate::config::Settings;
 
@@ -29,6 +32,11 @@ pub enum TlsError {
     },
     #[error("generating certificates: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("{path}: {source}")]
+    Pem {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
     #[error("{0}: no certificate found in the PEM file")]
     NoCert(PathBuf),
     #[error("{0}: no private key found in the PEM file")]
@@ -39,6 +47,13 @@ pub enum TlsError {
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
     move |source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn pem_err(path: &Path) -> impl FnOnce(rustls::pki_types::pem::Error) -> TlsError + '_ {
+    move |source| TlsError::Pem {
         path: path.to_owned(),
         source,
     }
@@ -160,9 +175,9 @@ pub fn server_config(files: &CertFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let mut chain = Vec::new();
     for path in [&files.server_cert, &files.ca_cert] {
         let pem = read(path)?;
-        let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+        let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
             .collect::<Result<_, _>>()
-            .map_err(io_err(path))?;
+            .map_err(pem_err(path))?;
         if certs.is_empty() {
             return Err(TlsError::NoCert(path.clone()));
         }
@@ -174,13 +189,95 @@ pub fn server_config(files: &CertFiles) -> Result<Arc<ServerConfig>, TlsError> {
         }
     }
     let key_pem = read(&files.server_key)?;
-    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(io_err(&files.server_key))?
-        .ok_or_else(|| TlsError::NoKey(files.server_key.clone()))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey(files.server_key.clone()),
+        e => pem_err(&files.server_key)(e),
+    })?;
     let config =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_single_cert(chain, key)?;
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("edgehub-tls-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Writes a CA and a server certificate for `localhost` signed by it.
+    fn write_certs(dir: &Path) -> CertFiles {
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params().unwrap().self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let files = CertFiles {
+            ca_cert: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key.pem"),
+        };
+        fs::write(&files.ca_cert, ca.pem()).unwrap();
+        fs::write(&files.server_cert, cert.pem()).unwrap();
+        fs::write(&files.server_key, key.serialize_pem()).unwrap();
+        files
+    }
+
+    #[test]
+    fn server_config_reads_the_pem_files() {
+        let dir = temp_dir("ok");
+        let files = write_certs(&dir);
+        server_config(&files).unwrap();
+        // A server file that already carries the chain is accepted as well.
+        let chain = fs::read_to_string(&files.server_cert).unwrap()
+            + &fs::read_to_string(&files.ca_cert).unwrap();
+        fs::write(&files.server_cert, chain).unwrap();
+        server_config(&files).unwrap();
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn server_config_names_the_file_that_lacks_a_certificate_or_key() {
+        let dir = temp_dir("missing");
+        let files = write_certs(&dir);
+        let cert = fs::read(&files.server_cert).unwrap();
+
+        // A certificate where the key should be: no key in the file.
+        fs::write(&files.server_key, &cert).unwrap();
+        let err = server_config(&files).unwrap_err();
+        assert!(
+            matches!(&err, TlsError::NoKey(p) if *p == files.server_key),
+            "{err}"
+        );
+
+        // A key where the CA should be: no certificate in the file.
+        fs::write(&files.ca_cert, KeyPair::generate().unwrap().serialize_pem()).unwrap();
+        let err = server_config(&files).unwrap_err();
+        assert!(
+            matches!(&err, TlsError::NoCert(p) if *p == files.ca_cert),
+            "{err}"
+        );
+
+        // A PEM section whose base64 is broken is an error naming the file.
+        fs::write(
+            &files.ca_cert,
+            "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let err = server_config(&files).unwrap_err();
+        assert!(
+            matches!(&err, TlsError::Pem { path, .. } if *path == files.ca_cert),
+            "{err}"
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
 }

@@ -300,33 +300,38 @@ fn jitter(d: Duration) -> Duration {
     d / 2 + (d / 2) * r / 1000
 }
 
+/// The CA certificates the upstream connection trusts: `upstream.caCert` when it is set (every
+/// certificate in it must be usable), otherwise the platform's store as `rustls-native-certs`
+/// finds it (`SSL_CERT_FILE`/`SSL_CERT_DIR`, else the distribution's bundle, such as the one
+/// Debian's `ca-certificates` installs); a platform certificate rustls cannot use is skipped.
 pub(crate) fn tls_roots(up: &UpstreamSettings) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
     let mut roots = rustls::RootCertStore::empty();
-    let paths: Vec<std::path::PathBuf> = match &up.ca {
-        Some(p) => vec![p.clone()],
-        None => [
-            "/etc/ssl/certs/ca-certificates.crt",
-            "/etc/pki/tls/certs/ca-bundle.crt",
-            "/etc/ssl/cert.pem",
-        ]
-        .iter()
-        .map(std::path::PathBuf::from)
-        .filter(|p| p.exists())
-        .take(1)
-        .collect(),
-    };
-    for path in &paths {
-        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        for c in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let c = c.map_err(|e| format!("{}: {e}", path.display()))?;
-            // A system bundle may hold certificates rustls cannot use; skip those.
-            if roots.add(c).is_err() && up.ca.is_some() {
-                return Err(format!("{}: unusable CA certificate", path.display()));
-            }
+    if let Some(path) = &up.ca {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;
         }
+        if roots.is_empty() {
+            return Err(format!("{}: no CA certificate in the file", path.display()));
+        }
+        return Ok(roots);
     }
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
     if roots.is_empty() {
-        return Err("no CA certificate to trust (set upstream.caCert)".into());
+        let why = native
+            .errors
+            .first()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        return Err(format!(
+            "no CA certificate in the platform store{why} (install the ca-certificates package, or set upstream.caCert)"
+        ));
     }
     Ok(roots)
 }

@@ -27,6 +27,21 @@ cargo fmt --check
 echo "== cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
 
+echo "== cargo deny: licences, duplicate crates, sources (deny.toml)"
+if ! command -v cargo-deny >/dev/null; then
+  # No prebuilt binary comes from crates.io: this compiles it, a few minutes once per machine.
+  cargo install cargo-deny --locked --quiet
+fi
+cargo deny check --hide-inclusion-graph licenses bans sources
+# The advisory check needs the RustSec advisory database, a git repository on GitHub. A machine
+# that reaches only the package registries cannot fetch it: the check is then skipped, and says so.
+if timeout 30 git ls-remote --exit-code https://github.com/rustsec/advisory-db HEAD >/dev/null 2>&1; then
+  echo "== cargo deny: advisories (RustSec)"
+  cargo deny check advisories
+else
+  echo "== cargo deny: advisories SKIPPED: the RustSec advisory database (github.com/rustsec/advisory-db) cannot be fetched from this machine"
+fi
+
 echo "== cargo build (the binary the interop tests start)"
 cargo build --quiet --bins
 
@@ -49,6 +64,9 @@ RUSTC_BOOTSTRAP=1 cargo fuzz run routes --fuzz-dir tests/fuzz -- -max_total_time
 
 echo "== cargo test"
 cargo test --quiet --all-targets
+
+echo "== container: the image from deploy/Dockerfile, run with podman (tests/container/run.sh)"
+bash tests/container/run.sh
 
 echo "== interop tests (Node SDK)"
 (cd tests && EDGEHUB_BIN="$PWD/../target/debug/edgehub" node --test --test-concurrency=1 interop/)

@@ -182,7 +182,8 @@ impl TestHub {
         let addr = self.hub.as_ref().unwrap().https_addr.expect("https is on");
         let ca = std::fs::read(self.settings.data_dir.join("certs").join("edge-ca.pem")).unwrap();
         let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pemfile::certs(&mut ca.as_slice()) {
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
+        for c in CertificateDer::pem_slice_iter(&ca) {
             roots.add(c.unwrap()).unwrap();
         }
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
