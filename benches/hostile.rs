@@ -68,7 +68,8 @@ fn frame(channel: u16, p: Performative, payload: &[u8]) -> Vec<u8> {
 async fn tls(addr: SocketAddr, ca: &Path) -> TlsStream<TcpStream> {
     let pem = std::fs::read(ca).expect("CA");
     let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    for c in CertificateDer::pem_slice_iter(&pem) {
         roots.add(c.expect("cert")).expect("root");
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(

@@ -82,7 +82,8 @@ impl Raw {
     async fn connect_to(addr: std::net::SocketAddr, ca: &std::path::Path) -> Self {
         let ca = std::fs::read(ca).unwrap();
         let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pemfile::certs(&mut ca.as_slice()) {
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
+        for c in CertificateDer::pem_slice_iter(&ca) {
             roots.add(c.unwrap()).unwrap();
         }
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
