@@ -242,6 +242,9 @@ pub struct UpstreamSettings {
     pub max_backoff_ms: u64,
     /// Most unacknowledged telemetry transfers in flight upstream.
     pub window: usize,
+    /// Lifetime of the tokens put upstream, in seconds; they are renewed on the live
+    /// connection at three quarters of it.
+    pub token_lifetime_secs: u64,
 }
 
 fn upstream_settings(w: &mut Walk, u: &Value) -> Option<UpstreamSettings> {
@@ -258,6 +261,7 @@ fn upstream_settings(w: &mut Walk, u: &Value) -> Option<UpstreamSettings> {
             "minBackoffMs",
             "maxBackoffMs",
             "window",
+            "tokenLifetimeSecs",
         ],
     )?;
     let hostname = w.string(u, p, "hostname", true).and_then(|h| {
@@ -299,6 +303,10 @@ fn upstream_settings(w: &mut Walk, u: &Value) -> Option<UpstreamSettings> {
         w.err("$.upstream.maxBackoffMs", "must be at least minBackoffMs");
     }
     let window = w.uint(u, p, "window", 65_535).unwrap_or(1000).max(1) as usize;
+    let token_lifetime_secs = w.uint(u, p, "tokenLifetimeSecs", 86_400).unwrap_or(3600);
+    if token_lifetime_secs < 4 {
+        w.err("$.upstream.tokenLifetimeSecs", "must be at least 4");
+    }
     Some(UpstreamSettings {
         hostname: hostname?,
         port,
@@ -307,6 +315,7 @@ fn upstream_settings(w: &mut Walk, u: &Value) -> Option<UpstreamSettings> {
         min_backoff_ms,
         max_backoff_ms,
         window,
+        token_lifetime_secs,
     })
 }
 

@@ -48,8 +48,17 @@ use crate::{
     sas::{make_token, now_secs, resource_for},
 };
 
-/// Lifetime of the tokens put upstream; they are renewed at three quarters of it.
+/// Default lifetime of the tokens put upstream (`upstream.tokenLifetimeSecs`); they are renewed
+/// at three quarters of it.
 const TOKEN_LIFETIME_SECS: u64 = 3600;
+
+/// The lifetime of the tokens this hub puts upstream (`upstream.tokenLifetimeSecs`).
+fn token_lifetime(core: &HubCore) -> u64 {
+    core.settings
+        .upstream
+        .as_ref()
+        .map_or(TOKEN_LIFETIME_SECS, |u| u.token_lifetime_secs)
+}
 /// Bound on connecting, on one put-token and on one twin request.
 const OP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on waiting for link credit for one transfer.
@@ -223,7 +232,7 @@ fn token_for(core: &HubCore, keys: &UpstreamKeys, id: &Identity) -> String {
             make_token(
                 &resource_for(&core.settings.iothub_hostname, id),
                 &key,
-                now_secs() + TOKEN_LIFETIME_SECS,
+                now_secs() + token_lifetime(core),
                 None,
             )
         }
@@ -365,7 +374,7 @@ fn edge_hub_token(core: &HubCore, key: &Key) -> String {
     make_token(
         &resource_for(&core.settings.iothub_hostname, &me),
         key,
-        now_secs() + TOKEN_LIFETIME_SECS,
+        now_secs() + token_lifetime(core),
         None,
     )
 }
@@ -586,7 +595,7 @@ async fn serve(
     let renew_keys = token_keys.clone();
     let renew_dead = dead.clone();
     tasks.spawn(async move {
-        let every = Duration::from_secs(TOKEN_LIFETIME_SECS * 3 / 4);
+        let every = Duration::from_millis(token_lifetime(&renew_core) * 750);
         loop {
             tokio::select! {
                 _ = renew_dead.cancelled() => return Ok(()),

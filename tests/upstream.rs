@@ -53,6 +53,11 @@ fn parent_text(dir: &Path, routes: &str) -> String {
 /// The child also serves `stranger`, a leaf the parent does not know: the parent refuses its
 /// token, and everything else must still go upstream.
 fn child_text(dir: &Path, port: u16, ca: &Path) -> String {
+    child_text_with(dir, port, ca, "")
+}
+
+/// [`child_text`] with `extra` appended to the `upstream` object (`, "key": value`).
+fn child_text_with(dir: &Path, port: u16, ca: &Path, extra: &str) -> String {
     format!(
         r#"{{
         "deviceId": "child", "iothubHostname": "{IOTHUB}", "gatewayHostname": "localhost",
@@ -62,7 +67,7 @@ fn child_text(dir: &Path, port: u16, ca: &Path) -> String {
         "devices": {{"leaf": {{"primaryKey": "{LEAF_KEY}"}},
                      "stranger": {{"primaryKey": "{LEAF_KEY}"}}}},
         "upstream": {{"hostname": "localhost", "port": {port}, "caCert": "{}",
-            "minBackoffMs": 20, "maxBackoffMs": 200}},
+            "minBackoffMs": 20, "maxBackoffMs": 200{extra}}},
         "$edgeHub": {{"schemaVersion": "1.1",
             "routes": {{"up": "FROM /messages/modules/A/outputs/* INTO $upstream",
                         "leafUp": "FROM /messages/* WHERE $connectionDeviceId = 'leaf' INTO $upstream"}},
@@ -74,6 +79,11 @@ fn child_text(dir: &Path, port: u16, ca: &Path) -> String {
 }
 
 async fn start_pair(parent_routes: &str) -> Pair {
+    start_pair_with(parent_routes, "").await
+}
+
+/// [`start_pair`] with `upstream_extra` appended to the child's `upstream` object.
+async fn start_pair_with(parent_routes: &str, upstream_extra: &str) -> Pair {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .with_test_writer()
@@ -86,7 +96,7 @@ async fn start_pair(parent_routes: &str) -> Pair {
         .expect("parent starts in time")
         .expect("parent starts");
     let ca = dir.join("parent/certs/edge-ca.pem");
-    let ctext = child_text(&dir, parent.amqps_addr.port(), &ca);
+    let ctext = child_text_with(&dir, parent.amqps_addr.port(), &ca, upstream_extra);
     let child_settings = config::from_str(&ctext, &HashMap::new()).expect("child config");
     let child = tokio::time::timeout(WAIT, Hub::start(child_settings.clone()))
         .await
@@ -195,6 +205,113 @@ async fn child_telemetry_reaches_a_parent_module_with_its_origin_ids() {
         // Only string application properties travel on, as on edgeHub.
         assert_eq!(prop("typed"), None);
     }
+    a.close().await;
+    sink.close().await;
+    tokio::time::timeout(WAIT, pair.child.shutdown())
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, pair.parent.shutdown())
+        .await
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&pair.dir);
+}
+
+/// The log lines of this test's thread, and a signal for each new one.
+#[derive(Clone, Default)]
+struct Captured {
+    text: std::sync::Arc<std::sync::Mutex<String>>,
+    more: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Captured {
+    fn count(&self, needle: &str) -> usize {
+        self.text.lock().unwrap().matches(needle).count()
+    }
+
+    /// Waits until `needle` appears `n` times.
+    async fn wait_for(&self, needle: &str, n: usize) {
+        loop {
+            let more = self.more.notified();
+            if self.count(needle) >= n {
+                return;
+            }
+            more.await;
+        }
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.text
+            .lock()
+            .unwrap()
+            .push_str(&String::from_utf8_lossy(buf));
+        self.more.notify_waiters();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn upstream_tokens_are_renewed_on_the_live_connection() {
+    // This test's runtime runs on its own thread: a thread-local subscriber sees both hubs.
+    let log = Captured::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("edgehub::upstream=debug")
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _scope = tracing::subscriber::set_default(subscriber);
+    // Tokens of 4 s, renewed every 3 s.
+    let pair = start_pair_with(
+        r#"{"fromChild": "FROM /messages/modules/A/outputs/out1 INTO BrokeredEndpoint(\"/modules/sink/inputs/in1\")"}"#,
+        r#", "tokenLifetimeSecs": 4"#,
+    )
+    .await;
+    let mut a = connect(&pair.child, &pair.child_settings, "child", "A").await;
+    let mut sink = connect(&pair.parent, &pair.parent_settings, "parent", "sink").await;
+    let mut rx = sink
+        .receiver("/devices/parent/modules/sink/messages/events")
+        .await
+        .unwrap();
+    let mut tx = a
+        .sender("/devices/child/modules/A/messages/events")
+        .await
+        .unwrap();
+    // A message between each renewal reaches the parent over the same connection.
+    for i in 0..4 {
+        tokio::time::timeout(WAIT, log.wait_for("upstream tokens renewed", i))
+            .await
+            .expect("tokens renewed in time");
+        let msg = Message::builder()
+            .application_properties(
+                ApplicationProperties::builder()
+                    .insert("iothub-outputname", "out1")
+                    .build(),
+            )
+            .value(format!("after {i} renewals"))
+            .build();
+        let outcome = tokio::time::timeout(WAIT, tx.send(msg))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+        let d = tokio::time::timeout(WAIT, rx.recv::<Body<Value>>())
+            .await
+            .expect("message at the parent in time")
+            .unwrap();
+        rx.accept(&d).await.unwrap();
+    }
+    assert!(log.count("upstream tokens renewed") >= 3);
+    assert_eq!(
+        log.count("upstream connected"),
+        1,
+        "renewals never reconnect:\n{}",
+        log.text.lock().unwrap()
+    );
     a.close().await;
     sink.close().await;
     tokio::time::timeout(WAIT, pair.child.shutdown())
