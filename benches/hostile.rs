@@ -4,7 +4,7 @@
 //! 1. a frame header declaring ~4 GiB right after the protocol header, then 256 MiB of bytes;
 //! 2. 4000 `$cbs` links on one connection;
 //! 3. 200 multi-frame `$cbs` deliveries of 1 MiB each, never finished;
-//! 4. `maxConnections` silent sockets, then a module that authenticates.
+//! 4. 1000 silent sockets (20 × `maxConnections`) at once, then a module that authenticates.
 //!
 //! For each it prints how the hub ended the connection and the hub's RSS and peak RSS
 //! (VmHWM) before and after. `cargo bench --bench hostile` (`BENCH_HUB`: another hub binary).
@@ -310,9 +310,11 @@ async fn main() {
         attack(s, chunks).await,
     );
 
-    // 4. Every slot taken by silent sockets, then a module that authenticates.
+    // 4. Every slot taken by silent sockets, many times over, then a module that authenticates.
+    let _ = rlimit::increase_nofile_limit(4096);
+    let silent_count = 20 * MAX_CONNECTIONS / scale;
     let mut silent = Vec::new();
-    for _ in 0..MAX_CONNECTIONS {
+    for _ in 0..silent_count {
         silent.push(TcpStream::connect(addr).await.expect("connect"));
     }
     let t = Instant::now();
@@ -322,7 +324,7 @@ async fn main() {
     )
     .await;
     println!(
-        "{MAX_CONNECTIONS} silent sockets on a maxConnections {MAX_CONNECTIONS} hub: a module {} after {:?}",
+        "{silent_count} silent sockets on a maxConnections {MAX_CONNECTIONS} hub: a module {} after {:?}",
         match &module {
             Ok(Ok(_)) => "connected",
             Ok(Err(_)) => "was refused",
