@@ -39,18 +39,38 @@
 //!   fsyncs, writes the buffer out too), so a burst costs one write to the journal file, not one
 //!   per message.
 //! * Removals (acks, expiries, overflow drops) are not fsynced and are written in batches: they
-//!   collect in memory and are committed every [`REMOVAL_BATCH`] removals, on the housekeeping
-//!   tick (every second), before a shared record is written again, and when the store closes. A
-//!   removal lost in a crash redelivers a message that was in flight, never loses one. Queue keys
-//!   are never reused while a removal may be pending (sequences only grow while the hub runs,
-//!   and after a restart continue past the highest entry on disk), so a late delete never hits
-//!   a newer entry.
+//!   collect in memory and are committed to fjall every [`REMOVAL_BATCH`] removals (on the
+//!   store's own thread), on the housekeeping tick (every second), before a shared record is
+//!   written again, and when the store closes. A removal lost in a crash redelivers a message,
+//!   never loses one. Queue keys are never reused while a removal may be pending (sequences only
+//!   grow while the hub runs, and after a restart continue past the highest entry on disk), so a
+//!   late delete never hits a newer entry.
+//! * **What a crash brings back.** A removal survives a crash of the hub (kill -9) once it is
+//!   written out to the OS: by [`DurableStore::write_removals`] or by the next
+//!   [`DurableStore::sync`] of a sender's write, whichever comes first. Each removal has a mark
+//!   ([`DurableStore::removal_written`] tells when it is out), and a delivery pump (module inputs,
+//!   upstream telemetry) counts every acknowledgement not yet out against its window, with its
+//!   transfers in flight, writing them out once a quarter of the window waits, when its link
+//!   ends, and the housekeeping tick and shutdown write out the rest. So after a kill -9 at most
+//!   `limits.deliveryWindow` messages per delivering link come again: those in flight and those
+//!   acknowledged but not yet out, together never more than the window. A power loss may also
+//!   undo removals written to the OS but not yet fsynced: with `sync = "commit"` every sender's
+//!   group commit fsyncs the removals out before it, so that extra is what was acknowledged
+//!   since the last write was stored; with `sync = "os"` it is unbounded, like the writes.
 //! * At open every queue entry is loaded into its queue's in-memory index (priority, sequence,
 //!   message id, expiry, kind, bytes), so FIFO per (endpoint, priority) and the exact queue
 //!   lengths survive a restart; message bodies stay on disk until delivered (messages queued
 //!   while the hub runs are also kept in memory, up to 4 MiB of them per queue). fjall's
 //!   journal recovery discards a torn last write. Entries that do not parse are skipped and
-//!   logged.
+//!   logged. Pending entries that expire are also in a TTL index by (expiry, priority,
+//!   sequence), so the once-a-second expiry costs O(expired), and `dropOldest` finds a queue's
+//!   oldest entry in O(priorities).
+//! * No async worker waits on the disk for the store beyond the write of the message itself:
+//!   full batches of removals and the measures of the files (a directory listing) are done on
+//!   the store's thread, expiry and the tick's chores on a blocking thread, and a write that
+//!   fjall would stall with a sleep (a full write buffer, too many tables waiting in level 0,
+//!   journals near their bound) is refused as busy instead, so the sender waits asynchronously
+//!   as it does for a compaction.
 //! * `storeLimits.maxSizeBytes` caps the bytes of keys and values held (entries and records),
 //!   counted in memory and rebuilt at open; a write that would pass it is refused before it is
 //!   made (or makes room by dropping the oldest of its queue with `dropOldest`). The files
@@ -412,7 +432,7 @@ fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
 }
 
 /// Removals wait in memory until this many are pending, then go to fjall in one batch (on the
-/// store's own thread, see [`Chores`]).
+/// store's own thread).
 pub const REMOVAL_BATCH: usize = 128;
 
 /// Removals not yet given to fjall, and the mark of the latest: a delivery pump keeps the mark of
@@ -2123,6 +2143,46 @@ mod tests {
         assert_eq!(q.len(), 2);
         assert_eq!(q.expire(10_000).len(), 1);
         assert_eq!(q.pop(i64::MAX).item.unwrap().msg.body, b"forever");
+        drop((q, store));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_write_fjall_would_stall_is_refused_as_busy_until_the_buffer_is_flushed() {
+        // A 1 MiB write buffer: fjall would put the writer's thread to sleep once it is full.
+        let dir = temp();
+        let limit = 8 << 20;
+        let store = DurableStore::open(
+            &dir,
+            open_keyspace(&dir, Some(limit)).unwrap(),
+            SyncPolicy::Os,
+            Some(limit),
+            Overflow::RejectNew,
+        )
+        .unwrap();
+        let q = store.queue("w", 1000, false);
+        let body = "w".repeat(64 * 1024);
+        let mut busy = false;
+        for _ in 0..64 {
+            match q.try_push(msg(&body), 1, None) {
+                Ok(_) => {}
+                Err(QueueError::StoreBusy) => {
+                    busy = true;
+                    break;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(busy, "the full write buffer was never reported");
+        // fjall flushes the buffer in the background; then writes go in again.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while q.try_push(msg("after"), 1, None).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the store stayed busy"
+            );
+            std::thread::yield_now();
+        }
         drop((q, store));
         let _ = std::fs::remove_dir_all(dir);
     }
