@@ -451,6 +451,7 @@ struct Removals {
 struct Chores {
     flush: AtomicBool,
     measure: AtomicBool,
+    rotate: AtomicBool,
     closing: AtomicBool,
     thread: std::sync::OnceLock<std::thread::Thread>,
 }
@@ -482,6 +483,9 @@ impl Chores {
             }
             if self.measure.swap(false, Ordering::AcqRel) {
                 store.reclaim();
+            }
+            if self.rotate.swap(false, Ordering::AcqRel) {
+                store.rotate_largest();
             }
         }
     }
@@ -939,6 +943,12 @@ impl DurableStore {
         let buffered = self.keyspace.write_buffer_size();
         // A write larger than the whole buffer still goes in once the buffer is empty.
         let stall = if buffered > 0 && buffered + bytes > self.write_buffer {
+            // fjall's own monitor acts only once the buffer is past its size, which a refused
+            // write never makes it: the store's thread seals the largest memtable, whose flush
+            // makes room.
+            if !self.chores.ask(&self.chores.rotate) {
+                self.rotate_largest();
+            }
             Some("its write buffer is full")
         } else if partition.tree.l0_run_count() >= L0_STALL {
             Some("too many tables wait for compaction")
@@ -961,6 +971,21 @@ impl DurableStore {
             return Err(StoreError::Compacting { files, bound });
         }
         Ok(())
+    }
+
+    /// Seals the larger of the two partitions' active memtables, so that fjall flushes it and
+    /// its write buffer has room again. Blocking.
+    fn rotate_largest(&self) {
+        use fjall::AbstractTree;
+        let part =
+            if self.messages.tree.active_memtable_size() > self.queue.tree.active_memtable_size() {
+                &self.messages
+            } else {
+                &self.queue
+            };
+        if let Err(e) = part.rotate_memtable() {
+            tracing::warn!(error = %e, "sealing a memtable of the store failed");
+        }
     }
 
     /// Bytes the store (and the twins beside it) takes on disk. fjall counts its active
@@ -1681,6 +1706,20 @@ mod tests {
             .collect::<Vec<_>>()
     }
 
+    /// Pushes, waiting (bounded) while the store is busy (a full write buffer being flushed).
+    fn push_when_not_busy(q: &DurableQueue, m: Arc<Message>) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            match q.try_push(m.clone(), 0, None) {
+                Ok(_) => return,
+                Err(QueueError::StoreBusy) if std::time::Instant::now() < deadline => {
+                    std::thread::yield_now();
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
     fn drain(q: &DurableQueue) -> Vec<Vec<u8>> {
         std::iter::from_fn(|| {
             q.pop(0).item.map(|i| {
@@ -1902,7 +1941,7 @@ mod tests {
             let mut n = 1;
             while newest() == 0 {
                 for _ in 0..16 {
-                    q.try_push(msg(&body), 0, None).unwrap();
+                    push_when_not_busy(&q, msg(&body));
                     n += 1;
                 }
                 store.sync().await.unwrap();
