@@ -155,8 +155,9 @@ impl Setup {
     /// lost when it races the response link's attach: a known defect of its own).
     async fn connect(&self, addr: SocketAddr, m: &str) -> Client {
         let key = module_keys(&self.settings, &self.key, &ModuleId::parse(m).unwrap()).primary;
+        let id = self.id(m);
         for _ in 0..3 {
-            let connect = Client::connect(addr, "localhost", &self.ca, IOTHUB, &self.id(m), &key);
+            let connect = Client::connect(addr, "localhost", &self.ca, IOTHUB, &id, &key);
             if let Ok(client) = timeout(WAIT / 3, connect).await {
                 return client.unwrap();
             }
