@@ -68,9 +68,11 @@
 //! * No async worker waits on the disk for the store beyond the write of the message itself:
 //!   full batches of removals and the measures of the files (a directory listing) are done on
 //!   the store's thread, expiry and the tick's chores on a blocking thread, and a write that
-//!   fjall would stall with a sleep (a full write buffer, too many tables waiting in level 0,
-//!   journals near their bound) is refused as busy instead, so the sender waits asynchronously
-//!   as it does for a compaction.
+//!   fjall would stall with a sleep for a full write buffer (the store's thread then seals the
+//!   largest memtable) or too many tables waiting in level 0 is refused as busy instead, so the
+//!   sender waits asynchronously as it does for a compaction. fjall's 500 ms stall for journals
+//!   near `max_journaling_size` (64 MiB, checked when a memtable is sealed) can still reach a
+//!   worker: refusing writes then would keep the journals from being freed.
 //! * `storeLimits.maxSizeBytes` caps the bytes of keys and values held (entries and records),
 //!   counted in memory and rebuilt at open; a write that would pass it is refused before it is
 //!   made (or makes room by dropping the oldest of its queue with `dropOldest`). The files
@@ -495,11 +497,6 @@ impl Chores {
 /// (16 µs at 24, doubling up to 512 µs; writes halt at 32): the store refuses it as busy first.
 const L0_STALL: usize = 24;
 
-/// `max_journaling_size` of the keyspace ([`open_keyspace`]); fjall stalls a write for 500 ms
-/// when its journals pass 90 % of it. The store refuses writes as busy from 85 %.
-const MAX_JOURNALING: u64 = 64 * 1024 * 1024;
-const JOURNALS_BUSY: u64 = MAX_JOURNALING / 20 * 17;
-
 /// The keyspace's write buffer for a store limit of `cap` (see [`open_keyspace`]).
 fn write_buffer_bytes(cap: Option<u64>) -> u64 {
     const MIB: u64 = 1024 * 1024;
@@ -570,8 +567,7 @@ pub struct DurableStore {
     chores: Arc<Chores>,
     /// The keyspace's write buffer: fjall stalls writes that take it past this.
     write_buffer: u64,
-    /// The journals were past [`JOURNALS_BUSY`] when last measured.
-    journals_busy: AtomicBool,
+
     /// Bytes of entries and records held: what `limit` caps.
     stored: AtomicU64,
     /// `storeLimits.maxSizeBytes`; `u64::MAX` for none. Changes with a config reload.
@@ -750,7 +746,6 @@ impl DurableStore {
             removals_out: AtomicU64::new(0),
             chores: Arc::default(),
             write_buffer: write_buffer_bytes(limit),
-            journals_busy: AtomicBool::new(false),
             stored: AtomicU64::new(stored),
             limit: AtomicU64::new(limit.unwrap_or(u64::MAX)),
             overflow,
@@ -887,8 +882,6 @@ impl DurableStore {
     /// Called every second and every `FILES_CHECK_EVERY` writes; returns the files' bytes.
     pub fn reclaim(&self) -> u64 {
         let journals = allocated(&self.journals);
-        self.journals_busy
-            .store(journals > JOURNALS_BUSY, Ordering::Relaxed);
         let files = self.queue.disk_space() + self.messages.disk_space() + journals;
         self.files.store(files, Ordering::Relaxed);
         let Some(limit) = self.limit() else {
@@ -924,8 +917,10 @@ impl DurableStore {
     /// at every refusal), never here: a measure lists a directory.
     ///
     /// Refuses it as well, as busy, when fjall would stall it with a sleep on this thread (see
-    /// [`L0_STALL`], [`JOURNALS_BUSY`], and a write buffer that the write would take past its
-    /// size): the sender waits asynchronously instead, as for a compaction.
+    /// [`L0_STALL`], and a write buffer that the write would take past its size): the sender
+    /// waits asynchronously instead, as for a compaction. fjall's stall for journals near their
+    /// bound (checked when a memtable is sealed) is not foreseen here: refusing writes then
+    /// would keep the memtables from filling, and so the journals from being freed.
     fn check_files(
         &self,
         bytes: u64,
@@ -952,8 +947,6 @@ impl DurableStore {
             Some("its write buffer is full")
         } else if partition.tree.l0_run_count() >= L0_STALL {
             Some("too many tables wait for compaction")
-        } else if self.journals_busy.load(Ordering::Relaxed) {
-            Some("its journals are near their bound")
         } else {
             None
         };
