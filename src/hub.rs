@@ -506,20 +506,36 @@ impl Hub {
 }
 
 /// Once a second: drops expired messages from every queue, so a message with a short TTL does
-/// not wait behind longer-lived ones.
+/// not wait behind longer-lived ones, measures the store's files and writes out its removals;
+/// on a blocking thread, since each of these may wait on the disk. On shutdown the removals are
+/// written out a last time: nothing acknowledged comes back after a restart.
 async fn housekeeping(core: Arc<HubCore>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+        let stop = tokio::select! {
+            _ = shutdown.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        let core = core.clone();
+        let chores = tokio::task::spawn_blocking(move || {
+            if !stop {
+                for e in core.router().endpoints() {
+                    e.expire_now();
+                }
+            }
+            if let Some(store) = &core.store {
+                if !stop {
+                    store.reclaim();
+                }
+                store.write_removals();
+            }
+        });
+        if let Err(e) = chores.await {
+            warn!(error = %e, "the housekeeping chores failed");
         }
-        for e in core.router().endpoints() {
-            e.expire_now();
-        }
-        if let Some(store) = &core.store {
-            store.reclaim();
+        if stop {
+            return;
         }
     }
 }

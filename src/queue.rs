@@ -13,7 +13,7 @@
 //! [`Endpoint`] wraps a store with the wake-ups: consumers wait on `ready`, producers on `space`.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -69,9 +69,19 @@ pub trait QueueStore: Send + Sync + 'static {
         expires_ms: Option<i64>,
     ) -> Result<u64, QueueError>;
     fn pop(&self, now_ms: i64) -> Popped;
-    fn ack(&self, seq: u64);
+    /// Removes an in-flight message for good. Returns the mark of its removal if a crash of the
+    /// hub could still undo it (see [`QueueStore::removal_written`]), else 0.
+    fn ack(&self, seq: u64) -> u64;
+    /// Whether the removal of `mark` is written out, so that a crash of the hub cannot bring
+    /// its message back.
+    fn removal_written(&self, _mark: u64) -> bool {
+        true
+    }
+    /// Writes every removal made so far out. Blocking: call it off the async workers.
+    fn write_removals(&self) {}
     fn release(&self, seq: u64);
-    /// Removes every pending message that has expired by `now_ms` and returns them.
+    /// Removes every pending message that has expired by `now_ms` and returns them, in
+    /// O(expired). May read from disk: call it off the async workers.
     fn expire(&self, now_ms: i64) -> Vec<Queued>;
     /// The priority of the next message `pop` would consider, if any is pending.
     fn head_priority(&self) -> Option<u32>;
@@ -114,8 +124,25 @@ struct MemInner {
     newest_next: bool,
     next_seq: u64,
     pending: BTreeMap<(u32, u64), Queued>,
+    /// The pending messages that expire, by (expiry, priority, sequence).
+    ttl: BTreeSet<(i64, u32, u64)>,
     in_flight: HashMap<u64, Queued>,
     per_priority: BTreeMap<u32, usize>,
+}
+
+impl MemInner {
+    fn insert_pending(&mut self, q: Queued) {
+        if let Some(x) = q.expires_ms {
+            self.ttl.insert((x, q.priority, q.seq));
+        }
+        self.pending.insert((q.priority, q.seq), q);
+    }
+
+    fn untrack(&mut self, q: &Queued) {
+        if let Some(x) = q.expires_ms {
+            self.ttl.remove(&(x, q.priority, q.seq));
+        }
+    }
 }
 
 /// The in-memory queue: bounded, ordered by (priority, sequence).
@@ -164,16 +191,13 @@ impl QueueStore for MemoryQueue {
         }
         g.next_seq += 1;
         let seq = g.next_seq;
-        g.pending.insert(
-            (priority, seq),
-            Queued {
-                seq,
-                priority,
-                msg,
-                expires_ms,
-                delivery_count: 0,
-            },
-        );
+        g.insert_pending(Queued {
+            seq,
+            priority,
+            msg,
+            expires_ms,
+            delivery_count: 0,
+        });
         *g.per_priority.entry(priority).or_default() += 1;
         Ok(seq)
     }
@@ -186,6 +210,7 @@ impl QueueStore for MemoryQueue {
             let Some((_, q)) = take_next(&mut g.pending, g.live_first, &mut g.newest_next) else {
                 break;
             };
+            g.untrack(&q);
             if q.expires_ms.is_some_and(|e| e <= now_ms) {
                 dec(&mut g.per_priority, q.priority);
                 expired.push(q);
@@ -203,18 +228,19 @@ impl QueueStore for MemoryQueue {
         }
     }
 
-    fn ack(&self, seq: u64) {
+    fn ack(&self, seq: u64) -> u64 {
         let mut g = self.lock();
         if let Some(q) = g.in_flight.remove(&seq) {
             dec(&mut g.per_priority, q.priority);
         }
+        0
     }
 
     fn release(&self, seq: u64) {
         let mut g = self.lock();
         if let Some(mut q) = g.in_flight.remove(&seq) {
             q.delivery_count = q.delivery_count.saturating_add(1);
-            g.pending.insert((q.priority, q.seq), q);
+            g.insert_pending(q);
         }
     }
 
@@ -224,15 +250,13 @@ impl QueueStore for MemoryQueue {
 
     fn expire(&self, now_ms: i64) -> Vec<Queued> {
         let mut g = self.lock();
-        let dead: Vec<(u32, u64)> = g
-            .pending
-            .iter()
-            .filter(|(_, q)| q.expires_ms.is_some_and(|e| e <= now_ms))
-            .map(|(k, _)| *k)
-            .collect();
         let mut out = Vec::new();
-        for k in dead {
-            if let Some(q) = g.pending.remove(&k) {
+        while let Some(&(x, priority, seq)) = g.ttl.first() {
+            if x > now_ms {
+                break;
+            }
+            g.ttl.pop_first();
+            if let Some(q) = g.pending.remove(&(priority, seq)) {
                 dec(&mut g.per_priority, q.priority);
                 out.push(q);
             }
@@ -328,7 +352,7 @@ impl Endpoint {
     }
 
     /// Drops what has expired (counted as `ttl_expiry`), so expired messages leave the queue
-    /// promptly even behind messages that live longer.
+    /// promptly even behind messages that live longer. Blocking (see [`QueueStore::expire`]).
     pub fn expire_now(&self) {
         let expired = self.store.expire(crate::message::now_ms());
         if !expired.is_empty() {
@@ -339,9 +363,11 @@ impl Endpoint {
         }
     }
 
-    pub fn ack(&self, seq: u64) {
-        self.store.ack(seq);
+    /// Removes a delivered message; returns the mark of its removal (see [`QueueStore::ack`]).
+    pub fn ack(&self, seq: u64) -> u64 {
+        let mark = self.store.ack(seq);
         self.after_removal();
+        mark
     }
 
     pub fn release(&self, seq: u64) {
@@ -362,6 +388,43 @@ impl Endpoint {
                 .entry(p)
                 .or_insert_with(|| m::queue_length_gauge(&self.id, p))
                 .set(n as f64);
+        }
+    }
+}
+
+/// Acknowledgements a delivery pump made whose removals a crash of the hub could still undo.
+/// The pump counts them against its window with its transfers in flight, so that after a crash
+/// at most a window of messages per link comes again (see the store's module doc).
+#[derive(Default)]
+pub struct Unwritten {
+    acks: Vec<(Arc<Endpoint>, u64)>,
+}
+
+impl Unwritten {
+    /// Acknowledges `seq` of `ep` and keeps its mark until the removal is written out.
+    pub fn ack(&mut self, ep: &Arc<Endpoint>, seq: u64) {
+        let mark = ep.ack(seq);
+        if mark != 0 {
+            self.acks.push((ep.clone(), mark));
+        }
+    }
+
+    /// How many acknowledgements are not written out yet.
+    pub fn count(&mut self) -> usize {
+        self.acks
+            .retain(|(ep, mark)| !ep.store.removal_written(*mark));
+        self.acks.len()
+    }
+
+    /// Writes them out, off the async workers.
+    pub async fn write(&mut self) {
+        while let Some((ep, _)) = self.acks.first() {
+            let before = self.acks.len();
+            let store = ep.store.clone();
+            let _ = tokio::task::spawn_blocking(move || store.write_removals()).await;
+            if self.count() >= before {
+                break;
+            }
         }
     }
 }
@@ -427,6 +490,34 @@ pub(crate) mod tests {
         assert_eq!(p.expired.len(), 1);
         assert_eq!(p.item.unwrap().seq, live);
         assert_eq!(q.lengths().get(&1), Some(&1));
+
+        // `expire` takes what has expired, whatever its priority or place, and leaves the rest;
+        // a message in flight is not its business until it is released.
+        let q = make(10);
+        let a = q.try_push(msg(), 2, Some(300)).unwrap();
+        let b = q.try_push(msg(), 1, Some(100)).unwrap();
+        let c = q.try_push(msg(), 2, None).unwrap();
+        let d = q.try_push(msg(), 0, Some(200)).unwrap();
+        assert_eq!(q.pop(0).item.unwrap().seq, d);
+        let seqs = |v: Vec<Queued>| {
+            let mut s: Vec<u64> = v.iter().map(|x| x.seq).collect();
+            s.sort_unstable();
+            s
+        };
+        assert_eq!(seqs(q.expire(99)), Vec::<u64>::new());
+        assert_eq!(seqs(q.expire(250)), vec![b]);
+        q.release(d);
+        assert_eq!(seqs(q.expire(1000)), vec![a, d]);
+        assert_eq!(q.lengths().values().sum::<usize>(), 1);
+        assert_eq!(q.pop(1000).item.unwrap().seq, c);
+        assert!(q.expire(i64::MAX).is_empty());
+        // A message popped and acknowledged never expires afterwards.
+        let e = q.try_push(msg(), 0, Some(10)).unwrap();
+        assert_eq!(q.pop(0).item.unwrap().seq, e);
+        q.ack(e);
+        q.ack(c);
+        assert!(q.expire(i64::MAX).is_empty());
+        assert!(q.is_empty());
     }
 
     #[test]

@@ -39,18 +39,40 @@
 //!   fsyncs, writes the buffer out too), so a burst costs one write to the journal file, not one
 //!   per message.
 //! * Removals (acks, expiries, overflow drops) are not fsynced and are written in batches: they
-//!   collect in memory and are committed every [`REMOVAL_BATCH`] removals, on the housekeeping
-//!   tick (every second), before a shared record is written again, and when the store closes. A
-//!   removal lost in a crash redelivers a message that was in flight, never loses one. Queue keys
-//!   are never reused while a removal may be pending (sequences only grow while the hub runs,
-//!   and after a restart continue past the highest entry on disk), so a late delete never hits
-//!   a newer entry.
+//!   collect in memory and are committed to fjall every [`REMOVAL_BATCH`] removals (on the
+//!   store's own thread), on the housekeeping tick (every second), before a shared record is
+//!   written again, and when the store closes. A removal lost in a crash redelivers a message,
+//!   never loses one. Queue keys are never reused while a removal may be pending (sequences only
+//!   grow while the hub runs, and after a restart continue past the highest entry on disk), so a
+//!   late delete never hits a newer entry.
+//! * **What a crash brings back.** A removal survives a crash of the hub (kill -9) once it is
+//!   written out to the OS: by [`DurableStore::write_removals`] or by the next
+//!   [`DurableStore::sync`] of a sender's write, whichever comes first. Each removal has a mark
+//!   ([`DurableStore::removal_written`] tells when it is out), and a delivery pump (module inputs,
+//!   upstream telemetry) counts every acknowledgement not yet out against its window, with its
+//!   transfers in flight, writing them out once a quarter of the window waits, when its link
+//!   ends, and the housekeeping tick and shutdown write out the rest. So after a kill -9 at most
+//!   `limits.deliveryWindow` messages per delivering link come again: those in flight and those
+//!   acknowledged but not yet out, together never more than the window. A power loss may also
+//!   undo removals written to the OS but not yet fsynced: with `sync = "commit"` every sender's
+//!   group commit fsyncs the removals out before it, so that extra is what was acknowledged
+//!   since the last write was stored; with `sync = "os"` it is unbounded, like the writes.
 //! * At open every queue entry is loaded into its queue's in-memory index (priority, sequence,
 //!   message id, expiry, kind, bytes), so FIFO per (endpoint, priority) and the exact queue
 //!   lengths survive a restart; message bodies stay on disk until delivered (messages queued
 //!   while the hub runs are also kept in memory, up to 4 MiB of them per queue). fjall's
 //!   journal recovery discards a torn last write. Entries that do not parse are skipped and
-//!   logged.
+//!   logged. Pending entries that expire are also in a TTL index by (expiry, priority,
+//!   sequence), so the once-a-second expiry costs O(expired), and `dropOldest` finds a queue's
+//!   oldest entry in O(priorities).
+//! * No async worker waits on the disk for the store beyond the write of the message itself:
+//!   full batches of removals and the measures of the files (a directory listing) are done on
+//!   the store's thread, expiry and the tick's chores on a blocking thread, and a write that
+//!   fjall would stall with a sleep for a full write buffer (the store's thread then seals the
+//!   largest memtable) or too many tables waiting in level 0 is refused as busy instead, so the
+//!   sender waits asynchronously as it does for a compaction. fjall's 500 ms stall for journals
+//!   near `max_journaling_size` (64 MiB, checked when a memtable is sealed) can still reach a
+//!   worker: refusing writes then would keep the journals from being freed.
 //! * `storeLimits.maxSizeBytes` caps the bytes of keys and values held (entries and records),
 //!   counted in memory and rebuilt at open; a write that would pass it is refused before it is
 //!   made (or makes room by dropping the oldest of its queue with `dropOldest`). The files
@@ -64,10 +86,10 @@
 
 use std::{
     cell::RefCell,
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::Path,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, MutexGuard,
     },
 };
@@ -93,6 +115,8 @@ pub enum StoreError {
     Full { stored: u64, limit: u64 },
     #[error("the store's files take {files} bytes, over their bound of {bound} (storeLimits.maxSizeBytes and room to compact); compacting")]
     Compacting { files: u64, bound: u64 },
+    #[error("the store is busy: {0}")]
+    Stalled(&'static str),
 }
 
 /// What to do when a new message would take the store past its limit.
@@ -409,8 +433,75 @@ fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
     })
 }
 
-/// Removals wait in memory until this many are pending, then go to fjall in one batch.
+/// Removals wait in memory until this many are pending, then go to fjall in one batch (on the
+/// store's own thread).
 pub const REMOVAL_BATCH: usize = 128;
+
+/// Removals not yet given to fjall, and the mark of the latest: a delivery pump keeps the mark of
+/// each acknowledgement it made and counts it against its window until the mark is written out
+/// (see [`DurableStore::removal_written`]).
+struct Removals {
+    batch: fjall::Batch,
+    /// Marks count removals from 1 (0 means "nothing to write").
+    last: u64,
+}
+
+/// Work the store hands to a thread of its own, so that no async worker waits for it:
+/// committing a full batch of removals (a fjall write, which may stall) and measuring the
+/// store's files (a directory listing), which may start a compaction.
+#[derive(Default)]
+struct Chores {
+    flush: AtomicBool,
+    measure: AtomicBool,
+    rotate: AtomicBool,
+    closing: AtomicBool,
+    thread: std::sync::OnceLock<std::thread::Thread>,
+}
+
+impl Chores {
+    /// Asks the thread for `chore`; `false` if there is no thread (the caller does it).
+    fn ask(&self, chore: &AtomicBool) -> bool {
+        chore.store(true, Ordering::Release);
+        match self.thread.get() {
+            Some(t) => {
+                t.unpark();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn run(self: Arc<Self>, store: std::sync::Weak<DurableStore>) {
+        loop {
+            std::thread::park_timeout(std::time::Duration::from_secs(1));
+            if self.closing.load(Ordering::Acquire) {
+                return;
+            }
+            let Some(store) = store.upgrade() else {
+                return;
+            };
+            if self.flush.swap(false, Ordering::AcqRel) {
+                store.flush_removals();
+            }
+            if self.measure.swap(false, Ordering::AcqRel) {
+                store.reclaim();
+            }
+            if self.rotate.swap(false, Ordering::AcqRel) {
+                store.rotate_largest();
+            }
+        }
+    }
+}
+
+/// fjall stalls a write with `std::thread::sleep` while its level 0 holds this many runs or more
+/// (16 µs at 24, doubling up to 512 µs; writes halt at 32): the store refuses it as busy first.
+const L0_STALL: usize = 24;
+
+/// The keyspace's write buffer for a store limit of `cap` (see [`open_keyspace`]).
+fn write_buffer_bytes(cap: Option<u64>) -> u64 {
+    const MIB: u64 = 1024 * 1024;
+    cap.map_or(16 * MIB, |cap| (cap / 8).clamp(MIB, 16 * MIB))
+}
 
 /// A queue entry's place: its queue (an index into [`DurableStore::endpoints`]), priority and
 /// sequence. Small, since the store keeps one per message queued.
@@ -468,7 +559,15 @@ pub struct DurableStore {
     /// The endpoint id of each queue, by [`Slot::queue`].
     endpoints: Mutex<Vec<Arc<str>>>,
     /// Deletes not yet given to fjall (see the module doc).
-    removals: Mutex<fjall::Batch>,
+    removals: Mutex<Removals>,
+    /// Removals up to this mark are in fjall / written to the OS (they survive a crash of the
+    /// hub, not a power loss).
+    removals_committed: AtomicU64,
+    removals_out: AtomicU64,
+    chores: Arc<Chores>,
+    /// The keyspace's write buffer: fjall stalls writes that take it past this.
+    write_buffer: u64,
+
     /// Bytes of entries and records held: what `limit` caps.
     stored: AtomicU64,
     /// `storeLimits.maxSizeBytes`; `u64::MAX` for none. Changes with a config reload.
@@ -631,8 +730,11 @@ impl DurableStore {
             batch.commit().map_err(fj)?;
         }
         crate::message::seed_ids(max_id + 1);
-        let removals = fjall::Batch::with_capacity(keyspace.clone(), REMOVAL_BATCH + 1);
-        Ok(Arc::new(Self {
+        let removals = Removals {
+            batch: fjall::Batch::with_capacity(keyspace.clone(), REMOVAL_BATCH + 1),
+            last: 0,
+        };
+        let store = Arc::new(Self {
             keyspace,
             messages,
             queue,
@@ -640,6 +742,10 @@ impl DurableStore {
             copies: Mutex::new(copies),
             endpoints: Mutex::new(Vec::new()),
             removals: Mutex::new(removals),
+            removals_committed: AtomicU64::new(0),
+            removals_out: AtomicU64::new(0),
+            chores: Arc::default(),
+            write_buffer: write_buffer_bytes(limit),
             stored: AtomicU64::new(stored),
             limit: AtomicU64::new(limit.unwrap_or(u64::MAX)),
             overflow,
@@ -655,7 +761,19 @@ impl DurableStore {
             compacting: Arc::default(),
             files: AtomicU64::new(0),
             journals: dir.join("journals"),
-        }))
+        });
+        let (chores, weak) = (store.chores.clone(), Arc::downgrade(&store));
+        match std::thread::Builder::new()
+            .name("store-chores".into())
+            .spawn(move || chores.run(weak))
+        {
+            Ok(t) => {
+                let _ = store.chores.thread.set(t.thread().clone());
+            }
+            // Without the thread its chores are done inline.
+            Err(e) => tracing::warn!(error = %e, "starting the store's thread failed"),
+        }
+        Ok(store)
     }
 
     /// Endpoint ids that have messages on disk (their queues must exist even without a route).
@@ -678,8 +796,9 @@ impl DurableStore {
         for e in entries {
             inner.next_seq = inner.next_seq.max(e.seq);
             *inner.per_priority.entry(e.priority).or_default() += 1;
-            inner.pending.insert(
-                (e.priority, e.seq),
+            inner.insert_pending(
+                e.priority,
+                e.seq,
                 Entry {
                     msg_id: e.msg_id,
                     expires_ms: e.expires_ms,
@@ -725,6 +844,7 @@ impl DurableStore {
             return Err(poisoned());
         }
         let covered = self.written.load(Ordering::Acquire);
+        let removals = self.removals_committed.load(Ordering::Acquire);
         match self.policy {
             // One write of the journal buffer to the OS; no disk wait.
             SyncPolicy::Os => self
@@ -749,6 +869,7 @@ impl DurableStore {
             }
         }
         self.synced.fetch_max(covered, Ordering::AcqRel);
+        self.removals_out.fetch_max(removals, Ordering::AcqRel);
         Ok(())
     }
 
@@ -760,8 +881,8 @@ impl DurableStore {
     /// limit; under a flood with `dropOldest` the files would grow to several times the limit.
     /// Called every second and every `FILES_CHECK_EVERY` writes; returns the files' bytes.
     pub fn reclaim(&self) -> u64 {
-        let files =
-            self.queue.disk_space() + self.messages.disk_space() + allocated(&self.journals);
+        let journals = allocated(&self.journals);
+        let files = self.queue.disk_space() + self.messages.disk_space() + journals;
         self.files.store(files, Ordering::Relaxed);
         let Some(limit) = self.limit() else {
             return files;
@@ -792,19 +913,72 @@ impl DurableStore {
 
     /// Refuses a write while the store's files are past the limit and twice [`slack`]: writers
     /// then wait for the compaction to catch up (back-pressure), so a flood cannot outrun it.
-    fn check_files(&self) -> Result<(), StoreError> {
+    /// The files are measured on the store's thread (every [`FILES_CHECK_EVERY`] writes, and
+    /// at every refusal), never here: a measure lists a directory.
+    ///
+    /// Refuses it as well, as busy, when fjall would stall it with a sleep on this thread (see
+    /// [`L0_STALL`], and a write buffer that the write would take past its size): the sender
+    /// waits asynchronously instead, as for a compaction. fjall's stall for journals near their
+    /// bound (checked when a memtable is sealed) is not foreseen here: refusing writes then
+    /// would keep the memtables from filling, and so the journals from being freed.
+    fn check_files(
+        &self,
+        bytes: u64,
+        partition: &fjall::PartitionHandle,
+    ) -> Result<(), StoreError> {
+        use fjall::AbstractTree;
+        let measure = || {
+            if !self.chores.ask(&self.chores.measure) {
+                self.reclaim();
+            }
+        };
+        if self.written.load(Ordering::Relaxed) % FILES_CHECK_EVERY == 0 {
+            measure();
+        }
+        let buffered = self.keyspace.write_buffer_size();
+        // A write larger than the whole buffer still goes in once the buffer is empty.
+        let stall = if buffered > 0 && buffered + bytes > self.write_buffer {
+            // fjall's own monitor acts only once the buffer is past its size, which a refused
+            // write never makes it: the store's thread seals the largest memtable, whose flush
+            // makes room.
+            if !self.chores.ask(&self.chores.rotate) {
+                self.rotate_largest();
+            }
+            Some("its write buffer is full")
+        } else if partition.tree.l0_run_count() >= L0_STALL {
+            Some("too many tables wait for compaction")
+        } else {
+            None
+        };
+        if let Some(why) = stall {
+            measure();
+            return Err(StoreError::Stalled(why));
+        }
         let Some(limit) = self.limit() else {
             return Ok(());
         };
         let bound = limit + 2 * slack(limit);
-        let mut files = self.files.load(Ordering::Relaxed);
-        if files > bound || self.written.load(Ordering::Relaxed) % FILES_CHECK_EVERY == 0 {
-            files = self.reclaim();
-        }
+        let files = self.files.load(Ordering::Relaxed);
         if files > bound {
+            measure();
             return Err(StoreError::Compacting { files, bound });
         }
         Ok(())
+    }
+
+    /// Seals the larger of the two partitions' active memtables, so that fjall flushes it and
+    /// its write buffer has room again. Blocking.
+    fn rotate_largest(&self) {
+        use fjall::AbstractTree;
+        let part =
+            if self.messages.tree.active_memtable_size() > self.queue.tree.active_memtable_size() {
+                &self.messages
+            } else {
+                &self.queue
+            };
+        if let Err(e) = part.rotate_memtable() {
+            tracing::warn!(error = %e, "sealing a memtable of the store failed");
+        }
     }
 
     /// Bytes the store (and the twins beside it) takes on disk. fjall counts its active
@@ -882,7 +1056,7 @@ impl DurableStore {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(poisoned());
         }
-        self.check_files()?;
+        self.check_files(entry.len() as u64, &self.queue)?;
         let mut copies = locked(&self.copies);
         let written = match copies.get_mut(&msg_id) {
             None => {
@@ -978,8 +1152,9 @@ impl DurableStore {
     }
 
     /// Removes the entry `e` at `at` (in queue `endpoint`), and the shared record with its last
-    /// pointer. The deletes join the pending removals.
-    fn remove(&self, at: Slot, endpoint: &str, e: &Entry) {
+    /// pointer. The deletes join the pending removals; returns their mark (see
+    /// [`DurableStore::removal_written`]).
+    fn remove(&self, at: Slot, endpoint: &str, e: &Entry) -> u64 {
         let key = queue_key(endpoint, at.priority, at.seq);
         let flush = {
             let mut copies = locked(&self.copies);
@@ -1013,34 +1188,62 @@ impl DurableStore {
             // Still under `copies`: a conversion that writes this id's record again flushes
             // the removals first, and must find this delete among them.
             let mut removals = locked(&self.removals);
-            removals.remove(&self.queue, key);
+            removals.batch.remove(&self.queue, key);
             if shared {
-                removals.remove(&self.messages, e.msg_id.to_be_bytes());
+                removals
+                    .batch
+                    .remove(&self.messages, e.msg_id.to_be_bytes());
             }
-            removals.len() >= REMOVAL_BATCH
+            removals.last += 1;
+            (removals.last, removals.batch.len() >= REMOVAL_BATCH)
         };
-        if flush {
+        if flush.1 && !self.chores.ask(&self.chores.flush) {
             self.flush_removals();
         }
+        flush.0
     }
 
-    /// Gives the pending removals to fjall in one batch.
+    /// Gives the pending removals to fjall in one batch. A fjall write: call it off the async
+    /// workers (fjall may stall it).
     pub fn flush_removals(&self) {
         let mut pending = locked(&self.removals);
-        if pending.is_empty() {
+        let last = pending.last;
+        if !pending.batch.is_empty() {
+            let batch = std::mem::replace(
+                &mut pending.batch,
+                fjall::Batch::with_capacity(self.keyspace.clone(), REMOVAL_BATCH + 1),
+            );
+            // Committed under the lock, so a flush that finds nothing pending knows every
+            // earlier delete is in fjall.
+            if let Err(e) = batch.commit() {
+                // The entries stay on disk and are delivered again after a restart:
+                // duplicates, never a loss.
+                tracing::warn!(error = %e, "removing delivered messages from the store failed");
+            }
+        }
+        self.removals_committed.fetch_max(last, Ordering::AcqRel);
+    }
+
+    /// Writes every removal made so far out to the OS (and fjall's journal buffer with it): after
+    /// this they survive a crash of the hub. Blocking: call it off the async workers.
+    pub fn write_removals(&self) {
+        self.flush_removals();
+        let committed = self.removals_committed.load(Ordering::Acquire);
+        if self.removals_out.load(Ordering::Acquire) >= committed {
             return;
         }
-        let batch = std::mem::replace(
-            &mut *pending,
-            fjall::Batch::with_capacity(self.keyspace.clone(), REMOVAL_BATCH + 1),
-        );
-        // Committed under the lock, so a flush that finds nothing pending knows every earlier
-        // delete is in fjall.
-        if let Err(e) = batch.commit() {
-            // The entries stay on disk and are delivered again after a restart: duplicates,
-            // never a loss.
-            tracing::warn!(error = %e, "removing delivered messages from the store failed");
+        if let Err(e) = self.keyspace.persist(fjall::PersistMode::Buffer) {
+            // As for a failed commit: the entries come again after a restart. Counted as
+            // written all the same, so that no delivery pump waits for them forever.
+            tracing::warn!(error = %e, "writing removals of delivered messages failed");
         }
+        self.removals_out.fetch_max(committed, Ordering::AcqRel);
+    }
+
+    /// Whether the removal of `mark` (from an acknowledgement) is written out to the OS, so
+    /// that a crash of the hub cannot bring its message back.
+    pub fn removal_written(&self, mark: u64) -> bool {
+        self.removals_out.load(Ordering::Acquire) >= mark
     }
 
     /// Reads the message of the entry at (`endpoint`, `priority`, `seq`).
@@ -1075,6 +1278,10 @@ impl DurableStore {
 
 impl Drop for DurableStore {
     fn drop(&mut self) {
+        self.chores.closing.store(true, Ordering::Release);
+        if let Some(t) = self.chores.thread.get() {
+            t.unpark();
+        }
         self.flush_removals();
         if let Err(e) = self.keyspace.persist(fjall::PersistMode::Buffer) {
             tracing::warn!(error = %e, "writing the store's journal at close failed");
@@ -1104,6 +1311,9 @@ struct DqInner {
     newest_next: bool,
     next_seq: u64,
     pending: BTreeMap<(u32, u64), Entry>,
+    /// The pending entries that expire, by (expiry, priority, sequence): `expire` takes what has
+    /// expired from its front, O(expired), without looking at the rest of the queue.
+    ttl: BTreeSet<(i64, u32, u64)>,
     in_flight: HashMap<u64, (u32, Entry)>,
     per_priority: BTreeMap<u32, usize>,
     /// Bytes of the messages held in `cached`.
@@ -1126,6 +1336,41 @@ impl DqInner {
         if let Some(m) = &e.cached {
             self.cached_bytes = self.cached_bytes.saturating_sub(m.size());
         }
+    }
+
+    /// Puts an entry among the pending ones (and in the TTL index).
+    fn insert_pending(&mut self, priority: u32, seq: u64, e: Entry) {
+        if let Some(x) = e.expires_ms {
+            self.ttl.insert((x, priority, seq));
+        }
+        self.pending.insert((priority, seq), e);
+    }
+
+    /// Takes an entry out of the pending ones.
+    fn take_pending(&mut self, priority: u32, seq: u64) -> Option<Entry> {
+        let e = self.pending.remove(&(priority, seq))?;
+        self.untrack(priority, seq, &e);
+        Some(e)
+    }
+
+    /// Drops the TTL index's record of an entry taken out of `pending`.
+    fn untrack(&mut self, priority: u32, seq: u64, e: &Entry) {
+        if let Some(x) = e.expires_ms {
+            self.ttl.remove(&(x, priority, seq));
+        }
+    }
+
+    /// The oldest pending entry of any priority: the first of each priority, O(priorities).
+    fn oldest(&self) -> Option<(u32, u64)> {
+        self.per_priority
+            .keys()
+            .filter_map(|&p| {
+                self.pending
+                    .range((p, 0)..=(p, u64::MAX))
+                    .next()
+                    .map(|(k, _)| *k)
+            })
+            .min_by_key(|(_, s)| *s)
     }
 }
 
@@ -1152,9 +1397,9 @@ impl DurableQueue {
         }
     }
 
-    fn remove(&self, priority: u32, seq: u64, e: &Entry) {
+    fn remove(&self, priority: u32, seq: u64, e: &Entry) -> u64 {
         self.store
-            .remove(self.slot(priority, seq), &self.endpoint, e);
+            .remove(self.slot(priority, seq), &self.endpoint, e)
     }
 
     /// The message of an entry: from memory, else from disk.
@@ -1208,15 +1453,10 @@ impl QueueStore for DurableQueue {
                     Ok(w) => break w,
                     Err(StoreError::Full { .. }) if self.store.overflow == Overflow::DropOldest => {
                         // Make room with this queue's oldest pending message, if it has one.
-                        let oldest = g
-                            .pending
-                            .iter()
-                            .min_by_key(|((_, s), _)| *s)
-                            .map(|(k, _)| *k);
-                        let Some((p, s)) = oldest else {
+                        let Some((p, s)) = g.oldest() else {
                             return Err(QueueError::StoreFull);
                         };
-                        if let Some(e) = g.pending.remove(&(p, s)) {
+                        if let Some(e) = g.take_pending(p, s) {
                             dec(&mut g.per_priority, p);
                             g.forget(&e);
                             let dropped = self.message(p, s, &e).ok();
@@ -1227,7 +1467,9 @@ impl QueueStore for DurableQueue {
                         }
                     }
                     Err(StoreError::Full { .. }) => return Err(QueueError::StoreFull),
-                    Err(StoreError::Compacting { .. }) => return Err(QueueError::StoreBusy),
+                    Err(StoreError::Compacting { .. } | StoreError::Stalled(_)) => {
+                        return Err(QueueError::StoreBusy)
+                    }
                     Err(e) => {
                         tracing::error!(endpoint = %self.endpoint, "message not stored: {e}");
                         return Err(QueueError::Storage);
@@ -1237,8 +1479,9 @@ impl QueueStore for DurableQueue {
             g.next_seq = seq;
             let msg_id = msg.id;
             let cached = g.cache(msg);
-            g.pending.insert(
-                (priority, seq),
+            g.insert_pending(
+                priority,
+                seq,
                 Entry {
                     msg_id,
                     expires_ms,
@@ -1263,6 +1506,7 @@ impl QueueStore for DurableQueue {
             else {
                 break;
             };
+            inner.untrack(priority, seq, &entry);
             let msg = match self.message(priority, seq, &entry) {
                 Ok(m) => m,
                 Err(e) => {
@@ -1304,21 +1548,30 @@ impl QueueStore for DurableQueue {
         }
     }
 
-    fn ack(&self, seq: u64) {
+    fn ack(&self, seq: u64) -> u64 {
         let mut g = self.lock();
-        if let Some((priority, e)) = g.in_flight.remove(&seq) {
-            dec(&mut g.per_priority, priority);
-            g.forget(&e);
-            drop(g);
-            self.remove(priority, seq, &e);
-        }
+        let Some((priority, e)) = g.in_flight.remove(&seq) else {
+            return 0;
+        };
+        dec(&mut g.per_priority, priority);
+        g.forget(&e);
+        drop(g);
+        self.remove(priority, seq, &e)
+    }
+
+    fn removal_written(&self, mark: u64) -> bool {
+        self.store.removal_written(mark)
+    }
+
+    fn write_removals(&self) {
+        self.store.write_removals();
     }
 
     fn release(&self, seq: u64) {
         let mut g = self.lock();
         if let Some((priority, mut e)) = g.in_flight.remove(&seq) {
             e.delivery_count = e.delivery_count.saturating_add(1);
-            g.pending.insert((priority, seq), e);
+            g.insert_pending(priority, seq, e);
         }
     }
 
@@ -1326,32 +1579,38 @@ impl QueueStore for DurableQueue {
         self.lock().pending.first_key_value().map(|((p, _), _)| *p)
     }
 
+    /// O(expired): the TTL index gives what has expired. Messages not kept in memory are read
+    /// from disk for their metric labels after the queue's lock is let go; the housekeeping
+    /// task calls this off the async workers.
     fn expire(&self, now_ms: i64) -> Vec<Queued> {
-        let mut out = Vec::new();
-        {
+        let dead: Vec<(u32, u64, Entry)> = {
             let mut g = self.lock();
-            let dead: Vec<(u32, u64)> = g
-                .pending
-                .iter()
-                .filter(|(_, e)| e.expires_ms.is_some_and(|x| x <= now_ms))
-                .map(|(k, _)| *k)
-                .collect();
-            for (priority, seq) in dead {
+            let mut dead = Vec::new();
+            while let Some(&(x, priority, seq)) = g.ttl.first() {
+                if x > now_ms {
+                    break;
+                }
+                g.ttl.pop_first();
                 if let Some(e) = g.pending.remove(&(priority, seq)) {
                     dec(&mut g.per_priority, priority);
                     g.forget(&e);
-                    let msg = self.message(priority, seq, &e);
-                    self.remove(priority, seq, &e);
-                    if let Ok(msg) = msg {
-                        out.push(Queued {
-                            seq,
-                            priority,
-                            msg,
-                            expires_ms: e.expires_ms,
-                            delivery_count: e.delivery_count,
-                        });
-                    }
+                    dead.push((priority, seq, e));
                 }
+            }
+            dead
+        };
+        let mut out = Vec::with_capacity(dead.len());
+        for (priority, seq, e) in dead {
+            let msg = self.message(priority, seq, &e);
+            self.remove(priority, seq, &e);
+            if let Ok(msg) = msg {
+                out.push(Queued {
+                    seq,
+                    priority,
+                    msg,
+                    expires_ms: e.expires_ms,
+                    delivery_count: e.delivery_count,
+                });
             }
         }
         // Called every second by the housekeeping task: removals wait no longer than that.
@@ -1438,6 +1697,20 @@ mod tests {
             .iter()
             .map(|kv| kv.unwrap().1[0])
             .collect::<Vec<_>>()
+    }
+
+    /// Pushes, waiting (bounded) while the store is busy (a full write buffer being flushed).
+    fn push_when_not_busy(q: &DurableQueue, m: Arc<Message>) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            match q.try_push(m.clone(), 0, None) {
+                Ok(_) => return,
+                Err(QueueError::StoreBusy) if std::time::Instant::now() < deadline => {
+                    std::thread::yield_now();
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 
     fn drain(q: &DurableQueue) -> Vec<Vec<u8>> {
@@ -1661,7 +1934,7 @@ mod tests {
             let mut n = 1;
             while newest() == 0 {
                 for _ in 0..16 {
-                    q.try_push(msg(&body), 0, None).unwrap();
+                    push_when_not_busy(&q, msg(&body));
                     n += 1;
                 }
                 store.sync().await.unwrap();
@@ -1793,23 +2066,155 @@ mod tests {
                 q.try_push(msg(&format!("r{i}")), 1, None).unwrap();
             }
             let seqs: Vec<u64> = (0..n).map(|_| q.pop(0).item.unwrap().seq).collect();
-            for s in &seqs[..REMOVAL_BATCH - 1] {
-                q.ack(*s);
-            }
+            let marks: Vec<u64> = seqs[..REMOVAL_BATCH - 1]
+                .iter()
+                .map(|s| q.ack(*s))
+                .collect();
+            assert!(marks.windows(2).all(|w| w[0] < w[1]));
             assert_eq!(store.queue.len().unwrap(), n, "deletes wait for a batch");
-            q.ack(seqs[REMOVAL_BATCH - 1]);
+            assert!(!q.removal_written(marks[0]));
+            // A full batch goes to fjall on the store's thread.
+            let last = q.ack(seqs[REMOVAL_BATCH - 1]);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while store.queue.len().unwrap() != n - REMOVAL_BATCH {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the batch was not written"
+                );
+                std::thread::yield_now();
+            }
+            // In fjall is not yet out of the process: a pump counts it until it is written.
+            assert!(!q.removal_written(last));
+            let more = q.ack(seqs[REMOVAL_BATCH]);
             assert_eq!(store.queue.len().unwrap(), n - REMOVAL_BATCH);
-            q.ack(seqs[REMOVAL_BATCH]);
-            assert_eq!(store.queue.len().unwrap(), n - REMOVAL_BATCH);
-            // The housekeeping tick writes what is pending.
-            assert!(q.expire(0).is_empty());
+            q.write_removals();
+            assert!(q.removal_written(last) && q.removal_written(more));
             assert_eq!(store.queue.len().unwrap(), n - REMOVAL_BATCH - 1);
-            q.ack(seqs[REMOVAL_BATCH + 1]);
+            // The housekeeping tick writes what is pending.
+            let pending = q.ack(seqs[REMOVAL_BATCH + 1]);
+            assert!(q.expire(0).is_empty());
+            assert_eq!(store.queue.len().unwrap(), n - REMOVAL_BATCH - 2);
+            assert!(!q.removal_written(pending));
+            q.ack(seqs[REMOVAL_BATCH + 2]);
         }
         // Closing the store writes the rest: nothing acknowledged comes back.
         let store = open(&dir, SyncPolicy::Os);
         let q = store.queue("r", n + 1, false);
-        assert_eq!(q.len(), n - REMOVAL_BATCH - 2);
+        assert_eq!(q.len(), n - REMOVAL_BATCH - 3);
+        drop((q, store));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_sync_writes_out_the_removals_committed_before_it() {
+        let dir = temp();
+        let store = open(&dir, SyncPolicy::Commit);
+        let q = store.queue("s", 10, false);
+        q.try_push(msg("a"), 1, None).unwrap();
+        let a = q.pop(0).item.unwrap();
+        let mark = q.ack(a.seq);
+        store.flush_removals();
+        assert!(!q.removal_written(mark));
+        q.try_push(msg("b"), 1, None).unwrap();
+        store.sync().await.unwrap();
+        assert!(q.removal_written(mark));
+        drop((q, store));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn drop_oldest_drops_the_oldest_of_any_priority() {
+        let dir = temp();
+        let limit = 3 * 400;
+        let store = DurableStore::open(
+            &dir,
+            open_keyspace(&dir, Some(limit)).unwrap(),
+            SyncPolicy::Os,
+            Some(limit),
+            Overflow::DropOldest,
+        )
+        .unwrap();
+        let q = store.queue("cap", 1000, false);
+        let body = |i: usize| format!("{i:0>200}");
+        // The oldest is of a lower priority (a higher number) than the next ones.
+        q.try_push(msg(&body(0)), 5, None).unwrap();
+        q.try_push(msg(&body(1)), 0, None).unwrap();
+        let mut i = 2;
+        while q.len() == i {
+            q.try_push(msg(&body(i)), 0, None).unwrap();
+            i += 1;
+        }
+        let left: Vec<Vec<u8>> =
+            std::iter::from_fn(|| q.pop(0).item.map(|m| m.msg.body.clone())).collect();
+        assert!(
+            !left.contains(&body(0).into_bytes()),
+            "the oldest went first"
+        );
+        assert!(left.contains(&body(i - 1).into_bytes()));
+        drop((q, store));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn expire_reads_what_is_not_in_memory_and_leaves_the_rest() {
+        // Recovered entries have no message in memory: `expire` reads those it drops, and only
+        // those.
+        let dir = temp();
+        {
+            let store = open(&dir, SyncPolicy::Os);
+            let q = store.queue("x", 10, false);
+            q.try_push(msg("old"), 1, Some(100)).unwrap();
+            q.try_push(msg("kept"), 1, Some(10_000)).unwrap();
+            q.try_push(msg("forever"), 1, None).unwrap();
+        }
+        let store = open(&dir, SyncPolicy::Os);
+        let q = store.queue("x", 10, false);
+        let gone = q.expire(500);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].msg.body, b"old");
+        assert_eq!(q.len(), 2);
+        assert_eq!(q.expire(10_000).len(), 1);
+        assert_eq!(q.pop(i64::MAX).item.unwrap().msg.body, b"forever");
+        drop((q, store));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_write_fjall_would_stall_is_refused_as_busy_until_the_buffer_is_flushed() {
+        // A 1 MiB write buffer: fjall would put the writer's thread to sleep once it is full.
+        let dir = temp();
+        let limit = 8 << 20;
+        let store = DurableStore::open(
+            &dir,
+            open_keyspace(&dir, Some(limit)).unwrap(),
+            SyncPolicy::Os,
+            Some(limit),
+            Overflow::RejectNew,
+        )
+        .unwrap();
+        let q = store.queue("w", 1000, false);
+        let body = "w".repeat(64 * 1024);
+        let mut busy = false;
+        for _ in 0..64 {
+            match q.try_push(msg(&body), 1, None) {
+                Ok(_) => {}
+                Err(QueueError::StoreBusy) => {
+                    busy = true;
+                    break;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(busy, "the full write buffer was never reported");
+        // fjall flushes the buffer in the background; then writes go in again.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while q.try_push(msg("after"), 1, None).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the store stayed busy"
+            );
+            std::thread::yield_now();
+        }
         drop((q, store));
         let _ = std::fs::remove_dir_all(dir);
     }

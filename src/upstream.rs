@@ -44,7 +44,7 @@ use crate::{
     hub::HubCore,
     identity::{Identity, Key, ModuleId},
     metrics as m,
-    queue::Endpoint,
+    queue::{Endpoint, Unwritten},
     sas::{make_token, now_secs, resource_for},
 };
 
@@ -777,9 +777,15 @@ fn upstream_endpoint(core: &HubCore) -> Option<Arc<Endpoint>> {
         .cloned()
 }
 
+/// How long the telemetry pump waits, when its links end, for the outcomes of messages in flight.
+const DRAIN_WAIT: Duration = Duration::from_secs(5);
+
 /// Drains the `$upstream` queue onto each origin's events link: up to `window` transfers in
 /// flight; a message leaves the queue only when the parent accepts it (or rejects it as
-/// invalid, which is counted and logged).
+/// invalid, which is counted and logged). Acknowledgements whose removals are not written out
+/// yet count against the window (see [`Unwritten`]), so a crash of the hub sends at most
+/// `window` messages again; outcomes that arrived before the links end still count, and the
+/// removals are written out when it ends.
 async fn telemetry(
     core: Arc<HubCore>,
     mut senders: HashMap<String, Sender>,
@@ -793,6 +799,8 @@ async fn telemetry(
     let mut first = true;
     let mut sent_metrics = m::SentCache::default();
     let mut failure: Option<String> = None;
+    let mut unwritten = Unwritten::default();
+    let write_at = (window / 4).max(1);
     'outer: loop {
         let Some(ep) = upstream_endpoint(&core) else {
             // No route feeds `$upstream` (yet): look again after a reload.
@@ -804,7 +812,8 @@ async fn telemetry(
         let notified = ep.ready.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        while in_flight.len() < window {
+        let room = window.saturating_sub(unwritten.count());
+        while in_flight.len() < room {
             let Some(q) = ep.pop() else { break };
             let Some(tx) = senders.get_mut(&key(&q.msg.from)) else {
                 tracing::error!(origin = %q.msg.from, "message for upstream dropped: its origin is not carried upstream (not this hub's, or refused by the parent)");
@@ -837,48 +846,101 @@ async fn telemetry(
         tokio::select! {
             _ = dead.cancelled() => break,
             _ = &mut notified => {}
-            Some((k, q, started, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                let Some((ep, seq)) = outstanding.remove(&k) else { continue };
-                match result {
-                    Ok(Outcome::Accepted(_)) => {
-                        ep.ack(seq);
-                        sent_metrics.record(&q.msg, "upstream", "", q.priority, started.elapsed().as_secs_f64());
-                        if first {
-                            first = false;
-                            info!(
-                                after_ms = connected_at.elapsed().as_millis() as u64,
-                                "upstream: first message forwarded after connecting"
-                            );
-                        }
-                    }
-                    Ok(Outcome::Rejected(r)) => {
-                        ep.ack(seq);
-                        let why = r.error.map(|e| format!("{:?}: {}", e.condition, e.description.unwrap_or_default())).unwrap_or_default();
-                        warn!(origin = %q.msg.from, "the parent rejected a message as invalid; dropped: {why}");
-                        m::dropped(m::DROP_UPSTREAM_REJECTED, &q.msg);
-                    }
-                    Ok(_) => {
-                        ep.release(seq);
-                        m::retry(&q.msg.from.to_string(), "send_event");
-                    }
-                    Err(e) => {
-                        ep.release(seq);
-                        m::retry(&q.msg.from.to_string(), "send_event");
-                        failure = Some(format!("delivery upstream failed: {e}"));
-                        break;
-                    }
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                if let Err(f) = settle_upstream(done, &mut outstanding, &mut unwritten, &mut sent_metrics, &mut first, connected_at) {
+                    failure = Some(f);
+                    break;
+                }
+                if unwritten.count() >= write_at {
+                    unwritten.write().await;
                 }
             }
         }
     }
-    drop(in_flight);
+    // Every delivery in flight ends once the session has handled what the parent sent before
+    // the links (or the connection) ended: outcomes sent just before the end are applied.
+    drop(senders);
+    let draining = async {
+        while let Some(done) = in_flight.next().await {
+            let _ = settle_upstream(
+                done,
+                &mut outstanding,
+                &mut unwritten,
+                &mut sent_metrics,
+                &mut first,
+                connected_at,
+            );
+        }
+    };
+    if tokio::time::timeout(DRAIN_WAIT, draining).await.is_err() {
+        debug!("upstream: outcomes of messages in flight did not come in time");
+    }
     for (_, (ep, seq)) in outstanding.drain() {
         ep.release(seq);
     }
+    unwritten.write().await;
     match failure {
         Some(f) => Err(f),
         None => Ok(()),
     }
+}
+
+/// The parent's outcome for one message: (key, message, when it was sent, outcome).
+type UpstreamOutcome = (
+    u64,
+    crate::queue::Queued,
+    Instant,
+    Result<Outcome, fe2o3_amqp::link::SendError>,
+);
+
+/// Applies the parent's outcome: accepted or rejected messages leave the queue, others go back.
+/// An error when the delivery failed (the message goes back).
+fn settle_upstream(
+    (k, q, started, result): UpstreamOutcome,
+    outstanding: &mut HashMap<u64, (Arc<Endpoint>, u64)>,
+    unwritten: &mut Unwritten,
+    sent_metrics: &mut m::SentCache,
+    first: &mut bool,
+    connected_at: Instant,
+) -> Result<(), String> {
+    let Some((ep, seq)) = outstanding.remove(&k) else {
+        return Ok(());
+    };
+    match result {
+        Ok(Outcome::Accepted(_)) => {
+            unwritten.ack(&ep, seq);
+            let elapsed = started.elapsed().as_secs_f64();
+            sent_metrics.record(&q.msg, "upstream", "", q.priority, elapsed);
+            if std::mem::take(first) {
+                info!(
+                    after_ms = connected_at.elapsed().as_millis() as u64,
+                    "upstream: first message forwarded after connecting"
+                );
+            }
+        }
+        Ok(Outcome::Rejected(r)) => {
+            unwritten.ack(&ep, seq);
+            let why = r
+                .error
+                .map(|e| {
+                    let text = e.description.unwrap_or_default();
+                    format!("{:?}: {text}", e.condition)
+                })
+                .unwrap_or_default();
+            warn!(origin = %q.msg.from, "the parent rejected a message as invalid; dropped: {why}");
+            m::dropped(m::DROP_UPSTREAM_REJECTED, &q.msg);
+        }
+        Ok(_) => {
+            ep.release(seq);
+            m::retry(&q.msg.from.to_string(), "send_event");
+        }
+        Err(e) => {
+            ep.release(seq);
+            m::retry(&q.msg.from.to_string(), "send_event");
+            return Err(format!("delivery upstream failed: {e}"));
+        }
+    }
+    Ok(())
 }
 
 /// One identity's twin links upstream.

@@ -20,10 +20,10 @@ use super::{amqp_error, cbs, clip, custom_condition, refuse, ConnState, CLOSE_WA
 use crate::{
     address::LinkKind,
     hub::HubCore,
-    identity::Identity,
+    identity::{Identity, ModuleId},
     message::Message,
     metrics as m,
-    queue::{Endpoint, QueueError},
+    queue::{Endpoint, QueueError, Unwritten},
     sas::now_secs,
     store::StoreError,
 };
@@ -32,6 +32,9 @@ use crate::{
 const PUSH_WAIT: Duration = Duration::from_secs(30);
 /// Bound on one hub-to-client transfer waiting for link credit.
 const SEND_WAIT: Duration = Duration::from_secs(60);
+/// How long an input link that ends waits for the outcomes of its deliveries in flight (they
+/// come before the end of the link or of its session, which a silent peer may hold back).
+const DRAIN_WAIT: Duration = Duration::from_secs(5);
 /// Deliveries that start a group commit without waiting for the end of their burst.
 const ACCEPT_BATCH: usize = 64;
 
@@ -534,6 +537,12 @@ fn next_message(
 /// Delivers a module's inputs: up to `delivery_window` unsettled transfers in flight; accepted
 /// or rejected messages leave the queue, released or modified ones go back to their place; when
 /// the link ends every message still in flight goes back to its queue.
+///
+/// An acknowledgement whose removal is not yet written out counts against the window too (see
+/// [`Unwritten`]): after a crash of the hub at most `delivery_window` messages of this link
+/// come again. When the link ends, outcomes that arrived before its end still count (a client
+/// that settles and closes at once must not get those messages again) and the removals are
+/// written out.
 async fn module_inputs(mut tx: Sender, id: Identity, core: Arc<HubCore>, cancel: LinkStop) {
     let Some(module) = id.module().cloned() else {
         return;
@@ -544,8 +553,11 @@ async fn module_inputs(mut tx: Sender, id: Identity, core: Arc<HubCore>, cancel:
     let (mut endpoints, ready) = router.module_inputs(&module);
     drop(router);
     let window = core.settings.limits.delivery_window;
+    // Acknowledgements are written out once a quarter of the window waits for it.
+    let write_at = (window / 4).max(1);
     let mut cursor = 0;
     let mut outstanding: HashMap<u64, (Arc<Endpoint>, u64)> = HashMap::new();
+    let mut unwritten = Unwritten::default();
     let mut next_key = 0u64;
     let mut in_flight = FuturesUnordered::new();
     let mut stalled = false;
@@ -561,7 +573,8 @@ async fn module_inputs(mut tx: Sender, id: Identity, core: Arc<HubCore>, cancel:
             endpoints = router.module_inputs(&module).0;
         }
         drop(router);
-        while in_flight.len() < window {
+        let room = window.saturating_sub(unwritten.count());
+        while in_flight.len() < room {
             let Some((ep, q)) = next_message(&endpoints, &mut cursor) else {
                 break;
             };
@@ -596,38 +609,92 @@ async fn module_inputs(mut tx: Sender, id: Identity, core: Arc<HubCore>, cancel:
             _ = cancel.cancelled() => break,
             _ = tx.on_detach(), if in_flight.is_empty() => break,
             _ = &mut notified => {}
-            Some((key, q, input, started, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                let Some((ep, seq)) = outstanding.remove(&key) else { continue };
-                match result {
-                    Ok(Outcome::Accepted(_)) => {
-                        ep.ack(seq);
-                        sent_metrics.record(&q.msg, module.as_str(), &input, q.priority, started.elapsed().as_secs_f64());
-                    }
-                    Ok(Outcome::Rejected(_)) => {
-                        ep.ack(seq);
-                        m::dropped(m::DROP_REJECTED, &q.msg);
-                    }
-                    Ok(_) => ep.release(seq),
-                    Err(e) => {
-                        debug!(error = ?e, "input delivery failed");
-                        ep.release(seq);
-                        break;
-                    }
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                if !settle_input(done, &mut outstanding, &mut unwritten, &mut sent_metrics, &module) {
+                    break;
+                }
+                if unwritten.count() >= write_at {
+                    unwritten.write().await;
                 }
             }
         }
     }
-    drop(in_flight);
+    // Every delivery still in flight ends once the session has handled what the module sent
+    // before the link (or its session) ended: with the module's outcome, or with an error when
+    // the link is gone. So outcomes sent just before a close are applied, not lost.
+    let closing = async {
+        if stalled {
+            let why = "the module granted no credit";
+            let _ = tx
+                .close_with_error(amqp_error(custom_condition("com.microsoft:timeout"), why))
+                .await;
+        } else {
+            close_sender(tx, &cancel).await;
+        }
+    };
+    let draining = async {
+        while let Some(done) = in_flight.next().await {
+            settle_input(
+                done,
+                &mut outstanding,
+                &mut unwritten,
+                &mut sent_metrics,
+                &module,
+            );
+        }
+    };
+    if tokio::time::timeout(DRAIN_WAIT, futures_util::future::join(closing, draining))
+        .await
+        .is_err()
+    {
+        debug!("the module's input link did not end in time");
+    }
     for (_, (ep, seq)) in outstanding.drain() {
         ep.release(seq);
     }
-    if stalled {
-        let why = "the module granted no credit";
-        bounded(tx.close_with_error(amqp_error(custom_condition("com.microsoft:timeout"), why)))
-            .await;
-    } else {
-        close_sender(tx, &cancel).await;
+    unwritten.write().await;
+}
+
+/// A module's outcome for one delivery: (key, message, input, when it was sent, outcome).
+type InputOutcome = (
+    u64,
+    crate::queue::Queued,
+    String,
+    std::time::Instant,
+    Result<Outcome, fe2o3_amqp::link::SendError>,
+);
+
+/// Applies a module's outcome: accepted or rejected messages leave their queue, released or
+/// modified ones go back. `false` when the delivery failed (the link is gone; the message goes
+/// back).
+fn settle_input(
+    (key, q, input, started, result): InputOutcome,
+    outstanding: &mut HashMap<u64, (Arc<Endpoint>, u64)>,
+    unwritten: &mut Unwritten,
+    sent_metrics: &mut m::SentCache,
+    module: &ModuleId,
+) -> bool {
+    let Some((ep, seq)) = outstanding.remove(&key) else {
+        return true;
+    };
+    match result {
+        Ok(Outcome::Accepted(_)) => {
+            unwritten.ack(&ep, seq);
+            let elapsed = started.elapsed().as_secs_f64();
+            sent_metrics.record(&q.msg, module.as_str(), &input, q.priority, elapsed);
+        }
+        Ok(Outcome::Rejected(_)) => {
+            unwritten.ack(&ep, seq);
+            m::dropped(m::DROP_REJECTED, &q.msg);
+        }
+        Ok(_) => ep.release(seq),
+        Err(e) => {
+            debug!(error = ?e, "input delivery failed");
+            ep.release(seq);
+            return false;
+        }
     }
+    true
 }
 
 async fn idle_sender(mut tx: Sender, cancel: LinkStop) {
