@@ -765,12 +765,6 @@ impl Guard {
         if self.protocol != Some(0) {
             return out;
         }
-        let mut frame = |performative: &[u8]| {
-            let size = 8 + performative.len();
-            out.extend_from_slice(&(size as u32).to_be_bytes());
-            out.extend_from_slice(&[2, 0, 0, 0]);
-            out.extend_from_slice(performative);
-        };
         if !open_sent {
             let open = Open {
                 container_id: "edgehub".into(),
@@ -785,7 +779,7 @@ impl Guard {
                 properties: None,
             };
             if let Ok(p) = serde_amqp::to_vec(&open) {
-                frame(&p);
+                amqp_frame(0, &p, &mut out);
             }
         }
         let close = Close {
@@ -796,7 +790,7 @@ impl Guard {
             )),
         };
         if let Ok(p) = serde_amqp::to_vec(&close) {
-            frame(&p);
+            amqp_frame(0, &p, &mut out);
         }
         if !header_sent {
             out.splice(0..0, b"AMQP\x00\x01\x00\x00".iter().copied());
