@@ -20,8 +20,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::{
-    identity::{Identity, Key},
-    sas::{make_token, now_secs, resource_for},
+    model::identity::{Identity, Key},
+    model::sas::{make_token, now_secs, resource_for},
 };
 
 #[derive(Debug, thiserror::Error)]

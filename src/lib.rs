@@ -14,27 +14,15 @@
 //!
 //! `docs/ARCHITECTURE.md` shows the tasks, channels and the path of a message.
 
-pub mod address;
-pub mod amqp;
-pub mod api;
-pub mod auth;
-pub mod check;
+pub mod app;
 pub mod client;
-pub mod condition;
 pub mod config;
-pub mod http;
-pub mod hub;
-pub mod identity;
-pub mod message;
-pub mod methods;
+pub mod core;
 pub mod metrics;
-pub mod queue;
-pub mod route;
-pub mod router;
-pub mod sas;
+pub mod model;
+pub mod ops;
+pub mod routing;
+pub mod servers;
 pub mod store;
-pub mod tls;
-pub mod twins;
-pub mod upstream;
 
-pub use hub::Hub;
+pub use app::Hub;

@@ -12,7 +12,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::message::Message;
+use crate::model::message::Message;
 
 pub const MESSAGES_RECEIVED: &str = "edgehub_messages_received_total";
 pub const MESSAGES_SENT: &str = "edgehub_messages_sent_total";
@@ -247,7 +247,12 @@ impl ReceivedCache {
     }
 }
 
-type SentKey = (crate::identity::Identity, Option<String>, String, u32);
+type SentKey = (
+    crate::model::identity::Identity,
+    Option<String>,
+    String,
+    u32,
+);
 
 /// Per-link cache of the handles `sent` records into.
 #[derive(Default)]
@@ -290,7 +295,7 @@ impl SentCache {
             sent.increment(1);
             bytes.increment(msg.body.len() as u64);
             send_d.record(send_secs);
-            let waited = (crate::message::now_ms() - msg.enqueued_ms).max(0) as f64 / 1000.0;
+            let waited = (crate::model::message::now_ms() - msg.enqueued_ms).max(0) as f64 / 1000.0;
             proc_d.record(waited);
         }
     }

@@ -18,8 +18,8 @@ use std::collections::HashMap;
 
 use crate::{
     config::Settings,
-    identity::{DeviceId, Identity, Key, KeyPair, KeySlot, ModuleId},
-    sas::{SasError, SasToken},
+    model::identity::{DeviceId, Identity, Key, KeyPair, KeySlot, ModuleId},
+    model::sas::{SasError, SasToken},
 };
 
 /// The known identities and their keys, and the service policies.
@@ -167,9 +167,9 @@ impl Authenticator {
         };
         // The SDKs send the audience URL-encoded (Node) or plain (C#); only its ids matter,
         // the signed host is the token's.
-        let target = crate::sas::url_decode(audience)
+        let target = crate::model::sas::url_decode(audience)
             .ok()
-            .and_then(|a| crate::sas::parse_resource(&a).ok())
+            .and_then(|a| crate::model::sas::parse_resource(&a).ok())
             .map(|(_, target)| target);
         let Some(target) = target else {
             return Ok((id, expiry));
@@ -266,7 +266,7 @@ impl Authenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sas::make_token;
+    use crate::model::sas::make_token;
     use std::collections::HashMap as Env;
 
     const HUB: &str = "hub.example.net";
@@ -314,7 +314,7 @@ mod tests {
 
     fn token(identity: &str, k: &Key, expiry: u64) -> String {
         make_token(
-            &crate::sas::resource_for(HUB, &id(identity)),
+            &crate::model::sas::resource_for(HUB, &id(identity)),
             k,
             expiry,
             None,

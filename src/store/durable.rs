@@ -98,9 +98,9 @@ use fe2o3_amqp::types::messaging::Properties;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::{
-    identity::{DeviceId, Identity, ModuleId},
-    message::Message,
-    queue::{take_next, Popped, QueueError, QueueStore, Queued},
+    model::identity::{DeviceId, Identity, ModuleId},
+    model::message::Message,
+    store::queue::{take_next, Popped, QueueError, QueueStore, Queued},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -298,7 +298,7 @@ fn decode_record(id: u64, bytes: &[u8]) -> Result<Message, StoreError> {
     }
     let has = |flag: u8| flags & flag != 0;
     let enqueued_ms = i64::from_be_bytes(r.array()?);
-    let bad = |e: crate::identity::IdError| StoreError::Corrupt(id, e.to_string());
+    let bad = |e: crate::model::identity::IdError| StoreError::Corrupt(id, e.to_string());
     let device = DeviceId::parse(r.text()?).map_err(bad)?;
     let from = if has(HAS_MODULE) {
         Identity::Module(device, ModuleId::parse(r.text()?).map_err(bad)?)
@@ -729,7 +729,7 @@ impl DurableStore {
             }
             batch.commit().map_err(fj)?;
         }
-        crate::message::seed_ids(max_id + 1);
+        crate::model::message::seed_ids(max_id + 1);
         let removals = Removals {
             batch: fjall::Batch::with_capacity(keyspace.clone(), REMOVAL_BATCH + 1),
             last: 0,
@@ -1649,7 +1649,7 @@ pub fn open_keyspace(dir: &Path, cap: Option<u64>) -> Result<fjall::Keyspace, St
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{identity::DeviceId, queue::tests::conformance};
+    use crate::{model::identity::DeviceId, store::queue::tests::conformance};
     use fe2o3_amqp::types::{
         messaging::annotations::OwnedKey,
         primitives::{SimpleValue, Symbol, Value},
@@ -1686,7 +1686,7 @@ mod tests {
             output: Some("o".into()),
             enqueued_ms: 5,
             twin_change: false,
-            id: crate::message::next_id(),
+            id: crate::model::message::next_id(),
         })
     }
 
@@ -2039,7 +2039,7 @@ mod tests {
         );
         assert!(q1.pop(0).item.is_none());
         // New ids never collide with stored ones.
-        assert!(crate::message::next_id() > a.id.max(b.id).max(c.id));
+        assert!(crate::model::message::next_id() > a.id.max(b.id).max(c.id));
         // The recovered shared record goes with its last pointer, the inline one with its entry.
         for i in &items {
             q1.ack(i.seq);

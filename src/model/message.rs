@@ -18,7 +18,7 @@ use fe2o3_amqp::types::{
 };
 use serde_amqp::primitives::OrderedMap;
 
-use crate::identity::Identity;
+use crate::model::identity::Identity;
 
 /// Application property that carries a module's output name.
 pub const OUTPUT_NAME_PROPERTY: &str = "iothub-outputname";
@@ -365,9 +365,9 @@ fn message_id_text(id: &MessageId) -> String {
     }
 }
 
-impl crate::condition::MessageView for RoutingView<'_> {
-    fn app_property(&self, name: &str) -> Option<crate::condition::Value> {
-        use crate::condition::Value as V;
+impl crate::routing::condition::MessageView for RoutingView<'_> {
+    fn app_property(&self, name: &str) -> Option<crate::routing::condition::Value> {
+        use crate::routing::condition::Value as V;
         self.msg
             .application_properties
             .iter()
@@ -380,8 +380,8 @@ impl crate::condition::MessageView for RoutingView<'_> {
             })
     }
 
-    fn system_property(&self, name: &str) -> Option<crate::condition::Value> {
-        use crate::condition::Value as V;
+    fn system_property(&self, name: &str) -> Option<crate::routing::condition::Value> {
+        use crate::routing::condition::Value as V;
         let p = self.msg.properties.as_ref();
         let s = |v: Option<String>| v.map(V::String);
         const NAMES: &[&str] = &[
@@ -435,8 +435,8 @@ impl crate::condition::MessageView for RoutingView<'_> {
         self.text()
     }
 
-    fn system_property_ref(&self, name: &str) -> Option<crate::condition::Prop<'_>> {
-        use crate::condition::Prop;
+    fn system_property_ref(&self, name: &str) -> Option<crate::routing::condition::Prop<'_>> {
+        use crate::routing::condition::Prop;
         use std::borrow::Cow::Borrowed;
         // The common ones without a copy; the rest through `system_property`.
         let p = self.msg.properties.as_ref();
@@ -467,8 +467,8 @@ impl crate::condition::MessageView for RoutingView<'_> {
         self.system_property(name).map(Prop::from)
     }
 
-    fn app_property_ref(&self, name: &str) -> Option<crate::condition::Prop<'_>> {
-        use crate::condition::Prop;
+    fn app_property_ref(&self, name: &str) -> Option<crate::routing::condition::Prop<'_>> {
+        use crate::routing::condition::Prop;
         self.msg
             .application_properties
             .iter()
@@ -516,7 +516,7 @@ fn rfc3339(t: std::time::SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{DeviceId, ModuleId};
+    use crate::model::identity::{DeviceId, ModuleId};
 
     fn module(m: &str) -> Identity {
         Identity::Module(DeviceId::parse("d1").unwrap(), ModuleId::parse(m).unwrap())
@@ -631,7 +631,7 @@ mod tests {
 
     #[test]
     fn routing_view_offers_the_body_text_its_json_comes_from() {
-        use crate::condition::{ConditionSet, MessageView, Value as C};
+        use crate::routing::condition::{ConditionSet, MessageView, Value as C};
         let with = |content_type: &str, encoding: &str, body: Vec<u8>| Message {
             body,
             properties: Some(Properties {
@@ -650,8 +650,8 @@ mod tests {
         let text = "\u{feff}{\"t\": 5, \"s\": \"é\", \"o\": {\"k\": 5}}";
         let utf16: Vec<u8> = text.encode_utf16().flat_map(u16::to_le_bytes).collect();
         let conditions = [
-            crate::condition::Condition::parse("$body.t = 5 AND $body.s = 'é'").unwrap(),
-            crate::condition::Condition::parse("$body.o.* = 5").unwrap(),
+            crate::routing::condition::Condition::parse("$body.t = 5 AND $body.s = 'é'").unwrap(),
+            crate::routing::condition::Condition::parse("$body.o.* = 5").unwrap(),
         ];
         let set = ConditionSet::new(&conditions.iter().collect::<Vec<_>>());
         for (m, readable) in [

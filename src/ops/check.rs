@@ -106,7 +106,7 @@ fn upstream(s: &Settings) -> Outcome {
     };
     let target = format!("{}:{}", up.hostname, up.port);
     let what = |m: &str| format!("upstream {target}: {m}");
-    let roots = match crate::upstream::tls_roots(up) {
+    let roots = match crate::servers::upstream::tls_roots(up) {
         Ok(r) => r,
         Err(e) => {
             return error(

@@ -20,7 +20,7 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::{message::Message, metrics as m};
+use crate::{metrics as m, model::message::Message};
 
 /// A queued message as a consumer sees it.
 #[derive(Debug, Clone)]
@@ -341,7 +341,7 @@ impl Endpoint {
 
     /// Takes the next deliverable message, counting the expired ones it skipped.
     pub fn pop(&self) -> Option<Queued> {
-        let popped = self.store.pop(crate::message::now_ms());
+        let popped = self.store.pop(crate::model::message::now_ms());
         if !popped.expired.is_empty() {
             for q in &popped.expired {
                 m::dropped(m::DROP_TTL, &q.msg);
@@ -354,7 +354,7 @@ impl Endpoint {
     /// Drops what has expired (counted as `ttl_expiry`), so expired messages leave the queue
     /// promptly even behind messages that live longer. Blocking (see [`QueueStore::expire`]).
     pub fn expire_now(&self) {
-        let expired = self.store.expire(crate::message::now_ms());
+        let expired = self.store.expire(crate::model::message::now_ms());
         if !expired.is_empty() {
             for q in &expired {
                 m::dropped(m::DROP_TTL, &q.msg);
@@ -432,7 +432,7 @@ impl Unwritten {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::identity::{DeviceId, Identity};
+    use crate::model::identity::{DeviceId, Identity};
 
     fn msg() -> Arc<Message> {
         Arc::new(Message {
@@ -444,7 +444,7 @@ pub(crate) mod tests {
             output: None,
             enqueued_ms: 0,
             twin_change: false,
-            id: crate::message::next_id(),
+            id: crate::model::message::next_id(),
         })
     }
 

@@ -11,7 +11,7 @@ use fe2o3_amqp::types::{
 };
 use serde_amqp::primitives::OrderedMap;
 
-use crate::{auth::Authenticator, identity::Identity, sas::SasError};
+use crate::{core::auth::Authenticator, model::identity::Identity, model::sas::SasError};
 
 /// Token types the SDKs send: Node and C use the Service Bus name, C# the IoT Hub one.
 const TOKEN_TYPES: &[&str] = &[
@@ -92,7 +92,7 @@ pub fn handle(m: &Message<Body<Value>>, auth: &Authenticator, now_secs: u64) -> 
             } else {
                 401
             };
-            let refused_id = crate::sas::SasToken::parse(&token)
+            let refused_id = crate::model::sas::SasToken::parse(&token)
                 .ok()
                 .and_then(|t| t.audience().ok())
                 .map(|(_, id)| id.to_string());
@@ -136,7 +136,7 @@ pub fn response(reply: &CbsReply) -> Message<Body<Value>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{DeviceId, KeySlot, ModuleId};
+    use crate::model::identity::{DeviceId, KeySlot, ModuleId};
 
     fn request(name: &str, token: &str) -> Message<Body<Value>> {
         let mut app = OrderedMap::new();
@@ -165,7 +165,7 @@ mod tests {
             "listen": {"amqps": "127.0.0.1:0"}, "dataDir": "d", "devices": {"child": {"edge": true}},
             "$edgeHub": {"schemaVersion": "1.1", "routes": {}, "storeAndForwardConfiguration": {}}}"#;
         let settings = crate::config::from_str(text, &Default::default()).unwrap();
-        let parent_key = crate::identity::Key::from_base64(&{
+        let parent_key = crate::model::identity::Key::from_base64(&{
             use base64::Engine;
             base64::engine::general_purpose::STANDARD.encode([3u8; 32])
         })
@@ -179,7 +179,7 @@ mod tests {
                 &ModuleId::parse("$edgeHub").unwrap(),
                 KeySlot::Primary,
             );
-        let token = crate::sas::make_token(
+        let token = crate::model::sas::make_token(
             "hub.example.net/devices/child/modules/$edgeHub",
             &edge_hub_key,
             4_000_000_000,

@@ -18,14 +18,14 @@ use tracing::{debug, warn};
 
 use super::{amqp_error, cbs, clip, custom_condition, refuse, ConnState, CLOSE_WAIT};
 use crate::{
-    address::LinkKind,
-    hub::HubCore,
-    identity::{Identity, ModuleId},
-    message::Message,
+    app::HubCore,
     metrics as m,
-    queue::{Endpoint, QueueError, Unwritten},
-    sas::now_secs,
-    store::StoreError,
+    model::address::LinkKind,
+    model::identity::{Identity, ModuleId},
+    model::message::Message,
+    model::sas::now_secs,
+    store::durable::StoreError,
+    store::queue::{Endpoint, QueueError, Unwritten},
 };
 
 /// How long a sender waits for room in a full queue before its message is refused.
@@ -39,7 +39,7 @@ const DRAIN_WAIT: Duration = Duration::from_secs(5);
 const ACCEPT_BATCH: usize = 64;
 
 /// A twin response link's registration with the twin store: its generation and its queue.
-pub(super) type TwinSlot = (u64, crate::twins::TwinLinkRx);
+pub(super) type TwinSlot = (u64, crate::core::twins::TwinLinkRx);
 
 pub(super) async fn run(
     link: LinkEndpoint,
@@ -512,7 +512,7 @@ pub(crate) async fn enqueue(core: &HubCore, msg: &Arc<Message>) -> Result<usize,
 fn next_message(
     endpoints: &[Arc<Endpoint>],
     cursor: &mut usize,
-) -> Option<(Arc<Endpoint>, crate::queue::Queued)> {
+) -> Option<(Arc<Endpoint>, crate::store::queue::Queued)> {
     let n = endpoints.len();
     let best = endpoints
         .iter()
@@ -658,7 +658,7 @@ async fn module_inputs(mut tx: Sender, id: Identity, core: Arc<HubCore>, cancel:
 /// A module's outcome for one delivery: (key, message, input, when it was sent, outcome).
 type InputOutcome = (
     u64,
-    crate::queue::Queued,
+    crate::store::queue::Queued,
     String,
     std::time::Instant,
     Result<Outcome, fe2o3_amqp::link::SendError>,
@@ -739,7 +739,7 @@ async fn method_requests(mut tx: Sender, id: Identity, core: Arc<HubCore>, cance
 }
 
 fn method_request_message(
-    call: &crate::methods::MethodCall,
+    call: &crate::core::methods::MethodCall,
 ) -> fe2o3_amqp::types::messaging::Message<Body<Value>> {
     use fe2o3_amqp::types::messaging::{
         ApplicationProperties, Data, Message as AmqpMessage, MessageId, Properties,
@@ -834,7 +834,7 @@ async fn method_responses(mut rx: Receiver, id: Identity, core: Arc<HubCore>, ca
                 let answered = core.methods.respond(
                     &id,
                     &cid,
-                    crate::methods::MethodResponse { status, payload },
+                    crate::core::methods::MethodResponse { status, payload },
                 );
                 if !answered {
                     debug!(correlation_id = %clip(&cid), "method response for no waiting call (late or unknown)");
@@ -854,7 +854,7 @@ async fn twin_responses(
     cancel: LinkStop,
     (generation, mut out): TwinSlot,
 ) {
-    use crate::twins::TwinOut;
+    use crate::core::twins::TwinOut;
     use fe2o3_amqp::types::messaging::{
         Data, Message as AmqpMessage, MessageAnnotations, Properties,
     };
@@ -960,7 +960,7 @@ const TWIN_LINK_WAIT: Duration = Duration::from_secs(5);
 /// Serves twin requests: GET, PATCH of reported properties, PUT/DELETE of the desired-property
 /// subscription. Answers go to the identity's twin response link.
 async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cancel: LinkStop) {
-    use crate::twins::TwinOut;
+    use crate::core::twins::TwinOut;
     let error_body = |m: String| serde_json::json!({ "message": m }).to_string().into_bytes();
     let label = id.to_string();
     loop {
@@ -1033,7 +1033,7 @@ async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cance
                                 }
                                 (204, Vec::new(), Some(version))
                             }
-                            Err(e @ crate::twins::TwinError::Invalid(_)) => {
+                            Err(e @ crate::core::twins::TwinError::Invalid(_)) => {
                                 (400, error_body(e.to_string()), None)
                             }
                             Err(e) => {

@@ -4,6 +4,8 @@
 //! loops that back off when accepting fails; the API also bounds each request body's size and
 //! the time it may take to arrive.
 
+pub mod api;
+
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
@@ -164,7 +166,7 @@ pub async fn serve_metrics(
 pub async fn serve_https(
     listener: TcpListener,
     tls: tokio_rustls::TlsAcceptor,
-    core: Arc<crate::hub::HubCore>,
+    core: Arc<crate::app::HubCore>,
     shutdown: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
@@ -200,7 +202,7 @@ pub async fn serve_https(
             };
             let svc = service_fn(move |req| {
                 let core = core.clone();
-                async move { Ok::<_, Infallible>(crate::api::handle(req, &core).await) }
+                async move { Ok::<_, Infallible>(crate::servers::http::api::handle(req, &core).await) }
             });
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);

@@ -40,12 +40,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
+    app::HubCore,
     config::UpstreamSettings,
-    hub::HubCore,
-    identity::{Identity, Key, ModuleId},
     metrics as m,
-    queue::{Endpoint, Unwritten},
-    sas::{make_token, now_secs, resource_for},
+    model::identity::{Identity, Key, ModuleId},
+    model::sas::{make_token, now_secs, resource_for},
+    store::queue::{Endpoint, Unwritten},
 };
 
 /// Default lifetime of the tokens put upstream (`upstream.tokenLifetimeSecs`); they are renewed
@@ -78,7 +78,7 @@ type PendingMap = HashMap<String, (Identity, Pending)>;
 
 /// The most a pending patch may hold, as JSON: twice a whole reported document (IoT Hub's
 /// 32 KB), room for a document's worth of changes and of deletions.
-pub const PENDING_MAX_BYTES: usize = 2 * crate::twins::MAX_DOCUMENT_BYTES;
+pub const PENDING_MAX_BYTES: usize = 2 * crate::core::twins::MAX_DOCUMENT_BYTES;
 
 /// What one identity has waiting for upstream.
 #[derive(Debug, Clone, PartialEq)]
@@ -191,7 +191,7 @@ impl Outbox {
 /// hub's: changed and new members, and `null` for members the parent has and this hub does
 /// not.
 fn resync_patch(parent: &Patch, here: &Patch) -> Patch {
-    crate::twins::diff(&strip_meta(parent.clone()), here)
+    crate::core::twins::diff(&strip_meta(parent.clone()), here)
 }
 
 /// The identities this hub carries upstream: its `$edgeHub`, every configured module, and every
@@ -228,7 +228,7 @@ pub struct UpstreamKeys {
 fn token_for(core: &HubCore, keys: &UpstreamKeys, id: &Identity) -> String {
     match id {
         Identity::Device(d) if *d != core.settings.device_id => {
-            let key = crate::auth::device_keys(&core.settings, &keys.device, d).primary;
+            let key = crate::core::auth::device_keys(&core.settings, &keys.device, d).primary;
             make_token(
                 &resource_for(&core.settings.iothub_hostname, id),
                 &key,
@@ -440,9 +440,9 @@ async fn connect_inner(
         .hostname(up.hostname.as_str())
         .max_frame_size(256 * 1024)
         // Keep-alives at half the parent's idle-time-out, as towards clients.
-        .open_with_stream(crate::amqp::tags::WideTags::new(
+        .open_with_stream(crate::servers::amqp::tags::WideTags::new(
             tls,
-            crate::amqp::tags::Limits::for_parent(256 * 1024),
+            crate::servers::amqp::tags::Limits::for_parent(256 * 1024),
         ))
         .await
         .map_err(|e| format!("AMQP open: {e}"))?;
@@ -539,8 +539,9 @@ async fn connect_inner(
 
 /// `/devices/{d}` or `/devices/{d}/modules/{m}`, ids percent-encoded.
 fn id_path(id: &Identity) -> String {
-    let enc =
-        |s: &str| percent_encoding::utf8_percent_encode(s, crate::sas::URI_COMPONENT).to_string();
+    let enc = |s: &str| {
+        percent_encoding::utf8_percent_encode(s, crate::model::sas::URI_COMPONENT).to_string()
+    };
     match id.module() {
         Some(m) => format!(
             "/devices/{}/modules/{}",
@@ -888,7 +889,7 @@ async fn telemetry(
 /// The parent's outcome for one message: (key, message, when it was sent, outcome).
 type UpstreamOutcome = (
     u64,
-    crate::queue::Queued,
+    crate::store::queue::Queued,
     Instant,
     Result<Outcome, fe2o3_amqp::link::SendError>,
 );
@@ -1108,7 +1109,7 @@ impl TwinLink {
         match next_desired(self.last_version, version, &patch) {
             Push::Apply(v) => {
                 let mut desired = core.twins.get(&self.id).desired;
-                crate::twins::merge(&mut desired, &strip_meta(patch));
+                crate::core::twins::merge(&mut desired, &strip_meta(patch));
                 self.apply(core, desired).await;
                 self.last_version = Some(v);
                 true
@@ -1271,7 +1272,7 @@ async fn methods(
                     let started = Instant::now();
                     let (status, body) = match core.methods.invoke(&target, &name, payload, METHOD_TIMEOUT, Duration::ZERO).await {
                         Ok(r) => (r.status, r.payload),
-                        Err(e @ crate::methods::MethodError::NotConnected(_)) => (404, error_json(&e.to_string())),
+                        Err(e @ crate::core::methods::MethodError::NotConnected(_)) => (404, error_json(&e.to_string())),
                         Err(e) => (504, error_json(&e.to_string())),
                     };
                     m::direct_method("upstream", &target.to_string(), started.elapsed().as_secs_f64());
@@ -1314,7 +1315,7 @@ mod tests {
 
     fn module(m: &str) -> Identity {
         Identity::Module(
-            crate::identity::DeviceId::parse("d").unwrap(),
+            crate::model::identity::DeviceId::parse("d").unwrap(),
             ModuleId::parse(m).unwrap(),
         )
     }

@@ -20,7 +20,7 @@ use std::{
 use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::identity::Identity;
+use crate::model::identity::Identity;
 
 /// A request on its way to a method link.
 #[derive(Debug)]
@@ -182,7 +182,7 @@ pub type SharedDispatcher = Arc<Dispatcher>;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{DeviceId, ModuleId};
+    use crate::model::identity::{DeviceId, ModuleId};
 
     fn module(m: &str) -> Identity {
         Identity::Module(DeviceId::parse("d").unwrap(), ModuleId::parse(m).unwrap())

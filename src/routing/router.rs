@@ -12,11 +12,11 @@ use std::{
 use tokio::sync::Notify;
 
 use crate::{
-    condition::ConditionSet,
-    identity::{DeviceId, ModuleId},
-    message::Message,
-    queue::{Endpoint, MemoryQueue, QueueStore},
-    route::{Route, Sink},
+    model::identity::{DeviceId, ModuleId},
+    model::message::Message,
+    routing::condition::ConditionSet,
+    routing::route::{Route, Sink},
+    store::queue::{Endpoint, MemoryQueue, QueueStore},
 };
 
 /// Where one message goes, and how.
@@ -216,7 +216,7 @@ impl Router {
     /// The endpoints a message goes to (deduplicated).
     pub fn route(&self, msg: &Message) -> Vec<Target> {
         let source = msg.source_path();
-        let view = crate::message::RoutingView::new(msg);
+        let view = crate::model::message::RoutingView::new(msg);
         let slots = self.conditions.slots(&view);
         // One scratch array for two tables: per distinct source prefix, 0 = not checked yet,
         // 1 = matches, 2 = does not; per sink, 0 = not taken, else 1 + the route that took it.
@@ -293,7 +293,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{identity::Identity, route::parse_statement};
+    use crate::{model::identity::Identity, routing::route::parse_statement};
 
     fn route(name: &str, text: &str, priority: u32, ttl: u32) -> Route {
         Route {
@@ -317,7 +317,7 @@ mod tests {
             output: output.map(str::to_owned),
             enqueued_ms: 1_000,
             twin_change: false,
-            id: crate::message::next_id(),
+            id: crate::model::message::next_id(),
         }
     }
 
@@ -388,7 +388,7 @@ mod tests {
 #[cfg(test)]
 mod model {
     use super::*;
-    use crate::{identity::Identity, route::parse_statement};
+    use crate::{model::identity::Identity, routing::route::parse_statement};
 
     /// A small deterministic generator (xorshift), so failures replay from the seed.
     struct Rng(u64);
@@ -479,7 +479,7 @@ mod model {
                     output: output.map(str::to_owned),
                     enqueued_ms: 0,
                     twin_change: twin,
-                    id: crate::message::next_id(),
+                    id: crate::model::message::next_id(),
                 };
                 let source = msg.source_path();
                 // Model: per sink, the best priority among matching routes and its TTL.
@@ -559,7 +559,7 @@ mod model {
     /// each route's condition alone, on a fresh view of the message.
     #[test]
     fn router_with_conditions_agrees_with_the_model() {
-        use crate::message::RoutingView;
+        use crate::model::message::RoutingView;
         use fe2o3_amqp::types::{
             messaging::Properties,
             primitives::{SimpleValue, Symbol},
@@ -624,7 +624,7 @@ mod model {
                     output: Some("o1".to_owned()),
                     enqueued_ms: 0,
                     twin_change: false,
-                    id: crate::message::next_id(),
+                    id: crate::model::message::next_id(),
                 };
                 let source = msg.source_path();
                 let mut want: BTreeMap<String, u32> = BTreeMap::new();

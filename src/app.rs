@@ -12,12 +12,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    auth::Authenticator,
     config::Settings,
-    identity::{Identity, Key},
+    core::auth::Authenticator,
     metrics as m,
-    router::Router,
-    tls,
+    model::identity::{Identity, Key},
+    ops::tls,
+    routing::router::Router,
 };
 
 /// State shared by every connection: settings, identities, routes and who is connected.
@@ -30,15 +30,15 @@ pub struct HubCore {
     /// Module → the cancel token of its current input link; a newer link replaces the older.
     input_links: DashMap<String, CancellationToken>,
     /// Direct-method links and calls in flight.
-    pub methods: crate::methods::Dispatcher,
+    pub methods: crate::core::methods::Dispatcher,
     /// Module twins and twin links.
-    pub twins: crate::twins::TwinStore,
+    pub twins: crate::core::twins::TwinStore,
     /// The durable message store, when `storage.persistent`.
-    pub store: Option<Arc<crate::store::DurableStore>>,
+    pub store: Option<Arc<crate::store::durable::DurableStore>>,
     /// Makes endpoint queues (in the store or in memory).
-    queues: Box<crate::router::QueueFactory>,
+    queues: Box<crate::routing::router::QueueFactory>,
     /// Reported patches waiting to go upstream (empty in standalone mode).
-    pub upstream: crate::upstream::Outbox,
+    pub upstream: crate::servers::upstream::Outbox,
     /// Client connection states not yet written to `$edgeHub`'s reported `clients`, by encoded
     /// client id: the newest state of each, so the map holds at most one entry per identity.
     /// Connects and disconnects (some inside the SASL exchange, which cannot wait) only record
@@ -51,35 +51,35 @@ impl HubCore {
     pub fn new(
         settings: Settings,
         device_key: &Key,
-        twins: crate::twins::TwinStore,
-        store: Option<Arc<crate::store::DurableStore>>,
+        twins: crate::core::twins::TwinStore,
+        store: Option<Arc<crate::store::durable::DurableStore>>,
     ) -> Self {
         let auth = Authenticator::new(&settings, device_key);
         let capacity = settings.limits.queue_capacity;
         let live = settings.storage.live_first.clone();
         let live_first =
-            move |id: &str| crate::router::sink_of(id).is_some_and(|s| live.contains(&s));
-        let queues: Box<crate::router::QueueFactory> = match &store {
+            move |id: &str| crate::routing::router::sink_of(id).is_some_and(|s| live.contains(&s));
+        let queues: Box<crate::routing::router::QueueFactory> = match &store {
             Some(s) => {
                 let s = s.clone();
                 Box::new(move |id: &str| {
                     Arc::new(s.queue(id, capacity, live_first(id)))
-                        as Arc<dyn crate::queue::QueueStore>
+                        as Arc<dyn crate::store::queue::QueueStore>
                 })
             }
             None => Box::new(move |id: &str| {
-                let q = crate::queue::MemoryQueue::new(capacity);
+                let q = crate::store::queue::MemoryQueue::new(capacity);
                 let q = if live_first(id) { q.live_first() } else { q };
-                Arc::new(q) as Arc<dyn crate::queue::QueueStore>
+                Arc::new(q) as Arc<dyn crate::store::queue::QueueStore>
             }),
         };
         // Queues that hold messages from before a restart exist even if no route feeds them.
-        let recovered: Vec<crate::route::Sink> = store
+        let recovered: Vec<crate::routing::route::Sink> = store
             .as_ref()
             .map(|s| {
                 s.recovered_endpoints()
                     .iter()
-                    .filter_map(|id| crate::router::sink_of(id))
+                    .filter_map(|id| crate::routing::router::sink_of(id))
                     .collect()
             })
             .unwrap_or_default();
@@ -90,14 +90,14 @@ impl HubCore {
             &*queues,
             &recovered,
         );
-        let upstream = crate::upstream::Outbox::new(settings.upstream.is_some());
+        let upstream = crate::servers::upstream::Outbox::new(settings.upstream.is_some());
         Self {
             settings,
             auth,
             router: RwLock::new(Arc::new(router)),
             clients: DashMap::new(),
             input_links: DashMap::new(),
-            methods: crate::methods::Dispatcher::default(),
+            methods: crate::core::methods::Dispatcher::default(),
             twins,
             upstream,
             store,
@@ -108,7 +108,7 @@ impl HubCore {
     }
 
     /// Makes every message queued so far durable (see `store`); a no-op in memory.
-    pub async fn sync(&self) -> Result<(), crate::store::StoreError> {
+    pub async fn sync(&self) -> Result<(), crate::store::durable::StoreError> {
         match &self.store {
             Some(s) => s.sync().await,
             None => Ok(()),
@@ -120,7 +120,7 @@ impl HubCore {
     pub async fn apply_desired(
         &self,
         modules: &std::collections::BTreeMap<
-            crate::identity::ModuleId,
+            crate::model::identity::ModuleId,
             crate::config::ModuleSettings,
         >,
     ) {
@@ -138,7 +138,11 @@ impl HubCore {
     }
 
     /// Swaps in new routes and TTL; queues and connections stay as they are.
-    pub fn reload_routes(&self, routes: Vec<crate::route::Route>, global_ttl_secs: Option<u64>) {
+    pub fn reload_routes(
+        &self,
+        routes: Vec<crate::routing::route::Route>,
+        global_ttl_secs: Option<u64>,
+    ) {
         let mut guard = self.router.write().unwrap_or_else(|p| p.into_inner());
         let next = Router::rebuild(
             &guard,
@@ -194,7 +198,7 @@ impl HubCore {
         {
             return;
         }
-        let now = crate::twins::utc_now();
+        let now = crate::core::twins::utc_now();
         let entry = match (connected, id.module().is_some()) {
             (true, _) => serde_json::json!({ "status": "Connected", "lastConnectedTimeUtc": now }),
             (false, true) => {
@@ -205,7 +209,7 @@ impl HubCore {
         self.client_reports
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(crate::twins::encode_key(&id.to_string()), entry);
+            .insert(crate::core::twins::encode_key(&id.to_string()), entry);
         self.client_reports_ready.notify_one();
     }
 
@@ -222,7 +226,7 @@ impl HubCore {
         if clients.is_empty() {
             return;
         }
-        let Ok(edge_hub) = crate::identity::ModuleId::parse("$edgeHub") else {
+        let Ok(edge_hub) = crate::model::identity::ModuleId::parse("$edgeHub") else {
             return;
         };
         let me = Identity::Module(self.settings.device_id.clone(), edge_hub);
@@ -305,9 +309,9 @@ pub enum StartError {
     #[error("device key: {0}")]
     DeviceKey(String),
     #[error("twins: {0}")]
-    Twins(#[from] crate::twins::TwinError),
+    Twins(#[from] crate::core::twins::TwinError),
     #[error("{0}")]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::store::durable::StoreError),
 }
 
 /// Reads the device key from the config, else from `dataDir/device.key`, creating it once.
@@ -405,10 +409,10 @@ impl Hub {
         };
 
         let store_dir = settings.data_dir.join("store");
-        let keyspace = crate::store::open_keyspace(&store_dir, settings.max_store_bytes)?;
-        let twins = crate::twins::TwinStore::with_keyspace(keyspace.clone())?;
+        let keyspace = crate::store::durable::open_keyspace(&store_dir, settings.max_store_bytes)?;
+        let twins = crate::core::twins::TwinStore::with_keyspace(keyspace.clone())?;
         let store = match settings.storage.persistent {
-            true => Some(crate::store::DurableStore::open(
+            true => Some(crate::store::durable::DurableStore::open(
                 &store_dir,
                 keyspace,
                 settings.storage.sync,
@@ -422,14 +426,14 @@ impl Hub {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let tls = TlsAcceptor::from(tls_config);
-        tasks.spawn(crate::amqp::serve(
+        tasks.spawn(crate::servers::amqp::serve(
             amqps,
             tls.clone(),
             core.clone(),
             shutdown.clone(),
         ));
         if let Some(l) = https {
-            tasks.spawn(crate::http::serve_https(
+            tasks.spawn(crate::servers::http::serve_https(
                 l,
                 tls,
                 core.clone(),
@@ -439,15 +443,15 @@ impl Hub {
         tasks.spawn(housekeeping(core.clone(), shutdown.clone()));
         if let Some(up) = core.settings.upstream.clone() {
             tasks.spawn(report_clients(core.clone(), shutdown.clone()));
-            let edge_hub = crate::identity::ModuleId::parse("$edgeHub")
+            let edge_hub = crate::model::identity::ModuleId::parse("$edgeHub")
                 .map_err(|e| StartError::DeviceKey(e.to_string()))?;
-            let keys = crate::upstream::UpstreamKeys {
+            let keys = crate::servers::upstream::UpstreamKeys {
                 edge_hub: up.edge_hub_key.clone().unwrap_or_else(|| {
-                    crate::auth::module_keys(&core.settings, &key, &edge_hub).primary
+                    crate::core::auth::module_keys(&core.settings, &key, &edge_hub).primary
                 }),
                 device: key.clone(),
             };
-            tasks.spawn(crate::upstream::run(
+            tasks.spawn(crate::servers::upstream::run(
                 core.clone(),
                 up,
                 keys,
@@ -456,13 +460,13 @@ impl Hub {
         }
         if let Some(l) = metrics {
             let c = core.clone();
-            let refresh: crate::http::Refresh = Arc::new(move || c.refresh_gauges());
+            let refresh: crate::servers::http::Refresh = Arc::new(move || c.refresh_gauges());
             let limits = &core.settings.limits;
-            let bounds = crate::http::Bounds {
+            let bounds = crate::servers::http::Bounds {
                 max_connections: limits.metrics_max_connections,
                 header_timeout: std::time::Duration::from_secs(limits.http_header_timeout_secs),
             };
-            tasks.spawn(crate::http::serve_metrics(
+            tasks.spawn(crate::servers::http::serve_metrics(
                 l,
                 handle,
                 shutdown.clone(),
@@ -471,7 +475,7 @@ impl Hub {
             ));
         }
         tasks.close();
-        crate::amqp::log_ready(amqps_addr);
+        crate::servers::amqp::log_ready(amqps_addr);
         info!(amqps = %amqps_addr, https = ?https_addr, metrics = ?metrics_addr, "edgehub ready");
         Ok(Self {
             amqps_addr,

@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use crate::{condition::Condition, identity::ModuleId};
+use crate::{model::identity::ModuleId, routing::condition::Condition};
 
 /// Priority of a route without one: lower than every explicit priority (0–9).
 pub const DEFAULT_PRIORITY: u32 = 2_000_000_000;

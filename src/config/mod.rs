@@ -17,8 +17,8 @@ use std::{
 use serde_json::{Map, Value};
 
 use crate::{
-    identity::{DeviceId, Key, KeyPair, ModuleId},
-    route::{parse_statement, Route, DEFAULT_PRIORITY},
+    model::identity::{DeviceId, Key, KeyPair, ModuleId},
+    routing::route::{parse_statement, Route, DEFAULT_PRIORITY},
 };
 
 /// Environment variables that override config keys, in the order they are applied.
@@ -158,19 +158,19 @@ impl Default for Limits {
 pub struct Storage {
     /// Queues in the store under `dataDir/store` (default) or in memory only.
     pub persistent: bool,
-    pub sync: crate::store::SyncPolicy,
+    pub sync: crate::store::durable::SyncPolicy,
     /// What happens when `storeLimits.maxSizeBytes` is reached.
-    pub overflow: crate::store::Overflow,
+    pub overflow: crate::store::durable::Overflow,
     /// Endpoints that serve fresh messages interleaved with their backlog.
-    pub live_first: Vec<crate::route::Sink>,
+    pub live_first: Vec<crate::routing::route::Sink>,
 }
 
 impl Default for Storage {
     fn default() -> Self {
         Self {
             persistent: true,
-            sync: crate::store::SyncPolicy::Commit,
-            overflow: crate::store::Overflow::RejectNew,
+            sync: crate::store::durable::SyncPolicy::Commit,
+            overflow: crate::store::durable::Overflow::RejectNew,
             live_first: Vec::new(),
         }
     }
@@ -279,7 +279,7 @@ fn upstream_settings(w: &mut Walk, u: &Value) -> Option<UpstreamSettings> {
     let ca = w.string(u, p, "caCert", false).map(PathBuf::from);
     let mut edge_hub_key = w.key(u, p, "sharedAccessKey");
     if let Some(cs) = w.string(u, p, "connectionString", false) {
-        match crate::identity::ConnectionString::parse(cs) {
+        match crate::model::identity::ConnectionString::parse(cs) {
             Ok(c) if c.module_id.as_deref() == Some("$edgeHub") => {
                 if edge_hub_key.is_some() {
                     w.err(p, "give sharedAccessKey or connectionString, not both");
@@ -891,10 +891,12 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
                         let path = format!("$.storage.liveFirst[{i}]");
                         let sink = item.as_str().and_then(|t| {
                             if t.eq_ignore_ascii_case("$upstream") {
-                                Some(crate::route::Sink::Upstream)
+                                Some(crate::routing::route::Sink::Upstream)
                             } else {
                                 let f = format!("FROM /x INTO BrokeredEndpoint(\"{t}\")");
-                                crate::route::parse_statement(&f).ok().map(|st| st.sink)
+                                crate::routing::route::parse_statement(&f)
+                                    .ok()
+                                    .map(|st| st.sink)
                             }
                         });
                         match sink {
@@ -910,8 +912,12 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             }
             match s.get("overflow").map(|v| v.as_str()) {
                 None => {}
-                Some(Some("rejectNew")) => storage.overflow = crate::store::Overflow::RejectNew,
-                Some(Some("dropOldest")) => storage.overflow = crate::store::Overflow::DropOldest,
+                Some(Some("rejectNew")) => {
+                    storage.overflow = crate::store::durable::Overflow::RejectNew
+                }
+                Some(Some("dropOldest")) => {
+                    storage.overflow = crate::store::durable::Overflow::DropOldest
+                }
                 Some(_) => w.err(
                     "$.storage.overflow",
                     "must be \"rejectNew\" or \"dropOldest\"",
@@ -924,8 +930,8 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             }
             match s.get("sync").map(|v| v.as_str()) {
                 None => {}
-                Some(Some("commit")) => storage.sync = crate::store::SyncPolicy::Commit,
-                Some(Some("os")) => storage.sync = crate::store::SyncPolicy::Os,
+                Some(Some("commit")) => storage.sync = crate::store::durable::SyncPolicy::Commit,
+                Some(Some("os")) => storage.sync = crate::store::durable::SyncPolicy::Os,
                 Some(_) => w.err(
                     "$.storage.sync",
                     "must be \"commit\" (fsync before acknowledging) or \"os\"",
@@ -1081,7 +1087,9 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
 
     // A route into a module this hub does not know can never deliver.
     route_errors.extend(routes.iter().filter_map(|r| match &r.statement.sink {
-        crate::route::Sink::ModuleInput { module, .. } if !modules.contains_key(module) => {
+        crate::routing::route::Sink::ModuleInput { module, .. }
+            if !modules.contains_key(module) =>
+        {
             Some(ConfigError {
                 path: child("$[\"$edgeHub\"].routes", &r.name),
                 message: format!("module {module:?} is not in $.modules"),
@@ -1336,8 +1344,11 @@ mod tests {
             "\"dataDir\": \"data\", \"storage\": {\"sync\": \"os\", \"overflow\": \"dropOldest\", \"liveFirst\": [\"$upstream\", \"/modules/b/inputs/in1\"]},",
         );
         let s = from_str(&text, &env(&[])).unwrap();
-        assert_eq!(s.storage.sync, crate::store::SyncPolicy::Os);
-        assert_eq!(s.storage.overflow, crate::store::Overflow::DropOldest);
+        assert_eq!(s.storage.sync, crate::store::durable::SyncPolicy::Os);
+        assert_eq!(
+            s.storage.overflow,
+            crate::store::durable::Overflow::DropOldest
+        );
         assert_eq!(s.storage.live_first.len(), 2);
         let bad = GOOD.replace("\"dataDir\": \"data\",", "\"dataDir\": \"data\", \"storage\": {\"liveFirst\": [\"nowhere\"], \"sync\": \"sometimes\"},");
         let errs = from_str(&bad, &env(&[])).unwrap_err().0;

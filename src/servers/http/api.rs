@@ -31,16 +31,16 @@ use percent_encoding::percent_decode_str;
 use serde_json::{json, Map, Value};
 
 use crate::{
-    hub::HubCore,
-    identity::{DeviceId, Identity, ModuleId},
-    methods::MethodError,
-    sas::{now_secs, SasToken},
-    twins::{Twin, TwinError},
+    app::HubCore,
+    core::methods::MethodError,
+    core::twins::{Twin, TwinError},
+    model::identity::{DeviceId, Identity, ModuleId},
+    model::sas::{now_secs, SasToken},
 };
 
 const EDGE_MODULE_HEADER: &str = "x-ms-edge-moduleid";
 /// Largest twin PATCH body: the desired document's limit, twice, for tags and layout.
-const TWIN_BODY_MAX: usize = 2 * crate::twins::MAX_DOCUMENT_BYTES;
+const TWIN_BODY_MAX: usize = 2 * crate::core::twins::MAX_DOCUMENT_BYTES;
 
 /// How an error body is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,7 @@
 
 use percent_encoding::percent_decode_str;
 
-use crate::identity::{DeviceId, Identity, ModuleId};
+use crate::model::identity::{DeviceId, Identity, ModuleId};
 
 /// The role the *client* plays on a link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

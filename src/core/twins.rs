@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, Notify};
 
-use crate::identity::Identity;
+use crate::model::identity::Identity;
 
 /// IoT Hub's limits on reported properties.
 pub const MAX_DEPTH: usize = 10;
@@ -120,7 +120,7 @@ pub fn encode_key(s: &str) -> String {
 
 /// The current UTC time as RFC 3339 (`2026-11-26T07:12:03.123Z`).
 pub fn utc_now() -> String {
-    let ms = crate::message::now_ms().max(0);
+    let ms = crate::model::message::now_ms().max(0);
     let secs = ms / 1000;
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -726,8 +726,8 @@ mod config_desired_tests {
     async fn a_new_config_changes_only_what_it_changes() {
         let store = TwinStore::in_memory();
         let id = Identity::Module(
-            crate::identity::DeviceId::parse("d").expect("id"),
-            crate::identity::ModuleId::parse("m").expect("id"),
+            crate::model::identity::DeviceId::parse("d").expect("id"),
+            crate::model::identity::ModuleId::parse("m").expect("id"),
         );
         let v1 = store
             .apply_config_desired(&id, &obj(json!({"a": 1, "b": 1})))
@@ -780,7 +780,7 @@ mod time_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{DeviceId, ModuleId};
+    use crate::model::identity::{DeviceId, ModuleId};
     use serde_json::json;
 
     fn obj(v: Value) -> Map<String, Value> {

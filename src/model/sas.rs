@@ -11,7 +11,7 @@ use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use ring::hmac;
 
-use crate::identity::{DeviceId, Identity, Key, KeyPair, ModuleId};
+use crate::model::identity::{DeviceId, Identity, Key, KeyPair, ModuleId};
 
 /// How far past `se` a token is still honoured, for clocks that disagree.
 pub const MAX_CLOCK_SKEW_SECS: u64 = 300;
@@ -144,7 +144,7 @@ pub fn parse_resource(resource: &str) -> Result<(String, Identity), SasError> {
     // C# encodes ids before encoding the whole resource, so decode them once more; Node does
     // not, so an id that only makes sense undecoded (`dev%2F1`) is taken as it stands.
     let id = |s: &str| match url_decode(s) {
-        Ok(d) if crate::identity::DeviceId::parse(&d).is_ok() => d,
+        Ok(d) if crate::model::identity::DeviceId::parse(&d).is_ok() => d,
         _ => s.to_owned(),
     };
     let identity = match segs.as_slice() {

@@ -48,11 +48,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::{
-    address::{classify, AddressError, ClientRole, LinkKind},
-    hub::HubCore,
-    identity::Identity,
+    app::HubCore,
     metrics as m,
-    sas::now_secs,
+    model::address::{classify, AddressError, ClientRole, LinkKind},
+    model::identity::Identity,
+    model::sas::now_secs,
 };
 
 /// An AMQP error with a condition and a description.
@@ -198,9 +198,11 @@ impl ConnState {
     /// Does this connection hold an unexpired token for `id`?
     pub fn is_authorized(&self, id: &Identity, now: u64) -> bool {
         let key = id.to_string().to_ascii_lowercase();
-        self.map()
-            .get(&key)
-            .is_some_and(|g| g.expiry.saturating_add(crate::sas::MAX_CLOCK_SKEW_SECS) >= now)
+        self.map().get(&key).is_some_and(|g| {
+            g.expiry
+                .saturating_add(crate::model::sas::MAX_CLOCK_SKEW_SECS)
+                >= now
+        })
     }
 
     /// The stop signal of a new link of `id` (ends with the identity's grant).
@@ -215,7 +217,11 @@ impl ConnState {
         let mut map = self.map();
         let gone: Vec<String> = map
             .iter()
-            .filter(|(_, g)| g.expiry.saturating_add(crate::sas::MAX_CLOCK_SKEW_SECS) < now)
+            .filter(|(_, g)| {
+                g.expiry
+                    .saturating_add(crate::model::sas::MAX_CLOCK_SKEW_SECS)
+                    < now
+            })
             .map(|(k, _)| k.clone())
             .collect();
         gone.iter()

@@ -1,0 +1,5 @@
+//! The transports: adapters that turn frames into core calls and core events into frames.
+
+pub mod amqp;
+pub mod http;
+pub mod upstream;
