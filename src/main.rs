@@ -274,7 +274,7 @@ fn raise_open_files_limit() {
 /// Reloads routes and TTLs on SIGHUP and when the config file changes (its time, size or inode,
 /// checked every 2 s).
 async fn watch_config(
-    core: std::sync::Arc<edgehub::app::HubCore>,
+    core: std::sync::Arc<edgehub::core::HubCore>,
     path: PathBuf,
     mut hup: Option<tokio::signal::unix::Signal>,
     stop: tokio_util::sync::CancellationToken,

@@ -515,7 +515,7 @@ async fn reported_changes_that_pile_up_are_resynchronised_not_dropped() {
         let a = a.clone();
         async move {
             child.twins.update_reported(&a, &patch).await.unwrap();
-            child.upstream.report(&a, &patch);
+            child.outbox.report(&a, &patch);
         }
     };
     let parent_has = |want: serde_json::Value| {
@@ -542,11 +542,11 @@ async fn reported_changes_that_pile_up_are_resynchronised_not_dropped() {
     // deleted), all queued before the upstream task runs again (one thread: no await between).
     let change = obj(serde_json::json!({"stale": null, "fresh": 2}));
     child.twins.update_reported(&a, &change).await.unwrap();
-    child.upstream.report(&a, &change);
+    child.outbox.report(&a, &change);
     let long = "n".repeat(100);
     for i in 0..1000 {
         child
-            .upstream
+            .outbox
             .report(&a, &obj(serde_json::json!({ format!("{long}{i}"): null })));
     }
     // The parent ends up with exactly this hub's reported properties.

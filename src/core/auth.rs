@@ -18,7 +18,7 @@ use std::collections::HashMap;
 
 use crate::{
     config::Settings,
-    model::identity::{DeviceId, Identity, Key, KeyPair, KeySlot, ModuleId},
+    model::identity::{DeviceId, Identity, IdentityKey, Key, KeyPair, KeySlot, ModuleId},
     model::sas::{SasError, SasToken},
 };
 
@@ -26,18 +26,18 @@ use crate::{
 pub struct Authenticator {
     iothub_host: String,
     gateway_host: String,
-    /// Keyed by the lower-cased identity string, as IoT Hub compares ids case-insensitively.
+    /// Keyed by identity (lower-cased, as IoT Hub compares ids case-insensitively).
     /// A child's `$edgeHub` may carry two pairs: derived from the child's primary and from its
     /// secondary device key.
-    identities: HashMap<String, (Identity, Vec<KeyPair>)>,
+    identities: HashMap<IdentityKey, (Identity, Vec<KeyPair>)>,
     /// Child edge devices: lower-cased id → the id as configured.
     edge_children: HashMap<String, DeviceId>,
     /// Service policies: lower-cased name → (name as configured, keys).
     policies: HashMap<String, (String, KeyPair)>,
 }
 
-fn lower(id: &Identity) -> String {
-    id.to_string().to_ascii_lowercase()
+fn lower(id: &Identity) -> IdentityKey {
+    id.key()
 }
 
 /// The keys of a module: explicit ones from the config, else derived from the device key.

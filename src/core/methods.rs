@@ -20,7 +20,7 @@ use std::{
 use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::model::identity::Identity;
+use crate::model::identity::{Identity, IdentityKey};
 
 /// A request on its way to a method link.
 #[derive(Debug)]
@@ -46,7 +46,7 @@ pub enum MethodError {
 }
 
 struct Pending {
-    target: String,
+    target: IdentityKey,
     reply: oneshot::Sender<MethodResponse>,
 }
 
@@ -54,7 +54,7 @@ struct Pending {
 #[derive(Default)]
 pub struct Dispatcher {
     /// Lower-cased identity → (generation, channel to its method-request link).
-    links: DashMap<String, (u64, mpsc::Sender<MethodCall>)>,
+    links: DashMap<IdentityKey, (u64, mpsc::Sender<MethodCall>)>,
     /// Lower-cased correlation id → the waiting caller.
     pending: DashMap<String, Pending>,
     generation: AtomicU64,
@@ -62,8 +62,8 @@ pub struct Dispatcher {
     registered: Notify,
 }
 
-fn key(id: &Identity) -> String {
-    id.to_string().to_ascii_lowercase()
+fn key(id: &Identity) -> IdentityKey {
+    id.key()
 }
 
 /// Removes a call's correlation slot when the call ends, however it ends.
@@ -102,7 +102,7 @@ impl Dispatcher {
         }
     }
 
-    fn link(&self, id: &str) -> Option<mpsc::Sender<MethodCall>> {
+    fn link(&self, id: &IdentityKey) -> Option<mpsc::Sender<MethodCall>> {
         self.links.get(id).map(|l| l.1.clone())
     }
 

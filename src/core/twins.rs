@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, Notify};
 
-use crate::model::identity::Identity;
+use crate::model::identity::{Identity, IdentityKey};
 
 /// IoT Hub's limits on reported properties.
 pub const MAX_DEPTH: usize = 10;
@@ -140,6 +140,12 @@ pub fn utc_now() -> String {
         rem % 60,
         ms % 1000
     )
+}
+
+/// A twin section without the document's `$version`/`$metadata`.
+pub fn strip_meta(mut m: Map<String, Value>) -> Map<String, Value> {
+    m.retain(|k, _| !k.starts_with('$'));
+    m
 }
 
 /// JSON merge patch (RFC 7386): objects merge, `null` deletes, anything else replaces.
@@ -373,8 +379,8 @@ pub struct ResponsesFull;
 
 /// The twins of every identity, their store, and the twin response links.
 pub struct TwinStore {
-    twins: DashMap<String, Twin>,
-    links: DashMap<String, LinkState>,
+    twins: DashMap<IdentityKey, Twin>,
+    links: DashMap<IdentityKey, LinkState>,
     generation: std::sync::atomic::AtomicU64,
     store: Option<(fjall::Keyspace, fjall::PartitionHandle)>,
     /// Held by every write from reading the twin until it is durable and in `twins`, so writes
@@ -386,8 +392,8 @@ pub struct TwinStore {
     link_attached: Notify,
 }
 
-fn key(id: &Identity) -> String {
-    id.to_string().to_ascii_lowercase()
+fn key(id: &Identity) -> IdentityKey {
+    id.key()
 }
 
 fn store_err(e: impl std::fmt::Display) -> TwinError {
@@ -428,7 +434,7 @@ impl TwinStore {
             let k = String::from_utf8_lossy(&k).into_owned();
             let twin: Twin = serde_json::from_slice(&v)
                 .map_err(|e| TwinError::Store(format!("twin {k}: {e}")))?;
-            twins.insert(k, twin);
+            twins.insert(IdentityKey::from_stored(&k), twin);
         }
         Ok(Self {
             twins,
@@ -441,7 +447,7 @@ impl TwinStore {
     }
 
     /// The twin under `k` as it is now (a copy; no guard is kept).
-    fn current(&self, k: &str) -> Twin {
+    fn current(&self, k: &IdentityKey) -> Twin {
         self.twins.get(k).map(|t| t.clone()).unwrap_or_default()
     }
 
@@ -449,10 +455,10 @@ impl TwinStore {
     /// twin in memory. The caller holds `write`. If the caller goes away during the fsync, the
     /// write may be on disk and not in memory: it was never acknowledged, and the next write
     /// of that twin replaces it.
-    async fn commit(&self, k: &str, next: Twin) -> Result<(), TwinError> {
+    async fn commit(&self, k: &IdentityKey, next: Twin) -> Result<(), TwinError> {
         if let Some((ks, part)) = &self.store {
             let bytes = serde_json::to_vec(&next).map_err(store_err)?;
-            let (ks, part, key) = (ks.clone(), part.clone(), k.to_owned());
+            let (ks, part, key) = (ks.clone(), part.clone(), k.as_str().to_owned());
             tokio::task::spawn_blocking(move || {
                 part.insert(key, bytes).map_err(store_err)?;
                 ks.persist(fjall::PersistMode::SyncAll).map_err(store_err)
@@ -460,7 +466,7 @@ impl TwinStore {
             .await
             .map_err(store_err)??;
         }
-        self.twins.insert(k.to_owned(), next);
+        self.twins.insert(k.clone(), next);
         Ok(())
     }
 
@@ -589,7 +595,7 @@ impl TwinStore {
     /// Tells the subscribed link that the desired properties changed; it sends the client what
     /// it has not seen when it next has credit. Called under `write`, so versions go out in
     /// order.
-    fn push_desired(&self, k: &str) {
+    fn push_desired(&self, k: &IdentityKey) {
         let Some((version, doc)) = self
             .twins
             .get(k)

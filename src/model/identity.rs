@@ -117,6 +117,41 @@ impl fmt::Display for Identity {
     }
 }
 
+/// The key of every map held per identity: `device` or `device/module`, lower-cased, since IoT
+/// Hub compares ids ignoring case in tokens and addresses (see [`Identity::same_as`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdentityKey(String);
+
+impl IdentityKey {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A key as written by [`IdentityKey::as_str`] (a store's record key), lower-cased again.
+    pub fn from_stored(s: &str) -> Self {
+        IdentityKey(s.to_ascii_lowercase())
+    }
+}
+
+impl From<&Identity> for IdentityKey {
+    fn from(id: &Identity) -> Self {
+        IdentityKey(id.to_string().to_ascii_lowercase())
+    }
+}
+
+impl Identity {
+    /// This identity's map key (see [`IdentityKey`]).
+    pub fn key(&self) -> IdentityKey {
+        IdentityKey::from(self)
+    }
+}
+
+impl fmt::Display for IdentityKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A symmetric key (decoded from base64).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Key(Vec<u8>);

@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 
 use super::{amqp_error, cbs, clip, custom_condition, refuse, ConnState, CLOSE_WAIT};
 use crate::{
-    app::HubCore,
+    core::HubCore,
     metrics as m,
     model::address::LinkKind,
     model::identity::{Identity, ModuleId},
@@ -1022,7 +1022,7 @@ async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cance
                         match core.twins.update_reported(&id, &patch).await {
                             Ok(version) => {
                                 m::twin_reported(&label, started.elapsed().as_secs_f64());
-                                core.upstream.report(&id, &patch);
+                                core.outbox.report(&id, &patch);
                                 let note = Arc::new(Message::twin_change_notification(
                                     id.clone(),
                                     version,

@@ -48,10 +48,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::{
-    app::HubCore,
+    core::HubCore,
     metrics as m,
     model::address::{classify, AddressError, ClientRole, LinkKind},
-    model::identity::Identity,
+    model::identity::{Identity, IdentityKey},
     model::sas::now_secs,
 };
 
@@ -96,7 +96,7 @@ struct Grant {
 
 /// What one connection has proven: identities with a valid token, and their expiry.
 pub(crate) struct ConnState {
-    authorized: Mutex<HashMap<String, Grant>>,
+    authorized: Mutex<HashMap<IdentityKey, Grant>>,
     /// Cancelled when the connection ends (or is evicted while pending); every link's stop
     /// signal descends from it.
     root: CancellationToken,
@@ -170,7 +170,7 @@ impl ConnState {
         })
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Grant>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<IdentityKey, Grant>> {
         self.authorized.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -180,7 +180,7 @@ impl ConnState {
         self.authenticated.store(true, Ordering::Relaxed);
         // Authenticated: no longer counted among the pending connections.
         drop(lock(&self.pending).take());
-        let key = id.to_string().to_ascii_lowercase();
+        let key = id.key();
         let mut map = self.map();
         match map.get_mut(&key) {
             Some(g) => {
@@ -197,7 +197,7 @@ impl ConnState {
 
     /// Does this connection hold an unexpired token for `id`?
     pub fn is_authorized(&self, id: &Identity, now: u64) -> bool {
-        let key = id.to_string().to_ascii_lowercase();
+        let key = id.key();
         self.map().get(&key).is_some_and(|g| {
             g.expiry
                 .saturating_add(crate::model::sas::MAX_CLOCK_SKEW_SECS)
@@ -207,7 +207,7 @@ impl ConnState {
 
     /// The stop signal of a new link of `id` (ends with the identity's grant).
     fn link_stop(&self, id: &Identity) -> Option<links::LinkStop> {
-        let key = id.to_string().to_ascii_lowercase();
+        let key = id.key();
         self.map().get(&key).map(|g| g.links.child())
     }
 
@@ -215,7 +215,7 @@ impl ConnState {
     /// links are closed with `amqp:unauthorized-access`. Returns the identities that expired.
     fn expire(&self, now: u64) -> Vec<Identity> {
         let mut map = self.map();
-        let gone: Vec<String> = map
+        let gone: Vec<IdentityKey> = map
             .iter()
             .filter(|(_, g)| {
                 g.expiry

@@ -31,9 +31,9 @@ use percent_encoding::percent_decode_str;
 use serde_json::{json, Map, Value};
 
 use crate::{
-    app::HubCore,
     core::methods::MethodError,
     core::twins::{Twin, TwinError},
+    core::HubCore,
     model::identity::{DeviceId, Identity, ModuleId},
     model::sas::{now_secs, SasToken},
 };

@@ -166,7 +166,7 @@ pub async fn serve_metrics(
 pub async fn serve_https(
     listener: TcpListener,
     tls: tokio_rustls::TlsAcceptor,
-    core: Arc<crate::app::HubCore>,
+    core: Arc<crate::core::HubCore>,
     shutdown: CancellationToken,
 ) {
     let tracker = TaskTracker::new();

@@ -14,7 +14,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -34,16 +34,16 @@ use fe2o3_amqp::{
 };
 use futures_util::{stream::FuturesUnordered, StreamExt};
 use serde_json::Map;
-use tokio::{net::TcpStream, sync::Notify, task::JoinSet};
+use tokio::{net::TcpStream, task::JoinSet};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
-    app::HubCore,
     config::UpstreamSettings,
+    core::HubCore,
     metrics as m,
-    model::identity::{Identity, Key, ModuleId},
+    model::identity::{Identity, IdentityKey, Key, ModuleId},
     model::sas::{make_token, now_secs, resource_for},
     store::queue::{Endpoint, Unwritten},
 };
@@ -67,132 +67,6 @@ const SEND_WAIT: Duration = Duration::from_secs(60);
 const METHOD_TIMEOUT: Duration = Duration::from_secs(330);
 const DESIRED_NOTIFICATIONS: &str = "/notifications/twin/properties/desired";
 const API_VERSION: &str = "2021-04-12";
-
-fn key(id: &Identity) -> String {
-    id.to_string().to_ascii_lowercase()
-}
-
-type Patch = Map<String, serde_json::Value>;
-/// Pending changes by lower-cased identity.
-type PendingMap = HashMap<String, (Identity, Pending)>;
-
-/// The most a pending patch may hold, as JSON: twice a whole reported document (IoT Hub's
-/// 32 KB), room for a document's worth of changes and of deletions.
-pub const PENDING_MAX_BYTES: usize = 2 * crate::core::twins::MAX_DOCUMENT_BYTES;
-
-/// What one identity has waiting for upstream.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Pending {
-    /// The changes reported since the last patch sent, merged (deletions kept as `null`).
-    Patch(Patch),
-    /// More changes piled up than [`PENDING_MAX_BYTES`] (a client that adds and deletes new
-    /// names while the parent is away leaves a `null` for each): instead of them, the parent's
-    /// reported properties are read and the difference to this hub's is sent.
-    Resync,
-}
-
-impl Pending {
-    /// Merges `newer` over `self`, becoming `Resync` past the bound.
-    fn merge(self, newer: Pending) -> Pending {
-        match (self, newer) {
-            (Pending::Patch(mut older), Pending::Patch(newer)) => {
-                merge_pending(&mut older, &newer);
-                let size = serde_json::to_vec(&older)
-                    .map(|v| v.len())
-                    .unwrap_or(usize::MAX);
-                if size > PENDING_MAX_BYTES {
-                    Pending::Resync
-                } else {
-                    Pending::Patch(older)
-                }
-            }
-            _ => Pending::Resync,
-        }
-    }
-}
-
-/// What the rest of the hub hands the upstream: reported patches not yet sent, at most
-/// [`PENDING_MAX_BYTES`] per identity.
-pub struct Outbox {
-    enabled: bool,
-    reported: Mutex<PendingMap>,
-    ready: Notify,
-}
-
-/// Merges a patch into pending changes, keeping `null`s so that deletions travel too.
-fn merge_pending(
-    target: &mut Map<String, serde_json::Value>,
-    patch: &Map<String, serde_json::Value>,
-) {
-    for (k, v) in patch {
-        match (target.get_mut(k), v) {
-            (Some(serde_json::Value::Object(t)), serde_json::Value::Object(p)) => {
-                merge_pending(t, p)
-            }
-            _ => {
-                target.insert(k.clone(), v.clone());
-            }
-        }
-    }
-}
-
-impl Outbox {
-    /// `enabled` is false in standalone mode, where nothing is kept.
-    pub fn new(enabled: bool) -> Self {
-        Self {
-            enabled,
-            reported: Mutex::new(HashMap::new()),
-            ready: Notify::new(),
-        }
-    }
-
-    fn map(&self) -> std::sync::MutexGuard<'_, PendingMap> {
-        self.reported.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Queues a reported-properties patch for upstream, merged with any not sent yet (so an
-    /// identity that reports while the upstream is away sends one patch when it is back).
-    pub fn report(&self, id: &Identity, patch: &Map<String, serde_json::Value>) {
-        if !self.enabled {
-            return;
-        }
-        {
-            let mut map = self.map();
-            let next = match map.remove(&key(id)) {
-                Some((_, older)) => older.merge(Pending::Patch(patch.clone())),
-                None => Pending::Patch(Patch::new()).merge(Pending::Patch(patch.clone())),
-            };
-            map.insert(key(id), (id.clone(), next));
-        }
-        self.ready.notify_waiters();
-    }
-
-    fn take(&self, id: &Identity) -> Option<Pending> {
-        self.map().remove(&key(id)).map(|(_, p)| p)
-    }
-
-    /// Puts back what could not be sent, under whatever arrived since.
-    fn put_back(&self, id: &Identity, older: Pending) {
-        let mut map = self.map();
-        let next = match map.remove(&key(id)) {
-            Some((_, newer)) => older.merge(newer),
-            None => older,
-        };
-        map.insert(key(id), (id.clone(), next));
-    }
-
-    /// Identities with a patch waiting.
-    pub fn pending(&self) -> usize {
-        self.map().len()
-    }
-}
-
-/// The patch that makes the parent's reported properties (as read, `$` members ignored) this
-/// hub's: changed and new members, and `null` for members the parent has and this hub does
-/// not.
-fn resync_patch(parent: &Patch, here: &Patch) -> Patch {
-    crate::core::twins::diff(&strip_meta(parent.clone()), here)
-}
 
 /// The identities this hub carries upstream: its `$edgeHub`, every configured module, and every
 /// downstream leaf device (`devices.<id>` without `edge`; a child edge device's own modules are
@@ -569,7 +443,7 @@ async fn serve(
     let mut sessions = Vec::new();
     for l in live.links.drain(..) {
         sessions.push(l.session);
-        senders.insert(key(&l.id), l.events);
+        senders.insert(l.id.key(), l.events);
         if let Some((tx, rx)) = l.twin {
             let twin = TwinLink {
                 id: l.id.clone(),
@@ -789,7 +663,7 @@ const DRAIN_WAIT: Duration = Duration::from_secs(5);
 /// removals are written out when it ends.
 async fn telemetry(
     core: Arc<HubCore>,
-    mut senders: HashMap<String, Sender>,
+    mut senders: HashMap<IdentityKey, Sender>,
     window: usize,
     dead: CancellationToken,
     connected_at: Instant,
@@ -816,7 +690,7 @@ async fn telemetry(
         let room = window.saturating_sub(unwritten.count());
         while in_flight.len() < room {
             let Some(q) = ep.pop() else { break };
-            let Some(tx) = senders.get_mut(&key(&q.msg.from)) else {
+            let Some(tx) = senders.get_mut(&q.msg.from.key()) else {
                 tracing::error!(origin = %q.msg.from, "message for upstream dropped: its origin is not carried upstream (not this hub's, or refused by the parent)");
                 m::dropped(m::DROP_UPSTREAM_UNKNOWN, &q.msg);
                 ep.ack(q.seq);
@@ -974,12 +848,6 @@ fn body_of(body: &Body<Value>) -> Vec<u8> {
     }
 }
 
-/// Desired properties without the document's `$version`/`$metadata`.
-fn strip_meta(mut m: Map<String, serde_json::Value>) -> Map<String, serde_json::Value> {
-    m.retain(|k, _| !k.starts_with('$'));
-    m
-}
-
 impl TwinLink {
     async fn request(
         &mut self,
@@ -1062,14 +930,18 @@ impl TwinLink {
             .cloned()
             .unwrap_or_default();
         let version = desired.get("$version").and_then(|v| v.as_i64());
-        self.apply(core, strip_meta(desired)).await;
+        self.apply(core, crate::core::twins::strip_meta(desired))
+            .await;
         self.last_version = version;
         Ok(())
     }
 
     /// Reads the parent's twin and returns the patch that makes its reported properties this
     /// hub's (after too many changes piled up to keep them one by one).
-    async fn reported_resync(&mut self, core: &HubCore) -> Result<Patch, String> {
+    async fn reported_resync(
+        &mut self,
+        core: &HubCore,
+    ) -> Result<crate::core::outbox::Patch, String> {
         let (status, body) = self.request("GET", None, None).await?;
         if status != 200 {
             return Err(format!("twin GET for {} answered {status}", self.id));
@@ -1082,7 +954,10 @@ impl TwinLink {
             .cloned()
             .unwrap_or_default();
         info!(identity = %self.id, "reported properties resynchronised with the parent");
-        Ok(resync_patch(&parent, &core.twins.get(&self.id).reported))
+        Ok(crate::core::outbox::resync_patch(
+            &parent,
+            &core.twins.get(&self.id).reported,
+        ))
     }
 
     async fn apply(&self, core: &HubCore, desired: Map<String, serde_json::Value>) {
@@ -1109,7 +984,7 @@ impl TwinLink {
         match next_desired(self.last_version, version, &patch) {
             Push::Apply(v) => {
                 let mut desired = core.twins.get(&self.id).desired;
-                crate::core::twins::merge(&mut desired, &strip_meta(patch));
+                crate::core::twins::merge(&mut desired, &crate::core::twins::strip_meta(patch));
                 self.apply(core, desired).await;
                 self.last_version = Some(v);
                 true
@@ -1173,17 +1048,19 @@ async fn twin_sync(
                 link.full_sync(&core).await?;
                 continue;
             }
-            let notified = core.upstream.ready.notified();
+            let notified = core.outbox.ready.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(pending) = core.upstream.take(&link.id) {
-                let resync = pending == Pending::Resync;
+            if let Some(pending) = core.outbox.take(&link.id) {
+                let resync = pending == crate::core::outbox::Pending::Resync;
                 let patch = match pending {
-                    Pending::Patch(p) => p,
-                    Pending::Resync => match link.reported_resync(&core).await {
+                    crate::core::outbox::Pending::Patch(p) => p,
+                    crate::core::outbox::Pending::Resync => match link.reported_resync(&core).await
+                    {
                         Ok(p) => p,
                         Err(e) => {
-                            core.upstream.put_back(&link.id, Pending::Resync);
+                            core.outbox
+                                .put_back(&link.id, crate::core::outbox::Pending::Resync);
                             m::retry(&label, "update_reported_properties");
                             return Err(e);
                         }
@@ -1193,8 +1070,8 @@ async fn twin_sync(
                     continue;
                 }
                 let back = |patch| match resync {
-                    true => Pending::Resync,
-                    false => Pending::Patch(patch),
+                    true => crate::core::outbox::Pending::Resync,
+                    false => crate::core::outbox::Pending::Patch(patch),
                 };
                 let started = Instant::now();
                 let body = serde_json::Value::Object(patch.clone())
@@ -1211,12 +1088,12 @@ async fn twin_sync(
                         warn!(identity = %label, status = s, "the parent refused a reported patch; dropped: {}", String::from_utf8_lossy(&b));
                     }
                     Ok((s, _)) => {
-                        core.upstream.put_back(&link.id, back(patch));
+                        core.outbox.put_back(&link.id, back(patch));
                         m::retry(&label, "update_reported_properties");
                         return Err(format!("reported patch for {label} answered {s}"));
                     }
                     Err(e) => {
-                        core.upstream.put_back(&link.id, back(patch));
+                        core.outbox.put_back(&link.id, back(patch));
                         m::retry(&label, "update_reported_properties");
                         return Err(e);
                     }
@@ -1309,7 +1186,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn obj(v: serde_json::Value) -> Patch {
+    fn obj(v: serde_json::Value) -> crate::core::outbox::Patch {
         v.as_object().cloned().unwrap()
     }
 
@@ -1318,76 +1195,6 @@ mod tests {
             crate::model::identity::DeviceId::parse("d").unwrap(),
             ModuleId::parse(m).unwrap(),
         )
-    }
-
-    #[test]
-    fn pending_patches_merge_and_keep_deletions() {
-        let o = Outbox::new(true);
-        let a = module("a");
-        o.report(&a, &obj(json!({"x": 1, "n": {"p": 1, "q": 2}})));
-        o.report(&a, &obj(json!({"x": null, "n": {"q": 3}})));
-        assert_eq!(o.pending(), 1);
-        let p = o.take(&a).unwrap();
-        assert_eq!(
-            p,
-            Pending::Patch(obj(json!({"x": null, "n": {"p": 1, "q": 3}})))
-        );
-        assert!(o.take(&a).is_none());
-    }
-
-    #[test]
-    fn a_failed_patch_goes_back_under_newer_changes() {
-        let o = Outbox::new(true);
-        let a = module("a");
-        o.report(&a, &obj(json!({"x": 1, "y": 1})));
-        let sent = o.take(&a).unwrap();
-        o.report(&a, &obj(json!({"y": 2})));
-        o.put_back(&a, sent);
-        assert_eq!(
-            o.take(&a).unwrap(),
-            Pending::Patch(obj(json!({"x": 1, "y": 2})))
-        );
-    }
-
-    #[test]
-    fn pending_changes_stay_bounded_and_fall_back_to_a_resync() {
-        let o = Outbox::new(true);
-        let a = module("a");
-        // A client adds and deletes a new name each time while the parent is away: each
-        // deletion leaves a `null` to send.
-        let long = "n".repeat(100);
-        for i in 0..1000 {
-            let name = format!("{long}{i}");
-            o.report(&a, &obj(json!({ name.clone(): 1 })));
-            o.report(&a, &obj(json!({ name: null })));
-            let held = match o.map().get(&key(&a)) {
-                Some((_, Pending::Patch(p))) => serde_json::to_vec(p).unwrap().len(),
-                Some((_, Pending::Resync)) => 0,
-                None => panic!("nothing pending"),
-            };
-            assert!(held <= PENDING_MAX_BYTES, "{held} bytes after {i}");
-        }
-        assert!(matches!(o.take(&a), Some(Pending::Resync)));
-        // A resync that fails goes back, and stays a resync under newer changes.
-        o.report(&a, &obj(json!({"x": 1})));
-        o.put_back(&a, Pending::Resync);
-        assert_eq!(o.take(&a), Some(Pending::Resync));
-        // What a resync sends: this hub's document over the parent's, `null` for the rest.
-        let parent = obj(
-            json!({"$version": 7, "keep": 1, "old": {"a": 1}, "gone": 2, "n": {"p": 1, "q": 1}}),
-        );
-        let here = obj(json!({"keep": 1, "new": 3, "n": {"p": 2, "q": 1}}));
-        assert_eq!(
-            resync_patch(&parent, &here),
-            obj(json!({"old": null, "gone": null, "new": 3, "n": {"p": 2}}))
-        );
-    }
-
-    #[test]
-    fn standalone_keeps_nothing() {
-        let o = Outbox::new(false);
-        o.report(&module("a"), &obj(json!({"x": 1})));
-        assert_eq!(o.pending(), 0);
     }
 
     #[test]
@@ -1401,7 +1208,8 @@ mod tests {
 
     #[test]
     fn desired_metadata_is_stripped() {
-        let m = strip_meta(obj(json!({"$version": 3, "$metadata": {}, "a": 1})));
+        let m =
+            crate::core::twins::strip_meta(obj(json!({"$version": 3, "$metadata": {}, "a": 1})));
         assert_eq!(m, obj(json!({"a": 1})));
     }
 
