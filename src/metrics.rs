@@ -38,6 +38,13 @@ pub const DROP_OVERFLOW: &str = "overflow";
 pub const DROP_UPSTREAM_REJECTED: &str = "rejected_upstream";
 pub const DROP_UPSTREAM_UNKNOWN: &str = "unknown_origin";
 
+/// `reason` of `edgehub_messages_unack_total`: why a message was refused (see `IngestError`).
+pub const UNACK_QUEUE_FULL: &str = "queue_full";
+pub const UNACK_STORE_FULL: &str = "store_full";
+pub const UNACK_STORE_BUSY: &str = "store_busy";
+pub const UNACK_CLOSED: &str = "closed";
+pub const UNACK_STORAGE: &str = "storage";
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process-wide recorder once and describes every series. Later calls (several

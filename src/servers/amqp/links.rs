@@ -25,11 +25,9 @@ use crate::{
     model::message::Message,
     model::sas::now_secs,
     store::durable::StoreError,
-    store::queue::{Endpoint, QueueError, Unwritten},
+    store::queue::{Endpoint, Unwritten},
 };
 
-/// How long a sender waits for room in a full queue before its message is refused.
-const PUSH_WAIT: Duration = Duration::from_secs(30);
 /// Bound on one hub-to-client transfer waiting for link credit.
 const SEND_WAIT: Duration = Duration::from_secs(60);
 /// How long an input link that ends waits for the outcomes of its deliveries in flight (they
@@ -463,48 +461,9 @@ async fn take(
     }
     received_metrics.record(&msg);
     let msg = Arc::new(msg);
-    match enqueue(core, &msg).await {
-        Ok(0) => {
-            m::dropped(m::DROP_NO_ROUTE, &msg);
-            Ok(())
-        }
-        Ok(_) => Ok(()),
-        Err(why) => {
-            m::unacked("queue_full", &msg);
-            Err(amqp_error(AmqpError::ResourceLimitExceeded, why))
-        }
-    }
-}
-
-/// Routes a message and puts it in the queue of every target; returns how many there were.
-/// The error says which queue refused it (still full after waiting `PUSH_WAIT`).
-pub(crate) async fn enqueue(core: &HubCore, msg: &Arc<Message>) -> Result<usize, String> {
-    let targets = core.router().route(msg);
-    for t in &targets {
-        if let Err(e) = t
-            .endpoint
-            .push(msg.clone(), t.priority, t.expires_ms, PUSH_WAIT)
-            .await
-        {
-            let endpoint = &t.endpoint.id;
-            return Err(match e {
-                QueueError::Full => {
-                    format!("the queue of endpoint {endpoint} is full; retry later")
-                }
-                QueueError::Closed => format!("endpoint {endpoint} is closed"),
-                QueueError::StoreFull => format!(
-                    "the store is full (storeLimits.maxSizeBytes); endpoint {endpoint} cannot take more"
-                ),
-                QueueError::StoreBusy => format!(
-                    "the store is compacting to keep its files within storeLimits.maxSizeBytes; endpoint {endpoint} cannot take more yet, retry later"
-                ),
-                QueueError::Storage => {
-                    format!("the message could not be stored for endpoint {endpoint}; retry later")
-                }
-            });
-        }
-    }
-    Ok(targets.len())
+    crate::core::ingest::ingest(core, &msg)
+        .await
+        .map_err(|e| amqp_error(AmqpError::ResourceLimitExceeded, e.to_string()))
 }
 
 /// Picks the next message across a module's input endpoints: the best priority first, and
@@ -1028,7 +987,7 @@ async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cance
                                     version,
                                     &patch,
                                 ));
-                                if let Err(why) = enqueue(&core, &note).await {
+                                if let Err(why) = crate::core::ingest::enqueue(&core, &note).await {
                                     warn!(identity = %id, "twin change notification not routed: {why}");
                                 }
                                 (204, Vec::new(), Some(version))
