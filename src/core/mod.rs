@@ -5,6 +5,7 @@
 //! results back into frames; nothing here imports a server.
 
 pub mod auth;
+pub mod delivery;
 pub mod ingest;
 pub mod methods;
 pub mod outbox;

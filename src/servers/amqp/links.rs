@@ -1,23 +1,20 @@
 //! Link tasks: each moves messages between one AMQP link and the hub core.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use fe2o3_amqp::{
     acceptor::LinkEndpoint,
     link::{delivery::DeliveryInfo, Receiver, RecvError, Sender},
-    types::{
-        definitions::AmqpError,
-        messaging::{Body, Outcome},
-        primitives::Value,
-    },
+    types::{definitions::AmqpError, messaging::Body, primitives::Value},
     Sendable,
 };
-use futures_util::{stream::FuturesUnordered, FutureExt, StreamExt};
+use futures_util::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{amqp_error, cbs, clip, custom_condition, refuse, ConnState, CLOSE_WAIT};
+use super::{amqp_error, cbs, clip, convert, custom_condition, refuse, ConnState, CLOSE_WAIT};
 use crate::{
+    core::delivery,
     core::HubCore,
     metrics as m,
     model::address::LinkKind,
@@ -25,14 +22,11 @@ use crate::{
     model::message::Message,
     model::sas::now_secs,
     store::durable::StoreError,
-    store::queue::{Endpoint, Unwritten},
+    store::queue::{Endpoint, Queued},
 };
 
 /// Bound on one hub-to-client transfer waiting for link credit.
 const SEND_WAIT: Duration = Duration::from_secs(60);
-/// How long an input link that ends waits for the outcomes of its deliveries in flight (they
-/// come before the end of the link or of its session, which a silent peer may hold back).
-const DRAIN_WAIT: Duration = Duration::from_secs(5);
 /// Deliveries that start a group commit without waiting for the end of their burst.
 const ACCEPT_BATCH: usize = 64;
 
@@ -466,194 +460,93 @@ async fn take(
         .map_err(|e| amqp_error(AmqpError::ResourceLimitExceeded, e.to_string()))
 }
 
-/// Picks the next message across a module's input endpoints: the best priority first, and
-/// round-robin among endpoints whose heads have the same priority.
-fn next_message(
-    endpoints: &[Arc<Endpoint>],
-    cursor: &mut usize,
-) -> Option<(Arc<Endpoint>, crate::store::queue::Queued)> {
-    let n = endpoints.len();
-    let best = endpoints
-        .iter()
-        .filter_map(|e| e.store.head_priority())
-        .min()?;
-    for i in 0..n {
-        let e = &endpoints[(*cursor + i) % n];
-        if e.store.head_priority() != Some(best) {
-            continue;
-        }
-        if let Some(q) = e.pop() {
-            *cursor = (*cursor + i + 1) % n;
-            return Some((e.clone(), q));
-        }
-    }
-    // Only expired messages were at the heads (pop dropped them): look again.
-    endpoints
-        .iter()
-        .find_map(|e| e.pop().map(|q| (e.clone(), q)))
-}
-
-/// Delivers a module's inputs: up to `delivery_window` unsettled transfers in flight; accepted
-/// or rejected messages leave the queue, released or modified ones go back to their place; when
-/// the link ends every message still in flight goes back to its queue.
-///
-/// An acknowledgement whose removal is not yet written out counts against the window too (see
-/// [`Unwritten`]): after a crash of the hub at most `delivery_window` messages of this link
-/// come again. When the link ends, outcomes that arrived before its end still count (a client
-/// that settles and closes at once must not get those messages again) and the removals are
-/// written out.
-async fn module_inputs(mut tx: Sender, id: Identity, core: Arc<HubCore>, cancel: LinkStop) {
+/// Delivers a module's inputs through the core's delivery pump (see [`delivery`]): up to
+/// `limits.deliveryWindow` unsettled transfers in flight, a newer input link of the module
+/// replacing this one.
+async fn module_inputs(tx: Sender, id: Identity, core: Arc<HubCore>, cancel: LinkStop) {
     let Some(module) = id.module().cloned() else {
         return;
     };
     core.replace_input_link(&id, cancel.token.clone());
-    let router = core.router();
-    let mut generation = router.generation;
-    let (mut endpoints, ready) = router.module_inputs(&module);
-    drop(router);
-    let window = core.settings.limits.delivery_window;
-    // Acknowledgements are written out once a quarter of the window waits for it.
-    let write_at = (window / 4).max(1);
-    let mut cursor = 0;
-    let mut outstanding: HashMap<u64, (Arc<Endpoint>, u64)> = HashMap::new();
-    let mut unwritten = Unwritten::default();
-    let mut next_key = 0u64;
-    let mut in_flight = FuturesUnordered::new();
-    let mut stalled = false;
-    let mut sent_metrics = m::SentCache::default();
-    'outer: loop {
-        let notified = ready.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let router = core.router();
-        if router.generation != generation {
-            // Routes were reloaded: this module may be fed by more endpoints now.
-            generation = router.generation;
-            endpoints = router.module_inputs(&module).0;
-        }
-        drop(router);
-        let room = window.saturating_sub(unwritten.count());
-        while in_flight.len() < room {
-            let Some((ep, q)) = next_message(&endpoints, &mut cursor) else {
-                break;
-            };
-            let input = ep.input.clone().unwrap_or_default();
-            let amqp = q.msg.to_input_message(&input, q.seq, q.delivery_count);
-            match tokio::time::timeout(
-                SEND_WAIT,
-                tx.send_batchable(Sendable::builder().message(amqp).settled(false).build()),
-            )
-            .await
-            {
-                Ok(Ok(fut)) => {
-                    next_key += 1;
-                    outstanding.insert(next_key, (ep.clone(), q.seq));
-                    let key = next_key;
-                    let started = std::time::Instant::now();
-                    in_flight.push(async move { (key, q, input, started, fut.await) });
-                }
-                Ok(Err(e)) => {
-                    debug!(error = ?e, "input link send failed");
-                    ep.release(q.seq);
-                    break 'outer;
-                }
-                Err(_) => {
-                    ep.release(q.seq);
-                    stalled = true;
-                    break 'outer;
-                }
-            }
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = tx.on_detach(), if in_flight.is_empty() => break,
-            _ = &mut notified => {}
-            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                if !settle_input(done, &mut outstanding, &mut unwritten, &mut sent_metrics, &module) {
-                    break;
-                }
-                if unwritten.count() >= write_at {
-                    unwritten.write().await;
-                }
+    let feed = delivery::ModuleInputs::new(core.clone(), module.clone());
+    let link = InputLink {
+        tx: Some(tx),
+        module,
+        cancel: cancel.clone(),
+        sent_metrics: m::SentCache::default(),
+    };
+    delivery::pump(feed, link, core.settings.limits.delivery_window, &cancel).await;
+}
+
+/// A module's input link as the delivery pump's [`delivery::Link`].
+struct InputLink {
+    /// Taken when the link is closed.
+    tx: Option<Sender>,
+    module: ModuleId,
+    cancel: LinkStop,
+    sent_metrics: m::SentCache,
+}
+
+impl delivery::Link for InputLink {
+    async fn send(&mut self, ep: &Endpoint, q: &Queued) -> Result<delivery::Sent, String> {
+        let tx = self.tx.as_mut().ok_or("the input link is closed")?;
+        let input = ep.input.as_deref().unwrap_or_default();
+        let amqp = q.msg.to_input_message(input, q.seq, q.delivery_count);
+        let sendable = Sendable::builder().message(amqp).settled(false).build();
+        match tx.send_batchable(sendable).await {
+            Ok(fut) => Ok(delivery::Sent::InFlight(Box::pin(async move {
+                fut.await
+                    .map(convert::outcome)
+                    .map_err(|e| format!("{e:?}"))
+            }))),
+            Err(e) => {
+                debug!(error = ?e, "input link send failed");
+                Err(format!("{e:?}"))
             }
         }
     }
-    // Every delivery still in flight ends once the session has handled what the module sent
-    // before the link (or its session) ended: with the module's outcome, or with an error when
-    // the link is gone. So outcomes sent just before a close are applied, not lost.
-    let closing = async {
-        if stalled {
+
+    async fn detached(&mut self) {
+        match self.tx.as_mut() {
+            Some(tx) => {
+                tx.on_detach().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    fn settled(
+        &mut self,
+        ep: &Endpoint,
+        q: &Queued,
+        outcome: &Result<delivery::Outcome, String>,
+        sent: std::time::Instant,
+    ) {
+        match outcome {
+            Ok(delivery::Outcome::Accepted) => {
+                let input = ep.input.as_deref().unwrap_or_default();
+                let elapsed = sent.elapsed().as_secs_f64();
+                let module = self.module.as_str();
+                self.sent_metrics
+                    .record(&q.msg, module, input, q.priority, elapsed);
+            }
+            Ok(delivery::Outcome::Rejected(_)) => m::dropped(m::DROP_REJECTED, &q.msg),
+            Ok(delivery::Outcome::Released) => {}
+            Err(e) => debug!(error = %e, "input delivery failed"),
+        }
+    }
+
+    async fn close(&mut self, why: &delivery::Ended) {
+        let Some(tx) = self.tx.take() else { return };
+        if *why == delivery::Ended::Stalled {
             let why = "the module granted no credit";
             let _ = tx
                 .close_with_error(amqp_error(custom_condition("com.microsoft:timeout"), why))
                 .await;
         } else {
-            close_sender(tx, &cancel).await;
-        }
-    };
-    let draining = async {
-        while let Some(done) = in_flight.next().await {
-            settle_input(
-                done,
-                &mut outstanding,
-                &mut unwritten,
-                &mut sent_metrics,
-                &module,
-            );
-        }
-    };
-    if tokio::time::timeout(DRAIN_WAIT, futures_util::future::join(closing, draining))
-        .await
-        .is_err()
-    {
-        debug!("the module's input link did not end in time");
-    }
-    for (_, (ep, seq)) in outstanding.drain() {
-        ep.release(seq);
-    }
-    unwritten.write().await;
-}
-
-/// A module's outcome for one delivery: (key, message, input, when it was sent, outcome).
-type InputOutcome = (
-    u64,
-    crate::store::queue::Queued,
-    String,
-    std::time::Instant,
-    Result<Outcome, fe2o3_amqp::link::SendError>,
-);
-
-/// Applies a module's outcome: accepted or rejected messages leave their queue, released or
-/// modified ones go back. `false` when the delivery failed (the link is gone; the message goes
-/// back).
-fn settle_input(
-    (key, q, input, started, result): InputOutcome,
-    outstanding: &mut HashMap<u64, (Arc<Endpoint>, u64)>,
-    unwritten: &mut Unwritten,
-    sent_metrics: &mut m::SentCache,
-    module: &ModuleId,
-) -> bool {
-    let Some((ep, seq)) = outstanding.remove(&key) else {
-        return true;
-    };
-    match result {
-        Ok(Outcome::Accepted(_)) => {
-            unwritten.ack(&ep, seq);
-            let elapsed = started.elapsed().as_secs_f64();
-            sent_metrics.record(&q.msg, module.as_str(), &input, q.priority, elapsed);
-        }
-        Ok(Outcome::Rejected(_)) => {
-            unwritten.ack(&ep, seq);
-            m::dropped(m::DROP_REJECTED, &q.msg);
-        }
-        Ok(_) => ep.release(seq),
-        Err(e) => {
-            debug!(error = ?e, "input delivery failed");
-            ep.release(seq);
-            return false;
+            close_sender(tx, &self.cancel).await;
         }
     }
-    true
 }
 
 async fn idle_sender(mut tx: Sender, cancel: LinkStop) {
@@ -739,7 +632,6 @@ const GENERIC_BAD_REQUEST: i32 = 400_000;
 
 /// Receives method responses from a client and hands them to the waiting callers.
 async fn method_responses(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cancel: LinkStop) {
-    use fe2o3_amqp::types::primitives::SimpleValue;
     loop {
         let delivery = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -766,27 +658,10 @@ async fn method_responses(mut rx: Receiver, id: Identity, core: Arc<HubCore>, ca
             .application_properties
             .as_ref()
             .and_then(|a| a.0.get("IoThub-status"))
-            .and_then(|v| match v {
-                SimpleValue::Int(i) => Some(*i),
-                SimpleValue::Long(i) => i32::try_from(*i).ok(),
-                SimpleValue::Uint(i) => i32::try_from(*i).ok(),
-                SimpleValue::Short(i) => Some(i32::from(*i)),
-                SimpleValue::Ubyte(i) => Some(i32::from(*i)),
-                SimpleValue::Ushort(i) => Some(i32::from(*i)),
-                SimpleValue::Byte(i) => Some(i32::from(*i)),
-                SimpleValue::String(s) => s.parse().ok(),
-                _ => None,
-            })
+            .and_then(convert::int_of)
+            .and_then(|s| i32::try_from(s).ok())
             .unwrap_or(GENERIC_BAD_REQUEST);
-        let payload = match msg.body {
-            Body::Data(batch) => batch.into_iter().flat_map(|d| d.0.into_vec()).collect(),
-            Body::Value(v) => match v.0 {
-                Value::String(s) => s.into_bytes(),
-                Value::Binary(b) => b.into_vec(),
-                _ => Vec::new(),
-            },
-            _ => Vec::new(),
-        };
+        let payload = convert::body_bytes(&msg.body);
         let _ = rx.accept(info).await;
         match cid {
             Some(cid) => {
@@ -883,35 +758,6 @@ async fn twin_responses(
     }
 }
 
-fn annotation_string(
-    m: &fe2o3_amqp::types::messaging::Message<Body<Value>>,
-    key: &str,
-) -> Option<String> {
-    use fe2o3_amqp::types::messaging::annotations::OwnedKey;
-    match m
-        .message_annotations
-        .as_ref()?
-        .0
-        .get(&OwnedKey::Symbol(key.into()))?
-    {
-        Value::String(s) => Some(s.clone()),
-        Value::Symbol(s) => Some(s.0.clone()),
-        _ => None,
-    }
-}
-
-fn body_bytes(body: Body<Value>) -> Vec<u8> {
-    match body {
-        Body::Data(batch) => batch.into_iter().flat_map(|d| d.0.into_vec()).collect(),
-        Body::Value(v) => match v.0 {
-            Value::String(s) => s.into_bytes(),
-            Value::Binary(b) => b.into_vec(),
-            _ => Vec::new(),
-        },
-        _ => Vec::new(),
-    }
-}
-
 const DESIRED_NOTIFICATIONS: &str = "/notifications/twin/properties/desired";
 /// How long a twin request waits for its identity's response link to attach.
 const TWIN_LINK_WAIT: Duration = Duration::from_secs(5);
@@ -952,8 +798,8 @@ async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cance
         };
         let _ = rx.accept(info).await;
         let msg = delivery.into_message();
-        let operation = annotation_string(&msg, "operation").unwrap_or_default();
-        let resource = annotation_string(&msg, "resource").unwrap_or_default();
+        let operation = convert::annotation_string(&msg, "operation").unwrap_or_default();
+        let resource = convert::annotation_string(&msg, "resource").unwrap_or_default();
         let correlation_id = msg
             .properties
             .as_ref()
@@ -975,7 +821,7 @@ async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cance
                 (200, twin.to_json().to_string().into_bytes(), None)
             }
             ("PATCH", "/properties/reported") => {
-                let body = body_bytes(msg.body);
+                let body = convert::body_bytes(&msg.body);
                 match serde_json::from_slice::<serde_json::Value>(&body) {
                     Ok(serde_json::Value::Object(patch)) => {
                         match core.twins.update_reported(&id, &patch).await {

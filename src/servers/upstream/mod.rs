@@ -26,13 +26,12 @@ use fe2o3_amqp::{
         definitions::Fields,
         messaging::{
             annotations::OwnedKey, ApplicationProperties, Body, Data, Message as AmqpMessage,
-            MessageAnnotations, MessageId, Outcome, Properties,
+            MessageAnnotations, MessageId, Properties,
         },
         primitives::{Binary, SimpleValue, Symbol, Value},
     },
     Connection, Sendable, Session,
 };
-use futures_util::{stream::FuturesUnordered, StreamExt};
 use serde_json::Map;
 use tokio::{net::TcpStream, task::JoinSet};
 use tokio_rustls::TlsConnector;
@@ -41,11 +40,12 @@ use tracing::{debug, info, warn};
 
 use crate::{
     config::UpstreamSettings,
-    core::HubCore,
+    core::{delivery, HubCore},
     metrics as m,
     model::identity::{Identity, IdentityKey, Key, ModuleId},
     model::sas::{make_token, now_secs, resource_for},
-    store::queue::{Endpoint, Unwritten},
+    servers::amqp::convert,
+    store::queue::{Endpoint, Queued},
 };
 
 /// Default lifetime of the tokens put upstream (`upstream.tokenLifetimeSecs`); they are renewed
@@ -604,7 +604,9 @@ impl Cbs {
                 continue;
             }
             let props = m.application_properties.as_ref().map(|a| &a.0);
-            let status = props.and_then(|p| p.get("status-code")).and_then(int_of);
+            let status = props
+                .and_then(|p| p.get("status-code"))
+                .and_then(convert::int_of);
             let desc = match props.and_then(|p| p.get("status-description")) {
                 Some(SimpleValue::String(s)) => s.clone(),
                 _ => String::new(),
@@ -620,202 +622,92 @@ impl Cbs {
     }
 }
 
-fn int_of(v: &SimpleValue) -> Option<i64> {
-    match v {
-        SimpleValue::Int(i) => Some(i64::from(*i)),
-        SimpleValue::Long(i) => Some(*i),
-        SimpleValue::Uint(i) => Some(i64::from(*i)),
-        SimpleValue::Ulong(i) => i64::try_from(*i).ok(),
-        SimpleValue::Short(i) => Some(i64::from(*i)),
-        SimpleValue::Ushort(i) => Some(i64::from(*i)),
-        SimpleValue::Byte(i) => Some(i64::from(*i)),
-        SimpleValue::Ubyte(i) => Some(i64::from(*i)),
-        SimpleValue::String(s) => s.parse().ok(),
-        _ => None,
-    }
-}
-
-fn value_int(v: &Value) -> Option<i64> {
-    match v {
-        Value::Int(i) => Some(i64::from(*i)),
-        Value::Long(i) => Some(*i),
-        Value::Uint(i) => Some(i64::from(*i)),
-        Value::Ulong(i) => i64::try_from(*i).ok(),
-        _ => None,
-    }
-}
-
-fn upstream_endpoint(core: &HubCore) -> Option<Arc<Endpoint>> {
-    core.router()
-        .endpoints()
-        .find(|e| e.id == "iothub")
-        .cloned()
-}
-
-/// How long the telemetry pump waits, when its links end, for the outcomes of messages in flight.
-const DRAIN_WAIT: Duration = Duration::from_secs(5);
-
-/// Drains the `$upstream` queue onto each origin's events link: up to `window` transfers in
-/// flight; a message leaves the queue only when the parent accepts it (or rejects it as
-/// invalid, which is counted and logged). Acknowledgements whose removals are not written out
-/// yet count against the window (see [`Unwritten`]), so a crash of the hub sends at most
-/// `window` messages again; outcomes that arrived before the links end still count, and the
-/// removals are written out when it ends.
+/// Drains the `$upstream` queue onto each origin's events link through the core's delivery
+/// pump (see [`delivery`]): up to `window` transfers in flight; a message leaves the queue only
+/// when the parent accepts it (or rejects it as invalid, which is counted and logged).
 async fn telemetry(
     core: Arc<HubCore>,
-    mut senders: HashMap<IdentityKey, Sender>,
+    senders: HashMap<IdentityKey, Sender>,
     window: usize,
     dead: CancellationToken,
     connected_at: Instant,
 ) -> Result<(), String> {
-    let mut outstanding: HashMap<u64, (Arc<Endpoint>, u64)> = HashMap::new();
-    let mut in_flight = FuturesUnordered::new();
-    let mut next_key = 0u64;
-    let mut first = true;
-    let mut sent_metrics = m::SentCache::default();
-    let mut failure: Option<String> = None;
-    let mut unwritten = Unwritten::default();
-    let write_at = (window / 4).max(1);
-    'outer: loop {
-        let Some(ep) = upstream_endpoint(&core) else {
-            // No route feeds `$upstream` (yet): look again after a reload.
-            tokio::select! {
-                _ = dead.cancelled() => break,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-            }
-        };
-        let notified = ep.ready.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let room = window.saturating_sub(unwritten.count());
-        while in_flight.len() < room {
-            let Some(q) = ep.pop() else { break };
-            let Some(tx) = senders.get_mut(&q.msg.from.key()) else {
-                tracing::error!(origin = %q.msg.from, "message for upstream dropped: its origin is not carried upstream (not this hub's, or refused by the parent)");
-                m::dropped(m::DROP_UPSTREAM_UNKNOWN, &q.msg);
-                ep.ack(q.seq);
-                continue;
-            };
-            let amqp = q.msg.to_upstream_message();
-            let sendable = Sendable::builder().message(amqp).settled(false).build();
-            match tokio::time::timeout(SEND_WAIT, tx.send_batchable(sendable)).await {
-                Ok(Ok(fut)) => {
-                    next_key += 1;
-                    outstanding.insert(next_key, (ep.clone(), q.seq));
-                    let k = next_key;
-                    let started = Instant::now();
-                    in_flight.push(async move { (k, q, started, fut.await) });
-                }
-                Ok(Err(e)) => {
-                    ep.release(q.seq);
-                    failure = Some(format!("sending upstream: {e}"));
-                    break 'outer;
-                }
-                Err(_) => {
-                    ep.release(q.seq);
-                    failure = Some("the parent granted no credit".into());
-                    break 'outer;
-                }
-            }
-        }
-        tokio::select! {
-            _ = dead.cancelled() => break,
-            _ = &mut notified => {}
-            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                if let Err(f) = settle_upstream(done, &mut outstanding, &mut unwritten, &mut sent_metrics, &mut first, connected_at) {
-                    failure = Some(f);
-                    break;
-                }
-                if unwritten.count() >= write_at {
-                    unwritten.write().await;
-                }
-            }
-        }
-    }
-    // Every delivery in flight ends once the session has handled what the parent sent before
-    // the links (or the connection) ended: outcomes sent just before the end are applied.
-    drop(senders);
-    let draining = async {
-        while let Some(done) = in_flight.next().await {
-            let _ = settle_upstream(
-                done,
-                &mut outstanding,
-                &mut unwritten,
-                &mut sent_metrics,
-                &mut first,
-                connected_at,
-            );
-        }
+    let link = Telemetry {
+        senders,
+        sent_metrics: m::SentCache::default(),
+        first: true,
+        connected_at,
     };
-    if tokio::time::timeout(DRAIN_WAIT, draining).await.is_err() {
-        debug!("upstream: outcomes of messages in flight did not come in time");
-    }
-    for (_, (ep, seq)) in outstanding.drain() {
-        ep.release(seq);
-    }
-    unwritten.write().await;
-    match failure {
-        Some(f) => Err(f),
-        None => Ok(()),
+    match delivery::pump(delivery::Upstream::new(core), link, window, &dead).await {
+        delivery::Ended::Stopped => Ok(()),
+        delivery::Ended::Stalled => Err("the parent granted no credit".into()),
+        delivery::Ended::Failed(e) => Err(e),
     }
 }
 
-/// The parent's outcome for one message: (key, message, when it was sent, outcome).
-type UpstreamOutcome = (
-    u64,
-    crate::store::queue::Queued,
-    Instant,
-    Result<Outcome, fe2o3_amqp::link::SendError>,
-);
-
-/// Applies the parent's outcome: accepted or rejected messages leave the queue, others go back.
-/// An error when the delivery failed (the message goes back).
-fn settle_upstream(
-    (k, q, started, result): UpstreamOutcome,
-    outstanding: &mut HashMap<u64, (Arc<Endpoint>, u64)>,
-    unwritten: &mut Unwritten,
-    sent_metrics: &mut m::SentCache,
-    first: &mut bool,
+/// The events links of every identity carried upstream, as the delivery pump's
+/// [`delivery::Link`]: each message goes on the link of its origin.
+struct Telemetry {
+    senders: HashMap<IdentityKey, Sender>,
+    sent_metrics: m::SentCache,
+    /// No message forwarded yet on this connection.
+    first: bool,
     connected_at: Instant,
-) -> Result<(), String> {
-    let Some((ep, seq)) = outstanding.remove(&k) else {
-        return Ok(());
-    };
-    match result {
-        Ok(Outcome::Accepted(_)) => {
-            unwritten.ack(&ep, seq);
-            let elapsed = started.elapsed().as_secs_f64();
-            sent_metrics.record(&q.msg, "upstream", "", q.priority, elapsed);
-            if std::mem::take(first) {
-                info!(
-                    after_ms = connected_at.elapsed().as_millis() as u64,
-                    "upstream: first message forwarded after connecting"
-                );
+}
+
+impl delivery::Link for Telemetry {
+    async fn send(&mut self, _: &Endpoint, q: &Queued) -> Result<delivery::Sent, String> {
+        let Some(tx) = self.senders.get_mut(&q.msg.from.key()) else {
+            tracing::error!(origin = %q.msg.from, "message for upstream dropped: its origin is not carried upstream (not this hub's, or refused by the parent)");
+            m::dropped(m::DROP_UPSTREAM_UNKNOWN, &q.msg);
+            return Ok(delivery::Sent::Dropped);
+        };
+        let amqp = q.msg.to_upstream_message();
+        let sendable = Sendable::builder().message(amqp).settled(false).build();
+        let fut = tx
+            .send_batchable(sendable)
+            .await
+            .map_err(|e| format!("sending upstream: {e}"))?;
+        Ok(delivery::Sent::InFlight(Box::pin(async move {
+            fut.await
+                .map(convert::outcome)
+                .map_err(|e| format!("delivery upstream failed: {e}"))
+        })))
+    }
+
+    fn settled(
+        &mut self,
+        _: &Endpoint,
+        q: &Queued,
+        outcome: &Result<delivery::Outcome, String>,
+        sent: Instant,
+    ) {
+        match outcome {
+            Ok(delivery::Outcome::Accepted) => {
+                let elapsed = sent.elapsed().as_secs_f64();
+                self.sent_metrics
+                    .record(&q.msg, "upstream", "", q.priority, elapsed);
+                if std::mem::take(&mut self.first) {
+                    info!(
+                        after_ms = self.connected_at.elapsed().as_millis() as u64,
+                        "upstream: first message forwarded after connecting"
+                    );
+                }
+            }
+            Ok(delivery::Outcome::Rejected(why)) => {
+                warn!(origin = %q.msg.from, "the parent rejected a message as invalid; dropped: {why}");
+                m::dropped(m::DROP_UPSTREAM_REJECTED, &q.msg);
+            }
+            Ok(delivery::Outcome::Released) | Err(_) => {
+                m::retry(&q.msg.from.to_string(), "send_event");
             }
         }
-        Ok(Outcome::Rejected(r)) => {
-            unwritten.ack(&ep, seq);
-            let why = r
-                .error
-                .map(|e| {
-                    let text = e.description.unwrap_or_default();
-                    format!("{:?}: {text}", e.condition)
-                })
-                .unwrap_or_default();
-            warn!(origin = %q.msg.from, "the parent rejected a message as invalid; dropped: {why}");
-            m::dropped(m::DROP_UPSTREAM_REJECTED, &q.msg);
-        }
-        Ok(_) => {
-            ep.release(seq);
-            m::retry(&q.msg.from.to_string(), "send_event");
-        }
-        Err(e) => {
-            ep.release(seq);
-            m::retry(&q.msg.from.to_string(), "send_event");
-            return Err(format!("delivery upstream failed: {e}"));
-        }
     }
-    Ok(())
+
+    async fn close(&mut self, _: &delivery::Ended) {
+        // Dropping the links ends them; the connection's end is the caller's.
+        self.senders.clear();
+    }
 }
 
 /// One identity's twin links upstream.
@@ -827,25 +719,6 @@ struct TwinLink {
     last_version: Option<i64>,
     /// Desired patches that arrived while waiting for a response.
     pushes: VecDeque<AmqpMessage<Body<Value>>>,
-}
-
-fn annotation<'a>(m: &'a AmqpMessage<Body<Value>>, k: &str) -> Option<&'a Value> {
-    m.message_annotations
-        .as_ref()?
-        .0
-        .get(&OwnedKey::Symbol(Symbol::from(k)))
-}
-
-fn body_of(body: &Body<Value>) -> Vec<u8> {
-    match body {
-        Body::Data(batch) => batch.iter().flat_map(|d| d.0.iter().copied()).collect(),
-        Body::Value(v) => match &v.0 {
-            Value::String(s) => s.clone().into_bytes(),
-            Value::Binary(b) => b.to_vec(),
-            _ => Vec::new(),
-        },
-        _ => Vec::new(),
-    }
 }
 
 impl TwinLink {
@@ -905,8 +778,10 @@ impl TwinLink {
                     self.pushes.push_back(msg);
                     continue;
                 }
-                let status = annotation(&msg, "status").and_then(value_int).unwrap_or(0);
-                return Ok((status, body_of(&msg.body)));
+                let status = convert::annotation(&msg, "status")
+                    .and_then(convert::value_int)
+                    .unwrap_or(0);
+                return Ok((status, convert::body_bytes(&msg.body)));
             }
         })
         .await
@@ -976,11 +851,11 @@ impl TwinLink {
     /// (then the caller reads the whole twin).
     async fn apply_push(&mut self, core: &HubCore, msg: &AmqpMessage<Body<Value>>) -> bool {
         let Ok(serde_json::Value::Object(patch)) =
-            serde_json::from_slice::<serde_json::Value>(&body_of(&msg.body))
+            serde_json::from_slice::<serde_json::Value>(&convert::body_bytes(&msg.body))
         else {
             return false;
         };
-        let version = annotation(msg, "version").and_then(value_int);
+        let version = convert::annotation(msg, "version").and_then(convert::value_int);
         match next_desired(self.last_version, version, &patch) {
             Push::Apply(v) => {
                 let mut desired = core.twins.get(&self.id).desired;
@@ -1141,7 +1016,7 @@ async fn methods(
                     Some(SimpleValue::String(s)) => s.clone(),
                     _ => String::new(),
                 };
-                let payload = body_of(&msg.body);
+                let payload = convert::body_bytes(&msg.body);
                 let core = core.clone();
                 let target = id.clone();
                 let answers = answers.clone();
