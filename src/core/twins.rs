@@ -120,26 +120,7 @@ pub fn encode_key(s: &str) -> String {
 
 /// The current UTC time as RFC 3339 (`2026-11-26T07:12:03.123Z`).
 pub fn utc_now() -> String {
-    let ms = crate::model::message::now_ms().max(0);
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ms % 1000
-    )
+    crate::model::time::utc_now()
 }
 
 /// A twin section without the document's `$version`/`$metadata`.
@@ -764,19 +745,7 @@ mod config_desired_tests {
 }
 
 #[cfg(test)]
-mod time_tests {
-    #[test]
-    fn utc_now_is_rfc3339() {
-        let t = super::utc_now();
-        assert_eq!(t.len(), 24, "{t}");
-        assert!(
-            t.ends_with('Z') && &t[4..5] == "-" && &t[10..11] == "T",
-            "{t}"
-        );
-        let year: i32 = t[..4].parse().unwrap();
-        assert!(year >= 2024, "{t}");
-    }
-
+mod key_tests {
     #[test]
     fn client_ids_become_valid_property_names() {
         assert_eq!(super::encode_key("d/$edgeHub.x"), "d/%24edgeHub%2Ex");

@@ -5,3 +5,4 @@ pub mod address;
 pub mod identity;
 pub mod message;
 pub mod sas;
+pub mod time;

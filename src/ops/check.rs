@@ -106,11 +106,11 @@ fn upstream(s: &Settings) -> Outcome {
     };
     let target = format!("{}:{}", up.hostname, up.port);
     let what = |m: &str| format!("upstream {target}: {m}");
-    let roots = match crate::servers::upstream::tls_roots(up) {
+    let roots = match crate::ops::tls::upstream_roots(up) {
         Ok(r) => r,
         Err(e) => {
             return error(
-                what(&e),
+                what(&e.to_string()),
                 "set upstream.caCert to the PEM of the CA that signed the parent's certificate",
             )
         }

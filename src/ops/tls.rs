@@ -201,6 +201,66 @@ pub fn server_config(files: &CertFiles) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
+/// Why the CA certificates for the upstream connection could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RootsError {
+    #[error("{}: {source}", path.display())]
+    Pem {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{}: unusable CA certificate: {source}", path.display())]
+    Unusable {
+        path: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("{}: no CA certificate in the file", .0.display())]
+    EmptyFile(PathBuf),
+    /// With the first error the platform store reported, if any (`: …`).
+    #[error("no CA certificate in the platform store{0} (install the ca-certificates package, or set upstream.caCert)")]
+    NoPlatformRoots(String),
+}
+
+/// The CA certificates the upstream connection trusts: `upstream.caCert` when it is set (every
+/// certificate in it must be usable), otherwise the platform's store as `rustls-native-certs`
+/// finds it (`SSL_CERT_FILE`/`SSL_CERT_DIR`, else the distribution's bundle, such as the one
+/// Debian's `ca-certificates` installs); a platform certificate rustls cannot use is skipped.
+pub fn upstream_roots(
+    up: &crate::config::UpstreamSettings,
+) -> Result<rustls::RootCertStore, RootsError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(path) = &up.ca {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|source| RootsError::Pem {
+                path: path.clone(),
+                source,
+            })?;
+        for c in certs {
+            roots.add(c).map_err(|source| RootsError::Unusable {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        if roots.is_empty() {
+            return Err(RootsError::EmptyFile(path.clone()));
+        }
+        return Ok(roots);
+    }
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    if roots.is_empty() {
+        let why = native
+            .errors
+            .first()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        return Err(RootsError::NoPlatformRoots(why));
+    }
+    Ok(roots)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,3 +4,4 @@
 pub mod condition;
 pub mod route;
 pub mod router;
+pub mod view;

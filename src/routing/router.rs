@@ -216,7 +216,7 @@ impl Router {
     /// The endpoints a message goes to (deduplicated).
     pub fn route(&self, msg: &Message) -> Vec<Target> {
         let source = msg.source_path();
-        let view = crate::model::message::RoutingView::new(msg);
+        let view = crate::routing::view::RoutingView::new(msg);
         let slots = self.conditions.slots(&view);
         // One scratch array for two tables: per distinct source prefix, 0 = not checked yet,
         // 1 = matches, 2 = does not; per sink, 0 = not taken, else 1 + the route that took it.
@@ -559,7 +559,7 @@ mod model {
     /// each route's condition alone, on a fresh view of the message.
     #[test]
     fn router_with_conditions_agrees_with_the_model() {
-        use crate::model::message::RoutingView;
+        use crate::routing::view::RoutingView;
         use fe2o3_amqp::types::{
             messaging::Properties,
             primitives::{SimpleValue, Symbol},

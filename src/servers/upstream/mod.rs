@@ -183,42 +183,6 @@ fn jitter(d: Duration) -> Duration {
     d / 2 + (d / 2) * r / 1000
 }
 
-/// The CA certificates the upstream connection trusts: `upstream.caCert` when it is set (every
-/// certificate in it must be usable), otherwise the platform's store as `rustls-native-certs`
-/// finds it (`SSL_CERT_FILE`/`SSL_CERT_DIR`, else the distribution's bundle, such as the one
-/// Debian's `ca-certificates` installs); a platform certificate rustls cannot use is skipped.
-pub(crate) fn tls_roots(up: &UpstreamSettings) -> Result<rustls::RootCertStore, String> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer};
-    let mut roots = rustls::RootCertStore::empty();
-    if let Some(path) = &up.ca {
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        for c in certs {
-            roots
-                .add(c)
-                .map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;
-        }
-        if roots.is_empty() {
-            return Err(format!("{}: no CA certificate in the file", path.display()));
-        }
-        return Ok(roots);
-    }
-    let native = rustls_native_certs::load_native_certs();
-    roots.add_parsable_certificates(native.certs);
-    if roots.is_empty() {
-        let why = native
-            .errors
-            .first()
-            .map(|e| format!(": {e}"))
-            .unwrap_or_default();
-        return Err(format!(
-            "no CA certificate in the platform store{why} (install the ca-certificates package, or set upstream.caCert)"
-        ));
-    }
-    Ok(roots)
-}
-
 /// The links of one identity on its own session.
 struct IdentityLinks {
     id: Identity,
@@ -287,7 +251,7 @@ async fn connect_inner(
     up: &UpstreamSettings,
     keys: &UpstreamKeys,
 ) -> Result<Live, String> {
-    let roots = tls_roots(up)?;
+    let roots = crate::ops::tls::upstream_roots(up).map_err(|e| e.to_string())?;
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
