@@ -46,6 +46,8 @@ pub enum StartError {
     },
     #[error("device key: {0}")]
     DeviceKey(String),
+    #[error("the $edgeHub module id: {0}")]
+    EdgeHubId(String),
     #[error("twins: {0}")]
     Twins(#[from] crate::core::twins::TwinError),
     #[error("{0}")]
@@ -182,7 +184,7 @@ impl Hub {
         if let Some(up) = core.settings.upstream.clone() {
             tasks.spawn(crate::core::report_clients(core.clone(), shutdown.clone()));
             let edge_hub = crate::model::identity::ModuleId::parse("$edgeHub")
-                .map_err(|e| StartError::DeviceKey(e.to_string()))?;
+                .map_err(|e| StartError::EdgeHubId(e.to_string()))?;
             let keys = crate::servers::upstream::UpstreamKeys {
                 edge_hub: up.edge_hub_key.clone().unwrap_or_else(|| {
                     crate::core::auth::module_keys(&core.settings, &key, &edge_hub).primary

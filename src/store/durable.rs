@@ -105,8 +105,13 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("store: {0}")]
-    Fjall(String),
+    /// fjall or the file system failed; `kind` is the IO error's kind when there is one
+    /// (`StorageFull`, `PermissionDenied`, …), so a caller can tell a full disk from the rest.
+    #[error("store: {message}")]
+    Fjall {
+        kind: Option<std::io::ErrorKind>,
+        message: String,
+    },
     #[error("store record {0}: {1}")]
     Corrupt(u64, String),
     #[error("store: message {0} cannot be encoded: {1}")]
@@ -128,8 +133,61 @@ pub enum Overflow {
     DropOldest,
 }
 
-fn fj(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Fjall(e.to_string())
+impl StoreError {
+    /// A failure without an IO error beneath it.
+    pub fn other(message: impl Into<String>) -> Self {
+        StoreError::Fjall {
+            kind: None,
+            message: message.into(),
+        }
+    }
+
+    /// The kind of the IO error beneath, if any.
+    pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
+        match self {
+            StoreError::Fjall { kind, .. } => *kind,
+            _ => None,
+        }
+    }
+}
+
+/// The kind of the first IO error in `e`'s chain of sources.
+fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        next = e.source();
+    }
+    None
+}
+
+fn fj<E: std::error::Error + 'static>(e: E) -> StoreError {
+    StoreError::Fjall {
+        kind: io_kind(&e),
+        message: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("wrapped: {0}")]
+    struct Wrapped(#[source] std::io::Error);
+
+    #[test]
+    fn store_errors_keep_the_io_error_kind() {
+        let full = || std::io::Error::new(std::io::ErrorKind::StorageFull, "no space");
+        assert_eq!(
+            super::fj(full()).io_kind(),
+            Some(std::io::ErrorKind::StorageFull)
+        );
+        let e = super::fj(Wrapped(full()));
+        assert_eq!(e.io_kind(), Some(std::io::ErrorKind::StorageFull));
+        assert_eq!(e.to_string(), "store: wrapped: no space");
+        assert_eq!(super::StoreError::other("x").io_kind(), None);
+    }
 }
 
 /// Writes between two measures of the store's files against its limit (see
@@ -157,9 +215,7 @@ fn slack(limit: u64) -> u64 {
 }
 
 fn poisoned() -> StoreError {
-    StoreError::Fjall(
-        "an earlier fsync of the journal failed; the store takes no more writes".into(),
-    )
+    StoreError::other("an earlier fsync of the journal failed; the store takes no more writes")
 }
 
 /// How writes become durable.
@@ -624,9 +680,10 @@ impl ActiveJournal {
     fn sync(&mut self, keyspace: &fjall::Keyspace) -> Result<(), StoreError> {
         keyspace.persist(fjall::PersistMode::Buffer).map_err(fj)?;
         match self.newest() {
-            Some(file) => file
-                .sync_data()
-                .map_err(|e| StoreError::Fjall(format!("fsync of the journal failed: {e}"))),
+            Some(file) => file.sync_data().map_err(|e| StoreError::Fjall {
+                kind: Some(e.kind()),
+                message: format!("fsync of the journal failed: {e}"),
+            }),
             None => keyspace.persist(fjall::PersistMode::SyncAll).map_err(fj),
         }
     }

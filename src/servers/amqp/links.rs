@@ -370,7 +370,7 @@ impl GroupCommit {
         match self.sync.as_mut() {
             Some(sync) => sync
                 .await
-                .unwrap_or_else(|e| Err(StoreError::Fjall(format!("the commit task failed: {e}")))),
+                .unwrap_or_else(|e| Err(StoreError::other(format!("the commit task failed: {e}")))),
             None => std::future::pending().await,
         }
     }
