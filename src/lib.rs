@@ -15,6 +15,7 @@
 //! `docs/ARCHITECTURE.md` shows the tasks, channels and the path of a message.
 
 pub mod app;
+#[cfg(feature = "client")]
 pub mod client;
 pub mod config;
 pub mod core;

@@ -11,6 +11,7 @@
 //! a peer's detach, end or close is bounded, so a silent peer holds no task.
 
 pub mod cbs;
+pub mod cbs_client;
 pub(crate) mod convert;
 mod links;
 pub(crate) mod tags;

@@ -44,7 +44,10 @@ use crate::{
     metrics as m,
     model::identity::{Identity, IdentityKey, Key, ModuleId},
     model::sas::{make_token, now_secs, resource_for},
-    servers::amqp::convert,
+    servers::amqp::{
+        cbs_client::{CbsClient, CbsError, IOTHUB_TOKEN},
+        convert,
+    },
     store::queue::{Endpoint, Queued},
 };
 
@@ -287,7 +290,9 @@ async fn connect_inner(
     let mut cbs_session = Session::begin(&mut connection)
         .await
         .map_err(|e| format!("$cbs session: {e}"))?;
-    let mut cbs = Cbs::attach(&mut cbs_session).await?;
+    let mut cbs = Cbs::attach(&mut cbs_session)
+        .await
+        .map_err(|e| e.to_string())?;
     let host = &core.settings.iothub_hostname;
     let mut ids = Vec::new();
     for id in identities(core) {
@@ -480,109 +485,21 @@ async fn serve(
     why
 }
 
-/// Why a put-token did not succeed.
-#[derive(Debug)]
-enum CbsError {
-    /// The parent answered with this status and description.
-    Refused(i64, String),
-    /// The link or the connection failed.
-    Failed(String),
-}
-
-impl std::fmt::Display for CbsError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CbsError::Refused(s, d) => write!(f, "put-token refused ({s}): {d}"),
-            CbsError::Failed(e) => f.write_str(e),
-        }
-    }
-}
-
-impl From<String> for CbsError {
-    fn from(e: String) -> Self {
-        CbsError::Failed(e)
-    }
-}
-
-/// The `$cbs` link pair: put-token requests and their replies.
-struct Cbs {
-    tx: Sender,
-    rx: Receiver,
-}
+/// The `$cbs` link pair to the parent.
+struct Cbs(CbsClient);
 
 impl Cbs {
-    async fn attach(session: &mut SessionHandle<()>) -> Result<Self, String> {
-        let tx = Sender::builder()
-            .name("$cbs-sender")
-            .target("$cbs")
-            .attach(session)
+    async fn attach(session: &mut SessionHandle<()>) -> Result<Self, CbsError> {
+        CbsClient::attach(session, "$cbs-sender", "$cbs-receiver")
             .await
-            .map_err(|e| format!("$cbs sender: {e}"))?;
-        let rx = Receiver::builder()
-            .name("$cbs-receiver")
-            .source("$cbs")
-            .target("$cbs-receiver")
-            .attach(session)
-            .await
-            .map_err(|e| format!("$cbs receiver: {e}"))?;
-        Ok(Self { tx, rx })
+            .map(Cbs)
     }
 
+    /// Puts this hub's token for `audience`, waiting at most [`OP_TIMEOUT`] for the reply.
     async fn put_token(&mut self, audience: &str, token: &str) -> Result<(), CbsError> {
-        tokio::time::timeout(OP_TIMEOUT, self.put_token_inner(audience, token))
+        tokio::time::timeout(OP_TIMEOUT, self.0.put_token(IOTHUB_TOKEN, audience, token))
             .await
             .map_err(|_| CbsError::Failed("no put-token reply".to_owned()))?
-    }
-
-    async fn put_token_inner(&mut self, audience: &str, token: &str) -> Result<(), CbsError> {
-        let id = uuid::Uuid::new_v4().to_string();
-        let app = ApplicationProperties::builder()
-            .insert("operation", "put-token")
-            .insert("type", "azure-devices.net:sastoken")
-            .insert("name", audience)
-            .build();
-        let msg = AmqpMessage::builder()
-            .properties(Properties {
-                message_id: Some(MessageId::String(id.clone())),
-                reply_to: Some("$cbs-receiver".into()),
-                to: Some("$cbs".into()),
-                ..Default::default()
-            })
-            .application_properties(app)
-            .value(token.to_owned())
-            .build();
-        self.tx
-            .send(Sendable::builder().message(msg).settled(true).build())
-            .await
-            .map_err(|e| format!("sending put-token: {e}"))?;
-        loop {
-            let reply = self
-                .rx
-                .recv::<Body<Value>>()
-                .await
-                .map_err(|e| format!("reading put-token reply: {e}"))?;
-            let _ = self.rx.accept(&reply).await;
-            let m = reply.message();
-            let cid = m.properties.as_ref().and_then(|p| p.correlation_id.clone());
-            if cid.is_some_and(|c| c != MessageId::String(id.clone())) {
-                continue;
-            }
-            let props = m.application_properties.as_ref().map(|a| &a.0);
-            let status = props
-                .and_then(|p| p.get("status-code"))
-                .and_then(convert::int_of);
-            let desc = match props.and_then(|p| p.get("status-description")) {
-                Some(SimpleValue::String(s)) => s.clone(),
-                _ => String::new(),
-            };
-            return match status {
-                Some(200) => Ok(()),
-                Some(s) => Err(CbsError::Refused(s, desc)),
-                None => Err(CbsError::Failed(
-                    "put-token reply has no status-code".into(),
-                )),
-            };
-        }
     }
 }
 
