@@ -1,4 +1,4 @@
-//! Direct methods: the dispatcher between callers (the HTTPS method API, later the upstream) and
+//! Direct methods: the dispatcher between callers (the HTTPS method API, the upstream) and
 //! the method links of connected modules and devices.
 //!
 //! Invariants:
