@@ -553,6 +553,9 @@ async fn module_inputs(mut tx: Sender, id: Identity, core: Arc<HubCore>, cancel:
     let (mut endpoints, ready) = router.module_inputs(&module);
     drop(router);
     let window = core.settings.limits.delivery_window;
+    let byte_cap = core.settings.limits.max_unsettled_bytes_per_link;
+    // Bytes of the deliveries in flight (see `max_unsettled_bytes_per_link`).
+    let mut in_flight_bytes = 0u64;
     // Acknowledgements are written out once a quarter of the window waits for it.
     let write_at = (window / 4).max(1);
     let mut cursor = 0;
@@ -574,7 +577,7 @@ async fn module_inputs(mut tx: Sender, id: Identity, core: Arc<HubCore>, cancel:
         }
         drop(router);
         let room = window.saturating_sub(unwritten.count());
-        while in_flight.len() < room {
+        while in_flight.len() < room && (in_flight.is_empty() || in_flight_bytes < byte_cap) {
             let Some((ep, q)) = next_message(&endpoints, &mut cursor) else {
                 break;
             };
@@ -591,6 +594,7 @@ async fn module_inputs(mut tx: Sender, id: Identity, core: Arc<HubCore>, cancel:
                     outstanding.insert(next_key, (ep.clone(), q.seq));
                     let key = next_key;
                     let started = std::time::Instant::now();
+                    in_flight_bytes += q.msg.size() as u64;
                     in_flight.push(async move { (key, q, input, started, fut.await) });
                 }
                 Ok(Err(e)) => {
@@ -610,6 +614,7 @@ async fn module_inputs(mut tx: Sender, id: Identity, core: Arc<HubCore>, cancel:
             _ = tx.on_detach(), if in_flight.is_empty() => break,
             _ = &mut notified => {}
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                in_flight_bytes = in_flight_bytes.saturating_sub(done.1.msg.size() as u64);
                 if !settle_input(done, &mut outstanding, &mut unwritten, &mut sent_metrics, &module) {
                     break;
                 }
