@@ -159,6 +159,64 @@ async fn many_messages_are_in_flight_to_a_module_and_abandoned_ones_come_back() 
 }
 
 #[tokio::test]
+async fn unsettled_bytes_to_one_input_link_are_capped() {
+    // 30 000-byte bodies against a 65 536-byte cap: three go out (the third passes the cap),
+    // then nothing until the module settles one.
+    let hub = start_hub(
+        ROUTES,
+        r#"{"deliveryWindow": 256, "maxUnsettledBytesPerLink": 65536}"#,
+    )
+    .await;
+    let mut a = hub.connect("A").await;
+    let mut b = hub.connect("B").await;
+    let mut rx = b.receiver(B_INPUTS).await.unwrap();
+    let mut tx = a.sender(A_EVENTS).await.unwrap();
+    let body = "x".repeat(30_000);
+    for i in 0..10 {
+        let o = timeout(WAIT, tx.send(output(&body, &format!("m{i}"))))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(o, Outcome::Accepted(_)));
+    }
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            timeout(WAIT, rx.recv::<Body<Value>>())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    // Without the cap the other seven are on the wire at once; with it none comes.
+    let more = timeout(
+        std::time::Duration::from_millis(500),
+        rx.recv::<Body<Value>>(),
+    )
+    .await;
+    assert!(more.is_err(), "a fourth delivery passed the byte cap");
+    rx.accept(&held.remove(0)).await.unwrap();
+    let next = timeout(WAIT, rx.recv::<Body<Value>>())
+        .await
+        .unwrap()
+        .unwrap();
+    held.push(next);
+    for d in &held {
+        rx.accept(d).await.unwrap();
+    }
+    for _ in 0..6 {
+        let d = timeout(WAIT, rx.recv::<Body<Value>>())
+            .await
+            .unwrap()
+            .unwrap();
+        rx.accept(&d).await.unwrap();
+    }
+    a.close().await;
+    b.close().await;
+    hub.stop().await;
+}
+
+#[tokio::test]
 async fn unrouted_messages_are_accepted_and_counted_as_dropped() {
     let hub = start_hub("{}", "{}").await;
     let mut a = hub.connect("A").await;

@@ -126,6 +126,10 @@ pub struct Limits {
     pub http_header_timeout_secs: u64,
     /// An HTTP request's whole body must arrive within this many seconds.
     pub http_body_timeout_secs: u64,
+    /// Bytes of unsettled deliveries in flight to one module input link: the hub sends no
+    /// more while this many wait for the module's outcome (one message always goes, so a
+    /// link may hold this plus one message).
+    pub max_unsettled_bytes_per_link: u64,
 }
 
 impl Default for Limits {
@@ -143,6 +147,7 @@ impl Default for Limits {
             idle_timeout_secs: 240,
             max_sessions_per_connection: 256,
             max_links_per_session: 64,
+            max_unsettled_bytes_per_link: 8 * 1024 * 1024,
             max_incomplete_bytes_per_connection: 8 * 1024 * 1024,
             shutdown_timeout_secs: 10,
             https_max_connections: 100,
@@ -801,6 +806,7 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             "metricsMaxConnections",
             "httpHeaderTimeoutSecs",
             "httpBodyTimeoutSecs",
+            "maxUnsettledBytesPerLink",
         ];
         if let Some(l) = w.object(l, "$.limits", &keys) {
             let p = "$.limits";
@@ -832,6 +838,7 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
                 limits.metrics_max_connections as u64,
                 limits.http_header_timeout_secs,
                 limits.http_body_timeout_secs,
+                limits.max_unsettled_bytes_per_link,
             ];
             set(&mut w, keys[0], 1, 1_000_000, &mut v[0]);
             set(&mut w, keys[1], 1, 3600, &mut v[1]);
@@ -854,6 +861,7 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             set(&mut w, keys[15], 1, 1_000_000, &mut v[15]);
             set(&mut w, keys[16], 1, 3600, &mut v[16]);
             set(&mut w, keys[17], 1, 3600, &mut v[17]);
+            set(&mut w, keys[18], 1024, 1 << 40, &mut v[18]);
             limits = Limits {
                 max_connections: v[0] as usize,
                 handshake_timeout_secs: v[1],
@@ -873,6 +881,7 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
                 metrics_max_connections: v[15] as usize,
                 http_header_timeout_secs: v[16],
                 http_body_timeout_secs: v[17],
+                max_unsettled_bytes_per_link: v[18],
             };
         }
     }
@@ -1271,6 +1280,16 @@ mod tests {
             ),
             (6, 9, 11, 7, 3, 4, 5)
         );
+        assert_eq!(
+            from_str(GOOD, &env(&[]))
+                .unwrap()
+                .limits
+                .max_unsettled_bytes_per_link,
+            8 * 1024 * 1024
+        );
+        let s = with(r#"{"maxUnsettledBytesPerLink": 65536}"#).unwrap();
+        assert_eq!(s.limits.max_unsettled_bytes_per_link, 65536);
+        assert!(with(r#"{"maxUnsettledBytesPerLink": 10}"#).is_err());
         let errs =
             with(r#"{"maxSessionsPerConnection": 0, "maxIncompleteBytesPerConnection": 10}"#)
                 .unwrap_err();

@@ -1,7 +1,9 @@
 //! Delivery: the one pump that moves messages from endpoint queues to a peer, for every
 //! transport (a module's input link, the upstream telemetry links).
 //!
-//! The pump keeps up to `window` unsettled transfers in flight. Accepted and rejected messages
+//! The pump keeps up to a [`Window`] of unsettled transfers in flight (a number of messages, and
+//! of bytes: a module's input link holds at most `limits.maxUnsettledBytesPerLink` plus one
+//! message). Accepted and rejected messages
 //! leave their queue; released (or modified) ones go back to their place with a higher delivery
 //! count; when the pump ends, every message still in flight goes back. An acknowledgement whose
 //! removal is not yet written out counts against the window too (see [`Unwritten`]): after a
@@ -111,17 +113,27 @@ pub trait Feed: Send {
     fn next(&mut self) -> Option<(Arc<Endpoint>, Queued)>;
 }
 
+/// How much a pump keeps in flight.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    /// Unsettled transfers (acknowledgements not yet written out count too).
+    pub messages: usize,
+    /// Bytes of the unsettled transfers (`limits.maxUnsettledBytesPerLink`); one message
+    /// always goes, so a pump holds at most this plus one message.
+    pub bytes: u64,
+}
+
 /// Moves messages from `feed` to `link`, up to `window` in flight, until `stop`, the peer's
 /// end or a failure; then returns every message in flight and says why it ended.
 pub async fn pump<F: Feed, L: Link>(
     mut feed: F,
     mut link: L,
-    window: usize,
+    window: Window,
     stop: &CancellationToken,
 ) -> Ended {
     // Acknowledgements are written out once a quarter of the window waits for it.
-    let write_at = (window / 4).max(1);
-    let mut state = Window::default();
+    let write_at = (window.messages / 4).max(1);
+    let mut state = InFlight::default();
     let mut in_flight = FuturesUnordered::new();
     let mut ended = Ended::Stopped;
     'outer: loop {
@@ -134,14 +146,15 @@ pub async fn pump<F: Feed, L: Link>(
         let notified = ready.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let room = window.saturating_sub(state.unwritten.count());
-        while in_flight.len() < room {
+        let room = window.messages.saturating_sub(state.unwritten.count());
+        while in_flight.len() < room && (in_flight.is_empty() || state.bytes < window.bytes) {
             let Some((ep, q)) = feed.next() else { break };
             match tokio::time::timeout(SEND_WAIT, link.send(&ep, &q)).await {
                 Ok(Ok(Sent::InFlight(delivery))) => {
                     state.next_key += 1;
                     let key = state.next_key;
                     state.outstanding.insert(key, (ep, q.seq));
+                    state.bytes += q.msg.size() as u64;
                     let sent = Instant::now();
                     in_flight.push(async move { (key, q, sent, delivery.await) });
                 }
@@ -165,6 +178,7 @@ pub async fn pump<F: Feed, L: Link>(
             _ = link.detached(), if in_flight.is_empty() => break,
             _ = &mut notified => {}
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                state.bytes = state.bytes.saturating_sub(done.1.msg.size() as u64);
                 if let Err(e) = state.settle(done, &mut link) {
                     ended = Ended::Failed(e);
                     break;
@@ -206,13 +220,15 @@ type Done = (u64, Queued, Instant, Result<Outcome, String>);
 
 /// The pump's transfers in flight and the acknowledgements not yet written out.
 #[derive(Default)]
-struct Window {
+struct InFlight {
     outstanding: HashMap<u64, (Arc<Endpoint>, u64)>,
+    /// Bytes of the messages in flight.
+    bytes: u64,
     unwritten: Unwritten,
     next_key: u64,
 }
 
-impl Window {
+impl InFlight {
     /// Applies the outcome of one transfer to its queue and tells the link. An error when the
     /// transfer failed (the message went back).
     fn settle<L: Link>(&mut self, done: Done, link: &mut L) -> Result<(), String> {

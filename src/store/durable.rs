@@ -71,8 +71,10 @@
 //!   fjall would stall with a sleep for a full write buffer (the store's thread then seals the
 //!   largest memtable) or too many tables waiting in level 0 is refused as busy instead, so the
 //!   sender waits asynchronously as it does for a compaction. fjall's 500 ms stall for journals
-//!   near `max_journaling_size` (64 MiB, checked when a memtable is sealed) can still reach a
-//!   worker: refusing writes then would keep the journals from being freed.
+//!   near `max_journaling_size` (64 MiB, checked when a memtable is sealed) cannot be refused
+//!   (that would keep the journals from being freed): once the journals are past three
+//!   quarters of it, writes are made with the worker's other tasks handed to another thread
+//!   (`block_in_place`), so a stall holds only the sender that met it.
 //! * `storeLimits.maxSizeBytes` caps the bytes of keys and values held (entries and records),
 //!   counted in memory and rebuilt at open; a write that would pass it is refused before it is
 //!   made (or makes room by dropping the oldest of its queue with `dropOldest`). The files
@@ -382,7 +384,25 @@ pub struct DurableStore {
     files: AtomicU64,
     /// fjall's journal directory.
     journals: std::path::PathBuf,
+    /// Journal bytes past which a write may stall (see [`DurableStore::off_worker`]):
+    /// [`JOURNAL_NEAR`], lower in tests.
+    journal_near: AtomicU64,
+    /// The journals were past `journal_near` when last looked at.
+    journals_near: std::sync::atomic::AtomicBool,
+    /// Writes made off the async worker because the journals were near their bound.
+    offloaded: AtomicU64,
 }
+
+/// fjall's bound on the journals (`max_journaling_size`): a memtable sealed with the journals
+/// past 90 % of it sleeps the writing thread.
+const JOURNAL_MAX: u64 = 64 * 1024 * 1024;
+/// From here on a write is made off the async worker ([`DurableStore::off_worker`]).
+const JOURNAL_NEAR: u64 = JOURNAL_MAX * 3 / 4;
+/// The journals' size is looked at every this many writes ...
+const JOURNAL_CHECK_EVERY: u64 = 64;
+/// ... and at every write of at least this many bytes (64 smaller ones stay well within the
+/// margin between [`JOURNAL_NEAR`] and fjall's 90 %).
+const JOURNAL_LARGE_WRITE: usize = 64 * 1024;
 
 /// Clears the store's `compacting` flag when the compaction ends, however it ends.
 struct Compacting(Arc<std::sync::atomic::AtomicBool>);
@@ -556,6 +576,9 @@ impl DurableStore {
             compacting: Arc::default(),
             files: AtomicU64::new(0),
             journals: dir.join("journals"),
+            journal_near: AtomicU64::new(JOURNAL_NEAR),
+            journals_near: Default::default(),
+            offloaded: AtomicU64::new(0),
         });
         let (chores, weak) = (store.chores.clone(), Arc::downgrade(&store));
         match std::thread::Builder::new()
@@ -714,8 +737,9 @@ impl DurableStore {
     /// Refuses it as well, as busy, when fjall would stall it with a sleep on this thread (see
     /// [`L0_STALL`], and a write buffer that the write would take past its size): the sender
     /// waits asynchronously instead, as for a compaction. fjall's stall for journals near their
-    /// bound (checked when a memtable is sealed) is not foreseen here: refusing writes then
-    /// would keep the memtables from filling, and so the journals from being freed.
+    /// bound (checked when a memtable is sealed) is not refused here: refusing writes then
+    /// would keep the memtables from filling, and so the journals from being freed (see
+    /// [`DurableStore::off_worker`]).
     fn check_files(
         &self,
         bytes: u64,
@@ -847,16 +871,32 @@ impl DurableStore {
     ) -> Result<Written, StoreError> {
         let key_len = endpoint.len() + KEY_TAIL;
         let (key, value) = entry.split_at(key_len.min(entry.len()));
-        let pointer_bytes = (key_len + ENTRY_HEAD) as u64;
         if self.poisoned.load(Ordering::Acquire) {
             return Err(poisoned());
         }
         self.check_files(entry.len() as u64, &self.queue)?;
+        self.off_worker(entry.len(), || {
+            self.write_entry(at, endpoint, expires_ms, msg_id, key, value)
+        })
+    }
+
+    /// [`DurableStore::put`] once the write is allowed.
+    fn write_entry(
+        &self,
+        at: Slot,
+        endpoint: &str,
+        expires_ms: Option<i64>,
+        msg_id: u64,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<Written, StoreError> {
+        let pointer_bytes = (endpoint.len() + KEY_TAIL + ENTRY_HEAD) as u64;
+        let entry_len = (key.len() + value.len()) as u64;
         let mut copies = locked(&self.copies);
         let written = match copies.get_mut(&msg_id) {
             None => {
                 // The first (and usually only) queue: the record goes inline.
-                let bytes = entry.len() as u64;
+                let bytes = entry_len;
                 self.reserve(bytes)?;
                 copies.insert(msg_id, Copies::Inline(at));
                 drop(copies);
@@ -936,6 +976,35 @@ impl DurableStore {
         };
         self.written.fetch_add(1, Ordering::AcqRel);
         Ok(written)
+    }
+
+    /// Runs a write of `bytes` that fjall may stall with a sleep of the calling thread: when a
+    /// memtable is sealed while its journals are near [`JOURNAL_MAX`], fjall sleeps 500 ms (and
+    /// then 100 ms at a time until flushes free journals). Refusing writes then would keep the
+    /// memtables from filling and the journals from being freed, so the write goes on, but
+    /// off the async worker: with journals past [`JOURNAL_NEAR`] the worker hands its other
+    /// tasks to another thread for the time of the write (`block_in_place`). The journals'
+    /// size is looked at every [`JOURNAL_CHECK_EVERY`] writes and for every large one; fewer
+    /// bytes than the margin between the two bounds are written in between.
+    fn off_worker<R>(&self, bytes: usize, write: impl FnOnce() -> R) -> R {
+        let n = self.written.load(Ordering::Relaxed);
+        if n % JOURNAL_CHECK_EVERY == 0 || bytes >= JOURNAL_LARGE_WRITE {
+            let near =
+                self.keyspace.journal_disk_space() >= self.journal_near.load(Ordering::Relaxed);
+            self.journals_near.store(near, Ordering::Relaxed);
+        }
+        if !self.journals_near.load(Ordering::Relaxed) {
+            return write();
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                self.offloaded.fetch_add(1, Ordering::Relaxed);
+                tokio::task::block_in_place(write)
+            }
+            // A thread of no runtime may sleep; a current-thread runtime (tests, tools) has no
+            // other worker to hand its tasks to.
+            _ => write(),
+        }
     }
 
     /// The endpoint id of queue `index`.
@@ -1433,7 +1502,7 @@ pub fn open_keyspace(dir: &Path, cap: Option<u64>) -> Result<fjall::Keyspace, St
     fjall::Config::new(dir)
         .cache_size(8 * 1024 * 1024)
         .max_write_buffer_size(write_buffer)
-        .max_journaling_size(64 * 1024 * 1024)
+        .max_journaling_size(JOURNAL_MAX)
         .flush_workers(1)
         .compaction_workers(1)
         .manual_journal_persist(true)

@@ -475,7 +475,12 @@ async fn module_inputs(tx: Sender, id: Identity, core: Arc<HubCore>, cancel: Lin
         cancel: cancel.clone(),
         sent_metrics: m::SentCache::default(),
     };
-    delivery::pump(feed, link, core.settings.limits.delivery_window, &cancel).await;
+    let limits = &core.settings.limits;
+    let window = delivery::Window {
+        messages: limits.delivery_window,
+        bytes: limits.max_unsettled_bytes_per_link,
+    };
+    delivery::pump(feed, link, window, &cancel).await;
 }
 
 /// A module's input link as the delivery pump's [`delivery::Link`].

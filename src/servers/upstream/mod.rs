@@ -519,6 +519,10 @@ async fn telemetry(
         first: true,
         connected_at,
     };
+    let window = delivery::Window {
+        messages: window,
+        bytes: u64::MAX,
+    };
     match delivery::pump(delivery::Upstream::new(core), link, window, &dead).await {
         delivery::Ended::Stopped => Ok(()),
         delivery::Ended::Stalled => Err("the parent granted no credit".into()),

@@ -573,6 +573,55 @@ fn a_write_fjall_would_stall_is_refused_as_busy_until_the_buffer_is_flushed() {
 }
 
 #[test]
+fn a_write_near_the_journal_bound_leaves_the_async_worker_to_other_tasks() {
+    // A write that fjall may stall must not hold the only worker: here the "write" waits
+    // for a task spawned just before it on the same worker, which can run only if the
+    // worker was handed over.
+    let dir = temp();
+    let store = open(&dir, SyncPolicy::Commit);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let write_waiting_for_a_task = |store: Arc<DurableStore>, secs: u64| async move {
+        let wait = std::time::Duration::from_millis(secs);
+        let (tx, rx) = std::sync::mpsc::channel();
+        tokio::spawn(async move { tx.send(()) });
+        store.written.store(0, Ordering::Relaxed);
+        store.off_worker(1, || rx.recv_timeout(wait))
+    };
+    // Far from the bound the write is made in place (the spawned task runs only after it).
+    let far = rt.block_on(async {
+        tokio::spawn(write_waiting_for_a_task(store.clone(), 300))
+            .await
+            .unwrap()
+    });
+    assert!(far.is_err());
+    assert_eq!(store.offloaded.load(Ordering::Relaxed), 0);
+    // Near it, the worker's other tasks go on while the write waits.
+    store.journal_near.store(0, Ordering::Relaxed);
+    let near = rt.block_on(async {
+        tokio::spawn(write_waiting_for_a_task(store.clone(), 10_000))
+            .await
+            .unwrap()
+    });
+    assert_eq!(near, Ok(()));
+    assert_eq!(store.offloaded.load(Ordering::Relaxed), 1);
+    // Real writes go through the same way, on any runtime.
+    let q = store.queue("ep", 10, false);
+    rt.block_on(async {
+        tokio::spawn(async move { push_when_not_busy(&q, msg("near")) })
+            .await
+            .unwrap()
+    });
+    assert!(store.offloaded.load(Ordering::Relaxed) >= 2);
+    drop(rt);
+    drop(store);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn an_orphaned_shared_record_is_deleted_at_open() {
     let dir = temp();
     {
