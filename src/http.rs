@@ -160,12 +160,14 @@ pub async fn serve_metrics(
 }
 
 /// The HTTPS API on `listen.https`: the direct-method API of modules and the service API
-/// (direct methods and twins, see `api`).
+/// (direct methods and twins, see `api`), and AMQP over WebSockets (see `ws`), whose
+/// connections `gate` admits.
 pub async fn serve_https(
     listener: TcpListener,
     tls: tokio_rustls::TlsAcceptor,
     core: Arc<crate::hub::HubCore>,
     shutdown: CancellationToken,
+    gate: Arc<crate::amqp::Gate>,
 ) {
     let tracker = TaskTracker::new();
     let limits = &core.settings.limits;
@@ -183,6 +185,7 @@ pub async fn serve_https(
         };
         let (tls, core, shutdown) = (tls.clone(), core.clone(), shutdown.clone());
         let builder = builder.clone();
+        let (gate, upgrades) = (gate.clone(), tracker.clone());
         tracker.spawn(async move {
             let _permit = permit;
             let _ = stream.set_nodelay(true);
@@ -200,9 +203,22 @@ pub async fn serve_https(
             };
             let svc = service_fn(move |req| {
                 let core = core.clone();
-                async move { Ok::<_, Infallible>(crate::api::handle(req, &core).await) }
+                // A WebSocket upgrade carries an AMQP connection (`ws`); its task joins this
+                // listener's, and the HTTPS slot is freed once the stream is handed over.
+                let req = match crate::ws::is_upgrade(&req) {
+                    true => Err(crate::ws::accept(req, &gate, &upgrades, peer)),
+                    false => Ok(req),
+                };
+                async move {
+                    Ok::<_, Infallible>(match req {
+                        Ok(req) => crate::api::handle(req, &core).await,
+                        Err(upgrade) => upgrade,
+                    })
+                }
             });
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "https connection"); },

@@ -422,18 +422,16 @@ impl Hub {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let tls = TlsAcceptor::from(tls_config);
-        tasks.spawn(crate::amqp::serve(
-            amqps,
-            tls.clone(),
-            core.clone(),
-            shutdown.clone(),
-        ));
+        // AMQPS and AMQP over WebSockets (on the HTTPS listener) share the connection slots.
+        let gate = crate::amqp::Gate::new(core.clone(), shutdown.clone());
+        tasks.spawn(crate::amqp::serve(amqps, tls.clone(), gate.clone()));
         if let Some(l) = https {
             tasks.spawn(crate::http::serve_https(
                 l,
                 tls,
                 core.clone(),
                 shutdown.clone(),
+                gate,
             ));
         }
         tasks.spawn(housekeeping(core.clone(), shutdown.clone()));

@@ -36,5 +36,6 @@ pub mod store;
 pub mod tls;
 pub mod twins;
 pub mod upstream;
+pub mod ws;
 
 pub use hub::Hub;

@@ -40,7 +40,7 @@ use fe2o3_amqp::{
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     sync::{mpsc, Semaphore},
 };
 use tokio_rustls::TlsAcceptor;
@@ -360,19 +360,90 @@ impl Pending {
 /// How long a new connection waits for the slot of a pending one it evicted.
 const EVICTION_WAIT: Duration = Duration::from_secs(2);
 
-/// Accepts connections until `shutdown`, then waits for every connection task.
-pub async fn serve(
-    listener: TcpListener,
-    tls: TlsAcceptor,
+/// Admission to the AMQP connection slots, shared by every way a connection arrives (AMQPS on
+/// `listen.amqps`, AMQP over WebSockets on `listen.https`): one `maxConnections` semaphore and
+/// one queue of pending connections, so both transports count against the same limits.
+pub struct Gate {
     core: Arc<HubCore>,
+    permits: Arc<Semaphore>,
+    pending: Arc<Pending>,
     shutdown: CancellationToken,
-) {
+}
+
+/// A connection let in by [`Gate::admit`]: pending until it authenticates. Its slot is
+/// taken, or freed by the eviction of a pending connection and waited for in [`Gate::run`].
+pub(crate) struct Admitted {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    conn: Arc<ConnState>,
+}
+
+impl Gate {
+    pub fn new(core: Arc<HubCore>, shutdown: CancellationToken) -> Arc<Self> {
+        Arc::new(Self {
+            permits: Arc::new(Semaphore::new(core.settings.limits.max_connections)),
+            pending: Pending::new(core.settings.limits.max_pending_connections),
+            core,
+            shutdown,
+        })
+    }
+
+    pub(crate) fn core(&self) -> &Arc<HubCore> {
+        &self.core
+    }
+
+    /// Lets a new connection in, or `None` when every slot is held by an authenticated one.
+    pub(crate) fn admit(&self, peer: SocketAddr) -> Option<Admitted> {
+        // Every slot taken: a connection that has not authenticated makes room, since slots
+        // are for clients that authenticate.
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) if self.pending.evict_oldest() => None,
+            Err(_) => {
+                warn!(%peer, limit = self.core.settings.limits.max_connections, "connection limit reached; closing");
+                return None;
+            }
+        };
+        // Pending from now on, until it authenticates.
+        let conn = Arc::new(ConnState::new(self.shutdown.child_token()));
+        *lock(&conn.pending) = Some(self.pending.admit(Stop {
+            token: conn.root.clone(),
+            reason: conn.close_reason.clone(),
+        }));
+        Some(Admitted { permit, conn })
+    }
+
+    /// Serves an admitted connection to its end: `handshake` (TLS for AMQPS; nothing for a
+    /// WebSocket, whose TLS and upgrade are done) gives the byte stream, then the AMQP
+    /// header, open, sessions and links follow. The
+    /// handshake and the AMQP open share one deadline (`limits.handshakeTimeoutSecs`).
+    pub(crate) async fn run<S, F>(&self, admitted: Admitted, handshake: F)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug + 'static,
+        F: std::future::Future<Output = std::io::Result<S>>,
+    {
+        let Admitted { permit, conn } = admitted;
+        let permit = match permit {
+            Some(p) => p,
+            None => match tokio::time::timeout(EVICTION_WAIT, self.permits.clone().acquire_owned())
+                .await
+            {
+                Ok(Ok(p)) => p,
+                _ => return,
+            },
+        };
+        m::open_connections(1.0);
+        handle_stream(handshake, self.core.clone(), conn).await;
+        m::open_connections(-1.0);
+        drop(permit);
+    }
+}
+
+/// Accepts connections until `shutdown`, then waits for every connection task.
+pub async fn serve(listener: TcpListener, tls: TlsAcceptor, gate: Arc<Gate>) {
     let tracker = TaskTracker::new();
-    let permits = Arc::new(Semaphore::new(core.settings.limits.max_connections));
-    let pending = Pending::new(core.settings.limits.max_pending_connections);
     loop {
         let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = gate.shutdown.cancelled() => break,
             a = listener.accept() => a,
         };
         let (tcp, peer) = match accepted {
@@ -384,39 +455,15 @@ pub async fn serve(
                 continue;
             }
         };
-        // Every slot taken: a connection that has not authenticated makes room, since slots
-        // are for clients that authenticate.
-        let permit = match permits.clone().try_acquire_owned() {
-            Ok(p) => Some(p),
-            Err(_) if pending.evict_oldest() => None,
-            Err(_) => {
-                warn!(%peer, limit = core.settings.limits.max_connections, "connection limit reached; closing");
-                drop(tcp);
-                continue;
-            }
+        let Some(admitted) = gate.admit(peer) else {
+            drop(tcp);
+            continue;
         };
-        // Pending from now on, until it authenticates.
-        let conn = Arc::new(ConnState::new(shutdown.child_token()));
-        *lock(&conn.pending) = Some(pending.admit(Stop {
-            token: conn.root.clone(),
-            reason: conn.close_reason.clone(),
-        }));
-        let (tls, core, permits) = (tls.clone(), core.clone(), permits.clone());
+        let (tls, gate) = (tls.clone(), gate.clone());
         tracker.spawn(
             async move {
-                let permit = match permit {
-                    Some(p) => p,
-                    None => {
-                        match tokio::time::timeout(EVICTION_WAIT, permits.acquire_owned()).await {
-                            Ok(Ok(p)) => p,
-                            _ => return,
-                        }
-                    }
-                };
-                m::open_connections(1.0);
-                handle_socket(tcp, peer, tls, core, conn).await;
-                m::open_connections(-1.0);
-                drop(permit);
+                let _ = tcp.set_nodelay(true);
+                gate.run(admitted, tls.accept(tcp)).await;
             }
             .instrument(info_span!("conn", %peer)),
         );
@@ -439,14 +486,11 @@ enum HandshakeError {
     Timeout,
 }
 
-async fn handle_socket(
-    tcp: TcpStream,
-    _peer: SocketAddr,
-    tls: TlsAcceptor,
-    core: Arc<HubCore>,
-    conn: Arc<ConnState>,
-) {
-    let _ = tcp.set_nodelay(true);
+async fn handle_stream<S, F>(handshake: F, core: Arc<HubCore>, conn: Arc<ConnState>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug + 'static,
+    F: std::future::Future<Output = std::io::Result<S>>,
+{
     let limits = &core.settings.limits;
     let deadline = Duration::from_secs(limits.handshake_timeout_secs);
     let channel_max = channel_max(limits.max_sessions_per_connection);
@@ -463,7 +507,7 @@ async fn handle_socket(
     };
     let idle_ms = u32::try_from(limits.idle_timeout_secs.saturating_mul(1000)).unwrap_or(u32::MAX);
     let handshake = async {
-        let mut stream = tls.accept(tcp).await.map_err(HandshakeError::Tls)?;
+        let mut stream = handshake.await.map_err(HandshakeError::Tls)?;
         let mut header = [0u8; 8];
         stream
             .read_exact(&mut header)
@@ -500,19 +544,27 @@ async fn handle_socket(
     };
     let handshake = tokio::select! {
         // Shutdown (or an eviction) does not wait for handshakes in progress.
-        _ = conn.root.cancelled() => return,
-        h = tokio::time::timeout(deadline, handshake) => h,
+        _ = conn.root.cancelled() => None,
+        h = tokio::time::timeout(deadline, handshake) => Some(h),
     };
     let handle = match handshake {
-        Ok(Ok(h)) => h,
-        Ok(Err(e)) => {
+        Some(Ok(Ok(h))) => Some(h),
+        Some(Ok(Err(e))) => {
             debug!(error = %e, "handshake failed");
-            return;
+            None
         }
-        Err(_) => {
+        Some(Err(_)) => {
             debug!(error = %HandshakeError::Timeout, "handshake failed");
-            return;
+            None
         }
+        None => None,
+    };
+    let Some(handle) = handle else {
+        // An identity proven inside the handshake (SASL PLAIN) leaves with it.
+        for id in conn.identities() {
+            core.client_disconnected(&id);
+        }
+        return;
     };
     debug!("connection open");
     run_connection(handle, conn.clone(), core.clone()).await;
