@@ -201,12 +201,14 @@ pub async fn serve_https(
                     Err(_) => { debug!(%peer, "https TLS handshake timed out"); return; }
                 },
             };
+            // What the client's certificate proves, for AMQP over WebSockets on this connection.
+            let presented = gate.identify(stream.get_ref().1);
             let svc = service_fn(move |req| {
                 let core = core.clone();
                 // A WebSocket upgrade carries an AMQP connection (`ws`); its task joins this
                 // listener's, and the HTTPS slot is freed once the stream is handed over.
                 let req = match crate::ws::is_upgrade(&req) {
-                    true => Err(crate::ws::accept(req, &gate, &upgrades, peer)),
+                    true => Err(crate::ws::accept(req, &gate, &upgrades, peer, presented.clone())),
                     false => Ok(req),
                 };
                 async move {

@@ -304,6 +304,8 @@ pub enum StartError {
     },
     #[error("device key: {0}")]
     DeviceKey(String),
+    #[error("client certificates: {0}")]
+    X509(#[from] crate::x509::X509Error),
     #[error("twins: {0}")]
     Twins(#[from] crate::twins::TwinError),
     #[error("{0}")]
@@ -368,7 +370,12 @@ impl Hub {
     pub async fn start(settings: Settings) -> Result<Self, StartError> {
         let key = device_key(&settings)?;
         let certs = tls::ensure_certs(&settings)?;
-        let tls_config = tls::server_config(&certs)?;
+        // Devices that authenticate with certificates: only then are clients asked for one.
+        let x509 = Arc::new(crate::x509::Matcher::from_settings(&settings)?);
+        let client_auth = (!x509.is_empty()).then(|| {
+            crate::x509::AnyClientCert::new() as Arc<dyn rustls::server::danger::ClientCertVerifier>
+        });
+        let tls_config = tls::server_config_with(&certs, client_auth)?;
         let handle = m::install(&settings.iothub_hostname, settings.device_id.as_str());
         m::start_gauges(settings.upstream.is_some());
         m::invalid_routes(settings.route_errors.len());
@@ -423,7 +430,7 @@ impl Hub {
         let tasks = TaskTracker::new();
         let tls = TlsAcceptor::from(tls_config);
         // AMQPS and AMQP over WebSockets (on the HTTPS listener) share the connection slots.
-        let gate = crate::amqp::Gate::new(core.clone(), shutdown.clone());
+        let gate = crate::amqp::Gate::new(core.clone(), shutdown.clone(), x509);
         tasks.spawn(crate::amqp::serve(amqps, tls.clone(), gate.clone()));
         if let Some(l) = https {
             tasks.spawn(crate::http::serve_https(

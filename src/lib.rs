@@ -37,5 +37,6 @@ pub mod tls;
 pub mod twins;
 pub mod upstream;
 pub mod ws;
+pub mod x509;
 
 pub use hub::Hub;

@@ -138,6 +138,7 @@ pub fn accept(
     gate: &Arc<Gate>,
     tracker: &TaskTracker,
     peer: SocketAddr,
+    presented: Option<crate::x509::Presented>,
 ) -> Response<Full<Bytes>> {
     let accept_key = match check(&req) {
         Ok(k) => k,
@@ -168,7 +169,7 @@ pub fn accept(
                     Some(config),
                 )
                 .await;
-                Ok(WsIo::new(ws))
+                Ok((WsIo::new(ws), presented))
             };
             gate.run(admitted, handshake).await;
         }

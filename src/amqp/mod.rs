@@ -113,6 +113,8 @@ pub(crate) struct ConnState {
     cbs_links: Mutex<(usize, usize)>,
     /// Sessions the frame guard found broken by the peer.
     faults: Arc<tags::SessionFaults>,
+    /// What the client's TLS certificate proved (`None`: it sent none).
+    x509: Mutex<Option<crate::x509::Presented>>,
 }
 
 struct CbsReplies {
@@ -142,7 +144,28 @@ impl ConnState {
             close_reason: Arc::default(),
             cbs_links: Mutex::new((0, 0)),
             faults: Arc::default(),
+            x509: Mutex::new(None),
         }
+    }
+
+    /// Records what the client's certificate proved: an identity is granted until the
+    /// certificate expires, as a token would be; a certificate that matches nothing grants
+    /// nothing (the connection may still put a token).
+    fn presented(&self, core: &HubCore, presented: Option<crate::x509::Presented>) {
+        match &presented {
+            Some(crate::x509::Presented::Identity { id, not_after }) => {
+                debug!(identity = %id, "authenticated by its client certificate");
+                if self.authorize(id.clone(), *not_after) {
+                    core.client_connected(id);
+                }
+            }
+            Some(crate::x509::Presented::Unmatched(why)) => {
+                info!("client certificate not accepted: {why}");
+                m::connect_failed("unknown", "certificate_not_accepted");
+            }
+            None => {}
+        }
+        *lock(&self.x509) = presented;
     }
 
     fn is_authenticated(&self) -> bool {
@@ -368,6 +391,8 @@ pub struct Gate {
     permits: Arc<Semaphore>,
     pending: Arc<Pending>,
     shutdown: CancellationToken,
+    /// The devices that authenticate with a client certificate.
+    x509: Arc<crate::x509::Matcher>,
 }
 
 /// A connection let in by [`Gate::admit`]: pending until it authenticates. Its slot is
@@ -378,8 +403,13 @@ pub(crate) struct Admitted {
 }
 
 impl Gate {
-    pub fn new(core: Arc<HubCore>, shutdown: CancellationToken) -> Arc<Self> {
+    pub fn new(
+        core: Arc<HubCore>,
+        shutdown: CancellationToken,
+        x509: Arc<crate::x509::Matcher>,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            x509,
             permits: Arc::new(Semaphore::new(core.settings.limits.max_connections)),
             pending: Pending::new(core.settings.limits.max_pending_connections),
             core,
@@ -389,6 +419,14 @@ impl Gate {
 
     pub(crate) fn core(&self) -> &Arc<HubCore> {
         &self.core
+    }
+
+    /// What the client of a TLS connection proved with its certificate (`None`: it sent none).
+    pub(crate) fn identify(
+        &self,
+        tls: &rustls::ServerConnection,
+    ) -> Option<crate::x509::Presented> {
+        crate::x509::presented(&self.x509, tls)
     }
 
     /// Lets a new connection in, or `None` when every slot is held by an authenticated one.
@@ -413,13 +451,13 @@ impl Gate {
     }
 
     /// Serves an admitted connection to its end: `handshake` (TLS for AMQPS; nothing for a
-    /// WebSocket, whose TLS and upgrade are done) gives the byte stream, then the AMQP
-    /// header, open, sessions and links follow. The
+    /// WebSocket, whose TLS and upgrade are done) gives the byte stream and what the client's
+    /// certificate proved, then the AMQP header, open, sessions and links follow. The
     /// handshake and the AMQP open share one deadline (`limits.handshakeTimeoutSecs`).
     pub(crate) async fn run<S, F>(&self, admitted: Admitted, handshake: F)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug + 'static,
-        F: std::future::Future<Output = std::io::Result<S>>,
+        F: std::future::Future<Output = std::io::Result<(S, Option<crate::x509::Presented>)>>,
     {
         let Admitted { permit, conn } = admitted;
         let permit = match permit {
@@ -463,7 +501,12 @@ pub async fn serve(listener: TcpListener, tls: TlsAcceptor, gate: Arc<Gate>) {
         tracker.spawn(
             async move {
                 let _ = tcp.set_nodelay(true);
-                gate.run(admitted, tls.accept(tcp)).await;
+                let handshake = async {
+                    let stream = tls.accept(tcp).await?;
+                    let presented = gate.identify(stream.get_ref().1);
+                    Ok((stream, presented))
+                };
+                gate.run(admitted, handshake).await;
             }
             .instrument(info_span!("conn", %peer)),
         );
@@ -489,7 +532,7 @@ enum HandshakeError {
 async fn handle_stream<S, F>(handshake: F, core: Arc<HubCore>, conn: Arc<ConnState>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug + 'static,
-    F: std::future::Future<Output = std::io::Result<S>>,
+    F: std::future::Future<Output = std::io::Result<(S, Option<crate::x509::Presented>)>>,
 {
     let limits = &core.settings.limits;
     let deadline = Duration::from_secs(limits.handshake_timeout_secs);
@@ -507,7 +550,8 @@ where
     };
     let idle_ms = u32::try_from(limits.idle_timeout_secs.saturating_mul(1000)).unwrap_or(u32::MAX);
     let handshake = async {
-        let mut stream = handshake.await.map_err(HandshakeError::Tls)?;
+        let (mut stream, presented) = handshake.await.map_err(HandshakeError::Tls)?;
+        conn.presented(&core, presented);
         let mut header = [0u8; 8];
         stream
             .read_exact(&mut header)
@@ -930,16 +974,25 @@ fn outcome(code: SaslCode) -> SaslServerFrame {
 
 impl SaslAcceptor for HubSasl {
     fn mechanisms(&self) -> Array<Symbol> {
-        Array::from(vec![
+        let mut m = vec![
             Symbol::from("MSSBCBS"),
             Symbol::from("ANONYMOUS"),
             Symbol::from("PLAIN"),
-        ])
+        ];
+        // EXTERNAL (the TLS client certificate) is offered to clients that sent one.
+        if lock(&self.conn.x509).is_some() {
+            m.insert(0, Symbol::from("EXTERNAL"));
+        }
+        Array::from(m)
     }
 
     fn on_init(&mut self, init: SaslInit) -> SaslServerFrame {
         match init.mechanism.0.as_str() {
             "ANONYMOUS" | "MSSBCBS" => outcome(SaslCode::Ok),
+            "EXTERNAL" => match &*lock(&self.conn.x509) {
+                Some(crate::x509::Presented::Identity { .. }) => outcome(SaslCode::Ok),
+                _ => outcome(SaslCode::Auth),
+            },
             "PLAIN" => {
                 let data = init
                     .initial_response
