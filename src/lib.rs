@@ -8,9 +8,10 @@
 //!   [`address`] (link addresses), [`route`] (route statements), [`config`] (settings),
 //!   [`message`] (the hub's message and its AMQP mapping), [`router`] (route evaluation),
 //!   [`queue`] (endpoint queues behind the store interface).
-//! * IO: [`amqp`] (listener, connections, links), [`http`] (metrics endpoint), [`tls`]
-//!   (certificates), [`hub`] (start-up and shutdown), [`upstream`] (the connection to a
-//!   parent hub or IoT Hub).
+//! * IO: [`amqp`] (listener, connections, links), [`http`] (metrics endpoint and HTTPS API),
+//!   [`ws`] (AMQP over WebSockets on the HTTPS listener), [`tls`] (certificates), [`x509`]
+//!   (client-certificate authentication), [`hub`] (start-up and shutdown), [`upstream`] (the
+//!   connection to a parent hub or IoT Hub).
 //!
 //! `docs/ARCHITECTURE.md` shows the tasks, channels and the path of a message.
 
