@@ -5,7 +5,8 @@
 //! `cargo bench --bench module_to_module` (env `BENCH_MESSAGES`, default 200000;
 //! `BENCH_WINDOW`, unsettled sends in flight, default 1000; `BENCH_HUB`, another hub binary to
 //! measure, e.g. one built from an earlier commit, so two versions run alternately on the same
-//! machine). Without `--bench` (as `cargo test --all-targets` runs it) it sends 2000 messages as
+//! machine; `BENCH_TRANSPORT=amqpws`, both modules over AMQP over WebSockets on the HTTPS
+//! listener instead of AMQPS). Without `--bench` (as `cargo test --all-targets` runs it) it sends 2000 messages as
 //! a smoke test.
 
 use std::{
@@ -91,12 +92,14 @@ async fn main() {
         "memory" => r#"{"persistent": false}"#.to_owned(),
         mode => format!(r#"{{"persistent": true, "sync": "{mode}"}}"#),
     };
+    let ws = std::env::var("BENCH_TRANSPORT").is_ok_and(|t| t == "amqpws");
+    let https = if ws { r#""127.0.0.1:0""# } else { "null" };
     let dir = std::env::temp_dir().join(format!("edgehub-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let config_text = format!(
         r#"{{
         "deviceId": "bench", "iothubHostname": "{IOTHUB}", "gatewayHostname": "localhost",
-        "listen": {{"amqps": "127.0.0.1:0", "https": null, "metrics": null}},
+        "listen": {{"amqps": "127.0.0.1:0", "https": {https}, "metrics": null}},
         "dataDir": "{}", "deviceKey": "YmVuY2gtZGV2aWNlLWtleS0zMi1ieXRlcy1sb25nISE=",
         "log": {{"level": "warn,edgehub=info"}}, "storage": {storage},
         "modules": {{"A": {{}}, "B": {{}}}},
@@ -125,8 +128,15 @@ async fn main() {
             .next()
             .expect("hub exited before it was ready")
             .expect("read stderr");
-        if let Some(rest) = line.split("amqps=").nth(1) {
-            break rest.split_whitespace().next().expect("address").to_owned();
+        let key = if ws { "https=Some(" } else { "amqps=" };
+        if line.contains("edgehub ready") {
+            if let Some(rest) = line.split(key).nth(1) {
+                break rest
+                    .split(|c: char| c.is_whitespace() || c == ')')
+                    .next()
+                    .expect("address")
+                    .to_owned();
+            }
         }
     };
     std::thread::spawn(move || for _ in lines {});
@@ -143,12 +153,17 @@ async fn main() {
     };
     let keys =
         |m: &str| module_keys(&settings, &key, &ModuleId::parse(m).expect("module id")).primary;
-    let mut a = Client::connect(addr, "localhost", &ca, IOTHUB, &id("A"), &keys("A"))
-        .await
-        .expect("A connects");
-    let mut b = Client::connect(addr, "localhost", &ca, IOTHUB, &id("B"), &keys("B"))
-        .await
-        .expect("B connects");
+    let connect = |m: &'static str| {
+        let (ca, id, key) = (ca.clone(), id(m), keys(m));
+        async move {
+            match ws {
+                true => Client::connect_ws(addr, "localhost", &ca, IOTHUB, &id, &key).await,
+                false => Client::connect(addr, "localhost", &ca, IOTHUB, &id, &key).await,
+            }
+        }
+    };
+    let mut a = connect("A").await.expect("A connects");
+    let mut b = connect("B").await.expect("B connects");
     let mut rx = Receiver::builder()
         .name("bench-in")
         .source("/devices/bench/modules/B/messages/events")

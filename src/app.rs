@@ -46,6 +46,8 @@ pub enum StartError {
     },
     #[error("device key: {0}")]
     DeviceKey(String),
+    #[error("client certificates: {0}")]
+    X509(#[from] crate::ops::x509::X509Error),
     #[error("the $edgeHub module id: {0}")]
     EdgeHubId(String),
     #[error("twins: {0}")]
@@ -112,7 +114,13 @@ impl Hub {
     pub async fn start(settings: Settings) -> Result<Self, StartError> {
         let key = device_key(&settings)?;
         let certs = tls::ensure_certs(&settings)?;
-        let tls_config = tls::server_config(&certs)?;
+        // Devices that authenticate with certificates: only then are clients asked for one.
+        let x509 = Arc::new(crate::ops::x509::Matcher::from_settings(&settings)?);
+        let client_auth = (!x509.is_empty()).then(|| {
+            crate::ops::x509::AnyClientCert::new()
+                as Arc<dyn rustls::server::danger::ClientCertVerifier>
+        });
+        let tls_config = tls::server_config_with(&certs, client_auth)?;
         let handle = m::install(&settings.iothub_hostname, settings.device_id.as_str());
         m::start_gauges(settings.upstream.is_some());
         m::invalid_routes(settings.route_errors.len());
@@ -166,11 +174,12 @@ impl Hub {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let tls = TlsAcceptor::from(tls_config);
+        // AMQPS and AMQP over WebSockets (on the HTTPS listener) share the connection slots.
+        let gate = crate::servers::amqp::Gate::new(core.clone(), shutdown.clone(), x509);
         tasks.spawn(crate::servers::amqp::serve(
             amqps,
             tls.clone(),
-            core.clone(),
-            shutdown.clone(),
+            gate.clone(),
         ));
         if let Some(l) = https {
             tasks.spawn(crate::servers::http::serve_https(
@@ -178,6 +187,7 @@ impl Hub {
                 tls,
                 core.clone(),
                 shutdown.clone(),
+                gate,
             ));
         }
         tasks.spawn(crate::core::housekeeping(core.clone(), shutdown.clone()));

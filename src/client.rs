@@ -78,31 +78,83 @@ impl Client {
         key: &Key,
         expiry: u64,
     ) -> Result<Self, ClientError> {
-        let mut roots = rustls::RootCertStore::empty();
-        let pem = std::fs::read(ca_pem)?;
-        for c in CertificateDer::pem_slice_iter(&pem) {
-            let c = c.map_err(|e| ClientError::Tls(format!("{}: {e}", ca_pem.display())))?;
-            roots.add(c).map_err(|e| ClientError::Tls(e.to_string()))?;
+        let tls = tls_connect(addr, server_name, ca_pem).await?;
+        Self::open_on(tls, server_name, iothub, identity, key, expiry).await
+    }
+
+    /// Like `connect`, over a WebSocket (`wss://{server_name}/$iothub/websocket`, subprotocol
+    /// `AMQPWSB10`) to the hub's HTTPS listener at `addr`, as the SDKs' `AmqpWs` transports
+    /// connect.
+    pub async fn connect_ws(
+        addr: SocketAddr,
+        server_name: &str,
+        ca_pem: &Path,
+        iothub: &str,
+        identity: &Identity,
+        key: &Key,
+    ) -> Result<Self, ClientError> {
+        let ws = ws_connect(addr, server_name, ca_pem).await?;
+        Self::open_on(ws, server_name, iothub, identity, key, now_secs() + 3600).await
+    }
+
+    /// Connects with a client certificate (`chain`, end entity first, and its `key`) and no
+    /// token, as a device with X.509 authentication does: over AMQPS to `addr`, or with `ws`
+    /// over a WebSocket to the HTTPS listener at `addr`.
+    pub async fn connect_x509(
+        addr: SocketAddr,
+        server_name: &str,
+        ca_pem: &Path,
+        cert: ClientCert,
+        ws: bool,
+    ) -> Result<Self, ClientError> {
+        let tls = tls_connect_with(addr, server_name, ca_pem, Some(cert)).await?;
+        match ws {
+            true => Self::open_plain(ws_upgrade(tls, server_name).await?, server_name).await,
+            false => Self::open_plain(tls, server_name).await,
         }
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ClientError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let tcp = TcpStream::connect(addr).await?;
-        tcp.set_nodelay(true)?;
-        let name = ServerName::try_from(server_name.to_owned())
-            .map_err(|e| ClientError::Tls(e.to_string()))?;
-        let tls = TlsConnector::from(Arc::new(config))
-            .connect(name, tcp)
-            .await?;
+    }
+
+    /// Opens the AMQP connection and a session on `stream`, without a token.
+    async fn open_plain<S>(stream: S, server_name: &str) -> Result<Self, ClientError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
+    {
         let mut connection = Connection::builder()
             .container_id(uuid::Uuid::new_v4().to_string())
             .hostname(server_name)
             .max_frame_size(256 * 1024)
-            .open_with_stream(tls)
+            .open_with_stream(stream)
+            .await
+            .map_err(amqp)?;
+        let session = Session::builder()
+            .incoming_window(4096)
+            .outgoing_window(4096)
+            .begin(&mut connection)
+            .await
+            .map_err(amqp)?;
+        Ok(Self {
+            connection,
+            session,
+        })
+    }
+
+    /// Opens the AMQP connection and a session on `stream` and puts a token for `identity`.
+    async fn open_on<S>(
+        stream: S,
+        server_name: &str,
+        iothub: &str,
+        identity: &Identity,
+        key: &Key,
+        expiry: u64,
+    ) -> Result<Self, ClientError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
+    {
+        let mut connection = Connection::builder()
+            .container_id(uuid::Uuid::new_v4().to_string())
+            .hostname(server_name)
+            .max_frame_size(256 * 1024)
+            .open_with_stream(stream)
             .await
             .map_err(amqp)?;
         let mut session = Session::builder()
@@ -143,6 +195,88 @@ impl Client {
         let _ = self.session.end().await;
         let _ = self.connection.close().await;
     }
+}
+
+/// A client certificate chain (end entity first) and its private key.
+pub struct ClientCert {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: rustls::pki_types::PrivateKeyDer<'static>,
+}
+
+/// A TLS connection to `addr`, trusting the CAs in `ca_pem`, checking the name `server_name`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    server_name: &str,
+    ca_pem: &Path,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
+    tls_connect_with(addr, server_name, ca_pem, None).await
+}
+
+/// Like `tls_connect`, presenting `cert` when the server asks for one.
+pub async fn tls_connect_with(
+    addr: SocketAddr,
+    server_name: &str,
+    ca_pem: &Path,
+    cert: Option<ClientCert>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca_pem)?;
+    for c in CertificateDer::pem_slice_iter(&pem) {
+        let c = c.map_err(|e| ClientError::Tls(format!("{}: {e}", ca_pem.display())))?;
+        roots.add(c).map_err(|e| ClientError::Tls(e.to_string()))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ClientError::Tls(e.to_string()))?
+    .with_root_certificates(roots);
+    let config = match cert {
+        Some(c) => config
+            .with_client_auth_cert(c.chain, c.key)
+            .map_err(|e| ClientError::Tls(e.to_string()))?,
+        None => config.with_no_client_auth(),
+    };
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::try_from(server_name.to_owned())
+        .map_err(|e| ClientError::Tls(e.to_string()))?;
+    Ok(TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await?)
+}
+
+/// A WebSocket for AMQP to the HTTPS listener at `addr`: TLS as `tls_connect`, then the
+/// upgrade on `/$iothub/websocket` with the subprotocol `AMQPWSB10`.
+pub async fn ws_connect(
+    addr: SocketAddr,
+    server_name: &str,
+    ca_pem: &Path,
+) -> Result<crate::servers::ws::WsIo<tokio_rustls::client::TlsStream<TcpStream>>, ClientError> {
+    ws_upgrade(tls_connect(addr, server_name, ca_pem).await?, server_name).await
+}
+
+/// The WebSocket upgrade for AMQP on a TLS connection to the HTTPS listener.
+pub async fn ws_upgrade(
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    server_name: &str,
+) -> Result<crate::servers::ws::WsIo<tokio_rustls::client::TlsStream<TcpStream>>, ClientError> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("wss://{server_name}{}", crate::servers::ws::PATH)
+        .into_client_request()
+        .map_err(|e| ClientError::Tls(e.to_string()))?;
+    request.headers_mut().insert(
+        hyper::header::SEC_WEBSOCKET_PROTOCOL,
+        hyper::header::HeaderValue::from_static(crate::servers::ws::SUBPROTOCOL),
+    );
+    let (ws, _) = tokio_tungstenite::client_async_with_config(
+        request,
+        tls,
+        Some(crate::servers::ws::ws_config(16 * 1024 * 1024)),
+    )
+    .await
+    .map_err(|e| ClientError::Tls(format!("WebSocket upgrade: {e}")))?;
+    Ok(crate::servers::ws::WsIo::new(ws))
 }
 
 /// Sends a put-token on a fresh `$cbs` link pair and checks the status.

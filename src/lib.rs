@@ -11,9 +11,11 @@
 //!   only module that imports both the core and the servers.
 //! * [`servers`]: the transports, adapters that turn frames into core calls and back:
 //!   [`servers::amqp`] (listener, connections, link tasks, the frame guard, `$cbs`),
-//!   [`servers::http`] (metrics endpoint and the HTTPS API), [`servers::upstream`] (the
-//!   connection to a parent hub or IoT Hub).
-//! * [`ops`]: certificates ([`ops::tls`]) and `edgehub check` ([`ops::check`]).
+//!   [`servers::http`] (metrics endpoint and the HTTPS API), [`servers::ws`] (AMQP over
+//!   WebSockets on the HTTPS listener), [`servers::upstream`] (the connection to a parent hub
+//!   or IoT Hub).
+//! * [`ops`]: certificates ([`ops::tls`]), client-certificate authentication
+//!   ([`ops::x509`]) and `edgehub check` ([`ops::check`]).
 //! * [`core`]: the hub, independent of any transport: [`core::HubCore`], [`core::auth`],
 //!   [`core::ingest`] (route + enqueue), [`core::delivery`] (the one windowed pump from an
 //!   endpoint to a peer), [`core::twins`], [`core::methods`], [`core::outbox`]. The core
@@ -25,7 +27,8 @@
 //!   store on fjall ([`store::durable`], which does file IO on its own threads).
 //! * [`metrics`]: metric names and recorders.
 //! * [`model`]: identities and keys, SAS tokens, link addresses, the hub's message and its AMQP
-//!   mapping (fe2o3 types are the message's sections), time formatting (pure).
+//!   mapping (fe2o3 types are the message's sections), time formatting, configured certificate
+//!   identities (pure).
 //!
 //! `client` (feature `client`, for the tests and benchmarks) is a small AMQP client.
 //!

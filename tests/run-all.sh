@@ -15,6 +15,12 @@ if ! command -v hadolint >/dev/null; then
   hash -r
 fi
 
+echo "== tools: openssl (Debian openssl; the X.509 interop test makes its certificates with it)"
+if ! command -v openssl >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssl >/dev/null
+fi
+
 echo "== npm ci (Azure IoT Node SDK, rhea; pinned by tests/package-lock.json)"
 (cd tests && npm ci --no-audit --no-fund --loglevel=error)
 

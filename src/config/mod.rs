@@ -79,6 +79,8 @@ pub struct TlsFiles {
     pub ca_cert: Option<PathBuf>,
     pub server_cert: Option<PathBuf>,
     pub server_key: Option<PathBuf>,
+    /// PEM file of the CAs that sign devices' client certificates (`devices.<id>.x509.ca`).
+    pub client_ca_certs: Option<PathBuf>,
 }
 
 /// Tunables with safe defaults.
@@ -199,6 +201,8 @@ pub struct DeviceSettings {
     /// A child edge device: its `$edgeHub` authenticates, and may put tokens on behalf of,
     /// its own modules.
     pub edge: bool,
+    /// Authentication by client certificate (see `x509`); the keys work as well.
+    pub x509: Option<crate::model::x509::X509Auth>,
 }
 
 /// The validated configuration.
@@ -349,10 +353,13 @@ fn downstream_devices(
                 None
             }
         };
-        let Some(spec) = w.object(spec, &p, &["primaryKey", "secondaryKey", "edge"]) else {
+        let Some(spec) = w.object(spec, &p, &["primaryKey", "secondaryKey", "edge", "x509"]) else {
             continue;
         };
         let keys = w.key_pair(spec, &p, false);
+        let x509 = spec
+            .get("x509")
+            .and_then(|x| device_x509(w, x, &child(&p, "x509")));
         let edge = match spec.get("edge") {
             None => false,
             Some(Value::Bool(b)) => *b,
@@ -368,10 +375,53 @@ fn downstream_devices(
             if duplicate {
                 w.err(&p, "appears twice (ids compare case-insensitively)");
             }
-            devices.insert(device, DeviceSettings { keys, edge });
+            devices.insert(device, DeviceSettings { keys, edge, x509 });
         }
     }
     devices
+}
+
+/// `devices.<id>.x509`: `{primaryThumbprint?, secondaryThumbprint?}` or `{"ca": true}`.
+fn device_x509(w: &mut Walk, v: &Value, p: &str) -> Option<crate::model::x509::X509Auth> {
+    use crate::model::x509::{Thumbprint, X509Auth};
+    let o = w.object(v, p, &["primaryThumbprint", "secondaryThumbprint", "ca"])?;
+    let ca = match o.get("ca") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            w.err(&child(p, "ca"), "must be true or false");
+            return None;
+        }
+    };
+    let mut thumbprints = Vec::new();
+    for key in ["primaryThumbprint", "secondaryThumbprint"] {
+        if let Some(t) = w.string(o, p, key, false) {
+            match Thumbprint::parse(t) {
+                Ok(t) => thumbprints.push(t),
+                Err(e) => w.err(&child(p, key), e),
+            }
+        }
+    }
+    match (ca, thumbprints.is_empty()) {
+        (true, true) => Some(X509Auth::Ca),
+        (false, false) => Some(X509Auth::Thumbprints(thumbprints)),
+        (true, false) => {
+            w.err(
+                p,
+                "either thumbprints or \"ca\": true, not both (as IoT Hub's authentication types)",
+            );
+            None
+        }
+        (false, true) => {
+            if !o.contains_key("primaryThumbprint") && !o.contains_key("secondaryThumbprint") {
+                w.err(
+                    p,
+                    "needs primaryThumbprint (and optionally secondaryThumbprint) or \"ca\": true",
+                );
+            }
+            None
+        }
+    }
 }
 
 /// `servicePolicies`: policy name → `{primaryKey, secondaryKey?}`.
@@ -769,8 +819,15 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
 
     let mut tls = TlsFiles::default();
     if let Some(t) = o.get("tls") {
-        if let Some(t) = w.object(t, "$.tls", &["caCert", "serverCert", "serverKey"]) {
+        if let Some(t) = w.object(
+            t,
+            "$.tls",
+            &["caCert", "serverCert", "serverKey", "clientCaCerts"],
+        ) {
             tls.ca_cert = w.string(t, "$.tls", "caCert", false).map(PathBuf::from);
+            tls.client_ca_certs = w
+                .string(t, "$.tls", "clientCaCerts", false)
+                .map(PathBuf::from);
             tls.server_cert = w.string(t, "$.tls", "serverCert", false).map(PathBuf::from);
             tls.server_key = w.string(t, "$.tls", "serverKey", false).map(PathBuf::from);
             if tls.server_cert.is_some() != tls.server_key.is_some() {
@@ -1009,6 +1066,16 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
     }
 
     let devices = downstream_devices(&mut w, o.get("devices"), device_id.as_ref());
+    if tls.client_ca_certs.is_none() {
+        for (d, spec) in &devices {
+            if spec.x509 == Some(crate::model::x509::X509Auth::Ca) {
+                w.err(
+                    &child(&child(&child("$.devices", d.as_str()), "x509"), "ca"),
+                    "needs tls.clientCaCerts, the CAs that sign the devices' certificates",
+                );
+            }
+        }
+    }
     let service_policies = service_policies(&mut w, o.get("servicePolicies"));
 
     let mut routes = Vec::new();
@@ -1376,6 +1443,50 @@ mod tests {
             paths.contains(&"$.storage.liveFirst[0]") && paths.contains(&"$.storage.sync"),
             "{paths:?}"
         );
+    }
+
+    #[test]
+    fn device_certificates_and_the_client_ca_file() {
+        let t = "A".repeat(40);
+        let text = GOOD.replace(
+            "\"modules\":",
+            &format!(
+                r#""devices": {{"thumb": {{"x509": {{"primaryThumbprint": "{t}"}}}}, "signed": {{"x509": {{"ca": true}}}}}},
+                   "tls": {{"clientCaCerts": "cas.pem"}},
+                   "modules":"#
+            ),
+        );
+        let s = from_str(&text, &env(&[])).unwrap();
+        assert_eq!(
+            s.tls.client_ca_certs.as_deref(),
+            Some(std::path::Path::new("cas.pem"))
+        );
+        let thumb = &s.devices[&DeviceId::parse("thumb").unwrap()];
+        assert!(
+            matches!(&thumb.x509, Some(crate::model::x509::X509Auth::Thumbprints(v)) if v.len() == 1)
+        );
+        let signed = &s.devices[&DeviceId::parse("signed").unwrap()];
+        assert_eq!(signed.x509, Some(crate::model::x509::X509Auth::Ca));
+
+        let bad = GOOD.replace(
+            "\"modules\":",
+            r#""devices": {"a": {"x509": {"ca": true}}, "b": {"x509": {}}, "c": {"x509": {"primaryThumbprint": "xyz"}},
+                           "d": {"x509": {"ca": true, "primaryThumbprint": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}},
+                           "e": {"x509": {"ca": "yes", "thumbprint": "x"}}},
+               "modules":"#,
+        );
+        let errs = from_str(&bad, &env(&[])).unwrap_err().0;
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        for want in [
+            "$.devices.a.x509.ca",
+            "$.devices.b.x509",
+            "$.devices.c.x509.primaryThumbprint",
+            "$.devices.d.x509",
+            "$.devices.e.x509.ca",
+            "$.devices.e.x509.thumbprint",
+        ] {
+            assert!(paths.contains(&want), "missing {want} in {paths:?}");
+        }
     }
 
     #[test]

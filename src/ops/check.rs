@@ -92,6 +92,7 @@ pub fn run(path: &Path, env: &HashMap<String, String>) -> Vec<Outcome> {
         ));
     }
     out.extend(certificates(&settings));
+    out.extend(client_cas(&settings, now_secs()));
     out.extend(ports(&settings));
     out.extend(data_dir(&settings));
     out.push(upstream(&settings));
@@ -194,6 +195,74 @@ fn certificates(s: &Settings) -> Vec<Outcome> {
                 &pem,
                 (label == "server certificate").then_some(s.gateway_hostname.as_str()),
             )),
+        }
+    }
+    out
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// `tls.clientCaCerts` (the CAs of devices with `"x509": {"ca": true}`): every certificate in
+/// it is a usable trust anchor and in its validity period; a CA that ends within 30 days is a
+/// warning. Nothing to check without the file.
+fn client_cas(s: &Settings, now: i64) -> Vec<Outcome> {
+    let Some(path) = &s.tls.client_ca_certs else {
+        return Vec::new();
+    };
+    let label = format!("client CA certificates {}", path.display());
+    if let Err(e) = crate::ops::x509::read_cas(path) {
+        return vec![error(
+            format!("{label}: {e}"),
+            "point tls.clientCaCerts at a PEM file of the CA certificates that sign your devices' certificates",
+        )];
+    }
+    let pem = std::fs::read(path).unwrap_or_default();
+    let mut out = Vec::new();
+    for (i, der) in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem)
+        .filter_map(|c: Result<rustls::pki_types::CertificateDer<'static>, _>| c.ok())
+        .enumerate()
+    {
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+            out.push(error(
+                format!("{label}: certificate {} cannot be parsed", i + 1),
+                "replace it with a valid X.509 certificate",
+            ));
+            continue;
+        };
+        let subject = cert.subject().to_string();
+        let validity = cert.validity();
+        let (from, to) = (
+            validity.not_before.timestamp(),
+            validity.not_after.timestamp(),
+        );
+        if to < now {
+            out.push(error(
+                format!("{label}: {subject} expired"),
+                "replace it: devices signed by it can no longer authenticate",
+            ));
+        } else if from > now {
+            out.push(error(
+                format!(
+                    "{label}: {subject} is not valid before {}",
+                    validity.not_before
+                ),
+                "check the system clock, or use a CA that is valid now",
+            ));
+        } else if (to - now) / 86_400 < EXPIRY_WARNING_DAYS {
+            out.push(warn(
+                format!("{label}: {subject} expires in {} days", (to - now) / 86_400),
+                "renew the CA and re-issue the devices' certificates",
+            ));
+        } else {
+            out.push(ok(format!(
+                "{label}: {subject} valid until {}",
+                validity.not_after
+            )));
         }
     }
     out
@@ -360,5 +429,68 @@ pub fn health(addr: std::net::SocketAddr) -> Result<(), String> {
             "unexpected answer {:?}",
             String::from_utf8_lossy(&head)
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_ca_file_is_checked() {
+        let dir = std::env::temp_dir().join(format!("edgehub-check-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cas.pem");
+        let ca = |from: (i32, u8, u8), to: (i32, u8, u8)| {
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.distinguished_name
+                .push(rcgen::DnType::CommonName, "devices CA");
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
+            p.not_after = rcgen::date_time_ymd(to.0, to.1, to.2);
+            p.self_signed(&rcgen::KeyPair::generate().unwrap())
+                .unwrap()
+                .pem()
+        };
+        let config = |extra: &str| {
+            crate::config::from_str(
+                &format!(
+                    r#"{{"deviceId": "edge1", "iothubHostname": "h.azure-devices.net", "gatewayHostname": "localhost",
+                        "listen": {{"amqps": "127.0.0.1:0"}}, "dataDir": "{}", {extra}
+                        "$edgeHub": {{"schemaVersion": "1.1", "routes": {{}}, "storeAndForwardConfiguration": {{}}}}}}"#,
+                    dir.display()
+                ),
+                &HashMap::new(),
+            )
+            .unwrap()
+        };
+        let s = config(&format!(
+            r#""tls": {{"clientCaCerts": "{}"}},"#,
+            path.display()
+        ));
+        let now = 1_800_000_000; // 2027-01-15
+        let verdicts = |s: &Settings| {
+            client_cas(s, now)
+                .into_iter()
+                .map(|o| o.verdict)
+                .collect::<Vec<_>>()
+        };
+        // Missing file, then a good CA, an expired one, one ending soon, not a certificate.
+        assert_eq!(verdicts(&s), [Verdict::Error]);
+        std::fs::write(&path, ca((2024, 1, 1), (2040, 1, 1))).unwrap();
+        assert_eq!(verdicts(&s), [Verdict::Ok]);
+        std::fs::write(
+            &path,
+            ca((2024, 1, 1), (2040, 1, 1)) + &ca((2020, 1, 1), (2021, 1, 1)),
+        )
+        .unwrap();
+        assert_eq!(verdicts(&s), [Verdict::Ok, Verdict::Error]);
+        std::fs::write(&path, ca((2024, 1, 1), (2027, 1, 30))).unwrap();
+        assert_eq!(verdicts(&s), [Verdict::Warning]);
+        std::fs::write(&path, "not a certificate").unwrap();
+        assert_eq!(verdicts(&s), [Verdict::Error]);
+        // Nothing to check without the file.
+        assert!(client_cas(&config(""), now).is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -2,3 +2,4 @@
 
 pub mod check;
 pub mod tls;
+pub mod x509;

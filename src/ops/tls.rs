@@ -171,6 +171,14 @@ fn absolute(p: &Path) -> PathBuf {
 
 /// Builds the rustls server configuration: the server certificate followed by the CA.
 pub fn server_config(files: &CertFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_with(files, None)
+}
+
+/// Like `server_config`; with `client_auth`, clients are asked for a certificate (see `x509`).
+pub fn server_config_with(
+    files: &CertFiles,
+    client_auth: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let read = |p: &Path| fs::read(p).map_err(io_err(p));
     let mut chain = Vec::new();
     for path in [&files.server_cert, &files.ca_cert] {
@@ -193,11 +201,14 @@ pub fn server_config(files: &CertFiles) -> Result<Arc<ServerConfig>, TlsError> {
         rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey(files.server_key.clone()),
         e => pem_err(&files.server_key)(e),
     })?;
-    let config =
+    let builder =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)?;
+            .with_safe_default_protocol_versions()?;
+    let builder = match client_auth {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder.with_single_cert(chain, key)?;
     Ok(Arc::new(config))
 }
 

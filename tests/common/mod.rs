@@ -162,6 +162,28 @@ impl TestHub {
         .expect("connect")
     }
 
+    /// Like `connect`, over AMQP over WebSockets on the HTTPS listener.
+    pub async fn connect_ws(&self, m: &str) -> Client {
+        let key = device_key(&self.settings).unwrap();
+        let keys = module_keys(&self.settings, &key, &ModuleId::parse(m).unwrap());
+        let hub = self.hub.as_ref().unwrap();
+        let ca = self.settings.data_dir.join("certs").join("edge-ca.pem");
+        tokio::time::timeout(
+            WAIT,
+            Client::connect_ws(
+                hub.https_addr.expect("https is on"),
+                "localhost",
+                &ca,
+                IOTHUB,
+                &self.module(m),
+                &keys.primary,
+            ),
+        )
+        .await
+        .expect("connect in time")
+        .expect("connect")
+    }
+
     /// One HTTPS request to the hub's API (trusting its CA, as `localhost`); returns the status,
     /// the headers (names lower-cased) and the body parsed as JSON (`Null` when empty).
     pub async fn https(

@@ -52,13 +52,14 @@ async function launch(configPath) {
 
 /// `host` pins the hub's loopback address (for clients that cannot be told a port, such as the
 /// service SDK, which always dials 443); by default each hub gets a fresh one.
-async function startHub({ modules = { A: {}, B: {} }, routes = {}, limits, extra = {}, host = loopback() } = {}) {
+/// `amqpsPort` 0 keeps the SDKs' port 5671 free, for tests of clients that must use another way in.
+async function startHub({ modules = { A: {}, B: {} }, routes = {}, limits, extra = {}, host = loopback(), amqpsPort = 5671 } = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'edgehub-test-'));
   const config = {
     deviceId: 'edge1',
     iothubHostname: 'test-hub.azure-devices.net',
     gatewayHostname: host,
-    listen: { amqps: `${host}:5671`, https: `${host}:443`, metrics: `${host}:0` },
+    listen: { amqps: `${host}:${amqpsPort}`, https: `${host}:443`, metrics: `${host}:0` },
     dataDir: path.join(dir, 'data'),
     modules,
     $edgeHub: { schemaVersion: '1.1', routes, storeAndForwardConfiguration: { timeToLiveSecs: 7200 } },
@@ -196,14 +197,15 @@ function httpsPost(hub, path, headers, body) {
 }
 
 /// A ModuleClient made the way an IoT Edge module makes it: from the two environment values
-/// `edgehub module-env` prints, via `ModuleClient.fromEnvironment`.
-function fromEnv(env) {
+/// `edgehub module-env` prints, via `ModuleClient.fromEnvironment`; `transport` is `Amqp` (the
+/// default) or `AmqpWs`.
+function fromEnv(env, transport) {
   const { ModuleClient } = require('azure-iot-device');
   const { Amqp } = require('azure-iot-device-amqp');
   const saved = { ...process.env };
   Object.assign(process.env, env);
   return new Promise((resolve, reject) => {
-    ModuleClient.fromEnvironment(Amqp, (err, client) => {
+    ModuleClient.fromEnvironment(transport || Amqp, (err, client) => {
       process.env = saved;
       if (err) reject(err);
       else resolve(client);
@@ -212,8 +214,8 @@ function fromEnv(env) {
 }
 
 /// `fromEnv` for a module of `hub`, opened.
-async function openClient(hub, module) {
-  const c = await fromEnv(hub.env(module));
+async function openClient(hub, module, transport) {
+  const c = await fromEnv(hub.env(module), transport);
   await withTimeout(c.open(), 15000, `${module} open`);
   return c;
 }

@@ -42,7 +42,7 @@ use fe2o3_amqp::{
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     sync::{mpsc, Semaphore},
 };
 use tokio_rustls::TlsAcceptor;
@@ -69,16 +69,7 @@ pub(crate) fn custom_condition(name: &str) -> ErrorCondition {
     ErrorCondition::Custom(Symbol::from(name))
 }
 
-/// Longest client-supplied text put in a log line.
-const LOG_CLIP: usize = 128;
-
-/// `s` cut to [`LOG_CLIP`] characters, for log lines that quote what a client sent.
-pub(crate) fn clip(s: &str) -> std::borrow::Cow<'_, str> {
-    match s.char_indices().nth(LOG_CLIP) {
-        None => std::borrow::Cow::Borrowed(s),
-        Some((at, _)) => std::borrow::Cow::Owned(format!("{}… ({} bytes)", &s[..at], s.len())),
-    }
-}
+pub(crate) use crate::model::clip;
 
 /// Bound on waiting for the peer's answer to a detach, end or close the hub sent: a peer
 /// that stops answering holds no task beyond it.
@@ -115,6 +106,8 @@ pub(crate) struct ConnState {
     cbs_links: Mutex<(usize, usize)>,
     /// Sessions the frame guard found broken by the peer.
     faults: Arc<tags::SessionFaults>,
+    /// What the client's TLS certificate proved (`None`: it sent none).
+    x509: Mutex<Option<crate::ops::x509::Presented>>,
 }
 
 struct CbsReplies {
@@ -144,7 +137,28 @@ impl ConnState {
             close_reason: Arc::default(),
             cbs_links: Mutex::new((0, 0)),
             faults: Arc::default(),
+            x509: Mutex::new(None),
         }
+    }
+
+    /// Records what the client's certificate proved: an identity is granted until the
+    /// certificate expires, as a token would be; a certificate that matches nothing grants
+    /// nothing (the connection may still put a token).
+    fn presented(&self, core: &HubCore, presented: Option<crate::ops::x509::Presented>) {
+        match &presented {
+            Some(crate::ops::x509::Presented::Identity { id, not_after }) => {
+                debug!(identity = %id, "authenticated by its client certificate");
+                if self.authorize(id.clone(), *not_after) {
+                    core.client_connected(id);
+                }
+            }
+            Some(crate::ops::x509::Presented::Unmatched(why)) => {
+                info!("client certificate not accepted: {why}");
+                m::connect_failed("unknown", "certificate_not_accepted");
+            }
+            None => {}
+        }
+        *lock(&self.x509) = presented;
     }
 
     fn is_authenticated(&self) -> bool {
@@ -368,19 +382,105 @@ impl Pending {
 /// How long a new connection waits for the slot of a pending one it evicted.
 const EVICTION_WAIT: Duration = Duration::from_secs(2);
 
-/// Accepts connections until `shutdown`, then waits for every connection task.
-pub async fn serve(
-    listener: TcpListener,
-    tls: TlsAcceptor,
+/// Admission to the AMQP connection slots, shared by every way a connection arrives (AMQPS on
+/// `listen.amqps`, AMQP over WebSockets on `listen.https`): one `maxConnections` semaphore and
+/// one queue of pending connections, so both transports count against the same limits.
+pub struct Gate {
     core: Arc<HubCore>,
+    permits: Arc<Semaphore>,
+    pending: Arc<Pending>,
     shutdown: CancellationToken,
-) {
+    /// The devices that authenticate with a client certificate.
+    x509: Arc<crate::ops::x509::Matcher>,
+}
+
+/// A connection let in by [`Gate::admit`]: pending until it authenticates. Its slot is
+/// taken, or freed by the eviction of a pending connection and waited for in [`Gate::run`].
+pub(crate) struct Admitted {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    conn: Arc<ConnState>,
+}
+
+impl Gate {
+    pub fn new(
+        core: Arc<HubCore>,
+        shutdown: CancellationToken,
+        x509: Arc<crate::ops::x509::Matcher>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            x509,
+            permits: Arc::new(Semaphore::new(core.settings.limits.max_connections)),
+            pending: Pending::new(core.settings.limits.max_pending_connections),
+            core,
+            shutdown,
+        })
+    }
+
+    pub(crate) fn core(&self) -> &Arc<HubCore> {
+        &self.core
+    }
+
+    /// What the client of a TLS connection proved with its certificate (`None`: it sent none).
+    pub(crate) fn identify(
+        &self,
+        tls: &rustls::ServerConnection,
+    ) -> Option<crate::ops::x509::Presented> {
+        crate::ops::x509::presented(&self.x509, tls)
+    }
+
+    /// Lets a new connection in, or `None` when every slot is held by an authenticated one.
+    pub(crate) fn admit(&self, peer: SocketAddr) -> Option<Admitted> {
+        // Every slot taken: a connection that has not authenticated makes room, since slots
+        // are for clients that authenticate.
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) if self.pending.evict_oldest() => None,
+            Err(_) => {
+                warn!(%peer, limit = self.core.settings.limits.max_connections, "connection limit reached; closing");
+                return None;
+            }
+        };
+        // Pending from now on, until it authenticates.
+        let conn = Arc::new(ConnState::new(self.shutdown.child_token()));
+        *lock(&conn.pending) = Some(self.pending.admit(Stop {
+            token: conn.root.clone(),
+            reason: conn.close_reason.clone(),
+        }));
+        Some(Admitted { permit, conn })
+    }
+
+    /// Serves an admitted connection to its end: `handshake` (TLS for AMQPS; nothing for a
+    /// WebSocket, whose TLS and upgrade are done) gives the byte stream and what the client's
+    /// certificate proved, then the AMQP header, open, sessions and links follow. The
+    /// handshake and the AMQP open share one deadline (`limits.handshakeTimeoutSecs`).
+    pub(crate) async fn run<S, F>(&self, admitted: Admitted, handshake: F)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug + 'static,
+        F: std::future::Future<Output = std::io::Result<(S, Option<crate::ops::x509::Presented>)>>,
+    {
+        let Admitted { permit, conn } = admitted;
+        let permit = match permit {
+            Some(p) => p,
+            None => match tokio::time::timeout(EVICTION_WAIT, self.permits.clone().acquire_owned())
+                .await
+            {
+                Ok(Ok(p)) => p,
+                _ => return,
+            },
+        };
+        m::open_connections(1.0);
+        handle_stream(handshake, self.core.clone(), conn).await;
+        m::open_connections(-1.0);
+        drop(permit);
+    }
+}
+
+/// Accepts connections until `shutdown`, then waits for every connection task.
+pub async fn serve(listener: TcpListener, tls: TlsAcceptor, gate: Arc<Gate>) {
     let tracker = TaskTracker::new();
-    let permits = Arc::new(Semaphore::new(core.settings.limits.max_connections));
-    let pending = Pending::new(core.settings.limits.max_pending_connections);
     loop {
         let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = gate.shutdown.cancelled() => break,
             a = listener.accept() => a,
         };
         let (tcp, peer) = match accepted {
@@ -392,39 +492,20 @@ pub async fn serve(
                 continue;
             }
         };
-        // Every slot taken: a connection that has not authenticated makes room, since slots
-        // are for clients that authenticate.
-        let permit = match permits.clone().try_acquire_owned() {
-            Ok(p) => Some(p),
-            Err(_) if pending.evict_oldest() => None,
-            Err(_) => {
-                warn!(%peer, limit = core.settings.limits.max_connections, "connection limit reached; closing");
-                drop(tcp);
-                continue;
-            }
+        let Some(admitted) = gate.admit(peer) else {
+            drop(tcp);
+            continue;
         };
-        // Pending from now on, until it authenticates.
-        let conn = Arc::new(ConnState::new(shutdown.child_token()));
-        *lock(&conn.pending) = Some(pending.admit(Stop {
-            token: conn.root.clone(),
-            reason: conn.close_reason.clone(),
-        }));
-        let (tls, core, permits) = (tls.clone(), core.clone(), permits.clone());
+        let (tls, gate) = (tls.clone(), gate.clone());
         tracker.spawn(
             async move {
-                let permit = match permit {
-                    Some(p) => p,
-                    None => {
-                        match tokio::time::timeout(EVICTION_WAIT, permits.acquire_owned()).await {
-                            Ok(Ok(p)) => p,
-                            _ => return,
-                        }
-                    }
+                let _ = tcp.set_nodelay(true);
+                let handshake = async {
+                    let stream = tls.accept(tcp).await?;
+                    let presented = gate.identify(stream.get_ref().1);
+                    Ok((stream, presented))
                 };
-                m::open_connections(1.0);
-                handle_socket(tcp, peer, tls, core, conn).await;
-                m::open_connections(-1.0);
-                drop(permit);
+                gate.run(admitted, handshake).await;
             }
             .instrument(info_span!("conn", %peer)),
         );
@@ -447,14 +528,11 @@ enum HandshakeError {
     Timeout,
 }
 
-async fn handle_socket(
-    tcp: TcpStream,
-    _peer: SocketAddr,
-    tls: TlsAcceptor,
-    core: Arc<HubCore>,
-    conn: Arc<ConnState>,
-) {
-    let _ = tcp.set_nodelay(true);
+async fn handle_stream<S, F>(handshake: F, core: Arc<HubCore>, conn: Arc<ConnState>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug + 'static,
+    F: std::future::Future<Output = std::io::Result<(S, Option<crate::ops::x509::Presented>)>>,
+{
     let limits = &core.settings.limits;
     let deadline = Duration::from_secs(limits.handshake_timeout_secs);
     let channel_max = channel_max(limits.max_sessions_per_connection);
@@ -471,7 +549,8 @@ async fn handle_socket(
     };
     let idle_ms = u32::try_from(limits.idle_timeout_secs.saturating_mul(1000)).unwrap_or(u32::MAX);
     let handshake = async {
-        let mut stream = tls.accept(tcp).await.map_err(HandshakeError::Tls)?;
+        let (mut stream, presented) = handshake.await.map_err(HandshakeError::Tls)?;
+        conn.presented(&core, presented);
         let mut header = [0u8; 8];
         stream
             .read_exact(&mut header)
@@ -508,19 +587,27 @@ async fn handle_socket(
     };
     let handshake = tokio::select! {
         // Shutdown (or an eviction) does not wait for handshakes in progress.
-        _ = conn.root.cancelled() => return,
-        h = tokio::time::timeout(deadline, handshake) => h,
+        _ = conn.root.cancelled() => None,
+        h = tokio::time::timeout(deadline, handshake) => Some(h),
     };
     let handle = match handshake {
-        Ok(Ok(h)) => h,
-        Ok(Err(e)) => {
+        Some(Ok(Ok(h))) => Some(h),
+        Some(Ok(Err(e))) => {
             debug!(error = %e, "handshake failed");
-            return;
+            None
         }
-        Err(_) => {
+        Some(Err(_)) => {
             debug!(error = %HandshakeError::Timeout, "handshake failed");
-            return;
+            None
         }
+        None => None,
+    };
+    let Some(handle) = handle else {
+        // An identity proven inside the handshake (SASL PLAIN) leaves with it.
+        for id in conn.identities() {
+            core.client_disconnected(&id);
+        }
+        return;
     };
     debug!("connection open");
     run_connection(handle, conn.clone(), core.clone()).await;
@@ -886,16 +973,25 @@ fn outcome(code: SaslCode) -> SaslServerFrame {
 
 impl SaslAcceptor for HubSasl {
     fn mechanisms(&self) -> Array<Symbol> {
-        Array::from(vec![
+        let mut m = vec![
             Symbol::from("MSSBCBS"),
             Symbol::from("ANONYMOUS"),
             Symbol::from("PLAIN"),
-        ])
+        ];
+        // EXTERNAL (the TLS client certificate) is offered to clients that sent one.
+        if lock(&self.conn.x509).is_some() {
+            m.insert(0, Symbol::from("EXTERNAL"));
+        }
+        Array::from(m)
     }
 
     fn on_init(&mut self, init: SaslInit) -> SaslServerFrame {
         match init.mechanism.0.as_str() {
             "ANONYMOUS" | "MSSBCBS" => outcome(SaslCode::Ok),
+            "EXTERNAL" => match &*lock(&self.conn.x509) {
+                Some(crate::ops::x509::Presented::Identity { .. }) => outcome(SaslCode::Ok),
+                _ => outcome(SaslCode::Auth),
+            },
             "PLAIN" => {
                 let data = init
                     .initial_response
@@ -1025,9 +1121,9 @@ mod tests {
         assert_eq!(clip("short"), "short");
         let long = "é".repeat(1000);
         let c = clip(&long);
-        assert!(c.starts_with(&"é".repeat(LOG_CLIP)));
+        assert!(c.starts_with(&"é".repeat(crate::model::LOG_CLIP)));
         assert!(c.ends_with("(2000 bytes)"), "{c}");
-        assert!(c.len() < 2 * LOG_CLIP + 32);
+        assert!(c.len() < 2 * crate::model::LOG_CLIP + 32);
     }
 
     #[test]

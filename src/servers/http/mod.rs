@@ -162,12 +162,14 @@ pub async fn serve_metrics(
 }
 
 /// The HTTPS API on `listen.https`: the direct-method API of modules and the service API
-/// (direct methods and twins, see `api`).
+/// (direct methods and twins, see `api`), and AMQP over WebSockets (see `ws`), whose
+/// connections `gate` admits.
 pub async fn serve_https(
     listener: TcpListener,
     tls: tokio_rustls::TlsAcceptor,
     core: Arc<crate::core::HubCore>,
     shutdown: CancellationToken,
+    gate: Arc<crate::servers::amqp::Gate>,
 ) {
     let tracker = TaskTracker::new();
     let limits = &core.settings.limits;
@@ -185,6 +187,7 @@ pub async fn serve_https(
         };
         let (tls, core, shutdown) = (tls.clone(), core.clone(), shutdown.clone());
         let builder = builder.clone();
+        let (gate, upgrades) = (gate.clone(), tracker.clone());
         tracker.spawn(async move {
             let _permit = permit;
             let _ = stream.set_nodelay(true);
@@ -200,11 +203,26 @@ pub async fn serve_https(
                     Err(_) => { debug!(%peer, "https TLS handshake timed out"); return; }
                 },
             };
+            // What the client's certificate proves, for AMQP over WebSockets on this connection.
+            let presented = gate.identify(stream.get_ref().1);
             let svc = service_fn(move |req| {
                 let core = core.clone();
-                async move { Ok::<_, Infallible>(crate::servers::http::api::handle(req, &core).await) }
+                // A WebSocket upgrade carries an AMQP connection (`ws`); its task joins this
+                // listener's, and the HTTPS slot is freed once the stream is handed over.
+                let req = match crate::servers::ws::is_upgrade(&req) {
+                    true => Err(crate::servers::ws::accept(req, &gate, &upgrades, peer, presented.clone())),
+                    false => Ok(req),
+                };
+                async move {
+                    Ok::<_, Infallible>(match req {
+                        Ok(req) => crate::servers::http::api::handle(req, &core).await,
+                        Err(upgrade) => upgrade,
+                    })
+                }
             });
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "https connection"); },
