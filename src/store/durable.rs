@@ -71,9 +71,10 @@
 //!   fjall would stall with a sleep for a full write buffer (the store's thread then seals the
 //!   largest memtable) or too many tables waiting in level 0 is refused as busy instead, so the
 //!   sender waits asynchronously as it does for a compaction. fjall's 500 ms stall for journals
-//!   near `max_journaling_size` (64 MiB, checked when a memtable is sealed) cannot be refused
-//!   (that would keep the journals from being freed): once the journals are past three
-//!   quarters of it, writes are made with the worker's other tasks handed to another thread
+//!   near `max_journaling_size` (checked when a memtable is sealed; fjall counts every journal
+//!   at its preallocated 32 MiB, so the 256 MiB bound means seven journals waiting for their
+//!   flush) cannot be refused (that would keep the journals from being freed): from six on,
+//!   writes are made with the worker's other tasks handed to another thread
 //!   (`block_in_place`), so a stall holds only the sender that met it.
 //! * `storeLimits.maxSizeBytes` caps the bytes of keys and values held (entries and records),
 //!   counted in memory and rebuilt at open; a write that would pass it is refused before it is
@@ -384,25 +385,24 @@ pub struct DurableStore {
     files: AtomicU64,
     /// fjall's journal directory.
     journals: std::path::PathBuf,
-    /// Journal bytes past which a write may stall (see [`DurableStore::off_worker`]):
-    /// [`JOURNAL_NEAR`], lower in tests.
-    journal_near: AtomicU64,
-    /// The journals were past `journal_near` when last looked at.
-    journals_near: std::sync::atomic::AtomicBool,
+    /// Sealed journals from which a write may stall (see [`DurableStore::off_worker`]):
+    /// [`JOURNALS_NEAR`], lower in tests.
+    journals_near: AtomicU64,
     /// Writes made off the async worker because the journals were near their bound.
     offloaded: AtomicU64,
 }
 
-/// fjall's bound on the journals (`max_journaling_size`): a memtable sealed with the journals
-/// past 90 % of it sleeps the writing thread.
-const JOURNAL_MAX: u64 = 64 * 1024 * 1024;
-/// From here on a write is made off the async worker ([`DurableStore::off_worker`]).
-const JOURNAL_NEAR: u64 = JOURNAL_MAX * 3 / 4;
-/// The journals' size is looked at every this many writes ...
-const JOURNAL_CHECK_EVERY: u64 = 64;
-/// ... and at every write of at least this many bytes (64 smaller ones stay well within the
-/// margin between [`JOURNAL_NEAR`] and fjall's 90 %).
-const JOURNAL_LARGE_WRITE: usize = 64 * 1024;
+/// fjall's bound on the journals (`max_journaling_size`): a memtable sealed with the sealed
+/// journals past 90 % of it sleeps the writing thread. fjall counts each journal at least at
+/// its preallocated length ([`JOURNAL_FILE`]), whatever it holds, so this is a bound on the
+/// number of journals waiting for their memtables' flush: 256 MiB stalls at the eighth.
+const JOURNAL_MAX: u64 = 256 * 1024 * 1024;
+/// The length fjall preallocates each journal file to (sparse: only what is written takes
+/// blocks), and counts it at.
+const JOURNAL_FILE: u64 = 32 * 1024 * 1024;
+/// Sealed journals from which a write is made off the async worker
+/// ([`DurableStore::off_worker`]): two rotations before fjall's stall.
+const JOURNALS_NEAR: u64 = (JOURNAL_MAX * 9 / 10) / JOURNAL_FILE - 1;
 
 /// Clears the store's `compacting` flag when the compaction ends, however it ends.
 struct Compacting(Arc<std::sync::atomic::AtomicBool>);
@@ -576,8 +576,7 @@ impl DurableStore {
             compacting: Arc::default(),
             files: AtomicU64::new(0),
             journals: dir.join("journals"),
-            journal_near: AtomicU64::new(JOURNAL_NEAR),
-            journals_near: Default::default(),
+            journals_near: AtomicU64::new(JOURNALS_NEAR),
             offloaded: AtomicU64::new(0),
         });
         let (chores, weak) = (store.chores.clone(), Arc::downgrade(&store));
@@ -875,9 +874,7 @@ impl DurableStore {
             return Err(poisoned());
         }
         self.check_files(entry.len() as u64, &self.queue)?;
-        self.off_worker(entry.len(), || {
-            self.write_entry(at, endpoint, expires_ms, msg_id, key, value)
-        })
+        self.off_worker(|| self.write_entry(at, endpoint, expires_ms, msg_id, key, value))
     }
 
     /// [`DurableStore::put`] once the write is allowed.
@@ -978,22 +975,16 @@ impl DurableStore {
         Ok(written)
     }
 
-    /// Runs a write of `bytes` that fjall may stall with a sleep of the calling thread: when a
-    /// memtable is sealed while its journals are near [`JOURNAL_MAX`], fjall sleeps 500 ms (and
+    /// Runs a write that fjall may stall with a sleep of the calling thread: when a memtable
+    /// is sealed while the sealed journals are near [`JOURNAL_MAX`], fjall sleeps 500 ms (and
     /// then 100 ms at a time until flushes free journals). Refusing writes then would keep the
     /// memtables from filling and the journals from being freed, so the write goes on, but
-    /// off the async worker: with journals past [`JOURNAL_NEAR`] the worker hands its other
-    /// tasks to another thread for the time of the write (`block_in_place`). The journals'
-    /// size is looked at every [`JOURNAL_CHECK_EVERY`] writes and for every large one; fewer
-    /// bytes than the margin between the two bounds are written in between.
-    fn off_worker<R>(&self, bytes: usize, write: impl FnOnce() -> R) -> R {
-        let n = self.written.load(Ordering::Relaxed);
-        if n % JOURNAL_CHECK_EVERY == 0 || bytes >= JOURNAL_LARGE_WRITE {
-            let near =
-                self.keyspace.journal_disk_space() >= self.journal_near.load(Ordering::Relaxed);
-            self.journals_near.store(near, Ordering::Relaxed);
-        }
-        if !self.journals_near.load(Ordering::Relaxed) {
+    /// off the async worker: from [`JOURNALS_NEAR`] sealed journals on, the worker hands its
+    /// other tasks to another thread for the time of the write (`block_in_place`). The count
+    /// is read under fjall's journal-manager lock, without a system call.
+    fn off_worker<R>(&self, write: impl FnOnce() -> R) -> R {
+        let sealed = self.keyspace.journal_count().saturating_sub(1) as u64;
+        if sealed < self.journals_near.load(Ordering::Relaxed) {
             return write();
         }
         match tokio::runtime::Handle::try_current() {

@@ -588,10 +588,14 @@ fn a_write_near_the_journal_bound_leaves_the_async_worker_to_other_tasks() {
         let wait = std::time::Duration::from_millis(secs);
         let (tx, rx) = std::sync::mpsc::channel();
         tokio::spawn(async move { tx.send(()) });
-        store.written.store(0, Ordering::Relaxed);
-        store.off_worker(1, || rx.recv_timeout(wait))
+        store.off_worker(|| rx.recv_timeout(wait))
     };
-    // Far from the bound the write is made in place (the spawned task runs only after it).
+    // Far from the bound the write is made in place (the spawned task runs only after it),
+    // also with a journal sealed and waiting for its flush: fjall counts each at its
+    // preallocated 32 MiB, which must not be taken for a journal near the bound.
+    store.queue.insert("k", "v").unwrap();
+    assert!(store.queue.rotate_memtable().unwrap());
+    assert_eq!(store.keyspace.journal_count(), 2);
     let far = rt.block_on(async {
         tokio::spawn(write_waiting_for_a_task(store.clone(), 300))
             .await
@@ -600,7 +604,7 @@ fn a_write_near_the_journal_bound_leaves_the_async_worker_to_other_tasks() {
     assert!(far.is_err());
     assert_eq!(store.offloaded.load(Ordering::Relaxed), 0);
     // Near it, the worker's other tasks go on while the write waits.
-    store.journal_near.store(0, Ordering::Relaxed);
+    store.journals_near.store(0, Ordering::Relaxed);
     let near = rt.block_on(async {
         tokio::spawn(write_waiting_for_a_task(store.clone(), 10_000))
             .await
