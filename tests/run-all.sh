@@ -21,6 +21,12 @@ if ! command -v openssl >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssl >/dev/null
 fi
 
+echo "== tools: tinyproxy (Debian; the upstream-over-WebSockets tests go through it)"
+if [ ! -x /usr/bin/tinyproxy ] && [ ! -x /usr/sbin/tinyproxy ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tinyproxy >/dev/null
+fi
+
 echo "== npm ci (Azure IoT Node SDK, rhea; pinned by tests/package-lock.json)"
 (cd tests && npm ci --no-audit --no-fund --loglevel=error)
 

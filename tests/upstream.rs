@@ -559,3 +559,244 @@ async fn reported_changes_that_pile_up_are_resynchronised_not_dropped() {
         .unwrap();
     let _ = std::fs::remove_dir_all(&pair.dir);
 }
+
+/// Debian's tinyproxy on a port of its own, with `extra` lines of configuration; killed on drop.
+struct Tinyproxy {
+    child: std::process::Child,
+    port: u16,
+    log: std::path::PathBuf,
+}
+
+impl Tinyproxy {
+    async fn start(dir: &Path, extra: &str) -> Self {
+        let bin = ["/usr/bin/tinyproxy", "/usr/sbin/tinyproxy"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("tinyproxy is installed (tests/run-all.sh installs it)");
+        std::fs::create_dir_all(dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = dir.join("tinyproxy.log");
+        let conf = dir.join("tinyproxy.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "Port {port}\nListen 127.0.0.1\nTimeout 60\nLogFile \"{}\"\nLogLevel Connect\nMaxClients 50\nAllow 127.0.0.1\n{extra}\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new(bin)
+            .arg("-d")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Ready once it accepts connections.
+        tokio::time::timeout(WAIT, async {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("tinyproxy listens in time");
+        Self { child, port, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Tinyproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A parent with its HTTPS listener (where AMQP over WebSockets is served).
+fn parent_text_https(dir: &Path, routes: &str, https: &str) -> String {
+    parent_text(dir, routes).replace(r#""https": null"#, &format!(r#""https": "{https}""#))
+}
+
+const SINK_ROUTE: &str = r#"{"fromChild": "FROM /messages/modules/A/outputs/out1 WHERE $connectionDeviceId = 'child' INTO BrokeredEndpoint(\"/modules/sink/inputs/in1\")"}"#;
+
+async fn send_outputs(a: &mut Client, from: usize, to: usize) {
+    let mut tx = a
+        .sender("/devices/child/modules/A/messages/events")
+        .await
+        .unwrap();
+    for i in from..to {
+        let msg = Message::builder()
+            .properties(fe2o3_amqp::types::messaging::Properties {
+                message_id: Some(format!("m{i}").into()),
+                ..Default::default()
+            })
+            .application_properties(
+                ApplicationProperties::builder()
+                    .insert("iothub-outputname", "out1")
+                    .build(),
+            )
+            .value(format!("body {i}"))
+            .build();
+        let outcome = tokio::time::timeout(WAIT, tx.send(msg))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+    }
+    tx.close().await.unwrap();
+}
+
+async fn receive_ids(sink: &mut Client, n: usize) -> Vec<String> {
+    let mut rx = sink
+        .receiver("/devices/parent/modules/sink/messages/events")
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let d = tokio::time::timeout(WAIT, rx.recv::<Body<Value>>())
+            .await
+            .expect("message at the parent in time")
+            .unwrap();
+        rx.accept(&d).await.unwrap();
+        assert_eq!(
+            annotation(d.message(), "iothub-connection-device-id").as_deref(),
+            Some("child")
+        );
+        if let Some(fe2o3_amqp::types::messaging::MessageId::String(id)) = d
+            .message()
+            .properties
+            .as_ref()
+            .and_then(|p| p.message_id.clone())
+        {
+            ids.push(id);
+        }
+    }
+    rx.close().await.unwrap();
+    ids
+}
+
+#[tokio::test]
+async fn a_child_reaches_its_parent_over_websockets_through_a_proxy_and_resumes_after_an_outage() {
+    let dir = std::env::temp_dir().join(format!("edgehub-up-ws-{}", uuid::Uuid::new_v4()));
+    let proxy = Tinyproxy::start(&dir, "BasicAuth edge s3cret").await;
+    let ptext = parent_text_https(&dir, SINK_ROUTE, "127.0.0.1:0");
+    let parent_settings = config::from_str(&ptext, &HashMap::new()).unwrap();
+    let parent = Hub::start(parent_settings).await.unwrap();
+    let https = parent.https_addr.unwrap();
+    let ca = dir.join("parent/certs/edge-ca.pem");
+    // The password percent-encoded in the URL (`%73` is `s`), as in https_proxy.
+    let extra = format!(
+        r#", "protocol": "amqpws", "proxy": "http://edge:%733cret@127.0.0.1:{}""#,
+        proxy.port
+    );
+    let ctext = child_text_with(&dir, https.port(), &ca, &extra);
+    let child_settings = config::from_str(&ctext, &HashMap::new()).unwrap();
+    let child = Hub::start(child_settings.clone()).await.unwrap();
+
+    let mut a = connect(&child, &child_settings, "child", "A").await;
+    let parent_settings = config::from_str(&ptext, &HashMap::new()).unwrap();
+    let mut sink = connect(&parent, &parent_settings, "parent", "sink").await;
+    send_outputs(&mut a, 0, 20).await;
+    let ids = receive_ids(&mut sink, 20).await;
+    assert_eq!(ids, (0..20).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    // The connection went through the proxy, as a CONNECT to the parent's HTTPS port.
+    let log = proxy.log();
+    assert!(
+        log.contains(&format!("CONNECT 127.0.0.1:{}", https.port()))
+            || log.contains(&format!("CONNECT localhost:{}", https.port())),
+        "{log}"
+    );
+    // `edgehub check` goes the same way.
+    let path = dir.join("child.json");
+    std::fs::write(&path, &ctext).unwrap();
+    let up = check_upstream_line(&path).await;
+    assert!(
+        up.starts_with("OK") && up.contains("through the proxy"),
+        "{up}"
+    );
+
+    // The parent goes away; the child keeps what its module sends, and forwards it once the
+    // parent is back on the same address.
+    sink.close().await;
+    tokio::time::timeout(WAIT, parent.shutdown()).await.unwrap();
+    send_outputs(&mut a, 20, 40).await;
+    let ptext = parent_text_https(&dir, SINK_ROUTE, &https.to_string());
+    let parent_settings = config::from_str(&ptext, &HashMap::new()).unwrap();
+    let parent = Hub::start(parent_settings.clone()).await.unwrap();
+    let mut sink = connect(&parent, &parent_settings, "parent", "sink").await;
+    let ids = receive_ids(&mut sink, 20).await;
+    assert_eq!(ids, (20..40).map(|i| format!("m{i}")).collect::<Vec<_>>());
+
+    a.close().await;
+    sink.close().await;
+    tokio::time::timeout(WAIT, child.shutdown()).await.unwrap();
+    tokio::time::timeout(WAIT, parent.shutdown()).await.unwrap();
+    drop(proxy);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_proxy_that_refuses_connect_is_named_in_the_log_and_by_check() {
+    let dir = std::env::temp_dir().join(format!("edgehub-up-ws-{}", uuid::Uuid::new_v4()));
+    // CONNECT only to port 443: the parent's test port is refused with 403.
+    let proxy = Tinyproxy::start(&dir, "ConnectPort 443").await;
+    let ptext = parent_text_https(&dir, "{}", "127.0.0.1:0");
+    let parent_settings = config::from_str(&ptext, &HashMap::new()).unwrap();
+    let parent = Hub::start(parent_settings).await.unwrap();
+    let https = parent.https_addr.unwrap();
+    let ca = dir.join("parent/certs/edge-ca.pem");
+    let ctext = child_text_with(&dir, https.port(), &ca, r#", "protocol": "amqpws""#);
+    // The proxy from the environment, as edgeHub takes it.
+    let env = HashMap::from([(
+        "https_proxy".to_owned(),
+        format!("http://127.0.0.1:{}", proxy.port),
+    )]);
+    let child_settings = config::from_str(&ctext, &env).unwrap();
+    let up = child_settings.upstream.as_ref().unwrap();
+    assert_eq!(up.proxy.as_ref().map(|p| p.port), Some(proxy.port));
+
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("edgehub=info")
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let child = Hub::start(child_settings.clone()).await.unwrap();
+    tokio::time::timeout(WAIT, captured.wait_for("refused CONNECT", 1))
+        .await
+        .expect("the refusal is logged");
+    assert!(captured.count("HTTP 403") >= 1);
+
+    let path = dir.join("child.json");
+    std::fs::write(
+        &path,
+        ctext.replace(
+            r#""protocol": "amqpws""#,
+            &format!(
+                r#""protocol": "amqpws", "proxy": "http://127.0.0.1:{}""#,
+                proxy.port
+            ),
+        ),
+    )
+    .unwrap();
+    let line = check_upstream_line(&path).await;
+    assert!(
+        line.starts_with("ERROR") && line.contains("refused CONNECT"),
+        "{line}"
+    );
+    tokio::time::timeout(WAIT, child.shutdown()).await.unwrap();
+    tokio::time::timeout(WAIT, parent.shutdown()).await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -254,6 +254,81 @@ pub struct UpstreamSettings {
     /// Lifetime of the tokens put upstream, in seconds; they are renewed on the live
     /// connection at three quarters of it.
     pub token_lifetime_secs: u64,
+    /// AMQP over TLS (port 5671), or AMQP over WebSockets (port 443).
+    pub protocol: UpstreamProtocol,
+    /// The HTTP proxy the WebSocket connection goes through (`upstream.proxy`, else
+    /// `https_proxy` as edgeHub reads it); only with `amqpws`.
+    pub proxy: Option<Proxy>,
+}
+
+/// How the hub reaches its parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    Amqp,
+    AmqpWs,
+}
+
+/// An HTTP proxy reached with `CONNECT`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Proxy {
+    pub host: String,
+    pub port: u16,
+    /// `user:password` for basic authentication, from the URL.
+    pub basic_auth: Option<String>,
+}
+
+impl fmt::Debug for Proxy {
+    // The password stays out of logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "http://{}:{}", self.host, self.port)?;
+        if self.basic_auth.is_some() {
+            write!(f, " (with basic authentication)")?;
+        }
+        Ok(())
+    }
+}
+
+impl Proxy {
+    /// `http://[user[:password]@]host[:port]` (port default 80; a bare `host:port` is taken
+    /// as http too, as curl does).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let with_scheme = if text.contains("://") {
+            text.to_owned()
+        } else {
+            format!("http://{text}")
+        };
+        let url = url::Url::parse(&with_scheme).map_err(|e| format!("not a URL: {e}"))?;
+        if url.scheme() != "http" {
+            return Err(format!(
+                "the proxy is reached with http, not {}",
+                url.scheme()
+            ));
+        }
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or("has no host")?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        let basic_auth = (!url.username().is_empty()).then(|| {
+            format!(
+                "{}:{}",
+                decode(url.username()),
+                decode(url.password().unwrap_or_default())
+            )
+        });
+        Ok(Self {
+            host,
+            port: url.port().unwrap_or(80),
+            basic_auth,
+        })
+    }
 }
 
 fn upstream_settings(w: &mut Walk, u: &Value) -> Option<UpstreamSettings> {
@@ -271,6 +346,8 @@ fn upstream_settings(w: &mut Walk, u: &Value) -> Option<UpstreamSettings> {
             "maxBackoffMs",
             "window",
             "tokenLifetimeSecs",
+            "protocol",
+            "proxy",
         ],
     )?;
     let hostname = w.string(u, p, "hostname", true).and_then(|h| {
@@ -284,7 +361,36 @@ fn upstream_settings(w: &mut Walk, u: &Value) -> Option<UpstreamSettings> {
             None
         }
     });
-    let port = w.uint(u, p, "port", 65_535).unwrap_or(5671) as u16;
+    let protocol = match w.string(u, p, "protocol", false) {
+        None | Some("amqp") => UpstreamProtocol::Amqp,
+        Some("amqpws") => UpstreamProtocol::AmqpWs,
+        Some(other) => {
+            w.err(
+                "$.upstream.protocol",
+                format!("{other:?}: must be \"amqp\" or \"amqpws\""),
+            );
+            UpstreamProtocol::Amqp
+        }
+    };
+    let default_port = match protocol {
+        UpstreamProtocol::Amqp => 5671,
+        UpstreamProtocol::AmqpWs => 443,
+    };
+    let port = w.uint(u, p, "port", 65_535).unwrap_or(default_port) as u16;
+    let configured_proxy = w.string(u, p, "proxy", false);
+    if configured_proxy.is_some() && protocol == UpstreamProtocol::Amqp {
+        w.err(
+            "$.upstream.proxy",
+            "a proxy carries only \"amqpws\": set upstream.protocol to \"amqpws\"",
+        );
+    }
+    let proxy = configured_proxy.and_then(|text| match Proxy::parse(text) {
+        Ok(proxy) => Some(proxy),
+        Err(e) => {
+            w.err("$.upstream.proxy", e);
+            None
+        }
+    });
     let ca = w.string(u, p, "caCert", false).map(PathBuf::from);
     let mut edge_hub_key = w.key(u, p, "sharedAccessKey");
     if let Some(cs) = w.string(u, p, "connectionString", false) {
@@ -325,6 +431,8 @@ fn upstream_settings(w: &mut Walk, u: &Value) -> Option<UpstreamSettings> {
         max_backoff_ms,
         window,
         token_lifetime_secs,
+        protocol,
+        proxy,
     })
 }
 
@@ -593,6 +701,20 @@ fn apply_env(value: &mut Value, env: &HashMap<String, String>) {
             None => (&mut *root, *key),
         };
         obj.insert(leaf.to_owned(), Value::String(v.clone()));
+    }
+    // As edgeHub: the environment's proxy carries AMQP over WebSockets to the parent, unless
+    // the config names one.
+    let proxy = ["https_proxy", "HTTPS_PROXY"]
+        .iter()
+        .find_map(|k| env.get(*k).filter(|v| !v.trim().is_empty()));
+    if let (Some(proxy), Some(up)) = (
+        proxy,
+        root.get_mut("upstream").and_then(|u| u.as_object_mut()),
+    ) {
+        if up.get("protocol").and_then(Value::as_str) == Some("amqpws") && !up.contains_key("proxy")
+        {
+            up.insert("proxy".to_owned(), Value::String(proxy.trim().to_owned()));
+        }
     }
 }
 
@@ -1305,6 +1427,25 @@ mod tests {
         assert_eq!(s.time_to_live_secs, None);
         assert!(s.modules[&ModuleId::parse("a").unwrap()].keys.is_none());
         assert!(s.modules[&ModuleId::parse("b").unwrap()].keys.is_some());
+    }
+
+    #[test]
+    fn proxy_urls_parse_with_their_credentials() {
+        let p = Proxy::parse("http://user:p%40ss@proxy.local:3128").unwrap();
+        assert_eq!(
+            (p.host.as_str(), p.port, p.basic_auth.as_deref()),
+            ("proxy.local", 3128, Some("user:p@ss"))
+        );
+        let p = Proxy::parse("10.0.0.1:8080").unwrap();
+        assert_eq!(
+            (p.host.as_str(), p.port, p.basic_auth),
+            ("10.0.0.1", 8080, None)
+        );
+        assert_eq!(Proxy::parse("http://proxy").unwrap().port, 80);
+        assert!(Proxy::parse("https://proxy:443").is_err());
+        assert!(Proxy::parse("http://").is_err());
+        // The password never shows in a log line.
+        assert!(!format!("{:?}", Proxy::parse("http://u:secret@h:1").unwrap()).contains("secret"));
     }
 
     #[test]

@@ -107,6 +107,16 @@ fn upstream(s: &Settings) -> Outcome {
     };
     let target = format!("{}:{}", up.hostname, up.port);
     let what = |m: &str| format!("upstream {target}: {m}");
+    if let (Some(proxy), crate::config::UpstreamProtocol::AmqpWs) = (&up.proxy, up.protocol) {
+        // The hub reaches the parent only through the proxy: that is what is checked.
+        return match through_proxy(proxy, &up.hostname, up.port) {
+            Ok(()) => ok(what(&format!("reachable through the proxy {proxy:?}"))),
+            Err(e) => error(
+                what(&e),
+                "check upstream.proxy (or https_proxy): its address, credentials, and that it allows CONNECT to the parent's port",
+            ),
+        };
+    }
     let roots = match crate::ops::tls::upstream_roots(up) {
         Ok(r) => r,
         Err(e) => {
@@ -168,6 +178,28 @@ fn upstream(s: &Settings) -> Outcome {
             "the parent's certificate must be issued for upstream.hostname by a CA in upstream.caCert",
         ),
     }
+}
+
+/// Opens a tunnel to `host:port` through `proxy` (on a thread of its own with its own
+/// runtime: the check runs outside the hub, and may be called from within a runtime).
+fn through_proxy(proxy: &crate::config::Proxy, host: &str, port: u16) -> Result<(), String> {
+    let (proxy, host) = (proxy.clone(), host.to_owned());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let tunnel = crate::ops::proxy::tunnel(&proxy, &host, port);
+            match tokio::time::timeout(std::time::Duration::from_secs(5), tunnel).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("the proxy {proxy:?} did not answer within 5 s")),
+            }
+        })
+    })
+    .join()
+    .unwrap_or_else(|_| Err("the proxy check failed".to_owned()))
 }
 
 fn certificates(s: &Settings) -> Vec<Outcome> {

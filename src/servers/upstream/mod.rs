@@ -12,6 +12,8 @@
 //! Any failure ends the whole connection: every unacknowledged message goes back to its place in
 //! the `$upstream` queue, and the hub reconnects with exponential backoff and jitter.
 
+pub mod transport;
+
 use std::{
     collections::{HashMap, VecDeque},
     sync::Arc,
@@ -33,8 +35,7 @@ use fe2o3_amqp::{
     Connection, Sendable, Session,
 };
 use serde_json::Map;
-use tokio::{net::TcpStream, task::JoinSet};
-use tokio_rustls::TlsConnector;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -254,24 +255,7 @@ async fn connect_inner(
     up: &UpstreamSettings,
     keys: &UpstreamKeys,
 ) -> Result<Live, String> {
-    let roots = crate::ops::tls::upstream_roots(up).map_err(|e| e.to_string())?;
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = TcpStream::connect((up.hostname.as_str(), up.port))
-        .await
-        .map_err(|e| format!("connecting to {}:{}: {e}", up.hostname, up.port))?;
-    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-    let name =
-        rustls::pki_types::ServerName::try_from(up.hostname.clone()).map_err(|e| e.to_string())?;
-    let tls = TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("TLS with {}: {e}", up.hostname))?;
+    let stream = transport::open(up).await.map_err(|e| e.to_string())?;
     let mut connection = Connection::builder()
         .container_id(format!(
             "{}-{}",
@@ -282,7 +266,7 @@ async fn connect_inner(
         .max_frame_size(256 * 1024)
         // Keep-alives at half the parent's idle-time-out, as towards clients.
         .open_with_stream(crate::servers::amqp::tags::WideTags::new(
-            tls,
+            stream,
             crate::servers::amqp::tags::Limits::for_parent(256 * 1024),
         ))
         .await
