@@ -308,6 +308,8 @@ pub enum StartError {
     Twins(#[from] crate::twins::TwinError),
     #[error("{0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("{0}")]
+    MqttSessions(#[from] crate::mqtt::sessions::SessionStoreError),
 }
 
 /// Reads the device key from the config, else from `dataDir/device.key`, creating it once.
@@ -356,6 +358,7 @@ pub fn device_key(settings: &Settings) -> Result<Key, StartError> {
 /// A running hub: its bound addresses, and the handle that stops it.
 pub struct Hub {
     pub amqps_addr: SocketAddr,
+    pub mqtts_addr: Option<SocketAddr>,
     pub https_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     pub core: Arc<HubCore>,
@@ -386,6 +389,10 @@ impl Hub {
             Some(a) => Some(bind("https", a).await?),
             None => None,
         };
+        let mqtts = match settings.listen.mqtts {
+            Some(a) => Some(bind("mqtts", a).await?),
+            None => None,
+        };
         let metrics = match settings.listen.metrics {
             Some(a) => Some(bind("metrics", a).await?),
             None => None,
@@ -399,6 +406,10 @@ impl Hub {
             (Some(l), Some(a)) => Some(local(l, "https", a)?),
             _ => None,
         };
+        let mqtts_addr = match (&mqtts, settings.listen.mqtts) {
+            (Some(l), Some(a)) => Some(local(l, "mqtts", a)?),
+            _ => None,
+        };
         let metrics_addr = match (&metrics, settings.listen.metrics) {
             (Some(l), Some(a)) => Some(local(l, "metrics", a)?),
             _ => None,
@@ -407,6 +418,7 @@ impl Hub {
         let store_dir = settings.data_dir.join("store");
         let keyspace = crate::store::open_keyspace(&store_dir, settings.max_store_bytes)?;
         let twins = crate::twins::TwinStore::with_keyspace(keyspace.clone())?;
+        let mqtt_sessions = crate::mqtt::sessions::SessionStore::open(keyspace.clone())?;
         let store = match settings.storage.persistent {
             true => Some(crate::store::DurableStore::open(
                 &store_dir,
@@ -428,6 +440,10 @@ impl Hub {
             core.clone(),
             shutdown.clone(),
         ));
+        if let Some(l) = mqtts {
+            let mqtt = crate::mqtt::Mqtt::new(core.clone(), mqtt_sessions);
+            tasks.spawn(crate::mqtt::serve(l, tls.clone(), mqtt, shutdown.clone()));
+        }
         if let Some(l) = https {
             tasks.spawn(crate::http::serve_https(
                 l,
@@ -472,9 +488,13 @@ impl Hub {
         }
         tasks.close();
         crate::amqp::log_ready(amqps_addr);
-        info!(amqps = %amqps_addr, https = ?https_addr, metrics = ?metrics_addr, "edgehub ready");
+        if let Some(a) = mqtts_addr {
+            crate::mqtt::log_ready(a);
+        }
+        info!(amqps = %amqps_addr, mqtts = ?mqtts_addr, https = ?https_addr, metrics = ?metrics_addr, "edgehub ready");
         Ok(Self {
             amqps_addr,
+            mqtts_addr,
             https_addr,
             metrics_addr,
             core,

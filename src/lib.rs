@@ -28,6 +28,8 @@ pub mod identity;
 pub mod message;
 pub mod methods;
 pub mod metrics;
+pub mod mqtt;
+pub(crate) mod ops;
 pub mod queue;
 pub mod route;
 pub mod router;

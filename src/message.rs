@@ -356,7 +356,7 @@ fn utf32le(b: &[u8]) -> Option<String> {
         .collect()
 }
 
-fn message_id_text(id: &MessageId) -> String {
+pub(crate) fn message_id_text(id: &MessageId) -> String {
     match id {
         MessageId::String(s) => s.clone(),
         MessageId::Uuid(u) => uuid::Uuid::from(u.clone()).to_string(),

@@ -25,7 +25,7 @@ fn write_config(dir: &Path, body: &str) -> PathBuf {
 fn good_config(dir: &Path) -> String {
     format!(
         r#"{{"deviceId": "edge1", "iothubHostname": "h.azure-devices.net", "gatewayHostname": "localhost",
-            "listen": {{"amqps": "127.0.0.1:0", "https": null, "metrics": "127.0.0.1:0"}},
+            "listen": {{"amqps": "127.0.0.1:0", "mqtts": "127.0.0.1:0", "https": null, "metrics": "127.0.0.1:0"}},
             "dataDir": "{}", "modules": {{"A": {{}}}},
             "$edgeHub": {{"schemaVersion": "1.1", "routes": {{"up": "FROM /messages/* INTO $upstream"}},
                           "storeAndForwardConfiguration": {{"timeToLiveSecs": 60}}}}}}"#,

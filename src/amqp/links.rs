@@ -22,14 +22,12 @@ use crate::{
     hub::HubCore,
     identity::{Identity, ModuleId},
     message::Message,
-    metrics as m,
-    queue::{Endpoint, QueueError, Unwritten},
+    metrics as m, ops,
+    queue::{Endpoint, Unwritten},
     sas::now_secs,
     store::StoreError,
 };
 
-/// How long a sender waits for room in a full queue before its message is refused.
-const PUSH_WAIT: Duration = Duration::from_secs(30);
 /// Bound on one hub-to-client transfer waiting for link credit.
 const SEND_WAIT: Duration = Duration::from_secs(60);
 /// How long an input link that ends waits for the outcomes of its deliveries in flight (they
@@ -443,7 +441,7 @@ fn unbatch(
         .collect()
 }
 
-/// Takes one message from `id`: decoded, checked against the size limit, routed and queued.
+/// Takes one message from `id`: decoded, then taken by the core ([`ops::ingest`]).
 /// The error is what the delivery is rejected with.
 async fn take(
     core: &HubCore,
@@ -454,84 +452,15 @@ async fn take(
 ) -> Result<(), fe2o3_amqp::types::definitions::Error> {
     let msg = Message::from_amqp(amqp, id.clone())
         .map_err(|e| amqp_error(AmqpError::DecodeError, e.to_string()))?;
-    if msg.size() > max {
-        let why = format!("message of {} bytes exceeds the limit of {max}", msg.size());
-        return Err(amqp_error(
-            custom_condition("amqp:link:message-size-exceeded"),
-            why,
-        ));
-    }
-    received_metrics.record(&msg);
-    let msg = Arc::new(msg);
-    match enqueue(core, &msg).await {
-        Ok(0) => {
-            m::dropped(m::DROP_NO_ROUTE, &msg);
-            Ok(())
-        }
-        Ok(_) => Ok(()),
-        Err(why) => {
-            m::unacked("queue_full", &msg);
-            Err(amqp_error(AmqpError::ResourceLimitExceeded, why))
-        }
-    }
-}
-
-/// Routes a message and puts it in the queue of every target; returns how many there were.
-/// The error says which queue refused it (still full after waiting `PUSH_WAIT`).
-pub(crate) async fn enqueue(core: &HubCore, msg: &Arc<Message>) -> Result<usize, String> {
-    let targets = core.router().route(msg);
-    for t in &targets {
-        if let Err(e) = t
-            .endpoint
-            .push(msg.clone(), t.priority, t.expires_ms, PUSH_WAIT)
-            .await
-        {
-            let endpoint = &t.endpoint.id;
-            return Err(match e {
-                QueueError::Full => {
-                    format!("the queue of endpoint {endpoint} is full; retry later")
-                }
-                QueueError::Closed => format!("endpoint {endpoint} is closed"),
-                QueueError::StoreFull => format!(
-                    "the store is full (storeLimits.maxSizeBytes); endpoint {endpoint} cannot take more"
-                ),
-                QueueError::StoreBusy => format!(
-                    "the store is compacting to keep its files within storeLimits.maxSizeBytes; endpoint {endpoint} cannot take more yet, retry later"
-                ),
-                QueueError::Storage => {
-                    format!("the message could not be stored for endpoint {endpoint}; retry later")
-                }
-            });
-        }
-    }
-    Ok(targets.len())
-}
-
-/// Picks the next message across a module's input endpoints: the best priority first, and
-/// round-robin among endpoints whose heads have the same priority.
-fn next_message(
-    endpoints: &[Arc<Endpoint>],
-    cursor: &mut usize,
-) -> Option<(Arc<Endpoint>, crate::queue::Queued)> {
-    let n = endpoints.len();
-    let best = endpoints
-        .iter()
-        .filter_map(|e| e.store.head_priority())
-        .min()?;
-    for i in 0..n {
-        let e = &endpoints[(*cursor + i) % n];
-        if e.store.head_priority() != Some(best) {
-            continue;
-        }
-        if let Some(q) = e.pop() {
-            *cursor = (*cursor + i + 1) % n;
-            return Some((e.clone(), q));
-        }
-    }
-    // Only expired messages were at the heads (pop dropped them): look again.
-    endpoints
-        .iter()
-        .find_map(|e| e.pop().map(|q| (e.clone(), q)))
+    ops::ingest(core, msg, max, received_metrics)
+        .await
+        .map_err(|e| match e {
+            e @ ops::IngestError::TooLarge { .. } => amqp_error(
+                custom_condition("amqp:link:message-size-exceeded"),
+                e.to_string(),
+            ),
+            ops::IngestError::Refused(why) => amqp_error(AmqpError::ResourceLimitExceeded, why),
+        })
 }
 
 /// Delivers a module's inputs: up to `delivery_window` unsettled transfers in flight; accepted
@@ -578,7 +507,7 @@ async fn module_inputs(mut tx: Sender, id: Identity, core: Arc<HubCore>, cancel:
         drop(router);
         let room = window.saturating_sub(unwritten.count());
         while in_flight.len() < room && (in_flight.is_empty() || in_flight_bytes < byte_cap) {
-            let Some((ep, q)) = next_message(&endpoints, &mut cursor) else {
+            let Some((ep, q)) = ops::next_message(&endpoints, &mut cursor) else {
                 break;
             };
             let input = ep.input.clone().unwrap_or_default();
@@ -967,7 +896,6 @@ const TWIN_LINK_WAIT: Duration = Duration::from_secs(5);
 async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cancel: LinkStop) {
     use crate::twins::TwinOut;
     let error_body = |m: String| serde_json::json!({ "message": m }).to_string().into_bytes();
-    let label = id.to_string();
     loop {
         let delivery = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -1012,52 +940,15 @@ async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cance
             debug!(identity = %id, "twin request without a correlation-id ignored");
             continue;
         }
-        let started = std::time::Instant::now();
+        let answer = |a: ops::TwinAnswer| match a.error {
+            None => (a.status, a.body, a.version),
+            Some(why) => (a.status, error_body(why), a.version),
+        };
         let (status, body, version) = match (operation.as_str(), resource.as_str()) {
-            ("GET", _) => {
-                let twin = core.twins.get(&id);
-                core.twins.mark_read(&id, &twin);
-                m::twin_get(&label, started.elapsed().as_secs_f64());
-                (200, twin.to_json().to_string().into_bytes(), None)
-            }
+            ("GET", _) => answer(ops::twin_request(&core, &id, ops::TwinRequest::Get).await),
             ("PATCH", "/properties/reported") => {
                 let body = body_bytes(msg.body);
-                match serde_json::from_slice::<serde_json::Value>(&body) {
-                    Ok(serde_json::Value::Object(patch)) => {
-                        match core.twins.update_reported(&id, &patch).await {
-                            Ok(version) => {
-                                m::twin_reported(&label, started.elapsed().as_secs_f64());
-                                core.upstream.report(&id, &patch);
-                                let note = Arc::new(Message::twin_change_notification(
-                                    id.clone(),
-                                    version,
-                                    &patch,
-                                ));
-                                if let Err(why) = enqueue(&core, &note).await {
-                                    warn!(identity = %id, "twin change notification not routed: {why}");
-                                }
-                                (204, Vec::new(), Some(version))
-                            }
-                            Err(e @ crate::twins::TwinError::Invalid(_)) => {
-                                (400, error_body(e.to_string()), None)
-                            }
-                            Err(e) => {
-                                tracing::error!(identity = %id, "reported properties not stored: {e}");
-                                (500, error_body(e.to_string()), None)
-                            }
-                        }
-                    }
-                    Ok(_) => (
-                        400,
-                        error_body("the reported patch must be a JSON object".into()),
-                        None,
-                    ),
-                    Err(e) => (
-                        400,
-                        error_body(format!("the reported patch is not valid JSON: {e}")),
-                        None,
-                    ),
-                }
+                answer(ops::twin_request(&core, &id, ops::TwinRequest::PatchReported(&body)).await)
             }
             ("PUT", DESIRED_NOTIFICATIONS) => {
                 core.twins.subscribe(&id, true);

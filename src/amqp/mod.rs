@@ -413,9 +413,9 @@ pub async fn serve(
                         }
                     }
                 };
-                m::open_connections(1.0);
+                m::open_connections(m::PROTOCOL_AMQP, 1.0);
                 handle_socket(tcp, peer, tls, core, conn).await;
-                m::open_connections(-1.0);
+                m::open_connections(m::PROTOCOL_AMQP, -1.0);
                 drop(permit);
             }
             .instrument(info_span!("conn", %peer)),

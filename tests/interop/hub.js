@@ -58,7 +58,7 @@ async function startHub({ modules = { A: {}, B: {} }, routes = {}, limits, extra
     deviceId: 'edge1',
     iothubHostname: 'test-hub.azure-devices.net',
     gatewayHostname: host,
-    listen: { amqps: `${host}:5671`, https: `${host}:443`, metrics: `${host}:0` },
+    listen: { amqps: `${host}:5671`, mqtts: `${host}:8883`, https: `${host}:443`, metrics: `${host}:0` },
     dataDir: path.join(dir, 'data'),
     modules,
     $edgeHub: { schemaVersion: '1.1', routes, storeAndForwardConfiguration: { timeToLiveSecs: 7200 } },
