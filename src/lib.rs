@@ -1,5 +1,5 @@
 //! edgehub: an IoT Edge hub. Modules and leaf devices connect with the Azure IoT device SDKs
-//! over AMQP 1.0; the hub authenticates them with SAS tokens, routes their messages to each
+//! over AMQP 1.0 or MQTT 3.1.1; the hub authenticates them with SAS tokens, routes their messages to each
 //! other with edgeHub's route language, and exposes Prometheus metrics.
 //!
 //! # Layout
@@ -8,7 +8,8 @@
 //!   [`address`] (link addresses), [`route`] (route statements), [`config`] (settings),
 //!   [`message`] (the hub's message and its AMQP mapping), [`router`] (route evaluation),
 //!   [`queue`] (endpoint queues behind the store interface).
-//! * IO: [`amqp`] (listener, connections, links), [`http`] (metrics endpoint), [`tls`]
+//! * IO: [`amqp`] (listener, connections, links), [`mqtt`] (listener, sessions; pure topic and
+//!   property-bag parsing inside), [`http`] (metrics endpoint), [`tls`]
 //!   (certificates), [`hub`] (start-up and shutdown), [`upstream`] (the connection to a
 //!   parent hub or IoT Hub).
 //!

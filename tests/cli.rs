@@ -456,6 +456,27 @@ fn a_changed_config_file_is_reloaded_without_a_signal() {
 }
 
 #[test]
+fn check_looks_at_the_mqtt_port_too() {
+    let dir = temp_dir();
+    let cfg = write_config(&dir, &good_config(&dir));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .env("EDGEHUB_LISTEN_MQTTS", &addr)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains(&format!("listen.mqtts {addr} is in use")),
+        "{text}"
+    );
+    drop(taken);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn check_applies_the_environment_overrides_of_run() {
     let dir = temp_dir();
     let cfg = write_config(&dir, &good_config(&dir));

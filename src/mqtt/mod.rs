@@ -1,11 +1,11 @@
 //! The MQTT 3.1.1 adapter: the listener on `listen.mqtts` (TLS with the hub's server
 //! certificate) and one task per connection that turns IoT Hub's MQTT topics into calls on the
-//! same core the AMQP adapter uses ([`crate::ops`] for ingest, the input pump's choice of
+//! same core the AMQP adapter uses (`crate::ops` for ingest, the input pump's choice of
 //! messages and twin requests; [`crate::methods::Dispatcher`]; [`crate::twins::TwinStore`];
 //! [`crate::auth::Authenticator`] for SAS tokens).
 //!
 //! * Packets are read and written by `rumqttc`'s v4 codec; the session logic is ours
-//!   ([`session`]). A connection runs over any `AsyncRead + AsyncWrite` stream
+//!   (`session`). A connection runs over any `AsyncRead + AsyncWrite` stream
 //!   ([`serve_stream`]), so MQTT over WebSockets only has to hand its stream over.
 //! * Limits: `limits.maxConnections` open connections, at most `limits.maxPendingConnections`
 //!   that have not yet sent a valid CONNECT (a new one evicts the oldest of them), TLS within
