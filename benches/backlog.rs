@@ -14,10 +14,10 @@ use std::{
 };
 
 use edgehub::{
-    auth::module_keys,
     client::Client,
     config,
-    identity::{DeviceId, Identity, ModuleId},
+    core::auth::module_keys,
+    model::identity::{DeviceId, Identity, ModuleId},
 };
 use fe2o3_amqp::{
     link::receiver::CreditMode,
@@ -112,7 +112,7 @@ async fn main() {
     };
     std::thread::spawn(move || for _ in lines {});
     let addr = addr.parse().expect("addr");
-    let key = edgehub::hub::device_key(&settings).expect("key");
+    let key = edgehub::app::device_key(&settings).expect("key");
     let ca = dir.join("data/certs/edge-ca.pem");
     let id = |m: &str| {
         Identity::Module(

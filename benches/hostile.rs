@@ -21,10 +21,10 @@ use std::{
 };
 
 use edgehub::{
-    auth::module_keys,
     client::Client,
     config,
-    identity::{DeviceId, Identity, ModuleId},
+    core::auth::module_keys,
+    model::identity::{DeviceId, Identity, ModuleId},
 };
 use fe2o3_amqp::types::{
     definitions::{Handle, ReceiverSettleMode, Role, SenderSettleMode},
@@ -265,7 +265,7 @@ async fn main() {
 
     // A well-behaved connection first, so what a first connection costs any process (runtime
     // workers, TLS state, allocator arenas) is not counted against the attacks.
-    let key = edgehub::hub::device_key(&settings).expect("device key");
+    let key = edgehub::app::device_key(&settings).expect("device key");
     let a = ModuleId::parse("A").expect("module id");
     let id = Identity::Module(DeviceId::parse("bench").expect("device id"), a.clone());
     let keys = module_keys(&settings, &key, &a).primary;

@@ -16,10 +16,10 @@ use std::{
 };
 
 use edgehub::{
-    auth::module_keys,
     client::Client,
     config,
-    identity::{DeviceId, Identity, ModuleId},
+    core::auth::module_keys,
+    model::identity::{DeviceId, Identity, ModuleId},
 };
 use fe2o3_amqp::{
     link::receiver::CreditMode,
@@ -133,7 +133,7 @@ async fn main() {
     let addr = addr.parse().expect("socket address");
     let rss_idle = rss_kib(pid, "VmRSS:");
 
-    let key = edgehub::hub::device_key(&settings).expect("device key");
+    let key = edgehub::app::device_key(&settings).expect("device key");
     let ca = dir.join("data/certs/edge-ca.pem");
     let id = |m: &str| {
         Identity::Module(

@@ -7,10 +7,10 @@
 use std::{hint::black_box, sync::Arc, time::Instant};
 
 use edgehub::{
-    identity::{DeviceId, Identity, ModuleId},
-    message::Message,
-    route::{parse_statement, Route},
-    router::{memory_queues, Router},
+    model::identity::{DeviceId, Identity, ModuleId},
+    model::message::Message,
+    routing::route::{parse_statement, Route},
+    routing::router::{memory_queues, Router},
 };
 use fe2o3_amqp::types::{
     messaging::Properties,

@@ -18,10 +18,10 @@ use std::{
 };
 
 use edgehub::{
-    auth::module_keys,
     client::Client,
     config,
-    identity::{DeviceId, Identity, Key, ModuleId},
+    core::auth::module_keys,
+    model::identity::{DeviceId, Identity, Key, ModuleId},
 };
 use fe2o3_amqp::{
     link::receiver::CreditMode,

@@ -1,6 +1,10 @@
 //! A small AMQP client for edgehub, built on fe2o3-amqp: TLS, `$cbs` put-token, links by
 //! address. The benchmark's load generator and the socket tests use it; it speaks to the hub as
-//! the SDKs do (no SASL, token on `$cbs`, relative link addresses).
+//! the SDKs do (no SASL, token on `$cbs`, relative link addresses). Not part of the hub: built
+//! only with the `client` feature (the tests and benchmarks turn it on).
+
+/// The token type the Node and C SDKs name in their put-token requests.
+const SERVICEBUS_TOKEN: &str = "servicebus.windows.net:sastoken";
 
 use std::{net::SocketAddr, path::Path, sync::Arc};
 
@@ -8,20 +12,16 @@ use fe2o3_amqp::{
     connection::ConnectionHandle,
     link::{Receiver, Sender},
     session::SessionHandle,
-    types::{
-        messaging::{Body, Message, Properties},
-        primitives::{SimpleValue, Value},
-    },
     Connection, Session,
 };
 use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
-use serde_amqp::primitives::OrderedMap;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::{
-    identity::{Identity, Key},
-    sas::{make_token, now_secs, resource_for},
+    model::identity::{Identity, Key},
+    model::sas::{make_token, now_secs, resource_for},
+    servers::amqp::cbs_client::{CbsClient, CbsError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -151,61 +151,19 @@ pub async fn put_token<R>(
     audience: &str,
     token: &str,
 ) -> Result<(), ClientError> {
-    let mut tx = Sender::attach(session, "cbs-snd", "$cbs")
+    let mut cbs = CbsClient::attach(session, "cbs-snd", "cbs")
         .await
         .map_err(amqp)?;
-    let mut rx = Receiver::builder()
-        .name("cbs-rcv")
-        .source("$cbs")
-        .target("cbs")
-        .attach(session)
-        .await
-        .map_err(amqp)?;
-    let mut app = OrderedMap::new();
-    app.insert(
-        "operation".to_owned(),
-        SimpleValue::String("put-token".into()),
-    );
-    app.insert(
-        "type".to_owned(),
-        SimpleValue::String("servicebus.windows.net:sastoken".into()),
-    );
-    app.insert("name".to_owned(), SimpleValue::String(audience.into()));
-    let msg = Message::builder()
-        .properties(Properties {
-            message_id: Some(uuid::Uuid::new_v4().to_string().into()),
-            reply_to: Some("cbs".into()),
-            to: Some("$cbs".into()),
-            ..Default::default()
-        })
-        .application_properties(fe2o3_amqp::types::messaging::ApplicationProperties(app))
-        .value(token.to_owned())
-        .build();
-    tx.send(msg).await.map_err(amqp)?;
-    let reply = rx.recv::<Body<Value>>().await.map_err(amqp)?;
-    rx.accept(&reply).await.map_err(amqp)?;
-    let props = reply
-        .message()
-        .application_properties
-        .as_ref()
-        .map(|a| a.0.clone())
-        .unwrap_or_default();
-    let status = match props.get("status-code") {
-        Some(SimpleValue::Int(s)) => *s,
-        other => {
-            return Err(ClientError::Amqp(format!(
-                "status-code is {other:?}, not an int"
-            )))
+    match cbs.put_token(SERVICEBUS_TOKEN, audience, token).await {
+        Ok(()) => {}
+        Err(CbsError::Refused(status, why)) => {
+            return Err(ClientError::Refused(
+                i32::try_from(status).unwrap_or(i32::MAX),
+                why,
+            ))
         }
-    };
-    if status != 200 {
-        let desc = match props.get("status-description") {
-            Some(SimpleValue::String(s)) => s.clone(),
-            _ => String::new(),
-        };
-        return Err(ClientError::Refused(status, desc));
+        Err(e) => return Err(amqp(e)),
     }
-    let _ = tx.close().await;
-    let _ = rx.close().await;
+    cbs.close().await;
     Ok(())
 }

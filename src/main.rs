@@ -5,11 +5,11 @@ use std::{collections::HashMap, path::PathBuf, process::ExitCode};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use edgehub::{
-    auth::module_keys,
+    app::{device_key, Hub},
     config::{self, Settings},
-    hub::{device_key, Hub},
-    identity::{ConnectionString, ModuleId},
-    tls,
+    core::auth::module_keys,
+    model::identity::{ConnectionString, ModuleId},
+    ops::tls,
 };
 use tracing_log::LogTracer;
 
@@ -134,20 +134,20 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => {
             let env: HashMap<String, String> = std::env::vars().collect();
-            let results = edgehub::check::run(&config, &env);
+            let results = edgehub::ops::check::run(&config, &env);
             for r in &results {
                 println!("{r}");
             }
             if results
                 .iter()
-                .any(|r| r.verdict == edgehub::check::Verdict::Error)
+                .any(|r| r.verdict == edgehub::ops::check::Verdict::Error)
             {
                 ExitCode::from(1)
             } else {
                 ExitCode::SUCCESS
             }
         }
-        Command::Health { metrics } => match edgehub::check::health(metrics) {
+        Command::Health { metrics } => match edgehub::ops::check::health(metrics) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("unhealthy: {e}");
@@ -274,7 +274,7 @@ fn raise_open_files_limit() {
 /// Reloads routes and TTLs on SIGHUP and when the config file changes (its time, size or inode,
 /// checked every 2 s).
 async fn watch_config(
-    core: std::sync::Arc<edgehub::hub::HubCore>,
+    core: std::sync::Arc<edgehub::core::HubCore>,
     path: PathBuf,
     mut hup: Option<tokio::signal::unix::Signal>,
     stop: tokio_util::sync::CancellationToken,
@@ -307,7 +307,7 @@ async fn watch_config(
             }
         };
         let env: HashMap<String, String> = std::env::vars().collect();
-        match edgehub::hub::reload(&core, &path, &env).await {
+        match edgehub::app::reload(&core, &path, &env).await {
             Ok(n) => tracing::info!(trigger = why, routes = n, "config reloaded"),
             Err(errs) => {
                 for e in &errs.0 {

@@ -12,7 +12,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::message::Message;
+use crate::model::message::Message;
 
 pub const MESSAGES_RECEIVED: &str = "edgehub_messages_received_total";
 pub const MESSAGES_SENT: &str = "edgehub_messages_sent_total";
@@ -37,6 +37,13 @@ pub const DROP_REJECTED: &str = "rejected_by_module";
 pub const DROP_OVERFLOW: &str = "overflow";
 pub const DROP_UPSTREAM_REJECTED: &str = "rejected_upstream";
 pub const DROP_UPSTREAM_UNKNOWN: &str = "unknown_origin";
+
+/// `reason` of `edgehub_messages_unack_total`: why a message was refused (see `IngestError`).
+pub const UNACK_QUEUE_FULL: &str = "queue_full";
+pub const UNACK_STORE_FULL: &str = "store_full";
+pub const UNACK_STORE_BUSY: &str = "store_busy";
+pub const UNACK_CLOSED: &str = "closed";
+pub const UNACK_STORAGE: &str = "storage";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -264,7 +271,12 @@ impl ReceivedCache {
     }
 }
 
-type SentKey = (crate::identity::Identity, Option<String>, String, u32);
+type SentKey = (
+    crate::model::identity::Identity,
+    Option<String>,
+    String,
+    u32,
+);
 
 /// Per-link cache of the handles `sent` records into.
 #[derive(Default)]
@@ -307,7 +319,7 @@ impl SentCache {
             sent.increment(1);
             bytes.increment(msg.body.len() as u64);
             send_d.record(send_secs);
-            let waited = (crate::message::now_ms() - msg.enqueued_ms).max(0) as f64 / 1000.0;
+            let waited = (crate::model::message::now_ms() - msg.enqueued_ms).max(0) as f64 / 1000.0;
             proc_d.record(waited);
         }
     }

@@ -9,7 +9,7 @@ mod common;
 use std::{sync::Arc, time::Duration};
 
 use common::{start_hub, TestHub, IOTHUB, WAIT};
-use edgehub::{auth::module_keys, hub::device_key, identity::ModuleId};
+use edgehub::{app::device_key, core::auth::module_keys, model::identity::ModuleId};
 use fe2o3_amqp::types::{
     definitions::{Handle, ReceiverSettleMode, Role, SenderSettleMode},
     messaging::{
@@ -335,8 +335,8 @@ fn put_token(hub: &TestHub, m: &str, id: &str) -> Vec<u8> {
     let key = device_key(&hub.settings).unwrap();
     let keys = module_keys(&hub.settings, &key, &ModuleId::parse(m).unwrap());
     let audience = format!("{IOTHUB}/devices/edge1/modules/{m}");
-    let expiry = edgehub::sas::now_secs() + 3600;
-    let token = edgehub::sas::make_token(&audience, &keys.primary, expiry, None);
+    let expiry = edgehub::model::sas::now_secs() + 3600;
+    let token = edgehub::model::sas::make_token(&audience, &keys.primary, expiry, None);
     let mut app = serde_amqp::primitives::OrderedMap::new();
     for (k, v) in [
         ("operation", "put-token"),

@@ -95,7 +95,7 @@ fn module_env_prints_exactly_two_lines_and_creates_the_ca() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
     let cs = lines[0].strip_prefix("EdgeHubConnectionString=").unwrap();
-    let parsed = edgehub::identity::ConnectionString::parse(cs).unwrap();
+    let parsed = edgehub::model::identity::ConnectionString::parse(cs).unwrap();
     assert_eq!(parsed.module_id.as_deref(), Some("A"));
     assert_eq!(parsed.gateway_host_name.as_deref(), Some("localhost"));
     let ca = Path::new(

@@ -17,10 +17,10 @@ use std::{
 };
 
 use edgehub::{
-    auth::module_keys,
     client::Client,
     config,
-    identity::{DeviceId, Identity, ModuleId},
+    core::auth::module_keys,
+    model::identity::{DeviceId, Identity, ModuleId},
 };
 use fe2o3_amqp::{
     types::{
@@ -64,7 +64,7 @@ fn start(config: &Path) -> (HubProcess, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_edgehub"))
         .args(["run", "--config"])
         .arg(config)
-        .env("RUST_LOG", "warn,edgehub::hub=info")
+        .env("RUST_LOG", "warn,edgehub::app=info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -112,7 +112,7 @@ struct Setup {
     cfg: PathBuf,
     ca: PathBuf,
     settings: config::Settings,
-    key: edgehub::identity::Key,
+    key: edgehub::model::identity::Key,
 }
 
 impl Setup {
@@ -133,7 +133,7 @@ impl Setup {
         let cfg = dir.join("edgehub.json");
         std::fs::write(&cfg, &text).unwrap();
         let settings = config::from_str(&text, &HashMap::new()).unwrap();
-        let key = edgehub::hub::device_key(&settings).unwrap();
+        let key = edgehub::app::device_key(&settings).unwrap();
         let ca = dir.join("data/certs/edge-ca.pem");
         Self {
             dir,

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{start_hub, start_hub_with, WAIT};
-use edgehub::message::{CONNECTION_DEVICE_ID, CONNECTION_MODULE_ID, INPUT_NAME_ANNOTATION};
+use edgehub::model::message::{CONNECTION_DEVICE_ID, CONNECTION_MODULE_ID, INPUT_NAME_ANNOTATION};
 use fe2o3_amqp::types::{
     messaging::{annotations::OwnedKey, Body, Message, Outcome, Properties},
     primitives::{Symbol, Value},
@@ -287,8 +287,9 @@ async fn messages_queued_for_an_offline_module_wait_for_it() {
 #[tokio::test]
 async fn a_wrong_key_is_refused_with_401() {
     let hub = start_hub("{}", "{}").await;
-    let other = edgehub::identity::Key::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
-        .unwrap();
+    let other =
+        edgehub::model::identity::Key::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+            .unwrap();
     let ca = hub.settings.data_dir.join("certs").join("edge-ca.pem");
     let addr = hub.hub.as_ref().unwrap().amqps_addr;
     let r = timeout(
@@ -373,7 +374,7 @@ async fn method_timeouts_and_disconnects_leave_no_entries_behind() {
             )
             .await;
         assert!(
-            matches!(r, Err(edgehub::methods::MethodError::Timeout(..))),
+            matches!(r, Err(edgehub::core::methods::MethodError::Timeout(..))),
             "{r:?}"
         );
     }
@@ -414,7 +415,7 @@ async fn method_timeouts_and_disconnects_leave_no_entries_behind() {
         .await;
     assert!(matches!(
         r,
-        Err(edgehub::methods::MethodError::NotConnected(_))
+        Err(edgehub::core::methods::MethodError::NotConnected(_))
     ));
     b.close().await;
     hub.stop().await;
@@ -497,16 +498,16 @@ const SERVICE_EXTRA: &str = r#""servicePolicies": {"service": {"primaryKey": "AQ
     "devices": {"child": {"edge": true}, "leaf": {}},"#;
 
 fn service_token(key: &str, expiry: u64) -> String {
-    edgehub::sas::make_token(
+    edgehub::model::sas::make_token(
         common::IOTHUB,
-        &edgehub::identity::Key::from_base64(key).expect("a test key"),
+        &edgehub::model::identity::Key::from_base64(key).expect("a test key"),
         expiry,
         Some("service"),
     )
 }
 
 fn in_an_hour() -> u64 {
-    edgehub::sas::now_secs() + 3600
+    edgehub::model::sas::now_secs() + 3600
 }
 
 fn data_body(m: &Message<Body<Value>>) -> serde_json::Value {
@@ -778,15 +779,15 @@ async fn the_service_api_refuses_bad_requests_with_json_errors() {
     let ok = [("authorization", token.as_str())];
     let path = "/twins/edge1/modules/A";
     let wrong_key = service_token("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", in_an_hour());
-    let expired = service_token(SERVICE_KEY, edgehub::sas::now_secs() - 600);
-    let key = edgehub::hub::device_key(&hub.settings).unwrap();
-    let a_key = edgehub::auth::module_keys(
+    let expired = service_token(SERVICE_KEY, edgehub::model::sas::now_secs() - 600);
+    let key = edgehub::app::device_key(&hub.settings).unwrap();
+    let a_key = edgehub::core::auth::module_keys(
         &hub.settings,
         &key,
-        &edgehub::identity::ModuleId::parse("A").unwrap(),
+        &edgehub::model::identity::ModuleId::parse("A").unwrap(),
     )
     .primary;
-    let module_token = edgehub::sas::make_token(
+    let module_token = edgehub::model::sas::make_token(
         &format!("{}/devices/edge1/modules/A", common::IOTHUB),
         &a_key,
         in_an_hour(),
@@ -874,14 +875,14 @@ async fn the_service_api_refuses_bad_requests_with_json_errors() {
 
 #[tokio::test]
 async fn a_child_edge_hub_authenticates_its_modules_on_their_behalf() {
-    use edgehub::identity::{DeviceId, Identity, KeySlot, ModuleId};
+    use edgehub::model::identity::{DeviceId, Identity, KeySlot, ModuleId};
     let hub = common::start_hub_https("{}", SERVICE_EXTRA).await;
-    let key = edgehub::hub::device_key(&hub.settings).unwrap();
+    let key = edgehub::app::device_key(&hub.settings).unwrap();
     let child = DeviceId::parse("child").unwrap();
     let edge_hub = ModuleId::parse("$edgeHub").unwrap();
     // The child's deviceKey is the parent's key for it; the child derives its $edgeHub key from
     // that by the module-key rule.
-    let child_key = edgehub::auth::device_keys(&hub.settings, &key, &child).primary;
+    let child_key = edgehub::core::auth::device_keys(&hub.settings, &key, &child).primary;
     let edge_hub_key = child_key.derive_module_key(&child, &edge_hub, KeySlot::Primary);
     let ca = hub.settings.data_dir.join("certs").join("edge-ca.pem");
     let addr = hub.hub.as_ref().unwrap().amqps_addr;
@@ -899,7 +900,7 @@ async fn a_child_edge_hub_authenticates_its_modules_on_their_behalf() {
     .await
     .unwrap()
     .unwrap();
-    let token = edgehub::sas::make_token(
+    let token = edgehub::model::sas::make_token(
         &format!("{}/devices/child/modules/$edgeHub", common::IOTHUB),
         &edge_hub_key,
         in_an_hour(),
@@ -1000,12 +1001,12 @@ async fn a_child_edge_hub_authenticates_its_modules_on_their_behalf() {
 async fn an_expired_token_closes_idle_links() {
     use fe2o3_amqp::link::{LinkStateError, RecvError};
     let hub = start_hub(ROUTES, "{}").await;
-    let key = edgehub::hub::device_key(&hub.settings).unwrap();
-    let b = edgehub::identity::ModuleId::parse("B").unwrap();
-    let keys = edgehub::auth::module_keys(&hub.settings, &key, &b);
+    let key = edgehub::app::device_key(&hub.settings).unwrap();
+    let b = edgehub::model::identity::ModuleId::parse("B").unwrap();
+    let keys = edgehub::core::auth::module_keys(&hub.settings, &key, &b);
     let ca = hub.settings.data_dir.join("certs/edge-ca.pem");
     // Still within the 5-minute clock skew for about two seconds.
-    let expiry = edgehub::sas::now_secs() - edgehub::sas::MAX_CLOCK_SKEW_SECS + 2;
+    let expiry = edgehub::model::sas::now_secs() - edgehub::model::sas::MAX_CLOCK_SKEW_SECS + 2;
     let mut client = timeout(
         WAIT,
         edgehub::client::Client::connect_until(
@@ -1172,7 +1173,7 @@ async fn a_twin_client_that_withholds_credit_gets_refusals_and_reported_twins_st
     .unwrap();
     let mut twin_in = b.sender(address).await.unwrap();
     until(|| core.twins.has_link(&hub.module("B"))).await;
-    let queue = edgehub::twins::RESPONSE_QUEUE;
+    let queue = edgehub::core::twins::RESPONSE_QUEUE;
     let get = |i: usize| twin_request("GET", "", &format!("get{i}"), None);
     // Answers wait for credit: the queue's worth, and one in the link's hands. Requests
     // beyond that are refused, not queued.

@@ -13,10 +13,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use common::{start_hub, TestHub, IOTHUB, WAIT};
 use edgehub::{
-    auth::module_keys,
-    hub::device_key,
-    identity::{Identity, ModuleId},
-    sas::{make_token, now_secs, resource_for},
+    app::device_key,
+    core::auth::module_keys,
+    model::{
+        identity::{Identity, ModuleId},
+        sas::{make_token, now_secs, resource_for},
+    },
 };
 use fe2o3_amqp::types::{
     messaging::{Body, Message, Outcome, Properties},

@@ -10,11 +10,11 @@
 use std::{collections::HashMap, path::Path, time::Duration};
 
 use edgehub::{
-    auth::module_keys,
+    app::Hub,
     client::Client,
     config,
-    hub::Hub,
-    identity::{DeviceId, Identity, ModuleId},
+    core::auth::module_keys,
+    model::identity::{DeviceId, Identity, ModuleId},
 };
 use fe2o3_amqp::types::{
     messaging::{annotations::OwnedKey, ApplicationProperties, Body, Message, Outcome},
@@ -112,7 +112,7 @@ async fn start_pair_with(parent_routes: &str, upstream_extra: &str) -> Pair {
 }
 
 async fn connect(hub: &Hub, settings: &config::Settings, device: &str, module: &str) -> Client {
-    let key = edgehub::hub::device_key(settings).unwrap();
+    let key = edgehub::app::device_key(settings).unwrap();
     let m = ModuleId::parse(module).unwrap();
     let keys = module_keys(settings, &key, &m);
     let id = Identity::Module(DeviceId::parse(device).unwrap(), m);
@@ -260,7 +260,7 @@ async fn upstream_tokens_are_renewed_on_the_live_connection() {
     let log = Captured::default();
     let writer = log.clone();
     let subscriber = tracing_subscriber::fmt()
-        .with_env_filter("edgehub::upstream=debug")
+        .with_env_filter("edgehub::servers::upstream=debug")
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
@@ -326,9 +326,10 @@ async fn upstream_tokens_are_renewed_on_the_live_connection() {
 /// Runs `edgehub check` on a config and returns its upstream line.
 async fn check_upstream_line(path: &Path) -> String {
     let path = path.to_owned();
-    let lines = tokio::task::spawn_blocking(move || edgehub::check::run(&path, &HashMap::new()))
-        .await
-        .unwrap();
+    let lines =
+        tokio::task::spawn_blocking(move || edgehub::ops::check::run(&path, &HashMap::new()))
+            .await
+            .unwrap();
     lines
         .iter()
         .map(|o| o.to_string())
@@ -458,7 +459,7 @@ async fn a_leaf_device_behind_the_child_reaches_the_parent() {
             &ca,
             IOTHUB,
             &leaf_id,
-            &edgehub::identity::Key::from_base64(LEAF_KEY).unwrap(),
+            &edgehub::model::identity::Key::from_base64(LEAF_KEY).unwrap(),
         ),
     )
     .await
@@ -514,7 +515,7 @@ async fn reported_changes_that_pile_up_are_resynchronised_not_dropped() {
         let a = a.clone();
         async move {
             child.twins.update_reported(&a, &patch).await.unwrap();
-            child.upstream.report(&a, &patch);
+            child.outbox.report(&a, &patch);
         }
     };
     let parent_has = |want: serde_json::Value| {
@@ -541,11 +542,11 @@ async fn reported_changes_that_pile_up_are_resynchronised_not_dropped() {
     // deleted), all queued before the upstream task runs again (one thread: no await between).
     let change = obj(serde_json::json!({"stale": null, "fresh": 2}));
     child.twins.update_reported(&a, &change).await.unwrap();
-    child.upstream.report(&a, &change);
+    child.outbox.report(&a, &change);
     let long = "n".repeat(100);
     for i in 0..1000 {
         child
-            .upstream
+            .outbox
             .report(&a, &obj(serde_json::json!({ format!("{long}{i}"): null })));
     }
     // The parent ends up with exactly this hub's reported properties.

@@ -10,11 +10,11 @@
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 use edgehub::{
-    auth::module_keys,
+    app::{device_key, Hub},
     client::Client,
     config,
-    hub::{device_key, Hub},
-    identity::{DeviceId, Identity, ModuleId},
+    core::auth::module_keys,
+    model::identity::{DeviceId, Identity, ModuleId},
 };
 
 pub const IOTHUB: &str = "test-hub.azure-devices.net";

@@ -101,7 +101,7 @@ function expiries(log, identity) {
 test('SDK clients renew short-lived tokens on their live connections while messages flow', async (t) => {
   const savedLog = process.env.RUST_LOG;
   // put-token acceptances and token expiries are logged at debug.
-  process.env.RUST_LOG = `${savedLog || 'info'},edgehub::amqp=debug`;
+  process.env.RUST_LOG = `${savedLog || 'info'},edgehub::servers::amqp=debug`;
   let hub;
   try {
     hub = await startHub({

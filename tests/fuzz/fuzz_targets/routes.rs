@@ -3,8 +3,8 @@
 #![no_main]
 
 use edgehub::{
-    condition::{Condition, MessageView, Value},
-    route::parse_statement,
+    routing::condition::{Condition, MessageView, Value},
+    routing::route::parse_statement,
 };
 use libfuzzer_sys::fuzz_target;
 

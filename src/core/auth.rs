@@ -1,0 +1,560 @@
+//! Who may connect: the identities this hub serves, their keys, and token verification.
+//!
+//! Identities with keys: the edge device, its modules and `$edgeHub`, every downstream device
+//! (`devices`), and the `$edgeHub` of each child edge device, whose keys derive from the child's
+//! device key by the module-key rule (exactly what the child derives from its own `deviceKey`).
+//!
+//! On-behalf tokens: a child edge hub authenticates its own modules with its `$edgeHub` token.
+//! A put-token whose token is for `{child}/$edgeHub` and whose audience (`name`) names
+//! `{child}` or `{child}/{module}` grants the audience identity. The modules of a child are
+//! listed nowhere on this hub: every `{child}/{module}` is known by its shape, and only a grant
+//! on the connection makes a link for it attach. A child's token never grants another device's
+//! identities, nor this hub's own.
+//!
+//! Service tokens (`skn` = a `servicePolicies` name, `sr` = the hub's host name) authenticate
+//! callers of the service API.
+
+use std::collections::HashMap;
+
+use crate::{
+    config::Settings,
+    model::identity::{DeviceId, Identity, IdentityKey, Key, KeyPair, KeySlot, ModuleId},
+    model::sas::{SasError, SasToken},
+};
+
+/// The known identities and their keys, and the service policies.
+pub struct Authenticator {
+    iothub_host: String,
+    gateway_host: String,
+    /// Keyed by identity (lower-cased, as IoT Hub compares ids case-insensitively).
+    /// A child's `$edgeHub` may carry two pairs: derived from the child's primary and from its
+    /// secondary device key.
+    identities: HashMap<IdentityKey, (Identity, Vec<KeyPair>)>,
+    /// Child edge devices: lower-cased id → the id as configured.
+    edge_children: HashMap<String, DeviceId>,
+    /// Service policies: lower-cased name → (name as configured, keys).
+    policies: HashMap<String, (String, KeyPair)>,
+}
+
+fn lower(id: &Identity) -> IdentityKey {
+    id.key()
+}
+
+/// The keys of a module: explicit ones from the config, else derived from the device key.
+pub fn module_keys(settings: &Settings, device_key: &Key, module: &ModuleId) -> KeyPair {
+    settings
+        .modules
+        .get(module)
+        .and_then(|m| m.keys.clone())
+        .unwrap_or_else(|| KeyPair {
+            primary: device_key.derive_module_key(&settings.device_id, module, KeySlot::Primary),
+            secondary: device_key.derive_module_key(
+                &settings.device_id,
+                module,
+                KeySlot::Secondary,
+            ),
+        })
+}
+
+/// The keys of a downstream device: explicit ones from the config, else derived from this
+/// hub's device key.
+pub fn device_keys(settings: &Settings, device_key: &Key, device: &DeviceId) -> KeyPair {
+    settings
+        .devices
+        .get(device)
+        .and_then(|d| d.keys.clone())
+        .unwrap_or_else(|| KeyPair {
+            primary: device_key.derive_device_key(device, KeySlot::Primary),
+            secondary: device_key.derive_device_key(device, KeySlot::Secondary),
+        })
+}
+
+/// The keys of a child edge device's `$edgeHub`, as the child derives them from its device key
+/// (one pair per distinct device key).
+fn child_edge_hub_keys(device: &DeviceId, keys: &KeyPair, edge_hub: &ModuleId) -> Vec<KeyPair> {
+    let derive = |k: &Key| KeyPair {
+        primary: k.derive_module_key(device, edge_hub, KeySlot::Primary),
+        secondary: k.derive_module_key(device, edge_hub, KeySlot::Secondary),
+    };
+    let mut pairs = vec![derive(&keys.primary)];
+    if keys.secondary != keys.primary {
+        pairs.push(derive(&keys.secondary));
+    }
+    pairs
+}
+
+fn is_edge_hub(m: &ModuleId) -> bool {
+    m.as_str().eq_ignore_ascii_case("$edgeHub")
+}
+
+impl Authenticator {
+    pub fn new(settings: &Settings, device_key: &Key) -> Self {
+        let mut identities = HashMap::new();
+        let mut add = |id: Identity, keys: Vec<KeyPair>| {
+            identities.insert(lower(&id), (id, keys));
+        };
+        add(
+            Identity::Device(settings.device_id.clone()),
+            vec![KeyPair {
+                primary: device_key.clone(),
+                secondary: device_key.clone(),
+            }],
+        );
+        let edge_hub = ModuleId::parse("$edgeHub").ok();
+        for module in settings.modules.keys().chain(edge_hub.iter()) {
+            let id = Identity::Module(settings.device_id.clone(), module.clone());
+            add(id, vec![module_keys(settings, device_key, module)]);
+        }
+        let mut edge_children = HashMap::new();
+        for (device, spec) in &settings.devices {
+            let keys = device_keys(settings, device_key, device);
+            if let (true, Some(edge_hub)) = (spec.edge, &edge_hub) {
+                let id = Identity::Module(device.clone(), edge_hub.clone());
+                add(id, child_edge_hub_keys(device, &keys, edge_hub));
+                edge_children.insert(device.as_str().to_ascii_lowercase(), device.clone());
+            }
+            add(Identity::Device(device.clone()), vec![keys]);
+        }
+        let policies = settings
+            .service_policies
+            .iter()
+            .map(|(name, keys)| (name.to_ascii_lowercase(), (name.clone(), keys.clone())))
+            .collect();
+        Self {
+            iothub_host: settings.iothub_hostname.clone(),
+            gateway_host: settings.gateway_hostname.clone(),
+            identities,
+            edge_children,
+            policies,
+        }
+    }
+
+    /// The canonical identity for an identity named in a token, address or request: as
+    /// configured for identities with keys; for a module of a child edge device, the child as
+    /// configured and the module as named.
+    pub fn known(&self, id: &Identity) -> Option<Identity> {
+        if let Some((canonical, _)) = self.identities.get(&lower(id)) {
+            return Some(canonical.clone());
+        }
+        match id {
+            Identity::Module(d, m) => self
+                .edge_child(d)
+                .map(|child| Identity::Module(child.clone(), m.clone())),
+            Identity::Device(_) => None,
+        }
+    }
+
+    fn edge_child(&self, d: &DeviceId) -> Option<&DeviceId> {
+        self.edge_children.get(&d.as_str().to_ascii_lowercase())
+    }
+
+    /// Verifies a `$cbs` put-token: the token as [`verify`](Self::verify) does, and when it is
+    /// the token of a child edge device's `$edgeHub`, the audience (`name`) decides which
+    /// identity it grants: the child itself or any module of it. Any other token grants its own
+    /// identity, whatever the audience says.
+    pub fn verify_put_token(
+        &self,
+        token: &str,
+        audience: &str,
+        now_secs: u64,
+    ) -> Result<(Identity, u64), SasError> {
+        let (id, expiry) = self.verify(token, now_secs)?;
+        let Identity::Module(actor, m) = &id else {
+            return Ok((id, expiry));
+        };
+        let Some(child) = self.edge_child(actor).filter(|_| is_edge_hub(m)) else {
+            return Ok((id, expiry));
+        };
+        // The SDKs send the audience URL-encoded (Node) or plain (C#); only its ids matter,
+        // the signed host is the token's.
+        let target = crate::model::sas::url_decode(audience)
+            .ok()
+            .and_then(|a| crate::model::sas::parse_resource(&a).ok())
+            .map(|(_, target)| target);
+        let Some(target) = target else {
+            return Ok((id, expiry));
+        };
+        if !target
+            .device()
+            .as_str()
+            .eq_ignore_ascii_case(child.as_str())
+        {
+            return Err(SasError::NotOnBehalf(id.to_string(), target.to_string()));
+        }
+        let granted = match target {
+            Identity::Device(_) => Identity::Device(child.clone()),
+            Identity::Module(_, m) if is_edge_hub(&m) => id,
+            Identity::Module(_, m) => Identity::Module(child.clone(), m),
+        };
+        Ok((granted, expiry))
+    }
+
+    /// Verifies a service token (`skn` names a policy, `sr` is this hub's host name); returns
+    /// the policy name as configured and the token's expiry.
+    pub fn verify_service(&self, token: &str, now_secs: u64) -> Result<(String, u64), SasError> {
+        let t = SasToken::parse(token)?;
+        let name = t
+            .skn
+            .as_deref()
+            .ok_or_else(|| SasError::Malformed("a service token names its policy in skn".into()))?;
+        let resource = t.resource()?;
+        let host = resource.trim_end_matches('/');
+        if host.contains('/') {
+            return Err(SasError::BadResource(resource.clone()));
+        }
+        if !host.eq_ignore_ascii_case(&self.iothub_host)
+            && !host.eq_ignore_ascii_case(&self.gateway_host)
+        {
+            return Err(SasError::WrongHost(host.to_owned()));
+        }
+        let (policy, keys) = self
+            .policies
+            .get(&name.to_ascii_lowercase())
+            .ok_or_else(|| SasError::UnknownIdentity(format!("policy {name}")))?;
+        if !t.signed_by(keys) {
+            return Err(SasError::BadSignature(format!("policy {policy}")));
+        }
+        if t.expired_at(now_secs) {
+            return Err(SasError::Expired(t.expiry));
+        }
+        Ok((policy.clone(), t.expiry))
+    }
+
+    /// Verifies a SAS token as IoT Hub does; returns the identity and the token's expiry.
+    pub fn verify(&self, token: &str, now_secs: u64) -> Result<(Identity, u64), SasError> {
+        let t = SasToken::parse(token)?;
+        let (host, id) = t.audience()?;
+        if !host.eq_ignore_ascii_case(&self.iothub_host)
+            && !host.eq_ignore_ascii_case(&self.gateway_host)
+        {
+            return Err(SasError::WrongHost(host));
+        }
+        let (canonical, keys) = match self.identities.get(&lower(&id)) {
+            Some((canonical, keys)) => (canonical.clone(), keys.clone()),
+            None => self
+                .child_module(&id)
+                .ok_or_else(|| SasError::UnknownIdentity(id.to_string()))?,
+        };
+        if !keys.iter().any(|k| t.signed_by(k)) {
+            return Err(SasError::BadSignature(id.to_string()));
+        }
+        if t.expired_at(now_secs) {
+            return Err(SasError::Expired(t.expiry));
+        }
+        Ok((canonical, t.expiry))
+    }
+
+    /// A module of a child edge device with the keys the child derives for it from its device
+    /// key (the module-key rule), so a child may also authenticate a module with the module's
+    /// own token rather than on behalf.
+    fn child_module(&self, id: &Identity) -> Option<(Identity, Vec<KeyPair>)> {
+        let Identity::Module(d, m) = id else {
+            return None;
+        };
+        let child = self.edge_child(d)?;
+        let (_, device_keys) = self
+            .identities
+            .get(&lower(&Identity::Device(child.clone())))?;
+        let keys = device_keys
+            .iter()
+            .flat_map(|pair| child_edge_hub_keys(child, pair, m))
+            .collect();
+        Some((Identity::Module(child.clone(), m.clone()), keys))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::sas::make_token;
+    use std::collections::HashMap as Env;
+
+    const HUB: &str = "hub.example.net";
+    const NOW: u64 = 1_700_000_000;
+    const LATER: u64 = NOW + 3600;
+
+    fn key(byte: u8) -> Key {
+        use base64::Engine;
+        Key::from_base64(&base64::engine::general_purpose::STANDARD.encode([byte; 32])).unwrap()
+    }
+
+    fn settings(extra: &str) -> Settings {
+        let text = format!(
+            r#"{{"deviceId": "edge1", "iothubHostname": "{HUB}", "gatewayHostname": "Gateway.local",
+                "listen": {{"amqps": "127.0.0.1:0"}}, "dataDir": "d", "modules": {{"A": {{}}}},
+                {extra}
+                "$edgeHub": {{"schemaVersion": "1.1", "routes": {{}}, "storeAndForwardConfiguration": {{}}}}}}"#
+        );
+        crate::config::from_str(&text, &Env::new()).unwrap()
+    }
+
+    fn parent() -> (Settings, Key, Authenticator) {
+        let s = settings(&format!(
+            r#""devices": {{"Child": {{"edge": true}}, "other": {{"edge": true}}, "leaf": {{}},
+                          "keyed": {{"primaryKey": "{}", "secondaryKey": "{}"}}}},
+               "servicePolicies": {{"service": {{"primaryKey": "{}", "secondaryKey": "{}"}}}},"#,
+            key(5).to_base64(),
+            key(6).to_base64(),
+            key(7).to_base64(),
+            key(8).to_base64(),
+        ));
+        let k = key(1);
+        let a = Authenticator::new(&s, &k);
+        (s, k, a)
+    }
+
+    fn id(s: &str) -> Identity {
+        match s.split_once('/') {
+            Some((d, m)) => {
+                Identity::Module(DeviceId::parse(d).unwrap(), ModuleId::parse(m).unwrap())
+            }
+            None => Identity::Device(DeviceId::parse(s).unwrap()),
+        }
+    }
+
+    fn token(identity: &str, k: &Key, expiry: u64) -> String {
+        make_token(
+            &crate::model::sas::resource_for(HUB, &id(identity)),
+            k,
+            expiry,
+            None,
+        )
+    }
+
+    /// The `$edgeHub` key a child hub derives from its own `deviceKey`, which is the key the
+    /// parent holds for the child device.
+    fn child_edge_hub_key(parent_key: &Key, child: &str) -> Key {
+        let device_key =
+            parent_key.derive_device_key(&DeviceId::parse(child).unwrap(), KeySlot::Primary);
+        let child_settings = crate::config::from_str(
+            &format!(
+                r#"{{"deviceId": "{child}", "iothubHostname": "{HUB}", "gatewayHostname": "c.local",
+                    "listen": {{"amqps": "127.0.0.1:0"}}, "dataDir": "d", "deviceKey": "{}",
+                    "$edgeHub": {{"schemaVersion": "1.1", "routes": {{}}, "storeAndForwardConfiguration": {{}}}}}}"#,
+                device_key.to_base64()
+            ),
+            &Env::new(),
+        )
+        .unwrap();
+        module_keys(
+            &child_settings,
+            &device_key,
+            &ModuleId::parse("$edgeHub").unwrap(),
+        )
+        .primary
+    }
+
+    #[test]
+    fn downstream_devices_authenticate_with_derived_or_explicit_keys() {
+        let (_, k, a) = parent();
+        let leaf = k.derive_device_key(&DeviceId::parse("leaf").unwrap(), KeySlot::Primary);
+        let (got, exp) = a.verify(&token("leaf", &leaf, LATER), NOW).unwrap();
+        assert_eq!((got.to_string(), exp), ("leaf".into(), LATER));
+        let secondary = k.derive_device_key(&DeviceId::parse("leaf").unwrap(), KeySlot::Secondary);
+        assert!(a.verify(&token("leaf", &secondary, LATER), NOW).is_ok());
+        for explicit in [key(5), key(6)] {
+            assert!(a.verify(&token("keyed", &explicit, LATER), NOW).is_ok());
+        }
+        assert!(matches!(
+            a.verify(&token("keyed", &leaf, LATER), NOW),
+            Err(SasError::BadSignature(_))
+        ));
+        // A leaf device has no $edgeHub, and nothing of an unknown device is known.
+        assert!(matches!(
+            a.verify(&token("leaf/$edgeHub", &leaf, LATER), NOW),
+            Err(SasError::UnknownIdentity(_))
+        ));
+        assert_eq!(a.known(&id("leaf/m")), None);
+        assert_eq!(a.known(&id("stranger/m")), None);
+        assert_eq!(a.known(&id("stranger")), None);
+    }
+
+    #[test]
+    fn a_child_hub_authenticates_as_its_edge_hub_with_the_key_it_derives_itself() {
+        let (_, k, a) = parent();
+        let ek = child_edge_hub_key(&k, "Child");
+        let (got, _) = a.verify(&token("child/$edgeHub", &ek, LATER), NOW).unwrap();
+        assert_eq!(
+            got.to_string(),
+            "Child/$edgeHub",
+            "canonical casing from the config"
+        );
+        // The child's modules are known by shape, with the child as configured.
+        assert_eq!(a.known(&id("CHILD/sensor")), Some(id("Child/sensor")));
+        assert_eq!(a.known(&id("child")), Some(id("Child")));
+    }
+
+    #[test]
+    fn a_child_module_may_use_its_own_derived_key() {
+        let (_, k, a) = parent();
+        let child = DeviceId::parse("Child").unwrap();
+        let module = ModuleId::parse("Sensor").unwrap();
+        let child_key = k.derive_device_key(&child, KeySlot::Primary);
+        let own = child_key.derive_module_key(&child, &module, KeySlot::Secondary);
+        let (got, _) = a.verify(&token("child/Sensor", &own, LATER), NOW).unwrap();
+        assert_eq!(got, id("Child/Sensor"));
+        let other =
+            child_key.derive_module_key(&child, &ModuleId::parse("x").unwrap(), KeySlot::Primary);
+        assert!(matches!(
+            a.verify(&token("Child/Sensor", &other, LATER), NOW),
+            Err(SasError::BadSignature(_))
+        ));
+        // A leaf device's modules have no derived keys here.
+        assert!(matches!(
+            a.verify(&token("leaf/Sensor", &own, LATER), NOW),
+            Err(SasError::UnknownIdentity(_))
+        ));
+    }
+
+    #[test]
+    fn on_behalf_tokens_grant_the_audience_within_the_child_only() {
+        let (_, k, a) = parent();
+        let ek = child_edge_hub_key(&k, "Child");
+        let t = token("Child/$edgeHub", &ek, LATER);
+        // Node sends the audience URL-encoded, C# plain; both name the same identity.
+        for audience in [
+            "hub.example.net%2Fdevices%2FChild%2Fmodules%2FSensor",
+            "hub.example.net/devices/Child/modules/Sensor",
+            "Gateway.local/devices/child/modules/Sensor",
+        ] {
+            let (got, exp) = a.verify_put_token(&t, audience, NOW).unwrap();
+            assert_eq!(
+                (got.to_string(), exp),
+                ("Child/Sensor".into(), LATER),
+                "{audience}"
+            );
+        }
+        let (got, _) = a
+            .verify_put_token(&t, "hub.example.net/devices/child", NOW)
+            .unwrap();
+        assert_eq!(got, id("Child"));
+        let (got, _) = a
+            .verify_put_token(&t, "hub.example.net/devices/Child/modules/$edgeHub", NOW)
+            .unwrap();
+        assert_eq!(got, id("Child/$edgeHub"));
+        // An audience that names no identity: the token's own.
+        let (got, _) = a.verify_put_token(&t, "hub.example.net", NOW).unwrap();
+        assert_eq!(got, id("Child/$edgeHub"));
+
+        // Never another child's identities, nor this hub's own.
+        for audience in [
+            "hub.example.net/devices/other/modules/m",
+            "hub.example.net/devices/other",
+            "hub.example.net/devices/other/modules/$edgeHub",
+            "hub.example.net/devices/edge1",
+            "hub.example.net/devices/edge1/modules/A",
+            "hub.example.net/devices/edge1/modules/$edgeHub",
+            "hub.example.net/devices/leaf",
+        ] {
+            assert!(
+                matches!(
+                    a.verify_put_token(&t, audience, NOW),
+                    Err(SasError::NotOnBehalf(..))
+                ),
+                "{audience}"
+            );
+        }
+        // The other child's $edgeHub token cannot reach into Child either.
+        let other = token("other/$edgeHub", &child_edge_hub_key(&k, "other"), LATER);
+        assert!(matches!(
+            a.verify_put_token(&other, "hub.example.net/devices/Child/modules/m", NOW),
+            Err(SasError::NotOnBehalf(..))
+        ));
+        // The secondary derived key works as well.
+        let device_key = k.derive_device_key(&DeviceId::parse("Child").unwrap(), KeySlot::Primary);
+        let secondary = device_key.derive_module_key(
+            &DeviceId::parse("Child").unwrap(),
+            &ModuleId::parse("$edgeHub").unwrap(),
+            KeySlot::Secondary,
+        );
+        let t2 = token("Child/$edgeHub", &secondary, LATER);
+        assert!(a
+            .verify_put_token(&t2, "hub.example.net/devices/Child/modules/m", NOW)
+            .is_ok());
+    }
+
+    #[test]
+    fn bad_on_behalf_tokens_grant_nothing() {
+        let (_, k, a) = parent();
+        let audience = "hub.example.net/devices/Child/modules/m";
+        // Signed with the child's device key instead of its $edgeHub key.
+        let device_key = k.derive_device_key(&DeviceId::parse("Child").unwrap(), KeySlot::Primary);
+        assert!(matches!(
+            a.verify_put_token(&token("Child/$edgeHub", &device_key, LATER), audience, NOW),
+            Err(SasError::BadSignature(_))
+        ));
+        let ek = child_edge_hub_key(&k, "Child");
+        assert!(matches!(
+            a.verify_put_token(&token("Child/$edgeHub", &ek, NOW - 301), audience, NOW),
+            Err(SasError::Expired(_))
+        ));
+        // A token for a child's module itself, signed with a key other than the module's.
+        assert!(matches!(
+            a.verify_put_token(&token("Child/m", &ek, LATER), audience, NOW),
+            Err(SasError::BadSignature(_))
+        ));
+        // The token of a module of this hub is not an on-behalf token: the audience is
+        // ignored and it grants only itself.
+        let ka = module_keys(&parent().0, &k, &ModuleId::parse("A").unwrap()).primary;
+        let (got, _) = a
+            .verify_put_token(&token("edge1/A", &ka, LATER), audience, NOW)
+            .unwrap();
+        assert_eq!(got, id("edge1/A"));
+        let kh = module_keys(&parent().0, &k, &ModuleId::parse("$edgeHub").unwrap()).primary;
+        let (got, _) = a
+            .verify_put_token(&token("edge1/$edgeHub", &kh, LATER), audience, NOW)
+            .unwrap();
+        assert_eq!(got, id("edge1/$edgeHub"));
+    }
+
+    #[test]
+    fn service_tokens_name_a_policy_and_the_hub() {
+        let (_, _, a) = parent();
+        let service = |sr: &str, k: &Key, skn: Option<&str>, exp: u64| {
+            a.verify_service(&make_token(sr, k, exp, skn), NOW)
+        };
+        for (sr, k) in [
+            (HUB, key(7)),
+            ("gateway.LOCAL", key(8)),
+            ("hub.example.net/", key(7)),
+        ] {
+            assert_eq!(
+                service(sr, &k, Some("Service"), LATER).unwrap(),
+                ("service".to_owned(), LATER),
+                "{sr}"
+            );
+        }
+        assert!(matches!(
+            service(HUB, &key(9), Some("service"), LATER),
+            Err(SasError::BadSignature(_))
+        ));
+        assert!(matches!(
+            service(HUB, &key(7), Some("owner"), LATER),
+            Err(SasError::UnknownIdentity(_))
+        ));
+        assert!(matches!(
+            service(HUB, &key(7), None, LATER),
+            Err(SasError::Malformed(_))
+        ));
+        assert!(matches!(
+            service("elsewhere.net", &key(7), Some("service"), LATER),
+            Err(SasError::WrongHost(_))
+        ));
+        assert!(matches!(
+            service("hub.example.net/devices/d", &key(7), Some("service"), LATER),
+            Err(SasError::BadResource(_))
+        ));
+        assert!(matches!(
+            service(HUB, &key(7), Some("service"), NOW - 301),
+            Err(SasError::Expired(_))
+        ));
+        // A device token is no service token, nor is a service token a device token.
+        let leaf = parent()
+            .1
+            .derive_device_key(&DeviceId::parse("leaf").unwrap(), KeySlot::Primary);
+        assert!(a.verify_service(&token("leaf", &leaf, LATER), NOW).is_err());
+        assert!(a
+            .verify(&make_token(HUB, &key(7), LATER, Some("service")), NOW)
+            .is_err());
+    }
+}

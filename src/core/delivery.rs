@@ -1,0 +1,345 @@
+//! Delivery: the one pump that moves messages from endpoint queues to a peer, for every
+//! transport (a module's input link, the upstream telemetry links).
+//!
+//! The pump keeps up to a [`Window`] of unsettled transfers in flight (a number of messages, and
+//! of bytes: a module's input link holds at most `limits.maxUnsettledBytesPerLink` plus one
+//! message). Accepted and rejected messages
+//! leave their queue; released (or modified) ones go back to their place with a higher delivery
+//! count; when the pump ends, every message still in flight goes back. An acknowledgement whose
+//! removal is not yet written out counts against the window too (see [`Unwritten`]): after a
+//! crash of the hub at most `window` messages of one pump come again. When the pump ends,
+//! outcomes that arrive before its link is closed (up to [`DRAIN_WAIT`]) still count, so a peer
+//! that settles and closes at once does not get those messages again, and the removals are
+//! written out.
+//!
+//! Where the messages come from is a [`Feed`] (here: a module's inputs, or the `$upstream`
+//! queue); how one is sent and what its outcome means for metrics and logs is the transport's
+//! [`Link`].
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures_util::{future::BoxFuture, stream::FuturesUnordered, StreamExt};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::{
+    core::HubCore,
+    model::identity::ModuleId,
+    store::queue::{Endpoint, Queued, Unwritten},
+};
+
+/// Bound on one transfer waiting for link credit.
+pub const SEND_WAIT: Duration = Duration::from_secs(60);
+/// How long a pump that ends waits for the outcomes of its deliveries in flight (they come
+/// before the end of the link or of its session, which a silent peer may hold back).
+pub const DRAIN_WAIT: Duration = Duration::from_secs(5);
+/// How often a feed without a queue (no route feeds it yet) looks again.
+const NO_QUEUE_POLL: Duration = Duration::from_secs(1);
+
+/// The peer's outcome for one transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Taken: the message leaves its queue.
+    Accepted,
+    /// Refused as invalid, with the peer's reason: the message leaves its queue (dropped).
+    Rejected(String),
+    /// Not taken this time (released, modified): the message goes back to its place.
+    Released,
+}
+
+/// The outcome of one transfer, or why the transfer failed (the link is gone).
+pub type Delivery = BoxFuture<'static, Result<Outcome, String>>;
+
+/// What a link did with one message.
+pub enum Sent {
+    /// The transfer is on its way; its outcome follows.
+    InFlight(Delivery),
+    /// The link cannot carry this message (counted and logged by the link): it leaves its
+    /// queue.
+    Dropped,
+}
+
+/// Why a pump ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// Stopped by its token, or the peer ended the link with nothing in flight.
+    Stopped,
+    /// The peer granted no credit for [`SEND_WAIT`].
+    Stalled,
+    /// A transfer failed: the link is gone.
+    Failed(String),
+}
+
+/// A transport's side of the pump: one outgoing link (or a set of them).
+pub trait Link: Send {
+    /// Starts an unsettled transfer of `q`, taken from `ep`. An error ends the pump.
+    fn send(
+        &mut self,
+        ep: &Endpoint,
+        q: &Queued,
+    ) -> impl Future<Output = Result<Sent, String>> + Send;
+
+    /// Resolves when the peer ends the link; awaited only while nothing is in flight.
+    fn detached(&mut self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
+
+    /// Told of every outcome (after the queue has been told), for metrics and logs;
+    /// `Err` when the transfer failed.
+    fn settled(
+        &mut self,
+        ep: &Endpoint,
+        q: &Queued,
+        outcome: &Result<Outcome, String>,
+        sent: Instant,
+    );
+
+    /// Ends the link; runs while the outcomes still in flight are drained.
+    fn close(&mut self, why: &Ended) -> impl Future<Output = ()> + Send;
+}
+
+/// Where a pump takes its messages from.
+pub trait Feed: Send {
+    /// Looks at the routes again; the notification that says a message is ready, or `None`
+    /// when there is no queue to take from yet.
+    fn refresh(&mut self) -> Option<Arc<Notify>>;
+    /// The next message to send, with its endpoint.
+    fn next(&mut self) -> Option<(Arc<Endpoint>, Queued)>;
+}
+
+/// How much a pump keeps in flight.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    /// Unsettled transfers (acknowledgements not yet written out count too).
+    pub messages: usize,
+    /// Bytes of the unsettled transfers (`limits.maxUnsettledBytesPerLink`); one message
+    /// always goes, so a pump holds at most this plus one message.
+    pub bytes: u64,
+}
+
+/// Moves messages from `feed` to `link`, up to `window` in flight, until `stop`, the peer's
+/// end or a failure; then returns every message in flight and says why it ended.
+pub async fn pump<F: Feed, L: Link>(
+    mut feed: F,
+    mut link: L,
+    window: Window,
+    stop: &CancellationToken,
+) -> Ended {
+    // Acknowledgements are written out once a quarter of the window waits for it.
+    let write_at = (window.messages / 4).max(1);
+    let mut state = InFlight::default();
+    let mut in_flight = FuturesUnordered::new();
+    let mut ended = Ended::Stopped;
+    'outer: loop {
+        let Some(ready) = feed.refresh() else {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(NO_QUEUE_POLL) => continue,
+            }
+        };
+        let notified = ready.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let room = window.messages.saturating_sub(state.unwritten.count());
+        while in_flight.len() < room && (in_flight.is_empty() || state.bytes < window.bytes) {
+            let Some((ep, q)) = feed.next() else { break };
+            match tokio::time::timeout(SEND_WAIT, link.send(&ep, &q)).await {
+                Ok(Ok(Sent::InFlight(delivery))) => {
+                    state.next_key += 1;
+                    let key = state.next_key;
+                    state.outstanding.insert(key, (ep, q.seq));
+                    state.bytes += q.msg.size() as u64;
+                    let sent = Instant::now();
+                    in_flight.push(async move { (key, q, sent, delivery.await) });
+                }
+                Ok(Ok(Sent::Dropped)) => {
+                    ep.ack(q.seq);
+                }
+                Ok(Err(e)) => {
+                    ep.release(q.seq);
+                    ended = Ended::Failed(e);
+                    break 'outer;
+                }
+                Err(_) => {
+                    ep.release(q.seq);
+                    ended = Ended::Stalled;
+                    break 'outer;
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = link.detached(), if in_flight.is_empty() => break,
+            _ = &mut notified => {}
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                state.bytes = state.bytes.saturating_sub(done.1.msg.size() as u64);
+                if let Err(e) = state.settle(done, &mut link) {
+                    ended = Ended::Failed(e);
+                    break;
+                }
+                if state.unwritten.count() >= write_at {
+                    state.unwritten.write().await;
+                }
+            }
+        }
+    }
+    // Every delivery still in flight ends once the session has handled what the peer sent
+    // before the link (or its session) ended: with the peer's outcome, or with an error when
+    // the link is gone. So outcomes sent just before a close are applied, not lost.
+    let mut drained = Vec::new();
+    {
+        let closing = link.close(&ended);
+        let draining = async {
+            while let Some(done) = in_flight.next().await {
+                drained.push(done);
+            }
+        };
+        let both = futures_util::future::join(closing, draining);
+        if tokio::time::timeout(DRAIN_WAIT, both).await.is_err() {
+            debug!("the peer did not settle its deliveries in flight in time");
+        }
+    }
+    for done in drained {
+        let _ = state.settle(done, &mut link);
+    }
+    for (_, (ep, seq)) in state.outstanding.drain() {
+        ep.release(seq);
+    }
+    state.unwritten.write().await;
+    ended
+}
+
+/// A transfer's outcome as the pump receives it: (key, message, when it was sent, outcome).
+type Done = (u64, Queued, Instant, Result<Outcome, String>);
+
+/// The pump's transfers in flight and the acknowledgements not yet written out.
+#[derive(Default)]
+struct InFlight {
+    outstanding: HashMap<u64, (Arc<Endpoint>, u64)>,
+    /// Bytes of the messages in flight.
+    bytes: u64,
+    unwritten: Unwritten,
+    next_key: u64,
+}
+
+impl InFlight {
+    /// Applies the outcome of one transfer to its queue and tells the link. An error when the
+    /// transfer failed (the message went back).
+    fn settle<L: Link>(&mut self, done: Done, link: &mut L) -> Result<(), String> {
+        let (key, q, sent, result) = done;
+        let Some(ep) = self.apply(key, &result) else {
+            return Ok(());
+        };
+        link.settled(&ep, &q, &result, sent);
+        result.map(|_| ())
+    }
+
+    fn apply(&mut self, key: u64, result: &Result<Outcome, String>) -> Option<Arc<Endpoint>> {
+        let (ep, seq) = self.outstanding.remove(&key)?;
+        match result {
+            Ok(Outcome::Accepted | Outcome::Rejected(_)) => self.unwritten.ack(&ep, seq),
+            Ok(Outcome::Released) | Err(_) => ep.release(seq),
+        }
+        Some(ep)
+    }
+}
+
+/// A module's input endpoints: the best priority first, round-robin among endpoints whose heads
+/// have the same priority; after a route reload the module may be fed by more endpoints.
+pub struct ModuleInputs {
+    core: Arc<HubCore>,
+    module: ModuleId,
+    generation: u64,
+    endpoints: Vec<Arc<Endpoint>>,
+    ready: Arc<Notify>,
+    cursor: usize,
+}
+
+impl ModuleInputs {
+    pub fn new(core: Arc<HubCore>, module: ModuleId) -> Self {
+        let router = core.router();
+        let generation = router.generation;
+        let (endpoints, ready) = router.module_inputs(&module);
+        drop(router);
+        Self {
+            core,
+            module,
+            generation,
+            endpoints,
+            ready,
+            cursor: 0,
+        }
+    }
+}
+
+impl Feed for ModuleInputs {
+    fn refresh(&mut self) -> Option<Arc<Notify>> {
+        let router = self.core.router();
+        if router.generation != self.generation {
+            self.generation = router.generation;
+            self.endpoints = router.module_inputs(&self.module).0;
+        }
+        Some(self.ready.clone())
+    }
+
+    fn next(&mut self) -> Option<(Arc<Endpoint>, Queued)> {
+        let endpoints = &self.endpoints;
+        let n = endpoints.len();
+        let best = endpoints
+            .iter()
+            .filter_map(|e| e.store.head_priority())
+            .min()?;
+        for i in 0..n {
+            let e = &endpoints[(self.cursor + i) % n];
+            if e.store.head_priority() != Some(best) {
+                continue;
+            }
+            if let Some(q) = e.pop() {
+                self.cursor = (self.cursor + i + 1) % n;
+                return Some((e.clone(), q));
+            }
+        }
+        // Only expired messages were at the heads (pop dropped them): look again.
+        endpoints
+            .iter()
+            .find_map(|e| e.pop().map(|q| (e.clone(), q)))
+    }
+}
+
+/// The `$upstream` queue (endpoint `iothub`), once a route feeds it.
+pub struct Upstream {
+    core: Arc<HubCore>,
+    endpoint: Option<Arc<Endpoint>>,
+}
+
+impl Upstream {
+    pub fn new(core: Arc<HubCore>) -> Self {
+        Self {
+            core,
+            endpoint: None,
+        }
+    }
+}
+
+impl Feed for Upstream {
+    fn refresh(&mut self) -> Option<Arc<Notify>> {
+        self.endpoint = self
+            .core
+            .router()
+            .endpoints()
+            .find(|e| e.id == "iothub")
+            .cloned();
+        self.endpoint.as_ref().map(|e| e.ready.clone())
+    }
+
+    fn next(&mut self) -> Option<(Arc<Endpoint>, Queued)> {
+        let ep = self.endpoint.as_ref()?;
+        ep.pop().map(|q| (ep.clone(), q))
+    }
+}

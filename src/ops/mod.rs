@@ -1,0 +1,4 @@
+//! Operations: certificates and `edgehub check`.
+
+pub mod check;
+pub mod tls;

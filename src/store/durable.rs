@@ -1,0 +1,1514 @@
+//! The durable message store: endpoint queues that survive a crash, on fjall.
+//!
+//! # Layout (one fjall keyspace under `dataDir/store`, shared with the twins)
+//!
+//! * partition `queue`: key = endpoint id, `0x00`, priority (u32 BE), sequence (u64 BE) → a
+//!   queue entry: kind (u8), message id (u64 BE), expiry (i64 BE ms since the epoch, `i64::MAX`
+//!   = never), and then
+//!   * kind 1, *inline*: the message record itself (the rest of the value);
+//!   * kind 2, *pointer*: nothing; the record is in `messages`.
+//! * partition `messages`: key = message id (u64 BE) → the message record, for a message that
+//!   several queues hold (*shared*).
+//! * a message record: format (u8, `1`), flags (u8: twin change, has module, has output, has
+//!   properties, has application properties, has annotations), enqueued time (i64 BE ms), the
+//!   sender's device id, then its module id and the output name when flagged (each a u32 BE
+//!   length and UTF-8), then the properties, application properties and annotations when flagged
+//!   (each a u32 BE length and the section's AMQP encoding), and the body as the rest.
+//!
+//! A message routed to one endpoint, the usual case, costs one write when it is queued and one
+//! delete when it is acknowledged. A message routed to several endpoints is still stored once:
+//! the first queue's entry holds it inline; when a second queue takes it, one atomic batch moves
+//! the record to `messages` and turns that first entry into a pointer, and later queues write
+//! pointers only.
+//!
+//! # Invariants and recovery
+//!
+//! * Every stored message has exactly one record: inline in its only queue entry, or in
+//!   `messages` with one pointer entry per queue holding it. A shared record is written in the
+//!   same batch as the pointers that first refer to it and deleted with the last of them.
+//!   Reference counts of shared records live in memory and are rebuilt at open by counting
+//!   pointer entries; a record no pointer refers to any more (its last delete was lost in a
+//!   crash) is deleted at open.
+//! * "Durable" means: with `sync = "commit"` (the default), [`DurableStore::sync`] has fsynced
+//!   the journal after the write; the hub acknowledges a sender only after that (one fsync
+//!   covers every write made before it started: group commit; the fsync is made on a handle
+//!   of the store's own, see `ActiveJournal`, so writes go on meanwhile). With `sync = "os"`,
+//!   [`DurableStore::sync`] hands the journal to the OS without an fsync: the write survives a
+//!   crash of the hub but not a power loss. Writes wait in fjall's journal buffer until then
+//!   (batches and the store's partitions use manual journal persistence; a twin write, which
+//!   fsyncs, writes the buffer out too), so a burst costs one write to the journal file, not one
+//!   per message.
+//! * Removals (acks, expiries, overflow drops) are not fsynced and are written in batches: they
+//!   collect in memory and are committed to fjall every [`REMOVAL_BATCH`] removals (on the
+//!   store's own thread), on the housekeeping tick (every second), before a shared record is
+//!   written again, and when the store closes. A removal lost in a crash redelivers a message,
+//!   never loses one. Queue keys are never reused while a removal may be pending (sequences only
+//!   grow while the hub runs, and after a restart continue past the highest entry on disk), so a
+//!   late delete never hits a newer entry.
+//! * **What a crash brings back.** A removal survives a crash of the hub (kill -9) once it is
+//!   written out to the OS: by [`DurableStore::write_removals`] or by the next
+//!   [`DurableStore::sync`] of a sender's write, whichever comes first. Each removal has a mark
+//!   ([`DurableStore::removal_written`] tells when it is out), and a delivery pump (module inputs,
+//!   upstream telemetry) counts every acknowledgement not yet out against its window, with its
+//!   transfers in flight, writing them out once a quarter of the window waits, when its link
+//!   ends, and the housekeeping tick and shutdown write out the rest. So after a kill -9 at most
+//!   `limits.deliveryWindow` messages per delivering link come again: those in flight and those
+//!   acknowledged but not yet out, together never more than the window. A power loss may also
+//!   undo removals written to the OS but not yet fsynced: with `sync = "commit"` every sender's
+//!   group commit fsyncs the removals out before it, so that extra is what was acknowledged
+//!   since the last write was stored; with `sync = "os"` it is unbounded, like the writes.
+//! * At open every queue entry is loaded into its queue's in-memory index (priority, sequence,
+//!   message id, expiry, kind, bytes), so FIFO per (endpoint, priority) and the exact queue
+//!   lengths survive a restart; message bodies stay on disk until delivered (messages queued
+//!   while the hub runs are also kept in memory, up to 4 MiB of them per queue). fjall's
+//!   journal recovery discards a torn last write. Entries that do not parse are skipped and
+//!   logged. Pending entries that expire are also in a TTL index by (expiry, priority,
+//!   sequence), so the once-a-second expiry costs O(expired), and `dropOldest` finds a queue's
+//!   oldest entry in O(priorities).
+//! * No async worker waits on the disk for the store beyond the write of the message itself:
+//!   full batches of removals and the measures of the files (a directory listing) are done on
+//!   the store's thread, expiry and the tick's chores on a blocking thread, and a write that
+//!   fjall would stall with a sleep for a full write buffer (the store's thread then seals the
+//!   largest memtable) or too many tables waiting in level 0 is refused as busy instead, so the
+//!   sender waits asynchronously as it does for a compaction. fjall's 500 ms stall for journals
+//!   near `max_journaling_size` (64 MiB, checked when a memtable is sealed) cannot be refused
+//!   (that would keep the journals from being freed): once the journals are past three
+//!   quarters of it, writes are made with the worker's other tasks handed to another thread
+//!   (`block_in_place`), so a stall holds only the sender that met it.
+//! * `storeLimits.maxSizeBytes` caps the bytes of keys and values held (entries and records),
+//!   counted in memory and rebuilt at open; a write that would pass it is refused before it is
+//!   made (or makes room by dropping the oldest of its queue with `dropOldest`). The files
+//!   are kept in proportion to it: a write buffer of an eighth of it ([`open_keyspace`]), full
+//!   compactions past a slack, and writers held back past twice that
+//!   ([`DurableStore::reclaim`]).
+//! * A journal that cannot be written (a full disk) poisons the keyspace, whether that shows at
+//!   a write (which then has fjall write its buffer out at once) or at the next
+//!   [`DurableStore::sync`]: every later write fails instead of landing after a torn one, so
+//!   senders are refused; what was stored before stays readable and is delivered.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+};
+
+use crate::{
+    model::message::Message,
+    store::queue::{take_next, Popped, QueueError, QueueStore, Queued},
+};
+
+mod format;
+
+use format::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// fjall or the file system failed; `kind` is the IO error's kind when there is one
+    /// (`StorageFull`, `PermissionDenied`, …), so a caller can tell a full disk from the rest.
+    #[error("store: {message}")]
+    Fjall {
+        kind: Option<std::io::ErrorKind>,
+        message: String,
+    },
+    #[error("store record {0}: {1}")]
+    Corrupt(u64, String),
+    #[error("store: message {0} cannot be encoded: {1}")]
+    Encode(u64, String),
+    #[error("the store holds {stored} of its {limit} bytes (storeLimits.maxSizeBytes)")]
+    Full { stored: u64, limit: u64 },
+    #[error("the store's files take {files} bytes, over their bound of {bound} (storeLimits.maxSizeBytes and room to compact); compacting")]
+    Compacting { files: u64, bound: u64 },
+    #[error("the store is busy: {0}")]
+    Stalled(&'static str),
+}
+
+/// What to do when a new message would take the store past its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Refuse the new message (the sender gets `amqp:resource-limit-exceeded`).
+    RejectNew,
+    /// Drop the oldest messages of the same queue to make room (counted as `overflow`).
+    DropOldest,
+}
+
+impl StoreError {
+    /// A failure without an IO error beneath it.
+    pub fn other(message: impl Into<String>) -> Self {
+        StoreError::Fjall {
+            kind: None,
+            message: message.into(),
+        }
+    }
+
+    /// The kind of the IO error beneath, if any.
+    pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
+        match self {
+            StoreError::Fjall { kind, .. } => *kind,
+            _ => None,
+        }
+    }
+}
+
+/// The kind of the first IO error in `e`'s chain of sources.
+fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        next = e.source();
+    }
+    None
+}
+
+fn fj<E: std::error::Error + 'static>(e: E) -> StoreError {
+    StoreError::Fjall {
+        kind: io_kind(&e),
+        message: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("wrapped: {0}")]
+    struct Wrapped(#[source] std::io::Error);
+
+    #[test]
+    fn store_errors_keep_the_io_error_kind() {
+        let full = || std::io::Error::new(std::io::ErrorKind::StorageFull, "no space");
+        assert_eq!(
+            super::fj(full()).io_kind(),
+            Some(std::io::ErrorKind::StorageFull)
+        );
+        let e = super::fj(Wrapped(full()));
+        assert_eq!(e.io_kind(), Some(std::io::ErrorKind::StorageFull));
+        assert_eq!(e.to_string(), "store: wrapped: no space");
+        assert_eq!(super::StoreError::other("x").io_kind(), None);
+    }
+}
+
+/// Writes between two measures of the store's files against its limit (see
+/// [`DurableStore::reclaim`]).
+const FILES_CHECK_EVERY: u64 = 32;
+
+/// Bytes the files in `dir` take on disk: fjall's journals are created at 32 MiB and filled
+/// in place, so their length says nothing about what they use.
+fn allocated(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// What the store's files may hold beyond the messages before a full compaction: a quarter of
+/// the limit, at least 4 MiB.
+fn slack(limit: u64) -> u64 {
+    (limit / 4).max(4 * 1024 * 1024)
+}
+
+fn poisoned() -> StoreError {
+    StoreError::other("an earlier fsync of the journal failed; the store takes no more writes")
+}
+
+/// How writes become durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncPolicy {
+    /// fsync (group commit) before a sender is acknowledged.
+    Commit,
+    /// Leave it to the OS: survives a crash of the hub, not a power loss.
+    Os,
+}
+
+// ---------------------------------------------------------------------------------------------
+/// Removals wait in memory until this many are pending, then go to fjall in one batch (on the
+/// store's own thread).
+pub const REMOVAL_BATCH: usize = 128;
+
+/// Removals not yet given to fjall, and the mark of the latest: a delivery pump keeps the mark of
+/// each acknowledgement it made and counts it against its window until the mark is written out
+/// (see [`DurableStore::removal_written`]).
+struct Removals {
+    batch: fjall::Batch,
+    /// Marks count removals from 1 (0 means "nothing to write").
+    last: u64,
+}
+
+/// Work the store hands to a thread of its own, so that no async worker waits for it:
+/// committing a full batch of removals (a fjall write, which may stall) and measuring the
+/// store's files (a directory listing), which may start a compaction.
+#[derive(Default)]
+struct Chores {
+    flush: AtomicBool,
+    measure: AtomicBool,
+    rotate: AtomicBool,
+    closing: AtomicBool,
+    thread: std::sync::OnceLock<std::thread::Thread>,
+}
+
+impl Chores {
+    /// Asks the thread for `chore`; `false` if there is no thread (the caller does it).
+    fn ask(&self, chore: &AtomicBool) -> bool {
+        chore.store(true, Ordering::Release);
+        match self.thread.get() {
+            Some(t) => {
+                t.unpark();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn run(self: Arc<Self>, store: std::sync::Weak<DurableStore>) {
+        loop {
+            std::thread::park_timeout(std::time::Duration::from_secs(1));
+            if self.closing.load(Ordering::Acquire) {
+                return;
+            }
+            let Some(store) = store.upgrade() else {
+                return;
+            };
+            if self.flush.swap(false, Ordering::AcqRel) {
+                store.flush_removals();
+            }
+            if self.measure.swap(false, Ordering::AcqRel) {
+                store.reclaim();
+            }
+            if self.rotate.swap(false, Ordering::AcqRel) {
+                store.rotate_largest();
+            }
+        }
+    }
+}
+
+/// fjall stalls a write with `std::thread::sleep` while its level 0 holds this many runs or more
+/// (16 µs at 24, doubling up to 512 µs; writes halt at 32): the store refuses it as busy first.
+const L0_STALL: usize = 24;
+
+/// The keyspace's write buffer for a store limit of `cap` (see [`open_keyspace`]).
+fn write_buffer_bytes(cap: Option<u64>) -> u64 {
+    const MIB: u64 = 1024 * 1024;
+    cap.map_or(16 * MIB, |cap| (cap / 8).clamp(MIB, 16 * MIB))
+}
+
+/// A queue entry's place: its queue (an index into [`DurableStore::endpoints`]), priority and
+/// sequence. Small, since the store keeps one per message queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    queue: u32,
+    priority: u32,
+    seq: u64,
+}
+
+/// Where the one stored copy of a message lives.
+#[derive(Debug)]
+enum Copies {
+    /// Inside its only queue entry.
+    Inline(Slot),
+    /// In `messages`, with `refs` pointer entries.
+    Shared {
+        refs: u32,
+        /// Bytes of the record (key and value).
+        record_bytes: u64,
+        /// The entry that held the message inline until a second queue took it: a pointer on
+        /// disk now, though its queue's index still knows it as written (inline).
+        converted: Option<Slot>,
+    },
+}
+
+/// A queue entry as recovered at open.
+#[derive(Debug, Clone)]
+struct Recovered {
+    priority: u32,
+    seq: u64,
+    msg_id: u64,
+    expires_ms: Option<i64>,
+    inline: bool,
+    bytes: u64,
+}
+
+/// How a queue entry was written.
+struct Written {
+    inline: bool,
+    bytes: u64,
+}
+
+/// The shared store: the keyspace, the two partitions, where each message's copy is, the
+/// pending removals, group commit.
+pub struct DurableStore {
+    keyspace: fjall::Keyspace,
+    messages: fjall::PartitionHandle,
+    queue: fjall::PartitionHandle,
+    policy: SyncPolicy,
+    /// Messages queued in this run (inline ones until acknowledged) and every shared record.
+    /// Messages recovered inline at open are not here: their entry is all there is to know.
+    /// Lock order: a queue's lock, then this, then `removals`.
+    copies: Mutex<HashMap<u64, Copies>>,
+    /// The endpoint id of each queue, by [`Slot::queue`].
+    endpoints: Mutex<Vec<Arc<str>>>,
+    /// Deletes not yet given to fjall (see the module doc).
+    removals: Mutex<Removals>,
+    /// Removals up to this mark are in fjall / written to the OS (they survive a crash of the
+    /// hub, not a power loss).
+    removals_committed: AtomicU64,
+    removals_out: AtomicU64,
+    chores: Arc<Chores>,
+    /// The keyspace's write buffer: fjall stalls writes that take it past this.
+    write_buffer: u64,
+
+    /// Bytes of entries and records held: what `limit` caps.
+    stored: AtomicU64,
+    /// `storeLimits.maxSizeBytes`; `u64::MAX` for none. Changes with a config reload.
+    limit: AtomicU64,
+    pub overflow: Overflow,
+    recovered: Mutex<HashMap<String, Vec<Recovered>>>,
+    /// Writes made / writes covered by a completed sync.
+    written: AtomicU64,
+    synced: AtomicU64,
+    sync_lock: tokio::sync::Mutex<()>,
+    journal: Arc<Mutex<ActiveJournal>>,
+    /// Set when an fsync of the journal failed: what it should have covered may be lost, so
+    /// every later write is refused (as fjall does when it cannot write its journal).
+    poisoned: Arc<std::sync::atomic::AtomicBool>,
+    /// A compaction started by [`DurableStore::reclaim`] is running.
+    compacting: Arc<std::sync::atomic::AtomicBool>,
+    /// Bytes of the store's files when last measured (journals and both partitions).
+    files: AtomicU64,
+    /// fjall's journal directory.
+    journals: std::path::PathBuf,
+    /// Journal bytes past which a write may stall (see [`DurableStore::off_worker`]):
+    /// [`JOURNAL_NEAR`], lower in tests.
+    journal_near: AtomicU64,
+    /// The journals were past `journal_near` when last looked at.
+    journals_near: std::sync::atomic::AtomicBool,
+    /// Writes made off the async worker because the journals were near their bound.
+    offloaded: AtomicU64,
+}
+
+/// fjall's bound on the journals (`max_journaling_size`): a memtable sealed with the journals
+/// past 90 % of it sleeps the writing thread.
+const JOURNAL_MAX: u64 = 64 * 1024 * 1024;
+/// From here on a write is made off the async worker ([`DurableStore::off_worker`]).
+const JOURNAL_NEAR: u64 = JOURNAL_MAX * 3 / 4;
+/// The journals' size is looked at every this many writes ...
+const JOURNAL_CHECK_EVERY: u64 = 64;
+/// ... and at every write of at least this many bytes (64 smaller ones stay well within the
+/// margin between [`JOURNAL_NEAR`] and fjall's 90 %).
+const JOURNAL_LARGE_WRITE: usize = 64 * 1024;
+
+/// Clears the store's `compacting` flag when the compaction ends, however it ends.
+struct Compacting(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Compacting {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// fjall's active journal, fsynced through a file handle of the store's own.
+///
+/// fjall's own fsync (`persist(SyncAll)`) holds the journal's lock for the whole fsync, and
+/// every write in the meantime (a sender's message, a batch of deletes) waits for it on its
+/// thread, which here is one of the runtime's workers. The store instead has fjall write its
+/// buffer to the file (`persist(Buffer)`, the lock held only for that) and fsyncs the file
+/// itself, while writes go on.
+///
+/// Why that covers every write made before it: once `persist(Buffer)` returns, those writes
+/// are in the file of the journal that was active at that moment, or of an older one. fjall
+/// fsyncs a journal before it creates the next (`rotate`), and journal files are numbered in
+/// the order they are created; so whichever journal is newest when the handle is chosen,
+/// fsyncing it leaves every earlier write on disk. If the directory does not look as expected
+/// (no numbered journal, or it cannot be opened), fjall's own fsync is used instead.
+struct ActiveJournal {
+    /// `journals` under the keyspace's directory.
+    dir: std::path::PathBuf,
+    open: Option<(u64, std::fs::File)>,
+}
+
+impl ActiveJournal {
+    /// Makes every write given to fjall so far durable.
+    fn sync(&mut self, keyspace: &fjall::Keyspace) -> Result<(), StoreError> {
+        keyspace.persist(fjall::PersistMode::Buffer).map_err(fj)?;
+        match self.newest() {
+            Some(file) => file.sync_data().map_err(|e| StoreError::Fjall {
+                kind: Some(e.kind()),
+                message: format!("fsync of the journal failed: {e}"),
+            }),
+            None => keyspace.persist(fjall::PersistMode::SyncAll).map_err(fj),
+        }
+    }
+
+    /// A handle on the newest journal file.
+    ///
+    /// The directory is listed at every sync (it holds a few files): between two syncs fjall may
+    /// have started several journals and deleted the older ones, the one held open included.
+    fn newest(&mut self) -> Option<&std::fs::File> {
+        let id = std::fs::read_dir(&self.dir)
+            .ok()?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+            .max()?;
+        if self.open.as_ref().map(|(open, _)| *open) != Some(id) {
+            self.open = std::fs::File::open(self.dir.join(id.to_string()))
+                .ok()
+                .map(|f| (id, f));
+        }
+        self.open.as_ref().map(|(_, f)| f)
+    }
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means another thread panicked mid-update of plain maps and counters;
+    // the data stays usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl DurableStore {
+    /// Opens the store in `keyspace` (opened by [`open_keyspace`] in `dir`) and loads the index
+    /// of every queue.
+    pub fn open(
+        dir: &Path,
+        keyspace: fjall::Keyspace,
+        policy: SyncPolicy,
+        limit: Option<u64>,
+        overflow: Overflow,
+    ) -> Result<Arc<Self>, StoreError> {
+        // Single writes, like batches, stay in the journal buffer until `sync`.
+        let options = || fjall::PartitionCreateOptions::default().manual_journal_persist(true);
+        let messages = keyspace.open_partition("messages", options()).map_err(fj)?;
+        let queue = keyspace.open_partition("queue", options()).map_err(fj)?;
+        let mut copies: HashMap<u64, Copies> = HashMap::new();
+        let mut stored = 0u64;
+        let mut max_id = 0;
+        let mut malformed = 0usize;
+        let mut recovered: HashMap<String, Vec<Recovered>> = HashMap::new();
+        for kv in queue.iter() {
+            let (k, v) = kv.map_err(fj)?;
+            let (Some((endpoint, priority, seq)), Some(e)) = (split_queue_key(&k), parse_entry(&v))
+            else {
+                malformed += 1;
+                continue;
+            };
+            let bytes = (k.len() + v.len()) as u64;
+            if e.kind == POINTER {
+                match copies.entry(e.msg_id).or_insert(Copies::Shared {
+                    refs: 0,
+                    record_bytes: 0,
+                    converted: None,
+                }) {
+                    Copies::Shared { refs, .. } => *refs += 1,
+                    Copies::Inline(_) => {}
+                }
+            }
+            stored += bytes;
+            max_id = max_id.max(e.msg_id);
+            recovered.entry(endpoint).or_default().push(Recovered {
+                priority,
+                seq,
+                msg_id: e.msg_id,
+                expires_ms: e.expires_ms,
+                inline: e.kind == INLINE,
+                bytes,
+            });
+        }
+        if malformed > 0 {
+            tracing::error!(malformed, "skipping malformed queue entries in the store");
+        }
+        // Shared records no pointer refers to any more (their last delete was lost).
+        let mut orphans = Vec::new();
+        for kv in messages.iter() {
+            let (k, v) = kv.map_err(fj)?;
+            let Ok(id) = <[u8; 8]>::try_from(&k[..]).map(u64::from_be_bytes) else {
+                continue;
+            };
+            max_id = max_id.max(id);
+            match copies.get_mut(&id) {
+                Some(Copies::Shared { record_bytes, .. }) => {
+                    *record_bytes = (k.len() + v.len()) as u64;
+                    stored += *record_bytes;
+                }
+                _ => orphans.push(id),
+            }
+        }
+        if !orphans.is_empty() {
+            let mut batch = keyspace.batch();
+            for id in orphans {
+                batch.remove(&messages, id.to_be_bytes());
+            }
+            batch.commit().map_err(fj)?;
+        }
+        crate::model::message::seed_ids(max_id + 1);
+        let removals = Removals {
+            batch: fjall::Batch::with_capacity(keyspace.clone(), REMOVAL_BATCH + 1),
+            last: 0,
+        };
+        let store = Arc::new(Self {
+            keyspace,
+            messages,
+            queue,
+            policy,
+            copies: Mutex::new(copies),
+            endpoints: Mutex::new(Vec::new()),
+            removals: Mutex::new(removals),
+            removals_committed: AtomicU64::new(0),
+            removals_out: AtomicU64::new(0),
+            chores: Arc::default(),
+            write_buffer: write_buffer_bytes(limit),
+            stored: AtomicU64::new(stored),
+            limit: AtomicU64::new(limit.unwrap_or(u64::MAX)),
+            overflow,
+            recovered: Mutex::new(recovered),
+            written: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
+            sync_lock: tokio::sync::Mutex::new(()),
+            journal: Arc::new(Mutex::new(ActiveJournal {
+                dir: dir.join("journals"),
+                open: None,
+            })),
+            poisoned: Arc::default(),
+            compacting: Arc::default(),
+            files: AtomicU64::new(0),
+            journals: dir.join("journals"),
+            journal_near: AtomicU64::new(JOURNAL_NEAR),
+            journals_near: Default::default(),
+            offloaded: AtomicU64::new(0),
+        });
+        let (chores, weak) = (store.chores.clone(), Arc::downgrade(&store));
+        match std::thread::Builder::new()
+            .name("store-chores".into())
+            .spawn(move || chores.run(weak))
+        {
+            Ok(t) => {
+                let _ = store.chores.thread.set(t.thread().clone());
+            }
+            // Without the thread its chores are done inline.
+            Err(e) => tracing::warn!(error = %e, "starting the store's thread failed"),
+        }
+        Ok(store)
+    }
+
+    /// Endpoint ids that have messages on disk (their queues must exist even without a route).
+    pub fn recovered_endpoints(&self) -> Vec<String> {
+        locked(&self.recovered).keys().cloned().collect()
+    }
+
+    /// The queue for `endpoint`, seeded with what the store holds for it.
+    pub fn queue(
+        self: &Arc<Self>,
+        endpoint: &str,
+        capacity: usize,
+        live_first: bool,
+    ) -> DurableQueue {
+        let entries = locked(&self.recovered).remove(endpoint).unwrap_or_default();
+        let mut inner = DqInner {
+            live_first,
+            ..Default::default()
+        };
+        for e in entries {
+            inner.next_seq = inner.next_seq.max(e.seq);
+            *inner.per_priority.entry(e.priority).or_default() += 1;
+            inner.insert_pending(
+                e.priority,
+                e.seq,
+                Entry {
+                    msg_id: e.msg_id,
+                    expires_ms: e.expires_ms,
+                    delivery_count: 0,
+                    inline: e.inline,
+                    bytes: e.bytes,
+                    cached: None,
+                },
+            );
+        }
+        let endpoint: Arc<str> = Arc::from(endpoint);
+        let index = {
+            let mut endpoints = locked(&self.endpoints);
+            endpoints.push(endpoint.clone());
+            u32::try_from(endpoints.len() - 1).unwrap_or(u32::MAX)
+        };
+        DurableQueue {
+            store: self.clone(),
+            endpoint,
+            index,
+            capacity,
+            inner: Mutex::new(inner),
+        }
+    }
+
+    /// Makes every write made so far durable (one journal write, and with `commit` one fsync,
+    /// for all writers waiting together).
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(poisoned());
+        }
+        let target = self.written.load(Ordering::Acquire);
+        if self.synced.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        let _leader = self.sync_lock.lock().await;
+        if self.synced.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        // Checked again under the lock: an fsync that failed while this caller waited may have
+        // lost writes, and the next fsync of the same file would not report it again.
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(poisoned());
+        }
+        let covered = self.written.load(Ordering::Acquire);
+        let removals = self.removals_committed.load(Ordering::Acquire);
+        match self.policy {
+            // One write of the journal buffer to the OS; no disk wait.
+            SyncPolicy::Os => self
+                .keyspace
+                .persist(fjall::PersistMode::Buffer)
+                .map_err(fj)?,
+            SyncPolicy::Commit => {
+                let ks = self.keyspace.clone();
+                let journal = self.journal.clone();
+                let poisoned = self.poisoned.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut journal = locked(&journal);
+                    if poisoned.load(Ordering::Acquire) {
+                        return Err(self::poisoned());
+                    }
+                    journal.sync(&ks).inspect_err(|_| {
+                        poisoned.store(true, Ordering::Release);
+                    })
+                })
+                .await
+                .map_err(fj)??;
+            }
+        }
+        self.synced.fetch_max(covered, Ordering::AcqRel);
+        self.removals_out.fetch_max(removals, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// With a size limit, keeps what the store's files hold beyond the messages themselves
+    /// (entries deleted or replaced but not yet compacted away, journals) under `slack`: past
+    /// that, both partitions are compacted in full on a thread of their own, one compaction at
+    /// a time. fjall's own compactions leave deleted entries in its upper levels for as long as
+    /// those stay under their size targets, which are fixed and may be far larger than a small
+    /// limit; under a flood with `dropOldest` the files would grow to several times the limit.
+    /// Called every second and every `FILES_CHECK_EVERY` writes; returns the files' bytes.
+    pub fn reclaim(&self) -> u64 {
+        let journals = allocated(&self.journals);
+        let files = self.queue.disk_space() + self.messages.disk_space() + journals;
+        self.files.store(files, Ordering::Relaxed);
+        let Some(limit) = self.limit() else {
+            return files;
+        };
+        if files <= self.stored.load(Ordering::Relaxed) + slack(limit)
+            || self.compacting.swap(true, Ordering::AcqRel)
+        {
+            return files;
+        }
+        let parts = [self.queue.clone(), self.messages.clone()];
+        let running = Compacting(self.compacting.clone());
+        let spawned = std::thread::Builder::new()
+            .name("store-compaction".into())
+            .spawn(move || {
+                let _running = running;
+                for part in parts {
+                    if let Err(e) = part.major_compact() {
+                        tracing::warn!(error = %e, "compacting the store failed");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // The closure, and with it the guard, is dropped: the flag is clear again.
+            tracing::warn!(error = %e, "compacting the store failed");
+        }
+        files
+    }
+
+    /// Refuses a write while the store's files are past the limit and twice [`slack`]: writers
+    /// then wait for the compaction to catch up (back-pressure), so a flood cannot outrun it.
+    /// The files are measured on the store's thread (every [`FILES_CHECK_EVERY`] writes, and
+    /// at every refusal), never here: a measure lists a directory.
+    ///
+    /// Refuses it as well, as busy, when fjall would stall it with a sleep on this thread (see
+    /// [`L0_STALL`], and a write buffer that the write would take past its size): the sender
+    /// waits asynchronously instead, as for a compaction. fjall's stall for journals near their
+    /// bound (checked when a memtable is sealed) is not refused here: refusing writes then
+    /// would keep the memtables from filling, and so the journals from being freed (see
+    /// [`DurableStore::off_worker`]).
+    fn check_files(
+        &self,
+        bytes: u64,
+        partition: &fjall::PartitionHandle,
+    ) -> Result<(), StoreError> {
+        use fjall::AbstractTree;
+        let measure = || {
+            if !self.chores.ask(&self.chores.measure) {
+                self.reclaim();
+            }
+        };
+        if self.written.load(Ordering::Relaxed) % FILES_CHECK_EVERY == 0 {
+            measure();
+        }
+        let buffered = self.keyspace.write_buffer_size();
+        // A write larger than the whole buffer still goes in once the buffer is empty.
+        let stall = if buffered > 0 && buffered + bytes > self.write_buffer {
+            // fjall's own monitor acts only once the buffer is past its size, which a refused
+            // write never makes it: the store's thread seals the largest memtable, whose flush
+            // makes room.
+            if !self.chores.ask(&self.chores.rotate) {
+                self.rotate_largest();
+            }
+            Some("its write buffer is full")
+        } else if partition.tree.l0_run_count() >= L0_STALL {
+            Some("too many tables wait for compaction")
+        } else {
+            None
+        };
+        if let Some(why) = stall {
+            measure();
+            return Err(StoreError::Stalled(why));
+        }
+        let Some(limit) = self.limit() else {
+            return Ok(());
+        };
+        let bound = limit + 2 * slack(limit);
+        let files = self.files.load(Ordering::Relaxed);
+        if files > bound {
+            measure();
+            return Err(StoreError::Compacting { files, bound });
+        }
+        Ok(())
+    }
+
+    /// Seals the larger of the two partitions' active memtables, so that fjall flushes it and
+    /// its write buffer has room again. Blocking.
+    fn rotate_largest(&self) {
+        use fjall::AbstractTree;
+        let part =
+            if self.messages.tree.active_memtable_size() > self.queue.tree.active_memtable_size() {
+                &self.messages
+            } else {
+                &self.queue
+            };
+        if let Err(e) = part.rotate_memtable() {
+            tracing::warn!(error = %e, "sealing a memtable of the store failed");
+        }
+    }
+
+    /// Bytes the store (and the twins beside it) takes on disk. fjall counts its active
+    /// journal at its preallocated length; the blocks it uses are counted instead.
+    pub fn disk_bytes(&self) -> u64 {
+        // Read at different moments: a rotation in between may make the second the larger.
+        self.keyspace
+            .disk_space()
+            .saturating_sub(self.keyspace.journal_disk_space())
+            + allocated(&self.journals)
+    }
+
+    /// `storeLimits.maxSizeBytes`, if any.
+    fn limit(&self) -> Option<u64> {
+        Some(self.limit.load(Ordering::Relaxed)).filter(|l| *l != u64::MAX)
+    }
+
+    /// Changes the limit (a config reload). Messages already held stay, even past a lower
+    /// limit; new ones are refused (or make room) until the store is back under it. The write
+    /// buffer sized from the limit at open changes at the next start.
+    pub fn set_limit(&self, limit: Option<u64>) {
+        self.limit
+            .store(limit.unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Bytes held (entries and records) and the limit, if any.
+    pub fn usage(&self) -> (u64, Option<u64>) {
+        (self.stored.load(Ordering::Relaxed), self.limit())
+    }
+
+    /// Counts `bytes` as held, unless that would pass the limit.
+    fn reserve(&self, bytes: u64) -> Result<(), StoreError> {
+        let Some(limit) = self.limit() else {
+            self.stored.fetch_add(bytes, Ordering::Relaxed);
+            return Ok(());
+        };
+        self.stored
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                (s + bytes <= limit).then_some(s + bytes)
+            })
+            .map(|_| ())
+            .map_err(|stored| StoreError::Full { stored, limit })
+    }
+
+    fn unreserve(&self, bytes: u64) {
+        let _ = self
+            .stored
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                Some(s.saturating_sub(bytes))
+            });
+    }
+
+    /// A failed write may leave part of an entry in the journal buffer: have fjall write the
+    /// buffer out now, so that a journal which cannot be written poisons the keyspace (every
+    /// later write fails) rather than taking later entries after a torn one.
+    fn failed(&self, e: fjall::Error) -> StoreError {
+        let _ = self.keyspace.persist(fjall::PersistMode::Buffer);
+        fj(e)
+    }
+
+    /// Writes the queue entry of message `msg_id` at `at` (in queue `endpoint`). `entry` holds
+    /// its key followed by its value as an inline entry; whether it is written that way depends
+    /// on whether another queue holds the message already.
+    fn put(
+        &self,
+        at: Slot,
+        endpoint: &str,
+        expires_ms: Option<i64>,
+        msg_id: u64,
+        entry: &[u8],
+    ) -> Result<Written, StoreError> {
+        let key_len = endpoint.len() + KEY_TAIL;
+        let (key, value) = entry.split_at(key_len.min(entry.len()));
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(poisoned());
+        }
+        self.check_files(entry.len() as u64, &self.queue)?;
+        self.off_worker(entry.len(), || {
+            self.write_entry(at, endpoint, expires_ms, msg_id, key, value)
+        })
+    }
+
+    /// [`DurableStore::put`] once the write is allowed.
+    fn write_entry(
+        &self,
+        at: Slot,
+        endpoint: &str,
+        expires_ms: Option<i64>,
+        msg_id: u64,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<Written, StoreError> {
+        let pointer_bytes = (endpoint.len() + KEY_TAIL + ENTRY_HEAD) as u64;
+        let entry_len = (key.len() + value.len()) as u64;
+        let mut copies = locked(&self.copies);
+        let written = match copies.get_mut(&msg_id) {
+            None => {
+                // The first (and usually only) queue: the record goes inline.
+                let bytes = entry_len;
+                self.reserve(bytes)?;
+                copies.insert(msg_id, Copies::Inline(at));
+                drop(copies);
+                if let Err(e) = self.queue.insert(key, value) {
+                    locked(&self.copies).remove(&msg_id);
+                    self.unreserve(bytes);
+                    return Err(self.failed(e));
+                }
+                Written {
+                    inline: true,
+                    bytes,
+                }
+            }
+            Some(copy) => {
+                // A further queue: the record is (or becomes) shared. Written under the lock,
+                // so an acknowledgement of the entry being converted cannot come in between.
+                let mut batch = self.keyspace.batch();
+                let (added, converting) = match copy {
+                    Copies::Inline(home) => {
+                        let home = *home;
+                        let home_key =
+                            queue_key(&self.endpoint(home.queue), home.priority, home.seq);
+                        let old = self.queue.get(&home_key).map_err(fj)?.ok_or_else(|| {
+                            StoreError::Corrupt(msg_id, "queue entry missing".into())
+                        })?;
+                        let expires = parse_entry(&old)
+                            .ok_or_else(|| {
+                                StoreError::Corrupt(msg_id, "malformed queue entry".into())
+                            })?
+                            .expires_ms;
+                        let record = value.get(ENTRY_HEAD..).unwrap_or_default();
+                        let record_bytes = (8 + record.len()) as u64;
+                        let home_pointer = (home_key.len() + ENTRY_HEAD) as u64;
+                        let added = (record_bytes + home_pointer + pointer_bytes)
+                            .saturating_sub((home_key.len() + old.len()) as u64);
+                        self.reserve(added)?;
+                        // The message's id may have had a shared record before, acknowledged
+                        // everywhere since: its delete must reach the journal first.
+                        self.flush_removals();
+                        batch.insert(&self.messages, msg_id.to_be_bytes(), record);
+                        batch.insert(&self.queue, home_key, entry_head(POINTER, msg_id, expires));
+                        *copy = Copies::Shared {
+                            refs: 1,
+                            record_bytes,
+                            converted: Some(home),
+                        };
+                        (added, true)
+                    }
+                    Copies::Shared { .. } => {
+                        self.reserve(pointer_bytes)?;
+                        (pointer_bytes, false)
+                    }
+                };
+                batch.insert(&self.queue, key, entry_head(POINTER, msg_id, expires_ms));
+                if let Err(e) = batch.commit() {
+                    // The batch is all or nothing: a message being converted is still inline.
+                    if converting {
+                        if let Some(Copies::Shared {
+                            converted: Some(home),
+                            ..
+                        }) = copies.remove(&msg_id)
+                        {
+                            copies.insert(msg_id, Copies::Inline(home));
+                        }
+                    }
+                    self.unreserve(added);
+                    return Err(self.failed(e));
+                }
+                if let Some(Copies::Shared { refs, .. }) = copies.get_mut(&msg_id) {
+                    *refs += 1;
+                }
+                Written {
+                    inline: false,
+                    bytes: pointer_bytes,
+                }
+            }
+        };
+        self.written.fetch_add(1, Ordering::AcqRel);
+        Ok(written)
+    }
+
+    /// Runs a write of `bytes` that fjall may stall with a sleep of the calling thread: when a
+    /// memtable is sealed while its journals are near [`JOURNAL_MAX`], fjall sleeps 500 ms (and
+    /// then 100 ms at a time until flushes free journals). Refusing writes then would keep the
+    /// memtables from filling and the journals from being freed, so the write goes on, but
+    /// off the async worker: with journals past [`JOURNAL_NEAR`] the worker hands its other
+    /// tasks to another thread for the time of the write (`block_in_place`). The journals'
+    /// size is looked at every [`JOURNAL_CHECK_EVERY`] writes and for every large one; fewer
+    /// bytes than the margin between the two bounds are written in between.
+    fn off_worker<R>(&self, bytes: usize, write: impl FnOnce() -> R) -> R {
+        let n = self.written.load(Ordering::Relaxed);
+        if n % JOURNAL_CHECK_EVERY == 0 || bytes >= JOURNAL_LARGE_WRITE {
+            let near =
+                self.keyspace.journal_disk_space() >= self.journal_near.load(Ordering::Relaxed);
+            self.journals_near.store(near, Ordering::Relaxed);
+        }
+        if !self.journals_near.load(Ordering::Relaxed) {
+            return write();
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                self.offloaded.fetch_add(1, Ordering::Relaxed);
+                tokio::task::block_in_place(write)
+            }
+            // A thread of no runtime may sleep; a current-thread runtime (tests, tools) has no
+            // other worker to hand its tasks to.
+            _ => write(),
+        }
+    }
+
+    /// The endpoint id of queue `index`.
+    fn endpoint(&self, index: u32) -> Arc<str> {
+        locked(&self.endpoints)
+            .get(index as usize)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(""))
+    }
+
+    /// Removes the entry `e` at `at` (in queue `endpoint`), and the shared record with its last
+    /// pointer. The deletes join the pending removals; returns their mark (see
+    /// [`DurableStore::removal_written`]).
+    fn remove(&self, at: Slot, endpoint: &str, e: &Entry) -> u64 {
+        let key = queue_key(endpoint, at.priority, at.seq);
+        let flush = {
+            let mut copies = locked(&self.copies);
+            let mut freed = e.bytes;
+            let mut last = false;
+            match copies.get_mut(&e.msg_id) {
+                Some(Copies::Inline(home)) if e.inline && *home == at => last = true,
+                Some(Copies::Shared {
+                    refs,
+                    record_bytes,
+                    converted,
+                }) if !e.inline || *converted == Some(at) => {
+                    if e.inline {
+                        *converted = None;
+                    }
+                    freed = (key.len() + ENTRY_HEAD) as u64;
+                    *refs = refs.saturating_sub(1);
+                    if *refs == 0 {
+                        freed += *record_bytes;
+                        last = true;
+                    }
+                }
+                // Recovered inline: the entry is all there is.
+                _ => {}
+            }
+            let shared = last && matches!(copies.get(&e.msg_id), Some(Copies::Shared { .. }));
+            if last {
+                copies.remove(&e.msg_id);
+            }
+            self.unreserve(freed);
+            // Still under `copies`: a conversion that writes this id's record again flushes
+            // the removals first, and must find this delete among them.
+            let mut removals = locked(&self.removals);
+            removals.batch.remove(&self.queue, key);
+            if shared {
+                removals
+                    .batch
+                    .remove(&self.messages, e.msg_id.to_be_bytes());
+            }
+            removals.last += 1;
+            (removals.last, removals.batch.len() >= REMOVAL_BATCH)
+        };
+        if flush.1 && !self.chores.ask(&self.chores.flush) {
+            self.flush_removals();
+        }
+        flush.0
+    }
+
+    /// Gives the pending removals to fjall in one batch. A fjall write: call it off the async
+    /// workers (fjall may stall it).
+    pub fn flush_removals(&self) {
+        let mut pending = locked(&self.removals);
+        let last = pending.last;
+        if !pending.batch.is_empty() {
+            let batch = std::mem::replace(
+                &mut pending.batch,
+                fjall::Batch::with_capacity(self.keyspace.clone(), REMOVAL_BATCH + 1),
+            );
+            // Committed under the lock, so a flush that finds nothing pending knows every
+            // earlier delete is in fjall.
+            if let Err(e) = batch.commit() {
+                // The entries stay on disk and are delivered again after a restart:
+                // duplicates, never a loss.
+                tracing::warn!(error = %e, "removing delivered messages from the store failed");
+            }
+        }
+        self.removals_committed.fetch_max(last, Ordering::AcqRel);
+    }
+
+    /// Writes every removal made so far out to the OS (and fjall's journal buffer with it): after
+    /// this they survive a crash of the hub. Blocking: call it off the async workers.
+    pub fn write_removals(&self) {
+        self.flush_removals();
+        let committed = self.removals_committed.load(Ordering::Acquire);
+        if self.removals_out.load(Ordering::Acquire) >= committed {
+            return;
+        }
+        if let Err(e) = self.keyspace.persist(fjall::PersistMode::Buffer) {
+            // As for a failed commit: the entries come again after a restart. Counted as
+            // written all the same, so that no delivery pump waits for them forever.
+            tracing::warn!(error = %e, "writing removals of delivered messages failed");
+        }
+        self.removals_out.fetch_max(committed, Ordering::AcqRel);
+    }
+
+    /// Whether the removal of `mark` (from an acknowledgement) is written out to the OS, so
+    /// that a crash of the hub cannot bring its message back.
+    pub fn removal_written(&self, mark: u64) -> bool {
+        self.removals_out.load(Ordering::Acquire) >= mark
+    }
+
+    /// Reads the message of the entry at (`endpoint`, `priority`, `seq`).
+    fn load(
+        &self,
+        endpoint: &str,
+        priority: u32,
+        seq: u64,
+        msg_id: u64,
+    ) -> Result<Message, StoreError> {
+        let corrupt = |why: &str| StoreError::Corrupt(msg_id, why.into());
+        let v = self
+            .queue
+            .get(queue_key(endpoint, priority, seq))
+            .map_err(fj)?
+            .ok_or_else(|| corrupt("queue entry missing"))?;
+        let e = parse_entry(&v).ok_or_else(|| corrupt("malformed queue entry"))?;
+        if e.msg_id != msg_id {
+            return Err(corrupt("the queue entry holds another message"));
+        }
+        if e.kind == INLINE {
+            return decode_record(msg_id, e.record);
+        }
+        let record = self
+            .messages
+            .get(msg_id.to_be_bytes())
+            .map_err(fj)?
+            .ok_or_else(|| corrupt("message record missing"))?;
+        decode_record(msg_id, &record)
+    }
+}
+
+impl Drop for DurableStore {
+    fn drop(&mut self) {
+        self.chores.closing.store(true, Ordering::Release);
+        if let Some(t) = self.chores.thread.get() {
+            t.unpark();
+        }
+        self.flush_removals();
+        if let Err(e) = self.keyspace.persist(fjall::PersistMode::Buffer) {
+            tracing::warn!(error = %e, "writing the store's journal at close failed");
+        }
+    }
+}
+
+/// Bytes of messages (as [`Message::size`] counts them) a queue also keeps in memory, so that
+/// the live path does not read back what it just wrote; beyond it (a backlog) bodies are read
+/// from disk when delivered. Messages in flight are always kept.
+const CACHE_BYTES: usize = 4 << 20;
+
+struct Entry {
+    msg_id: u64,
+    expires_ms: Option<i64>,
+    delivery_count: u8,
+    /// Written with the record inside (the store may have turned it into a pointer since).
+    inline: bool,
+    /// Bytes of the entry as written (key and value).
+    bytes: u64,
+    cached: Option<Arc<Message>>,
+}
+
+#[derive(Default)]
+struct DqInner {
+    live_first: bool,
+    newest_next: bool,
+    next_seq: u64,
+    pending: BTreeMap<(u32, u64), Entry>,
+    /// The pending entries that expire, by (expiry, priority, sequence): `expire` takes what has
+    /// expired from its front, O(expired), without looking at the rest of the queue.
+    ttl: BTreeSet<(i64, u32, u64)>,
+    in_flight: HashMap<u64, (u32, Entry)>,
+    per_priority: BTreeMap<u32, usize>,
+    /// Bytes of the messages held in `cached`.
+    cached_bytes: usize,
+}
+
+impl DqInner {
+    /// The message to keep in memory with a new entry, if the cache has room for it.
+    fn cache(&mut self, msg: Arc<Message>) -> Option<Arc<Message>> {
+        let size = msg.size();
+        if self.cached_bytes + size > CACHE_BYTES {
+            return None;
+        }
+        self.cached_bytes += size;
+        Some(msg)
+    }
+
+    /// Accounts for an entry leaving the queue.
+    fn forget(&mut self, e: &Entry) {
+        if let Some(m) = &e.cached {
+            self.cached_bytes = self.cached_bytes.saturating_sub(m.size());
+        }
+    }
+
+    /// Puts an entry among the pending ones (and in the TTL index).
+    fn insert_pending(&mut self, priority: u32, seq: u64, e: Entry) {
+        if let Some(x) = e.expires_ms {
+            self.ttl.insert((x, priority, seq));
+        }
+        self.pending.insert((priority, seq), e);
+    }
+
+    /// Takes an entry out of the pending ones.
+    fn take_pending(&mut self, priority: u32, seq: u64) -> Option<Entry> {
+        let e = self.pending.remove(&(priority, seq))?;
+        self.untrack(priority, seq, &e);
+        Some(e)
+    }
+
+    /// Drops the TTL index's record of an entry taken out of `pending`.
+    fn untrack(&mut self, priority: u32, seq: u64, e: &Entry) {
+        if let Some(x) = e.expires_ms {
+            self.ttl.remove(&(x, priority, seq));
+        }
+    }
+
+    /// The oldest pending entry of any priority: the first of each priority, O(priorities).
+    fn oldest(&self) -> Option<(u32, u64)> {
+        self.per_priority
+            .keys()
+            .filter_map(|&p| {
+                self.pending
+                    .range((p, 0)..=(p, u64::MAX))
+                    .next()
+                    .map(|(k, _)| *k)
+            })
+            .min_by_key(|(_, s)| *s)
+    }
+}
+
+/// One endpoint's queue in the durable store.
+pub struct DurableQueue {
+    store: Arc<DurableStore>,
+    endpoint: Arc<str>,
+    /// This queue's number in the store (see [`Slot`]).
+    index: u32,
+    capacity: usize,
+    inner: Mutex<DqInner>,
+}
+
+impl DurableQueue {
+    fn lock(&self) -> MutexGuard<'_, DqInner> {
+        locked(&self.inner)
+    }
+
+    fn slot(&self, priority: u32, seq: u64) -> Slot {
+        Slot {
+            queue: self.index,
+            priority,
+            seq,
+        }
+    }
+
+    fn remove(&self, priority: u32, seq: u64, e: &Entry) -> u64 {
+        self.store
+            .remove(self.slot(priority, seq), &self.endpoint, e)
+    }
+
+    /// The message of an entry: from memory, else from disk.
+    fn message(&self, priority: u32, seq: u64, e: &Entry) -> Result<Arc<Message>, StoreError> {
+        match &e.cached {
+            Some(m) => Ok(m.clone()),
+            None => self
+                .store
+                .load(&self.endpoint, priority, seq, e.msg_id)
+                .map(Arc::new),
+        }
+    }
+}
+
+fn dec(map: &mut BTreeMap<u32, usize>, p: u32) {
+    if let Some(n) = map.get_mut(&p) {
+        *n = n.saturating_sub(1);
+    }
+}
+
+impl QueueStore for DurableQueue {
+    fn try_push(
+        &self,
+        msg: Arc<Message>,
+        priority: u32,
+        expires_ms: Option<i64>,
+    ) -> Result<u64, QueueError> {
+        with_scratch(|entry| {
+            // Key (its sequence filled in below) and inline value, assembled outside the lock.
+            push_key(entry, &self.endpoint, priority, 0);
+            let key_len = entry.len();
+            entry.extend_from_slice(&entry_head(INLINE, msg.id, expires_ms));
+            if let Err(e) = encode_record(&msg, entry) {
+                tracing::error!(endpoint = %self.endpoint, "message not stored: {e}");
+                return Err(QueueError::Storage);
+            }
+            let mut g = self.lock();
+            if g.pending.len() + g.in_flight.len() >= self.capacity {
+                return Err(QueueError::Full);
+            }
+            let seq = g.next_seq + 1;
+            entry[key_len - 8..key_len].copy_from_slice(&seq.to_be_bytes());
+            let written = loop {
+                match self.store.put(
+                    self.slot(priority, seq),
+                    &self.endpoint,
+                    expires_ms,
+                    msg.id,
+                    entry,
+                ) {
+                    Ok(w) => break w,
+                    Err(StoreError::Full { .. }) if self.store.overflow == Overflow::DropOldest => {
+                        // Make room with this queue's oldest pending message, if it has one.
+                        let Some((p, s)) = g.oldest() else {
+                            return Err(QueueError::StoreFull);
+                        };
+                        if let Some(e) = g.take_pending(p, s) {
+                            dec(&mut g.per_priority, p);
+                            g.forget(&e);
+                            let dropped = self.message(p, s, &e).ok();
+                            self.remove(p, s, &e);
+                            if let Some(m) = dropped {
+                                crate::metrics::dropped(crate::metrics::DROP_OVERFLOW, &m);
+                            }
+                        }
+                    }
+                    Err(StoreError::Full { .. }) => return Err(QueueError::StoreFull),
+                    Err(StoreError::Compacting { .. } | StoreError::Stalled(_)) => {
+                        return Err(QueueError::StoreBusy)
+                    }
+                    Err(e) => {
+                        tracing::error!(endpoint = %self.endpoint, "message not stored: {e}");
+                        return Err(QueueError::Storage);
+                    }
+                }
+            };
+            g.next_seq = seq;
+            let msg_id = msg.id;
+            let cached = g.cache(msg);
+            g.insert_pending(
+                priority,
+                seq,
+                Entry {
+                    msg_id,
+                    expires_ms,
+                    delivery_count: 0,
+                    inline: written.inline,
+                    bytes: written.bytes,
+                    cached,
+                },
+            );
+            *g.per_priority.entry(priority).or_default() += 1;
+            Ok(seq)
+        })
+    }
+
+    fn pop(&self, now_ms: i64) -> Popped {
+        let mut g = self.lock();
+        let mut expired = Vec::new();
+        loop {
+            let inner = &mut *g;
+            let Some(((priority, seq), mut entry)) =
+                take_next(&mut inner.pending, inner.live_first, &mut inner.newest_next)
+            else {
+                break;
+            };
+            inner.untrack(priority, seq, &entry);
+            let msg = match self.message(priority, seq, &entry) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::error!(endpoint = %self.endpoint, "dropping an unreadable stored message: {e}");
+                    dec(&mut g.per_priority, priority);
+                    g.forget(&entry);
+                    self.remove(priority, seq, &entry);
+                    continue;
+                }
+            };
+            let q = Queued {
+                seq,
+                priority,
+                msg,
+                expires_ms: entry.expires_ms,
+                delivery_count: entry.delivery_count,
+            };
+            if entry.expires_ms.is_some_and(|e| e <= now_ms) {
+                dec(&mut g.per_priority, priority);
+                g.forget(&entry);
+                self.remove(priority, seq, &entry);
+                expired.push(q);
+                continue;
+            }
+            if entry.cached.is_none() {
+                // Kept while in flight, so a release does not read it again.
+                g.cached_bytes += q.msg.size();
+                entry.cached = Some(q.msg.clone());
+            }
+            g.in_flight.insert(seq, (priority, entry));
+            return Popped {
+                item: Some(q),
+                expired,
+            };
+        }
+        Popped {
+            item: None,
+            expired,
+        }
+    }
+
+    fn ack(&self, seq: u64) -> u64 {
+        let mut g = self.lock();
+        let Some((priority, e)) = g.in_flight.remove(&seq) else {
+            return 0;
+        };
+        dec(&mut g.per_priority, priority);
+        g.forget(&e);
+        drop(g);
+        self.remove(priority, seq, &e)
+    }
+
+    fn removal_written(&self, mark: u64) -> bool {
+        self.store.removal_written(mark)
+    }
+
+    fn write_removals(&self) {
+        self.store.write_removals();
+    }
+
+    fn release(&self, seq: u64) {
+        let mut g = self.lock();
+        if let Some((priority, mut e)) = g.in_flight.remove(&seq) {
+            e.delivery_count = e.delivery_count.saturating_add(1);
+            g.insert_pending(priority, seq, e);
+        }
+    }
+
+    fn head_priority(&self) -> Option<u32> {
+        self.lock().pending.first_key_value().map(|((p, _), _)| *p)
+    }
+
+    /// O(expired): the TTL index gives what has expired. Messages not kept in memory are read
+    /// from disk for their metric labels after the queue's lock is let go; the housekeeping
+    /// task calls this off the async workers.
+    fn expire(&self, now_ms: i64) -> Vec<Queued> {
+        let dead: Vec<(u32, u64, Entry)> = {
+            let mut g = self.lock();
+            let mut dead = Vec::new();
+            while let Some(&(x, priority, seq)) = g.ttl.first() {
+                if x > now_ms {
+                    break;
+                }
+                g.ttl.pop_first();
+                if let Some(e) = g.pending.remove(&(priority, seq)) {
+                    dec(&mut g.per_priority, priority);
+                    g.forget(&e);
+                    dead.push((priority, seq, e));
+                }
+            }
+            dead
+        };
+        let mut out = Vec::with_capacity(dead.len());
+        for (priority, seq, e) in dead {
+            let msg = self.message(priority, seq, &e);
+            self.remove(priority, seq, &e);
+            if let Ok(msg) = msg {
+                out.push(Queued {
+                    seq,
+                    priority,
+                    msg,
+                    expires_ms: e.expires_ms,
+                    delivery_count: e.delivery_count,
+                });
+            }
+        }
+        // Called every second by the housekeeping task: removals wait no longer than that.
+        self.store.flush_removals();
+        out
+    }
+
+    fn lengths(&self) -> BTreeMap<u32, usize> {
+        self.lock().per_priority.clone()
+    }
+}
+
+/// Opens the keyspace under `dir`, sized for an edge device: small caches and write buffers
+/// (fjall's defaults suit servers and would make the hub's resident memory grow past 100 MiB
+/// under load), one flush and one compaction worker. Writes stay in the journal buffer until
+/// [`DurableStore::sync`] (or a twin write) persists it, instead of one write to the journal
+/// file per fjall write.
+///
+/// With a store limit (`cap`, `storeLimits.maxSizeBytes`) the write buffer is an eighth of it
+/// (from 1 to 16 MiB): fjall keeps a journal until the memtables it fed are flushed, so a
+/// smaller buffer keeps the journals on disk small next to the cap, whatever flows through.
+pub fn open_keyspace(dir: &Path, cap: Option<u64>) -> Result<fjall::Keyspace, StoreError> {
+    const MIB: u64 = 1024 * 1024;
+    let write_buffer = cap.map_or(16 * MIB, |cap| (cap / 8).clamp(MIB, 16 * MIB));
+    fjall::Config::new(dir)
+        .cache_size(8 * 1024 * 1024)
+        .max_write_buffer_size(write_buffer)
+        .max_journaling_size(JOURNAL_MAX)
+        .flush_workers(1)
+        .compaction_workers(1)
+        .manual_journal_persist(true)
+        .open()
+        .map_err(fj)
+}
+
+#[cfg(test)]
+mod tests;

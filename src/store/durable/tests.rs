@@ -1,0 +1,756 @@
+use crate::model::identity::{DeviceId, Identity, ModuleId};
+use fe2o3_amqp::types::messaging::Properties;
+
+use super::*;
+use crate::store::queue::tests::conformance;
+use fe2o3_amqp::types::{
+    messaging::annotations::OwnedKey,
+    primitives::{SimpleValue, Symbol, Value},
+};
+use serde_amqp::primitives::OrderedMap;
+
+fn temp() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("edgehub-store-{}", uuid::Uuid::new_v4()))
+}
+
+fn open(dir: &Path, policy: SyncPolicy) -> Arc<DurableStore> {
+    DurableStore::open(
+        dir,
+        open_keyspace(dir, None).unwrap(),
+        policy,
+        None,
+        Overflow::RejectNew,
+    )
+    .unwrap()
+}
+
+fn msg(body: &str) -> Arc<Message> {
+    let mut app = OrderedMap::new();
+    app.insert("k".to_owned(), SimpleValue::String("v".into()));
+    Arc::new(Message {
+        body: body.as_bytes().to_vec(),
+        properties: Some(Properties {
+            message_id: Some(format!("id-{body}").into()),
+            ..Default::default()
+        }),
+        application_properties: app,
+        annotations: OrderedMap::new(),
+        from: Identity::Module(DeviceId::parse("d").unwrap(), ModuleId::parse("m").unwrap()),
+        output: Some("o".into()),
+        enqueued_ms: 5,
+        twin_change: false,
+        id: crate::model::message::next_id(),
+    })
+}
+
+/// The kinds of the queue entries on disk, in key order.
+fn kinds(store: &DurableStore) -> Vec<u8> {
+    store
+        .queue
+        .iter()
+        .map(|kv| kv.unwrap().1[0])
+        .collect::<Vec<_>>()
+}
+
+/// Pushes, waiting (bounded) while the store is busy (a full write buffer being flushed).
+fn push_when_not_busy(q: &DurableQueue, m: Arc<Message>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        match q.try_push(m.clone(), 0, None) {
+            Ok(_) => return,
+            Err(QueueError::StoreBusy) if std::time::Instant::now() < deadline => {
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+fn drain(q: &DurableQueue) -> Vec<Vec<u8>> {
+    std::iter::from_fn(|| {
+        q.pop(0).item.map(|i| {
+            q.ack(i.seq);
+            i.msg.body.clone()
+        })
+    })
+    .collect()
+}
+
+#[test]
+fn records_round_trip_with_and_without_optional_parts() {
+    let mut annotations = OrderedMap::new();
+    annotations.insert(OwnedKey::Symbol(Symbol::from("x-opt-a")), Value::Long(-7));
+    let full = Message {
+        annotations,
+        twin_change: true,
+        ..(*msg("full")).clone()
+    };
+    let bare = Message {
+        body: Vec::new(),
+        properties: None,
+        application_properties: OrderedMap::new(),
+        annotations: OrderedMap::new(),
+        from: Identity::Device(DeviceId::parse("leaf").unwrap()),
+        output: None,
+        enqueued_ms: -1,
+        twin_change: false,
+        id: 9,
+    };
+    for m in [full, bare] {
+        let mut bytes = Vec::new();
+        encode_record(&m, &mut bytes).unwrap();
+        let back = decode_record(m.id, &bytes).unwrap();
+        assert_eq!(back.body, m.body);
+        assert_eq!(back.properties, m.properties);
+        assert_eq!(back.application_properties, m.application_properties);
+        assert_eq!(back.annotations, m.annotations);
+        assert_eq!(back.from, m.from);
+        assert_eq!(back.output, m.output);
+        assert_eq!(back.enqueued_ms, m.enqueued_ms);
+        assert_eq!(back.twin_change, m.twin_change);
+        // Every cut of a record is refused, never misread or a panic.
+        for cut in 0..bytes.len() - m.body.len() {
+            assert!(decode_record(m.id, &bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+}
+
+#[test]
+fn durable_queue_conforms() {
+    let dir = temp();
+    let store = open(&dir, SyncPolicy::Commit);
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    conformance(|cap| {
+        let i = n.fetch_add(1, Ordering::Relaxed);
+        Arc::new(store.queue(&format!("ep{i}"), cap, false))
+    });
+    drop(store);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_message_for_one_queue_is_one_inline_entry() {
+    let dir = temp();
+    let store = open(&dir, SyncPolicy::Os);
+    let q = store.queue("one", 10, false);
+    q.try_push(msg("solo"), 1, Some(1 << 50)).unwrap();
+    assert_eq!(kinds(&store), vec![INLINE]);
+    assert_eq!(store.messages.len().unwrap(), 0);
+    let (k, v) = store.queue.iter().next().unwrap().unwrap();
+    assert_eq!(store.usage().0, (k.len() + v.len()) as u64);
+    let e = parse_entry(&v).unwrap();
+    assert_eq!(e.expires_ms, Some(1 << 50));
+    assert_eq!(drain(&q), vec![b"solo".to_vec()]);
+    assert_eq!(store.usage().0, 0);
+    store.flush_removals();
+    assert!(store.queue.is_empty().unwrap());
+    drop(q);
+    drop(store);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_message_for_several_queues_is_stored_once() {
+    let dir = temp();
+    let store = open(&dir, SyncPolicy::Os);
+    let qs: Vec<DurableQueue> = ["a", "b", "c"]
+        .iter()
+        .map(|e| store.queue(e, 10, false))
+        .collect();
+    let m = msg("fan");
+    qs[0].try_push(m.clone(), 1, None).unwrap();
+    assert_eq!(kinds(&store), vec![INLINE]);
+    for q in &qs[1..] {
+        q.try_push(m.clone(), 1, None).unwrap();
+    }
+    // One record, three pointers (the first entry was turned into one).
+    assert_eq!(kinds(&store), vec![POINTER; 3]);
+    assert_eq!(store.messages.len().unwrap(), 1);
+    let on_disk: u64 = store
+        .queue
+        .iter()
+        .chain(store.messages.iter())
+        .map(|kv| kv.map(|(k, v)| (k.len() + v.len()) as u64).unwrap())
+        .sum();
+    assert_eq!(store.usage().0, on_disk);
+    // The record stays until the last queue acknowledges.
+    assert_eq!(drain(&qs[0]), vec![b"fan".to_vec()]);
+    assert_eq!(drain(&qs[2]), vec![b"fan".to_vec()]);
+    store.flush_removals();
+    assert_eq!(store.messages.len().unwrap(), 1);
+    assert_eq!(drain(&qs[1]), vec![b"fan".to_vec()]);
+    store.flush_removals();
+    assert_eq!(store.messages.len().unwrap(), 0);
+    assert!(store.queue.is_empty().unwrap());
+    assert_eq!(store.usage().0, 0);
+    drop(qs);
+    drop(store);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn an_entry_in_flight_can_be_turned_into_a_pointer() {
+    let dir = temp();
+    let store = open(&dir, SyncPolicy::Os);
+    let (q1, q2) = (store.queue("p", 10, false), store.queue("q", 10, false));
+    let m = msg("moving");
+    q1.try_push(m.clone(), 3, Some(1 << 50)).unwrap();
+    let first = q1.pop(0).item.unwrap();
+    q2.try_push(m, 1, None).unwrap();
+    // The converted entry keeps its expiry.
+    let expiries: Vec<Option<i64>> = store
+        .queue
+        .iter()
+        .map(|kv| parse_entry(&kv.unwrap().1).unwrap().expires_ms)
+        .collect();
+    assert_eq!(expiries, vec![Some(1 << 50), None]);
+    q1.ack(first.seq);
+    store.flush_removals();
+    assert_eq!(store.messages.len().unwrap(), 1);
+    assert_eq!(kinds(&store), vec![POINTER]);
+    assert_eq!(drain(&q2), vec![b"moving".to_vec()]);
+    store.flush_removals();
+    assert_eq!(store.messages.len().unwrap(), 0);
+    assert!(store.queue.is_empty().unwrap());
+    assert_eq!(store.usage().0, 0);
+    drop((q1, q2, store));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_record_written_again_after_its_delete_is_kept() {
+    // A message acknowledged everywhere, then queued to two more endpoints (a sender that
+    // waited for room): its shared record is deleted and written again, in that order.
+    let dir = temp();
+    let m = msg("again");
+    {
+        let store = open(&dir, SyncPolicy::Os);
+        let qs: Vec<DurableQueue> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|e| store.queue(e, 10, false))
+            .collect();
+        qs[0].try_push(m.clone(), 1, None).unwrap();
+        qs[1].try_push(m.clone(), 1, None).unwrap();
+        drain(&qs[0]);
+        drain(&qs[1]);
+        qs[2].try_push(m.clone(), 1, None).unwrap();
+        qs[3].try_push(m.clone(), 1, None).unwrap();
+    }
+    let store = open(&dir, SyncPolicy::Os);
+    assert_eq!(store.messages.len().unwrap(), 1);
+    for e in ["c", "d"] {
+        assert_eq!(drain(&store.queue(e, 10, false)), vec![b"again".to_vec()]);
+    }
+    store.flush_removals();
+    assert_eq!(store.messages.len().unwrap(), 0);
+    drop(store);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_message_queued_again_after_its_ack_is_inline_again() {
+    let dir = temp();
+    let store = open(&dir, SyncPolicy::Os);
+    let (q1, q2) = (store.queue("x", 10, false), store.queue("y", 10, false));
+    let m = msg("late");
+    q1.try_push(m.clone(), 1, None).unwrap();
+    drain(&q1);
+    q2.try_push(m, 1, None).unwrap();
+    store.flush_removals();
+    assert_eq!(kinds(&store), vec![INLINE]);
+    assert_eq!(store.messages.len().unwrap(), 0);
+    drop((q1, q2, store));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn the_journal_is_fsynced_through_a_handle_on_the_newest_journal() {
+    let dir = temp();
+    let newest = || {
+        std::fs::read_dir(dir.join("journals"))
+            .unwrap()
+            .filter_map(|e| e.unwrap().file_name().to_str()?.parse::<u64>().ok())
+            .max()
+            .unwrap()
+    };
+    let handle = |store: &DurableStore| locked(&store.journal).open.as_ref().map(|o| o.0);
+    let body = "x".repeat(64 * 1024);
+    let written = {
+        let store = open(&dir, SyncPolicy::Commit);
+        let q = store.queue("big", 10_000, false);
+        store.sync().await.unwrap();
+        q.try_push(msg("first"), 0, None).unwrap();
+        store.sync().await.unwrap();
+        // fjall's own layout, as the handle expects it (else it falls back to fjall's fsync).
+        assert_eq!(handle(&store), Some(newest()));
+        // Past the 16 MiB write buffer: fjall seals the journal and starts the next one.
+        let mut n = 1;
+        while newest() == 0 {
+            for _ in 0..16 {
+                push_when_not_busy(&q, msg(&body));
+                n += 1;
+            }
+            store.sync().await.unwrap();
+            assert!(n < 1000, "the journal was never rotated");
+        }
+        q.try_push(msg("last"), 0, None).unwrap();
+        store.sync().await.unwrap();
+        assert_eq!(handle(&store), Some(newest()));
+        n + 1
+    };
+    let store = open(&dir, SyncPolicy::Commit);
+    assert_eq!(
+        store.queue("big", 10_000, false).lengths().get(&0),
+        Some(&written)
+    );
+}
+
+#[tokio::test]
+async fn the_journal_handle_follows_journals_started_and_deleted_between_syncs() {
+    let dir = temp();
+    let limit = 8 << 20; // a 1 MiB write buffer: journals rotate often
+    let store = DurableStore::open(
+        &dir,
+        open_keyspace(&dir, Some(limit)).unwrap(),
+        SyncPolicy::Commit,
+        Some(limit),
+        Overflow::RejectNew,
+    )
+    .unwrap();
+    let q = store.queue("q", 100, false);
+    q.try_push(msg("a"), 0, None).unwrap();
+    store.sync().await.unwrap();
+    let first = locked(&store.journal).open.as_ref().unwrap().0;
+    let journal = |id: u64| dir.join("journals").join(id.to_string());
+    // Writes the store does not count (as removals and twin writes) start new journals
+    // until fjall has deleted the one the handle holds and the one after it.
+    let big = vec![7u8; 256 * 1024];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut i = 0u64;
+    while journal(first).exists() || journal(first + 1).exists() {
+        store.messages.insert(i.to_be_bytes(), &big).unwrap();
+        store.messages.remove(i.to_be_bytes()).unwrap();
+        i += 1;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "journals never deleted"
+        );
+        tokio::task::yield_now().await;
+    }
+    q.try_push(msg("b"), 0, None).unwrap();
+    store.sync().await.unwrap();
+    let newest = std::fs::read_dir(dir.join("journals"))
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_str()?.parse::<u64>().ok())
+        .max()
+        .unwrap();
+    assert!(newest > first + 1);
+    assert_eq!(locked(&store.journal).open.as_ref().unwrap().0, newest);
+}
+
+#[tokio::test]
+async fn queues_survive_a_reopen_with_one_copy_per_message() {
+    let dir = temp();
+    let (a, b, c) = (msg("a"), msg("b"), msg("c"));
+    let held = {
+        let store = open(&dir, SyncPolicy::Commit);
+        let q1 = store.queue("d/x/in", 100, false);
+        let q2 = store.queue("iothub", 100, false);
+        q1.try_push(a.clone(), 5, None).unwrap();
+        q1.try_push(b.clone(), 5, Some(i64::MAX - 1)).unwrap();
+        q1.try_push(c.clone(), 0, None).unwrap();
+        q2.try_push(a.clone(), 1, None).unwrap();
+        // c is delivered and acknowledged before the "crash".
+        let first = q1.pop(0).item.unwrap();
+        assert_eq!(first.msg.body, b"c");
+        q1.ack(first.seq);
+        store.sync().await.unwrap();
+        assert_eq!(
+            store.messages.len().unwrap(),
+            1,
+            "a is stored once for two queues, b inline"
+        );
+        store.usage().0
+    };
+    let store = open(&dir, SyncPolicy::Commit);
+    assert_eq!(store.usage().0, held, "the bytes held are counted again");
+    let mut eps = store.recovered_endpoints();
+    eps.sort();
+    assert_eq!(eps, vec!["d/x/in".to_owned(), "iothub".to_owned()]);
+    let q1 = store.queue("d/x/in", 100, false);
+    let q2 = store.queue("iothub", 100, false);
+    assert_eq!(q1.lengths().get(&5), Some(&2));
+    let items: Vec<Queued> = (0..2).map(|_| q1.pop(0).item.unwrap()).collect();
+    let got: Vec<Arc<Message>> = items.iter().map(|i| i.msg.clone()).collect();
+    assert_eq!(got[0].body, b"a");
+    assert_eq!(got[1].body, b"b");
+    assert_eq!(got[0].properties, a.properties);
+    assert_eq!(got[0].application_properties, a.application_properties);
+    assert_eq!(
+        (got[0].from.to_string(), got[0].output.clone()),
+        ("d/m".into(), Some("o".into()))
+    );
+    assert!(q1.pop(0).item.is_none());
+    // New ids never collide with stored ones.
+    assert!(crate::model::message::next_id() > a.id.max(b.id).max(c.id));
+    // The recovered shared record goes with its last pointer, the inline one with its entry.
+    for i in &items {
+        q1.ack(i.seq);
+    }
+    store.flush_removals();
+    assert_eq!(store.messages.len().unwrap(), 1);
+    assert_eq!(drain(&q2), vec![b"a".to_vec()]);
+    store.flush_removals();
+    assert_eq!(store.messages.len().unwrap(), 0);
+    assert!(store.queue.is_empty().unwrap());
+    assert_eq!(store.usage().0, 0);
+    drop((q1, q2, store));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn removals_are_written_in_batches_and_at_close() {
+    let dir = temp();
+    let n = REMOVAL_BATCH + 10;
+    {
+        let store = open(&dir, SyncPolicy::Os);
+        let q = store.queue("r", n + 1, false);
+        for i in 0..n {
+            q.try_push(msg(&format!("r{i}")), 1, None).unwrap();
+        }
+        let seqs: Vec<u64> = (0..n).map(|_| q.pop(0).item.unwrap().seq).collect();
+        let marks: Vec<u64> = seqs[..REMOVAL_BATCH - 1]
+            .iter()
+            .map(|s| q.ack(*s))
+            .collect();
+        assert!(marks.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(store.queue.len().unwrap(), n, "deletes wait for a batch");
+        assert!(!q.removal_written(marks[0]));
+        // A full batch goes to fjall on the store's thread.
+        let last = q.ack(seqs[REMOVAL_BATCH - 1]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while store.queue.len().unwrap() != n - REMOVAL_BATCH {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the batch was not written"
+            );
+            std::thread::yield_now();
+        }
+        // In fjall is not yet out of the process: a pump counts it until it is written.
+        assert!(!q.removal_written(last));
+        let more = q.ack(seqs[REMOVAL_BATCH]);
+        assert_eq!(store.queue.len().unwrap(), n - REMOVAL_BATCH);
+        q.write_removals();
+        assert!(q.removal_written(last) && q.removal_written(more));
+        assert_eq!(store.queue.len().unwrap(), n - REMOVAL_BATCH - 1);
+        // The housekeeping tick writes what is pending.
+        let pending = q.ack(seqs[REMOVAL_BATCH + 1]);
+        assert!(q.expire(0).is_empty());
+        assert_eq!(store.queue.len().unwrap(), n - REMOVAL_BATCH - 2);
+        assert!(!q.removal_written(pending));
+        q.ack(seqs[REMOVAL_BATCH + 2]);
+    }
+    // Closing the store writes the rest: nothing acknowledged comes back.
+    let store = open(&dir, SyncPolicy::Os);
+    let q = store.queue("r", n + 1, false);
+    assert_eq!(q.len(), n - REMOVAL_BATCH - 3);
+    drop((q, store));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_sync_writes_out_the_removals_committed_before_it() {
+    let dir = temp();
+    let store = open(&dir, SyncPolicy::Commit);
+    let q = store.queue("s", 10, false);
+    q.try_push(msg("a"), 1, None).unwrap();
+    let a = q.pop(0).item.unwrap();
+    let mark = q.ack(a.seq);
+    store.flush_removals();
+    assert!(!q.removal_written(mark));
+    q.try_push(msg("b"), 1, None).unwrap();
+    store.sync().await.unwrap();
+    assert!(q.removal_written(mark));
+    drop((q, store));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn drop_oldest_drops_the_oldest_of_any_priority() {
+    let dir = temp();
+    let limit = 3 * 400;
+    let store = DurableStore::open(
+        &dir,
+        open_keyspace(&dir, Some(limit)).unwrap(),
+        SyncPolicy::Os,
+        Some(limit),
+        Overflow::DropOldest,
+    )
+    .unwrap();
+    let q = store.queue("cap", 1000, false);
+    let body = |i: usize| format!("{i:0>200}");
+    // The oldest is of a lower priority (a higher number) than the next ones.
+    q.try_push(msg(&body(0)), 5, None).unwrap();
+    q.try_push(msg(&body(1)), 0, None).unwrap();
+    let mut i = 2;
+    while q.len() == i {
+        q.try_push(msg(&body(i)), 0, None).unwrap();
+        i += 1;
+    }
+    let left: Vec<Vec<u8>> =
+        std::iter::from_fn(|| q.pop(0).item.map(|m| m.msg.body.clone())).collect();
+    assert!(
+        !left.contains(&body(0).into_bytes()),
+        "the oldest went first"
+    );
+    assert!(left.contains(&body(i - 1).into_bytes()));
+    drop((q, store));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn expire_reads_what_is_not_in_memory_and_leaves_the_rest() {
+    // Recovered entries have no message in memory: `expire` reads those it drops, and only
+    // those.
+    let dir = temp();
+    {
+        let store = open(&dir, SyncPolicy::Os);
+        let q = store.queue("x", 10, false);
+        q.try_push(msg("old"), 1, Some(100)).unwrap();
+        q.try_push(msg("kept"), 1, Some(10_000)).unwrap();
+        q.try_push(msg("forever"), 1, None).unwrap();
+    }
+    let store = open(&dir, SyncPolicy::Os);
+    let q = store.queue("x", 10, false);
+    let gone = q.expire(500);
+    assert_eq!(gone.len(), 1);
+    assert_eq!(gone[0].msg.body, b"old");
+    assert_eq!(q.len(), 2);
+    assert_eq!(q.expire(10_000).len(), 1);
+    assert_eq!(q.pop(i64::MAX).item.unwrap().msg.body, b"forever");
+    drop((q, store));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_write_fjall_would_stall_is_refused_as_busy_until_the_buffer_is_flushed() {
+    // A 1 MiB write buffer: fjall would put the writer's thread to sleep once it is full.
+    let dir = temp();
+    let limit = 8 << 20;
+    let store = DurableStore::open(
+        &dir,
+        open_keyspace(&dir, Some(limit)).unwrap(),
+        SyncPolicy::Os,
+        Some(limit),
+        Overflow::RejectNew,
+    )
+    .unwrap();
+    let q = store.queue("w", 1000, false);
+    let body = "w".repeat(64 * 1024);
+    let mut busy = false;
+    for _ in 0..64 {
+        match q.try_push(msg(&body), 1, None) {
+            Ok(_) => {}
+            Err(QueueError::StoreBusy) => {
+                busy = true;
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(busy, "the full write buffer was never reported");
+    // fjall flushes the buffer in the background; then writes go in again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while q.try_push(msg("after"), 1, None).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the store stayed busy"
+        );
+        std::thread::yield_now();
+    }
+    drop((q, store));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_write_near_the_journal_bound_leaves_the_async_worker_to_other_tasks() {
+    // A write that fjall may stall must not hold the only worker: here the "write" waits
+    // for a task spawned just before it on the same worker, which can run only if the
+    // worker was handed over.
+    let dir = temp();
+    let store = open(&dir, SyncPolicy::Commit);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let write_waiting_for_a_task = |store: Arc<DurableStore>, secs: u64| async move {
+        let wait = std::time::Duration::from_millis(secs);
+        let (tx, rx) = std::sync::mpsc::channel();
+        tokio::spawn(async move { tx.send(()) });
+        store.written.store(0, Ordering::Relaxed);
+        store.off_worker(1, || rx.recv_timeout(wait))
+    };
+    // Far from the bound the write is made in place (the spawned task runs only after it).
+    let far = rt.block_on(async {
+        tokio::spawn(write_waiting_for_a_task(store.clone(), 300))
+            .await
+            .unwrap()
+    });
+    assert!(far.is_err());
+    assert_eq!(store.offloaded.load(Ordering::Relaxed), 0);
+    // Near it, the worker's other tasks go on while the write waits.
+    store.journal_near.store(0, Ordering::Relaxed);
+    let near = rt.block_on(async {
+        tokio::spawn(write_waiting_for_a_task(store.clone(), 10_000))
+            .await
+            .unwrap()
+    });
+    assert_eq!(near, Ok(()));
+    assert_eq!(store.offloaded.load(Ordering::Relaxed), 1);
+    // Real writes go through the same way, on any runtime.
+    let q = store.queue("ep", 10, false);
+    rt.block_on(async {
+        tokio::spawn(async move { push_when_not_busy(&q, msg("near")) })
+            .await
+            .unwrap()
+    });
+    assert!(store.offloaded.load(Ordering::Relaxed) >= 2);
+    drop(rt);
+    drop(store);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn an_orphaned_shared_record_is_deleted_at_open() {
+    let dir = temp();
+    {
+        let store = open(&dir, SyncPolicy::Os);
+        let mut bytes = Vec::new();
+        encode_record(&msg("orphan"), &mut bytes).unwrap();
+        store.messages.insert(77u64.to_be_bytes(), bytes).unwrap();
+    }
+    let store = open(&dir, SyncPolicy::Os);
+    assert_eq!(store.messages.len().unwrap(), 0);
+    assert_eq!(store.usage().0, 0);
+    drop(store);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn the_size_limit_holds_with_either_policy() {
+    for overflow in [Overflow::RejectNew, Overflow::DropOldest] {
+        let dir = temp();
+        // Room for about three messages.
+        let limit = 3 * 400;
+        let store = DurableStore::open(
+            &dir,
+            open_keyspace(&dir, Some(limit)).unwrap(),
+            SyncPolicy::Os,
+            Some(limit),
+            overflow,
+        )
+        .unwrap();
+        let q = store.queue("cap", 1000, false);
+        let mut accepted = Vec::new();
+        for i in 0..10 {
+            let m = msg(&format!("{i:0>200}"));
+            match q.try_push(m.clone(), 1, None) {
+                Ok(_) => accepted.push(i),
+                Err(e) => {
+                    assert_eq!(overflow, Overflow::RejectNew);
+                    assert_eq!(e, QueueError::StoreFull);
+                }
+            }
+            assert!(
+                store.usage().0 <= limit,
+                "{:?} over the limit",
+                store.usage()
+            );
+        }
+        match overflow {
+            Overflow::RejectNew => {
+                // The first ones stay, later ones are refused.
+                assert!(accepted.len() >= 2 && accepted.len() < 10, "{accepted:?}");
+                assert_eq!(
+                    q.pop(0).item.unwrap().msg.body,
+                    format!("{:0>200}", 0).as_bytes()
+                );
+            }
+            Overflow::DropOldest => {
+                // Everything was accepted; the newest are kept.
+                assert_eq!(accepted.len(), 10);
+                let kept = q.lengths().values().sum::<usize>();
+                assert!((2..10).contains(&kept), "{kept}");
+                let mut last = None;
+                while let Some(item) = q.pop(0).item {
+                    last = Some(item.msg.body.clone());
+                }
+                assert_eq!(last.unwrap(), format!("{:0>200}", 9).as_bytes());
+            }
+        }
+        drop(q);
+        drop(store);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+fn files_under(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            files_under(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_torn_last_write_is_discarded_and_everything_before_it_recovers() {
+    let dir = temp();
+    let bodies: Vec<String> = (0..50).map(|i| format!("torn-{i}")).collect();
+    {
+        let store = open(&dir, SyncPolicy::Commit);
+        let q = store.queue("t", 100, false);
+        for b in &bodies {
+            q.try_push(msg(b), 1, None).unwrap();
+        }
+        store.sync().await.unwrap();
+    }
+    // A write cut short by a crash: half a record of garbage at the end of each journal.
+    let mut files = Vec::new();
+    files_under(&dir.join("journals"), &mut files);
+    assert!(
+        !files.is_empty(),
+        "the store keeps a journal under journals/"
+    );
+    for f in &files {
+        use std::io::Write;
+        let mut h = std::fs::OpenOptions::new().append(true).open(f).unwrap();
+        h.write_all(&[0x5a, 0x01, 0xff, 0x00, 0x13, 0x37, 0xde])
+            .unwrap();
+    }
+    let store = open(&dir, SyncPolicy::Commit);
+    let q = store.queue("t", 100, false);
+    let got: Vec<Vec<u8>> =
+        std::iter::from_fn(|| q.pop(0).item.map(|i| i.msg.body.clone())).collect();
+    let want: Vec<Vec<u8>> = bodies.iter().map(|b| b.as_bytes().to_vec()).collect();
+    assert_eq!(got, want);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn expired_messages_leave_the_store() {
+    let dir = temp();
+    let store = open(&dir, SyncPolicy::Os);
+    let q = store.queue("e", 10, false);
+    q.try_push(msg("long"), 1, Some(10_000)).unwrap();
+    q.try_push(msg("short"), 1, Some(100)).unwrap();
+    let gone = q.expire(500);
+    assert_eq!(gone.len(), 1);
+    assert_eq!(gone[0].msg.body, b"short");
+    assert_eq!(q.lengths().get(&1), Some(&1));
+    assert_eq!(store.queue.len().unwrap(), 1);
+    let _ = std::fs::remove_dir_all(dir);
+}
