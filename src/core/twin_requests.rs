@@ -106,3 +106,74 @@ pub async fn twin_request(core: &HubCore, id: &Identity, request: TwinRequest<'_
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::identity::{DeviceId, Key, ModuleId};
+
+    fn core() -> HubCore {
+        let text = r#"{"deviceId": "edge1", "iothubHostname": "hub.azure-devices.net",
+            "gatewayHostname": "gw.local", "listen": {"amqps": "127.0.0.1:0"}, "dataDir": "/nonexistent",
+            "modules": {"filter": {}, "watcher": {}},
+            "$edgeHub": {"schemaVersion": "1.0", "routes": {
+                "notes": "FROM /twinChangeNotifications INTO BrokeredEndpoint(\"/modules/watcher/inputs/twins\")"}}}"#;
+        let settings = crate::config::from_str(text, &Default::default()).unwrap();
+        let key = Key::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").unwrap();
+        HubCore::new(
+            settings,
+            &key,
+            crate::core::twins::TwinStore::in_memory(),
+            None,
+        )
+    }
+
+    fn module(m: &str) -> Identity {
+        Identity::Module(
+            DeviceId::parse("edge1").unwrap(),
+            ModuleId::parse(m).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_reported_patch_is_stored_answered_and_routed_and_bad_ones_are_400() {
+        let core = core();
+        let id = module("filter");
+        let watcher = ModuleId::parse("watcher").unwrap();
+        let patch = twin_request(&core, &id, TwinRequest::PatchReported(br#"{"temp": 21}"#)).await;
+        assert_eq!(patch.status, 204, "{patch:?}");
+        assert!(patch.error.is_none() && patch.body.is_empty());
+        let version = patch.version.expect("the version the patch made");
+        let (inputs, _) = core.router().module_inputs(&watcher);
+        let note = inputs
+            .iter()
+            .find_map(|e| e.pop())
+            .expect("a change notification");
+        let note: Value = serde_json::from_slice(&note.msg.body).unwrap();
+        assert_eq!(note["properties"]["reported"]["temp"], 21, "{note}");
+        assert_eq!(note["version"], version);
+
+        let get = twin_request(&core, &id, TwinRequest::Get).await;
+        assert_eq!(
+            (get.status, get.version, get.error.as_deref()),
+            (200, None, None)
+        );
+        let twin: Value = serde_json::from_slice(&get.body).unwrap();
+        assert_eq!(twin["reported"]["temp"], 21);
+        assert_eq!(twin["reported"]["$version"], version);
+
+        for (body, why) in [
+            (&b"[1]"[..], "must be a JSON object"),
+            (b"{nope", "not valid JSON"),
+        ] {
+            let bad = twin_request(&core, &id, TwinRequest::PatchReported(body)).await;
+            assert_eq!(bad.status, 400);
+            assert!(bad.error.as_deref().unwrap().contains(why), "{bad:?}");
+            assert_eq!(bad.version, None);
+        }
+        // Nothing more was stored or routed.
+        let again = twin_request(&core, &id, TwinRequest::Get).await;
+        assert_eq!(again.body, get.body);
+        assert!(inputs.iter().all(|e| e.pop().is_none()));
+    }
+}
