@@ -82,7 +82,7 @@ async fn main() {
     };
     let text = format!(
         r#"{{"deviceId": "bench", "iothubHostname": "{IOTHUB}", "gatewayHostname": "localhost",
-        "listen": {{"amqps": "127.0.0.1:0", "https": null, "metrics": null}},
+        "listen": {{"amqps": "127.0.0.1:0", "mqtts": null, "https": null, "metrics": null}},
         "dataDir": "{}", "deviceKey": "YmVuY2gtZGV2aWNlLWtleS0zMi1ieXRlcy1sb25nISE=",
         "limits": {{"queueCapacity": 10000000}}, "log": {{"level": "warn,edgehub=info"}},
         "storage": {{"persistent": true, "sync": "commit"{live_cfg}}},

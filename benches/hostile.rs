@@ -209,7 +209,7 @@ async fn main() {
     let config_text = format!(
         r#"{{
         "deviceId": "bench", "iothubHostname": "{IOTHUB}", "gatewayHostname": "localhost",
-        "listen": {{"amqps": "127.0.0.1:0", "https": null, "metrics": null}},
+        "listen": {{"amqps": "127.0.0.1:0", "mqtts": null, "https": null, "metrics": null}},
         "dataDir": "{}", "deviceKey": "YmVuY2gtZGV2aWNlLWtleS0zMi1ieXRlcy1sb25nISE=",
         "log": {{"level": "warn,edgehub=info"}},
         "limits": {{"maxConnections": {MAX_CONNECTIONS}, "handshakeTimeoutSecs": 600, "authTimeoutSecs": 600}},

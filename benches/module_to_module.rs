@@ -99,7 +99,7 @@ async fn main() {
     let config_text = format!(
         r#"{{
         "deviceId": "bench", "iothubHostname": "{IOTHUB}", "gatewayHostname": "localhost",
-        "listen": {{"amqps": "127.0.0.1:0", "https": {https}, "metrics": null}},
+        "listen": {{"amqps": "127.0.0.1:0", "mqtts": null, "https": {https}, "metrics": null}},
         "dataDir": "{}", "deviceKey": "YmVuY2gtZGV2aWNlLWtleS0zMi1ieXRlcy1sb25nISE=",
         "log": {{"level": "warn,edgehub=info"}}, "storage": {storage},
         "modules": {{"A": {{}}, "B": {{}}}},

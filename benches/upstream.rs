@@ -146,7 +146,7 @@ async fn main() {
     let parent_text = format!(
         r#"{{
         "deviceId": "parent", "iothubHostname": "{IOTHUB}", "gatewayHostname": "localhost",
-        "listen": {{"amqps": "127.0.0.1:0", "https": null, "metrics": null}},
+        "listen": {{"amqps": "127.0.0.1:0", "mqtts": null, "https": null, "metrics": null}},
         "dataDir": "{}", "deviceKey": "{PARENT_KEY}",
         "log": {{"level": "warn,edgehub=info"}}, "storage": {storage},
         "modules": {{"sink": {{}}}},
@@ -169,7 +169,7 @@ async fn main() {
     let child_text = format!(
         r#"{{
         "deviceId": "child", "iothubHostname": "{IOTHUB}", "gatewayHostname": "localhost",
-        "listen": {{"amqps": "127.0.0.1:0", "https": null, "metrics": null}},
+        "listen": {{"amqps": "127.0.0.1:0", "mqtts": null, "https": null, "metrics": null}},
         "dataDir": "{}", "deviceKey": "{CHILD_KEY}",
         "log": {{"level": "warn,edgehub=info"}}, "storage": {storage},
         "modules": {{"A": {{}}}},

@@ -54,6 +54,8 @@ pub enum StartError {
     Twins(#[from] crate::core::twins::TwinError),
     #[error("{0}")]
     Store(#[from] crate::store::durable::StoreError),
+    #[error("{0}")]
+    MqttSessions(#[from] crate::servers::mqtt::sessions::SessionStoreError),
 }
 
 /// Reads the device key from the config, else from `dataDir/device.key`, creating it once.
@@ -102,6 +104,7 @@ pub fn device_key(settings: &Settings) -> Result<Key, StartError> {
 /// A running hub: its bound addresses, and the handle that stops it.
 pub struct Hub {
     pub amqps_addr: SocketAddr,
+    pub mqtts_addr: Option<SocketAddr>,
     pub https_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     pub core: Arc<HubCore>,
@@ -138,6 +141,10 @@ impl Hub {
             Some(a) => Some(bind("https", a).await?),
             None => None,
         };
+        let mqtts = match settings.listen.mqtts {
+            Some(a) => Some(bind("mqtts", a).await?),
+            None => None,
+        };
         let metrics = match settings.listen.metrics {
             Some(a) => Some(bind("metrics", a).await?),
             None => None,
@@ -151,6 +158,10 @@ impl Hub {
             (Some(l), Some(a)) => Some(local(l, "https", a)?),
             _ => None,
         };
+        let mqtts_addr = match (&mqtts, settings.listen.mqtts) {
+            (Some(l), Some(a)) => Some(local(l, "mqtts", a)?),
+            _ => None,
+        };
         let metrics_addr = match (&metrics, settings.listen.metrics) {
             (Some(l), Some(a)) => Some(local(l, "metrics", a)?),
             _ => None,
@@ -159,6 +170,7 @@ impl Hub {
         let store_dir = settings.data_dir.join("store");
         let keyspace = crate::store::durable::open_keyspace(&store_dir, settings.max_store_bytes)?;
         let twins = crate::core::twins::TwinStore::with_keyspace(keyspace.clone())?;
+        let mqtt_sessions = crate::servers::mqtt::sessions::SessionStore::open(keyspace.clone())?;
         let store = match settings.storage.persistent {
             true => Some(crate::store::durable::DurableStore::open(
                 &store_dir,
@@ -181,6 +193,15 @@ impl Hub {
             tls.clone(),
             gate.clone(),
         ));
+        if let Some(l) = mqtts {
+            let mqtt = crate::servers::mqtt::Mqtt::new(core.clone(), mqtt_sessions);
+            tasks.spawn(crate::servers::mqtt::serve(
+                l,
+                tls.clone(),
+                mqtt,
+                shutdown.clone(),
+            ));
+        }
         if let Some(l) = https {
             tasks.spawn(crate::servers::http::serve_https(
                 l,
@@ -226,9 +247,13 @@ impl Hub {
         }
         tasks.close();
         crate::servers::amqp::log_ready(amqps_addr);
-        info!(amqps = %amqps_addr, https = ?https_addr, metrics = ?metrics_addr, "edgehub ready");
+        if let Some(a) = mqtts_addr {
+            crate::servers::mqtt::log_ready(a);
+        }
+        info!(amqps = %amqps_addr, mqtts = ?mqtts_addr, https = ?https_addr, metrics = ?metrics_addr, "edgehub ready");
         Ok(Self {
             amqps_addr,
+            mqtts_addr,
             https_addr,
             metrics_addr,
             core,

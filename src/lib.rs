@@ -1,6 +1,6 @@
 //! edgehub: an IoT Edge hub. Modules and leaf devices connect with the Azure IoT device SDKs
-//! over AMQP 1.0; the hub authenticates them with SAS tokens, routes their messages to each
-//! other with edgeHub's route language, and exposes Prometheus metrics.
+//! over AMQP 1.0 or MQTT 3.1.1; the hub authenticates them with SAS tokens, routes their
+//! messages to each other with edgeHub's route language, and exposes Prometheus metrics.
 //!
 //! # Layout
 //!
@@ -11,14 +11,17 @@
 //!   only module that imports both the core and the servers.
 //! * [`servers`]: the transports, adapters that turn frames into core calls and back:
 //!   [`servers::amqp`] (listener, connections, link tasks, the frame guard, `$cbs`),
-//!   [`servers::http`] (metrics endpoint and the HTTPS API), [`servers::ws`] (AMQP over
-//!   WebSockets on the HTTPS listener), [`servers::upstream`] (the connection to a parent hub
-//!   or IoT Hub).
+//!   [`servers::mqtt`] (MQTT 3.1.1 listener and sessions; pure topic and property-bag parsing
+//!   inside), [`servers::http`] (metrics endpoint and the HTTPS API), [`servers::ws`] (AMQP
+//!   over WebSockets on the HTTPS listener), [`servers::upstream`] (the connection to a parent
+//!   hub or IoT Hub, directly or over WebSockets through a proxy).
 //! * [`ops`]: certificates ([`ops::tls`]), client-certificate authentication
-//!   ([`ops::x509`]) and `edgehub check` ([`ops::check`]).
+//!   ([`ops::x509`]), an HTTP proxy's tunnel ([`ops::proxy`]) and `edgehub check`
+//!   ([`ops::check`]).
 //! * [`core`]: the hub, independent of any transport: [`core::HubCore`], [`core::auth`],
 //!   [`core::ingest`] (route + enqueue), [`core::delivery`] (the one windowed pump from an
-//!   endpoint to a peer), [`core::twins`], [`core::methods`], [`core::outbox`]. The core
+//!   endpoint to a peer), [`core::twins`], [`core::twin_requests`] (a client's twin GET or
+//!   reported PATCH, for every transport), [`core::methods`], [`core::outbox`]. The core
 //!   imports no server.
 //! * [`config`]: JSON config and environment → validated settings (reads the config file;
 //!   otherwise pure).

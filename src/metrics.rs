@@ -98,7 +98,11 @@ fn describe() {
     describe_counter!(CONNECT_FAILED, "Failed client authentications");
     describe_counter!(DISCONNECT, "Client disconnections");
     describe_gauge!(CONNECTED_CLIENTS, "Authenticated clients connected");
-    describe_gauge!(OPEN_CONNECTIONS, "Open AMQP connections");
+    describe_gauge!(OPEN_CONNECTIONS, "Open client connections, by protocol");
+    describe_counter!(
+        MQTT_REFUSED,
+        "MQTT packets refused: the connection closed or the message dropped, by reason"
+    );
     describe_counter!(
         BYTES_RECEIVED,
         Unit::Bytes,
@@ -186,9 +190,11 @@ pub fn disconnected(id: &str) {
 /// Creates the unlabelled gauges at 0 (without changing one that has a value), so that a
 /// scrape right after start shows them: alerts on an absent series see nothing.
 pub fn start_gauges(upstream: bool) {
+    for protocol in [PROTOCOL_AMQP, PROTOCOL_MQTT] {
+        gauge!(OPEN_CONNECTIONS, "protocol" => protocol).increment(0.0);
+    }
     for name in [
         CONNECTED_CLIENTS,
-        OPEN_CONNECTIONS,
         INVALID_ROUTES,
         STORE_BYTES,
         STORE_HELD_BYTES,
@@ -204,8 +210,19 @@ pub fn connected_clients(n: usize) {
     gauge!(CONNECTED_CLIENTS).set(n as f64);
 }
 
-pub fn open_connections(delta: f64) {
-    gauge!(OPEN_CONNECTIONS).increment(delta);
+/// `protocol` label values of [`OPEN_CONNECTIONS`].
+pub const PROTOCOL_AMQP: &str = "amqp";
+pub const PROTOCOL_MQTT: &str = "mqtt";
+
+pub fn open_connections(protocol: &'static str, delta: f64) {
+    gauge!(OPEN_CONNECTIONS, "protocol" => protocol).increment(delta);
+}
+
+/// MQTT packets refused (the connection closed, or the message dropped), by reason.
+pub const MQTT_REFUSED: &str = "edgehub_mqtt_refused_total";
+
+pub fn mqtt_refused(id: &str, reason: &'static str) {
+    counter!(MQTT_REFUSED, "id" => id.to_owned(), "reason" => reason).increment(1);
 }
 
 pub fn invalid_routes(n: usize) {

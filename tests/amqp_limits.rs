@@ -745,7 +745,7 @@ async fn sigterm_ends_the_process_in_bound_while_a_peer_is_silent() {
     let data = dir.join("data");
     let config = format!(
         r#"{{"deviceId": "edge1", "iothubHostname": "{IOTHUB}", "gatewayHostname": "localhost",
-            "listen": {{"amqps": "127.0.0.1:0", "https": null, "metrics": null}},
+            "listen": {{"amqps": "127.0.0.1:0", "mqtts": null, "https": null, "metrics": null}},
             "dataDir": "{}", "modules": {{"A": {{}}}},
             "limits": {{"shutdownTimeoutSecs": 2, "authTimeoutSecs": 600}},
             "$edgeHub": {{"schemaVersion": "1.1", "routes": {{}},

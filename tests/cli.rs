@@ -25,7 +25,7 @@ fn write_config(dir: &Path, body: &str) -> PathBuf {
 fn good_config(dir: &Path) -> String {
     format!(
         r#"{{"deviceId": "edge1", "iothubHostname": "h.azure-devices.net", "gatewayHostname": "localhost",
-            "listen": {{"amqps": "127.0.0.1:0", "https": null, "metrics": "127.0.0.1:0"}},
+            "listen": {{"amqps": "127.0.0.1:0", "mqtts": "127.0.0.1:0", "https": null, "metrics": "127.0.0.1:0"}},
             "dataDir": "{}", "modules": {{"A": {{}}}},
             "$edgeHub": {{"schemaVersion": "1.1", "routes": {{"up": "FROM /messages/* INTO $upstream"}},
                           "storeAndForwardConfiguration": {{"timeToLiveSecs": 60}}}}}}"#,
@@ -452,6 +452,27 @@ fn a_changed_config_file_is_reloaded_without_a_signal() {
     assert!(line.contains("file change"), "{line}");
     assert_eq!(series(&hub.scrape(), "edgehub_invalid_routes"), Some(0.0));
     hub.stop();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn check_looks_at_the_mqtt_port_too() {
+    let dir = temp_dir();
+    let cfg = write_config(&dir, &good_config(&dir));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .env("EDGEHUB_LISTEN_MQTTS", &addr)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains(&format!("listen.mqtts {addr} is in use")),
+        "{text}"
+    );
+    drop(taken);
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -121,7 +121,7 @@ impl Setup {
         std::fs::create_dir_all(&dir).unwrap();
         let text = format!(
             r#"{{"deviceId": "edge1", "iothubHostname": "{IOTHUB}", "gatewayHostname": "localhost",
-                "listen": {{"amqps": "127.0.0.1:0", "https": null, "metrics": null}},
+                "listen": {{"amqps": "127.0.0.1:0", "mqtts": null, "https": null, "metrics": null}},
                 "dataDir": "{}", "deviceKey": "Y3Jhc2gtdGVzdC1kZXZpY2Uta2V5LTMyLWJ5dGVzISE=",
                 "limits": {limits},
                 "modules": {{"A": {{}}, "B": {{}}}},

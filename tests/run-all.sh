@@ -30,6 +30,12 @@ fi
 echo "== npm ci (Azure IoT Node SDK, rhea; pinned by tests/package-lock.json)"
 (cd tests && npm ci --no-audit --no-fund --loglevel=error)
 
+echo "== Python device SDK azure-iot-device (PyPI) in target/py-sdk, for the MQTT interop test"
+if ! target/py-sdk/bin/python -c 'import azure.iot.device' 2>/dev/null; then
+  python3 -m venv target/py-sdk
+  target/py-sdk/bin/pip install -q azure-iot-device==2.14.0
+fi
+
 echo "== hadolint deploy/Dockerfile"
 hadolint deploy/Dockerfile
 

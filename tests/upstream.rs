@@ -38,7 +38,7 @@ fn parent_text(dir: &Path, routes: &str) -> String {
     format!(
         r#"{{
         "deviceId": "parent", "iothubHostname": "{IOTHUB}", "gatewayHostname": "localhost",
-        "listen": {{"amqps": "127.0.0.1:0", "https": null, "metrics": null}},
+        "listen": {{"amqps": "127.0.0.1:0", "mqtts": null, "https": null, "metrics": null}},
         "dataDir": "{}",
         "modules": {{"sink": {{}}}},
         "devices": {{"child": {{"primaryKey": "{CHILD_KEY}", "edge": true}},
@@ -61,7 +61,7 @@ fn child_text_with(dir: &Path, port: u16, ca: &Path, extra: &str) -> String {
     format!(
         r#"{{
         "deviceId": "child", "iothubHostname": "{IOTHUB}", "gatewayHostname": "localhost",
-        "listen": {{"amqps": "127.0.0.1:0", "https": null, "metrics": null}},
+        "listen": {{"amqps": "127.0.0.1:0", "mqtts": null, "https": null, "metrics": null}},
         "dataDir": "{}", "deviceKey": "{CHILD_KEY}",
         "modules": {{"A": {{}}}},
         "devices": {{"leaf": {{"primaryKey": "{LEAF_KEY}"}},
@@ -387,7 +387,7 @@ async fn standalone_upstream_messages_wait_under_their_ttl() {
     let text = format!(
         r#"{{
         "deviceId": "edge1", "iothubHostname": "{IOTHUB}", "gatewayHostname": "localhost",
-        "listen": {{"amqps": "127.0.0.1:0", "https": null, "metrics": null}},
+        "listen": {{"amqps": "127.0.0.1:0", "mqtts": null, "https": null, "metrics": null}},
         "dataDir": "{}", "modules": {{"A": {{}}}},
         "$edgeHub": {{"schemaVersion": "1.1",
             "routes": {{"up": "FROM /messages/* INTO $upstream",

@@ -31,6 +31,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("EDGEHUB_GATEWAY_HOSTNAME", "gatewayHostname"),
     ("EDGEHUB_LISTEN_AMQPS", "listen.amqps"),
     ("EDGEHUB_LISTEN_HTTPS", "listen.https"),
+    ("EDGEHUB_LISTEN_MQTTS", "listen.mqtts"),
     ("EDGEHUB_LISTEN_METRICS", "listen.metrics"),
     ("EDGEHUB_DATA_DIR", "dataDir"),
     ("EDGEHUB_DEVICE_KEY", "deviceKey"),
@@ -65,13 +66,18 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-/// Where the hub listens. `https` and `metrics` may be turned off with `null`.
+/// Where the hub listens. `https`, `mqtts` and `metrics` may be turned off with `null`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listen {
     pub amqps: SocketAddr,
+    /// MQTT 3.1.1 over TLS; `0.0.0.0:8883` when absent (edgeHub's port).
+    pub mqtts: Option<SocketAddr>,
     pub https: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
 }
+
+/// edgeHub's MQTT port, the one the SDKs dial.
+pub const DEFAULT_MQTTS_PORT: u16 = 8883;
 
 /// User-supplied certificate files; when absent the hub makes its own under `dataDir`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -924,13 +930,18 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             None
         }
         Some(l) => w
-            .object(l, "$.listen", &["amqps", "https", "metrics"])
+            .object(l, "$.listen", &["amqps", "https", "metrics", "mqtts"])
             .and_then(|l| {
                 let amqps = w.addr(l, "$.listen", "amqps", true);
                 let https = w.addr(l, "$.listen", "https", false);
                 let metrics = w.addr(l, "$.listen", "metrics", false);
+                let mqtts = match l.get("mqtts") {
+                    None => Some(SocketAddr::from(([0, 0, 0, 0], DEFAULT_MQTTS_PORT))),
+                    Some(_) => w.addr(l, "$.listen", "mqtts", false),
+                };
                 amqps.map(|amqps| Listen {
                     amqps,
+                    mqtts,
                     https,
                     metrics,
                 })
@@ -1502,6 +1513,22 @@ mod tests {
             with(r#"{"maxSessionsPerConnection": 0, "maxIncompleteBytesPerConnection": 10}"#)
                 .unwrap_err();
         assert_eq!(errs.0.len(), 2, "{errs:?}");
+    }
+
+    #[test]
+    fn the_mqtt_listener_defaults_to_8883_and_can_be_moved_or_turned_off() {
+        let s = from_str(GOOD, &HashMap::new()).unwrap();
+        assert_eq!(s.listen.mqtts, Some("0.0.0.0:8883".parse().unwrap()));
+        let moved = GOOD.replacen(r#""amqps": "#, r#""mqtts": "127.0.0.1:0", "amqps": "#, 1);
+        let s = from_str(&moved, &HashMap::new()).unwrap();
+        assert_eq!(s.listen.mqtts, Some("127.0.0.1:0".parse().unwrap()));
+        let off = GOOD.replacen(r#""amqps": "#, r#""mqtts": null, "amqps": "#, 1);
+        assert_eq!(from_str(&off, &HashMap::new()).unwrap().listen.mqtts, None);
+        let bad = GOOD.replacen(r#""amqps": "#, r#""mqtts": "nowhere", "amqps": "#, 1);
+        let errs = from_str(&bad, &HashMap::new()).unwrap_err();
+        assert_eq!(errs.0[0].path, "$.listen.mqtts", "{errs:?}");
+        let s = from_str(GOOD, &env(&[("EDGEHUB_LISTEN_MQTTS", "127.0.0.2:8883")])).unwrap();
+        assert_eq!(s.listen.mqtts, Some("127.0.0.2:8883".parse().unwrap()));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The hub's core, independent of any transport: [`HubCore`] (settings, identities, routes, who
 //! is connected), [`auth`], [`ingest`] (route + enqueue of an incoming message), [`delivery`]
-//! (the windowed pump from an endpoint to a peer), [`twins`], [`methods`] and the [`outbox`] of
-//! reported patches for the parent. A transport turns its frames into calls on these and their
+//! (the windowed pump from an endpoint to a peer), [`twins`], [`twin_requests`] (a client's twin
+//! GET or reported PATCH), [`methods`] and the [`outbox`] of reported patches for the parent. A transport turns its frames into calls on these and their
 //! results back into frames; nothing here imports a server.
 
 pub mod auth;
@@ -9,6 +9,7 @@ pub mod delivery;
 pub mod ingest;
 pub mod methods;
 pub mod outbox;
+pub mod twin_requests;
 pub mod twins;
 
 use std::sync::{Arc, RwLock};

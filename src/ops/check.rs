@@ -375,6 +375,7 @@ fn ports(s: &Settings) -> Vec<Outcome> {
     let mut out = Vec::new();
     let listeners = [
         ("amqps", Some(s.listen.amqps)),
+        ("mqtts", s.listen.mqtts),
         ("https", s.listen.https),
         ("metrics", s.listen.metrics),
     ];

@@ -2,5 +2,6 @@
 
 pub mod amqp;
 pub mod http;
+pub mod mqtt;
 pub mod upstream;
 pub mod ws;

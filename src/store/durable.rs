@@ -73,8 +73,8 @@
 //!   sender waits asynchronously as it does for a compaction. fjall's 500 ms stall for journals
 //!   near `max_journaling_size` (checked when a memtable is sealed; fjall counts every journal
 //!   at its preallocated 32 MiB, so the 256 MiB bound means seven journals waiting for their
-//!   flush) cannot be refused (that would keep the journals from being freed): from six on,
-//!   writes are made with the worker's other tasks handed to another thread
+//!   flush, and the 64 MiB of a store capped below 1 GiB two) cannot be refused (that would
+//!   keep the journals from being freed): from one rotation before it, writes are made with the worker's other tasks handed to another thread
 //!   (`block_in_place`), so a stall holds only the sender that met it.
 //! * `storeLimits.maxSizeBytes` caps the bytes of keys and values held (entries and records),
 //!   counted in memory and rebuilt at open; a write that would pass it is refused before it is
@@ -386,23 +386,36 @@ pub struct DurableStore {
     /// fjall's journal directory.
     journals: std::path::PathBuf,
     /// Sealed journals from which a write may stall (see [`DurableStore::off_worker`]):
-    /// [`JOURNALS_NEAR`], lower in tests.
+    /// [`journals_near`], lower in tests.
     journals_near: AtomicU64,
     /// Writes made off the async worker because the journals were near their bound.
     offloaded: AtomicU64,
 }
 
-/// fjall's bound on the journals (`max_journaling_size`): a memtable sealed with the sealed
-/// journals past 90 % of it sleeps the writing thread. fjall counts each journal at least at
-/// its preallocated length ([`JOURNAL_FILE`]), whatever it holds, so this is a bound on the
-/// number of journals waiting for their memtables' flush: 256 MiB stalls at the eighth.
-const JOURNAL_MAX: u64 = 256 * 1024 * 1024;
+/// fjall's bound on the journals (`max_journaling_size`) for a store limited to `cap`: a
+/// memtable sealed with the sealed journals past 90 % of it sleeps the writing thread. fjall
+/// counts each journal at least at its preallocated length ([`JOURNAL_FILE`]), whatever it
+/// holds, so this bounds the journals waiting for their memtables' flush: 256 MiB stalls at
+/// the eighth, the 64 MiB of a store capped below 1 GiB at the third (there the journals'
+/// blocks count against the cap, and the stall keeps them few).
+fn journal_max(cap: Option<u64>) -> u64 {
+    const MIB: u64 = 1024 * 1024;
+    match cap {
+        Some(cap) if cap < 1024 * MIB => 64 * MIB,
+        _ => 256 * MIB,
+    }
+}
 /// The length fjall preallocates each journal file to (sparse: only what is written takes
 /// blocks), and counts it at.
 const JOURNAL_FILE: u64 = 32 * 1024 * 1024;
 /// Sealed journals from which a write is made off the async worker
-/// ([`DurableStore::off_worker`]): two rotations before fjall's stall.
-const JOURNALS_NEAR: u64 = (JOURNAL_MAX * 9 / 10) / JOURNAL_FILE - 1;
+/// ([`DurableStore::off_worker`]): a rotation with this many sealed stalls at
+/// `(90 % of the bound) / JOURNAL_FILE`; one before that where the bound allows.
+fn journals_near(cap: Option<u64>) -> u64 {
+    ((journal_max(cap) * 9 / 10) / JOURNAL_FILE)
+        .saturating_sub(1)
+        .max(1)
+}
 
 /// Clears the store's `compacting` flag when the compaction ends, however it ends.
 struct Compacting(Arc<std::sync::atomic::AtomicBool>);
@@ -576,7 +589,7 @@ impl DurableStore {
             compacting: Arc::default(),
             files: AtomicU64::new(0),
             journals: dir.join("journals"),
-            journals_near: AtomicU64::new(JOURNALS_NEAR),
+            journals_near: AtomicU64::new(journals_near(limit)),
             offloaded: AtomicU64::new(0),
         });
         let (chores, weak) = (store.chores.clone(), Arc::downgrade(&store));
@@ -976,10 +989,10 @@ impl DurableStore {
     }
 
     /// Runs a write that fjall may stall with a sleep of the calling thread: when a memtable
-    /// is sealed while the sealed journals are near [`JOURNAL_MAX`], fjall sleeps 500 ms (and
+    /// is sealed while the sealed journals are near [`journal_max`], fjall sleeps 500 ms (and
     /// then 100 ms at a time until flushes free journals). Refusing writes then would keep the
     /// memtables from filling and the journals from being freed, so the write goes on, but
-    /// off the async worker: from [`JOURNALS_NEAR`] sealed journals on, the worker hands its
+    /// off the async worker: from [`journals_near`] sealed journals on, the worker hands its
     /// other tasks to another thread for the time of the write (`block_in_place`). The count
     /// is read under fjall's journal-manager lock, without a system call.
     fn off_worker<R>(&self, write: impl FnOnce() -> R) -> R {
@@ -1493,7 +1506,7 @@ pub fn open_keyspace(dir: &Path, cap: Option<u64>) -> Result<fjall::Keyspace, St
     fjall::Config::new(dir)
         .cache_size(8 * 1024 * 1024)
         .max_write_buffer_size(write_buffer)
-        .max_journaling_size(JOURNAL_MAX)
+        .max_journaling_size(journal_max(cap))
         .flush_workers(1)
         .compaction_workers(1)
         .manual_journal_persist(true)

@@ -112,7 +112,7 @@ async fn start_config(
             "deviceId": "edge1",
             "iothubHostname": "{IOTHUB}",
             "gatewayHostname": "localhost",
-            "listen": {{"amqps": "127.0.0.1:0", "https": {https}, "metrics": "127.0.0.1:0"}},
+            "listen": {{"amqps": "127.0.0.1:0", "mqtts": "127.0.0.1:0", "https": {https}, "metrics": "127.0.0.1:0"}},
             "dataDir": "{}",
             {extra}
             "limits": {limits},

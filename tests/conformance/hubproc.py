@@ -37,7 +37,7 @@ class Hub:
             "deviceId": DEVICE,
             "iothubHostname": "test-hub.azure-devices.net",
             "gatewayHostname": self.host,
-            "listen": {"amqps": f"{self.host}:5671", "https": f"{self.host}:443",
+            "listen": {"amqps": f"{self.host}:5671", "mqtts": None, "https": f"{self.host}:443",
                        "metrics": f"{self.host}:0"},
             "dataDir": os.path.join(self.dir, "data"),
             "modules": modules,

@@ -66,7 +66,7 @@ test('IoT Edge deployment manifest: edgehub as the hub module, routes valid', ()
   // The $edgeHub section is accepted verbatim by edgehub's config.
   const cfg = {
     deviceId: 'edge-device', iothubHostname: 'h.azure-devices.net', gatewayHostname: 'edgehub',
-    listen: { amqps: '127.0.0.1:0', https: null, metrics: null }, dataDir: DATA,
+    listen: { amqps: '127.0.0.1:0', mqtts: null, https: null, metrics: null }, dataDir: DATA,
     modules: { sensor: {}, filter: { 'properties.desired': m.modulesContent.filter['properties.desired'] } },
     $edgeHub: m.modulesContent.$edgeHub['properties.desired'],
   };

@@ -59,7 +59,7 @@ async function startHub({ modules = { A: {}, B: {} }, routes = {}, limits, extra
     deviceId: 'edge1',
     iothubHostname: 'test-hub.azure-devices.net',
     gatewayHostname: host,
-    listen: { amqps: `${host}:${amqpsPort}`, https: `${host}:443`, metrics: `${host}:0` },
+    listen: { amqps: `${host}:${amqpsPort}`, mqtts: `${host}:8883`, https: `${host}:443`, metrics: `${host}:0` },
     dataDir: path.join(dir, 'data'),
     modules,
     $edgeHub: { schemaVersion: '1.1', routes, storeAndForwardConfiguration: { timeToLiveSecs: 7200 } },

@@ -770,9 +770,11 @@ const TWIN_LINK_WAIT: Duration = Duration::from_secs(5);
 /// Serves twin requests: GET, PATCH of reported properties, PUT/DELETE of the desired-property
 /// subscription. Answers go to the identity's twin response link.
 async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cancel: LinkStop) {
-    use crate::core::twins::TwinOut;
+    use crate::core::{
+        twin_requests::{twin_request, TwinAnswer, TwinRequest},
+        twins::TwinOut,
+    };
     let error_body = |m: String| serde_json::json!({ "message": m }).to_string().into_bytes();
-    let label = id.to_string();
     loop {
         let delivery = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -817,52 +819,15 @@ async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cance
             debug!(identity = %id, "twin request without a correlation-id ignored");
             continue;
         }
-        let started = std::time::Instant::now();
+        let answer = |a: TwinAnswer| match a.error {
+            None => (a.status, a.body, a.version),
+            Some(why) => (a.status, error_body(why), a.version),
+        };
         let (status, body, version) = match (operation.as_str(), resource.as_str()) {
-            ("GET", _) => {
-                let twin = core.twins.get(&id);
-                core.twins.mark_read(&id, &twin);
-                m::twin_get(&label, started.elapsed().as_secs_f64());
-                (200, twin.to_json().to_string().into_bytes(), None)
-            }
+            ("GET", _) => answer(twin_request(&core, &id, TwinRequest::Get).await),
             ("PATCH", "/properties/reported") => {
                 let body = convert::body_bytes(&msg.body);
-                match serde_json::from_slice::<serde_json::Value>(&body) {
-                    Ok(serde_json::Value::Object(patch)) => {
-                        match core.twins.update_reported(&id, &patch).await {
-                            Ok(version) => {
-                                m::twin_reported(&label, started.elapsed().as_secs_f64());
-                                core.outbox.report(&id, &patch);
-                                let note = Arc::new(Message::twin_change_notification(
-                                    id.clone(),
-                                    version,
-                                    &patch,
-                                ));
-                                if let Err(why) = crate::core::ingest::enqueue(&core, &note).await {
-                                    warn!(identity = %id, "twin change notification not routed: {why}");
-                                }
-                                (204, Vec::new(), Some(version))
-                            }
-                            Err(e @ crate::core::twins::TwinError::Invalid(_)) => {
-                                (400, error_body(e.to_string()), None)
-                            }
-                            Err(e) => {
-                                tracing::error!(identity = %id, "reported properties not stored: {e}");
-                                (500, error_body(e.to_string()), None)
-                            }
-                        }
-                    }
-                    Ok(_) => (
-                        400,
-                        error_body("the reported patch must be a JSON object".into()),
-                        None,
-                    ),
-                    Err(e) => (
-                        400,
-                        error_body(format!("the reported patch is not valid JSON: {e}")),
-                        None,
-                    ),
-                }
+                answer(twin_request(&core, &id, TwinRequest::PatchReported(&body)).await)
             }
             ("PUT", DESIRED_NOTIFICATIONS) => {
                 core.twins.subscribe(&id, true);

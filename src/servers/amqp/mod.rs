@@ -468,9 +468,9 @@ impl Gate {
                 _ => return,
             },
         };
-        m::open_connections(1.0);
+        m::open_connections(m::PROTOCOL_AMQP, 1.0);
         handle_stream(handshake, self.core.clone(), conn).await;
-        m::open_connections(-1.0);
+        m::open_connections(m::PROTOCOL_AMQP, -1.0);
         drop(permit);
     }
 }

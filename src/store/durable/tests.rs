@@ -573,6 +573,20 @@ fn a_write_fjall_would_stall_is_refused_as_busy_until_the_buffer_is_flushed() {
 }
 
 #[test]
+fn the_journal_bound_follows_the_cap_and_writes_leave_the_worker_before_it_stalls() {
+    const MIB: u64 = 1024 * 1024;
+    // fjall stalls a rotation that leaves more sealed journals (32 MiB each to it) than 90 %
+    // of the bound holds.
+    let stalls_at = |cap| (journal_max(cap) * 9 / 10) / JOURNAL_FILE;
+    for cap in [None, Some(4 * MIB), Some(2048 * MIB)] {
+        assert!(journals_near(cap) >= 1, "{cap:?}");
+        assert!(journals_near(cap) <= stalls_at(cap), "{cap:?}");
+    }
+    assert_eq!((journals_near(None), stalls_at(None)), (6, 7));
+    assert_eq!(journal_max(Some(4 * MIB)), 64 * MIB);
+}
+
+#[test]
 fn a_write_near_the_journal_bound_leaves_the_async_worker_to_other_tasks() {
     // A write that fjall may stall must not hold the only worker: here the "write" waits
     // for a task spawned just before it on the same worker, which can run only if the

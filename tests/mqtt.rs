@@ -1,0 +1,553 @@
+//! Socket tests of the MQTT adapter: a real hub on loopback (port 0), driven by a small MQTT
+//! client made of the same packet codec over TLS, mixed with AMQP modules of the fe2o3 client.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails on any error; each wait is bounded by WAIT"
+)]
+
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::{start_hub, TestHub, IOTHUB, WAIT};
+use edgehub::{
+    app::device_key,
+    core::auth::module_keys,
+    model::{
+        identity::{Identity, ModuleId},
+        sas::{make_token, now_secs, resource_for},
+    },
+};
+use fe2o3_amqp::types::{
+    messaging::{Body, Message, Outcome, Properties},
+    primitives::Value,
+};
+use futures_util::{SinkExt, StreamExt};
+use rumqttc::mqttbytes::{
+    v4::{
+        Codec, ConnAck, Connect, ConnectReturnCode, Login, Packet, PubAck, Publish, Subscribe,
+        SubscribeReasonCode,
+    },
+    QoS,
+};
+use tokio::time::timeout;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+struct Mqtt {
+    rx: FramedRead<tokio::io::ReadHalf<Tls>, Codec>,
+    tx: FramedWrite<tokio::io::WriteHalf<Tls>, Codec>,
+    next_pkid: u16,
+}
+
+fn codec() -> Codec {
+    Codec {
+        max_incoming_size: 1 << 20,
+        max_outgoing_size: 1 << 20,
+    }
+}
+
+async fn tls(hub: &TestHub) -> Tls {
+    let addr = hub.hub.as_ref().unwrap().mqtts_addr.expect("mqtts is on");
+    let ca = std::fs::read(hub.settings.data_dir.join("certs").join("edge-ca.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    for c in CertificateDer::pem_slice_iter(&ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+fn module_token(hub: &TestHub, m: &str) -> String {
+    let key = device_key(&hub.settings).unwrap();
+    let keys = module_keys(&hub.settings, &key, &ModuleId::parse(m).unwrap());
+    make_token(
+        &resource_for(IOTHUB, &hub.module(m)),
+        &keys.primary,
+        now_secs() + 3600,
+        None,
+    )
+}
+
+fn username(m: &str) -> String {
+    format!("{IOTHUB}/edge1/{m}/?api-version=2021-04-12&DeviceClientType=test%2F1.0")
+}
+
+impl Mqtt {
+    async fn open(hub: &TestHub) -> Self {
+        let (r, w) = tokio::io::split(tls(hub).await);
+        Self {
+            rx: FramedRead::new(r, codec()),
+            tx: FramedWrite::new(w, codec()),
+            next_pkid: 0,
+        }
+    }
+
+    async fn send(&mut self, p: Packet) {
+        timeout(WAIT, self.tx.send(p)).await.unwrap().unwrap();
+    }
+
+    /// The next packet; `None` once the hub closed the connection.
+    async fn next(&mut self) -> Option<Packet> {
+        match timeout(WAIT, self.rx.next())
+            .await
+            .expect("a packet in time")
+        {
+            Some(Ok(p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    async fn connect_as(
+        hub: &TestHub,
+        client_id: &str,
+        user: &str,
+        password: &str,
+        keep_alive: u16,
+        clean: bool,
+    ) -> (Self, ConnAck) {
+        let mut c = Self::open(hub).await;
+        let mut connect = Connect::new(client_id);
+        connect.keep_alive = keep_alive;
+        connect.clean_session = clean;
+        connect.login = Some(Login::new(user, password));
+        c.send(Packet::Connect(connect)).await;
+        match c.next().await {
+            Some(Packet::ConnAck(a)) => (c, a),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    async fn module(hub: &TestHub, m: &str, clean: bool) -> (Self, ConnAck) {
+        let (c, ack) = Self::connect_as(
+            hub,
+            &format!("edge1/{m}"),
+            &username(m),
+            &module_token(hub, m),
+            60,
+            clean,
+        )
+        .await;
+        assert_eq!(ack.code, ConnectReturnCode::Success);
+        (c, ack)
+    }
+
+    fn pkid(&mut self) -> u16 {
+        self.next_pkid += 1;
+        self.next_pkid
+    }
+
+    async fn subscribe(&mut self, filter: &str, qos: QoS) -> SubscribeReasonCode {
+        let mut s = Subscribe::new(filter, qos);
+        s.pkid = self.pkid();
+        self.send(Packet::Subscribe(s)).await;
+        loop {
+            match self.next().await {
+                Some(Packet::SubAck(a)) => return a.return_codes[0],
+                Some(_) => continue,
+                None => panic!("closed before SUBACK"),
+            }
+        }
+    }
+
+    /// Publishes at QoS 1 and waits for the PUBACK; other packets on the way are returned.
+    async fn publish1(&mut self, topic: &str, payload: &[u8]) -> Vec<Packet> {
+        let mut p = Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
+        let pkid = self.pkid();
+        p.pkid = pkid;
+        self.send(Packet::Publish(p)).await;
+        let mut others = Vec::new();
+        loop {
+            match self.next().await {
+                Some(Packet::PubAck(a)) if a.pkid == pkid => return others,
+                Some(p) => others.push(p),
+                None => panic!("closed before PUBACK"),
+            }
+        }
+    }
+
+    /// The next PUBLISH from the hub.
+    async fn publish_in(&mut self) -> Publish {
+        loop {
+            match self.next().await {
+                Some(Packet::Publish(p)) => return p,
+                Some(_) => continue,
+                None => panic!("closed before a PUBLISH"),
+            }
+        }
+    }
+}
+
+const ROUTES: &str = r#"{
+    "mqttToAmqp": "FROM /messages/modules/A/outputs/out1 INTO BrokeredEndpoint(\"/modules/B/inputs/in1\")",
+    "amqpToMqtt": "FROM /messages/modules/B/outputs/back INTO BrokeredEndpoint(\"/modules/A/inputs/in2\")"
+}"#;
+
+fn bag_value(topic: &str, key: &str) -> Option<String> {
+    let bag = topic.rsplit('/').next()?;
+    bag.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        let k = percent_encoding::percent_decode_str(k).decode_utf8_lossy();
+        (k == key).then(|| {
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    })
+}
+
+#[tokio::test]
+async fn connack_codes_follow_edgehub() {
+    let hub = start_hub(ROUTES, "{}").await;
+    let good = module_token(&hub, "A");
+    // Another module's token for A.
+    let wrong = module_token(&hub, "B");
+    let (_, ok) = Mqtt::connect_as(&hub, "edge1/A", &username("A"), &good, 60, true).await;
+    assert_eq!(ok.code, ConnectReturnCode::Success);
+    assert!(!ok.session_present);
+    let (mut c, refused) =
+        Mqtt::connect_as(&hub, "edge1/A", &username("A"), &wrong, 60, true).await;
+    assert_eq!(refused.code, ConnectReturnCode::NotAuthorized);
+    assert!(c.next().await.is_none(), "closed after a refusal");
+    let (mut c, unknown) = Mqtt::connect_as(&hub, "edge1/Z", &username("Z"), &good, 60, true).await;
+    assert_eq!(unknown.code, ConnectReturnCode::BadClientId);
+    assert!(c.next().await.is_none());
+    // A first packet that is not CONNECT closes the connection without a word.
+    let mut c = Mqtt::open(&hub).await;
+    c.send(Packet::PingReq).await;
+    assert!(c.next().await.is_none());
+    let scrape = hub.scrape().await;
+    assert!(
+        scrape.contains("edgehub_client_connect_failed_total{")
+            && scrape.contains("reason=\"unknown_identity\""),
+        "{scrape}"
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn outputs_are_routed_to_an_amqp_module_and_back_to_the_mqtt_module_input() {
+    let hub = start_hub(ROUTES, "{}").await;
+    let (mut a, _) = Mqtt::module(&hub, "A", true).await;
+    assert_eq!(
+        a.subscribe("devices/edge1/modules/A/inputs/#", QoS::AtLeastOnce)
+            .await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    let mut b = hub.connect("B").await;
+    let mut b_in = b
+        .receiver("/devices/edge1/modules/B/messages/events")
+        .await
+        .unwrap();
+    let mut b_out = b
+        .sender("/devices/edge1/modules/B/messages/events")
+        .await
+        .unwrap();
+    // MQTT module A → route → AMQP module B (PUBACK once queued and durable).
+    a.publish1(
+        "devices/edge1/modules/A/messages/events/%24.on=out1&%24.mid=m1&%24.ct=application%2Fjson&%24.ce=utf-8&temp=21/",
+        b"{\"t\":21}",
+    )
+    .await;
+    let d = timeout(WAIT, b_in.recv::<Body<Value>>())
+        .await
+        .unwrap()
+        .unwrap();
+    b_in.accept(&d).await.unwrap();
+    let msg = d.message();
+    let props = msg.properties.as_ref().unwrap();
+    assert_eq!(props.message_id, Some("m1".to_owned().into()));
+    assert_eq!(
+        props.content_type.as_ref().map(|c| c.0.as_str()),
+        Some("application/json")
+    );
+    let app = msg.application_properties.as_ref().unwrap();
+    assert_eq!(
+        app.0.get("temp"),
+        Some(&fe2o3_amqp::types::primitives::SimpleValue::String(
+            "21".into()
+        ))
+    );
+    // AMQP module B → route → MQTT module A's input, with its properties in the bag.
+    let back = Message::builder()
+        .properties(Properties {
+            message_id: Some("m2".to_owned().into()),
+            ..Default::default()
+        })
+        .application_properties(
+            fe2o3_amqp::types::messaging::ApplicationProperties::builder()
+                .insert("iothub-outputname", "back")
+                .insert("k", "v w")
+                .build(),
+        )
+        .body(Body::<Value>::Data(
+            vec![fe2o3_amqp::types::messaging::Data(
+                fe2o3_amqp::types::primitives::Binary::from(b"pong".to_vec()),
+            )]
+            .into(),
+        ))
+        .build();
+    let outcome = timeout(WAIT, b_out.send(back)).await.unwrap().unwrap();
+    assert!(matches!(outcome, Outcome::Accepted(_)));
+    let p = a.publish_in().await;
+    assert_eq!(p.qos, QoS::AtLeastOnce);
+    assert!(
+        p.topic.starts_with("devices/edge1/modules/A/inputs/in2/"),
+        "{}",
+        p.topic
+    );
+    assert_eq!(p.payload, Bytes::from_static(b"pong"));
+    assert_eq!(bag_value(&p.topic, "k").as_deref(), Some("v w"));
+    assert_eq!(bag_value(&p.topic, "$.mid").as_deref(), Some("m2"));
+    assert_eq!(bag_value(&p.topic, "$.cdid").as_deref(), Some("edge1"));
+    assert_eq!(bag_value(&p.topic, "$.cmid").as_deref(), Some("B"));
+    a.send(Packet::PubAck(PubAck::new(p.pkid))).await;
+    // Completed: the queue is empty once the acknowledgement is in.
+    let core = hub.hub.as_ref().unwrap().core.clone();
+    let module_a = ModuleId::parse("A").unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (endpoints, _) = core.router().module_inputs(&module_a);
+        let held: usize = endpoints.iter().map(|e| e.store.len()).sum();
+        if held == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{held} still held");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_publish_to_another_identitys_topic_closes_the_connection_and_is_counted() {
+    let hub = start_hub(ROUTES, "{}").await;
+    let (mut a, _) = Mqtt::module(&hub, "A", true).await;
+    // A subscription to another module's inputs is refused.
+    assert_eq!(
+        a.subscribe("devices/edge1/modules/B/#", QoS::AtLeastOnce)
+            .await,
+        SubscribeReasonCode::Failure
+    );
+    let mut p = Publish::new(
+        "devices/edge1/modules/B/messages/events/%24.on=out1",
+        QoS::AtLeastOnce,
+        b"x".to_vec(),
+    );
+    p.pkid = 9;
+    a.send(Packet::Publish(p)).await;
+    assert!(a.next().await.is_none(), "the hub closes the connection");
+    let scrape = hub.scrape().await;
+    assert!(
+        scrape
+            .lines()
+            .any(|l| l.starts_with("edgehub_mqtt_refused_total{")
+                && l.contains("reason=\"foreign_topic\"")),
+        "{scrape}"
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_client_is_closed_after_one_and_a_half_keep_alives() {
+    let hub = start_hub(ROUTES, "{}").await;
+    let (mut c, ack) = Mqtt::connect_as(
+        &hub,
+        "edge1/A",
+        &username("A"),
+        &module_token(&hub, "A"),
+        1,
+        true,
+    )
+    .await;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    // A PINGREQ is answered and keeps the connection.
+    c.send(Packet::PingReq).await;
+    assert_eq!(c.next().await, Some(Packet::PingResp));
+    let started = std::time::Instant::now();
+    assert!(c.next().await.is_none());
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(1000)
+            && waited < std::time::Duration::from_secs(10),
+        "{waited:?}"
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_connection_of_the_same_client_replaces_the_first() {
+    let hub = start_hub(ROUTES, "{}").await;
+    let (mut first, _) = Mqtt::module(&hub, "A", true).await;
+    let (mut second, _) = Mqtt::module(&hub, "A", true).await;
+    assert!(
+        first.next().await.is_none(),
+        "the older connection is closed"
+    );
+    second.send(Packet::PingReq).await;
+    assert_eq!(second.next().await, Some(Packet::PingResp));
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn twins_get_patch_and_desired_pushes() {
+    let hub = start_hub(ROUTES, "{}").await;
+    let (mut a, _) = Mqtt::module(&hub, "A", true).await;
+    a.subscribe("$iothub/twin/res/#", QoS::AtMostOnce).await;
+    a.subscribe("$iothub/twin/PATCH/properties/desired/#", QoS::AtMostOnce)
+        .await;
+    a.send(Packet::Publish(Publish::new(
+        "$iothub/twin/GET/?$rid=r1",
+        QoS::AtMostOnce,
+        b" ".to_vec(),
+    )))
+    .await;
+    let res = a.publish_in().await;
+    assert_eq!(res.topic, "$iothub/twin/res/200/?$rid=r1");
+    let twin: serde_json::Value = serde_json::from_slice(&res.payload).unwrap();
+    assert!(twin["desired"]["$version"].is_number(), "{twin}");
+    // Reported patch at QoS 1: answered with 204 and the new reported version.
+    let others = a
+        .publish1(
+            "$iothub/twin/PATCH/properties/reported/?$rid=r2",
+            br#"{"status":"ok"}"#,
+        )
+        .await;
+    let res = match others.into_iter().find_map(|p| match p {
+        Packet::Publish(p) => Some(p),
+        _ => None,
+    }) {
+        Some(p) => p,
+        None => a.publish_in().await,
+    };
+    assert_eq!(res.topic, "$iothub/twin/res/204/?$rid=r2&$version=2");
+    let twin = hub.hub.as_ref().unwrap().core.twins.get(&hub.module("A"));
+    assert_eq!(twin.to_json()["reported"]["status"], "ok");
+    // A desired change made through the core reaches the module as a patch with $version.
+    let mut patch = serde_json::Map::new();
+    patch.insert("speed".into(), 5.into());
+    hub.hub
+        .as_ref()
+        .unwrap()
+        .core
+        .twins
+        .patch_desired(&hub.module("A"), &patch, |_| true)
+        .await
+        .unwrap();
+    let push = a.publish_in().await;
+    assert!(
+        push.topic
+            .starts_with("$iothub/twin/PATCH/properties/desired/?$version="),
+        "{}",
+        push.topic
+    );
+    let body: serde_json::Value = serde_json::from_slice(&push.payload).unwrap();
+    assert_eq!(body["speed"], 5);
+    assert_eq!(
+        push.topic.rsplit('=').next().unwrap(),
+        body["$version"].to_string()
+    );
+    // A malformed patch gets an error body the Node SDK recognises.
+    a.send(Packet::Publish(Publish::new(
+        "$iothub/twin/PATCH/properties/reported/?$rid=r3",
+        QoS::AtMostOnce,
+        b"[1]".to_vec(),
+    )))
+    .await;
+    let res = a.publish_in().await;
+    assert_eq!(res.topic, "$iothub/twin/res/400/?$rid=r3");
+    let body: serde_json::Value = serde_json::from_slice(&res.payload).unwrap();
+    assert_eq!(body["errorCode"], 400004);
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn direct_methods_reach_an_mqtt_module_and_its_answer_returns() {
+    let hub = start_hub(ROUTES, "{}").await;
+    let (mut a, _) = Mqtt::module(&hub, "A", true).await;
+    a.subscribe("$iothub/methods/POST/#", QoS::AtLeastOnce)
+        .await;
+    let core = hub.hub.as_ref().unwrap().core.clone();
+    let target: Identity = hub.module("A");
+    let call = tokio::spawn(async move {
+        core.methods
+            .invoke(&target, "reset", br#"{"a":1}"#.to_vec(), WAIT, WAIT)
+            .await
+    });
+    let req = a.publish_in().await;
+    assert!(
+        req.topic.starts_with("$iothub/methods/POST/reset/?$rid="),
+        "{}",
+        req.topic
+    );
+    assert_eq!(req.qos, QoS::AtLeastOnce);
+    assert_eq!(req.payload, Bytes::from_static(br#"{"a":1}"#));
+    a.send(Packet::PubAck(PubAck::new(req.pkid))).await;
+    let rid = req.topic.rsplit('=').next().unwrap().to_owned();
+    a.publish1(
+        &format!("$iothub/methods/res/200/?$rid={rid}"),
+        br#"{"done":true}"#,
+    )
+    .await;
+    let answer = timeout(WAIT, call).await.unwrap().unwrap().unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.payload, br#"{"done":true}"#.to_vec());
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_persistent_session_keeps_its_subscriptions_across_reconnects() {
+    let hub = start_hub(ROUTES, "{}").await;
+    let (mut a, ack) = Mqtt::module(&hub, "A", false).await;
+    assert!(!ack.session_present);
+    a.subscribe("devices/edge1/modules/A/inputs/#", QoS::AtLeastOnce)
+        .await;
+    a.send(Packet::Disconnect).await;
+    assert!(a.next().await.is_none());
+    // Reconnect without subscribing again (as the Python SDK does): inputs still arrive.
+    let (mut a, ack) = Mqtt::module(&hub, "A", false).await;
+    assert!(ack.session_present);
+    let mut b = hub.connect("B").await;
+    let mut b_out = b
+        .sender("/devices/edge1/modules/B/messages/events")
+        .await
+        .unwrap();
+    let back = Message::builder()
+        .application_properties(
+            fe2o3_amqp::types::messaging::ApplicationProperties::builder()
+                .insert("iothub-outputname", "back")
+                .build(),
+        )
+        .body(Body::<Value>::Data(
+            vec![fe2o3_amqp::types::messaging::Data(
+                fe2o3_amqp::types::primitives::Binary::from(b"again".to_vec()),
+            )]
+            .into(),
+        ))
+        .build();
+    timeout(WAIT, b_out.send(back)).await.unwrap().unwrap();
+    let p = a.publish_in().await;
+    assert!(p.topic.starts_with("devices/edge1/modules/A/inputs/in2/"));
+    a.send(Packet::PubAck(PubAck::new(p.pkid))).await;
+    // A clean session forgets it.
+    drop(a);
+    let (_a, ack) = Mqtt::module(&hub, "A", true).await;
+    assert!(!ack.session_present);
+    let (_a, ack) = Mqtt::module(&hub, "A", false).await;
+    assert!(!ack.session_present);
+    hub.stop().await;
+}
