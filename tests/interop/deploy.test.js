@@ -11,7 +11,7 @@ const YAML = require('yaml');
 const ROOT = path.resolve(__dirname, '..', '..');
 const DEPLOY = path.join(ROOT, 'deploy');
 const BIN = process.env.EDGEHUB_BIN || path.join(ROOT, 'target', 'debug', 'edgehub');
-const PORTS = [5671, 443, 9600];
+const PORTS = [5671, 8883, 443, 9600];
 const DATA = '/var/lib/edgehub';
 
 function checkConfigText(text) {
