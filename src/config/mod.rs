@@ -138,6 +138,9 @@ pub struct Limits {
     /// more while this many wait for the module's outcome (one message always goes, so a
     /// link may hold this plus one message).
     pub max_unsettled_bytes_per_link: u64,
+    /// Identities (devices and modules) the service API's registry may hold, besides those of
+    /// the config file; a create beyond it is refused (403, IoT Hub's quota error).
+    pub max_registry_identities: usize,
 }
 
 impl Default for Limits {
@@ -162,6 +165,7 @@ impl Default for Limits {
             metrics_max_connections: 16,
             http_header_timeout_secs: 10,
             http_body_timeout_secs: 30,
+            max_registry_identities: 1000,
         }
     }
 }
@@ -997,6 +1001,7 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             "httpHeaderTimeoutSecs",
             "httpBodyTimeoutSecs",
             "maxUnsettledBytesPerLink",
+            "maxRegistryIdentities",
         ];
         if let Some(l) = w.object(l, "$.limits", &keys) {
             let p = "$.limits";
@@ -1029,6 +1034,7 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
                 limits.http_header_timeout_secs,
                 limits.http_body_timeout_secs,
                 limits.max_unsettled_bytes_per_link,
+                limits.max_registry_identities as u64,
             ];
             set(&mut w, keys[0], 1, 1_000_000, &mut v[0]);
             set(&mut w, keys[1], 1, 3600, &mut v[1]);
@@ -1052,6 +1058,7 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             set(&mut w, keys[16], 1, 3600, &mut v[16]);
             set(&mut w, keys[17], 1, 3600, &mut v[17]);
             set(&mut w, keys[18], 1024, 1 << 40, &mut v[18]);
+            set(&mut w, keys[19], 0, 1_000_000, &mut v[19]);
             limits = Limits {
                 max_connections: v[0] as usize,
                 handshake_timeout_secs: v[1],
@@ -1072,6 +1079,7 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
                 http_header_timeout_secs: v[16],
                 http_body_timeout_secs: v[17],
                 max_unsettled_bytes_per_link: v[18],
+                max_registry_identities: v[19] as usize,
             };
         }
     }
@@ -1294,18 +1302,9 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
         }
     }
 
-    // A route into a module this hub does not know can never deliver.
-    route_errors.extend(routes.iter().filter_map(|r| match &r.statement.sink {
-        crate::routing::route::Sink::ModuleInput { module, .. }
-            if !modules.contains_key(module) =>
-        {
-            Some(ConfigError {
-                path: child("$[\"$edgeHub\"].routes", &r.name),
-                message: format!("module {module:?} is not in $.modules"),
-            })
-        }
-        _ => None,
-    }));
+    // A route into a module that is not in $.modules stays: the module may be added to the
+    // identity registry through the service API while the hub runs (the hub logs such routes
+    // at start, see `app`).
     let bad: Vec<String> = route_errors.iter().map(|e| e.path.clone()).collect();
     routes.retain(|r| !bad.contains(&child("$[\"$edgeHub\"].routes", &r.name)));
 
@@ -1584,11 +1583,10 @@ mod tests {
             "\"broken\": \"FROM /messages INTO Nowhere()\", \"ghost\": \"FROM /messages INTO BrokeredEndpoint('/modules/zz/inputs/i')\", \"r1\":",
         );
         let s = from_str(&text, &env(&[])).unwrap();
-        assert_eq!(s.routes.len(), 2);
+        // A route into a module the config does not list stays: the registry may add it.
+        assert_eq!(s.routes.len(), 3);
         let paths: Vec<&str> = s.route_errors.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(paths.len(), 2, "{paths:?}");
-        assert!(paths.contains(&"$[\"$edgeHub\"].routes.broken"));
-        assert!(paths.contains(&"$[\"$edgeHub\"].routes.ghost"));
+        assert_eq!(paths, ["$[\"$edgeHub\"].routes.broken"]);
     }
 
     #[test]

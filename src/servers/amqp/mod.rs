@@ -108,6 +108,9 @@ pub(crate) struct ConnState {
     faults: Arc<tags::SessionFaults>,
     /// What the client's TLS certificate proved (`None`: it sent none).
     x509: Mutex<Option<crate::ops::x509::Presented>>,
+    /// The registry's revocation epoch this connection has acted on; taken when the connection
+    /// is admitted, before it can authenticate anything, so no revocation slips between.
+    revocations_seen: std::sync::atomic::AtomicU64,
 }
 
 struct CbsReplies {
@@ -127,8 +130,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl ConnState {
-    fn new(root: CancellationToken) -> Self {
+    fn new(root: CancellationToken, revocations_seen: u64) -> Self {
         Self {
+            revocations_seen: std::sync::atomic::AtomicU64::new(revocations_seen),
             authorized: Mutex::new(HashMap::new()),
             root,
             cbs_replies: Mutex::new(CbsReplies::new()),
@@ -252,6 +256,48 @@ impl ConnState {
                 g.id
             })
             .collect()
+    }
+
+    /// Ends the grants of identities the registry revoked (deleted, disabled, new credentials):
+    /// their links are closed with `amqp:unauthorized-access`, and the connection too when it
+    /// holds no other identity. Returns the identities that lost their grant.
+    fn revoke(
+        &self,
+        which: &crate::core::registry::Revoked,
+        auth: &crate::core::auth::Authenticator,
+    ) -> Vec<Identity> {
+        use crate::core::registry::Revoked;
+        let mut map = self.map();
+        let gone: Vec<IdentityKey> = map
+            .iter()
+            .filter(|(k, g)| match which {
+                Revoked::Keys(keys) => keys.contains(k),
+                Revoked::Unknown => !auth.is_active(&g.id),
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        let ids: Vec<Identity> = gone
+            .iter()
+            .filter_map(|k| map.remove(k))
+            .map(|g| {
+                let why = format!(
+                    "{} was disabled, deleted or given new credentials in the registry",
+                    g.id
+                );
+                g.links
+                    .stop_with(amqp_error(AmqpError::UnauthorizedAccess, why));
+                g.id
+            })
+            .collect();
+        let emptied = !ids.is_empty() && map.is_empty();
+        drop(map);
+        if emptied {
+            self.close_with(amqp_error(
+                AmqpError::UnauthorizedAccess,
+                "the identity of this connection was disabled or deleted in the registry",
+            ));
+        }
+        ids
     }
 
     /// Makes a new `$cbs` response link the one replies go to: the first one takes the
@@ -441,7 +487,10 @@ impl Gate {
             }
         };
         // Pending from now on, until it authenticates.
-        let conn = Arc::new(ConnState::new(self.shutdown.child_token()));
+        let conn = Arc::new(ConnState::new(
+            self.shutdown.child_token(),
+            self.core.registry.revocations.epoch(),
+        ));
         *lock(&conn.pending) = Some(self.pending.admit(Stop {
             token: conn.root.clone(),
             reason: conn.close_reason.clone(),
@@ -695,13 +744,27 @@ async fn run_connection(
 
 /// Once a second: closes the links of identities whose token expired and was not renewed
 /// (idle links too, not only those that send), as edgeHub disconnects expired clients.
+/// Also ends, at once, the grants of identities the registry revokes.
 async fn expire_tokens(conn: Arc<ConnState>, core: Arc<HubCore>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut revoked = core.registry.revocations.watch();
     loop {
+        // Revocations since the connection was admitted are looked at before the first wait.
+        let seen = conn.revocations_seen.load(Ordering::Relaxed);
+        let (now, which) = core.registry.revocations.since(seen);
+        if now != seen {
+            conn.revocations_seen.store(now, Ordering::Relaxed);
+            for id in conn.revoke(&which, &core.auth) {
+                info!(identity = %id, "identity revoked in the registry; its links are closed");
+                core.client_disconnected(&id);
+            }
+        }
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
+            // The sender lives in the core, which this task holds: `changed` cannot fail.
+            _ = revoked.changed() => {}
         }
         for id in conn.expire(now_secs()) {
             debug!(identity = %id, "token expired; links of this identity closed");
