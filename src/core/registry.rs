@@ -260,7 +260,11 @@ impl Registry {
         Ok(())
     }
 
-    async fn remove(&self, auth: &Authenticator, keys: Vec<IdentityKey>) -> Result<(), RegistryError> {
+    async fn remove(
+        &self,
+        auth: &Authenticator,
+        keys: Vec<IdentityKey>,
+    ) -> Result<(), RegistryError> {
         if let Some(store) = &self.store {
             store
                 .remove(keys.clone())
@@ -280,9 +284,7 @@ impl Registry {
         let mut out: Vec<Record> = self
             .records
             .iter()
-            .filter(|r| {
-                r.module_id.is_some() && r.device_id.eq_ignore_ascii_case(d.as_str())
-            })
+            .filter(|r| r.module_id.is_some() && r.device_id.eq_ignore_ascii_case(d.as_str()))
             .map(|r| r.clone())
             .collect();
         out.sort_by(|a, b| a.module_id.cmp(&b.module_id));
@@ -304,7 +306,10 @@ fn live_identity(r: &Record) -> Option<LiveIdentity> {
         RecordAuth::Sas {
             primary_key,
             secondary_key,
-        } => match (Key::from_base64(primary_key), Key::from_base64(secondary_key)) {
+        } => match (
+            Key::from_base64(primary_key),
+            Key::from_base64(secondary_key),
+        ) {
             (Ok(primary), Ok(secondary)) => vec![KeyPair { primary, secondary }],
             _ => Vec::new(),
         },
@@ -458,7 +463,8 @@ pub fn parse_device(body: &Map<String, Value>, d: &DeviceId) -> Result<DeviceSpe
         Some(s) if s.eq_ignore_ascii_case("disabled") => Some(false),
         Some(s) => return Err(invalid(format!("status {s:?} is not enabled or disabled"))),
     };
-    let status_reason = text_field(body, "statusReason", "")?.map(|s| s.chars().take(128).collect());
+    let status_reason =
+        text_field(body, "statusReason", "")?.map(|s| s.chars().take(128).collect());
     let iot_edge = match object_field(body, "capabilities", "")?.and_then(|c| c.get("iotEdge")) {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
@@ -583,14 +589,21 @@ fn auth_json(auth: &RecordAuth) -> Value {
         RecordAuth::Sas {
             primary_key,
             secondary_key,
-        } => ("sas", (Some(primary_key.as_str()), Some(secondary_key.as_str())), (None, None)),
+        } => (
+            "sas",
+            (Some(primary_key.as_str()), Some(secondary_key.as_str())),
+            (None, None),
+        ),
         RecordAuth::SelfSigned {
             primary_thumbprint,
             secondary_thumbprint,
         } => (
             "selfSigned",
             (None, None),
-            (primary_thumbprint.as_deref(), secondary_thumbprint.as_deref()),
+            (
+                primary_thumbprint.as_deref(),
+                secondary_thumbprint.as_deref(),
+            ),
         ),
         RecordAuth::CertificateAuthority => ("certificateAuthority", (None, None), (None, None)),
         RecordAuth::None => ("none", (None, None), (None, None)),
@@ -613,7 +626,9 @@ fn connection_state(core: &HubCore, id: &Identity) -> &'static str {
 /// A registry record in IoT Hub's device or module JSON.
 fn record_json(core: &HubCore, r: &Record) -> Value {
     let id = identity_of(r);
-    let state = id.as_ref().map_or("Disconnected", |id| connection_state(core, id));
+    let state = id
+        .as_ref()
+        .map_or("Disconnected", |id| connection_state(core, id));
     match &r.module_id {
         None => json!({
             "deviceId": r.device_id,
@@ -702,7 +717,10 @@ fn configured(core: &HubCore, id: &Identity) -> Option<(Identity, Option<KeyPair
 pub fn get_device(core: &HubCore, d: &DeviceId) -> Result<Value, RegistryError> {
     let id = Identity::Device(d.clone());
     if let Some((canonical, keys)) = configured(core, &id) {
-        return Ok(record_json(core, &config_record(core, &canonical, keys.as_ref())));
+        return Ok(record_json(
+            core,
+            &config_record(core, &canonical, keys.as_ref()),
+        ));
     }
     core.registry
         .get(&id)
@@ -746,9 +764,7 @@ pub async fn put_device(
     let _order = core.registry.write.lock().await;
     if core.auth.is_configured(&id) {
         return Err(match if_match {
-            None => RegistryError::DeviceExists(format!(
-                "{d} (defined in this hub's config file)"
-            )),
+            None => RegistryError::DeviceExists(format!("{d} (defined in this hub's config file)")),
             Some(_) => RegistryError::Configured(format!("device {d}")),
         });
     }
@@ -870,7 +886,10 @@ pub fn get_module(core: &HubCore, d: &DeviceId, m: &ModuleId) -> Result<Value, R
     }
     if let Some((canonical, keys)) = configured(core, &id) {
         if !core.auth.is_edge_child(d) {
-            return Ok(record_json(core, &config_record(core, &canonical, keys.as_ref())));
+            return Ok(record_json(
+                core,
+                &config_record(core, &canonical, keys.as_ref()),
+            ));
         }
     }
     core.registry
@@ -923,7 +942,9 @@ pub async fn put_module(
     module_parent(core, d)?;
     if core.auth.is_configured(&id) {
         return Err(match if_match {
-            None => RegistryError::ModuleExists(format!("{id} (defined in this hub's config file)")),
+            None => {
+                RegistryError::ModuleExists(format!("{id} (defined in this hub's config file)"))
+            }
             Some(_) => RegistryError::Configured(format!("module {id}")),
         });
     }
@@ -1098,7 +1119,10 @@ mod tests {
             json!({"deviceId": "d1", "capabilities": {"iotEdge": "yes"}}),
         ] {
             assert!(
-                matches!(parse_device(&obj(bad.clone()), &d), Err(RegistryError::Invalid(_))),
+                matches!(
+                    parse_device(&obj(bad.clone()), &d),
+                    Err(RegistryError::Invalid(_))
+                ),
                 "{bad}"
             );
         }
@@ -1107,7 +1131,12 @@ mod tests {
     #[test]
     fn module_bodies_name_device_and_module() {
         let (d, m) = (dev("d1"), ModuleId::parse("m1").unwrap());
-        let spec = parse_module(&obj(json!({"deviceId": "d1", "moduleId": "m1", "managedBy": "me"})), &d, &m).unwrap();
+        let spec = parse_module(
+            &obj(json!({"deviceId": "d1", "moduleId": "m1", "managedBy": "me"})),
+            &d,
+            &m,
+        )
+        .unwrap();
         assert_eq!(spec.managed_by.as_deref(), Some("me"));
         for bad in [
             json!({"deviceId": "d1"}),
@@ -1155,7 +1184,14 @@ mod tests {
     #[test]
     fn etags_and_if_match() {
         assert_eq!(etag_of(1), "MQ==");
-        for ok in ["*", "\"*\"", "\"MQ==\"", "MQ==", "W/\"MQ==\"", "\"x\", \"MQ==\""] {
+        for ok in [
+            "*",
+            "\"*\"",
+            "\"MQ==\"",
+            "MQ==",
+            "W/\"MQ==\"",
+            "\"x\", \"MQ==\"",
+        ] {
             assert!(check_if_match(Some(ok), "MQ==").is_ok(), "{ok}");
         }
         assert!(check_if_match(None, "MQ==").is_ok());

@@ -159,10 +159,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("edgehub-registry-{}", uuid::Uuid::new_v4()));
         let key = |s: &str| IdentityKey::from_stored(s);
         {
-            let (s, loaded) = RegistryStore::open(fjall::Config::new(&dir).open().unwrap()).unwrap();
+            let (s, loaded) =
+                RegistryStore::open(fjall::Config::new(&dir).open().unwrap()).unwrap();
             assert!(loaded.is_empty());
             s.put(&key("Dev"), &record("Dev", None)).await.unwrap();
-            s.put(&key("Dev/m"), &record("Dev", Some("m"))).await.unwrap();
+            s.put(&key("Dev/m"), &record("Dev", Some("m")))
+                .await
+                .unwrap();
             let mut other = record("other", None);
             other.auth = RecordAuth::SelfSigned {
                 primary_thumbprint: Some("AB".repeat(20)),
@@ -181,7 +184,8 @@ mod tests {
             s.remove(vec![key("dev"), key("dev/m")]).await.unwrap();
         }
         {
-            let (_, loaded) = RegistryStore::open(fjall::Config::new(&dir).open().unwrap()).unwrap();
+            let (_, loaded) =
+                RegistryStore::open(fjall::Config::new(&dir).open().unwrap()).unwrap();
             assert_eq!(loaded.len(), 1);
             assert_eq!(loaded[0].device_id, "other");
         }

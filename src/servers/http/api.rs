@@ -104,7 +104,11 @@ impl ApiError {
         Self::coded(status, code, message)
     }
 
-    pub(super) fn coded(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(super) fn coded(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             status,
             code,

@@ -101,13 +101,11 @@ pub(super) async fn serve(
     let method = req.method().clone();
     match (path, method) {
         (RegistryPath::BadId(why), _) => Err(ApiError::new(StatusCode::BAD_REQUEST, why)),
-        (RegistryPath::Devices, Method::GET) => {
-            Ok(ok(&Value::Array(registry::list_devices(core))))
-        }
+        (RegistryPath::Devices, Method::GET) => Ok(ok(&Value::Array(registry::list_devices(core)))),
         (RegistryPath::Devices, _) => Err(ApiError::not_allowed("GET")),
-        (RegistryPath::Device(d), Method::GET) => {
-            registry::get_device(core, &d).map(|v| ok(&v)).map_err(to_api)
-        }
+        (RegistryPath::Device(d), Method::GET) => registry::get_device(core, &d)
+            .map(|v| ok(&v))
+            .map_err(to_api),
         (RegistryPath::Device(d), Method::PUT) => {
             let body = read_object(req, BODY_MAX, core).await?;
             let spec = registry::parse_device(&body, &d).map_err(to_api)?;
@@ -168,17 +166,34 @@ mod tests {
         assert_eq!(parse("/devices"), Some(RegistryPath::Devices));
         assert_eq!(parse("/devices/"), Some(RegistryPath::Devices));
         assert_eq!(parse("/devices/d1"), Some(RegistryPath::Device(d("d1"))));
-        assert_eq!(parse("/devices/d%2D1"), Some(RegistryPath::Device(d("d-1"))));
-        assert_eq!(parse("/devices/d1/modules"), Some(RegistryPath::Modules(d("d1"))));
-        assert_eq!(parse("/devices/d1/modules/"), Some(RegistryPath::Modules(d("d1"))));
+        assert_eq!(
+            parse("/devices/d%2D1"),
+            Some(RegistryPath::Device(d("d-1")))
+        );
+        assert_eq!(
+            parse("/devices/d1/modules"),
+            Some(RegistryPath::Modules(d("d1")))
+        );
+        assert_eq!(
+            parse("/devices/d1/modules/"),
+            Some(RegistryPath::Modules(d("d1")))
+        );
         assert_eq!(
             parse("/devices/d1/modules/m%241"),
             Some(RegistryPath::Module(d("d1"), m("m$1")))
         );
-        for bad in ["/devices/a%2Fb", "/devices/a%20b", "/devices/d1/modules/%FF"] {
+        for bad in [
+            "/devices/a%2Fb",
+            "/devices/a%20b",
+            "/devices/d1/modules/%FF",
+        ] {
             assert!(matches!(parse(bad), Some(RegistryPath::BadId(_))), "{bad}");
         }
-        for none in ["/devices/d1/methods", "/devices/d1/modules/m1/x", "/devices/d1/things"] {
+        for none in [
+            "/devices/d1/methods",
+            "/devices/d1/modules/m1/x",
+            "/devices/d1/things",
+        ] {
             assert_eq!(parse(none), None, "{none}");
         }
     }
@@ -186,12 +201,36 @@ mod tests {
     #[test]
     fn errors_take_iot_hub_statuses_and_codes() {
         let cases = [
-            (RegistryError::DeviceNotFound("d".into()), 404, "DeviceNotFound"),
-            (RegistryError::ModuleNotFound("d/m".into()), 404, "ModuleNotFound"),
-            (RegistryError::DeviceExists("d".into()), 409, "DeviceAlreadyExists"),
-            (RegistryError::ModuleExists("d/m".into()), 409, "ModuleAlreadyExistsOnDevice"),
-            (RegistryError::Configured("device d".into()), 409, "IdentityDefinedInConfigFile"),
-            (RegistryError::Precondition("MQ==".into()), 412, "PreconditionFailed"),
+            (
+                RegistryError::DeviceNotFound("d".into()),
+                404,
+                "DeviceNotFound",
+            ),
+            (
+                RegistryError::ModuleNotFound("d/m".into()),
+                404,
+                "ModuleNotFound",
+            ),
+            (
+                RegistryError::DeviceExists("d".into()),
+                409,
+                "DeviceAlreadyExists",
+            ),
+            (
+                RegistryError::ModuleExists("d/m".into()),
+                409,
+                "ModuleAlreadyExistsOnDevice",
+            ),
+            (
+                RegistryError::Configured("device d".into()),
+                409,
+                "IdentityDefinedInConfigFile",
+            ),
+            (
+                RegistryError::Precondition("MQ==".into()),
+                412,
+                "PreconditionFailed",
+            ),
             (RegistryError::Invalid("x".into()), 400, "ArgumentInvalid"),
             (RegistryError::Quota(5), 403, "IotHubQuotaExceeded"),
             (RegistryError::Store("disk".into()), 500, "ServerError"),
