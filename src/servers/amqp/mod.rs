@@ -111,6 +111,9 @@ pub(crate) struct ConnState {
     /// The registry's revocation epoch this connection has acted on; taken when the connection
     /// is admitted, before it can authenticate anything, so no revocation slips between.
     revocations_seen: std::sync::atomic::AtomicU64,
+    /// The stop signal of the links that belong to no identity (`$cbs`): they end with the
+    /// connection, with the error it closes with.
+    others: links::LinkStop,
 }
 
 struct CbsReplies {
@@ -133,6 +136,7 @@ impl ConnState {
     fn new(root: CancellationToken, revocations_seen: u64) -> Self {
         Self {
             revocations_seen: std::sync::atomic::AtomicU64::new(revocations_seen),
+            others: links::LinkStop::new(root.child_token()),
             authorized: Mutex::new(HashMap::new()),
             root,
             cbs_replies: Mutex::new(CbsReplies::new()),
@@ -171,6 +175,9 @@ impl ConnState {
 
     /// Closes the connection with `error`.
     fn close_with(&self, error: AmqpErrorBody) {
+        // The links of no identity detach with the same error, so a client that reads the
+        // first error it gets (the Node SDK) sees why.
+        self.others.stop_with(error.clone());
         lock(&self.close_reason).get_or_insert(error);
         self.root.cancel();
     }
@@ -909,7 +916,7 @@ async fn run_session(
             .identity()
             .and_then(|id| core.auth.known(id))
             .and_then(|id| conn.link_stop(&id))
-            .unwrap_or_else(|| links::LinkStop::new(cancel.child_token()));
+            .unwrap_or_else(|| conn.others.child());
         let (conn, core) = (conn.clone(), core.clone());
         let twin_slot = twin_slot.map(|(_, slot)| slot);
         let live = live.clone();
