@@ -4,7 +4,8 @@
 // and over MQTT (the Node device SDK, through the hub as its gateway); Registry.update to
 // disabled and Registry.delete cut it off and keep it out; a module made with addModule connects
 // as a ModuleClient and gets the messages a route sends it; list and getModulesOnDevice show the
-// config file's identities beside the registry's; config identities refuse delete with 409; the
+// config file's identities beside the registry's; a registry device's twin and direct methods
+// work as a config leaf device's; config identities refuse delete with 409; the
 // registry is the same after a restart.
 const test = require('node:test');
 const assert = require('node:assert/strict');
@@ -12,7 +13,7 @@ const crypto = require('node:crypto');
 const { Client: DeviceClient, ModuleClient, Message } = require('azure-iot-device');
 const { Amqp } = require('azure-iot-device-amqp');
 const { Mqtt } = require('azure-iot-device-mqtt');
-const { Registry } = require('azure-iothub');
+const { Client: ServiceClient, Registry } = require('azure-iothub');
 const { openClient, startHub, trustHub, withTimeout } = require('./hub');
 
 const IOTHUB = 'test-hub.azure-devices.net';
@@ -152,10 +153,39 @@ test('the registry through azure-iothub: devices and modules live on a standalon
     assert.deepEqual(JSON.parse(msg.data.toString()), { t: 21 });
   });
 
+  await t.test('a registry device has a twin and direct methods like a config leaf device', async () => {
+    const { responseBody: created } = await withTimeout(registry.create({ deviceId: 'dev-twin' }), 10000, 'create');
+    const client = await deviceClient(hub, created, Amqp);
+    clients.push(client);
+    await withTimeout(client.open(), 15000, 'open');
+    client.onDeviceMethod('ping', (request, response) => {
+      response.send(200, { pong: request.payload }, () => {});
+    });
+    const twin = await withTimeout(client.getTwin(), 10000, 'getTwin');
+    const pushed = withTimeout(new Promise((resolve) => {
+      twin.on('properties.desired', (delta) => { if (delta.rate === 5) resolve(delta); });
+    }), 10000, 'the desired patch at the device');
+    const { responseBody: patched } = await withTimeout(
+      registry.updateTwin('dev-twin', { properties: { desired: { rate: 5 } } }, '*'), 10000, 'updateTwin');
+    assert.equal((await pushed).$version, patched.properties.desired.$version);
+    await withTimeout(new Promise((resolve, reject) => {
+      twin.properties.reported.update({ fw: '2.0' }, (err) => (err ? reject(err) : resolve()));
+    }), 10000, 'reported update');
+    const { responseBody: read } = await withTimeout(registry.getTwin('dev-twin'), 10000, 'getTwin (service)');
+    assert.equal(read.properties.reported.fw, '2.0');
+    assert.equal(read.status, 'enabled');
+    const service = ServiceClient.fromConnectionString(serviceCs);
+    trustHub(service, hub.caPem());
+    const params = { methodName: 'ping', payload: { n: 1 }, responseTimeoutInSeconds: 10, connectTimeoutInSeconds: 10 };
+    const { result } = await withTimeout(service.invokeDeviceMethod('dev-twin', params), 30000, 'invokeDeviceMethod');
+    assert.equal(result.status, 200);
+    assert.deepEqual(result.payload, { pong: { n: 1 } });
+  });
+
   await t.test('list and getModulesOnDevice show config and registry identities', async () => {
     const { responseBody: devices } = await withTimeout(registry.list(), 10000, 'list');
     const ids = devices.map((d) => d.deviceId);
-    for (const id of ['edge1', LEAF, 'dev-amqp', 'dev-mqtt']) assert.ok(ids.includes(id), `${id} in ${ids}`);
+    for (const id of ['edge1', LEAF, 'dev-amqp', 'dev-mqtt', 'dev-twin']) assert.ok(ids.includes(id), `${id} in ${ids}`);
     assert.ok(!ids.includes('dev-del'));
     const { responseBody: modules } = await withTimeout(registry.getModulesOnDevice('edge1'), 10000, 'getModulesOnDevice');
     assert.deepEqual(modules.map((m) => m.moduleId), ['$edgeHub', 'A', 'M3']);
