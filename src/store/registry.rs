@@ -136,6 +136,20 @@ impl RegistryStore {
 mod tests {
     use super::*;
 
+    /// A fresh directory under the system temp dir, removed when the guard drops (also when the
+    /// test fails).
+    struct TempDir(std::path::PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn temp() -> TempDir {
+        TempDir(std::env::temp_dir().join(format!("edgehub-registry-{}", uuid::Uuid::new_v4())))
+    }
+
     fn record(device: &str, module: Option<&str>) -> Record {
         Record {
             device_id: device.into(),
@@ -156,7 +170,8 @@ mod tests {
 
     #[tokio::test]
     async fn records_survive_a_reopen_and_a_delete_removes_them_together() {
-        let dir = std::env::temp_dir().join(format!("edgehub-registry-{}", uuid::Uuid::new_v4()));
+        let tmp = temp();
+        let dir = &tmp.0;
         let key = |s: &str| IdentityKey::from_stored(s);
         {
             let (s, loaded) =
@@ -189,12 +204,12 @@ mod tests {
             assert_eq!(loaded.len(), 1);
             assert_eq!(loaded[0].device_id, "other");
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
     async fn an_unreadable_record_stops_the_open_with_its_key() {
-        let dir = std::env::temp_dir().join(format!("edgehub-registry-{}", uuid::Uuid::new_v4()));
+        let tmp = temp();
+        let dir = &tmp.0;
         {
             let ks = fjall::Config::new(&dir).open().unwrap();
             let part = ks
@@ -207,6 +222,5 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.0.contains("broken"), "{e}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
