@@ -713,6 +713,12 @@ fn configured(core: &HubCore, id: &Identity) -> Option<(Identity, Option<KeyPair
     Some((canonical, keys))
 }
 
+/// The config identity that hides a registry record of the same id (the config file gained
+/// the identity after the registry had it), if any.
+fn shadowed(core: &HubCore, r: &Record) -> Option<Identity> {
+    identity_of(r).filter(|id| core.auth.is_configured(id))
+}
+
 /// `GET /devices/{d}`.
 pub fn get_device(core: &HubCore, d: &DeviceId) -> Result<Value, RegistryError> {
     let id = Identity::Device(d.clone());
@@ -742,6 +748,7 @@ pub fn list_devices(core: &HubCore) -> Vec<Value> {
         .records
         .iter()
         .filter(|r| r.module_id.is_none())
+        .filter(|r| shadowed(core, r).is_none())
         .map(|r| r.clone())
         .collect();
     registry.sort_by(|a, b| a.device_id.cmp(&b.device_id));
@@ -918,6 +925,7 @@ pub fn list_modules(core: &HubCore, d: &DeviceId) -> Result<Vec<Value>, Registry
             core.registry
                 .modules_of(d)
                 .iter()
+                .filter(|r| shadowed(core, r).is_none())
                 .map(|r| record_json(core, r)),
         )
         .collect())
