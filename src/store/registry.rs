@@ -174,8 +174,7 @@ mod tests {
         let dir = &tmp.0;
         let key = |s: &str| IdentityKey::from_stored(s);
         {
-            let (s, loaded) =
-                RegistryStore::open(fjall::Config::new(&dir).open().unwrap()).unwrap();
+            let (s, loaded) = RegistryStore::open(fjall::Config::new(dir).open().unwrap()).unwrap();
             assert!(loaded.is_empty());
             s.put(&key("Dev"), &record("Dev", None)).await.unwrap();
             s.put(&key("Dev/m"), &record("Dev", Some("m")))
@@ -190,7 +189,7 @@ mod tests {
         }
         {
             let (s, mut loaded) =
-                RegistryStore::open(fjall::Config::new(&dir).open().unwrap()).unwrap();
+                RegistryStore::open(fjall::Config::new(dir).open().unwrap()).unwrap();
             loaded.sort_by(|a, b| (&a.device_id, &a.module_id).cmp(&(&b.device_id, &b.module_id)));
             assert_eq!(loaded.len(), 3);
             assert_eq!(loaded[0], record("Dev", None));
@@ -199,8 +198,7 @@ mod tests {
             s.remove(vec![key("dev"), key("dev/m")]).await.unwrap();
         }
         {
-            let (_, loaded) =
-                RegistryStore::open(fjall::Config::new(&dir).open().unwrap()).unwrap();
+            let (_, loaded) = RegistryStore::open(fjall::Config::new(dir).open().unwrap()).unwrap();
             assert_eq!(loaded.len(), 1);
             assert_eq!(loaded[0].device_id, "other");
         }
@@ -211,14 +209,14 @@ mod tests {
         let tmp = temp();
         let dir = &tmp.0;
         {
-            let ks = fjall::Config::new(&dir).open().unwrap();
+            let ks = fjall::Config::new(dir).open().unwrap();
             let part = ks
                 .open_partition(PARTITION, fjall::PartitionCreateOptions::default())
                 .unwrap();
             part.insert("broken", b"{not json").unwrap();
             ks.persist(fjall::PersistMode::SyncAll).unwrap();
         }
-        let e = RegistryStore::open(fjall::Config::new(&dir).open().unwrap())
+        let e = RegistryStore::open(fjall::Config::new(dir).open().unwrap())
             .err()
             .unwrap();
         assert!(e.0.contains("broken"), "{e}");
