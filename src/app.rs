@@ -121,7 +121,9 @@ impl Hub {
         let certs = tls::ensure_certs(&settings)?;
         // Devices that authenticate with certificates: only then are clients asked for one.
         let x509 = Arc::new(crate::ops::x509::Matcher::from_settings(&settings)?);
-        let client_auth = (!x509.is_empty()).then(|| {
+        // The identity registry (service policies, no upstream) may add such devices later.
+        let registry_x509 = !settings.service_policies.is_empty() && settings.upstream.is_none();
+        let client_auth = (!x509.is_empty() || registry_x509).then(|| {
             crate::ops::x509::AnyClientCert::new()
                 as Arc<dyn rustls::server::danger::ClientCertVerifier>
         });

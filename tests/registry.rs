@@ -623,3 +623,92 @@ async fn the_registry_survives_a_restart_and_is_bounded() {
     assert_eq!(r.status, 200, "room again");
     hub.stop().await;
 }
+
+/// A self-signed client certificate for `cn`, and its SHA-1 thumbprint as IoT Hub shows it.
+fn self_signed(cn: &str) -> (edgehub::client::ClientCert, String) {
+    let k = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2049, 1, 1);
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let c = p.self_signed(&k).unwrap();
+    let thumbprint = edgehub::model::x509::Thumbprint::sha1_hex(c.der());
+    let cert = edgehub::client::ClientCert {
+        chain: vec![c.der().clone()],
+        key: rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
+            k.serialize_der(),
+        )),
+    };
+    (cert, thumbprint)
+}
+
+async fn connect_x509(
+    hub: &TestHub,
+    cert: edgehub::client::ClientCert,
+) -> Result<edgehub::client::Client, edgehub::client::ClientError> {
+    let ca = hub.settings.data_dir.join("certs").join("edge-ca.pem");
+    timeout(
+        WAIT,
+        edgehub::client::Client::connect_x509(
+            hub.hub.as_ref().unwrap().amqps_addr,
+            "localhost",
+            &ca,
+            cert,
+            false,
+        ),
+    )
+    .await
+    .expect("connect in time")
+}
+
+/// A registry device with `selfSigned` thumbprints connects with its certificate at once (no
+/// token), and is cut off when disabled; a certificate of another thumbprint proves nothing.
+#[tokio::test]
+async fn a_registry_device_with_a_thumbprint_connects_by_certificate() {
+    let hub = start_hub_https("{}", EXTRA).await;
+    let (cert, thumbprint) = self_signed("anything");
+    let body = json!({"deviceId": "cam1", "authentication": {"type": "selfSigned",
+        "x509Thumbprint": {"primaryThumbprint": thumbprint.to_ascii_lowercase(), "secondaryThumbprint": null}}});
+    let r = call(&hub, "PUT", "/devices/cam1", None, &body).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["authentication"]["type"], "selfSigned");
+    assert_eq!(
+        r.body["authentication"]["x509Thumbprint"]["primaryThumbprint"],
+        thumbprint.as_str()
+    );
+    assert!(r.body["authentication"]["symmetricKey"]["primaryKey"].is_null());
+
+    let mut c = connect_x509(&hub, clone_cert(&cert)).await.unwrap();
+    let mut rx = c
+        .receiver("/devices/cam1/messages/devicebound")
+        .await
+        .unwrap();
+    let (other, _) = self_signed("cam1");
+    let mut stranger = connect_x509(&hub, other).await.unwrap();
+    let mut refused = stranger
+        .receiver("/devices/cam1/messages/devicebound")
+        .await
+        .unwrap();
+    closed_unauthorized(&mut refused).await;
+
+    let mut disabled = body.clone();
+    disabled["status"] = "disabled".into();
+    let r = call(&hub, "PUT", "/devices/cam1", Some("\"*\""), &disabled).await;
+    assert_eq!(r.status, 200);
+    closed_unauthorized(&mut rx).await;
+    let mut again = connect_x509(&hub, cert).await.unwrap();
+    let mut rx = again
+        .receiver("/devices/cam1/messages/devicebound")
+        .await
+        .unwrap();
+    closed_unauthorized(&mut rx).await;
+    hub.stop().await;
+}
+
+fn clone_cert(c: &edgehub::client::ClientCert) -> edgehub::client::ClientCert {
+    edgehub::client::ClientCert {
+        chain: c.chain.clone(),
+        key: c.key.clone_key(),
+    }
+}

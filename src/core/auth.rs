@@ -54,6 +54,9 @@ pub struct LiveIdentity {
     pub keys: Vec<KeyPair>,
     /// `status: disabled` refuses its tokens.
     pub enabled: bool,
+    /// A device that authenticates with a client certificate (`selfSigned` thumbprints or
+    /// `certificateAuthority`).
+    pub x509: Option<crate::model::x509::X509Auth>,
 }
 
 fn lower(id: &Identity) -> IdentityKey {
@@ -179,6 +182,18 @@ impl Authenticator {
     /// Forgets a registry identity.
     pub fn remove_live(&self, key: &IdentityKey) {
         self.live.remove(key);
+    }
+
+    /// The enabled registry devices that authenticate with a client certificate.
+    pub fn live_x509(&self) -> Vec<(DeviceId, crate::model::x509::X509Auth)> {
+        self.live
+            .iter()
+            .filter(|l| l.enabled)
+            .filter_map(|l| match (&l.id, &l.x509) {
+                (Identity::Device(d), Some(a)) => Some((d.clone(), a.clone())),
+                _ => None,
+            })
+            .collect()
     }
 
     /// May `id` hold a connection now? Config identities always; registry identities while

@@ -315,10 +315,28 @@ fn live_identity(r: &Record) -> Option<LiveIdentity> {
         },
         _ => Vec::new(),
     };
+    let x509 = match (&r.auth, &r.module_id) {
+        (
+            RecordAuth::SelfSigned {
+                primary_thumbprint,
+                secondary_thumbprint,
+            },
+            None,
+        ) => Some(X509Auth::Thumbprints(
+            [primary_thumbprint, secondary_thumbprint]
+                .into_iter()
+                .flatten()
+                .filter_map(|t| Thumbprint::parse(t).ok())
+                .collect(),
+        )),
+        (RecordAuth::CertificateAuthority, None) => Some(X509Auth::Ca),
+        _ => None,
+    };
     Some(LiveIdentity {
         id,
         keys,
         enabled: r.enabled,
+        x509,
     })
 }
 

@@ -478,7 +478,8 @@ impl Gate {
         &self,
         tls: &rustls::ServerConnection,
     ) -> Option<crate::ops::x509::Presented> {
-        crate::ops::x509::presented(&self.x509, tls)
+        // The registry's certificate devices too, read only when a certificate came.
+        crate::ops::x509::presented(&self.x509, tls, || self.core.auth.live_x509())
     }
 
     /// Lets a new connection in, or `None` when every slot is held by an authenticated one.
