@@ -29,20 +29,31 @@
 //!   rest, [`FEEDBACK_QUEUE`] messages, each kept 1 h), from which the service's
 //!   `/messages/servicebound/feedback` link delivers them. Records not yet written out when
 //!   the hub stops are written at shutdown; a crash loses them (at most one batch).
+//! * **From the parent.** A message the upstream receives on a leaf device's behalf is queued
+//!   like the service's, marked (a private annotation, never sent to the device) so that the
+//!   device's outcome goes back to the parent instead of into feedback here (the parent
+//!   writes its own): complete = accepted, reject or too many abandons = rejected, abandon =
+//!   released. The parent's delivery stays unsettled until then. A message the parent sends
+//!   again (after a reconnect, or after an abandon) is recognised by its message id while it
+//!   is queued here and not queued twice; an outcome that finds no upstream link is kept (at
+//!   most [`MAX_QUEUED`] per device) and applied when the parent sends the message again. An
+//!   expired message is left to the parent, which expires it too. These maps live in memory:
+//!   after a restart of this hub the parent's redeliveries are queued again (at least once).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use dashmap::DashMap;
 use fe2o3_amqp::types::{
+    messaging::annotations::OwnedKey,
     messaging::{MessageId, Properties},
-    primitives::{Binary, SimpleValue, Symbol, Timestamp},
+    primitives::{Binary, SimpleValue, Symbol, Timestamp, Value},
 };
 use serde_amqp::primitives::OrderedMap;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -76,6 +87,8 @@ pub const FEEDBACK_CONTENT_TYPE: &str = "application/vnd.microsoft.iothub.feedba
 /// The application property that asks for feedback.
 pub const ACK_PROPERTY: &str = "iothub-ack";
 const FEEDBACK_ENDPOINT: &str = "$feedback";
+/// The annotation that marks a message from the parent (kept in the store, never delivered).
+const FROM_PARENT: &str = "x-opt-edgehub-from-parent";
 const QUEUE_PREFIX: &str = "$c2d/";
 
 /// The feedback a message asked for with `iothub-ack`.
@@ -190,6 +203,30 @@ pub struct DeviceQueue {
     abandons: Mutex<HashMap<u64, u8>>,
     /// The current C2D link's stop signal: a newer link cancels it.
     link: Mutex<Option<CancellationToken>>,
+    /// The parent's messages queued here, by message id (at most [`MAX_QUEUED`]).
+    from_parent: Mutex<HashMap<String, u64>>,
+    /// Where the device's outcomes of the parent's messages go: the upstream's C2D link.
+    upstream: Mutex<Option<mpsc::Sender<ParentOutcome>>>,
+    /// Outcomes no upstream link took, by message id, oldest first (at most [`MAX_QUEUED`]).
+    settled_offline: Mutex<VecDeque<ParentOutcome>>,
+}
+
+/// The device's outcome of a message from the parent, for the parent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentOutcome {
+    pub message_id: String,
+    pub outcome: Outcome,
+}
+
+/// What became of a message from the parent (see [`C2d::enqueue_from_parent`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromParent {
+    /// Queued; its outcome will come with this message id (none: settle it now).
+    Queued(Option<String>),
+    /// Already queued here (a redelivery): its outcome will come with this message id.
+    Known(String),
+    /// Settled already while the parent was away: settle it so.
+    Settled(Outcome),
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -282,6 +319,9 @@ impl C2d {
                     endpoint: Arc::new(Endpoint::new(id, None, store, Arc::new(Notify::new()))),
                     abandons: Mutex::new(HashMap::new()),
                     link: Mutex::new(None),
+                    from_parent: Mutex::new(HashMap::new()),
+                    upstream: Mutex::new(None),
+                    settled_offline: Mutex::new(VecDeque::new()),
                 })
             })
             .clone()
@@ -324,6 +364,86 @@ impl C2d {
         }
     }
 
+    /// Queues a message the parent sent on `device`'s behalf, unless it is queued already or
+    /// was settled while the parent was away (see the module doc). Not yet durable.
+    pub fn enqueue_from_parent(
+        &self,
+        device: &DeviceId,
+        mut msg: Message,
+    ) -> Result<FromParent, SendError> {
+        let q = self.queue(device);
+        let mid = msg
+            .properties
+            .as_ref()
+            .and_then(|p| p.message_id.as_ref())
+            .map(message_id_text);
+        if let Some(mid) = &mid {
+            let mut offline = lock(&q.settled_offline);
+            if let Some(i) = offline.iter().position(|o| &o.message_id == mid) {
+                let done = offline.remove(i).map(|o| o.outcome);
+                if let Some(outcome) = done {
+                    return Ok(FromParent::Settled(outcome));
+                }
+            }
+            drop(offline);
+            if lock(&q.from_parent).contains_key(mid) {
+                return Ok(FromParent::Known(mid.clone()));
+            }
+        }
+        msg.annotations.insert(
+            OwnedKey::Symbol(Symbol::from(FROM_PARENT)),
+            Value::Bool(true),
+        );
+        let seq = self.enqueue(device, msg, Source::Upstream)?;
+        if let Some(mid) = &mid {
+            lock(&q.from_parent).insert(mid.clone(), seq);
+        }
+        Ok(FromParent::Queued(mid))
+    }
+
+    /// Makes the upstream's C2D link of `device` the one its outcomes go to (a newer link
+    /// replaces an older one).
+    pub fn attach_upstream(&self, device: &DeviceId) -> mpsc::Receiver<ParentOutcome> {
+        let (tx, rx) = mpsc::channel(MAX_QUEUED);
+        *lock(&self.queue(device).upstream) = Some(tx);
+        rx
+    }
+
+    /// Tells the parent the device's outcome of one of its messages, or keeps it for the
+    /// parent's redelivery when no upstream link takes it now.
+    fn to_parent(&self, queue: &DeviceQueue, q: &Queued, outcome: Outcome) {
+        let Some(mid) = q
+            .msg
+            .properties
+            .as_ref()
+            .and_then(|p| p.message_id.as_ref())
+            .map(message_id_text)
+        else {
+            return;
+        };
+        if outcome != Outcome::Released {
+            lock(&queue.from_parent).remove(&mid);
+        }
+        let o = ParentOutcome {
+            message_id: mid,
+            outcome,
+        };
+        let sent = match lock(&queue.upstream).as_ref() {
+            Some(tx) => tx.try_send(o.clone()).is_ok(),
+            None => false,
+        };
+        if !sent {
+            keep(queue, o);
+        }
+    }
+
+    /// Keeps an outcome the upstream could not apply now (the parent's delivery was settled
+    /// already, by an abandon, and the redelivery is on its way), for the parent's next
+    /// delivery of that message.
+    pub fn keep_outcome(&self, device: &DeviceId, o: ParentOutcome) {
+        keep(&self.queue(device), o);
+    }
+
     /// Registers a device's new C2D link and stops the one it replaces.
     pub fn replace_link(&self, queue: &DeviceQueue, link: CancellationToken) {
         if let Some(old) = lock(&queue.link).replace(link) {
@@ -346,6 +466,9 @@ impl C2d {
             Ok(Outcome::Released) => {
                 *lock(&queue.abandons).entry(q.seq).or_default() += 1;
                 metrics::counter!(m::C2D_SETTLED, "outcome" => "abandoned").increment(1);
+                if is_from_parent(&q.msg) {
+                    self.to_parent(queue, q, Outcome::Released);
+                }
             }
             // The link ended first: back to the queue, not an abandon.
             Err(_) => {}
@@ -354,6 +477,19 @@ impl C2d {
 
     fn finished(&self, queue: &DeviceQueue, q: &Queued, status: Status) {
         metrics::counter!(m::C2D_SETTLED, "outcome" => status.label()).increment(1);
+        if is_from_parent(&q.msg) {
+            // The parent writes the feedback; it expires its copy itself.
+            match status {
+                Status::Success => self.to_parent(queue, q, Outcome::Accepted),
+                Status::Rejected | Status::DeliveryCountExceeded => {
+                    self.to_parent(queue, q, Outcome::Rejected(status.description().into()))
+                }
+                Status::Expired => {
+                    lock(&queue.from_parent).retain(|_, seq| *seq != q.seq);
+                }
+            }
+            return;
+        }
         if Ack::of(&q.msg).wants(status) {
             self.feedback(&queue.device, &q.msg, status);
         }
@@ -445,6 +581,24 @@ impl C2d {
     pub fn queued(&self) -> usize {
         self.queues.iter().map(|e| e.len()).sum()
     }
+}
+
+/// Keeps a final outcome for the parent's redelivery (an abandon needs nothing: the parent
+/// has the message back).
+fn keep(queue: &DeviceQueue, o: ParentOutcome) {
+    if o.outcome == Outcome::Released {
+        return;
+    }
+    let mut offline = lock(&queue.settled_offline);
+    if offline.len() >= MAX_QUEUED {
+        offline.pop_front();
+    }
+    offline.push_back(o);
+}
+
+fn is_from_parent(msg: &Message) -> bool {
+    msg.annotations
+        .contains_key(&OwnedKey::Symbol(Symbol::from(FROM_PARENT)))
 }
 
 /// The feedback message: IoT Hub's content type, the hub's name as `user-id`, a uuid

@@ -211,3 +211,76 @@ test('C2D from the service SDK to leaf devices over AMQP and MQTT, with feedback
     assert.match(text, /edgehub_c2d_messages_refused_total\{[^}]*reason="device_not_found"[^}]*\} 1/);
   });
 });
+
+test('nested: a C2D sent to the parent\'s service API reaches a leaf device connected to the child', async (t) => {
+  const CHILD = 'child1';
+  const CHILD_KEY = crypto.randomBytes(32).toString('base64');
+  const LEAF_KEY = KEYS.amqpLeaf;
+  const parent = await startHub({
+    extra: {
+      devices: { [CHILD]: { primaryKey: CHILD_KEY, edge: true }, amqpLeaf: { primaryKey: LEAF_KEY } },
+      servicePolicies: { [POLICY]: { primaryKey: SERVICE_KEY } },
+    },
+  });
+  const closing = [];
+  let child;
+  t.after(async () => {
+    try {
+      await withTimeout(Promise.all(closing.map((c) => c.close())), 15000, 'closing clients');
+    } finally {
+      if (child) await child.stop();
+      await parent.stop();
+    }
+  });
+  child = await startHub({
+    extra: {
+      deviceId: CHILD,
+      deviceKey: CHILD_KEY,
+      devices: { amqpLeaf: { primaryKey: LEAF_KEY } },
+      upstream: { hostname: parent.host, port: 5671, caCert: parent.caPath(), minBackoffMs: 50, maxBackoffMs: 400 },
+    },
+  });
+  await child.waitLog(/upstream connected/);
+
+  const service = serviceClient(parent);
+  closing.push(service);
+  await withTimeout(service.open(), 15000, 'service open');
+  const { result: receiver } = await withTimeout(service.getFeedbackReceiver(), 15000, 'getFeedbackReceiver');
+  const feedback = feedbackRecords(receiver);
+
+  let leaf = await leafClient(child, 'amqpLeaf', Amqp);
+  let box = inbox(leaf);
+  await withTimeout(service.send('amqpLeaf', c2d('{"via":"child"}', 'n-1', 'full', { hop: '2' })), 15000, 'send');
+  const first = await box.next('the C2D message through the child');
+  assert.equal(first.messageId, 'n-1');
+  assert.equal(first.correlationId, 'corr-n-1');
+  assert.equal(first.getData().toString(), '{"via":"child"}');
+  assert.equal(first.properties.getValue('hop'), '2');
+  await withTimeout(leaf.complete(first), 10000, 'complete');
+  let records = await feedback.until(1, 'the parent\'s feedback for the completed message');
+  assert.deepEqual([records[0].originalMessageId, records[0].statusCode], ['n-1', 'Success']);
+
+  await withTimeout(service.send('amqpLeaf', c2d('r', 'n-2', 'full')), 15000, 'send');
+  const second = await box.next('the message to abandon, then reject');
+  assert.equal(second.messageId, 'n-2');
+  await withTimeout(leaf.abandon(second), 10000, 'abandon');
+  const again = await box.next('the abandoned message again, through the parent');
+  assert.equal(again.messageId, 'n-2');
+  await withTimeout(leaf.reject(again), 10000, 'reject');
+  records = await feedback.until(2, 'the parent\'s feedback for the rejected message');
+  assert.deepEqual([records[1].originalMessageId, records[1].statusCode], ['n-2', 'Rejected']);
+
+  // Offline: the child keeps the message until the device comes back.
+  await withTimeout(leaf.close(), 10000, 'leaf close');
+  await withTimeout(service.send('amqpLeaf', c2d('later', 'n-3', 'positive')), 15000, 'send while offline');
+  leaf = await leafClient(child, 'amqpLeaf', Amqp);
+  closing.push(leaf);
+  box = inbox(leaf);
+  const late = await box.next('the message queued while the device was away');
+  assert.equal(late.messageId, 'n-3');
+  await withTimeout(leaf.complete(late), 10000, 'complete');
+  records = await feedback.until(3, 'the parent\'s feedback for the late message');
+  assert.deepEqual([records[2].originalMessageId, records[2].statusCode], ['n-3', 'Success']);
+  const childMetrics = await scrape(child.metricsUrl);
+  assert.match(childMetrics, /edgehub_c2d_messages_received_total\{[^}]*source="upstream"[^}]*\} [34]/);
+});
