@@ -660,13 +660,13 @@ pub async fn feedback_writer(core: Arc<super::HubCore>, shutdown: CancellationTo
 /// A device's queue as the delivery pump's [`Feed`]: expired messages and those abandoned
 /// [`MAX_DELIVERY_COUNT`] times are dead-lettered on the way (with their feedback).
 pub struct DeviceFeed {
-    core: Arc<super::HubCore>,
+    c2d: Arc<C2d>,
     queue: Arc<DeviceQueue>,
 }
 
 impl DeviceFeed {
-    pub fn new(core: Arc<super::HubCore>, queue: Arc<DeviceQueue>) -> Self {
-        Self { core, queue }
+    pub fn new(c2d: Arc<C2d>, queue: Arc<DeviceQueue>) -> Self {
+        Self { c2d, queue }
     }
 }
 
@@ -676,7 +676,7 @@ impl Feed for DeviceFeed {
     }
 
     fn next(&mut self) -> Option<(Arc<Endpoint>, Queued)> {
-        let c2d = &self.core.c2d;
+        let c2d = &self.c2d;
         let ep = &self.queue.endpoint;
         loop {
             let popped = ep.store.pop(now_ms());

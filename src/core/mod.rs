@@ -47,7 +47,7 @@ pub struct HubCore {
     /// Reported patches waiting to go upstream (empty in standalone mode).
     pub outbox: outbox::Outbox,
     /// Cloud-to-device queues (one per device) and feedback.
-    pub c2d: c2d::C2d,
+    pub c2d: Arc<c2d::C2d>,
     /// Client connection states not yet written to `$edgeHub`'s reported `clients`, by encoded
     /// client id: the newest state of each, so the map holds at most one entry per identity.
     /// Connects and disconnects (some inside the SASL exchange, which cannot wait) only record
@@ -91,11 +91,11 @@ impl HubCore {
             .iter()
             .filter_map(|id| crate::routing::router::sink_of(id))
             .collect();
-        let c2d = c2d::C2d::new(
+        let c2d = Arc::new(c2d::C2d::new(
             settings.device_id.clone(),
             c2d_queues(store.clone()),
             &recovered_ids,
-        );
+        ));
         let router = Router::new(
             &settings.device_id,
             settings.routes.clone(),

@@ -22,7 +22,7 @@ use crate::{
 pub(super) async fn device_link(tx: Sender, id: Identity, core: Arc<HubCore>, cancel: LinkStop) {
     let queue = core.c2d.queue(id.device());
     core.c2d.replace_link(&queue, cancel.token.clone());
-    let feed = DeviceFeed::new(core.clone(), queue.clone());
+    let feed = DeviceFeed::new(core.c2d.clone(), queue.clone());
     let link = C2dLink {
         tx: Some(tx),
         queue,

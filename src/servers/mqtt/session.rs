@@ -1113,7 +1113,7 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
             core: self.core.clone(),
             queue: queue.clone(),
         };
-        let feed = crate::core::c2d::DeviceFeed::new(self.core.clone(), queue);
+        let feed = crate::core::c2d::DeviceFeed::new(self.core.c2d.clone(), queue);
         let limits = &self.core.settings.limits;
         let window = delivery::Window {
             messages: limits
