@@ -2,6 +2,12 @@
 //! rules IoT Hub applies (50 per device, expiry, delivery count, outcomes), the device's C2D
 //! link, and the feedback records on `/messages/servicebound/feedback`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests fail on any error"
+)]
+
 mod common;
 
 use common::{start_hub_extra, TestHub, IOTHUB, WAIT};
