@@ -388,3 +388,47 @@ async fn service_links_need_a_service_token() {
     );
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn queued_messages_survive_a_restart_in_order() {
+    let mut hub = hub().await;
+    let mut svc = service(&hub).await;
+    let mut tx = svc.sender("/messages/devicebound").await.unwrap();
+    for id in ["r0", "r1", "r2"] {
+        let o = send(&mut tx, c2d(Some(&to("leaf")), id, None)).await;
+        assert!(matches!(o, Outcome::Accepted(_)), "{o:?}");
+    }
+    svc.close().await;
+    let settings = hub.settings.clone();
+    let running = hub.hub.take().unwrap();
+    timeout(WAIT, running.shutdown()).await.unwrap();
+    hub.hub = Some(
+        timeout(WAIT, edgehub::app::Hub::start(settings))
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    let mut leaf = device(&hub, "leaf").await;
+    let mut rx = leaf
+        .receiver("/devices/leaf/messages/devicebound")
+        .await
+        .unwrap();
+    for id in ["r0", "r1", "r2"] {
+        let d = timeout(WAIT, rx.recv::<Body<Value>>())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(mid(d.message()), id);
+        rx.accept(&d).await.unwrap();
+    }
+    // Accepted ones are gone: the queue has room for 50 again.
+    let mut svc = service(&hub).await;
+    let mut tx = svc.sender("/messages/devicebound").await.unwrap();
+    for i in 0..50 {
+        let o = send(&mut tx, c2d(Some(&to("leaf")), &format!("n{i}"), None)).await;
+        assert!(matches!(o, Outcome::Accepted(_)), "{i}: {o:?}");
+    }
+    leaf.close().await;
+    svc.close().await;
+    hub.stop().await;
+}
