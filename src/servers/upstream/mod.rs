@@ -695,26 +695,35 @@ impl TwinLink {
         })?
     }
 
-    /// Reads the whole twin upstream and makes its desired properties this hub's (a change
-    /// reaches the module as a patch through the twin store).
-    async fn full_sync(&mut self, core: &HubCore) -> Result<(), UpstreamError> {
-        let started = Instant::now();
+    /// Reads the parent's twin and returns one of its sections (`desired`, `reported`), empty
+    /// when the twin has none.
+    async fn twin_section(
+        &mut self,
+        section: &str,
+    ) -> Result<Map<String, serde_json::Value>, UpstreamError> {
         let (status, body) = self.request("GET", None, None).await?;
         if status != 200 {
             return Err(self.refused("twin GET", status));
         }
-        m::twin_get_upstream(&self.id.to_string(), started.elapsed().as_secs_f64());
         let doc: serde_json::Value =
             serde_json::from_slice(&body).map_err(|source| UpstreamError::Decode {
                 what: "twin GET",
                 identity: self.id.to_string(),
                 source,
             })?;
-        let desired = doc
-            .get("desired")
+        Ok(doc
+            .get(section)
             .and_then(|d| d.as_object())
             .cloned()
-            .unwrap_or_default();
+            .unwrap_or_default())
+    }
+
+    /// Reads the whole twin upstream and makes its desired properties this hub's (a change
+    /// reaches the module as a patch through the twin store).
+    async fn full_sync(&mut self, core: &HubCore) -> Result<(), UpstreamError> {
+        let started = Instant::now();
+        let desired = self.twin_section("desired").await?;
+        m::twin_get_upstream(&self.id.to_string(), started.elapsed().as_secs_f64());
         let version = desired.get("$version").and_then(|v| v.as_i64());
         self.apply(core, crate::core::twins::strip_meta(desired))
             .await;
@@ -728,21 +737,7 @@ impl TwinLink {
         &mut self,
         core: &HubCore,
     ) -> Result<crate::core::outbox::Patch, UpstreamError> {
-        let (status, body) = self.request("GET", None, None).await?;
-        if status != 200 {
-            return Err(self.refused("twin GET", status));
-        }
-        let doc: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|source| UpstreamError::Decode {
-                what: "twin GET",
-                identity: self.id.to_string(),
-                source,
-            })?;
-        let parent = doc
-            .get("reported")
-            .and_then(|d| d.as_object())
-            .cloned()
-            .unwrap_or_default();
+        let parent = self.twin_section("reported").await?;
         info!(identity = %self.id, "reported properties resynchronised with the parent");
         Ok(crate::core::outbox::resync_patch(
             &parent,
