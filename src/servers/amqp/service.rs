@@ -27,7 +27,7 @@ use tracing::debug;
 
 use super::{
     amqp_error, clip, convert, custom_condition,
-    links::{bounded, close_receiver, close_sender, is_normal_end, LinkStop},
+    links::{bounded, close_sender, end_receiver, next_delivery, LinkStop},
     ConnState,
 };
 use crate::{
@@ -52,19 +52,9 @@ pub(super) async fn c2d_sends(
     cancel: LinkStop,
 ) {
     loop {
-        let delivery = tokio::select! {
-            _ = cancel.cancelled() => break,
-            d = rx.recv::<Body<Value>>() => d,
-        };
-        let delivery = match delivery {
+        let delivery = match next_delivery(&mut rx, &cancel).await {
             Ok(d) => d,
-            Err(e) => {
-                if !is_normal_end(&e) {
-                    bounded(rx.close_with_error(amqp_error(AmqpError::DecodeError, e.to_string())))
-                        .await;
-                }
-                return;
-            }
+            Err(end) => return end_receiver(rx, &cancel, end).await,
         };
         if !conn.is_service(now_secs()) {
             let why = "the service token has expired";
@@ -89,7 +79,6 @@ pub(super) async fn c2d_sends(
             }
         }
     }
-    close_receiver(rx, &cancel).await;
 }
 
 /// Queues one service message for the device its `to` names.

@@ -25,6 +25,8 @@ use crate::{
     servers::amqp::amqp_error,
 };
 
+use super::UpstreamError;
+
 /// Attaches the C2D receiver of the identity at `path` (`/devices/{d}`), with the C# SDK's
 /// casing, as edgeHub does; credit for one device queue's worth.
 pub(super) async fn attach(
@@ -49,7 +51,12 @@ pub(super) async fn receive(
     device: DeviceId,
     mut rx: Receiver,
     dead: CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), UpstreamError> {
+    let what = || format!("the C2D link of {device}");
+    let failed = |e: &dyn std::fmt::Display| UpstreamError::Link {
+        what: what(),
+        reason: e.to_string(),
+    };
     let mut outcomes = core.c2d.attach_upstream(&device);
     // The parent's deliveries waiting for the device's outcome, by message id.
     let mut unsettled: HashMap<String, DeliveryInfo> = HashMap::new();
@@ -58,20 +65,20 @@ pub(super) async fn receive(
             _ = dead.cancelled() => return Ok(()),
             Some(o) = outcomes.recv() => {
                 match unsettled.remove(&o.message_id) {
-                    Some(info) => settle(&rx, info, &o).await?,
+                    Some(info) => settle(&rx, info, &o).await.map_err(|e| failed(&e))?,
                     // Its delivery was settled by an abandon; the redelivery takes the outcome.
                     None => core.c2d.keep_outcome(&device, o),
                 }
             }
             d = rx.recv::<Body<Value>>() => {
-                let d = d.map_err(|e| format!("the C2D link of {device}: {e}"))?;
+                let d = d.map_err(|e| failed(&e))?;
                 let info = DeliveryInfo::from(&d);
                 let msg = match Message::from_amqp(d.into_message(), Identity::Device(device.clone())) {
                     Ok(m) => m,
                     Err(e) => {
                         warn!(%device, "a C2D message from the parent does not decode; rejected: {e}");
                         let error = amqp_error(AmqpError::DecodeError, e.to_string());
-                        rx.reject(info, error).await.map_err(|e| e.to_string())?;
+                        rx.reject(info, error).await.map_err(|e| failed(&e))?;
                         continue;
                     }
                 };
@@ -79,7 +86,7 @@ pub(super) async fn receive(
                     Ok(FromParent::Queued(mid)) => {
                         if let Err(e) = core.sync().await {
                             warn!(%device, "a C2D message from the parent could not be stored; released: {e}");
-                            rx.release(info).await.map_err(|e| e.to_string())?;
+                            rx.release(info).await.map_err(|e| failed(&e))?;
                             continue;
                         }
                         match mid {
@@ -87,7 +94,7 @@ pub(super) async fn receive(
                                 unsettled.insert(mid, info);
                             }
                             // Without a message id its outcome cannot come back: taken now.
-                            None => rx.accept(info).await.map_err(|e| e.to_string())?,
+                            None => rx.accept(info).await.map_err(|e| failed(&e))?,
                         }
                     }
                     Ok(FromParent::Known(mid)) => {
@@ -95,7 +102,7 @@ pub(super) async fn receive(
                     }
                     Ok(FromParent::Settled(outcome)) => {
                         let o = ParentOutcome { message_id: String::new(), outcome };
-                        settle(&rx, info, &o).await?;
+                        settle(&rx, info, &o).await.map_err(|e| failed(&e))?;
                     }
                     Err(SendError::TooLarge(n)) => {
                         let why = format!("a C2D message of {n} bytes is over the limit");
@@ -103,11 +110,11 @@ pub(super) async fn receive(
                             crate::servers::amqp::custom_condition("amqp:link:message-size-exceeded"),
                             why,
                         );
-                        rx.reject(info, error).await.map_err(|e| e.to_string())?;
+                        rx.reject(info, error).await.map_err(|e| failed(&e))?;
                     }
                     Err(e) => {
                         debug!(%device, "a C2D message from the parent not queued ({e}); released");
-                        rx.release(info).await.map_err(|e| e.to_string())?;
+                        rx.release(info).await.map_err(|e| failed(&e))?;
                     }
                 }
             }
