@@ -999,7 +999,12 @@ impl SaslAcceptor for HubSasl {
                 {
                     outcome(SaslCode::Ok)
                 }
-                _ => outcome(SaslCode::Auth),
+                // An unaccepted certificate was counted (and logged) when it was presented.
+                Some(crate::ops::x509::Presented::Unmatched(_)) => outcome(SaslCode::Auth),
+                _ => {
+                    m::connect_failed("unknown", "not_authenticated");
+                    outcome(SaslCode::Auth)
+                }
             },
             "PLAIN" => {
                 let data = init
