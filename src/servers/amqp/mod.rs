@@ -1089,9 +1089,23 @@ impl SaslAcceptor for HubSasl {
     fn on_init(&mut self, init: SaslInit) -> SaslServerFrame {
         match init.mechanism.0.as_str() {
             "ANONYMOUS" | "MSSBCBS" => outcome(SaslCode::Ok),
+            // RFC 4422 appendix A: an authorization identity, when the client gives one, must
+            // be the identity the certificate proves.
             "EXTERNAL" => match &*lock(&self.conn.x509) {
-                Some(crate::ops::x509::Presented::Identity { .. }) => outcome(SaslCode::Ok),
-                _ => outcome(SaslCode::Auth),
+                Some(crate::ops::x509::Presented::Identity { id, .. })
+                    if external_authzid_ok(
+                        init.initial_response.as_ref().map(|b| b.as_slice()),
+                        id,
+                    ) =>
+                {
+                    outcome(SaslCode::Ok)
+                }
+                // An unaccepted certificate was counted (and logged) when it was presented.
+                Some(crate::ops::x509::Presented::Unmatched(_)) => outcome(SaslCode::Auth),
+                _ => {
+                    m::connect_failed("unknown", "not_authenticated");
+                    outcome(SaslCode::Auth)
+                }
             },
             "PLAIN" => {
                 let data = init
@@ -1117,6 +1131,17 @@ impl SaslAcceptor for HubSasl {
 
     fn on_response(&mut self, _response: SaslResponse) -> SaslServerFrame {
         outcome(SaslCode::Auth)
+    }
+}
+
+/// EXTERNAL's initial response is the authorization identity: none, empty, or the identity
+/// the certificate proved (ids compared ignoring case, as IoT Hub does).
+fn external_authzid_ok(authzid: Option<&[u8]>, proved: &Identity) -> bool {
+    match authzid {
+        None | Some([]) => true,
+        Some(bytes) => {
+            std::str::from_utf8(bytes).is_ok_and(|a| a.eq_ignore_ascii_case(&proved.to_string()))
+        }
     }
 }
 
