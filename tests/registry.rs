@@ -712,3 +712,74 @@ fn clone_cert(c: &edgehub::client::ClientCert) -> edgehub::client::ClientCert {
         key: c.key.clone_key(),
     }
 }
+
+/// A C2D message for `device`, as the service SDK sends it.
+fn c2d_to(device: &str, id: &str) -> Message<Body<Value>> {
+    Message::builder()
+        .properties(fe2o3_amqp::types::messaging::Properties {
+            message_id: Some(id.to_owned().into()),
+            to: Some(format!("/devices/{device}/messages/devicebound")),
+            ..Default::default()
+        })
+        .body(Body::Data(
+            vec![fe2o3_amqp::types::messaging::Data(
+                fe2o3_amqp::types::primitives::Binary::from(id.as_bytes().to_vec()),
+            )]
+            .into(),
+        ))
+        .build()
+}
+
+#[tokio::test]
+async fn a_deleted_device_takes_its_c2d_messages_with_it() {
+    use fe2o3_amqp::types::messaging::{MessageId, Outcome};
+    let hub = start_hub_https("{}", EXTRA).await;
+    let ca = hub.settings.data_dir.join("certs").join("edge-ca.pem");
+    let mut svc = timeout(
+        WAIT,
+        edgehub::client::Client::connect_service(
+            hub.hub.as_ref().unwrap().amqps_addr,
+            "localhost",
+            &ca,
+            IOTHUB,
+            "service",
+            &Key::from_base64(SERVICE_KEY).unwrap(),
+        ),
+    )
+    .await
+    .expect("connect in time")
+    .expect("service token accepted");
+    let mut tx = svc.sender("/messages/devicebound").await.unwrap();
+    let mut send = async |device: &str, id: &str| {
+        let outcome = timeout(WAIT, tx.send(c2d_to(device, id)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+    };
+
+    let r = call(&hub, "PUT", "/devices/dev5", None, &new_device("dev5")).await;
+    assert_eq!(r.status, 200);
+    send("dev5", "before-delete").await;
+    let r = call(&hub, "DELETE", "/devices/dev5", Some("\"*\""), &Json::Null).await;
+    assert_eq!(r.status, 204);
+
+    // Created again with the same id, the device receives only what was sent since.
+    let r = call(&hub, "PUT", "/devices/dev5", None, &new_device("dev5")).await;
+    assert_eq!(r.status, 200);
+    let key = key_of(&r.body);
+    send("dev5", "after-create").await;
+    let mut c = connect(&hub, &device("dev5"), &key).await.unwrap();
+    let mut rx = c
+        .receiver("/devices/dev5/messages/devicebound")
+        .await
+        .unwrap();
+    let d = timeout(WAIT, rx.recv::<Body<Value>>())
+        .await
+        .expect("a message in time")
+        .unwrap();
+    let mid = d.message().properties.as_ref().unwrap().message_id.clone();
+    assert_eq!(mid, Some(MessageId::String("after-create".into())));
+    rx.accept(&d).await.unwrap();
+    hub.stop().await;
+}

@@ -577,6 +577,26 @@ impl C2d {
         queue.endpoint.space.notify_waiters();
     }
 
+    /// Drops every message queued for `device`, as IoT Hub drops a deleted device's queue, so
+    /// that a device created again with the same id starts empty; returns how many. Messages
+    /// in flight on a link still open stay until that link ends. Blocking (the store may read
+    /// from disk): call it off the async workers.
+    pub fn purge(&self, device: &DeviceId) -> usize {
+        let Some(queue) = self.queues.get(&queue_key(device)).map(|q| q.clone()) else {
+            return 0;
+        };
+        let mut purged = 0;
+        while let Some(q) = queue.endpoint.pop() {
+            queue.endpoint.ack(q.seq);
+            purged += 1;
+        }
+        queue.endpoint.store.write_removals();
+        lock(&queue.abandons).clear();
+        lock(&queue.from_parent).clear();
+        lock(&queue.settled_offline).clear();
+        purged
+    }
+
     /// Messages held in every device queue (for `edgehub_c2d_queue_length`).
     pub fn queued(&self) -> usize {
         self.queues.iter().map(|e| e.len()).sum()

@@ -877,8 +877,12 @@ pub async fn delete_device(
         .remove(&core.auth, gone.iter().map(Identity::key).collect())
         .await?;
     forget_twins(core, &gone).await;
+    let (c2d, device) = (core.c2d.clone(), d.clone());
+    let purged = tokio::task::spawn_blocking(move || c2d.purge(&device))
+        .await
+        .unwrap_or_default();
     crate::metrics::registry_identities(core.registry.len());
-    tracing::info!(device = %d, modules = gone.len() - 1, "registry device deleted");
+    tracing::info!(device = %d, modules = gone.len() - 1, c2d_purged = purged, "registry device deleted");
     Ok(())
 }
 
