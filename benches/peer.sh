@@ -17,6 +17,7 @@
 #        N (50000)  RUNS (3)  RATES ("2000 10000")  KS (10000)  STAGES ("connection session link")
 #        OUT        result lines (default target/peer-bench/<date>.jsonl): one procmon.py JSON
 #                   line per throughput run, one amqp_conns_c JSON line per K and stage
+#        LABEL      names the hub in the result labels (default: the checkout's short commit)
 #        PORT       first AMQPS port (default 25671; the hub also takes PORT+1000 and PORT+2000)
 # Needs gcc, libqpid-proton11-dev and python3. Every wait is bounded (timeout), and only the
 # hubs this script started are stopped, by their PID.
@@ -41,14 +42,22 @@ cleanup() {
 }
 trap cleanup EXIT
 cp -a "$PEER_KIT/." "$kit/"; chmod -R u+w "$kit"; cd "$kit"
+# The kit's config leaves MQTT on its default 0.0.0.0:8883, which another hub on the machine
+# may hold: give it a loopback port next to the others.
+sed -i 's|"metrics": "127.0.0.1:$((HUB_PORT + 2000))"|&,\n    "mqtts": "127.0.0.1:$((HUB_PORT + 3000))"|' brokers/start_edgehub.sh
+grep -q '"mqtts"' brokers/start_edgehub.sh || { echo "cannot set the MQTT port in the kit's start script" >&2; exit 1; }
 gcc -O2 -Wall -o amqp_bench_c amqp_bench_c.c -lqpid-proton
 gcc -O2 -Wall -o amqp_conns_c amqp_conns_c.c -lqpid-proton
-rev=$(git -C "$root" rev-parse --short HEAD)$(git -C "$root" diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo -dirty)
+rev=${LABEL:-$(git -C "$root" rev-parse --short HEAD)$(git -C "$root" diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo -dirty)}
 export EDGEHUB
 
 start_hub() { # dir port [max connections]
+  local out
   hub_dir=$1
-  HUB_DIR=$1 HUB_PORT=$2 HUB_MAX_CONN=${3:-1000} brokers/start_edgehub.sh > /dev/null
+  # one retry: a just-stopped hub's port can take a moment to free
+  out=$(HUB_DIR=$1 HUB_PORT=$2 HUB_MAX_CONN=${3:-1000} brokers/start_edgehub.sh 2>&1) ||
+    { sleep 2; out=$(HUB_DIR=$1 HUB_PORT=$2 HUB_MAX_CONN=${3:-1000} brokers/start_edgehub.sh 2>&1); } ||
+    { echo "$out" >&2; tail -5 "$1/hub.log" >&2; exit 1; }
   # shellcheck disable=SC1091
   source "$1/hub.env"
 }
