@@ -114,6 +114,23 @@ impl Client {
         }
     }
 
+    /// Connects as the service SDK does: TLS, then a service token for `policy` (`sr` = `host`,
+    /// `skn` = the policy) put on `$cbs`.
+    pub async fn connect_service(
+        addr: SocketAddr,
+        server_name: &str,
+        ca_pem: &Path,
+        host: &str,
+        policy: &str,
+        key: &Key,
+    ) -> Result<Self, ClientError> {
+        let tls = tls_connect(addr, server_name, ca_pem).await?;
+        let mut client = Self::open_plain(tls, server_name).await?;
+        let token = make_token(host, key, now_secs() + 3600, Some(policy));
+        put_token(&mut client.session, host, &token).await?;
+        Ok(client)
+    }
+
     /// Opens the AMQP connection and a session on `stream`, without a token.
     async fn open_plain<S>(stream: S, server_name: &str) -> Result<Self, ClientError>
     where
