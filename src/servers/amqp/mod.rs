@@ -96,8 +96,10 @@ pub(crate) struct ConnState {
     /// signal descends from it.
     root: CancellationToken,
     /// Put-token replies: the sender side, and the receiver until a response link takes it.
-    /// Replies put before the response link attaches wait here (bounded) for it.
-    cbs_replies: Mutex<CbsReplies>,
+    /// Replies put before the response link attaches wait here (bounded) for it. Made on the
+    /// first `$cbs` use: a connection that authenticates by SASL PLAIN never needs it, and a
+    /// tokio channel holds a block of 32 slots (about 5 KB here) from its creation on.
+    cbs_replies: Mutex<Option<CbsReplies>>,
     /// Set by the first valid token or SASL PLAIN identity; read by the frame guard.
     authenticated: Arc<AtomicBool>,
     /// This connection's place among the pending ones, until it authenticates.
@@ -143,7 +145,7 @@ impl ConnState {
             others: links::LinkStop::new(root.child_token()),
             authorized: Mutex::new(HashMap::new()),
             root,
-            cbs_replies: Mutex::new(CbsReplies::new()),
+            cbs_replies: Mutex::new(None),
             authenticated: Arc::new(AtomicBool::new(false)),
             pending: Mutex::new(None),
             close_reason: Arc::default(),
@@ -330,6 +332,7 @@ impl ConnState {
     /// replies queued before it attached; a later one takes over and the older one ends.
     pub fn take_cbs_replies(&self) -> mpsc::Receiver<(tokio::time::Instant, cbs::CbsReply)> {
         let mut r = lock(&self.cbs_replies);
+        let r = r.get_or_insert_with(CbsReplies::new);
         match r.rx.take() {
             Some(rx) => rx,
             None => {
@@ -343,7 +346,10 @@ impl ConnState {
     /// Queues a put-token reply for the response link (attached or still to come); it waits
     /// at most [`CBS_REPLY_WAIT`] for room and for the link.
     pub async fn send_cbs_reply(&self, reply: cbs::CbsReply) -> bool {
-        let tx = lock(&self.cbs_replies).tx.clone();
+        let tx = lock(&self.cbs_replies)
+            .get_or_insert_with(CbsReplies::new)
+            .tx
+            .clone();
         let deadline = tokio::time::Instant::now() + CBS_REPLY_WAIT;
         matches!(
             tokio::time::timeout_at(deadline, tx.send((deadline, reply))).await,
@@ -624,7 +630,9 @@ where
         faults: conn.faults.clone(),
     };
     let idle_ms = u32::try_from(limits.idle_timeout_secs.saturating_mul(1000)).unwrap_or(u32::MAX);
-    let handshake = async {
+    // Boxed: the TLS, SASL and open futures are large and live only until the open, while
+    // this task lives as long as the connection.
+    let handshake = Box::pin(async {
         let (mut stream, presented) = handshake.await.map_err(HandshakeError::Tls)?;
         conn.presented(&core, presented);
         let mut header = [0u8; 8];
@@ -660,7 +668,7 @@ where
             builder.build().accept(stream).await?
         };
         Ok::<_, HandshakeError>(handle)
-    };
+    });
     let handshake = tokio::select! {
         // Shutdown (or an eviction) does not wait for handshakes in progress.
         _ = conn.root.cancelled() => None,
@@ -744,10 +752,8 @@ async fn run_connection(
         };
         let Some(incoming) = incoming else { break };
         let fault = conn.faults.signal(incoming.channel);
-        match session_acceptor
-            .accept_incoming_session(incoming, &mut handle)
-            .await
-        {
+        // Boxed, as the attach below: a transient future kept out of the long-lived task.
+        match Box::pin(session_acceptor.accept_incoming_session(incoming, &mut handle)).await {
             Ok(session) => {
                 let (conn, core, cancel) = (conn.clone(), core.clone(), cancel.clone());
                 tracker.spawn(run_session(session, conn, core, cancel, fault).in_current_span());
@@ -863,7 +869,7 @@ async fn run_session(
             _ => None,
         };
         let acceptor = acceptors.for_link(kind.as_ref().ok(), role);
-        let link = match acceptor.accept_incoming_attach(attach, &mut session).await {
+        let link = match Box::pin(acceptor.accept_incoming_attach(attach, &mut session)).await {
             Ok(l) => l,
             Err(e) => {
                 debug!(link = %clip(&name), error = ?e, "link attach failed");
