@@ -176,9 +176,7 @@ async fn cbs_requests(
         let reply = cbs::handle(delivery.message(), &core.auth, now_secs());
         match &reply.granted {
             Some((id, expiry)) => {
-                if conn.authorize(id.clone(), *expiry) {
-                    core.client_connected(id);
-                }
+                conn.grant(&core, id, *expiry);
                 debug!(identity = %id, "put-token accepted");
             }
             None => {

@@ -4,9 +4,16 @@
 //! * CONNECT must come first and within `limits.authTimeoutSecs`. Client id `{d}` or `{d}/{m}`
 //!   of an identity this hub serves, else CONNACK 2; username
 //!   `{host}/{clientId}/?api-version=…` for the same identity, password a SAS token verified as
-//!   `$cbs` verifies it (key, host, expiry), else CONNACK 5 (4 for a username that does not
-//!   parse, 1 for a protocol level other than 4). The connection ends when the token expires
+//!   `$cbs` verifies it (key, host, expiry), or no password and a TLS client certificate that
+//!   proves the identity ([`crate::ops::x509`]), else CONNACK 5 (4 for a username that does not
+//!   parse, 1 for a protocol level other than 4); a password is checked even when a certificate
+//!   came too (edgeHub's order). The connection ends when the token (or certificate) expires
 //!   (beyond the clock skew): MQTT has no renewal in band, the SDKs reconnect with a new token.
+//! * Will: a CONNECT's will must be a telemetry topic of the client's own identity (else
+//!   CONNACK 5). It is sent, as IoT Hub sends it, as a telemetry message from the client with
+//!   the application property `iothub-MessageType: Will`, when the connection ends without a
+//!   DISCONNECT (the client vanished, broke a rule, timed out, was replaced, or the hub stopped),
+//!   routed and made durable like any message.
 //! * Keep-alive: nothing received for 1.5 × the client's keep-alive (10 min when that is 0 or
 //!   longer) ends the connection.
 //! * A QoS 1 telemetry PUBLISH is answered once the message is durable: it is queued by
@@ -38,7 +45,7 @@ use fe2o3_amqp::types::messaging::MessageId;
 use futures_util::{SinkExt, StreamExt};
 use rumqttc::mqttbytes::{
     v4::{
-        Codec, ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, Subscribe,
+        Codec, ConnAck, ConnectReturnCode, LastWill, Packet, PubAck, Publish, SubAck, Subscribe,
         SubscribeReasonCode, UnsubAck, Unsubscribe,
     },
     Error as CodecError, Protocol, QoS,
@@ -70,6 +77,7 @@ use crate::{
         twins::{TwinLinkRx, TwinOut},
         HubCore,
     },
+    ops::x509::Presented,
     metrics as m,
     model::{
         clip,
@@ -97,7 +105,9 @@ const MAX_AWAITED: usize = 4096;
 /// Why a session ended.
 #[derive(Debug)]
 enum End {
-    /// DISCONNECT, or the client closed the socket.
+    /// DISCONNECT: the client leaves on purpose (its will is dropped).
+    Disconnected,
+    /// The client closed the socket without a DISCONNECT.
     ClientLeft,
     /// Shutdown, or a newer connection of the same client.
     Stopped,
@@ -135,13 +145,15 @@ fn refuse(code: ConnectReturnCode, reason: &'static str, detail: impl Into<Strin
     }
 }
 
-/// Checks a CONNECT's client id, username and SAS password; returns the identity (as this hub
-/// knows it) and the token's expiry.
+/// Checks a CONNECT's client id, username and SAS password (or, without a password, the TLS
+/// client certificate); returns the identity (as this hub knows it) and when its credential
+/// expires.
 pub(crate) fn authenticate(
     core: &HubCore,
     client_id: &str,
     username: Option<&str>,
     password: Option<&str>,
+    certificate: Option<&Presented>,
     now: u64,
 ) -> Result<(Identity, u64), Refusal> {
     use ConnectReturnCode::*;
@@ -174,13 +186,28 @@ pub(crate) fn authenticate(
             "the username names another identity than the client id",
         ));
     }
-    let password = password.filter(|p| !p.is_empty()).ok_or_else(|| {
-        refuse(
-            NotAuthorized,
-            "not_authenticated",
-            "no password (a SAS token is required)",
-        )
-    })?;
+    let Some(password) = password.filter(|p| !p.is_empty()) else {
+        return match certificate {
+            Some(Presented::Identity { id: cert, not_after }) if cert.same_as(&id) => {
+                Ok((id, *not_after))
+            }
+            Some(Presented::Identity { id: cert, .. }) => Err(refuse(
+                NotAuthorized,
+                "not_authenticated",
+                format!("the client certificate is for {cert}"),
+            )),
+            Some(Presented::Unmatched(why)) => Err(refuse(
+                NotAuthorized,
+                "certificate_not_accepted",
+                why.clone(),
+            )),
+            None => Err(refuse(
+                NotAuthorized,
+                "not_authenticated",
+                "no password (a SAS token) and no client certificate",
+            )),
+        };
+    };
     let (token_id, expiry) = core
         .auth
         .verify(password, now)
@@ -201,6 +228,7 @@ pub(super) async fn run<S>(
     mqtt: Arc<Mqtt>,
     stop: CancellationToken,
     ticket: PendingTicket,
+    certificate: Option<Presented>,
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -253,13 +281,23 @@ pub(super) async fn run<S>(
         return;
     }
     let login = connect.login.as_ref();
-    let (id, expiry) = match authenticate(
+    let checked = authenticate(
         &core,
         &connect.client_id,
         login.map(|l| l.username.as_str()),
         login.map(|l| l.password.as_str()),
+        certificate.as_ref(),
         now_secs(),
-    ) {
+    )
+    .and_then(|(id, expiry)| {
+        let will = connect
+            .last_will
+            .as_ref()
+            .map(|w| Will::check(&id, w))
+            .transpose()?;
+        Ok((id, expiry, will))
+    });
+    let (id, expiry, will) = match checked {
         Ok(ok) => ok,
         Err(r) => {
             m::connect_failed(&clip(&connect.client_id), r.reason);
@@ -269,7 +307,8 @@ pub(super) async fn run<S>(
         }
     };
     drop(ticket);
-    let generation = mqtt.take_over(&id, stop.clone());
+    let evict = stop.clone();
+    let generation = core.claim_connection(&id, Box::new(move |_| evict.cancel()));
     let restored = if connect.clean_session {
         if let Err(e) = mqtt.sessions.remove(&id).await {
             warn!(identity = %id, "stored MQTT session not removed: {e}");
@@ -286,7 +325,7 @@ pub(super) async fn run<S>(
     .await
     .is_err()
     {
-        mqtt.release(&id, generation);
+        core.release_connection(&id, generation);
         return;
     }
     core.client_connected(&id);
@@ -320,7 +359,9 @@ pub(super) async fn run<S>(
         .serve(&mut reader, &stop, keep_alive, expires_at)
         .await;
     match &end {
-        End::ClientLeft | End::Stopped => debug!(identity = %id, ?end, "MQTT session ended"),
+        End::Disconnected | End::ClientLeft | End::Stopped => {
+            debug!(identity = %id, ?end, "MQTT session ended")
+        }
         End::TokenExpired => {
             info!(identity = %id, "MQTT token expired; the client must connect with a new one")
         }
@@ -331,8 +372,74 @@ pub(super) async fn run<S>(
         End::Io(e) => debug!(identity = %id, error = %e, "MQTT connection failed"),
     }
     session.teardown().await;
+    if let (Some(will), false) = (will, matches!(end, End::Disconnected)) {
+        will.send(&core, &id, max_message).await;
+    }
     core.client_disconnected(&id);
-    mqtt.release(&id, generation);
+    core.release_connection(&id, generation);
+}
+
+/// A CONNECT's will, checked: sent as telemetry of the client when its connection ends without
+/// a DISCONNECT.
+struct Will {
+    bag: Vec<topic::BagEntry>,
+    payload: Bytes,
+    retain: bool,
+}
+
+/// The application property that marks a will message, as IoT Hub names it.
+pub(crate) const WILL_PROPERTY: &str = "iothub-MessageType";
+
+impl Will {
+    /// The will of `id`'s CONNECT, if its topic is a telemetry topic of `id` with a property
+    /// bag that decodes.
+    fn check(id: &Identity, will: &LastWill) -> Result<Self, Refusal> {
+        let bad = |why: String| refuse(ConnectReturnCode::NotAuthorized, "bad_will", why);
+        let bag = match topic::parse_client_topic(&will.topic) {
+            Ok(ClientTopic::Telemetry {
+                device,
+                module,
+                bag,
+            }) if owns(id, device, module) => topic::decode_bag(bag)
+                .map_err(|e| bad(format!("the will topic's property bag: {e}")))?,
+            _ => {
+                return Err(bad(format!(
+                    "the will topic {} is not a telemetry topic of {id}",
+                    clip(&will.topic)
+                )))
+            }
+        };
+        Ok(Self {
+            bag,
+            payload: will.message.clone(),
+            retain: will.retain,
+        })
+    }
+
+    /// Routes the will as the client's telemetry and makes it durable; a will that cannot be
+    /// queued is logged (nobody is left to tell).
+    async fn send(self, core: &Arc<HubCore>, id: &Identity, max_message: usize) {
+        let mut msg =
+            message_from_publish(id.clone(), self.bag, self.payload.to_vec(), self.retain, false);
+        msg.application_properties.insert(
+            WILL_PROPERTY.to_owned(),
+            fe2o3_amqp::types::primitives::SimpleValue::String("Will".into()),
+        );
+        if msg.size() > max_message {
+            warn!(identity = %id, size = msg.size(), "will message over the size limit; dropped");
+            m::mqtt_refused(&id.to_string(), "too_large");
+            return;
+        }
+        m::ReceivedCache::default().record(&msg);
+        let queued = match ingest(core, &Arc::new(msg)).await {
+            Ok(()) => core.sync().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match queued {
+            Ok(()) => debug!(identity = %id, "will message sent"),
+            Err(e) => warn!(identity = %id, "will message not queued: {e}"),
+        }
+    }
 }
 
 fn connack(code: ConnectReturnCode) -> Packet {
@@ -704,7 +811,7 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
             Packet::Subscribe(s) => self.on_subscribe(s).await,
             Packet::Unsubscribe(u) => self.on_unsubscribe(u).await,
             Packet::PingReq => self.send(Packet::PingResp).await,
-            Packet::Disconnect => Err(End::ClientLeft),
+            Packet::Disconnect => Err(End::Disconnected),
             other => {
                 warn!(identity = %self.id, packet = packet_name(&other), "MQTT packet not allowed here; closing");
                 Err(self.refused("protocol"))
@@ -950,7 +1057,7 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
     }
 
     /// Stores the subscriptions of a clean-session `false` client before they are acknowledged.
-    async fn persist(&self) {
+    async fn persist(&mut self) {
         if self.clean {
             return;
         }
@@ -1189,18 +1296,18 @@ mod tests {
         let leaf_token = token(&core, &leaf, "hub.azure-devices.net", now + 3600);
         let expired = token(&core, &module, "hub.azure-devices.net", now - 3600);
         let user = "hub.azure-devices.net/edge1/filter/?api-version=2021-04-12&DeviceClientType=x";
-        let ok = authenticate(&core, "edge1/filter", Some(user), Some(&good), now).unwrap();
+        let ok = authenticate(&core, "edge1/filter", Some(user), Some(&good), None, now).unwrap();
         assert_eq!(ok, (module.clone(), now + 3600));
-        assert!(authenticate(&core, "edge1/filter", Some(user), Some(&via_gateway), now).is_ok());
+        assert!(authenticate(&core, "edge1/filter", Some(user), Some(&via_gateway), None, now).is_ok());
         let leaf_user = "hub.azure-devices.net/leaf1/?api-version=2019-10-01";
         assert_eq!(
-            authenticate(&core, "leaf1", Some(leaf_user), Some(&leaf_token), now)
+            authenticate(&core, "leaf1", Some(leaf_user), Some(&leaf_token), None, now)
                 .unwrap()
                 .0,
             leaf
         );
         let code = |cid: &str, user: Option<&str>, pw: Option<&str>| {
-            authenticate(&core, cid, user, pw, now)
+            authenticate(&core, cid, user, pw, None, now)
                 .map(|_| ())
                 .map_err(|r| r.code)
         };
@@ -1250,6 +1357,59 @@ mod tests {
             ("leaf1", Some(leaf_user), Some(good.as_str()), NotAuthorized),
         ] {
             assert_eq!(code(cid, user, pw), Err(want), "{cid} {user:?} {pw:?}");
+        }
+        // Without a password, the client certificate decides; with one, the password does.
+        let cert = |id: &Identity| Presented::Identity {
+            id: id.clone(),
+            not_after: now + 60,
+        };
+        let by_cert = |cid: &str, user: &str, pw: Option<&str>, c: Option<&Presented>| {
+            authenticate(&core, cid, Some(user), pw, c, now)
+        };
+        assert_eq!(
+            by_cert("leaf1", leaf_user, None, Some(&cert(&leaf))),
+            Ok((leaf.clone(), now + 60))
+        );
+        assert_eq!(
+            by_cert("leaf1", leaf_user, Some(""), Some(&cert(&leaf))),
+            Ok((leaf.clone(), now + 60))
+        );
+        let other = Identity::Device(DeviceId::parse("other").unwrap());
+        for (pw, c, reason) in [
+            (None, Some(cert(&other)), "not_authenticated"),
+            (
+                None,
+                Some(Presented::Unmatched("thumbprint".into())),
+                "certificate_not_accepted",
+            ),
+            (None, None, "not_authenticated"),
+            (Some(good.as_str()), Some(cert(&leaf)), "not_authenticated"),
+        ] {
+            let r = by_cert("leaf1", leaf_user, pw, c.as_ref()).unwrap_err();
+            assert_eq!((r.code, r.reason), (NotAuthorized, reason), "{pw:?} {c:?}");
+        }
+    }
+
+    #[test]
+    fn a_will_must_be_telemetry_of_the_clients_own_identity() {
+        let leaf = Identity::Device(DeviceId::parse("leaf1").unwrap());
+        let will = |topic: &str| LastWill::new(topic, b"gone".to_vec(), QoS::AtLeastOnce, false);
+        let ok = Will::check(&leaf, &will("devices/leaf1/messages/events/state=lost")).unwrap();
+        assert_eq!(ok.bag, vec![("state".to_owned(), Some("lost".to_owned()))]);
+        assert!(Will::check(&leaf, &will("devices/LEAF1/messages/events/")).is_ok());
+        for topic in [
+            "devices/leaf2/messages/events/",
+            "devices/leaf1/modules/m/messages/events/",
+            "$iothub/twin/GET/?$rid=1",
+            "devices/leaf1/messages/devicebound/",
+            "devices/leaf1/messages/events/a=1&",
+        ] {
+            let r = Will::check(&leaf, &will(topic)).err().unwrap();
+            assert_eq!(
+                (r.code, r.reason),
+                (ConnectReturnCode::NotAuthorized, "bad_will"),
+                "{topic}"
+            );
         }
     }
 
