@@ -771,3 +771,225 @@ async fn mqtt_over_websockets_takes_the_mqtt_connection_slots() {
     amqp.close().await;
     hub.stop().await;
 }
+
+/// A self-signed client certificate with subject CN `cn`.
+fn self_signed(cn: &str) -> ClientCert {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2049, 1, 1);
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = p.self_signed(&key).unwrap();
+    ClientCert {
+        chain: vec![cert.der().clone()],
+        key: rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    }
+}
+
+fn sha256_hex(c: &ClientCert) -> String {
+    ring::digest::digest(&ring::digest::SHA256, &c.chain[0])
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A device's CONNECT without a password (for certificate authentication).
+fn device_connect(device: &str) -> Connect {
+    let mut connect = Connect::new(device);
+    connect.keep_alive = 60;
+    connect.login = Some(Login::new(
+        format!("{IOTHUB}/{device}/?api-version=2021-04-12"),
+        "",
+    ));
+    connect
+}
+
+#[tokio::test]
+async fn a_device_authenticates_with_its_client_certificate_over_mqtts_and_websockets() {
+    let selfie = self_signed("selfie");
+    // Same name, another key: its thumbprint is not selfie's.
+    let stranger = self_signed("selfie");
+    let extra = format!(
+        r#""devices": {{
+            "selfie": {{"x509": {{"primaryThumbprint": "{}"}}}},
+            "keyonly": {{"primaryKey": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}}
+        }},"#,
+        sha256_hex(&selfie)
+    );
+    let routes = r#"{"devices": "FROM /messages/* WHERE NOT IS_DEFINED($connectionModuleId) INTO BrokeredEndpoint(\"/modules/B/inputs/devices\")"}"#;
+    let hub = start_hub_https(routes, &extra).await;
+    let mut b = hub.connect("B").await;
+    let mut b_in = b
+        .receiver("/devices/edge1/modules/B/messages/events")
+        .await
+        .unwrap();
+    for (n, via) in [Via::MqttsCert(&selfie), Via::WebSocketCert(&selfie)]
+        .into_iter()
+        .enumerate()
+    {
+        let (mut c, ack) = Mqtt::connect_with(&hub, via, device_connect("selfie")).await;
+        assert_eq!(ack.code, ConnectReturnCode::Success);
+        let mid = format!("cert-{n}");
+        c.publish1(&format!("devices/selfie/messages/events/%24.mid={mid}"), b"hi")
+            .await;
+        let d = timeout(WAIT, b_in.recv::<Body<Value>>())
+            .await
+            .unwrap()
+            .unwrap();
+        b_in.accept(&d).await.unwrap();
+        let props = d.message().properties.as_ref().unwrap();
+        assert_eq!(props.message_id, Some(mid.into()));
+        c.send(Packet::Disconnect).await;
+        assert!(c.next().await.is_none());
+    }
+    // CONNACK 5: a certificate that matches no device, one for another device than the client
+    // id, and no certificate and no password.
+    for (device, via) in [
+        ("selfie", Via::MqttsCert(&stranger)),
+        ("keyonly", Via::MqttsCert(&selfie)),
+        ("selfie", Via::Mqtts),
+        ("selfie", Via::WebSocket),
+    ] {
+        let (mut c, ack) = Mqtt::connect_with(&hub, via, device_connect(device)).await;
+        assert_eq!(ack.code, ConnectReturnCode::NotAuthorized, "{device}");
+        assert!(c.next().await.is_none(), "closed after a refusal");
+    }
+    let scrape = hub.scrape().await;
+    assert!(
+        scrape.lines().any(|l| l.starts_with("edgehub_client_connect_failed_total{")
+            && l.contains("reason=\"certificate_not_accepted\"")),
+        "{scrape}"
+    );
+    b.close().await;
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn one_connection_per_identity_across_mqtt_and_amqp() {
+    let hub = start_hub(ROUTES, "{}").await;
+    // AMQP first: a newer MQTT connection of A detaches its links and closes it.
+    let mut amqp = hub.connect("A").await;
+    let mut rx = amqp
+        .receiver("/devices/edge1/modules/A/messages/events")
+        .await
+        .unwrap();
+    let (mut mqtt, _) = Mqtt::module(&hub, "A", true).await;
+    let detached = timeout(WAIT, rx.recv::<Body<Value>>())
+        .await
+        .expect("the AMQP link ends in time");
+    let e = detached.err().expect("the AMQP link is detached");
+    assert!(format!("{e:?}").contains("Stolen"), "{e:?}");
+    drop(rx);
+    drop(amqp);
+    // The MQTT connection stays and works.
+    mqtt.send(Packet::PingReq).await;
+    assert_eq!(mqtt.next().await, Some(Packet::PingResp));
+    // MQTT first: a newer AMQP connection of A closes it, and A's inputs go to the AMQP link.
+    let mut amqp = hub.connect("A").await;
+    assert!(mqtt.next().await.is_none(), "the MQTT connection is closed");
+    let mut a_in = amqp
+        .receiver("/devices/edge1/modules/A/messages/events")
+        .await
+        .unwrap();
+    let mut b = hub.connect("B").await;
+    let mut b_out = b
+        .sender("/devices/edge1/modules/B/messages/events")
+        .await
+        .unwrap();
+    timeout(WAIT, b_out.send(amqp_output("back", "after", b"x")))
+        .await
+        .unwrap()
+        .unwrap();
+    let d = timeout(WAIT, a_in.recv::<Body<Value>>())
+        .await
+        .unwrap()
+        .unwrap();
+    a_in.accept(&d).await.unwrap();
+    let core = hub.hub.as_ref().unwrap().core.clone();
+    assert!(core.is_connected(&hub.module("A")));
+    assert_eq!(core.live_connections(), 2, "A and B, once each");
+    amqp.close().await;
+    b.close().await;
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_will_goes_out_as_telemetry_when_a_connection_ends_without_disconnect() {
+    let hub = start_hub(ROUTES, "{}").await;
+    let mut b = hub.connect("B").await;
+    let mut b_in = b
+        .receiver("/devices/edge1/modules/B/messages/events")
+        .await
+        .unwrap();
+    let with_will = |topic: &str| {
+        let mut connect = Connect::new("edge1/A");
+        connect.keep_alive = 60;
+        connect.login = Some(Login::new(username("A"), module_token(&hub, "A")));
+        connect.last_will = Some(LastWill::new(
+            topic,
+            b"gone".to_vec(),
+            QoS::AtLeastOnce,
+            false,
+        ));
+        connect
+    };
+    let will_topic = "devices/edge1/modules/A/messages/events/%24.on=out1&state=lost";
+    // A DISCONNECT drops the will: the next message at B is the one sent after it.
+    let (mut a, ack) = Mqtt::connect_with(&hub, Via::Mqtts, with_will(will_topic)).await;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    a.send(Packet::Disconnect).await;
+    assert!(a.next().await.is_none());
+    let (mut a, _) = Mqtt::connect_with(&hub, Via::Mqtts, with_will(will_topic)).await;
+    a.publish1(
+        "devices/edge1/modules/A/messages/events/%24.on=out1&%24.mid=marker",
+        b"m",
+    )
+    .await;
+    let m = next_at(&mut b_in).await;
+    assert_eq!(
+        m.properties.as_ref().unwrap().message_id,
+        Some("marker".to_owned().into())
+    );
+    assert_eq!(app_property(&m, "iothub-MessageType"), None);
+    // The client vanishes (no DISCONNECT): its will arrives, marked as IoT Hub marks it.
+    drop(a);
+    let will = next_at(&mut b_in).await;
+    assert_eq!(body_bytes(&will), b"gone");
+    assert_eq!(
+        app_property(&will, "iothub-MessageType").as_deref(),
+        Some("Will")
+    );
+    assert_eq!(app_property(&will, "state").as_deref(), Some("lost"));
+    // A connection replaced by a newer one of the same client sends its will too.
+    let (_a, _) = Mqtt::connect_with(&hub, Via::Mqtts, with_will(will_topic)).await;
+    let (_a2, _) = Mqtt::module(&hub, "A", true).await;
+    let will = next_at(&mut b_in).await;
+    assert_eq!(
+        app_property(&will, "iothub-MessageType").as_deref(),
+        Some("Will")
+    );
+    // A will on a topic that is not the client's telemetry is refused with CONNACK 5.
+    for topic in [
+        "devices/edge1/modules/B/messages/events/",
+        "$iothub/twin/GET/?$rid=1",
+    ] {
+        let (mut c, ack) = Mqtt::connect_with(&hub, Via::Mqtts, with_will(topic)).await;
+        assert_eq!(ack.code, ConnectReturnCode::NotAuthorized, "{topic}");
+        assert!(c.next().await.is_none());
+    }
+    b.close().await;
+    hub.stop().await;
+}
+
+/// The next message at an AMQP receiver, accepted.
+async fn next_at(rx: &mut fe2o3_amqp::Receiver) -> Message<Body<Value>> {
+    let d = timeout(WAIT, rx.recv::<Body<Value>>())
+        .await
+        .unwrap()
+        .unwrap();
+    rx.accept(&d).await.unwrap();
+    d.into_message()
+}
