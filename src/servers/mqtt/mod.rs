@@ -23,6 +23,7 @@ pub mod convert;
 mod session;
 pub mod sessions;
 pub mod topic;
+mod will;
 
 use std::{
     collections::VecDeque,

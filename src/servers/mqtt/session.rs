@@ -45,7 +45,7 @@ use fe2o3_amqp::types::messaging::MessageId;
 use futures_util::{SinkExt, StreamExt};
 use rumqttc::mqttbytes::{
     v4::{
-        Codec, ConnAck, ConnectReturnCode, LastWill, Packet, PubAck, Publish, SubAck, Subscribe,
+        Codec, ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, Subscribe,
         SubscribeReasonCode, UnsubAck, Unsubscribe,
     },
     Error as CodecError, Protocol, QoS,
@@ -66,6 +66,7 @@ use super::{
     convert::{input_bag, message_from_publish},
     sessions::Filters,
     topic::{self, ClientTopic, FilterKind, TopicError},
+    will::Will,
     Mqtt, PendingTicket,
 };
 use crate::{
@@ -137,7 +138,11 @@ pub(crate) struct Refusal {
     pub detail: String,
 }
 
-fn refuse(code: ConnectReturnCode, reason: &'static str, detail: impl Into<String>) -> Refusal {
+pub(super) fn refuse(
+    code: ConnectReturnCode,
+    reason: &'static str,
+    detail: impl Into<String>,
+) -> Refusal {
     Refusal {
         code,
         reason,
@@ -377,69 +382,6 @@ pub(super) async fn run<S>(
     }
     core.client_disconnected(&id);
     core.release_connection(&id, generation);
-}
-
-/// A CONNECT's will, checked: sent as telemetry of the client when its connection ends without
-/// a DISCONNECT.
-struct Will {
-    bag: Vec<topic::BagEntry>,
-    payload: Bytes,
-    retain: bool,
-}
-
-/// The application property that marks a will message, as IoT Hub names it.
-pub(crate) const WILL_PROPERTY: &str = "iothub-MessageType";
-
-impl Will {
-    /// The will of `id`'s CONNECT, if its topic is a telemetry topic of `id` with a property
-    /// bag that decodes.
-    fn check(id: &Identity, will: &LastWill) -> Result<Self, Refusal> {
-        let bad = |why: String| refuse(ConnectReturnCode::NotAuthorized, "bad_will", why);
-        let bag = match topic::parse_client_topic(&will.topic) {
-            Ok(ClientTopic::Telemetry {
-                device,
-                module,
-                bag,
-            }) if owns(id, device, module) => topic::decode_bag(bag)
-                .map_err(|e| bad(format!("the will topic's property bag: {e}")))?,
-            _ => {
-                return Err(bad(format!(
-                    "the will topic {} is not a telemetry topic of {id}",
-                    clip(&will.topic)
-                )))
-            }
-        };
-        Ok(Self {
-            bag,
-            payload: will.message.clone(),
-            retain: will.retain,
-        })
-    }
-
-    /// Routes the will as the client's telemetry and makes it durable; a will that cannot be
-    /// queued is logged (nobody is left to tell).
-    async fn send(self, core: &Arc<HubCore>, id: &Identity, max_message: usize) {
-        let mut msg =
-            message_from_publish(id.clone(), self.bag, self.payload.to_vec(), self.retain, false);
-        msg.application_properties.insert(
-            WILL_PROPERTY.to_owned(),
-            fe2o3_amqp::types::primitives::SimpleValue::String("Will".into()),
-        );
-        if msg.size() > max_message {
-            warn!(identity = %id, size = msg.size(), "will message over the size limit; dropped");
-            m::mqtt_refused(&id.to_string(), "too_large");
-            return;
-        }
-        m::ReceivedCache::default().record(&msg);
-        let queued = match ingest(core, &Arc::new(msg)).await {
-            Ok(()) => core.sync().await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match queued {
-            Ok(()) => debug!(identity = %id, "will message sent"),
-            Err(e) => warn!(identity = %id, "will message not queued: {e}"),
-        }
-    }
 }
 
 fn connack(code: ConnectReturnCode) -> Packet {
@@ -1236,7 +1178,7 @@ fn error_body(status: i32, message: &str) -> Vec<u8> {
 }
 
 /// Whether the ids of a topic are `id`'s (case-insensitive, as IoT Hub compares ids).
-fn owns(id: &Identity, device: &str, module: Option<&str>) -> bool {
+pub(super) fn owns(id: &Identity, device: &str, module: Option<&str>) -> bool {
     id.device().as_str().eq_ignore_ascii_case(device)
         && match (id.module(), module) {
             (Some(a), Some(b)) => a.as_str().eq_ignore_ascii_case(b),
@@ -1387,29 +1329,6 @@ mod tests {
         ] {
             let r = by_cert("leaf1", leaf_user, pw, c.as_ref()).unwrap_err();
             assert_eq!((r.code, r.reason), (NotAuthorized, reason), "{pw:?} {c:?}");
-        }
-    }
-
-    #[test]
-    fn a_will_must_be_telemetry_of_the_clients_own_identity() {
-        let leaf = Identity::Device(DeviceId::parse("leaf1").unwrap());
-        let will = |topic: &str| LastWill::new(topic, b"gone".to_vec(), QoS::AtLeastOnce, false);
-        let ok = Will::check(&leaf, &will("devices/leaf1/messages/events/state=lost")).unwrap();
-        assert_eq!(ok.bag, vec![("state".to_owned(), Some("lost".to_owned()))]);
-        assert!(Will::check(&leaf, &will("devices/LEAF1/messages/events/")).is_ok());
-        for topic in [
-            "devices/leaf2/messages/events/",
-            "devices/leaf1/modules/m/messages/events/",
-            "$iothub/twin/GET/?$rid=1",
-            "devices/leaf1/messages/devicebound/",
-            "devices/leaf1/messages/events/a=1&",
-        ] {
-            let r = Will::check(&leaf, &will(topic)).err().unwrap();
-            assert_eq!(
-                (r.code, r.reason),
-                (ConnectReturnCode::NotAuthorized, "bad_will"),
-                "{topic}"
-            );
         }
     }
 
