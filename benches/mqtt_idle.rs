@@ -90,6 +90,7 @@ async fn hold(addr: SocketAddr, config: Arc<rustls::ClientConfig>, i: usize) -> 
         }
         use tokio::io::AsyncWriteExt;
         rx.get_mut().write_all(&out).await.expect("write");
+        rx.get_mut().flush().await.expect("flush");
         match tokio::time::timeout(WAIT, rx.next()).await {
             Ok(Some(Ok(Packet::ConnAck(a)))) if a.code == ConnectReturnCode::Success => {}
             other => panic!("{device}: no CONNACK 0: {other:?}"),
@@ -121,13 +122,14 @@ async fn main() {
         "deviceId": "bench", "iothubHostname": "{IOTHUB}", "gatewayHostname": "localhost",
         "listen": {{"amqps": "127.0.0.1:0", "mqtts": "127.0.0.1:0", "https": null, "metrics": null}},
         "dataDir": "{}", "deviceKey": "YmVuY2gtZGV2aWNlLWtleS0zMi1ieXRlcy1sb25nISE=",
-        "log": {{"level": "warn,edgehub=info"}},
+        "log": {{"level": "{}"}},
         "limits": {{"maxConnections": {}}},
         "devices": {{{}}},
         "$edgeHub": {{"schemaVersion": "1.1", "routes": {{}},
             "storeAndForwardConfiguration": {{"timeToLiveSecs": 7200}}}}
     }}"#,
         dir.join("data").display(),
+        std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn,edgehub=info".into()),
         n + 100,
         devices.join(",")
     );
@@ -155,7 +157,15 @@ async fn main() {
             }
         }
     };
-    std::thread::spawn(move || for _ in lines {});
+    // The hub's warnings and errors (what it logs above `info`) are shown.
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if !line.contains(" INFO ") {
+                eprintln!("hub: {line}");
+            }
+        }
+    });
+    let hub = Stop(child);
 
     let ca = dir.join("data/certs/edge-ca.pem");
     let config = client_config(&ca);
@@ -184,11 +194,7 @@ async fn main() {
     );
     println!("  per connection {:.1} KB ({per:.0} bytes)", per / 1000.0);
     drop(held);
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status();
-    let _ = child.wait();
+    drop(hub);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -207,4 +213,18 @@ fn client_config(ca: &Path) -> Arc<rustls::ClientConfig> {
         .with_root_certificates(roots)
         .with_no_client_auth(),
     )
+}
+
+/// Stops a server process started by this benchmark when dropped, also when a run panics.
+struct Stop(std::process::Child);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        // SIGTERM through the kill command keeps this file free of unsafe/libc.
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let _ = self.0.wait();
+    }
 }

@@ -212,15 +212,6 @@ async fn run(t: &Target, ca: &Path, n: u64, warmup: u64, window: usize) -> (f64,
     )
 }
 
-fn kill(child: &mut Child) {
-    // SIGTERM through the kill command keeps this file free of unsafe/libc.
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let _ = child.wait();
-}
-
 /// Starts the hub; returns it, its MQTTS address and the settings.
 fn start_hub(dir: &Path) -> (Child, SocketAddr, edgehub::config::Settings) {
     let config_text = format!(
@@ -344,7 +335,8 @@ async fn main() {
     let dir: PathBuf =
         std::env::temp_dir().join(format!("edgehub-mqtt-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let (mut hub, hub_addr, settings) = start_hub(&dir);
+    let (hub, hub_addr, settings) = start_hub(&dir);
+    let hub = Stop(hub);
     let certs = dir.join("data/certs");
     let ca = certs.join("edge-ca.pem");
     let hub_target = Target {
@@ -354,14 +346,14 @@ async fn main() {
         subscriber: module_connect(&settings, "B"),
         publish_topic: "devices/bench/modules/A/messages/events/%24.on=out1".into(),
         filter: "devices/bench/modules/B/inputs/#".into(),
-        pid: hub.id(),
+        pid: hub.0.id(),
     };
-    let mut mosquitto = if full {
-        start_mosquitto(&dir, &certs)
+    let mosquitto = if full {
+        start_mosquitto(&dir, &certs).map(|(child, addr)| (Stop(child), addr))
     } else {
         None
     };
-    let mosquitto_target = mosquitto.as_ref().map(|(child, addr)| Target {
+    let mosquitto_target = mosquitto.as_ref().map(|(Stop(child), addr)| Target {
         name: "mosquitto",
         addr: *addr,
         publisher: anonymous("bench-pub"),
@@ -396,9 +388,21 @@ async fn main() {
         }
         None => println!("  median: hub {hub_median:.0} msg/s"),
     }
-    if let Some((child, _)) = mosquitto.as_mut() {
-        kill(child);
-    }
-    kill(&mut hub);
+    drop(mosquitto);
+    drop(hub);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Stops a server process started by this benchmark when dropped, also when a run panics.
+struct Stop(std::process::Child);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        // SIGTERM through the kill command keeps this file free of unsafe/libc.
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let _ = self.0.wait();
+    }
 }
