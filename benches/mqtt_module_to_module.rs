@@ -262,6 +262,14 @@ fn start_mosquitto(dir: &Path, certs: &Path) -> Option<(Child, SocketAddr)> {
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port();
+    // Mosquitto started as root reads its files as the `mosquitto` user: readable copies.
+    for f in ["edge-ca.pem", "server.pem", "server.key.pem"] {
+        use std::os::unix::fs::PermissionsExt;
+        let to = dir.join(f);
+        std::fs::copy(certs.join(f), &to).expect("copy a certificate file");
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
+    let certs = dir;
     let conf = dir.join("mosquitto.conf");
     std::fs::write(
         &conf,

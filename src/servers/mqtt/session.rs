@@ -102,6 +102,8 @@ const MAX_KEEP_ALIVE: Duration = Duration::from_secs(600);
 const GENERIC_BAD_REQUEST: i32 = 400_000;
 /// Packet ids awaiting a PUBACK from the client at most (a client that acknowledges nothing).
 const MAX_AWAITED: usize = 4096;
+/// The read buffer a connection starts with: a CONNECT with a SAS token fits.
+const READ_BUFFER: usize = 512;
 
 /// Why a session ended.
 #[derive(Debug)]
@@ -245,8 +247,11 @@ pub(super) async fn run<S>(
         max_outgoing_size: max_message + TOPIC_ROOM,
     };
     let (rd, wr) = tokio::io::split(stream);
-    let mut reader = FramedRead::new(rd, codec.clone());
+    // Most connections are idle most of the time: the codec's buffers start small (tokio-util
+    // gives each 8 KiB) and grow with the packets that need more.
+    let mut reader = FramedRead::with_capacity(rd, codec.clone(), READ_BUFFER);
     let mut writer = FramedWrite::new(wr, codec);
+    *writer.write_buffer_mut() = bytes::BytesMut::new();
     let deadline = Duration::from_secs(limits.auth_timeout_secs);
     let first = tokio::select! {
         _ = stop.cancelled() => return,
