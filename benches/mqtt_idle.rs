@@ -186,7 +186,10 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rss_after = status_kib(pid, "VmRSS:");
     let per = (rss_after.saturating_sub(rss_before)) as f64 * 1024.0 / n as f64;
-    println!("mqtt_idle: {n} idle authenticated MQTTS connections (held {})", held.len());
+    println!(
+        "mqtt_idle: {n} idle authenticated MQTTS connections (held {})",
+        held.len()
+    );
     println!("  connected in {:.1} s", took.as_secs_f64());
     println!(
         "  hub RSS     before {rss_before} KiB, after {rss_after} KiB, peak {} KiB",

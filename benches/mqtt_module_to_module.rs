@@ -104,7 +104,10 @@ async fn connect(addr: SocketAddr, ca: &Path, c: Connect) -> (Rx, Tx) {
         max_incoming_size: 1 << 20,
         max_outgoing_size: 1 << 20,
     };
-    let (mut rx, mut tx) = (FramedRead::new(r, codec.clone()), FramedWrite::new(w, codec));
+    let (mut rx, mut tx) = (
+        FramedRead::new(r, codec.clone()),
+        FramedWrite::new(w, codec),
+    );
     tx.send(Packet::Connect(c)).await.expect("CONNECT");
     match tokio::time::timeout(WAIT, rx.next()).await {
         Ok(Some(Ok(Packet::ConnAck(a)))) if a.code == ConnectReturnCode::Success => {}

@@ -758,7 +758,9 @@ async fn mqtt_over_websockets_takes_the_mqtt_connection_slots() {
     let mut connect = Connect::new("edge1/A");
     connect.login = Some(Login::new(username("A"), module_token(&hub, "A")));
     c.send(Packet::Connect(connect)).await;
-    assert!(matches!(c.next().await, Some(Packet::ConnAck(a)) if a.code == ConnectReturnCode::Success));
+    assert!(
+        matches!(c.next().await, Some(Packet::ConnAck(a)) if a.code == ConnectReturnCode::Success)
+    );
     // Now MQTTS finds no slot: the connection is closed at once.
     use tokio::io::AsyncReadExt;
     let addr = hub.hub.as_ref().unwrap().mqtts_addr.unwrap();
@@ -833,8 +835,11 @@ async fn a_device_authenticates_with_its_client_certificate_over_mqtts_and_webso
         let (mut c, ack) = Mqtt::connect_with(&hub, via, device_connect("selfie")).await;
         assert_eq!(ack.code, ConnectReturnCode::Success);
         let mid = format!("cert-{n}");
-        c.publish1(&format!("devices/selfie/messages/events/%24.mid={mid}"), b"hi")
-            .await;
+        c.publish1(
+            &format!("devices/selfie/messages/events/%24.mid={mid}"),
+            b"hi",
+        )
+        .await;
         let d = timeout(WAIT, b_in.recv::<Body<Value>>())
             .await
             .unwrap()
@@ -859,8 +864,10 @@ async fn a_device_authenticates_with_its_client_certificate_over_mqtts_and_webso
     }
     let scrape = hub.scrape().await;
     assert!(
-        scrape.lines().any(|l| l.starts_with("edgehub_client_connect_failed_total{")
-            && l.contains("reason=\"certificate_not_accepted\"")),
+        scrape
+            .lines()
+            .any(|l| l.starts_with("edgehub_client_connect_failed_total{")
+                && l.contains("reason=\"certificate_not_accepted\"")),
         "{scrape}"
     );
     b.close().await;
@@ -880,7 +887,7 @@ async fn one_connection_per_identity_across_mqtt_and_amqp() {
     let detached = timeout(WAIT, rx.recv::<Body<Value>>())
         .await
         .expect("the AMQP link ends in time");
-    let e = detached.err().expect("the AMQP link is detached");
+    let e = detached.expect_err("the AMQP link is detached");
     assert!(format!("{e:?}").contains("Stolen"), "{e:?}");
     drop(rx);
     drop(amqp);

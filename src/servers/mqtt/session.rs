@@ -78,13 +78,13 @@ use crate::{
         twins::{TwinLinkRx, TwinOut},
         HubCore,
     },
-    ops::x509::Presented,
     metrics as m,
     model::{
         clip,
         identity::{DeviceId, Identity, ModuleId},
         sas::{now_secs, MAX_CLOCK_SKEW_SECS},
     },
+    ops::x509::Presented,
     store::{
         durable::StoreError,
         queue::{Endpoint, Queued},
@@ -195,9 +195,10 @@ pub(crate) fn authenticate(
     }
     let Some(password) = password.filter(|p| !p.is_empty()) else {
         return match certificate {
-            Some(Presented::Identity { id: cert, not_after }) if cert.same_as(&id) => {
-                Ok((id, *not_after))
-            }
+            Some(Presented::Identity {
+                id: cert,
+                not_after,
+            }) if cert.same_as(&id) => Ok((id, *not_after)),
             Some(Presented::Identity { id: cert, .. }) => Err(refuse(
                 NotAuthorized,
                 "not_authenticated",
@@ -1245,12 +1246,27 @@ mod tests {
         let user = "hub.azure-devices.net/edge1/filter/?api-version=2021-04-12&DeviceClientType=x";
         let ok = authenticate(&core, "edge1/filter", Some(user), Some(&good), None, now).unwrap();
         assert_eq!(ok, (module.clone(), now + 3600));
-        assert!(authenticate(&core, "edge1/filter", Some(user), Some(&via_gateway), None, now).is_ok());
+        assert!(authenticate(
+            &core,
+            "edge1/filter",
+            Some(user),
+            Some(&via_gateway),
+            None,
+            now
+        )
+        .is_ok());
         let leaf_user = "hub.azure-devices.net/leaf1/?api-version=2019-10-01";
         assert_eq!(
-            authenticate(&core, "leaf1", Some(leaf_user), Some(&leaf_token), None, now)
-                .unwrap()
-                .0,
+            authenticate(
+                &core,
+                "leaf1",
+                Some(leaf_user),
+                Some(&leaf_token),
+                None,
+                now
+            )
+            .unwrap()
+            .0,
             leaf
         );
         let code = |cid: &str, user: Option<&str>, pw: Option<&str>| {

@@ -60,8 +60,13 @@ impl Will {
     /// Routes the will as the client's telemetry and makes it durable; a will that cannot be
     /// queued is logged (nobody is left to tell).
     pub(super) async fn send(self, core: &Arc<HubCore>, id: &Identity, max_message: usize) {
-        let mut msg =
-            message_from_publish(id.clone(), self.bag, self.payload.to_vec(), self.retain, false);
+        let mut msg = message_from_publish(
+            id.clone(),
+            self.bag,
+            self.payload.to_vec(),
+            self.retain,
+            false,
+        );
         msg.application_properties.insert(
             WILL_PROPERTY.to_owned(),
             fe2o3_amqp::types::primitives::SimpleValue::String("Will".into()),
