@@ -87,7 +87,8 @@ impl Mqtt {
 
     /// What the client of a TLS connection proved with its certificate (`None`: it sent none).
     pub(crate) fn identify(&self, tls: &rustls::ServerConnection) -> Option<x509::Presented> {
-        x509::presented(&self.x509, tls)
+        // The registry's certificate devices too, read only when a certificate came.
+        x509::presented(&self.x509, tls, || self.core.auth.live_x509())
     }
 
     /// Lets a new connection in, or `None` when every slot is held by an authenticated one.
