@@ -188,7 +188,7 @@ fn module_env_tells_how_to_connect_over_websockets_and_with_certificates() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("AmqpWs: off (listen.https is null)"),
+        stderr.contains("AmqpWs and MqttWs: off (listen.https is null)"),
         "{stderr}"
     );
     assert!(

@@ -413,7 +413,13 @@ mod tests {
             "modules": {"filter": {}}, "$edgeHub": {"schemaVersion": "1.0", "routes": {}}}"#;
         let settings = crate::config::from_str(text, &Default::default()).unwrap();
         let key = Key::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").unwrap();
-        HubCore::new(settings, &key, twins::TwinStore::in_memory(), None)
+        HubCore::new(
+            settings,
+            &key,
+            twins::TwinStore::in_memory(),
+            registry::Registry::in_memory(),
+            None,
+        )
     }
 
     fn counter(n: &Arc<AtomicUsize>) -> Evict {
