@@ -205,20 +205,17 @@ impl Hub {
         let tasks = TaskTracker::new();
         let tls = TlsAcceptor::from(tls_config);
         // AMQPS and AMQP over WebSockets (on the HTTPS listener) share the connection slots.
-        let gate = crate::servers::amqp::Gate::new(core.clone(), shutdown.clone(), x509);
+        let gate = crate::servers::amqp::Gate::new(core.clone(), shutdown.clone(), x509.clone());
         tasks.spawn(crate::servers::amqp::serve(
             amqps,
             tls.clone(),
             gate.clone(),
         ));
+        // MQTTS and MQTT over WebSockets (on the HTTPS listener) share the MQTT slots.
+        let mqtt =
+            crate::servers::mqtt::Mqtt::new(core.clone(), mqtt_sessions, x509, shutdown.clone());
         if let Some(l) = mqtts {
-            let mqtt = crate::servers::mqtt::Mqtt::new(core.clone(), mqtt_sessions);
-            tasks.spawn(crate::servers::mqtt::serve(
-                l,
-                tls.clone(),
-                mqtt,
-                shutdown.clone(),
-            ));
+            tasks.spawn(crate::servers::mqtt::serve(l, tls.clone(), mqtt.clone()));
         }
         if let Some(l) = https {
             tasks.spawn(crate::servers::http::serve_https(
@@ -226,7 +223,7 @@ impl Hub {
                 tls,
                 core.clone(),
                 shutdown.clone(),
-                gate,
+                crate::servers::http::Upgrades { amqp: gate, mqtt },
             ));
         }
         tasks.spawn(crate::core::housekeeping(core.clone(), shutdown.clone()));

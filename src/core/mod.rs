@@ -29,6 +29,10 @@ use crate::{
 };
 use auth::Authenticator;
 
+/// Ends an identity's connection when a newer one of the same identity arrives (over any
+/// transport); called once, with the core, outside the registry's locks.
+pub type Evict = Box<dyn FnOnce(&HubCore) + Send + Sync>;
+
 /// State shared by every connection: settings, identities, routes and who is connected.
 pub struct HubCore {
     pub settings: Settings,
@@ -38,6 +42,9 @@ pub struct HubCore {
     clients: DashMap<IdentityKey, usize>,
     /// Module → the cancel token of its current input link; a newer link replaces the older.
     input_links: DashMap<IdentityKey, CancellationToken>,
+    /// Identity → its live connection, whatever the transport: (generation, what ends it).
+    connections: DashMap<IdentityKey, (u64, Evict)>,
+    connection_generation: std::sync::atomic::AtomicU64,
     /// Direct-method links and calls in flight.
     pub methods: crate::core::methods::Dispatcher,
     /// Module twins and twin links.
@@ -118,6 +125,8 @@ impl HubCore {
             router: RwLock::new(Arc::new(router)),
             clients: DashMap::new(),
             input_links: DashMap::new(),
+            connections: DashMap::new(),
+            connection_generation: std::sync::atomic::AtomicU64::new(0),
             methods: crate::core::methods::Dispatcher::default(),
             twins,
             registry,
@@ -285,6 +294,33 @@ impl HubCore {
         m::connected_clients(self.clients.len());
     }
 
+    /// Makes a newly authenticated connection the live connection of `id`, whatever its
+    /// transport, and ends the one it replaces (edgeHub's rule: one connection per identity, the
+    /// newer wins, an MQTT connection replaces an AMQP one and the other way round). Returns the
+    /// generation to release it with.
+    pub fn claim_connection(&self, id: &Identity, evict: Evict) -> u64 {
+        use std::sync::atomic::Ordering;
+        let generation = self.connection_generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let old = self.connections.insert(id.key(), (generation, evict));
+        // The map's guard is gone: the old connection's teardown may touch the core freely.
+        if let Some((_, evict)) = old {
+            info!(identity = %id, "a newer connection of this identity replaces the older");
+            evict(self);
+        }
+        generation
+    }
+
+    /// Forgets `id`'s live connection of `generation` (it ended) unless a newer one took over.
+    pub fn release_connection(&self, id: &Identity, generation: u64) {
+        self.connections
+            .remove_if(&id.key(), |_, (g, _)| *g == generation);
+    }
+
+    /// Identities with a live connection.
+    pub fn live_connections(&self) -> usize {
+        self.connections.len()
+    }
+
     /// Registers a module's new input link and cancels the one it replaces.
     pub fn replace_input_link(&self, id: &Identity, link: CancellationToken) {
         let key = id.key();
@@ -361,4 +397,61 @@ pub async fn report_clients(core: Arc<HubCore>, shutdown: CancellationToken) {
         core.write_client_reports().await;
     }
     core.write_client_reports().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    };
+
+    fn core() -> HubCore {
+        let text = r#"{"deviceId": "edge1", "iothubHostname": "hub.azure-devices.net", "gatewayHostname": "gw.local",
+            "listen": {"amqps": "127.0.0.1:0"}, "dataDir": "/nonexistent",
+            "modules": {"filter": {}}, "$edgeHub": {"schemaVersion": "1.0", "routes": {}}}"#;
+        let settings = crate::config::from_str(text, &Default::default()).unwrap();
+        let key = Key::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").unwrap();
+        HubCore::new(
+            settings,
+            &key,
+            twins::TwinStore::in_memory(),
+            registry::Registry::in_memory(),
+            None,
+        )
+    }
+
+    fn counter(n: &Arc<AtomicUsize>) -> Evict {
+        let n = n.clone();
+        Box::new(move |_| {
+            n.fetch_add(1, Ordering::SeqCst);
+        })
+    }
+
+    #[test]
+    fn a_newer_connection_of_an_identity_evicts_the_older_once() {
+        let core = core();
+        let id = Identity::Module(
+            crate::model::identity::DeviceId::parse("edge1").unwrap(),
+            crate::model::identity::ModuleId::parse("filter").unwrap(),
+        );
+        let same = Identity::Module(
+            crate::model::identity::DeviceId::parse("EDGE1").unwrap(),
+            crate::model::identity::ModuleId::parse("Filter").unwrap(),
+        );
+        let (first, second) = (Arc::default(), Arc::default());
+        let g1 = core.claim_connection(&id, counter(&first));
+        assert_eq!(first.load(Ordering::SeqCst), 0);
+        // Ids compare case-insensitively, as IoT Hub compares them.
+        let g2 = core.claim_connection(&same, counter(&second));
+        assert_eq!(first.load(Ordering::SeqCst), 1);
+        assert_eq!(core.live_connections(), 1);
+        // The older one's end does not forget the newer.
+        core.release_connection(&id, g1);
+        assert_eq!(core.live_connections(), 1);
+        core.release_connection(&id, g2);
+        assert_eq!(core.live_connections(), 0);
+        assert_eq!(second.load(Ordering::SeqCst), 0, "released, never evicted");
+    }
 }

@@ -211,9 +211,7 @@ async fn cbs_requests(
                 debug!(policy = %policy, "service put-token accepted");
             }
             (Some((id, expiry)), None) => {
-                if conn.authorize(id.clone(), *expiry) {
-                    core.client_connected(id);
-                }
+                conn.grant(&core, id, *expiry);
                 debug!(identity = %id, "put-token accepted");
             }
             (None, None) => {

@@ -87,6 +87,8 @@ struct Grant {
     id: Identity,
     expiry: u64,
     links: links::LinkStop,
+    /// Its registration as the identity's live connection (`HubCore::claim_connection`).
+    generation: u64,
 }
 
 /// What one connection has proven: identities with a valid token, and their expiry.
@@ -173,13 +175,11 @@ impl ConnState {
     /// Records what the client's certificate proved: an identity is granted until the
     /// certificate expires, as a token would be; a certificate that matches nothing grants
     /// nothing (the connection may still put a token).
-    fn presented(&self, core: &HubCore, presented: Option<crate::ops::x509::Presented>) {
+    fn presented(self: &Arc<Self>, core: &HubCore, presented: Option<crate::ops::x509::Presented>) {
         match &presented {
             Some(crate::ops::x509::Presented::Identity { id, not_after }) => {
                 debug!(identity = %id, "authenticated by its client certificate");
-                if self.authorize(id.clone(), *not_after) {
-                    core.client_connected(id);
-                }
+                self.grant(core, id, *not_after);
             }
             Some(crate::ops::x509::Presented::Unmatched(why)) => {
                 info!("client certificate not accepted: {why}");
@@ -237,9 +237,73 @@ impl ConnState {
             }
             None => {
                 let links = links::LinkStop::new(self.root.child_token());
-                map.insert(key, Grant { id, expiry, links });
+                map.insert(
+                    key,
+                    Grant {
+                        id,
+                        expiry,
+                        links,
+                        generation: 0,
+                    },
+                );
                 true
             }
+        }
+    }
+
+    /// Records a verified identity (see `authorize`). One new on this connection is counted as
+    /// connected and becomes the identity's live connection hub-wide: the connection that had
+    /// it (AMQP or MQTT) loses it, and this one loses it in turn to a newer one ([`Self::evicted`]).
+    pub fn grant(self: &Arc<Self>, core: &HubCore, id: &Identity, expiry: u64) {
+        if !self.authorize(id.clone(), expiry) {
+            return;
+        }
+        core.client_connected(id);
+        let (conn, who) = (Arc::downgrade(self), id.clone());
+        let generation = core.claim_connection(
+            id,
+            Box::new(move |core| {
+                if let Some(conn) = conn.upgrade() {
+                    conn.evicted(core, &who);
+                }
+            }),
+        );
+        if let Some(g) = self.map().get_mut(&id.key()) {
+            g.generation = generation;
+        }
+    }
+
+    /// A newer connection of `id` took over: its links here detach with `amqp:link:stolen`, and
+    /// a connection left with no identity closes with `amqp:connection:forced` (as edgeHub
+    /// closes the AMQP connection whose last identity goes).
+    fn evicted(&self, core: &HubCore, id: &Identity) {
+        let (grant, empty) = {
+            let mut map = self.map();
+            let g = map.remove(&id.key());
+            (g, map.is_empty())
+        };
+        let Some(grant) = grant else { return };
+        let why = "a newer connection of this identity replaced this one";
+        grant.links.stop_with(amqp_error(
+            fe2o3_amqp::types::definitions::LinkError::Stolen,
+            why,
+        ));
+        core.client_disconnected(id);
+        if empty {
+            self.close_with(amqp_error(
+                fe2o3_amqp::types::definitions::ConnectionError::ConnectionForced,
+                why,
+            ));
+        }
+    }
+
+    /// Ends every identity of a closing connection: each leaves the connected clients and,
+    /// unless a newer connection took it over, the live connections.
+    fn release_all(&self, core: &HubCore) {
+        let grants: Vec<Grant> = self.map().drain().map(|(_, g)| g).collect();
+        for g in grants {
+            core.client_disconnected(&g.id);
+            core.release_connection(&g.id, g.generation);
         }
     }
 
@@ -261,7 +325,7 @@ impl ConnState {
 
     /// Ends the grants whose token expired (beyond the clock skew) without a renewal: their
     /// links are closed with `amqp:unauthorized-access`. Returns the identities that expired.
-    fn expire(&self, now: u64) -> Vec<Identity> {
+    fn expire(&self, now: u64) -> Vec<(Identity, u64)> {
         let mut map = self.map();
         let gone: Vec<IdentityKey> = map
             .iter()
@@ -281,7 +345,7 @@ impl ConnState {
                 );
                 g.links
                     .stop_with(amqp_error(AmqpError::UnauthorizedAccess, why));
-                g.id
+                (g.id, g.generation)
             })
             .collect()
     }
@@ -355,10 +419,6 @@ impl ConnState {
             tokio::time::timeout_at(deadline, tx.send((deadline, reply))).await,
             Ok(Ok(()))
         )
-    }
-
-    fn identities(&self) -> Vec<Identity> {
-        self.map().values().map(|g| g.id.clone()).collect()
     }
 }
 
@@ -688,17 +748,13 @@ where
     };
     let Some(handle) = handle else {
         // An identity proven inside the handshake (SASL PLAIN) leaves with it.
-        for id in conn.identities() {
-            core.client_disconnected(&id);
-        }
+        conn.release_all(&core);
         return;
     };
     debug!("connection open");
     run_connection(handle, conn.clone(), core.clone()).await;
     drop(lock(&conn.pending).take());
-    for id in conn.identities() {
-        core.client_disconnected(&id);
-    }
+    conn.release_all(&core);
     debug!("connection closed");
 }
 
@@ -799,9 +855,10 @@ async fn expire_tokens(conn: Arc<ConnState>, core: Arc<HubCore>, cancel: Cancell
             // The sender lives in the core, which this task holds: `changed` cannot fail.
             _ = revoked.changed() => {}
         }
-        for id in conn.expire(now_secs()) {
+        for (id, generation) in conn.expire(now_secs()) {
             debug!(identity = %id, "token expired; links of this identity closed");
             core.client_disconnected(&id);
+            core.release_connection(&id, generation);
         }
     }
 }
@@ -1120,9 +1177,7 @@ impl SaslAcceptor for HubSasl {
                     .unwrap_or_default();
                 match plain_identity(&data, &self.core) {
                     Some((id, expiry)) => {
-                        if self.conn.authorize(id.clone(), expiry) {
-                            self.core.client_connected(&id);
-                        }
+                        self.conn.grant(&self.core, &id, expiry);
                         outcome(SaslCode::Ok)
                     }
                     None => {
