@@ -16,6 +16,9 @@ use std::{
 
 use serde_json::{Map, Value};
 
+pub mod runtime;
+pub use runtime::RuntimeSettings;
+
 use crate::{
     model::identity::{DeviceId, Key, KeyPair, ModuleId},
     routing::route::{parse_statement, Route, DEFAULT_PRIORITY},
@@ -209,6 +212,9 @@ pub struct DeviceSettings {
     pub edge: bool,
     /// Authentication by client certificate (see `x509`); the keys work as well.
     pub x509: Option<crate::model::x509::X509Auth>,
+    /// A child edge device's modules, served to its hub by the device-scope API with their
+    /// keys (explicit, else derived from the child's device key by the module-key rule).
+    pub modules: BTreeMap<ModuleId, Option<KeyPair>>,
 }
 
 /// The validated configuration.
@@ -241,6 +247,8 @@ pub struct Settings {
     pub log_level: String,
     /// The parent this hub forwards to (IoT Hub or a parent edge hub); `None` = standalone.
     pub upstream: Option<UpstreamSettings>,
+    /// Runtime mode (started by the IoT Edge runtime as `$edgeHub`): its workload API.
+    pub runtime: Option<RuntimeSettings>,
 }
 
 /// Where and how this hub connects upstream.
@@ -248,6 +256,8 @@ pub struct Settings {
 pub struct UpstreamSettings {
     pub hostname: String,
     pub port: u16,
+    /// The parent's HTTPS port, for the device-scope API in runtime mode (443).
+    pub scope_port: u16,
     /// PEM bundle of the CAs to trust; `None` = the system's roots.
     pub ca: Option<PathBuf>,
     /// The key of this hub's `$edgeHub` identity; `None` = derived from `deviceKey`.
@@ -354,6 +364,7 @@ fn upstream_settings(w: &mut Walk, u: &Value) -> Option<UpstreamSettings> {
             "tokenLifetimeSecs",
             "protocol",
             "proxy",
+            "httpsPort",
         ],
     )?;
     let hostname = w.string(u, p, "hostname", true).and_then(|h| {
@@ -383,6 +394,7 @@ fn upstream_settings(w: &mut Walk, u: &Value) -> Option<UpstreamSettings> {
         UpstreamProtocol::AmqpWs => 443,
     };
     let port = w.uint(u, p, "port", 65_535).unwrap_or(default_port) as u16;
+    let scope_port = w.uint(u, p, "httpsPort", 65_535).unwrap_or(443) as u16;
     let configured_proxy = w.string(u, p, "proxy", false);
     if configured_proxy.is_some() && protocol == UpstreamProtocol::Amqp {
         w.err(
@@ -431,6 +443,7 @@ fn upstream_settings(w: &mut Walk, u: &Value) -> Option<UpstreamSettings> {
     Some(UpstreamSettings {
         hostname: hostname?,
         port,
+        scope_port,
         ca,
         edge_hub_key,
         min_backoff_ms,
@@ -467,7 +480,11 @@ fn downstream_devices(
                 None
             }
         };
-        let Some(spec) = w.object(spec, &p, &["primaryKey", "secondaryKey", "edge", "x509"]) else {
+        let Some(spec) = w.object(
+            spec,
+            &p,
+            &["primaryKey", "secondaryKey", "edge", "x509", "modules"],
+        ) else {
             continue;
         };
         let keys = w.key_pair(spec, &p, false);
@@ -482,6 +499,32 @@ fn downstream_devices(
                 false
             }
         };
+        let mut modules = BTreeMap::new();
+        if let Some(m) = spec.get("modules") {
+            let mp = child(&p, "modules");
+            match m.as_object() {
+                None => w.err(&mp, "must be an object of module id → keys"),
+                Some(_) if !edge => {
+                    w.err(&mp, "only an edge device (\"edge\": true) has modules here")
+                }
+                Some(m) => {
+                    for (id, keys) in m {
+                        let kp = child(&mp, id);
+                        let module = ModuleId::parse(id)
+                            .map_err(|e| w.err(&kp, format!("invalid module id: {e}")))
+                            .ok();
+                        let Some(keys) = w.object(keys, &kp, &["primaryKey", "secondaryKey"])
+                        else {
+                            continue;
+                        };
+                        let keys = w.key_pair(keys, &kp, false);
+                        if let Some(module) = module {
+                            modules.insert(module, keys);
+                        }
+                    }
+                }
+            }
+        }
         if let Some(device) = device {
             let duplicate = devices
                 .keys()
@@ -489,7 +532,15 @@ fn downstream_devices(
             if duplicate {
                 w.err(&p, "appears twice (ids compare case-insensitively)");
             }
-            devices.insert(device, DeviceSettings { keys, edge, x509 });
+            devices.insert(
+                device,
+                DeviceSettings {
+                    keys,
+                    edge,
+                    x509,
+                    modules,
+                },
+            );
         }
     }
     devices
@@ -574,8 +625,11 @@ fn service_policies(w: &mut Walk, v: Option<&Value>) -> BTreeMap<String, KeyPair
     policies
 }
 
-/// Reads, overrides and compiles a config file.
+/// Reads, overrides and compiles a config file. In runtime mode a missing file is an empty one.
 pub fn load(path: &Path, env: &HashMap<String, String>) -> Result<Settings, ConfigErrors> {
+    if runtime::detected(env) && !path.exists() {
+        return from_str("{}", env);
+    }
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             path: "$".into(),
@@ -593,10 +647,25 @@ pub fn from_str(text: &str, env: &HashMap<String, String>) -> Result<Settings, C
             message: format!("not valid JSON: {e}"),
         }])
     })?;
-    let duplicates = duplicate_keys(text);
+    let mut duplicates = duplicate_keys(text);
+    let runtime = runtime::from_env(env);
+    if let (Some(_), Some(root)) = (&runtime, value.as_object_mut()) {
+        duplicates.extend(runtime::check(root));
+        runtime::fill_defaults(root, env);
+    }
     apply_env(&mut value, env);
+    let runtime = match runtime.transpose() {
+        Ok(r) => r,
+        Err(errors) => {
+            duplicates.extend(errors);
+            None
+        }
+    };
     match compile(&value) {
-        Ok(settings) if duplicates.is_empty() => Ok(settings),
+        Ok(settings) if duplicates.is_empty() => Ok(Settings {
+            runtime,
+            ..settings
+        }),
         Ok(_) => Err(ConfigErrors(duplicates)),
         Err(ConfigErrors(errors)) => {
             Err(ConfigErrors(duplicates.into_iter().chain(errors).collect()))
@@ -693,7 +762,10 @@ fn apply_env(value: &mut Value, env: &HashMap<String, String>) {
         return;
     };
     for (var, key) in ENV_OVERRIDES {
-        let Some(v) = env.get(*var) else { continue };
+        // Ignoring case: edgeAgent injects `EdgeDeviceHostName`.
+        let Some(v) = runtime::env_get(env, var) else {
+            continue;
+        };
         let (obj, leaf) = match key.split_once('.') {
             Some((parent, leaf)) => {
                 let p = root
@@ -706,7 +778,7 @@ fn apply_env(value: &mut Value, env: &HashMap<String, String>) {
             }
             None => (&mut *root, *key),
         };
-        obj.insert(leaf.to_owned(), Value::String(v.clone()));
+        obj.insert(leaf.to_owned(), Value::String(v.to_owned()));
     }
     // As edgeHub: the environment's proxy carries AMQP over WebSockets to the parent, unless
     // the config names one.
@@ -1346,6 +1418,7 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             log_format,
             log_level,
             upstream,
+            runtime: None,
         }),
         _ => Err(ConfigErrors(vec![ConfigError {
             path: "$".into(),

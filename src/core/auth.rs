@@ -13,6 +13,10 @@
 //!
 //! Service tokens (`skn` = a `servicePolicies` name, `sr` = the hub's host name) authenticate
 //! callers of the service API.
+//!
+//! In runtime mode the identities of the device scope ([`crate::core::scope`]) come first: an
+//! identity found there is verified with its keys from the scope (primary, secondary, then its
+//! device's), whatever the config says.
 
 use std::collections::HashMap;
 
@@ -34,6 +38,8 @@ pub struct Authenticator {
     edge_children: HashMap<String, DeviceId>,
     /// Service policies: lower-cased name → (name as configured, keys).
     policies: HashMap<String, (String, KeyPair)>,
+    /// The device scope's identities (runtime mode), attached once at start.
+    scope: std::sync::OnceLock<std::sync::Arc<crate::core::scope::ScopeCache>>,
 }
 
 fn lower(id: &Identity) -> IdentityKey {
@@ -126,13 +132,27 @@ impl Authenticator {
             identities,
             edge_children,
             policies,
+            scope: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Makes the device scope's identities known (runtime mode); once.
+    pub fn attach_scope(&self, scope: std::sync::Arc<crate::core::scope::ScopeCache>) {
+        let _ = self.scope.set(scope);
+    }
+
+    /// The device scope, in runtime mode.
+    pub fn scope(&self) -> Option<&std::sync::Arc<crate::core::scope::ScopeCache>> {
+        self.scope.get()
     }
 
     /// The canonical identity for an identity named in a token, address or request: as
     /// configured for identities with keys; for a module of a child edge device, the child as
     /// configured and the module as named.
     pub fn known(&self, id: &Identity) -> Option<Identity> {
+        if let Some(canonical) = self.scope().and_then(|s| s.known(id)) {
+            return Some(canonical);
+        }
         if let Some((canonical, _)) = self.identities.get(&lower(id)) {
             return Some(canonical.clone());
         }
@@ -229,9 +249,13 @@ impl Authenticator {
         {
             return Err(SasError::WrongHost(host));
         }
-        let (canonical, keys) = match self.identities.get(&lower(&id)) {
-            Some((canonical, keys)) => (canonical.clone(), keys.clone()),
-            None => self
+        let (canonical, keys) = match (
+            self.scope().and_then(|s| s.keys(&id)),
+            self.identities.get(&lower(&id)),
+        ) {
+            (Some(from_scope), _) => from_scope,
+            (None, Some((canonical, keys))) => (canonical.clone(), keys.clone()),
+            (None, None) => self
                 .child_module(&id)
                 .ok_or_else(|| SasError::UnknownIdentity(id.to_string()))?,
         };

@@ -9,6 +9,7 @@ pub mod delivery;
 pub mod ingest;
 pub mod methods;
 pub mod outbox;
+pub mod scope;
 pub mod twin_requests;
 pub mod twins;
 
@@ -51,7 +52,23 @@ pub struct HubCore {
     /// here; `report_clients` writes them in the background.
     client_reports: std::sync::Mutex<serde_json::Map<String, serde_json::Value>>,
     client_reports_ready: tokio::sync::Notify,
+    /// This hub's device key (standalone mode): the keys of the identities it serves to child
+    /// hubs' device-scope calls derive from it.
+    pub device_key: Key,
+    /// The downstream devices as the config names them now (replaced on reload): what the
+    /// device-scope API serves to child hubs.
+    served: RwLock<
+        Arc<
+            std::collections::BTreeMap<
+                crate::model::identity::DeviceId,
+                crate::config::DeviceSettings,
+            >,
+        >,
+    >,
 }
+
+/// How long a connecting client waits for its identity to be looked up at the parent.
+const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl HubCore {
     pub fn new(
@@ -97,7 +114,10 @@ impl HubCore {
             &recovered,
         );
         let outbox = outbox::Outbox::new(settings.upstream.is_some());
+        let served = RwLock::new(Arc::new(settings.devices.clone()));
         Self {
+            device_key: device_key.clone(),
+            served,
             settings,
             auth,
             router: RwLock::new(Arc::new(router)),
@@ -141,6 +161,57 @@ impl HubCore {
                 Err(e) => tracing::error!(identity = %id, "desired properties not updated: {e}"),
             }
         }
+    }
+
+    /// Runtime mode: before a token is verified, makes sure the device-scope cache can judge
+    /// it. An identity it does not know, or whose token its keys do not verify (keys rotated),
+    /// is looked up at the parent once (throttled per identity), for at most
+    /// [`LOOKUP_TIMEOUT`]. Service tokens and standalone mode pass through.
+    pub async fn learn(&self, token: &str) {
+        let Some(scope) = self.auth.scope() else {
+            return;
+        };
+        let Ok(t) = crate::model::sas::SasToken::parse(token) else {
+            return;
+        };
+        if t.skn.is_some() {
+            return;
+        }
+        let Ok((_, id)) = t.audience() else { return };
+        match self.auth.verify(token, crate::model::sas::now_secs()) {
+            Err(crate::model::sas::SasError::UnknownIdentity(_))
+            | Err(crate::model::sas::SasError::BadSignature(_)) => {}
+            _ => return,
+        }
+        if tokio::time::timeout(LOOKUP_TIMEOUT, scope.lookup(&id))
+            .await
+            .is_err()
+        {
+            warn!(identity = %id, "the identity lookup at the parent timed out");
+        }
+    }
+
+    /// The downstream devices the device-scope API serves (the config's, as last reloaded).
+    pub fn served_devices(
+        &self,
+    ) -> Arc<
+        std::collections::BTreeMap<crate::model::identity::DeviceId, crate::config::DeviceSettings>,
+    > {
+        self.served
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the downstream devices the device-scope API serves (config reload).
+    pub fn set_served_devices(
+        &self,
+        devices: std::collections::BTreeMap<
+            crate::model::identity::DeviceId,
+            crate::config::DeviceSettings,
+        >,
+    ) {
+        *self.served.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(devices);
     }
 
     /// Swaps in new routes and TTL; queues and connections stay as they are.

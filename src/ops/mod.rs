@@ -1,6 +1,10 @@
-//! Operations: certificates and `edgehub check`.
+//! Operations: certificates, `edgehub check`, and the IoT Edge runtime's APIs (the workload
+//! API, the parent's device-scope API).
 
 pub mod check;
+pub mod device_scope;
 pub mod proxy;
+pub mod runtime;
 pub mod tls;
+pub mod workload;
 pub mod x509;

@@ -253,6 +253,10 @@ pub(super) async fn run<S>(
         return;
     }
     let login = connect.login.as_ref();
+    if let Some(l) = login {
+        // Runtime mode: an identity new to this hub is looked up at the parent first.
+        core.learn(&l.password).await;
+    }
     let (id, expiry) = match authenticate(
         &core,
         &connect.client_id,

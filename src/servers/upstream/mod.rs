@@ -84,37 +84,55 @@ fn identities(core: &HubCore) -> Vec<Identity> {
         .iter()
         .filter(|(_, spec)| !spec.edge)
         .map(|(d, _)| Identity::Device(d.clone()));
+    // In runtime mode, the modules of this device that the device scope names as well.
+    let scoped = core
+        .auth
+        .scope()
+        .map(|s| s.own_modules())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| !core.settings.modules.contains_key(m));
     edge_hub
         .into_iter()
         .chain(core.settings.modules.keys().cloned())
+        .chain(scoped)
         .map(|m| Identity::Module(device.clone(), m))
         .chain(leaves)
         .collect()
 }
 
+/// What signs this hub's `$edgeHub` tokens.
+#[derive(Clone)]
+pub enum EdgeHubSigner {
+    /// A key from the config or derived from the device key (standalone mode).
+    Key(Key),
+    /// The workload API (runtime mode): the hub holds no key.
+    Workload(crate::ops::workload::Workload),
+}
+
 /// The keys tokens upstream are signed with.
 #[derive(Clone)]
 pub struct UpstreamKeys {
-    /// This hub's `$edgeHub` key: tokens on behalf of its own modules.
-    pub edge_hub: Key,
+    /// This hub's `$edgeHub` signer: tokens on behalf of its own modules.
+    pub edge_hub: EdgeHubSigner,
     /// This hub's device key: leaf devices' keys derive from it unless configured.
     pub device: Key,
 }
 
 /// The token put for `id`: this hub's `$edgeHub` token for its own identities (the audience
 /// names the one acted for), a leaf device's own token for a leaf device.
-fn token_for(core: &HubCore, keys: &UpstreamKeys, id: &Identity) -> String {
+async fn token_for(core: &HubCore, keys: &UpstreamKeys, id: &Identity) -> Result<String, String> {
     match id {
         Identity::Device(d) if *d != core.settings.device_id => {
             let key = crate::core::auth::device_keys(&core.settings, &keys.device, d).primary;
-            make_token(
+            Ok(make_token(
                 &resource_for(&core.settings.iothub_hostname, id),
                 &key,
                 now_secs() + token_lifetime(core),
                 None,
-            )
+            ))
         }
-        _ => edge_hub_token(core, &keys.edge_hub),
+        _ => edge_hub_token(core, &keys.edge_hub).await,
     }
 }
 
@@ -150,6 +168,11 @@ pub async fn run(
                     offline_secs = offline.unwrap_or(0.0),
                     "upstream connected"
                 );
+                // A reconnection may follow changes made meanwhile: refresh the device scope
+                // (throttled), as edgeHub does.
+                if let Some(scope) = core.auth.scope() {
+                    scope.request_refresh();
+                }
                 let why = serve(&core, &up, live, &keys, &shutdown).await;
                 if shutdown.is_cancelled() {
                     return;
@@ -208,17 +231,28 @@ fn audience(host: &str, id: &Identity) -> String {
     resource_for(host, id)
 }
 
-fn edge_hub_token(core: &HubCore, key: &Key) -> String {
-    let me = Identity::Module(
-        core.settings.device_id.clone(),
-        ModuleId::parse("$edgeHub").expect("$edgeHub is a valid module id"),
-    );
-    make_token(
-        &resource_for(&core.settings.iothub_hostname, &me),
-        key,
-        now_secs() + token_lifetime(core),
-        None,
-    )
+async fn edge_hub_token(core: &HubCore, signer: &EdgeHubSigner) -> Result<String, String> {
+    let edge_hub = ModuleId::parse("$edgeHub").map_err(|e| e.to_string())?;
+    let expiry = now_secs() + token_lifetime(core);
+    match signer {
+        EdgeHubSigner::Key(key) => {
+            let me = Identity::Module(core.settings.device_id.clone(), edge_hub);
+            Ok(make_token(
+                &resource_for(&core.settings.iothub_hostname, &me),
+                key,
+                expiry,
+                None,
+            ))
+        }
+        EdgeHubSigner::Workload(w) => {
+            let sr = crate::ops::workload::client_sr(
+                &core.settings.iothub_hostname,
+                &core.settings.device_id,
+                &edge_hub,
+            );
+            w.token(&sr, expiry).await.map_err(|e| e.to_string())
+        }
+    }
 }
 
 fn link_properties(channel: Option<String>) -> Fields {
@@ -280,10 +314,10 @@ async fn connect_inner(
     let host = &core.settings.iothub_hostname;
     let mut ids = Vec::new();
     for id in identities(core) {
-        match cbs
-            .put_token(&audience(host, &id), &token_for(core, keys, &id))
+        let token = token_for(core, keys, &id)
             .await
-        {
+            .map_err(|e| format!("signing the token of {id}: {e}"))?;
+        match cbs.put_token(&audience(host, &id), &token).await {
             Ok(()) => ids.push(id),
             // One identity the parent does not know must not keep the others offline.
             Err(CbsError::Refused(status, why)) => tracing::error!(
@@ -431,7 +465,9 @@ async fn serve(
             }
             let host = renew_core.settings.iothub_hostname.clone();
             for id in &carried {
-                let token = token_for(&renew_core, &renew_keys, id);
+                let token = token_for(&renew_core, &renew_keys, id)
+                    .await
+                    .map_err(|e| format!("signing the token of {id}: {e}"))?;
                 cbs.put_token(&audience(&host, id), &token)
                     .await
                     .map_err(|e| format!("renewing the token of {id}: {e}"))?;
