@@ -661,7 +661,7 @@ pub fn from_str(text: &str, env: &HashMap<String, String>) -> Result<Settings, C
             None
         }
     };
-    match compile(&value) {
+    match compile(&value, runtime.is_some()) {
         Ok(settings) if duplicates.is_empty() => Ok(Settings {
             runtime,
             ..settings
@@ -948,7 +948,9 @@ fn hostname_ok(h: &str) -> bool {
         })
 }
 
-fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
+/// `runtime`: the modules come from the device scope, so routes may name modules the file
+/// does not list.
+fn compile(root: &Value, runtime: bool) -> Result<Settings, ConfigErrors> {
     let mut w = Walk { errors: Vec::new() };
     let Some(o) = w.object(
         root,
@@ -1369,7 +1371,7 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
     // A route into a module this hub does not know can never deliver.
     route_errors.extend(routes.iter().filter_map(|r| match &r.statement.sink {
         crate::routing::route::Sink::ModuleInput { module, .. }
-            if !modules.contains_key(module) =>
+            if !runtime && !modules.contains_key(module) =>
         {
             Some(ConfigError {
                 path: child("$[\"$edgeHub\"].routes", &r.name),
