@@ -204,6 +204,14 @@ impl Hub {
         };
         let core = Arc::new(HubCore::new(settings, &key, twins, store));
         core.apply_desired(&core.settings.modules).await;
+        if core.settings.runtime.is_some() {
+            // The routes the `$edgeHub` twin last brought, until the parent sends it again.
+            let edge_hub = crate::model::identity::ModuleId::parse("$edgeHub")
+                .map_err(|e| StartError::EdgeHubId(e.to_string()))?;
+            let me =
+                crate::model::identity::Identity::Module(core.settings.device_id.clone(), edge_hub);
+            core.apply_edge_hub_twin(&core.twins.get(&me).desired);
+        }
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         if let Some(scope) = scope {

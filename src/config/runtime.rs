@@ -120,20 +120,41 @@ pub fn from_env(
 
 /// Fills in what a runtime-mode config file may leave out, before the file is compiled.
 pub fn fill_defaults(root: &mut Map<String, Value>, env: &HashMap<String, String>) {
-    let mut default = |key: &str, v: Value| {
+    let default = |root: &mut Map<String, Value>, key: &str, v: Value| {
         root.entry(key.to_owned()).or_insert(v);
     };
     default(
+        root,
         "listen",
         json!({"amqps": "0.0.0.0:5671", "mqtts": "0.0.0.0:8883", "https": "0.0.0.0:443",
                "metrics": "0.0.0.0:9600"}),
     );
+    // edgeAgent's .NET level names (text after a comma ignored, as edgeHub reads it).
+    let level = env_get(env, "RuntimeLogLevel").and_then(|l| {
+        match l.split(',').next()?.trim().to_ascii_lowercase().as_str() {
+            "verbose" => Some("trace"),
+            "debug" => Some("debug"),
+            "info" | "information" => Some("info"),
+            "warning" => Some("warn"),
+            "error" | "fatal" => Some("error"),
+            _ => None,
+        }
+    });
+    if let Some(level) = level {
+        let log = root.entry("log".to_owned()).or_insert_with(|| json!({}));
+        if let Some(log) = log.as_object_mut() {
+            log.entry("level".to_owned())
+                .or_insert(Value::String(level.to_owned()));
+        }
+    }
     let storage = env_get(env, "StorageFolder").unwrap_or("/tmp");
     default(
+        root,
         "dataDir",
         Value::String(format!("{}/edgeHub", storage.trim_end_matches('/'))),
     );
     default(
+        root,
         "$edgeHub",
         json!({"schemaVersion": "1.1", "routes": {}, "storeAndForwardConfiguration": {}}),
     );
@@ -158,6 +179,44 @@ pub fn fill_defaults(root: &mut Map<String, Value>, env: &HashMap<String, String
             }
         }
     }
+}
+
+/// The `$edgeHub` section of a deployment as the `$edgeHub` twin's desired properties carry it
+/// (edgeHub's `configSource: twin`), compiled as the config file's section is.
+#[derive(Debug, Clone)]
+pub struct EdgeHubDesired {
+    pub routes: Vec<crate::routing::route::Route>,
+    /// Routes that did not compile; the others run.
+    pub route_errors: Vec<ConfigError>,
+    pub time_to_live_secs: Option<u64>,
+    pub max_store_bytes: Option<u64>,
+}
+
+/// Compiles the `$edgeHub` twin's desired properties (`$`-prefixed metadata ignored).
+pub fn edge_hub_desired(
+    settings: &super::Settings,
+    desired: &Map<String, Value>,
+) -> Result<EdgeHubDesired, super::ConfigErrors> {
+    let section: Map<String, Value> = desired
+        .iter()
+        .filter(|(k, _)| !k.starts_with('$'))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let root = json!({
+        "deviceId": settings.device_id.as_str(),
+        "iothubHostname": settings.iothub_hostname,
+        "gatewayHostname": settings.gateway_hostname,
+        "listen": {"amqps": settings.listen.amqps.to_string()},
+        "dataDir": settings.data_dir,
+        "$edgeHub": section,
+    });
+    let s = super::compile(&root, true)?;
+    Ok(EdgeHubDesired {
+        routes: s.routes,
+        route_errors: s.route_errors,
+        time_to_live_secs: s.time_to_live_secs,
+        max_store_bytes: s.max_store_bytes,
+    })
 }
 
 /// What runtime mode forbids in the file: keys of `$edgeHub` (the workload API signs).
@@ -238,11 +297,32 @@ mod tests {
         e.insert("IOTEDGE_GATEWAYHOSTNAME".into(), "parent1.local".into());
         e.insert("storagefolder".into(), "/data/".into());
         e.insert("UpstreamProtocol".into(), "AmqpWs".into());
+        e.insert("RuntimeLogLevel".into(), "Warning".into());
         let s = crate::config::from_str("{}", &e).unwrap();
+        assert_eq!(s.log_level, "warn");
         let up = s.upstream.unwrap();
         assert_eq!(up.hostname, "parent1.local");
         assert_eq!(up.protocol, crate::config::UpstreamProtocol::AmqpWs);
         assert_eq!(s.data_dir, std::path::PathBuf::from("/data/edgeHub"));
+    }
+
+    #[test]
+    fn the_edge_hub_twin_brings_routes_and_store_settings() {
+        let s = crate::config::from_str("{}", &runtime_env()).unwrap();
+        let desired = json!({
+            "schemaVersion": "1.1",
+            "routes": {"r1": "FROM /messages/modules/a/* INTO BrokeredEndpoint(\"/modules/b/inputs/in\")",
+                       "bad": "FROM nowhere"},
+            "storeAndForwardConfiguration": {"timeToLiveSecs": 60, "storeLimits": {"maxSizeBytes": 1048576}},
+            "$version": 4
+        });
+        let d = edge_hub_desired(&s, desired.as_object().unwrap()).unwrap();
+        assert_eq!(d.routes.len(), 1);
+        assert_eq!(d.route_errors.len(), 1);
+        assert_eq!(d.time_to_live_secs, Some(60));
+        assert_eq!(d.max_store_bytes, Some(1_048_576));
+        let wrong = json!({"schemaVersion": "9.9", "routes": {}});
+        assert!(edge_hub_desired(&s, wrong.as_object().unwrap()).is_err());
     }
 
     #[test]

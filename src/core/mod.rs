@@ -214,6 +214,36 @@ impl HubCore {
         *self.served.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(devices);
     }
 
+    /// Runtime mode: the `$edgeHub` twin's desired properties (from the parent) are the
+    /// deployment's `$edgeHub` section: its routes, TTL and store limit replace the running ones,
+    /// as a config reload does. A section that does not compile changes nothing.
+    pub fn apply_edge_hub_twin(&self, desired: &serde_json::Map<String, serde_json::Value>) {
+        if self.settings.runtime.is_none() || !desired.contains_key("routes") {
+            return;
+        }
+        match crate::config::runtime::edge_hub_desired(&self.settings, desired) {
+            Ok(d) => {
+                for e in &d.route_errors {
+                    warn!(path = %e.path, "invalid route from the $edgeHub twin skipped: {}", e.message);
+                }
+                m::invalid_routes(d.route_errors.len());
+                let n = d.routes.len();
+                self.reload_routes(d.routes, d.time_to_live_secs);
+                if let Some(store) = &self.store {
+                    if store.usage().1 != d.max_store_bytes {
+                        store.set_limit(d.max_store_bytes);
+                    }
+                }
+                info!(routes = n, "routes from the $edgeHub twin");
+            }
+            Err(errs) => {
+                for e in &errs.0 {
+                    warn!("the $edgeHub twin's desired properties are not applied: {e}");
+                }
+            }
+        }
+    }
+
     /// Swaps in new routes and TTL; queues and connections stay as they are.
     pub fn reload_routes(
         &self,

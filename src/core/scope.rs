@@ -187,6 +187,9 @@ pub struct ScopeCache {
     wake: tokio::sync::Notify,
     /// Store writes in order (a refresh's writes never interleave with a lookup's).
     writes: tokio::sync::Mutex<()>,
+    /// Counts changes to the set of identities (added, removed), for whoever carries them
+    /// (the upstream connection).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 fn key_of(id: &Identity) -> IdentityKey {
@@ -206,7 +209,17 @@ impl ScopeCache {
             initialised: AtomicBool::new(false),
             wake: tokio::sync::Notify::new(),
             writes: tokio::sync::Mutex::new(()),
+            changes: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// A receiver that sees every change to the set of identities.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
     }
 
     /// A cache kept in `ks` (partition `device_scope`), sealed by `sealer` with `iv`; loads
@@ -396,7 +409,14 @@ impl ScopeCache {
             (changed, removed)
         };
         let n = next.len();
+        let added = {
+            let known = self.read();
+            next.keys().any(|k| !known.contains_key(k))
+        };
         *self.known.write().unwrap_or_else(|p| p.into_inner()) = next;
+        if added || !removed.is_empty() {
+            self.changed();
+        }
         self.initialised.store(true, Ordering::Release);
         self.write_through(&changed, &removed).await;
         info!(
@@ -455,6 +475,7 @@ impl ScopeCache {
                 }
                 if !changed.is_empty() {
                     info!(identity = %id, "identity fetched from the device scope");
+                    self.changed();
                 }
                 self.write_through(&changed, &[]).await;
             }
@@ -467,6 +488,7 @@ impl ScopeCache {
                     .remove(&k);
                 if was.is_some() {
                     info!(identity = %id, "identity removed: {why}");
+                    self.changed();
                     self.write_through(&[], std::slice::from_ref(&k)).await;
                 }
             }

@@ -12,11 +12,31 @@ const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
 const { Message } = require('azure-iot-device');
-const { fromEnv, loopback, openClient, startHub, withTimeout } = require('./hub');
+const { fromEnv, httpsPost, loopback, openClient, sasToken, startHub, withTimeout } = require('./hub');
 const { startWorkload } = require('./workload');
 
 const CHILD = 'child1';
 const CHILD_KEY = crypto.randomBytes(32).toString('base64');
+const SERVICE_KEY = crypto.randomBytes(32).toString('base64');
+
+/// PATCHes a twin at `hub` through its service API.
+function patchTwin(hub, twinPath, body) {
+  const https = require('node:https');
+  const token = `${sasToken(hub.host, SERVICE_KEY, Math.floor(Date.now() / 1000) + 3600)}&skn=service`;
+  const data = JSON.stringify(body);
+  return withTimeout(new Promise((resolve, reject) => {
+    const req = https.request({
+      host: hub.host, port: 443, path: `${twinPath}?api-version=2021-04-12`, method: 'PATCH', ca: hub.caPem(),
+      headers: { authorization: token, 'if-match': '*', 'content-type': 'application/json', 'content-length': Buffer.byteLength(data) },
+    }, (res) => {
+      let text = '';
+      res.on('data', (d) => { text += d; });
+      res.on('end', () => resolve({ status: res.statusCode, body: text }));
+    });
+    req.on('error', reject);
+    req.end(data);
+  }), 20000, `PATCH ${twinPath}`);
+}
 
 async function openModule(workload, module, gateway) {
   const c = await fromEnv(workload.moduleEnv(module, gateway));
@@ -24,16 +44,18 @@ async function openModule(workload, module, gateway) {
   return c;
 }
 
+/// The next message on `input`. One listener per client stays for the client's life: removing
+/// the last one makes the SDK detach its input link, and a close soon after that can hang.
 function nextInput(client, input) {
-  return new Promise((resolve) => {
-    const on = (name, msg) => {
-      if (name !== input) return;
+  if (!client.waiting) {
+    client.waiting = [];
+    client.on('inputMessage', (name, msg) => {
       client.complete(msg, () => {});
-      client.removeListener('inputMessage', on);
-      resolve(msg);
-    };
-    client.on('inputMessage', on);
-  });
+      const i = client.waiting.findIndex((w) => w.input === name);
+      if (i >= 0) client.waiting.splice(i, 1)[0].resolve(msg);
+    });
+  }
+  return new Promise((resolve) => client.waiting.push({ input, resolve }));
 }
 
 async function sendOutput(client, output, body) {
@@ -54,7 +76,10 @@ test('runtime mode: workload API, device scope from the parent, modules from the
   const parent = await startHub({
     modules: { sink: {} },
     routes: { fromChild: 'FROM /messages/* WHERE $connectionDeviceId = \'child1\' INTO BrokeredEndpoint("/modules/sink/inputs/child")' },
-    extra: { devices: { [CHILD]: { primaryKey: CHILD_KEY, edge: true, modules: { sender: {}, receiver: {} } } } },
+    extra: {
+      devices: { [CHILD]: { primaryKey: CHILD_KEY, edge: true, modules: { sender: {}, receiver: {} } } },
+      servicePolicies: { service: { primaryKey: SERVICE_KEY } },
+    },
   });
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'edgehub-runtime-'));
   const childHost = loopback();
@@ -64,7 +89,7 @@ test('runtime mode: workload API, device scope from the parent, modules from the
   let child;
   t.after(async () => {
     try {
-      await withTimeout(Promise.all(clients.map((c) => c.close().catch(() => {}))), 20000, 'close clients');
+      await withTimeout(Promise.all(clients.map((c, i) => withTimeout(c.close(), 15000, `close client ${i}`))), 20000, 'close clients');
     } finally {
       if (child) await child.stop();
       await parent.stop();
@@ -140,6 +165,20 @@ test('runtime mode: workload API, device scope from the parent, modules from the
     await child.waitLog(/identity fetched from the device scope/);
   });
 
+  await t.test('the $edgeHub twin\'s desired properties from the parent are the child\'s routes', async () => {
+    const routes = {
+      toReceiver: 'FROM /messages/modules/sender/outputs/out INTO BrokeredEndpoint("/modules/receiver/inputs/in")',
+      viaTwin: 'FROM /messages/modules/sender/outputs/twin INTO BrokeredEndpoint("/modules/receiver/inputs/twin")',
+    };
+    const desired = { schemaVersion: '1.1', routes, storeAndForwardConfiguration: { timeToLiveSecs: 7200 } };
+    const r = await patchTwin(parent, `/twins/${CHILD}/modules/%24edgeHub`, { properties: { desired } });
+    assert.equal(r.status, 200, r.body);
+    await child.waitLog(/routes from the \$edgeHub twin[^\n]*routes=2/);
+    const got = nextInput(receiver, 'twin');
+    const id = await sendOutput(sender, 'twin', { via: 'twin' });
+    assert.equal((await withTimeout(got, 15000, 'message by the twin\'s route')).messageId, id);
+  });
+
   await t.test('after a restart with the parent offline, modules authenticate from the encrypted cache', async () => {
     await parent.halt();
     await Promise.all(clients.splice(0).map((c) => withTimeout(c.close(), 15000, 'close').catch(() => {})));
@@ -152,6 +191,11 @@ test('runtime mode: workload API, device scope from the parent, modules from the
     const receiver2 = await openModule(workload, 'receiver', childHost);
     clients.push(receiver2);
     await roundTrip(sender2, receiver2);
+    // The twin's routes were kept.
+    const got = nextInput(receiver2, 'twin');
+    const id = await sendOutput(sender2, 'twin', { after: 'restart' });
+    const msg = await withTimeout(got, 15000, 'the twin\'s route after the restart').catch((e) => { console.log(child.log()); throw e; });
+    assert.equal(msg.messageId, id);
     const stranger = await fromEnv(workload.moduleEnv('stranger', childHost));
     await assert.rejects(withTimeout(stranger.open(), 20000, 'stranger open'));
     await stranger.close().catch(() => {});

@@ -146,7 +146,10 @@ async function startWorkload({ dir, deviceId, deviceKey, extraTrust = '' }) {
       };
     },
     close() {
-      return new Promise((resolve) => server.close(() => resolve()));
+      const closed = new Promise((resolve) => server.close(() => resolve()));
+      // Keep-alive connections of clients (the SDKs) would hold the close.
+      server.closeAllConnections();
+      return closed;
     },
   };
 }

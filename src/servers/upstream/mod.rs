@@ -225,6 +225,8 @@ struct Live {
     _cbs_session: SessionHandle<()>,
     cbs: Cbs,
     links: Vec<IdentityLinks>,
+    /// The identities this connection was opened for (refused ones included).
+    carrying: Vec<Identity>,
 }
 
 fn audience(host: &str, id: &Identity) -> String {
@@ -313,7 +315,8 @@ async fn connect_inner(
         .map_err(|e| e.to_string())?;
     let host = &core.settings.iothub_hostname;
     let mut ids = Vec::new();
-    for id in identities(core) {
+    let carrying = identities(core);
+    for id in carrying.clone() {
         let token = token_for(core, keys, &id)
             .await
             .map_err(|e| format!("signing the token of {id}: {e}"))?;
@@ -395,6 +398,7 @@ async fn connect_inner(
         _cbs_session: cbs_session,
         cbs,
         links,
+        carrying,
     })
 }
 
@@ -475,8 +479,30 @@ async fn serve(
             debug!("upstream tokens renewed");
         }
     });
+    // Runtime mode: a module of this device that the device scope adds (or removes) needs its
+    // own links, which are made at connect: reconnect when the carried set changes.
+    let mut scope_changes = core.auth.scope().map(|s| s.watch());
+    let carried_now = std::mem::take(&mut live.carrying);
+    let scope_changed = async {
+        let Some(rx) = scope_changes.as_mut() else {
+            return std::future::pending().await;
+        };
+        // A change between the connect and the subscription.
+        if identities(core) != carried_now {
+            return;
+        }
+        loop {
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if identities(core) != carried_now {
+                return;
+            }
+        }
+    };
     let why = tokio::select! {
         _ = shutdown.cancelled() => "shutting down".to_owned(),
+        () = scope_changed => "the device scope changed the identities to carry; reconnecting".to_owned(),
         r = live.connection.on_close() => match r {
             Ok(()) => "the parent closed the connection".to_owned(),
             Err(e) => format!("connection ended: {e}"),
@@ -741,6 +767,13 @@ impl TwinLink {
     }
 
     async fn apply(&self, core: &HubCore, desired: Map<String, serde_json::Value>) {
+        let own_edge_hub = Identity::Module(
+            core.settings.device_id.clone(),
+            ModuleId::parse("$edgeHub").expect("$edgeHub is a valid module id"),
+        );
+        if self.id == own_edge_hub {
+            core.apply_edge_hub_twin(&desired);
+        }
         match core.twins.set_desired(&self.id, &desired).await {
             Ok(Some(v)) => {
                 info!(identity = %self.id, version = v, "desired properties updated from upstream")
