@@ -254,6 +254,10 @@ impl Hub {
             ));
         }
         tasks.spawn(crate::core::housekeeping(core.clone(), shutdown.clone()));
+        tasks.spawn(crate::core::c2d::feedback_writer(
+            core.clone(),
+            shutdown.clone(),
+        ));
         if let Some(up) = core.settings.upstream.clone() {
             tasks.spawn(crate::core::report_clients(core.clone(), shutdown.clone()));
             let edge_hub = crate::model::identity::ModuleId::parse("$edgeHub")

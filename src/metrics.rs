@@ -30,6 +30,12 @@ pub const OPEN_CONNECTIONS: &str = "edgehub_open_connections";
 pub const BYTES_RECEIVED: &str = "edgehub_bytes_received_total";
 pub const BYTES_SENT: &str = "edgehub_bytes_sent_total";
 pub const INVALID_ROUTES: &str = "edgehub_invalid_routes";
+pub const C2D_RECEIVED: &str = "edgehub_c2d_messages_received_total";
+pub const C2D_DELIVERED: &str = "edgehub_c2d_messages_delivered_total";
+pub const C2D_SETTLED: &str = "edgehub_c2d_messages_settled_total";
+pub const C2D_REFUSED: &str = "edgehub_c2d_messages_refused_total";
+pub const C2D_FEEDBACK: &str = "edgehub_c2d_feedback_records_total";
+pub const C2D_QUEUE_LENGTH: &str = "edgehub_c2d_queue_length";
 
 pub const DROP_NO_ROUTE: &str = "no_route";
 pub const DROP_TTL: &str = "ttl_expiry";
@@ -117,6 +123,30 @@ fn describe() {
         INVALID_ROUTES,
         "Configured routes that are invalid and not running"
     );
+    describe_counter!(
+        C2D_RECEIVED,
+        "Cloud-to-device messages queued for a device, by source (service, upstream)"
+    );
+    describe_counter!(
+        C2D_DELIVERED,
+        "Cloud-to-device deliveries to devices (a redelivery counts again)"
+    );
+    describe_counter!(
+        C2D_SETTLED,
+        "Cloud-to-device messages settled, by outcome (completed, abandoned, rejected, expired, delivery_count_exceeded)"
+    );
+    describe_counter!(
+        C2D_REFUSED,
+        "Cloud-to-device messages refused, by reason (device_not_found, queue_full, too_large, storage)"
+    );
+    describe_counter!(
+        C2D_FEEDBACK,
+        "Feedback records written for the service, or dropped with a full feedback queue, by result"
+    );
+    describe_gauge!(
+        C2D_QUEUE_LENGTH,
+        "Cloud-to-device messages held for devices (queued or delivered, not settled)"
+    );
     describe_counter!(DIRECT_METHODS, "Direct method calls");
     describe_histogram!(
         DIRECT_METHOD_DURATION,
@@ -173,6 +203,14 @@ pub fn unacked(reason: &'static str, msg: &Message) {
 
 pub fn queue_length_gauge(endpoint: &str, priority: u32) -> metrics::Gauge {
     gauge!(QUEUE_LENGTH, "endpoint" => endpoint.to_owned(), "priority" => priority.to_string())
+}
+
+pub fn c2d_queue_length(n: usize) {
+    gauge!(C2D_QUEUE_LENGTH).set(n as f64);
+}
+
+pub fn c2d_refused(reason: &'static str) {
+    counter!(C2D_REFUSED, "reason" => reason).increment(1);
 }
 
 pub fn connect_success(id: &str) {

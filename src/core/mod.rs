@@ -5,6 +5,7 @@
 //! results back into frames; nothing here imports a server.
 
 pub mod auth;
+pub mod c2d;
 pub mod delivery;
 pub mod ingest;
 pub mod methods;
@@ -46,6 +47,8 @@ pub struct HubCore {
     queues: Box<crate::routing::router::QueueFactory>,
     /// Reported patches waiting to go upstream (empty in standalone mode).
     pub outbox: outbox::Outbox,
+    /// Cloud-to-device queues (one per device) and feedback.
+    pub c2d: Arc<c2d::C2d>,
     /// Client connection states not yet written to `$edgeHub`'s reported `clients`, by encoded
     /// client id: the newest state of each, so the map holds at most one entry per identity.
     /// Connects and disconnects (some inside the SASL exchange, which cannot wait) only record
@@ -97,15 +100,19 @@ impl HubCore {
             }),
         };
         // Queues that hold messages from before a restart exist even if no route feeds them.
-        let recovered: Vec<crate::routing::route::Sink> = store
+        let recovered_ids = store
             .as_ref()
-            .map(|s| {
-                s.recovered_endpoints()
-                    .iter()
-                    .filter_map(|id| crate::routing::router::sink_of(id))
-                    .collect()
-            })
+            .map(|s| s.recovered_endpoints())
             .unwrap_or_default();
+        let recovered: Vec<crate::routing::route::Sink> = recovered_ids
+            .iter()
+            .filter_map(|id| crate::routing::router::sink_of(id))
+            .collect();
+        let c2d = Arc::new(c2d::C2d::new(
+            settings.device_id.clone(),
+            c2d_queues(store.clone()),
+            &recovered_ids,
+        ));
         let router = Router::new(
             &settings.device_id,
             settings.routes.clone(),
@@ -126,6 +133,7 @@ impl HubCore {
             methods: crate::core::methods::Dispatcher::default(),
             twins,
             outbox,
+            c2d,
             store,
             queues,
             client_reports: Default::default(),
@@ -270,6 +278,7 @@ impl HubCore {
         for e in self.router().endpoints() {
             e.publish_lengths();
         }
+        m::c2d_queue_length(self.c2d.queued());
         if let Some(s) = &self.store {
             let (held, limit) = s.usage();
             m::store_bytes(s.disk_bytes(), held, limit);
@@ -377,6 +386,26 @@ impl HubCore {
     }
 }
 
+/// The queues of C2D messages: [`c2d::MAX_QUEUED`] per device, [`c2d::FEEDBACK_QUEUE`]
+/// feedback messages; in the durable store when there is one.
+fn c2d_queues(
+    store: Option<Arc<crate::store::durable::DurableStore>>,
+) -> Box<crate::routing::router::QueueFactory> {
+    let capacity = |id: &str| match id.starts_with('$') && !id.starts_with("$c2d/") {
+        true => c2d::FEEDBACK_QUEUE,
+        false => c2d::MAX_QUEUED,
+    };
+    match store {
+        Some(s) => Box::new(move |id: &str| {
+            Arc::new(s.queue(id, capacity(id), false)) as Arc<dyn crate::store::queue::QueueStore>
+        }),
+        None => Box::new(move |id: &str| {
+            Arc::new(crate::store::queue::MemoryQueue::new(capacity(id)))
+                as Arc<dyn crate::store::queue::QueueStore>
+        }),
+    }
+}
+
 /// Once a second: drops expired messages from every queue, so a message with a short TTL does
 /// not wait behind longer-lived ones, measures the store's files and writes out its removals;
 /// on a blocking thread, since each of these may wait on the disk. On shutdown the removals are
@@ -395,6 +424,7 @@ pub async fn housekeeping(core: Arc<HubCore>, shutdown: CancellationToken) {
                 for e in core.router().endpoints() {
                     e.expire_now();
                 }
+                core.c2d.expire_now();
             }
             if let Some(store) = &core.store {
                 if !stop {

@@ -30,6 +30,9 @@ pub struct CbsReply {
     pub granted: Option<(Identity, u64)>,
     /// Set when the token named an identity but failed, for metrics.
     pub refused_id: Option<String>,
+    /// Set when the token was a good service token (`skn` names a `servicePolicies` policy):
+    /// the policy and the token's expiry.
+    pub service: Option<(String, u64)>,
 }
 
 fn app_string(m: &Message<Body<Value>>, key: &str) -> Option<String> {
@@ -60,6 +63,7 @@ pub fn handle(m: &Message<Body<Value>>, auth: &Authenticator, now_secs: u64) -> 
         correlation_id: correlation_id.clone(),
         granted: None,
         refused_id: None,
+        service: None,
     };
     match app_string(m, "operation").as_deref() {
         Some("put-token") => {}
@@ -92,6 +96,17 @@ pub fn handle(m: &Message<Body<Value>>, auth: &Authenticator, now_secs: u64) -> 
         },
         _ => return reply(400, "the token must be an amqp-value string".into()),
     };
+    // A service token names its policy (`skn`); device and module tokens do not.
+    let is_service = crate::model::sas::SasToken::parse(&token).is_ok_and(|t| t.skn.is_some());
+    if is_service {
+        return match auth.verify_service(&token, now_secs) {
+            Ok(grant) => CbsReply {
+                service: Some(grant),
+                ..reply(200, "OK".into())
+            },
+            Err(e) => reply(401, e.to_string()),
+        };
+    }
     match auth.verify_put_token(&token, &audience, now_secs) {
         Ok((id, expiry)) => CbsReply {
             granted: Some((id, expiry)),

@@ -4,7 +4,10 @@ use std::{sync::Arc, time::Duration};
 
 use fe2o3_amqp::{
     acceptor::LinkEndpoint,
-    link::{delivery::DeliveryInfo, Receiver, RecvError, Sender},
+    link::{
+        delivery::{Delivery, DeliveryInfo},
+        Receiver, RecvError, Sender,
+    },
     types::{definitions::AmqpError, messaging::Body, primitives::Value},
     Sendable,
 };
@@ -50,7 +53,15 @@ pub(super) async fn run(
         (LinkEndpoint::Sender(tx), LinkKind::ModuleInputs(id)) => {
             module_inputs(tx, id, core, cancel).await
         }
-        (LinkEndpoint::Sender(tx), LinkKind::C2d(_)) => idle_sender(tx, cancel).await,
+        (LinkEndpoint::Sender(tx), LinkKind::C2d(id)) => {
+            super::c2d::device_link(tx, id, core, cancel).await
+        }
+        (LinkEndpoint::Receiver(rx), LinkKind::ServiceC2d) => {
+            super::service::c2d_sends(rx, conn, core, cancel).await
+        }
+        (LinkEndpoint::Sender(tx), LinkKind::ServiceFeedback) => {
+            super::service::feedback(tx, core, cancel).await
+        }
         (LinkEndpoint::Sender(tx), LinkKind::TwinResponses(id)) => {
             let slot = twin_slot.unwrap_or_else(|| core.twins.attach_link(&id));
             twin_responses(tx, id, core, cancel, slot).await
@@ -75,7 +86,7 @@ pub(super) async fn run(
 /// token), the error it detaches with; otherwise `detach-forced`.
 #[derive(Clone)]
 pub(crate) struct LinkStop {
-    token: CancellationToken,
+    pub(crate) token: CancellationToken,
     reason: Arc<std::sync::OnceLock<fe2o3_amqp::types::definitions::Error>>,
 }
 
@@ -101,7 +112,7 @@ impl LinkStop {
         self.token.cancel();
     }
 
-    fn error(&self) -> fe2o3_amqp::types::definitions::Error {
+    pub(crate) fn error(&self) -> fe2o3_amqp::types::definitions::Error {
         self.reason.get().cloned().unwrap_or_else(forced_detach)
     }
 }
@@ -125,7 +136,7 @@ fn forced_detach() -> fe2o3_amqp::types::definitions::Error {
 /// Ends a receiver: a plain close after the peer's end, `detach-forced` (or the stop's own
 /// reason) when the hub ends it.
 /// The peer's detach is awaited at most [`CLOSE_WAIT`].
-async fn close_receiver(rx: Receiver, cancel: &LinkStop) {
+pub(super) async fn close_receiver(rx: Receiver, cancel: &LinkStop) {
     if cancel.is_cancelled() {
         let _ = tokio::time::timeout(CLOSE_WAIT, rx.close_with_error(cancel.error())).await;
     } else {
@@ -133,7 +144,7 @@ async fn close_receiver(rx: Receiver, cancel: &LinkStop) {
     }
 }
 
-async fn close_sender(tx: Sender, cancel: &LinkStop) {
+pub(super) async fn close_sender(tx: Sender, cancel: &LinkStop) {
     if cancel.is_cancelled() {
         let _ = tokio::time::timeout(CLOSE_WAIT, tx.close_with_error(cancel.error())).await;
     } else {
@@ -143,12 +154,42 @@ async fn close_sender(tx: Sender, cancel: &LinkStop) {
 
 /// Awaits a detach the hub sent for at most [`CLOSE_WAIT`]: a peer that never answers does
 /// not hold the link task (nor shutdown).
-async fn bounded<F: std::future::Future>(close: F) {
+pub(super) async fn bounded<F: std::future::Future>(close: F) {
     let _ = tokio::time::timeout(CLOSE_WAIT, close).await;
 }
 
-fn is_normal_end(e: &RecvError) -> bool {
+pub(super) fn is_normal_end(e: &RecvError) -> bool {
     matches!(e, RecvError::LinkStateError(_))
+}
+
+/// The next delivery on a receiver the hub serves; `Err(None)` when the hub stops the link,
+/// `Err(Some(_))` when the peer ended it or sent what does not decode. Either way the link is
+/// over: hand the error to [`end_receiver`].
+pub(super) async fn next_delivery(
+    rx: &mut Receiver,
+    cancel: &LinkStop,
+) -> Result<Delivery<Body<Value>>, Option<RecvError>> {
+    tokio::select! {
+        _ = cancel.cancelled() => Err(None),
+        d = rx.recv::<Body<Value>>() => d.map_err(Some),
+    }
+}
+
+/// Ends a receiver after [`next_delivery`]: closed as [`close_receiver`] does when the hub
+/// stops it, left alone when the peer ended it, closed with `amqp:decode-error` when a transfer
+/// did not decode.
+pub(super) async fn end_receiver(rx: Receiver, cancel: &LinkStop, end: Option<RecvError>) {
+    match end {
+        None => close_receiver(rx, cancel).await,
+        Some(e) => end_after_error(rx, e).await,
+    }
+}
+
+/// Ends a receiver whose `recv` failed (see [`end_receiver`]).
+async fn end_after_error(rx: Receiver, e: RecvError) {
+    if !is_normal_end(&e) {
+        bounded(rx.close_with_error(amqp_error(AmqpError::DecodeError, e.to_string()))).await;
+    }
 }
 
 async fn cbs_requests(
@@ -158,19 +199,9 @@ async fn cbs_requests(
     cancel: LinkStop,
 ) {
     loop {
-        let delivery = tokio::select! {
-            _ = cancel.cancelled() => break,
-            d = rx.recv::<Body<Value>>() => d,
-        };
-        let delivery = match delivery {
+        let delivery = match next_delivery(&mut rx, &cancel).await {
             Ok(d) => d,
-            Err(e) => {
-                if !is_normal_end(&e) {
-                    bounded(rx.close_with_error(amqp_error(AmqpError::DecodeError, e.to_string())))
-                        .await;
-                }
-                return;
-            }
+            Err(end) => return end_receiver(rx, &cancel, end).await,
         };
         let info = DeliveryInfo::from(&delivery);
         if let Some(token) = cbs::token_of(delivery.message()) {
@@ -178,14 +209,18 @@ async fn cbs_requests(
             core.learn(&token).await;
         }
         let reply = cbs::handle(delivery.message(), &core.auth, now_secs());
-        match &reply.granted {
-            Some((id, expiry)) => {
+        match (&reply.granted, &reply.service) {
+            (_, Some((policy, expiry))) => {
+                conn.authorize_service(*expiry);
+                debug!(policy = %policy, "service put-token accepted");
+            }
+            (Some((id, expiry)), None) => {
                 if conn.authorize(id.clone(), *expiry) {
                     core.client_connected(id);
                 }
                 debug!(identity = %id, "put-token accepted");
             }
-            None => {
+            (None, None) => {
                 let id = reply.refused_id.clone().unwrap_or_else(|| "unknown".into());
                 m::connect_failed(&id, "not_authenticated");
                 warn!(identity = %clip(&id), status = reply.status, reason = %clip(&reply.description), "put-token refused");
@@ -198,7 +233,6 @@ async fn cbs_requests(
             debug!("no $cbs response link took the reply in time; reply dropped");
         }
     }
-    close_receiver(rx, &cancel).await;
 }
 
 async fn cbs_responses(mut tx: Sender, conn: Arc<ConnState>, cancel: LinkStop) {
@@ -282,10 +316,8 @@ async fn events(
                 if !is_normal_end(&e) {
                     debug!(error = %e, "closing events link");
                     commits.finish(&rx).await;
-                    bounded(rx.close_with_error(amqp_error(AmqpError::DecodeError, e.to_string())))
-                        .await;
                 }
-                return;
+                return end_after_error(rx, e).await;
             }
         };
         if !conn.is_authorized(&id, now_secs()) {
@@ -558,13 +590,6 @@ impl delivery::Link for InputLink {
     }
 }
 
-async fn idle_sender(mut tx: Sender, cancel: LinkStop) {
-    tokio::select! {
-        _ = cancel.cancelled() => close_sender(tx, &cancel).await,
-        _ = tx.on_detach() => {}
-    }
-}
-
 /// Sends method calls to a client, pre-settled (as edgeHub does), with a uuid correlation id.
 async fn method_requests(mut tx: Sender, id: Identity, core: Arc<HubCore>, cancel: LinkStop) {
     let (generation, mut calls) = core.methods.register(&id);
@@ -642,19 +667,9 @@ const GENERIC_BAD_REQUEST: i32 = 400_000;
 /// Receives method responses from a client and hands them to the waiting callers.
 async fn method_responses(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cancel: LinkStop) {
     loop {
-        let delivery = tokio::select! {
-            _ = cancel.cancelled() => break,
-            d = rx.recv::<Body<Value>>() => d,
-        };
-        let delivery = match delivery {
+        let delivery = match next_delivery(&mut rx, &cancel).await {
             Ok(d) => d,
-            Err(e) => {
-                if !is_normal_end(&e) {
-                    bounded(rx.close_with_error(amqp_error(AmqpError::DecodeError, e.to_string())))
-                        .await;
-                }
-                return;
-            }
+            Err(end) => return end_receiver(rx, &cancel, end).await,
         };
         let info = DeliveryInfo::from(&delivery);
         let msg = delivery.into_message();
@@ -686,7 +701,6 @@ async fn method_responses(mut rx: Receiver, id: Identity, core: Arc<HubCore>, ca
             None => debug!("method response without a correlation id ignored"),
         }
     }
-    close_receiver(rx, &cancel).await;
 }
 
 /// Sends twin responses and desired-property pushes to a client, pre-settled.
@@ -780,19 +794,9 @@ async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cance
     };
     let error_body = |m: String| serde_json::json!({ "message": m }).to_string().into_bytes();
     loop {
-        let delivery = tokio::select! {
-            _ = cancel.cancelled() => break,
-            d = rx.recv::<Body<Value>>() => d,
-        };
-        let delivery = match delivery {
+        let delivery = match next_delivery(&mut rx, &cancel).await {
             Ok(d) => d,
-            Err(e) => {
-                if !is_normal_end(&e) {
-                    bounded(rx.close_with_error(amqp_error(AmqpError::DecodeError, e.to_string())))
-                        .await;
-                }
-                return;
-            }
+            Err(end) => return end_receiver(rx, &cancel, end).await,
         };
         let info = DeliveryInfo::from(&delivery);
         // A client that does not take its answers gets its requests refused, not queued.
@@ -860,5 +864,4 @@ async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cance
             debug!(identity = %id, "twin response dropped: no twin response link");
         }
     }
-    close_receiver(rx, &cancel).await;
 }

@@ -10,10 +10,12 @@
 //! a newer connection may evict it when the pending queue or every slot is full. Every wait for
 //! a peer's detach, end or close is bounded, so a silent peer holds no task.
 
+mod c2d;
 pub mod cbs;
 pub mod cbs_client;
 pub(crate) mod convert;
 mod links;
+mod service;
 pub(crate) mod tags;
 
 use std::{
@@ -108,6 +110,8 @@ pub(crate) struct ConnState {
     faults: Arc<tags::SessionFaults>,
     /// What the client's TLS certificate proved (`None`: it sent none).
     x509: Mutex<Option<crate::ops::x509::Presented>>,
+    /// The expiry of the newest service token put (a `servicePolicies` policy), if any.
+    service: Mutex<Option<u64>>,
 }
 
 struct CbsReplies {
@@ -138,7 +142,22 @@ impl ConnState {
             cbs_links: Mutex::new((0, 0)),
             faults: Arc::default(),
             x509: Mutex::new(None),
+            service: Mutex::new(None),
         }
+    }
+
+    /// Records a verified service token (a renewal moves its expiry).
+    pub fn authorize_service(&self, expiry: u64) {
+        self.authenticated.store(true, Ordering::Relaxed);
+        drop(lock(&self.pending).take());
+        let mut s = lock(&self.service);
+        *s = Some(s.map_or(expiry, |e| e.max(expiry)));
+    }
+
+    /// Does this connection hold an unexpired service token?
+    pub fn is_service(&self, now: u64) -> bool {
+        lock(&self.service)
+            .is_some_and(|e| e.saturating_add(crate::model::sas::MAX_CLOCK_SKEW_SECS) >= now)
     }
 
     /// Records what the client's certificate proved: an identity is granted until the
@@ -835,6 +854,15 @@ async fn run_session(
                 continue;
             }
         }
+        if kind.is_service() && !conn.is_service(now_secs()) {
+            let why = format!(
+                "{} link: this connection holds no valid service token",
+                kind.name()
+            );
+            debug!(link = %clip(&name), "{why}");
+            refuse_later(link, amqp_error(AmqpError::UnauthorizedAccess, why));
+            continue;
+        }
         if let LinkKind::ModuleC2d(id) = &kind {
             let why = format!("{id} is a module: modules cannot receive cloud-to-device messages");
             refuse_later(link, amqp_error(AmqpError::NotAllowed, why));
@@ -923,7 +951,9 @@ impl LinkAcceptors {
             (Some(LinkKind::Cbs), ClientRole::Sender) => &self.cbs_requests,
             (Some(LinkKind::Cbs), ClientRole::Receiver) => &self.cbs_replies,
             (_, ClientRole::Sender) => &self.client_sends,
-            (Some(LinkKind::ModuleInputs(_) | LinkKind::C2d(_)), _) => &self.unsettled,
+            (Some(LinkKind::ModuleInputs(_) | LinkKind::C2d(_) | LinkKind::ServiceFeedback), _) => {
+                &self.unsettled
+            }
             (
                 Some(
                     LinkKind::TwinResponses(_)

@@ -56,7 +56,7 @@ use tokio_util::{
 use tracing::{debug, info, warn};
 
 use super::{
-    convert::{input_bag, message_from_publish},
+    convert::{c2d_bag, input_bag, message_from_publish},
     sessions::Filters,
     topic::{self, ClientTopic, FilterKind, TopicError},
     Mqtt, PendingTicket,
@@ -558,7 +558,55 @@ impl delivery::Link for InputLink {
     async fn close(&mut self, _why: &delivery::Ended) {}
 }
 
-/// The delivery pump of a subscribed module's inputs, as the session holds it.
+/// A device's C2D queue as the delivery pump sees it: like [`InputLink`], on
+/// `devices/{d}/messages/devicebound/{bag}`; the PUBACK completes the message (MQTT has no
+/// abandon or reject).
+struct C2dLink {
+    out: mpsc::Sender<InputPublish>,
+    core: Arc<HubCore>,
+    queue: Arc<crate::core::c2d::DeviceQueue>,
+}
+
+impl delivery::Link for C2dLink {
+    async fn send(&mut self, _ep: &Endpoint, q: &Queued) -> Result<delivery::Sent, String> {
+        let topic = topic::c2d_topic(self.queue.device.as_str(), &c2d_bag(&q.msg));
+        let (done, outcome) = oneshot::channel();
+        let publish = InputPublish {
+            topic,
+            payload: Bytes::from(q.msg.body.clone()),
+            dup: q.delivery_count > 0,
+            done,
+        };
+        self.out
+            .send(publish)
+            .await
+            .map_err(|_| "the MQTT session ended".to_owned())?;
+        Ok(delivery::Sent::InFlight(Box::pin(async move {
+            outcome
+                .await
+                .map_err(|_| "the MQTT session ended before the device acknowledged".to_owned())
+        })))
+    }
+
+    async fn detached(&mut self) {
+        self.out.closed().await;
+    }
+
+    fn settled(
+        &mut self,
+        _ep: &Endpoint,
+        q: &Queued,
+        outcome: &Result<delivery::Outcome, String>,
+        _sent: std::time::Instant,
+    ) {
+        self.core.c2d.settled(&self.queue, q, outcome);
+    }
+
+    async fn close(&mut self, _why: &delivery::Ended) {}
+}
+
+/// The delivery pump of a subscribed module's inputs (or a device's C2D messages), as the
+/// session holds it.
 struct Inputs {
     qos: QoS,
     /// Stops the pump: unsubscribed, the session ended, or a newer input link or session of
@@ -1002,7 +1050,12 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
             }
             _ => {}
         }
-        match (k.inputs, self.inputs.as_mut()) {
+        // A module receives its inputs, a device its C2D messages, through the same pump slot.
+        let wanted = match &self.id {
+            Identity::Module(..) => k.inputs,
+            Identity::Device(_) => k.c2d,
+        };
+        match (wanted, self.inputs.as_mut()) {
             (Some(qos), None) => self.start_inputs(qos),
             (Some(qos), Some(inputs)) => inputs.qos = qos,
             (None, Some(_)) => {
@@ -1021,6 +1074,7 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
     fn start_inputs(&mut self, qos: QoS) {
         // Only modules have inputs; a device's subscription to them was refused already.
         let Identity::Module(device, module) = &self.id else {
+            self.start_c2d(qos);
             return;
         };
         let stop = CancellationToken::new();
@@ -1037,6 +1091,39 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
         let window = delivery::Window {
             // Packet ids stay for twin answers and method calls.
             messages: limits.delivery_window.min(MAX_AWAITED / 2),
+            bytes: limits.max_unsettled_bytes_per_link,
+        };
+        let pump_stop = stop.clone();
+        let pump =
+            tokio::spawn(async move { delivery::pump(feed, link, window, &pump_stop).await });
+        self.inputs = Some(Inputs {
+            qos,
+            stop,
+            rx,
+            awaiting: HashMap::new(),
+            pump,
+        });
+    }
+
+    /// Starts the core's delivery pump for a device's C2D queue, replacing any other C2D link
+    /// of the device.
+    fn start_c2d(&mut self, qos: QoS) {
+        let stop = CancellationToken::new();
+        let queue = self.core.c2d.queue(self.id.device());
+        self.core.c2d.replace_link(&queue, stop.clone());
+        let (out, rx) = mpsc::channel(INPUT_QUEUE);
+        let link = C2dLink {
+            out,
+            core: self.core.clone(),
+            queue: queue.clone(),
+        };
+        let feed = crate::core::c2d::DeviceFeed::new(self.core.c2d.clone(), queue);
+        let limits = &self.core.settings.limits;
+        let window = delivery::Window {
+            messages: limits
+                .delivery_window
+                .min(MAX_AWAITED / 2)
+                .min(crate::core::c2d::MAX_QUEUED),
             bytes: limits.max_unsettled_bytes_per_link,
         };
         let pump_stop = stop.clone();
