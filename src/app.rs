@@ -59,6 +59,8 @@ pub enum StartError {
     MqttSessions(#[from] crate::servers::mqtt::sessions::SessionStoreError),
     #[error("runtime mode: {0}")]
     Runtime(#[from] crate::ops::runtime::RuntimeError),
+    #[error("{0}")]
+    Registry(#[from] crate::store::registry::RegistryStoreError),
 }
 
 /// Reads the device key from the config, else from `dataDir/device.key`, creating it once.
@@ -131,7 +133,9 @@ impl Hub {
         }
         // Devices that authenticate with certificates: only then are clients asked for one.
         let x509 = Arc::new(crate::ops::x509::Matcher::from_settings(&settings)?);
-        let client_auth = (!x509.is_empty()).then(|| {
+        // The identity registry (service policies, no upstream) may add such devices later.
+        let registry_x509 = !settings.service_policies.is_empty() && settings.upstream.is_none();
+        let client_auth = (!x509.is_empty() || registry_x509).then(|| {
             crate::ops::x509::AnyClientCert::new()
                 as Arc<dyn rustls::server::danger::ClientCertVerifier>
         });
@@ -192,6 +196,9 @@ impl Hub {
             None => None,
         };
         let mqtt_sessions = crate::servers::mqtt::sessions::SessionStore::open(keyspace.clone())?;
+        let (registry_store, records) =
+            crate::store::registry::RegistryStore::open(keyspace.clone())?;
+        let registry = crate::core::registry::Registry::open(registry_store, records);
         let store = match settings.storage.persistent {
             true => Some(crate::store::durable::DurableStore::open(
                 &store_dir,
@@ -202,7 +209,18 @@ impl Hub {
             )?),
             false => None,
         };
-        let core = Arc::new(HubCore::new(settings, &key, twins, store));
+        let core = Arc::new(HubCore::new(settings, &key, twins, registry, store));
+        for r in &core.settings.routes {
+            if let crate::routing::route::Sink::ModuleInput { module, .. } = &r.statement.sink {
+                let id = crate::model::identity::Identity::Module(
+                    core.settings.device_id.clone(),
+                    module.clone(),
+                );
+                if core.auth.known(&id).is_none() {
+                    warn!(route = %r.name, %module, "this route feeds a module that is neither in the config nor in the registry; it delivers once the module is added");
+                }
+            }
+        }
         core.apply_desired(&core.settings.modules).await;
         if core.settings.runtime.is_some() {
             // The routes the `$edgeHub` twin last brought, until the parent sends it again.

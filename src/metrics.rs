@@ -104,6 +104,10 @@ fn describe() {
     describe_counter!(CONNECT_FAILED, "Failed client authentications");
     describe_counter!(DISCONNECT, "Client disconnections");
     describe_gauge!(CONNECTED_CLIENTS, "Authenticated clients connected");
+    describe_gauge!(
+        REGISTRY_IDENTITIES,
+        "Identities (devices and modules) in the service API's registry, besides the config file's"
+    );
     describe_gauge!(OPEN_CONNECTIONS, "Open client connections, by protocol");
     describe_counter!(
         MQTT_REFUSED,
@@ -440,4 +444,11 @@ pub fn twin_reported_upstream(id: &str, secs: f64) {
 pub fn twin_get_upstream(id: &str, secs: f64) {
     counter!(GET_TWIN, "source" => "upstream", "id" => id.to_owned()).increment(1);
     histogram!(GET_TWIN_DURATION, "source" => "upstream", "id" => id.to_owned()).record(secs);
+}
+
+pub const REGISTRY_IDENTITIES: &str = "edgehub_registry_identities";
+
+/// Identities now held by the service API's registry.
+pub fn registry_identities(n: usize) {
+    gauge!(REGISTRY_IDENTITIES).set(n as f64);
 }

@@ -155,6 +155,9 @@ pub struct Limits {
     /// more while this many wait for the module's outcome (one message always goes, so a
     /// link may hold this plus one message).
     pub max_unsettled_bytes_per_link: u64,
+    /// Identities (devices and modules) the service API's registry may hold, besides those of
+    /// the config file; a create beyond it is refused (403, IoT Hub's quota error).
+    pub max_registry_identities: usize,
 }
 
 impl Default for Limits {
@@ -179,6 +182,7 @@ impl Default for Limits {
             metrics_max_connections: 16,
             http_header_timeout_secs: 10,
             http_body_timeout_secs: 30,
+            max_registry_identities: 1000,
         }
     }
 }
@@ -301,7 +305,7 @@ pub fn from_str(text: &str, env: &HashMap<String, String>) -> Result<Settings, C
             None
         }
     };
-    match compile(&value, runtime.is_some()) {
+    match compile(&value) {
         Ok(settings) if duplicates.is_empty() => Ok(Settings {
             runtime,
             ..settings
@@ -437,9 +441,7 @@ fn apply_env(value: &mut Value, env: &HashMap<String, String>) {
 }
 
 /// Compiles the whole document, section by section, in the order its errors are listed.
-/// `runtime`: the modules come from the device scope, so routes may name modules the file
-/// does not list.
-fn compile(root: &Value, runtime: bool) -> Result<Settings, ConfigErrors> {
+fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
     let mut w = Walk { errors: Vec::new() };
     let Some(o) = w.object(
         root,
@@ -505,7 +507,7 @@ fn compile(root: &Value, runtime: bool) -> Result<Settings, ConfigErrors> {
         route_errors,
         time_to_live_secs,
         max_store_bytes,
-    } = edge_hub::edge_hub(&mut w, o.get("$edgeHub"), (!runtime).then_some(&modules));
+    } = edge_hub::edge_hub(&mut w, o.get("$edgeHub"));
 
     if !w.errors.is_empty() {
         w.errors.extend(route_errors);

@@ -210,7 +210,7 @@ pub fn edge_hub_desired(
         "dataDir": settings.data_dir,
         "$edgeHub": section,
     });
-    let s = super::compile(&root, true)?;
+    let s = super::compile(&root)?;
     Ok(EdgeHubDesired {
         routes: s.routes,
         route_errors: s.route_errors,

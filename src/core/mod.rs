@@ -1,7 +1,8 @@
 //! The hub's core, independent of any transport: [`HubCore`] (settings, identities, routes, who
 //! is connected), [`auth`], [`ingest`] (route + enqueue of an incoming message), [`delivery`]
 //! (the windowed pump from an endpoint to a peer), [`twins`], [`twin_requests`] (a client's twin
-//! GET or reported PATCH), [`methods`] and the [`outbox`] of reported patches for the parent. A transport turns its frames into calls on these and their
+//! GET or reported PATCH), [`methods`], the [`outbox`] of reported patches for the parent and
+//! the identity [`registry`] of the service API. A transport turns its frames into calls on these and their
 //! results back into frames; nothing here imports a server.
 
 pub mod auth;
@@ -10,6 +11,7 @@ pub mod delivery;
 pub mod ingest;
 pub mod methods;
 pub mod outbox;
+pub mod registry;
 pub mod scope;
 pub mod twin_requests;
 pub mod twins;
@@ -41,6 +43,9 @@ pub struct HubCore {
     pub methods: crate::core::methods::Dispatcher,
     /// Module twins and twin links.
     pub twins: twins::TwinStore,
+    /// Devices and modules created through the service API, and the revocations that cut
+    /// their connections.
+    pub registry: registry::Registry,
     /// The durable message store, when `storage.persistent`.
     pub store: Option<Arc<crate::store::durable::DurableStore>>,
     /// Makes endpoint queues (in the store or in memory).
@@ -78,9 +83,12 @@ impl HubCore {
         settings: Settings,
         device_key: &Key,
         twins: twins::TwinStore,
+        registry: registry::Registry,
         store: Option<Arc<crate::store::durable::DurableStore>>,
     ) -> Self {
         let auth = Authenticator::new(&settings, device_key);
+        registry.install(&auth);
+        m::registry_identities(registry.len());
         let capacity = settings.limits.queue_capacity;
         let live = settings.storage.live_first.clone();
         let live_first =
@@ -132,6 +140,7 @@ impl HubCore {
             input_links: DashMap::new(),
             methods: crate::core::methods::Dispatcher::default(),
             twins,
+            registry,
             outbox,
             c2d,
             store,

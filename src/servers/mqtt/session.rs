@@ -103,6 +103,8 @@ enum End {
     Stopped,
     KeepAlive,
     TokenExpired,
+    /// The registry disabled or deleted the identity, or changed its credentials.
+    Revoked,
     /// The client broke a rule; the reason is logged and counted where it happened.
     Refused,
     /// Writing or reading failed.
@@ -257,6 +259,8 @@ pub(super) async fn run<S>(
         // Runtime mode: an identity new to this hub is looked up at the parent first.
         core.learn(&l.password).await;
     }
+    // Taken before the token is checked, so a revocation in between is still seen.
+    let revocations_seen = core.registry.revocations.epoch();
     let (id, expiry) = match authenticate(
         &core,
         &connect.client_id,
@@ -321,12 +325,15 @@ pub(super) async fn run<S>(
         .saturating_sub(now_secs());
     let expires_at = Instant::now() + Duration::from_secs(token_left);
     let end = session
-        .serve(&mut reader, &stop, keep_alive, expires_at)
+        .serve(&mut reader, &stop, keep_alive, expires_at, revocations_seen)
         .await;
     match &end {
         End::ClientLeft | End::Stopped => debug!(identity = %id, ?end, "MQTT session ended"),
         End::TokenExpired => {
             info!(identity = %id, "MQTT token expired; the client must connect with a new one")
+        }
+        End::Revoked => {
+            info!(identity = %id, "identity revoked in the registry; MQTT connection closed")
         }
         End::KeepAlive => {
             info!(identity = %id, secs = keep_alive.as_secs(), "MQTT keep-alive expired")
@@ -676,12 +683,23 @@ where
         stop: &CancellationToken,
         keep_alive: Duration,
         expires_at: Instant,
+        mut revocations_seen: u64,
     ) -> End {
         let silence = tokio::time::sleep(keep_alive);
         tokio::pin!(silence);
         let expiry = tokio::time::sleep_until(expires_at);
         tokio::pin!(expiry);
+        let mut revoked = self.core.registry.revocations.watch();
         loop {
+            let (now, which) = self.core.registry.revocations.since(revocations_seen);
+            revocations_seen = now;
+            let cut = match which {
+                crate::core::registry::Revoked::Keys(keys) => keys.contains(&self.id.key()),
+                crate::core::registry::Revoked::Unknown => !self.core.auth.is_active(&self.id),
+            };
+            if cut {
+                return End::Revoked;
+            }
             let now = self.acks.ready(&self.core);
             for pkid in now {
                 if let Err(end) = send(&mut self.writer, Packet::PubAck(PubAck::new(pkid))).await {
@@ -693,6 +711,8 @@ where
                 _ = stop.cancelled() => Err(End::Stopped),
                 _ = &mut silence => Err(End::KeepAlive),
                 _ = &mut expiry => Err(End::TokenExpired),
+                // The sender lives in the core, which this session holds: `changed` cannot fail.
+                _ = revoked.changed() => Ok(()),
                 r = commit_done(&mut self.acks.sync) => self.committed(r).await,
                 out = twin_next(&mut self.twin) => self.on_twin_out(out).await,
                 call = method_next(&mut self.methods) => self.on_method_call(call).await,
@@ -1247,6 +1267,7 @@ mod tests {
             settings,
             &key,
             crate::core::twins::TwinStore::in_memory(),
+            crate::core::registry::Registry::in_memory(),
             None,
         ))
     }
