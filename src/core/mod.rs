@@ -12,6 +12,7 @@ pub mod ingest;
 pub mod methods;
 pub mod outbox;
 pub mod registry;
+pub mod scope;
 pub mod twin_requests;
 pub mod twins;
 
@@ -66,7 +67,23 @@ pub struct HubCore {
     /// here; `report_clients` writes them in the background.
     client_reports: std::sync::Mutex<serde_json::Map<String, serde_json::Value>>,
     client_reports_ready: tokio::sync::Notify,
+    /// This hub's device key (standalone mode): the keys of the identities it serves to child
+    /// hubs' device-scope calls derive from it.
+    pub device_key: Key,
+    /// The downstream devices as the config names them now (replaced on reload): what the
+    /// device-scope API serves to child hubs.
+    served: RwLock<
+        Arc<
+            std::collections::BTreeMap<
+                crate::model::identity::DeviceId,
+                crate::config::DeviceSettings,
+            >,
+        >,
+    >,
 }
+
+/// How long a connecting client waits for its identity to be looked up at the parent.
+const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl HubCore {
     pub fn new(
@@ -119,7 +136,10 @@ impl HubCore {
             &recovered,
         );
         let outbox = outbox::Outbox::new(settings.upstream.is_some());
+        let served = RwLock::new(Arc::new(settings.devices.clone()));
         Self {
+            device_key: device_key.clone(),
+            served,
             settings,
             auth,
             router: RwLock::new(Arc::new(router)),
@@ -165,6 +185,87 @@ impl HubCore {
                 Ok(Some(v)) => info!(identity = %id, version = v, "desired properties updated"),
                 Ok(None) => {}
                 Err(e) => tracing::error!(identity = %id, "desired properties not updated: {e}"),
+            }
+        }
+    }
+
+    /// Runtime mode: before a token is verified, makes sure the device-scope cache can judge
+    /// it. An identity it does not know, or whose token its keys do not verify (keys rotated),
+    /// is looked up at the parent once (throttled per identity), for at most
+    /// [`LOOKUP_TIMEOUT`]. Service tokens and standalone mode pass through.
+    pub async fn learn(&self, token: &str) {
+        let Some(scope) = self.auth.scope() else {
+            return;
+        };
+        let Ok(t) = crate::model::sas::SasToken::parse(token) else {
+            return;
+        };
+        if t.skn.is_some() {
+            return;
+        }
+        let Ok((_, id)) = t.audience() else { return };
+        match self.auth.verify(token, crate::model::sas::now_secs()) {
+            Err(crate::model::sas::SasError::UnknownIdentity(_))
+            | Err(crate::model::sas::SasError::BadSignature(_)) => {}
+            _ => return,
+        }
+        if tokio::time::timeout(LOOKUP_TIMEOUT, scope.lookup(&id))
+            .await
+            .is_err()
+        {
+            warn!(identity = %id, "the identity lookup at the parent timed out");
+        }
+    }
+
+    /// The downstream devices the device-scope API serves (the config's, as last reloaded).
+    pub fn served_devices(
+        &self,
+    ) -> Arc<
+        std::collections::BTreeMap<crate::model::identity::DeviceId, crate::config::DeviceSettings>,
+    > {
+        self.served
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the downstream devices the device-scope API serves (config reload).
+    pub fn set_served_devices(
+        &self,
+        devices: std::collections::BTreeMap<
+            crate::model::identity::DeviceId,
+            crate::config::DeviceSettings,
+        >,
+    ) {
+        *self.served.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(devices);
+    }
+
+    /// Runtime mode: the `$edgeHub` twin's desired properties (from the parent) are the
+    /// deployment's `$edgeHub` section: its routes, TTL and store limit replace the running ones,
+    /// as a config reload does. A section that does not compile changes nothing.
+    pub fn apply_edge_hub_twin(&self, desired: &serde_json::Map<String, serde_json::Value>) {
+        if self.settings.runtime.is_none() || !desired.contains_key("routes") {
+            return;
+        }
+        match crate::config::runtime::edge_hub_desired(&self.settings, desired) {
+            Ok(d) => {
+                for e in &d.route_errors {
+                    warn!(path = %e.path, "invalid route from the $edgeHub twin skipped: {}", e.message);
+                }
+                m::invalid_routes(d.route_errors.len());
+                let n = d.routes.len();
+                self.reload_routes(d.routes, d.time_to_live_secs);
+                if let Some(store) = &self.store {
+                    if store.usage().1 != d.max_store_bytes {
+                        store.set_limit(d.max_store_bytes);
+                    }
+                }
+                info!(routes = n, "routes from the $edgeHub twin");
+            }
+            Err(errs) => {
+                for e in &errs.0 {
+                    warn!("the $edgeHub twin's desired properties are not applied: {e}");
+                }
             }
         }
     }

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod registry;
+pub mod scope;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 

@@ -294,6 +294,10 @@ pub(super) async fn run<S>(
         return;
     }
     let login = connect.login.as_ref();
+    if let Some(l) = login {
+        // Runtime mode: an identity new to this hub is looked up at the parent first.
+        core.learn(&l.password).await;
+    }
     // Taken before the token is checked, so a revocation in between is still seen.
     let revocations_seen = core.registry.revocations.epoch();
     let checked = authenticate(
