@@ -1084,6 +1084,10 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
         if let Err(e) = self.mqtt.sessions.save(&self.id, &self.filters).await {
             warn!(identity = %self.id, "MQTT subscriptions not stored; they hold for this connection only: {e}");
         }
+        // Deleted from the registry meanwhile: its purge may have come before this save.
+        if self.core.auth.known(&self.id).is_none() {
+            let _ = self.mqtt.sessions.remove(&self.id).await;
+        }
     }
 
     /// Turns on what the subscriptions ask for and off what they no longer do.
