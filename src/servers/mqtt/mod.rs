@@ -20,6 +20,7 @@
 //!   registration it undoes carries its generation).
 
 pub mod convert;
+mod inputs;
 mod session;
 pub mod sessions;
 pub mod topic;
