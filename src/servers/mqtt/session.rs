@@ -582,6 +582,7 @@ where
         // Checked once for what came since the CONNECT, then on every new revocation.
         let mut check_revoked = true;
         let mut steps_unflushed = 0u32;
+        let mut read_grown = false;
         let key = self.id.key();
         loop {
             if std::mem::take(&mut check_revoked) {
@@ -638,7 +639,9 @@ where
                             Err(End::Io(e.to_string()))
                         }
                         Some(Ok(p)) => {
-                            if matches!(p, Packet::Publish(_)) {
+                            if !read_grown && matches!(p, Packet::Publish(_)) {
+                                // Once: the codec keeps the capacity from then on.
+                                read_grown = true;
                                 grow_read_buffer(reader);
                             }
                             self.on_packet(p).await

@@ -139,7 +139,7 @@ pub fn decode_bag(bag: &str) -> Result<Vec<BagEntry>, BagError> {
 /// Encodes a property bag as edgeHub does: every key and value escaped like
 /// `Uri.EscapeDataString`; `k` alone for no value, `k=` for an empty one.
 pub fn encode_bag<'a>(entries: impl IntoIterator<Item = (&'a str, Option<&'a str>)>) -> String {
-    let mut out = String::new();
+    let mut out = String::with_capacity(64);
     for (k, v) in entries {
         if !out.is_empty() {
             out.push('&');
