@@ -63,6 +63,9 @@ pub struct LiveIdentity {
     /// A device that authenticates with a client certificate (`selfSigned` thumbprints or
     /// `certificateAuthority`).
     pub x509: Option<crate::model::x509::X509Auth>,
+    /// A leaf device's parent scope (the edge device it connects through): a child edge hub
+    /// may act for the devices under its scope.
+    pub parent_scope: Option<String>,
 }
 
 fn lower(id: &Identity) -> IdentityKey {
@@ -246,6 +249,25 @@ impl Authenticator {
         }
     }
 
+    /// The scope of a child edge device of the config file (`deviceScope` in the registry).
+    pub fn config_child_scope(child: &DeviceId) -> String {
+        let id = Identity::Device(child.clone());
+        crate::core::registry::edge_scope(
+            child.as_str(),
+            &crate::core::registry::config_generation_id(&id),
+        )
+    }
+
+    /// The config's child edge device whose scope the registry leaf device `id` is under.
+    pub fn leaf_parent(&self, id: &Identity) -> Option<DeviceId> {
+        let l = self.live.get(&lower(id))?;
+        let scope = l.parent_scope.as_deref()?;
+        self.edge_children
+            .values()
+            .find(|c| Self::config_child_scope(c).eq_ignore_ascii_case(scope))
+            .cloned()
+    }
+
     fn edge_child(&self, d: &DeviceId) -> Option<&DeviceId> {
         self.edge_children.get(&IdentityKey::from(d))
     }
@@ -281,7 +303,19 @@ impl Authenticator {
             .as_str()
             .eq_ignore_ascii_case(child.as_str())
         {
-            return Err(SasError::NotOnBehalf(id.to_string(), target.to_string()));
+            // A registry leaf device (or its module) under the child's scope.
+            let scope = Self::config_child_scope(child);
+            return match self.live.get(&lower(&target)) {
+                Some(l)
+                    if l.enabled
+                        && l.parent_scope
+                            .as_deref()
+                            .is_some_and(|p| p.eq_ignore_ascii_case(&scope)) =>
+                {
+                    Ok((l.id.clone(), expiry))
+                }
+                _ => Err(SasError::NotOnBehalf(id.to_string(), target.to_string())),
+            };
         }
         let granted = match target {
             Identity::Device(_) => Identity::Device(child.clone()),
