@@ -105,7 +105,8 @@ impl Default for Revocations {
 }
 
 impl Revocations {
-    fn publish(&self, keys: &[IdentityKey]) {
+    /// Ends the connections of `keys` (each gets an epoch of its own).
+    pub fn publish(&self, keys: &[IdentityKey]) {
         if keys.is_empty() {
             return;
         }
@@ -164,7 +165,8 @@ pub struct Registry {
     /// the clock in milliseconds, and the last one given), so a deleted and re-created identity
     /// never matches an old etag.
     last_revision: AtomicU64,
-    pub revocations: Revocations,
+    /// Shared with the device scope (runtime mode), whose refreshes revoke as well.
+    pub revocations: std::sync::Arc<Revocations>,
 }
 
 impl Registry {
@@ -191,7 +193,7 @@ impl Registry {
             store,
             write: tokio::sync::Mutex::new(()),
             last_revision: AtomicU64::new(last),
-            revocations: Revocations::default(),
+            revocations: std::sync::Arc::new(Revocations::default()),
         }
     }
 
