@@ -159,6 +159,36 @@ impl Default for RefreshSettings {
     }
 }
 
+/// Ids one `RefreshDeviceScopeIdentityCache` call may name at most.
+pub const MAX_REFRESH_IDS: usize = 100;
+
+/// The ids of a `RefreshDeviceScopeIdentityCache` payload: `deviceIds`, each `device` or
+/// `device/module`.
+pub fn parse_refresh_request(payload: &[u8]) -> Result<Vec<Identity>, String> {
+    let v: Value =
+        serde_json::from_slice(payload).map_err(|e| format!("the payload is not JSON: {e}"))?;
+    let list = v
+        .get("deviceIds")
+        .and_then(Value::as_array)
+        .ok_or("the payload needs deviceIds, an array of ids")?;
+    if list.len() > MAX_REFRESH_IDS {
+        return Err(format!("at most {MAX_REFRESH_IDS} deviceIds at once"));
+    }
+    list.iter()
+        .map(|v| {
+            let s = v.as_str().ok_or("deviceIds holds strings")?;
+            let bad = |e: crate::model::identity::IdError| format!("{s:?}: {e}");
+            Ok(match s.split_once('/') {
+                Some((d, m)) => Identity::Module(
+                    DeviceId::parse(d).map_err(bad)?,
+                    ModuleId::parse(m).map_err(bad)?,
+                ),
+                None => Identity::Device(DeviceId::parse(s).map_err(bad)?),
+            })
+        })
+        .collect()
+}
+
 /// Identities tracked by the per-identity throttle at most.
 const MAX_THROTTLED: usize = 10_000;
 
@@ -489,9 +519,35 @@ impl ScopeCache {
         Ok(n)
     }
 
+    /// The direct method `RefreshDeviceScopeIdentityCache` on `$edgeHub`, as edgeHub serves it:
+    /// `{"deviceIds": ["leaf1", "edge1/filter"]}` → each identity looked up at the parent now
+    /// (not throttled: the caller changed the scope on purpose). Returns the status and body of
+    /// the answer: 200 with no body, 400 for a payload that is not such a list (at most
+    /// [`MAX_REFRESH_IDS`] ids).
+    pub async fn refresh_method(&self, payload: &[u8]) -> (i32, Vec<u8>) {
+        let ids = match parse_refresh_request(payload) {
+            Ok(ids) => ids,
+            Err(why) => {
+                return (
+                    400,
+                    serde_json::json!({ "message": why }).to_string().into_bytes(),
+                )
+            }
+        };
+        info!(identities = ids.len(), "device-scope refresh requested by direct method");
+        for id in &ids {
+            self.lookup_with(id, false).await;
+        }
+        (200, b"null".to_vec())
+    }
+
     /// Looks one identity up at the parent, unless the cache is not initialised or the
     /// identity was looked up less than `delay` ago. Returns whether it is known afterwards.
     pub async fn lookup(&self, id: &Identity) -> bool {
+        self.lookup_with(id, true).await
+    }
+
+    async fn lookup_with(&self, id: &Identity, throttled: bool) -> bool {
         let Some(source) = self.source.get().cloned() else {
             return self.known(id).is_some();
         };
@@ -505,7 +561,7 @@ impl ScopeCache {
             let now = Instant::now();
             let delay = self.settings.delay;
             t.last_one.retain(|_, at| now.duration_since(*at) < delay);
-            if t.last_one.contains_key(&k) {
+            if throttled && t.last_one.contains_key(&k) {
                 debug!(identity = %id, "lookup throttled");
                 return self.known(id).is_some();
             }

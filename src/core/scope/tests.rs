@@ -430,3 +430,40 @@ async fn removed_disabled_and_rekeyed_identities_are_revoked_unchanged_ones_are_
         crate::core::registry::Revoked::Keys(vec![IdentityKey::from_stored("leaf2")])
     );
 }
+
+#[test]
+fn refresh_requests_name_devices_and_modules() {
+    let ids = parse_refresh_request(br#"{"deviceIds": ["leaf1", "edge1/filter"]}"#).unwrap();
+    assert_eq!(ids, vec![id("leaf1"), id("edge1/filter")]);
+    for bad in [
+        &b"not json"[..],
+        br#"{"ids": []}"#,
+        br#"{"deviceIds": [1]}"#,
+        br#"{"deviceIds": ["a/b/c"]}"#,
+    ] {
+        assert!(parse_refresh_request(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+    }
+    let many: Vec<String> = (0..=MAX_REFRESH_IDS).map(|i| format!("d{i}")).collect();
+    let body = json!({ "deviceIds": many }).to_string();
+    assert!(parse_refresh_request(body.as_bytes()).is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_refresh_method_looks_identities_up_even_when_just_looked_up() {
+    let (source, mut calls) = Scripted::new();
+    let c = cache(source.clone());
+    source.then_full(Ok(scope()));
+    c.refresh_full().await.unwrap();
+    next_call(&mut calls).await;
+    source.then_one(Ok(vec![device("leaf9", 9, "enabled")]));
+    assert!(c.lookup(&id("leaf9")).await);
+    next_call(&mut calls).await;
+    // Throttled for a plain lookup, not for the method.
+    source.then_one(Err(FetchError::Gone("deleted".into())));
+    assert!(c.lookup(&id("leaf9")).await, "throttled: still known");
+    let (status, _) = c.refresh_method(br#"{"deviceIds": ["leaf9"]}"#).await;
+    assert_eq!(status, 200);
+    assert!(c.known(&id("leaf9")).is_none(), "the method looked it up again");
+    let (status, _) = c.refresh_method(b"[]").await;
+    assert_eq!(status, 400);
+}

@@ -1075,11 +1075,18 @@ async fn methods(
                 let answers = answers.clone();
                 tokio::spawn(async move {
                     let started = Instant::now();
-                    let (status, body) = match core.methods.invoke(&target, &name, payload, METHOD_TIMEOUT, Duration::ZERO).await {
+                    // edgeHub's own method: the cloud (or a parent) changed the device scope.
+                    let own_refresh = name.eq_ignore_ascii_case(REFRESH_METHOD)
+                        && target.device() == &core.settings.device_id
+                        && target.module().is_some_and(|m| m.as_str().eq_ignore_ascii_case("$edgeHub"));
+                    let scope = core.auth.scope().filter(|_| own_refresh).cloned();
+                    let (status, body) = if let Some(scope) = scope {
+                        scope.refresh_method(&payload).await
+                    } else { match core.methods.invoke(&target, &name, payload, METHOD_TIMEOUT, Duration::ZERO).await {
                         Ok(r) => (r.status, r.payload),
                         Err(e @ crate::core::methods::MethodError::NotConnected(_)) => (404, error_json(&e.to_string())),
                         Err(e) => (504, error_json(&e.to_string())),
-                    };
+                    } };
                     m::direct_method("upstream", &target.to_string(), started.elapsed().as_secs_f64());
                     let _ = answers.send((cid, status, body)).await;
                 });
@@ -1102,6 +1109,9 @@ async fn methods(
         }
     }
 }
+
+/// The direct method on `$edgeHub` that refreshes identities of the device scope.
+const REFRESH_METHOD: &str = "RefreshDeviceScopeIdentityCache";
 
 fn error_json(message: &str) -> Vec<u8> {
     serde_json::json!({ "message": message })
