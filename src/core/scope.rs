@@ -519,26 +519,14 @@ impl ScopeCache {
         Ok(n)
     }
 
-    /// The direct method `RefreshDeviceScopeIdentityCache` on `$edgeHub`, as edgeHub serves it:
-    /// `{"deviceIds": ["leaf1", "edge1/filter"]}` → each identity looked up at the parent now
-    /// (not throttled: the caller changed the scope on purpose). Returns the status and body of
-    /// the answer: 200 with no body, 400 for a payload that is not such a list (at most
-    /// [`MAX_REFRESH_IDS`] ids).
-    pub async fn refresh_method(&self, payload: &[u8]) -> (i32, Vec<u8>) {
-        let ids = match parse_refresh_request(payload) {
-            Ok(ids) => ids,
-            Err(why) => {
-                return (
-                    400,
-                    serde_json::json!({ "message": why }).to_string().into_bytes(),
-                )
-            }
-        };
+    /// Looks each of `ids` up at the parent now, not throttled: what the direct method
+    /// `RefreshDeviceScopeIdentityCache` asks for (see [`parse_refresh_request`]), when the
+    /// caller changed the scope on purpose.
+    pub async fn refresh_ids(&self, ids: &[Identity]) {
         info!(identities = ids.len(), "device-scope refresh requested by direct method");
-        for id in &ids {
+        for id in ids {
             self.lookup_with(id, false).await;
         }
-        (200, b"null".to_vec())
     }
 
     /// Looks one identity up at the parent, unless the cache is not initialised or the

@@ -1053,7 +1053,10 @@ async fn methods(
     mut tx: Sender,
     dead: CancellationToken,
 ) -> Result<(), UpstreamError> {
-    let (answers, mut answered) = tokio::sync::mpsc::channel::<(MessageId, i32, Vec<u8>)>(64);
+    // An answer, and the identities to refresh once it is sent (the refresh method: a refresh
+    // that changes the scope reconnects the upstream, which would lose the answer).
+    type Answer = (MessageId, i32, Vec<u8>, Vec<Identity>);
+    let (answers, mut answered) = tokio::sync::mpsc::channel::<Answer>(64);
     loop {
         tokio::select! {
             _ = dead.cancelled() => return Ok(()),
@@ -1079,19 +1082,25 @@ async fn methods(
                     let own_refresh = name.eq_ignore_ascii_case(REFRESH_METHOD)
                         && target.device() == &core.settings.device_id
                         && target.module().is_some_and(|m| m.as_str().eq_ignore_ascii_case("$edgeHub"));
-                    let scope = core.auth.scope().filter(|_| own_refresh).cloned();
-                    let (status, body) = if let Some(scope) = scope {
-                        scope.refresh_method(&payload).await
+                    let mut refresh = Vec::new();
+                    let (status, body) = if own_refresh && core.auth.scope().is_some() {
+                        match crate::core::scope::parse_refresh_request(&payload) {
+                            Ok(ids) => {
+                                refresh = ids;
+                                (200, b"null".to_vec())
+                            }
+                            Err(why) => (400, error_json(&why)),
+                        }
                     } else { match core.methods.invoke(&target, &name, payload, METHOD_TIMEOUT, Duration::ZERO).await {
                         Ok(r) => (r.status, r.payload),
                         Err(e @ crate::core::methods::MethodError::NotConnected(_)) => (404, error_json(&e.to_string())),
                         Err(e) => (504, error_json(&e.to_string())),
                     } };
                     m::direct_method("upstream", &target.to_string(), started.elapsed().as_secs_f64());
-                    let _ = answers.send((cid, status, body)).await;
+                    let _ = answers.send((cid, status, body, refresh)).await;
                 });
             }
-            Some((cid, status, body)) = answered.recv() => {
+            Some((cid, status, body, refresh)) = answered.recv() => {
                 let msg = AmqpMessage {
                     header: None,
                     delivery_annotations: None,
@@ -1105,6 +1114,9 @@ async fn methods(
                     .await
                     .map_err(|_| UpstreamError::NoResponse(format!("no credit for a method response of {id}")))?
                     .map_err(|e| UpstreamError::Link { what: format!("method response of {id}"), reason: e.to_string() })?;
+                if let (false, Some(scope)) = (refresh.is_empty(), core.auth.scope().cloned()) {
+                    tokio::spawn(async move { scope.refresh_ids(&refresh).await });
+                }
             }
         }
     }
