@@ -637,14 +637,19 @@ fn fake_workload(socket: &Path, n: usize) -> std::thread::JoinHandle<()> {
             let head = String::from_utf8_lossy(&head).to_string();
             let length = head
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
                 .unwrap_or(0);
             let mut body = vec![0u8; length];
             let _ = stream.read_exact(&mut body);
             let answer = if head.contains("/trust-bundle") {
                 serde_json::json!({ "certificate": ca }).to_string()
             } else {
-                serde_json::json!({ "digest": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=" }).to_string()
+                serde_json::json!({ "digest": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=" })
+                    .to_string()
             };
             let _ = write!(
                 stream,
@@ -673,7 +678,10 @@ fn check_in_runtime_mode_asks_the_workload_api_and_the_device_scope() {
         let out = Command::new(BIN)
             .args(["check", "--config"])
             .arg(&cfg)
-            .env("IOTEDGE_WORKLOADURI", format!("unix://{}", socket.display()))
+            .env(
+                "IOTEDGE_WORKLOADURI",
+                format!("unix://{}", socket.display()),
+            )
             .env("IOTEDGE_DEVICEID", "edge1")
             .env("IOTEDGE_MODULEID", "$edgeHub")
             .env("IOTEDGE_MODULEGENERATIONID", "gen1")
@@ -684,7 +692,10 @@ fn check_in_runtime_mode_asks_the_workload_api_and_the_device_scope() {
             .env("EDGEHUB_DATA_DIR", dir.join("data"))
             .output()
             .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
     };
     // No socket: the workload API is named, not certificate files of the config.
     let (passed, text) = check();
@@ -693,7 +704,10 @@ fn check_in_runtime_mode_asks_the_workload_api_and_the_device_scope() {
         text.contains(&format!("ERROR   workload API unix://{}", socket.display())),
         "{text}"
     );
-    assert!(!text.contains("certificate "), "no certificate files in runtime mode: {text}");
+    assert!(
+        !text.contains("certificate "),
+        "no certificate files in runtime mode: {text}"
+    );
     // A workload API that answers, and a parent that does not.
     let served = fake_workload(&socket, 2);
     let (passed, text) = check();
@@ -701,7 +715,9 @@ fn check_in_runtime_mode_asks_the_workload_api_and_the_device_scope() {
     assert!(text.contains("OK      workload API"), "{text}");
     assert!(text.contains("trust bundle of 1 certificate(s)"), "{text}");
     assert!(
-        text.contains(&format!("ERROR   device scope https://127.0.0.1:{scope_port}")),
+        text.contains(&format!(
+            "ERROR   device scope https://127.0.0.1:{scope_port}"
+        )),
         "{text}"
     );
     // Its thread ends with the test process (it may wait for a request that never comes).

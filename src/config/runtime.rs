@@ -117,15 +117,24 @@ pub fn from_env(
         Some(v) => match v.trim().parse::<u64>() {
             Ok(n) if n >= min => n,
             _ => {
-                err(var, format!("{v:?}: must be a whole number of seconds, at least {min}"));
+                err(
+                    var,
+                    format!("{v:?}: must be a whole number of seconds, at least {min}"),
+                );
                 default
             }
         },
     };
-    let scope_refresh_rate_secs =
-        seconds("DeviceScopeCacheRefreshRateSecs", DEFAULT_REFRESH_RATE_SECS, 1);
-    let scope_refresh_delay_secs =
-        seconds("DeviceScopeCacheRefreshDelaySecs", DEFAULT_REFRESH_DELAY_SECS, 0);
+    let scope_refresh_rate_secs = seconds(
+        "DeviceScopeCacheRefreshRateSecs",
+        DEFAULT_REFRESH_RATE_SECS,
+        1,
+    );
+    let scope_refresh_delay_secs = seconds(
+        "DeviceScopeCacheRefreshDelaySecs",
+        DEFAULT_REFRESH_DELAY_SECS,
+        0,
+    );
     let generation_id = env_get(env, "IOTEDGE_MODULEGENERATIONID")
         .unwrap_or_default()
         .to_owned();
@@ -367,13 +376,22 @@ mod tests {
         e.insert("DeviceScopeCacheRefreshDelaySecs".into(), "soon".into());
         let errs = crate::config::from_str("{}", &e).unwrap_err();
         let paths: Vec<&str> = errs.0.iter().map(|e| e.path.as_str()).collect();
-        assert!(paths.contains(&"env DeviceScopeCacheRefreshRateSecs"), "{paths:?}");
-        assert!(paths.contains(&"env DeviceScopeCacheRefreshDelaySecs"), "{paths:?}");
+        assert!(
+            paths.contains(&"env DeviceScopeCacheRefreshRateSecs"),
+            "{paths:?}"
+        );
+        assert!(
+            paths.contains(&"env DeviceScopeCacheRefreshDelaySecs"),
+            "{paths:?}"
+        );
         let mut e = runtime_env();
         e.insert("DEVICESCOPECACHEREFRESHRATESECS".into(), "600".into());
         e.insert("DeviceScopeCacheRefreshDelaySecs".into(), "0".into());
         let r = from_env(&e).unwrap().unwrap();
-        assert_eq!((r.scope_refresh_rate_secs, r.scope_refresh_delay_secs), (600, 0));
+        assert_eq!(
+            (r.scope_refresh_rate_secs, r.scope_refresh_delay_secs),
+            (600, 0)
+        );
 
         let errs = crate::config::from_str(
             r#"{"upstream": {"sharedAccessKey": "AAAA"}}"#,

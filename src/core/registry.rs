@@ -497,7 +497,9 @@ pub fn parse_device(body: &Map<String, Value>, d: &DeviceId) -> Result<DeviceSpe
     };
     let scope_text = |s: &str, what: &str| {
         if s.len() > MAX_SCOPE_LEN {
-            Err(invalid(format!("{what} is longer than {MAX_SCOPE_LEN} characters")))
+            Err(invalid(format!(
+                "{what} is longer than {MAX_SCOPE_LEN} characters"
+            )))
         } else {
             Ok(s.to_owned())
         }
@@ -724,7 +726,9 @@ fn scope_of_record(core: &HubCore, r: &Record) -> Option<String> {
     if r.iot_edge {
         return Some(edge_scope(&r.device_id, &r.generation_id));
     }
-    r.device_scope.clone().or_else(|| parent_scopes_of(core, r).into_iter().next())
+    r.device_scope
+        .clone()
+        .or_else(|| parent_scopes_of(core, r).into_iter().next())
 }
 
 /// A device's `parentScopes`: as given; for the config's child edge devices, this hub's scope.
@@ -736,7 +740,10 @@ fn parent_scopes_of(core: &HubCore, r: &Record) -> Vec<String> {
         .is_ok_and(|d| core.settings.devices.get(&d).is_some_and(|s| s.edge));
     if is_config_child {
         let own = Identity::Device(core.settings.device_id.clone());
-        return vec![edge_scope(own.device().as_str(), &config_generation_id(&own))];
+        return vec![edge_scope(
+            own.device().as_str(),
+            &config_generation_id(&own),
+        )];
     }
     Vec::new()
 }

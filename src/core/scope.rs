@@ -268,7 +268,10 @@ impl ScopeCache {
         if keys.is_empty() {
             return;
         }
-        info!(identities = keys.len(), "device-scope identities removed, disabled or re-keyed; their connections end");
+        info!(
+            identities = keys.len(),
+            "device-scope identities removed, disabled or re-keyed; their connections end"
+        );
         if let Some(r) = self.revocations.get() {
             r.publish(keys);
         }
@@ -523,7 +526,10 @@ impl ScopeCache {
     /// `RefreshDeviceScopeIdentityCache` asks for (see [`parse_refresh_request`]), when the
     /// caller changed the scope on purpose.
     pub async fn refresh_ids(&self, ids: &[Identity]) {
-        info!(identities = ids.len(), "device-scope refresh requested by direct method");
+        info!(
+            identities = ids.len(),
+            "device-scope refresh requested by direct method"
+        );
         for id in ids {
             self.lookup_with(id, false).await;
         }

@@ -118,7 +118,12 @@ fn runtime(s: &Settings, rt: &crate::config::RuntimeSettings) -> Vec<Outcome> {
             .build()
         {
             Ok(r) => r,
-            Err(e) => return vec![error(format!("runtime checks: {e}"), "report this as a bug")],
+            Err(e) => {
+                return vec![error(
+                    format!("runtime checks: {e}"),
+                    "report this as a bug",
+                )]
+            }
         };
         tokio_rt.block_on(runtime_checks(&s, &rt))
     })

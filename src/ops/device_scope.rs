@@ -194,7 +194,9 @@ impl DeviceScopeClient {
     /// One page of this hub's own scope (`edgehub check`): how many identities it holds.
     pub async fn probe(&self) -> Result<usize, FetchError> {
         let body = json!({"pageSize": PAGE_SIZE, "authChain": self.own.as_str()});
-        let page = self.post("devicesAndModulesInTargetDeviceScope", body).await?;
+        let page = self
+            .post("devicesAndModulesInTargetDeviceScope", body)
+            .await?;
         Ok(entries(&page, self.own.as_str(), self.own.as_str()).len())
     }
 

@@ -441,7 +441,11 @@ fn refresh_requests_name_devices_and_modules() {
         br#"{"deviceIds": [1]}"#,
         br#"{"deviceIds": ["a/b/c"]}"#,
     ] {
-        assert!(parse_refresh_request(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        assert!(
+            parse_refresh_request(bad).is_err(),
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
     }
     let many: Vec<String> = (0..=MAX_REFRESH_IDS).map(|i| format!("d{i}")).collect();
     let body = json!({ "deviceIds": many }).to_string();
@@ -463,5 +467,8 @@ async fn the_refresh_method_looks_identities_up_even_when_just_looked_up() {
     assert!(c.lookup(&id("leaf9")).await, "throttled: still known");
     let ids = parse_refresh_request(br#"{"deviceIds": ["leaf9"]}"#).unwrap();
     c.refresh_ids(&ids).await;
-    assert!(c.known(&id("leaf9")).is_none(), "the method looked it up again");
+    assert!(
+        c.known(&id("leaf9")).is_none(),
+        "the method looked it up again"
+    );
 }

@@ -202,7 +202,10 @@ async fn serve(
                 None | Some(Value::Null) => None,
                 Some(Value::String(l)) if l.is_empty() => None,
                 Some(Value::String(l)) => Some(continuation_key(l).ok_or_else(|| {
-                    refuse(StatusCode::BAD_REQUEST, "continuationLink is not one this hub gave")
+                    refuse(
+                        StatusCode::BAD_REQUEST,
+                        "continuationLink is not one this hub gave",
+                    )
                 })?),
                 Some(_) => {
                     return Err(refuse(
@@ -258,13 +261,20 @@ const AFTER: &str = "after=";
 
 /// The identity key an entry is ordered by.
 fn order_key(e: &ScopeEntry) -> String {
-    e.id().map(|id| id.key().as_str().to_owned()).unwrap_or_default()
+    e.id()
+        .map(|id| id.key().as_str().to_owned())
+        .unwrap_or_default()
 }
 
 /// One page of `entries`: those ordered after `after` (the last key a previous page served),
 /// at most `size`, and a continuation link when more follow. Keys rather than offsets, so an
 /// identity added or removed between two pages moves no other one across the page boundary.
-fn paged(mut entries: Vec<ScopeEntry>, size: usize, after: Option<&str>, actor: &DeviceId) -> Value {
+fn paged(
+    mut entries: Vec<ScopeEntry>,
+    size: usize,
+    after: Option<&str>,
+    actor: &DeviceId,
+) -> Value {
     entries.sort_by_key(order_key);
     let rest: Vec<ScopeEntry> = entries
         .into_iter()
@@ -280,7 +290,10 @@ fn paged(mut entries: Vec<ScopeEntry>, size: usize, after: Option<&str>, actor: 
         .to_string();
         format!(
             "/devices/{}/modules/%24edgeHub/devicesAndModulesInTargetDeviceScope?{AFTER}{key}",
-            percent_encoding::utf8_percent_encode(actor.as_str(), percent_encoding::NON_ALPHANUMERIC)
+            percent_encoding::utf8_percent_encode(
+                actor.as_str(),
+                percent_encoding::NON_ALPHANUMERIC
+            )
         )
     });
     let mut out = page(served);
@@ -484,7 +497,10 @@ mod tests {
             seen.extend(ids(&page));
             match page["continuationLink"].as_str() {
                 Some(link) => {
-                    assert!(link.starts_with("/devices/child1/modules/%24edgeHub/"), "{link}");
+                    assert!(
+                        link.starts_with("/devices/child1/modules/%24edgeHub/"),
+                        "{link}"
+                    );
                     after = Some(continuation_key(link).unwrap());
                 }
                 None => break,

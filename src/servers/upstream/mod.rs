@@ -142,8 +142,7 @@ async fn token_for(core: &HubCore, keys: &UpstreamKeys, id: &Identity) -> Result
         // In runtime mode this hub holds no device key: it acts for every identity of its
         // scope with its own `$edgeHub` token, as edgeHub does.
         Identity::Device(d)
-            if *d != core.settings.device_id
-                && matches!(keys.edge_hub, EdgeHubSigner::Key(_)) =>
+            if *d != core.settings.device_id && matches!(keys.edge_hub, EdgeHubSigner::Key(_)) =>
         {
             let key = crate::core::auth::device_keys(&core.settings, &keys.device, d).primary;
             Ok(make_token(
@@ -442,14 +441,20 @@ async fn connect_inner(
             .name(format!("methods-receiver-{channel}"))
             .source(methods_addr.clone())
             .target(format!("methods-receiver-{channel}"))
-            .properties(link_properties_for(Some(format!("methods:{channel}")), &chain))
+            .properties(link_properties_for(
+                Some(format!("methods:{channel}")),
+                &chain,
+            ))
             .attach(&mut session)
             .await
             .map_err(|e| UpstreamError::attach("methods", &id, &e))?;
         let method_tx = Sender::builder()
             .name(format!("methods-sender-{channel}"))
             .target(methods_addr)
-            .properties(link_properties_for(Some(format!("methods:{channel}")), &chain))
+            .properties(link_properties_for(
+                Some(format!("methods:{channel}")),
+                &chain,
+            ))
             .attach(&mut session)
             .await
             .map_err(|e| UpstreamError::attach("methods", &id, &e))?;
