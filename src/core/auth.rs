@@ -258,16 +258,6 @@ impl Authenticator {
         )
     }
 
-    /// The config's child edge device whose scope the registry leaf device `id` is under.
-    pub fn leaf_parent(&self, id: &Identity) -> Option<DeviceId> {
-        let l = self.live.get(&lower(id))?;
-        let scope = l.parent_scope.as_deref()?;
-        self.edge_children
-            .values()
-            .find(|c| Self::config_child_scope(c).eq_ignore_ascii_case(scope))
-            .cloned()
-    }
-
     fn edge_child(&self, d: &DeviceId) -> Option<&DeviceId> {
         self.edge_children.get(&IdentityKey::from(d))
     }
@@ -546,6 +536,41 @@ mod tests {
             a.verify(&token("leaf/Sensor", &own, LATER), NOW),
             Err(SasError::UnknownIdentity(_))
         ));
+    }
+
+    #[test]
+    fn a_child_acts_for_the_registry_leaf_devices_under_its_scope_only() {
+        let (_, k, a) = parent();
+        let t = token("Child/$edgeHub", &child_edge_hub_key(&k, "Child"), LATER);
+        let child_scope = Authenticator::config_child_scope(&DeviceId::parse("Child").unwrap());
+        let other_scope = Authenticator::config_child_scope(&DeviceId::parse("other").unwrap());
+        let leaf = |name: &str, scope: Option<&str>, enabled: bool| LiveIdentity {
+            id: id(name),
+            keys: vec![KeyPair {
+                primary: key(9),
+                secondary: key(9),
+            }],
+            enabled,
+            x509: None,
+            parent_scope: scope.map(str::to_owned),
+        };
+        a.set_live(leaf("leaf1", Some(&child_scope.to_uppercase()), true));
+        a.set_live(leaf("leaf2", Some(&other_scope), true));
+        a.set_live(leaf("leaf3", None, true));
+        a.set_live(leaf("leaf4", Some(&child_scope), false));
+        let (got, exp) = a
+            .verify_put_token(&t, "hub.example.net%2Fdevices%2Fleaf1", NOW)
+            .unwrap();
+        assert_eq!((got, exp), (id("leaf1"), LATER));
+        for refused in ["leaf2", "leaf3", "leaf4", "nobody"] {
+            assert!(
+                matches!(
+                    a.verify_put_token(&t, &format!("hub.example.net/devices/{refused}"), NOW),
+                    Err(SasError::NotOnBehalf(..))
+                ),
+                "{refused}"
+            );
+        }
     }
 
     #[test]
