@@ -94,7 +94,8 @@ test('runtime mode: workload API, device scope from the parent, modules from the
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'edgehub-runtime-'));
   const childHost = loopback();
   // The child trusts what the runtime's trust bundle holds: here the parent's CA as well.
-  const workload = await startWorkload({ dir, deviceId: CHILD, deviceKey: CHILD_KEY, extraTrust: parent.caPem().toString() });
+  // Its first server certificate lives 15 s, so the child renews it while the modules run.
+  const workload = await startWorkload({ dir, deviceId: CHILD, deviceKey: CHILD_KEY, extraTrust: parent.caPem().toString(), shortCerts: 1, shortSecs: 15 });
   const clients = [];
   let child;
   let late;
@@ -138,6 +139,29 @@ test('runtime mode: workload API, device scope from the parent, modules from the
 
   await t.test('module to module through the child', async () => {
     await roundTrip(sender, receiver);
+  });
+
+  await t.test('the server certificate is renewed live: open connections stay, new ones see the new certificate', async () => {
+    const tls = require('node:tls');
+    const served = () => withTimeout(new Promise((resolve, reject) => {
+      const s = tls.connect({ host: childHost, port: 5671, ca: workload.root, servername: childHost, ALPNProtocols: [] }, () => {
+        const c = s.getPeerCertificate();
+        s.destroy();
+        resolve(c);
+      });
+      s.on('error', reject);
+    }), 10000, 'TLS handshake');
+    const first = await served();
+    assert.ok(new Date(first.valid_to).getTime() - Date.now() < 60000, `the first certificate is short-lived: ${first.valid_to}`);
+    let drops = 0;
+    sender._transport.on('disconnect', () => { drops += 1; });
+    receiver._transport.on('disconnect', () => { drops += 1; });
+    await child.waitLog(/server certificate renewed/, 30000);
+    const second = await served();
+    assert.notEqual(second.fingerprint256, first.fingerprint256);
+    assert.ok(new Date(second.valid_to).getTime() - Date.now() > 86400000, `the new certificate: ${second.valid_to}`);
+    await roundTrip(sender, receiver);
+    assert.equal(drops, 0, 'the open connections stayed up');
   });
 
   await t.test('twins: reported properties and the twin read back', async () => {
