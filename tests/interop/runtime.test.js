@@ -4,7 +4,11 @@
 // certificate and signs its tokens; its identities come from a parent hub's device-scope API;
 // its modules are Node SDK ModuleClients made by `fromEnvironment` from the same environment
 // edgeAgent gives a module (no connection string: they sign through the workload API and trust
-// its trust bundle).
+// its trust bundle). Also: the server certificate renewed under open connections; identities
+// added at the parent usable at once over MQTT and SASL PLAIN; a leaf device created in the
+// parent's registry under the child's scope (paged device scope) connecting to the child and
+// carried upstream on its behalf with its auth chain; a module removed at the parent cut off
+// by `$edgeHub`'s RefreshDeviceScopeIdentityCache method.
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const crypto = require('node:crypto');
