@@ -373,7 +373,7 @@ impl ConnState {
             .filter_map(|k| map.remove(k))
             .map(|g| {
                 let why = format!(
-                    "{} was disabled, deleted or given new credentials in the registry",
+                    "{} was disabled, deleted or given new credentials (registry or device scope)",
                     g.id
                 );
                 g.links
@@ -386,7 +386,7 @@ impl ConnState {
         if emptied {
             self.close_with(amqp_error(
                 AmqpError::UnauthorizedAccess,
-                "the identity of this connection was disabled or deleted in the registry",
+                "the identity of this connection was disabled, deleted or given new credentials",
             ));
         }
         ids
@@ -846,7 +846,7 @@ async fn expire_tokens(conn: Arc<ConnState>, core: Arc<HubCore>, cancel: Cancell
         if now != seen {
             conn.revocations_seen.store(now, Ordering::Relaxed);
             for id in conn.revoke(&which, &core.auth) {
-                info!(identity = %id, "identity revoked in the registry; its links are closed");
+                info!(identity = %id, "identity revoked (registry or device scope); its links are closed");
                 core.client_disconnected(&id);
             }
         }
@@ -912,6 +912,19 @@ async fn run_session(
         let Some(attach) = attach else { break };
         let (role, address) = attach_address(&attach);
         let name = attach.name.clone();
+        // A child edge hub names the chain of the identity it acts for; the grant on the
+        // connection (checked against this hub's own scope) decides, the chain is logged.
+        if let Some(chain) = attach
+            .properties
+            .as_ref()
+            .and_then(|p| p.get(&Symbol::from("com.microsoft:auth-chain")))
+            .and_then(|v| match v {
+                fe2o3_amqp::types::primitives::Value::String(s) => Some(s.as_str()),
+                _ => None,
+            })
+        {
+            debug!(link = %clip(&name), auth_chain = %clip(chain), "link attach with an auth chain");
+        }
         let kind = classify(address.as_deref(), role);
         // A twin response link is registered before its attach is answered: a client sends its
         // first twin request as soon as it sees both attaches, and the reply must find the link.
@@ -1176,6 +1189,7 @@ impl SaslAcceptor for HubSasl {
                     .initial_response
                     .map(|b| b.into_vec())
                     .unwrap_or_default();
+                learn_plain(&data, &self.core);
                 match plain_identity(&data, &self.core) {
                     Some((id, expiry)) => {
                         self.conn.grant(&self.core, &id, expiry);
@@ -1204,6 +1218,29 @@ fn external_authzid_ok(authzid: Option<&[u8]>, proved: &Identity) -> bool {
         Some(bytes) => {
             std::str::from_utf8(bytes).is_ok_and(|a| a.eq_ignore_ascii_case(&proved.to_string()))
         }
+    }
+}
+
+/// Runtime mode: an identity the device scope does not know yet (or whose keys changed) is
+/// looked up at the parent before SASL PLAIN's token is checked, as for `$cbs` and MQTT.
+/// fe2o3 asks for the outcome synchronously, so the lookup (bounded by the core's lookup
+/// timeout) runs with this worker's other tasks handed to another thread; a current-thread
+/// runtime (tests, tools) has no other worker and skips it.
+fn learn_plain(data: &[u8], core: &Arc<HubCore>) {
+    if core.auth.scope().is_none() {
+        return;
+    }
+    let Some(pass) = std::str::from_utf8(data)
+        .ok()
+        .and_then(|t| t.split('\0').nth(2))
+    else {
+        return;
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| h.block_on(core.learn(pass)));
+        }
+        _ => {}
     }
 }
 
