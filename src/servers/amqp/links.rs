@@ -36,9 +36,6 @@ const ACCEPT_BATCH: usize = 64;
 /// A twin response link's registration with the twin store: its generation and its queue.
 pub(super) type TwinSlot = (u64, crate::core::twins::TwinLinkRx);
 
-/// Serves one link until it ends. Each kind's future is boxed: a task is as large as the
-/// largest state of its future, and without the box every link, an idle one included, would
-/// be sized for the largest kind.
 pub(super) async fn run(
     link: LinkEndpoint,
     kind: LinkKind,
@@ -48,39 +45,35 @@ pub(super) async fn run(
     twin_slot: Option<TwinSlot>,
 ) {
     match (link, kind) {
-        (LinkEndpoint::Receiver(rx), LinkKind::Cbs) => {
-            Box::pin(cbs_requests(rx, conn, core, cancel)).await
-        }
-        (LinkEndpoint::Sender(tx), LinkKind::Cbs) => {
-            Box::pin(cbs_responses(tx, conn, cancel)).await
-        }
+        (LinkEndpoint::Receiver(rx), LinkKind::Cbs) => cbs_requests(rx, conn, core, cancel).await,
+        (LinkEndpoint::Sender(tx), LinkKind::Cbs) => cbs_responses(tx, conn, cancel).await,
         (LinkEndpoint::Receiver(rx), LinkKind::Events(id)) => {
-            Box::pin(events(rx, id, conn, core, cancel)).await
+            events(rx, id, conn, core, cancel).await
         }
         (LinkEndpoint::Sender(tx), LinkKind::ModuleInputs(id)) => {
-            Box::pin(module_inputs(tx, id, core, cancel)).await
+            module_inputs(tx, id, core, cancel).await
         }
         (LinkEndpoint::Sender(tx), LinkKind::C2d(id)) => {
-            Box::pin(super::c2d::device_link(tx, id, core, cancel)).await
+            super::c2d::device_link(tx, id, core, cancel).await
         }
         (LinkEndpoint::Receiver(rx), LinkKind::ServiceC2d) => {
-            Box::pin(super::service::c2d_sends(rx, conn, core, cancel)).await
+            super::service::c2d_sends(rx, conn, core, cancel).await
         }
         (LinkEndpoint::Sender(tx), LinkKind::ServiceFeedback) => {
-            Box::pin(super::service::feedback(tx, core, cancel)).await
+            super::service::feedback(tx, core, cancel).await
         }
         (LinkEndpoint::Sender(tx), LinkKind::TwinResponses(id)) => {
             let slot = twin_slot.unwrap_or_else(|| core.twins.attach_link(&id));
-            Box::pin(twin_responses(tx, id, core, cancel, slot)).await
+            twin_responses(tx, id, core, cancel, slot).await
         }
         (LinkEndpoint::Receiver(rx), LinkKind::TwinRequests(id)) => {
-            Box::pin(twin_requests(rx, id, core, cancel)).await
+            twin_requests(rx, id, core, cancel).await
         }
         (LinkEndpoint::Sender(tx), LinkKind::MethodRequests(id)) => {
-            Box::pin(method_requests(tx, id, core, cancel)).await
+            method_requests(tx, id, core, cancel).await
         }
         (LinkEndpoint::Receiver(rx), LinkKind::MethodResponses(id)) => {
-            Box::pin(method_responses(rx, id, core, cancel)).await
+            method_responses(rx, id, core, cancel).await
         }
         (link, kind) => {
             let why = format!("{} links are not served by this hub yet", kind.name());
