@@ -41,6 +41,7 @@ use std::{
     task::{Context, Poll, Waker},
 };
 
+use bytes::{Buf, BytesMut};
 use fe2o3_amqp::types::{
     definitions::{DeliveryTag, ErrorCondition, Role},
     messaging::{Accepted, DeliveryState},
@@ -49,7 +50,6 @@ use fe2o3_amqp::types::{
     },
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use bytes::{Buf, BytesMut};
 
 /// The tag length the SDKs expect.
 pub const TAG_LEN: usize = 16;
@@ -530,7 +530,16 @@ impl Guard {
     /// Moves every complete, acceptable unit of `raw` to `out` (the peer's open adjusted as
     /// the module documentation says). Stops at the first unacceptable frame: what precedes
     /// it is in `out`, and the error says why the connection must close.
-    pub fn inspect(&mut self, raw: &mut BytesMut, out: &mut Vec<u8>) -> Result<(), Violation> {
+    #[cfg(test)]
+    pub fn inspect(&mut self, raw: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<(), Violation> {
+        let (at, result) = self.scan(raw, out);
+        raw.drain(..at);
+        result
+    }
+
+    /// What [`Self::inspect`] does, leaving `raw` as it is: how many of its bytes were
+    /// passed on (or dealt with), and the violation, if any.
+    fn scan(&mut self, raw: &[u8], out: &mut Vec<u8>) -> (usize, Result<(), Violation>) {
         let mut at = 0;
         let result = loop {
             match self.unit(&raw[at..], out) {
@@ -539,8 +548,7 @@ impl Guard {
                 Err(v) => break Err(v),
             }
         };
-        raw.advance(at);
-        result
+        (at, result)
     }
 
     /// Handles the unit at the head of `buf`: `Some(length)` once it is complete and passed on.
@@ -1041,14 +1049,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WideTags<S> {
                 };
             }
             this.read_raw.reserve(READ_CHUNK);
-            match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.read_raw)
-            {
+            match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.read_raw) {
                 Poll::Ready(Ok(0)) => {
                     // End of stream: an incomplete frame is of no use to fe2o3.
                     return Poll::Ready(Ok(()));
                 }
                 Poll::Ready(Ok(_)) => {
-                    if let Err(v) = this.guard.inspect(&mut this.read_raw, &mut this.incoming) {
+                    let (at, checked) = this.guard.scan(&this.read_raw, &mut this.incoming);
+                    this.read_raw.advance(at);
+                    if let Err(v) = checked {
                         tracing::debug!(
                             condition = %symbol(&v.condition),
                             reason = %v.description,
