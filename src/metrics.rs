@@ -254,6 +254,8 @@ pub fn connected_clients(n: usize) {
 
 /// `protocol` label values of [`OPEN_CONNECTIONS`].
 pub const PROTOCOL_AMQP: &str = "amqp";
+/// AMQP over WebSockets on the HTTPS listener.
+pub const PROTOCOL_AMQP_WS: &str = "amqpws";
 pub const PROTOCOL_MQTT: &str = "mqtt";
 /// MQTT over WebSockets on the HTTPS listener.
 pub const PROTOCOL_MQTT_WS: &str = "mqttws";
@@ -293,25 +295,37 @@ pub fn resident_bytes() -> Option<u64> {
 /// label sets and look them up in the registry for every message.
 #[derive(Default)]
 pub struct ReceivedCache {
-    by_output: std::collections::HashMap<
-        Option<String>,
-        (metrics::Counter, metrics::Histogram, metrics::Counter),
-    >,
+    by_output: std::collections::HashMap<Option<String>, ReceivedHandles>,
+    /// The handles of the last message's output: a link's messages mostly share one, and
+    /// this finds them without an allocation or a hash.
+    last: Option<(Option<String>, ReceivedHandles)>,
 }
+
+type ReceivedHandles = (metrics::Counter, metrics::Histogram, metrics::Counter);
 
 impl ReceivedCache {
     pub fn record(&mut self, msg: &Message) {
-        let (count, size, bytes) = self.by_output.entry(msg.output.clone()).or_insert_with(|| {
-            let id = msg.from.to_string();
-            (
-                counter!(MESSAGES_RECEIVED, "id" => id.clone(), "route_output" => output_label(msg)),
-                histogram!(MESSAGE_SIZE, "id" => id.clone()),
-                counter!(BYTES_RECEIVED, "id" => id),
-            )
-        });
-        count.increment(1);
-        size.record(msg.size() as f64);
-        bytes.increment(msg.body.len() as u64);
+        let hit = matches!(&self.last, Some((o, _)) if *o == msg.output);
+        if !hit {
+            let handles = self
+                .by_output
+                .entry(msg.output.clone())
+                .or_insert_with(|| {
+                    let id = msg.from.to_string();
+                    (
+                        counter!(MESSAGES_RECEIVED, "id" => id.clone(), "route_output" => output_label(msg)),
+                        histogram!(MESSAGE_SIZE, "id" => id.clone()),
+                        counter!(BYTES_RECEIVED, "id" => id),
+                    )
+                })
+                .clone();
+            self.last = Some((msg.output.clone(), handles));
+        }
+        if let Some((_, (count, size, bytes))) = &self.last {
+            count.increment(1);
+            size.record(msg.size() as f64);
+            bytes.increment(msg.body.len() as u64);
+        }
     }
 }
 
@@ -322,49 +336,60 @@ type SentKey = (
     u32,
 );
 
+/// `edgehub_messages_sent_total`, `edgehub_bytes_sent_total`, and the send and process
+/// duration histograms of one key.
+#[derive(Clone)]
+struct SentHandles {
+    sent: metrics::Counter,
+    bytes: metrics::Counter,
+    send: metrics::Histogram,
+    process: metrics::Histogram,
+}
+
 /// Per-link cache of the handles `sent` records into.
 #[derive(Default)]
 pub struct SentCache {
-    by_key: std::collections::HashMap<SentKey, [metrics::Histogram; 2]>,
-    counters: std::collections::HashMap<SentKey, [metrics::Counter; 2]>,
+    by_key: std::collections::HashMap<SentKey, SentHandles>,
+    /// The last message's key and handles: a link's messages mostly share one key, and this
+    /// finds it without an allocation or a hash.
+    last: Option<(SentKey, SentHandles)>,
 }
 
 impl SentCache {
     pub fn record(&mut self, msg: &Message, to: &str, input: &str, priority: u32, send_secs: f64) {
-        let key: SentKey = (
-            msg.from.clone(),
-            msg.output.clone(),
-            input.to_owned(),
-            priority,
-        );
-        if !self.by_key.contains_key(&key) {
-            let from = msg.from.to_string();
-            let p = priority.to_string();
-            self.counters.insert(
-                key.clone(),
-                [
-                    counter!(MESSAGES_SENT, "from" => from.clone(), "to" => to.to_owned(), "from_route_output" => output_label(msg),
-                        "to_route_input" => input.to_owned(), "priority" => p.clone()),
-                    counter!(BYTES_SENT, "id" => to.to_owned()),
-                ],
+        let hit = matches!(&self.last, Some(((from, output, i, p), _))
+            if *p == priority && i == input && *output == msg.output && *from == msg.from);
+        if !hit {
+            let key: SentKey = (
+                msg.from.clone(),
+                msg.output.clone(),
+                input.to_owned(),
+                priority,
             );
-            self.by_key.insert(
-                key.clone(),
-                [
-                    histogram!(MESSAGE_SEND_DURATION, "from" => from.clone(), "to" => to.to_owned(),
-                        "from_route_output" => output_label(msg), "to_route_input" => input.to_owned()),
-                    histogram!(MESSAGE_PROCESS_DURATION, "from" => from, "to" => to.to_owned(), "priority" => p),
-                ],
-            );
+            let handles = self
+                .by_key
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    let from = msg.from.to_string();
+                    let p = priority.to_string();
+                    SentHandles {
+                        sent: counter!(MESSAGES_SENT, "from" => from.clone(), "to" => to.to_owned(), "from_route_output" => output_label(msg),
+                            "to_route_input" => input.to_owned(), "priority" => p.clone()),
+                        bytes: counter!(BYTES_SENT, "id" => to.to_owned()),
+                        send: histogram!(MESSAGE_SEND_DURATION, "from" => from.clone(), "to" => to.to_owned(),
+                            "from_route_output" => output_label(msg), "to_route_input" => input.to_owned()),
+                        process: histogram!(MESSAGE_PROCESS_DURATION, "from" => from, "to" => to.to_owned(), "priority" => p),
+                    }
+                })
+                .clone();
+            self.last = Some((key, handles));
         }
-        if let (Some([sent, bytes]), Some([send_d, proc_d])) =
-            (self.counters.get(&key), self.by_key.get(&key))
-        {
-            sent.increment(1);
-            bytes.increment(msg.body.len() as u64);
-            send_d.record(send_secs);
+        if let Some((_, h)) = &self.last {
+            h.sent.increment(1);
+            h.bytes.increment(msg.body.len() as u64);
+            h.send.record(send_secs);
             let waited = (crate::model::message::now_ms() - msg.enqueued_ms).max(0) as f64 / 1000.0;
-            proc_d.record(waited);
+            h.process.record(waited);
         }
     }
 }

@@ -630,6 +630,139 @@ async fn a_persistent_session_keeps_its_subscriptions_across_reconnects() {
     hub.stop().await;
 }
 
+const SERVICE_KEY: &str = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
+
+/// A registry call of the service API (`servicePolicies.service` holds `SERVICE_KEY`).
+async fn registry(
+    hub: &TestHub,
+    method: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> serde_json::Value {
+    let token = make_token(
+        IOTHUB,
+        &edgehub::model::identity::Key::from_base64(SERVICE_KEY).unwrap(),
+        now_secs() + 3600,
+        Some("service"),
+    );
+    let text = if body.is_null() {
+        String::new()
+    } else {
+        body.to_string()
+    };
+    let mut headers = vec![
+        ("Authorization", token.as_str()),
+        ("Content-Type", "application/json; charset=utf-8"),
+    ];
+    if method == "DELETE" {
+        headers.push(("If-Match", "\"*\""));
+    }
+    let r = hub
+        .https(
+            method,
+            &format!("{path}?api-version=2021-04-12"),
+            &headers,
+            &text,
+        )
+        .await;
+    assert!(
+        r.status == 200 || r.status == 204,
+        "{method} {path}: {} {:?}",
+        r.status,
+        r.body
+    );
+    r.body
+}
+
+/// Creates a registry device (`m` = `None`) or module with generated keys; its SAS token.
+async fn registry_identity(hub: &TestHub, d: &str, m: Option<&str>) -> String {
+    use edgehub::model::identity::{DeviceId, Key};
+    let sas =
+        serde_json::json!({"type": "sas", "symmetricKey": {"primaryKey": "", "secondaryKey": ""}});
+    let device = DeviceId::parse(d).unwrap();
+    let (path, body, id) = match m {
+        None => (
+            format!("/devices/{d}"),
+            serde_json::json!({"deviceId": d, "authentication": sas}),
+            Identity::Device(device),
+        ),
+        Some(m) => (
+            format!("/devices/{d}/modules/{m}"),
+            serde_json::json!({"deviceId": d, "moduleId": m, "authentication": sas}),
+            Identity::Module(device, ModuleId::parse(m).unwrap()),
+        ),
+    };
+    let r = registry(hub, "PUT", &path, &body).await;
+    let key = r["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap();
+    make_token(
+        &resource_for(IOTHUB, &id),
+        &Key::from_base64(key).unwrap(),
+        now_secs() + 3600,
+        None,
+    )
+}
+
+#[tokio::test]
+async fn a_registry_delete_drops_the_stored_sessions_of_the_device_and_its_modules() {
+    let hub = start_hub_https(
+        ROUTES,
+        r#""servicePolicies": {"service": {"primaryKey": "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA="}},"#,
+    )
+    .await;
+    let user = |cid: &str| format!("{IOTHUB}/{cid}/?api-version=2021-04-12");
+    // A persistent session each: the device's C2D, the module's inputs.
+    let subscribed = async |cid: &str, token: &str, filter: &str, present: bool| {
+        let (mut c, ack) = Mqtt::connect_as(&hub, cid, &user(cid), token, 60, false).await;
+        assert_eq!(ack.code, ConnectReturnCode::Success, "{cid}");
+        assert_eq!(ack.session_present, present, "{cid}");
+        c.subscribe(filter, QoS::AtLeastOnce).await;
+        c.send(Packet::Disconnect).await;
+        assert!(c.next().await.is_none());
+    };
+    let device = registry_identity(&hub, "dev6", None).await;
+    let module = registry_identity(&hub, "dev6", Some("m1")).await;
+    subscribed(
+        "dev6",
+        &device,
+        "devices/dev6/messages/devicebound/#",
+        false,
+    )
+    .await;
+    subscribed("dev6/m1", &module, "devices/dev6/modules/m1/#", false).await;
+    // Kept across a reconnect...
+    let (_c, ack) = Mqtt::connect_as(&hub, "dev6/m1", &user("dev6/m1"), &module, 60, false).await;
+    assert!(ack.session_present);
+    drop(_c);
+    // ...but not across a delete: created again under the same ids, they start afresh.
+    registry(&hub, "DELETE", "/devices/dev6", &serde_json::Value::Null).await;
+    let device = registry_identity(&hub, "dev6", None).await;
+    let module = registry_identity(&hub, "dev6", Some("m1")).await;
+    subscribed(
+        "dev6",
+        &device,
+        "devices/dev6/messages/devicebound/#",
+        false,
+    )
+    .await;
+    subscribed("dev6/m1", &module, "devices/dev6/modules/m1/#", false).await;
+    // A module deleted on its own loses its session too; its device keeps its own.
+    registry(
+        &hub,
+        "DELETE",
+        "/devices/dev6/modules/m1",
+        &serde_json::Value::Null,
+    )
+    .await;
+    let module = registry_identity(&hub, "dev6", Some("m1")).await;
+    let (_c, ack) = Mqtt::connect_as(&hub, "dev6/m1", &user("dev6/m1"), &module, 60, false).await;
+    assert!(!ack.session_present);
+    let (_d, ack) = Mqtt::connect_as(&hub, "dev6", &user("dev6"), &device, 60, false).await;
+    assert!(ack.session_present);
+    hub.stop().await;
+}
+
 /// An AMQP module output on `output`, with message id `id`.
 fn amqp_output(output: &str, id: &str, body: &[u8]) -> Message<Body<Value>> {
     Message::builder()

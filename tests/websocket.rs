@@ -96,15 +96,33 @@ async fn modules_over_websockets_and_amqps_exchange_messages() {
         Body::Data(batch) => assert_eq!(batch.iter().map(|x| x.0.len()).sum::<usize>(), 600 * 1024),
         other => panic!("{other:?}"),
     }
-    // Counted as any connection is.
+    // Counted as any connection is, each open connection under its transport's label (the
+    // metrics registry is shared by the tests of this process: at least these two).
     let metrics = hub.scrape().await;
     assert!(
         metrics.contains("edgehub_client_connect_success_total{") && metrics.contains("edge1/A"),
         "{metrics}"
     );
+    for protocol in ["amqpws", "amqp"] {
+        assert!(
+            open_connections(&metrics, protocol).is_some_and(|n| n >= 1.0),
+            "{protocol}: {metrics}"
+        );
+    }
     a.close().await;
     b.close().await;
     hub.stop().await;
+}
+
+/// The value of `edgehub_open_connections{protocol}` in a scrape.
+fn open_connections(scrape: &str, protocol: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find(|l| {
+            l.starts_with("edgehub_open_connections{")
+                && l.contains(&format!("protocol=\"{protocol}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// Sends `request` on a fresh TLS connection to the HTTPS listener and returns the status and

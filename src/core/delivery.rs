@@ -178,10 +178,22 @@ pub async fn pump<F: Feed, L: Link>(
             _ = link.detached(), if in_flight.is_empty() => break,
             _ = &mut notified => {}
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                state.bytes = state.bytes.saturating_sub(done.1.msg.size() as u64);
-                if let Err(e) = state.settle(done, &mut link) {
-                    ended = Ended::Failed(e);
-                    break;
+                // Every outcome that is in already, before the feed and the window are looked
+                // at again: a peer settles in bursts, and this refills the window in one.
+                let mut next = Some(done);
+                while let Some(done) = next {
+                    state.bytes = state.bytes.saturating_sub(done.1.msg.size() as u64);
+                    if let Err(e) = state.settle(done, &mut link) {
+                        ended = Ended::Failed(e);
+                        break 'outer;
+                    }
+                    next = std::future::poll_fn(|cx| {
+                        std::task::Poll::Ready(match in_flight.poll_next_unpin(cx) {
+                            std::task::Poll::Ready(Some(d)) => Some(d),
+                            _ => None,
+                        })
+                    })
+                    .await;
                 }
                 if state.unwritten.count() >= write_at {
                     state.unwritten.write().await;

@@ -15,6 +15,9 @@
 //!   credentials, a device's delete with its modules) is published in [`Revocations`]: every
 //!   connection holding that identity closes its links with `amqp:unauthorized-access` (MQTT:
 //!   the connection) at once, and its tokens are refused from then on.
+//! * A delete also drops what the hub keeps for the identity: its twin, a device's C2D queue,
+//!   and what the transports keep (an MQTT client's stored subscriptions, through
+//!   [`Registry::on_delete`]), before the service is answered.
 //! * Writes are serialised by one async lock; each is durable (`store::registry`) before the
 //!   in-memory maps (the records here, the authenticator's live identities) change and the
 //!   service is answered. At most `limits.maxRegistryIdentities` records.
@@ -154,6 +157,12 @@ impl Revocations {
     }
 }
 
+/// Told of the identities a registry delete removed, once the delete is durable: what a
+/// transport keeps for an identity beyond its connections (an MQTT client's stored
+/// subscriptions) goes with it, so an identity created again under the same id starts afresh.
+pub type OnDelete =
+    Box<dyn Fn(Vec<Identity>) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
+
 /// The registry's records and their store.
 pub struct Registry {
     records: DashMap<IdentityKey, Record>,
@@ -165,6 +174,8 @@ pub struct Registry {
     /// never matches an old etag.
     last_revision: AtomicU64,
     pub revocations: Revocations,
+    /// Registered by the transports at start (see [`OnDelete`]).
+    on_delete: Mutex<Vec<std::sync::Arc<OnDelete>>>,
 }
 
 impl Registry {
@@ -192,6 +203,27 @@ impl Registry {
             write: tokio::sync::Mutex::new(()),
             last_revision: AtomicU64::new(last),
             revocations: Revocations::default(),
+            on_delete: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Has `hook` told of every identity a registry delete removes from now on.
+    pub fn on_delete(&self, hook: OnDelete) {
+        self.on_delete
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(std::sync::Arc::new(hook));
+    }
+
+    /// Tells every [`OnDelete`] hook that `ids` are gone.
+    async fn deleted(&self, ids: &[Identity]) {
+        let hooks = self
+            .on_delete
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for hook in hooks {
+            hook(ids.to_vec()).await;
         }
     }
 
@@ -877,6 +909,7 @@ pub async fn delete_device(
         .remove(&core.auth, gone.iter().map(Identity::key).collect())
         .await?;
     forget_twins(core, &gone).await;
+    core.registry.deleted(&gone).await;
     let (c2d, device) = (core.c2d.clone(), d.clone());
     let purged = tokio::task::spawn_blocking(move || c2d.purge(&device))
         .await
@@ -1050,6 +1083,7 @@ pub async fn delete_module(
     let gone = identity_of(&old).unwrap_or(id);
     core.registry.remove(&core.auth, vec![gone.key()]).await?;
     forget_twins(core, std::slice::from_ref(&gone)).await;
+    core.registry.deleted(std::slice::from_ref(&gone)).await;
     crate::metrics::registry_identities(core.registry.len());
     tracing::info!(module = %gone, "registry module deleted");
     Ok(())

@@ -211,8 +211,11 @@ pub fn accept(
             );
             let gate = to.amqp.clone();
             tracker.spawn(
-                async move { gate.run(admitted, handshake).await }
-                    .instrument(info_span!("conn", %peer, transport = "amqpws")),
+                async move {
+                    gate.run(admitted, crate::metrics::PROTOCOL_AMQP_WS, handshake)
+                        .await
+                }
+                .instrument(info_span!("conn", %peer, transport = "amqpws")),
             );
         }
         Carried::Mqtt => {

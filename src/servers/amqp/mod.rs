@@ -610,7 +610,8 @@ impl Gate {
     /// WebSocket, whose TLS and upgrade are done) gives the byte stream and what the client's
     /// certificate proved, then the AMQP header, open, sessions and links follow. The
     /// handshake and the AMQP open share one deadline (`limits.handshakeTimeoutSecs`).
-    pub(crate) async fn run<S, F>(&self, admitted: Admitted, handshake: F)
+    /// `protocol` labels the connection in `edgehub_open_connections`.
+    pub(crate) async fn run<S, F>(&self, admitted: Admitted, protocol: &'static str, handshake: F)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug + 'static,
         F: std::future::Future<Output = std::io::Result<(S, Option<crate::ops::x509::Presented>)>>,
@@ -625,9 +626,9 @@ impl Gate {
                 _ => return,
             },
         };
-        m::open_connections(m::PROTOCOL_AMQP, 1.0);
+        m::open_connections(protocol, 1.0);
         handle_stream(handshake, self.core.clone(), conn).await;
-        m::open_connections(m::PROTOCOL_AMQP, -1.0);
+        m::open_connections(protocol, -1.0);
         drop(permit);
     }
 }
@@ -662,7 +663,7 @@ pub async fn serve(listener: TcpListener, tls: TlsAcceptor, gate: Arc<Gate>) {
                     let presented = gate.identify(stream.get_ref().1);
                     Ok((stream, presented))
                 };
-                gate.run(admitted, handshake).await;
+                gate.run(admitted, m::PROTOCOL_AMQP, handshake).await;
             }
             .instrument(info_span!("conn", %peer)),
         );

@@ -19,6 +19,8 @@
 //! edgeHub. Outbound bags list the string application properties, then the system properties,
 //! then `$.cdid`/`$.cmid` of the sender, as edgeHub writes them.
 
+use std::borrow::Cow;
+
 use fe2o3_amqp::types::{
     messaging::{annotations::OwnedKey, MessageId, Properties},
     primitives::{Binary, SimpleValue, Symbol, Timestamp, Value},
@@ -119,7 +121,7 @@ pub fn c2d_bag(msg: &Message) -> String {
 }
 
 fn bag(msg: &Message, sender: bool) -> String {
-    let mut entries: Vec<(&str, String)> = Vec::new();
+    let mut entries: Vec<(&str, Cow<'_, str>)> = Vec::new();
     let mut schema = None;
     let mut ctime = None;
     for (k, v) in msg.application_properties.iter() {
@@ -130,13 +132,13 @@ fn bag(msg: &Message, sender: bool) -> String {
             _ => continue,
         };
         match k.as_str() {
-            SCHEMA_PROPERTY => schema = Some(v.to_owned()),
-            CREATION_TIME_PROPERTY => ctime = Some(v.to_owned()),
-            _ => entries.push((k.as_str(), v.to_owned())),
+            SCHEMA_PROPERTY => schema = Some(v),
+            CREATION_TIME_PROPERTY => ctime = Some(v),
+            _ => entries.push((k.as_str(), Cow::Borrowed(v))),
         }
     }
     if let Some(p) = &msg.properties {
-        let text = |id: &MessageId| crate::model::message::message_id_text(id);
+        let text = |id: &MessageId| Cow::Owned(crate::model::message::message_id_text(id));
         if let Some(id) = &p.message_id {
             entries.push(("$.mid", text(id)));
         }
@@ -144,40 +146,40 @@ fn bag(msg: &Message, sender: bool) -> String {
             entries.push(("$.cid", text(id)));
         }
         if let Some(u) = &p.user_id {
-            entries.push(("$.uid", String::from_utf8_lossy(u.as_slice()).into_owned()));
+            entries.push(("$.uid", String::from_utf8_lossy(u.as_slice())));
         }
         if let Some(to) = &p.to {
-            entries.push(("$.to", to.clone()));
+            entries.push(("$.to", Cow::Borrowed(to)));
         }
         if let Some(ct) = &p.content_type {
-            entries.push(("$.ct", ct.0.clone()));
+            entries.push(("$.ct", Cow::Borrowed(&ct.0)));
         }
         if let Some(ce) = &p.content_encoding {
-            entries.push(("$.ce", ce.0.clone()));
+            entries.push(("$.ce", Cow::Borrowed(&ce.0)));
         }
         if let Some(exp) = &p.absolute_expiry_time {
-            entries.push(("$.exp", format_iso8601_ms(exp.milliseconds())));
+            entries.push(("$.exp", Cow::Owned(format_iso8601_ms(exp.milliseconds()))));
         }
     }
     if let Some(s) = schema {
-        entries.push(("$.schema", s));
+        entries.push(("$.schema", Cow::Borrowed(s)));
     }
     if let Some(c) = ctime {
-        entries.push(("$.ctime", c));
+        entries.push(("$.ctime", Cow::Borrowed(c)));
     }
     if let Some(Value::String(s)) = msg
         .annotations
         .get(&OwnedKey::Symbol(Symbol::from(SUBJECT)))
     {
-        entries.push(("$.sub", s.clone()));
+        entries.push(("$.sub", Cow::Borrowed(s)));
     }
     if sender {
-        entries.push(("$.cdid", msg.from.device().to_string()));
+        entries.push(("$.cdid", Cow::Borrowed(msg.from.device().as_str())));
         if let Some(m) = msg.from.module() {
-            entries.push(("$.cmid", m.to_string()));
+            entries.push(("$.cmid", Cow::Borrowed(m.as_str())));
         }
     }
-    encode_bag(entries.iter().map(|(k, v)| (*k, Some(v.as_str()))))
+    encode_bag(entries.iter().map(|(k, v)| (*k, Some(v.as_ref()))))
 }
 
 /// Milliseconds since the epoch of `YYYY-MM-DDTHH:MM:SS[.f…][Z|±HH:MM]` (no zone: UTC).

@@ -20,6 +20,7 @@
 //!   registration it undoes carries its generation).
 
 pub mod convert;
+mod inputs;
 mod session;
 pub mod sessions;
 pub mod topic;
@@ -75,14 +76,29 @@ impl Mqtt {
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let limits = &core.settings.limits;
-        Arc::new(Self {
+        let mqtt = Arc::new(Self {
             permits: Arc::new(Semaphore::new(limits.max_connections)),
             pending: Pending::new(limits.max_pending_connections),
             core,
             sessions,
             x509,
             shutdown,
-        })
+        });
+        // An identity deleted from the registry loses its stored subscriptions: one created
+        // again under the same id must not inherit them.
+        let weak = Arc::downgrade(&mqtt);
+        mqtt.core.registry.on_delete(Box::new(move |ids| {
+            let weak = weak.clone();
+            Box::pin(async move {
+                let Some(mqtt) = weak.upgrade() else { return };
+                for id in ids {
+                    if let Err(e) = mqtt.sessions.remove(&id).await {
+                        warn!(identity = %id, "stored MQTT session of a deleted identity not removed: {e}");
+                    }
+                }
+            })
+        }));
+        mqtt
     }
 
     /// What the client of a TLS connection proved with its certificate (`None`: it sent none).

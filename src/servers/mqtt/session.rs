@@ -33,6 +33,10 @@
 //!   written out count too) and `limits.maxUnsettledBytesPerLink` bytes; a PUBACK (at QoS 0,
 //!   the write) accepts a message, and whatever is unacknowledged when the pump stops goes back
 //!   to its queue.
+//! * Writes: a step of the session loop writes its packets into the write buffer; the buffer is
+//!   flushed when no other step is ready, after [`MAX_STEPS_UNFLUSHED`] steps, or when it passes
+//!   the codec's backpressure boundary, so a burst (input messages, the PUBACKs of a commit)
+//!   leaves in few TLS records and writes.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -52,7 +56,7 @@ use rumqttc::mqttbytes::{
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf},
-    sync::{mpsc, oneshot},
+    sync::mpsc,
     task::JoinHandle,
     time::Instant,
 };
@@ -63,7 +67,8 @@ use tokio_util::{
 use tracing::{debug, info, warn};
 
 use super::{
-    convert::{c2d_bag, input_bag, message_from_publish},
+    convert::message_from_publish,
+    inputs::{input_event, C2dLink, InputEvent, InputLink, Inputs, INPUT_QUEUE},
     sessions::Filters,
     topic::{self, ClientTopic, FilterKind, TopicError},
     will::Will,
@@ -85,10 +90,7 @@ use crate::{
         sas::{now_secs, MAX_CLOCK_SKEW_SECS},
     },
     ops::x509::Presented,
-    store::{
-        durable::StoreError,
-        queue::{Endpoint, Queued},
-    },
+    store::durable::StoreError,
 };
 
 /// Room for the topic and headers of a PUBLISH beyond its payload.
@@ -543,174 +545,6 @@ async fn method_next(
     }
 }
 
-/// Room for input PUBLISHes between the delivery pump and the session (the pump's window bounds
-/// what is in flight).
-const INPUT_QUEUE: usize = 64;
-
-/// One message of the module's inputs for the session to publish.
-struct InputPublish {
-    topic: String,
-    payload: Bytes,
-    /// Delivered before: the PUBLISH's DUP flag at QoS 1.
-    dup: bool,
-    /// The outcome: accepted on the module's PUBACK (QoS 1), or once written (QoS 0). Dropped
-    /// when the session ends or the module unsubscribes: the message goes back to its queue.
-    done: oneshot::Sender<delivery::Outcome>,
-}
-
-/// A module's inputs as the core's delivery pump sees them ([`delivery::Link`]): each message
-/// goes to the session task, which owns the connection's writer and packet ids.
-struct InputLink {
-    out: mpsc::Sender<InputPublish>,
-    device: DeviceId,
-    module: ModuleId,
-    sent: m::SentCache,
-}
-
-impl delivery::Link for InputLink {
-    async fn send(&mut self, ep: &Endpoint, q: &Queued) -> Result<delivery::Sent, String> {
-        let input = ep.input.as_deref().unwrap_or_default();
-        let topic = topic::input_topic(
-            self.device.as_str(),
-            self.module.as_str(),
-            input,
-            &input_bag(&q.msg),
-        );
-        let (done, outcome) = oneshot::channel();
-        let publish = InputPublish {
-            topic,
-            payload: Bytes::from(q.msg.body.clone()),
-            dup: q.delivery_count > 0,
-            done,
-        };
-        self.out
-            .send(publish)
-            .await
-            .map_err(|_| "the MQTT session ended".to_owned())?;
-        Ok(delivery::Sent::InFlight(Box::pin(async move {
-            outcome
-                .await
-                .map_err(|_| "the MQTT session ended before the module acknowledged".to_owned())
-        })))
-    }
-
-    async fn detached(&mut self) {
-        self.out.closed().await;
-    }
-
-    fn settled(
-        &mut self,
-        ep: &Endpoint,
-        q: &Queued,
-        outcome: &Result<delivery::Outcome, String>,
-        sent: std::time::Instant,
-    ) {
-        match outcome {
-            Ok(delivery::Outcome::Accepted) => {
-                let input = ep.input.as_deref().unwrap_or_default();
-                let secs = sent.elapsed().as_secs_f64();
-                self.sent
-                    .record(&q.msg, self.module.as_str(), input, q.priority, secs);
-            }
-            Ok(_) => {}
-            Err(e) => debug!(error = %e, "MQTT input delivery not acknowledged"),
-        }
-    }
-
-    async fn close(&mut self, _why: &delivery::Ended) {}
-}
-
-/// A device's C2D queue as the delivery pump sees it: like [`InputLink`], on
-/// `devices/{d}/messages/devicebound/{bag}`; the PUBACK completes the message (MQTT has no
-/// abandon or reject).
-struct C2dLink {
-    out: mpsc::Sender<InputPublish>,
-    core: Arc<HubCore>,
-    queue: Arc<crate::core::c2d::DeviceQueue>,
-}
-
-impl delivery::Link for C2dLink {
-    async fn send(&mut self, _ep: &Endpoint, q: &Queued) -> Result<delivery::Sent, String> {
-        let topic = topic::c2d_topic(self.queue.device.as_str(), &c2d_bag(&q.msg));
-        let (done, outcome) = oneshot::channel();
-        let publish = InputPublish {
-            topic,
-            payload: Bytes::from(q.msg.body.clone()),
-            dup: q.delivery_count > 0,
-            done,
-        };
-        self.out
-            .send(publish)
-            .await
-            .map_err(|_| "the MQTT session ended".to_owned())?;
-        Ok(delivery::Sent::InFlight(Box::pin(async move {
-            outcome
-                .await
-                .map_err(|_| "the MQTT session ended before the device acknowledged".to_owned())
-        })))
-    }
-
-    async fn detached(&mut self) {
-        self.out.closed().await;
-    }
-
-    fn settled(
-        &mut self,
-        _ep: &Endpoint,
-        q: &Queued,
-        outcome: &Result<delivery::Outcome, String>,
-        _sent: std::time::Instant,
-    ) {
-        self.core.c2d.settled(&self.queue, q, outcome);
-    }
-
-    async fn close(&mut self, _why: &delivery::Ended) {}
-}
-
-/// The delivery pump of a subscribed module's inputs (or a device's C2D messages), as the
-/// session holds it.
-struct Inputs {
-    qos: QoS,
-    /// Stops the pump: unsubscribed, the session ended, or a newer input link or session of
-    /// this module took over ([`HubCore::replace_input_link`]).
-    stop: CancellationToken,
-    rx: mpsc::Receiver<InputPublish>,
-    /// QoS 1 PUBLISHes awaiting the module's PUBACK, by packet id.
-    awaiting: HashMap<u16, oneshot::Sender<delivery::Outcome>>,
-    pump: JoinHandle<delivery::Ended>,
-}
-
-impl Inputs {
-    /// Stops the pump: what is unacknowledged goes back to its queue and the acknowledgements
-    /// are written out before this returns.
-    async fn finish(self) {
-        self.stop.cancel();
-        let Inputs {
-            rx, awaiting, pump, ..
-        } = self;
-        drop((rx, awaiting));
-        let _ = pump.await;
-    }
-}
-
-/// What the input pump asks of the session.
-enum InputEvent {
-    Publish(InputPublish),
-    Ended(Result<delivery::Ended, tokio::task::JoinError>),
-}
-
-/// The input pump's next message, or its end; pending while there is no pump.
-async fn input_event(inputs: &mut Option<Inputs>) -> InputEvent {
-    match inputs.as_mut() {
-        Some(i) => tokio::select! {
-            biased;
-            Some(p) = i.rx.recv() => InputEvent::Publish(p),
-            ended = &mut i.pump => InputEvent::Ended(ended),
-        },
-        None => std::future::pending().await,
-    }
-}
-
 struct Session<W> {
     mqtt: Arc<Mqtt>,
     core: Arc<HubCore>,
@@ -745,21 +579,42 @@ where
         let expiry = tokio::time::sleep_until(expires_at);
         tokio::pin!(expiry);
         let mut revoked = self.core.registry.revocations.watch();
+        // Checked once for what came since the CONNECT, then on every new revocation.
+        let mut check_revoked = true;
+        let mut steps_unflushed = 0u32;
+        let mut read_grown = false;
+        let key = self.id.key();
         loop {
-            let (now, which) = self.core.registry.revocations.since(revocations_seen);
-            revocations_seen = now;
-            let cut = match which {
-                crate::core::registry::Revoked::Keys(keys) => keys.contains(&self.id.key()),
-                crate::core::registry::Revoked::Unknown => !self.core.auth.is_active(&self.id),
-            };
-            if cut {
-                return End::Revoked;
+            if std::mem::take(&mut check_revoked) {
+                let (now, which) = self.core.registry.revocations.since(revocations_seen);
+                revocations_seen = now;
+                let cut = match which {
+                    crate::core::registry::Revoked::Keys(keys) => keys.contains(&key),
+                    crate::core::registry::Revoked::Unknown => !self.core.auth.is_active(&self.id),
+                };
+                if cut {
+                    return End::Revoked;
+                }
             }
-            let now = self.acks.ready(&self.core);
-            for pkid in now {
-                if let Err(end) = send(&mut self.writer, Packet::PubAck(PubAck::new(pkid))).await {
+            for pkid in self.acks.ready(&self.core) {
+                if let Err(end) = self.feed(Packet::PubAck(PubAck::new(pkid))).await {
                     return end;
                 }
+            }
+            // Written out when nothing else is ready, or after a bounded number of steps, so a
+            // client that never pauses still gets its acknowledgements.
+            let unflushed = !self.writer.write_buffer().is_empty();
+            if unflushed {
+                steps_unflushed += 1;
+                if steps_unflushed > MAX_STEPS_UNFLUSHED {
+                    if let Err(end) = self.flush().await {
+                        return end;
+                    }
+                }
+            }
+            let unflushed = !self.writer.write_buffer().is_empty();
+            if !unflushed {
+                steps_unflushed = 0;
             }
             let step = tokio::select! {
                 biased;
@@ -767,7 +622,10 @@ where
                 _ = &mut silence => Err(End::KeepAlive),
                 _ = &mut expiry => Err(End::TokenExpired),
                 // The sender lives in the core, which this session holds: `changed` cannot fail.
-                _ = revoked.changed() => Ok(()),
+                _ = revoked.changed() => {
+                    check_revoked = true;
+                    Ok(())
+                }
                 r = commit_done(&mut self.acks.sync) => self.committed(r).await,
                 out = twin_next(&mut self.twin) => self.on_twin_out(out).await,
                 call = method_next(&mut self.methods) => self.on_method_call(call).await,
@@ -780,9 +638,20 @@ where
                             debug!(identity = %self.id, error = %e, "malformed MQTT packet; closing");
                             Err(End::Io(e.to_string()))
                         }
-                        Some(Ok(p)) => self.on_packet(p).await,
+                        Some(Ok(p)) => {
+                            if !read_grown && matches!(p, Packet::Publish(_)) {
+                                // Once: the codec keeps the capacity from then on.
+                                read_grown = true;
+                                grow_read_buffer(reader);
+                            }
+                            self.on_packet(p).await
+                        }
                     }
                 }
+                // Last, so it runs only when nothing else is ready: the packets written meanwhile
+                // (input PUBLISHes, PUBACKs) go out together, in as few TLS records and writes
+                // as their number allows.
+                _ = std::future::ready(()), if unflushed => self.flush().await,
             };
             if let Err(end) = step {
                 return end;
@@ -791,9 +660,42 @@ where
     }
 }
 
+/// Steps of the session loop (each one packet or one batch of input messages) that may leave
+/// packets in the write buffer while more work is ready.
+const MAX_STEPS_UNFLUSHED: u32 = 32;
+
+/// The read buffer of a connection that publishes: large enough for a burst of PUBLISHes per
+/// read (an idle connection keeps its small one, [`READ_BUFFER`]).
+const BUSY_READ_BUFFER: usize = 8 * 1024;
+
+fn grow_read_buffer<R, D>(reader: &mut FramedRead<R, D>) {
+    let buf = reader.read_buffer_mut();
+    if buf.capacity() < BUSY_READ_BUFFER {
+        buf.reserve(BUSY_READ_BUFFER - buf.len());
+    }
+}
+
 impl<W: AsyncWrite + Unpin + Send> Session<W> {
     async fn send(&mut self, p: Packet) -> Result<(), End> {
         send(&mut self.writer, p).await
+    }
+
+    /// Writes `p` into the write buffer; the session loop flushes it once nothing else is
+    /// ready (a full buffer is written out at once).
+    async fn feed(&mut self, p: Packet) -> Result<(), End> {
+        match tokio::time::timeout(SEND_WAIT, self.writer.feed(p)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(End::Io(e.to_string())),
+            Err(_) => Err(End::Io("the client reads nothing".into())),
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        match tokio::time::timeout(SEND_WAIT, self.writer.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(End::Io(e.to_string())),
+            Err(_) => Err(End::Io("the client reads nothing".into())),
+        }
     }
 
     /// Publishes on `topic` at `qos` (a QoS 1 packet id is awaited until its PUBACK).
@@ -940,16 +842,9 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
             return Err(End::Refused);
         }
         for pkid in std::mem::take(&mut self.acks.syncing) {
-            self.writer
-                .feed(Packet::PubAck(PubAck::new(pkid)))
-                .await
-                .map_err(|e| End::Io(e.to_string()))?;
+            self.feed(Packet::PubAck(PubAck::new(pkid))).await?;
         }
-        match tokio::time::timeout(SEND_WAIT, self.writer.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(End::Io(e.to_string())),
-            Err(_) => Err(End::Io("the client reads nothing".into())),
-        }
+        Ok(())
     }
 
     /// Serves a twin request through the core; the answer goes out on the twin link (when the
@@ -1084,6 +979,10 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
         if let Err(e) = self.mqtt.sessions.save(&self.id, &self.filters).await {
             warn!(identity = %self.id, "MQTT subscriptions not stored; they hold for this connection only: {e}");
         }
+        // Deleted from the registry meanwhile: its purge may have come before this save.
+        if self.core.auth.known(&self.id).is_none() {
+            let _ = self.mqtt.sessions.remove(&self.id).await;
+        }
     }
 
     /// Turns on what the subscriptions ask for and off what they no longer do.
@@ -1213,8 +1112,8 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
         });
     }
 
-    /// Publishes what the input pump sends (and whatever more it has queued, flushed once), or
-    /// handles the pump's end.
+    /// Writes what the input pump sends (and whatever more it has queued) into the write
+    /// buffer, or handles the pump's end.
     async fn on_input(&mut self, ev: InputEvent) -> Result<(), End> {
         let first = match ev {
             InputEvent::Publish(p) => p,
@@ -1248,22 +1147,13 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
                 // QoS 0: complete once written, as edgeHub counts it.
                 Some(p.done)
             };
-            match tokio::time::timeout(SEND_WAIT, self.writer.feed(Packet::Publish(publish))).await
-            {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(End::Io(e.to_string())),
-                Err(_) => return Err(End::Io("the module reads nothing".into())),
-            }
+            self.feed(Packet::Publish(publish)).await?;
             if let Some(done) = acked_now {
                 let _ = done.send(delivery::Outcome::Accepted);
             }
             next = self.inputs.as_mut().and_then(|i| i.rx.try_recv().ok());
         }
-        match tokio::time::timeout(SEND_WAIT, self.writer.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(End::Io(e.to_string())),
-            Err(_) => Err(End::Io("the module reads nothing".into())),
-        }
+        Ok(())
     }
 
     /// Undoes this session's registrations (each checked against its generation, so a newer

@@ -4,7 +4,8 @@
 //!
 //! One JSON document per identity (`{"filter": qos, …}`) in the partition `mqtt_sessions` of
 //! the store's keyspace (beside the twins), held in memory too. A write is fsynced before the
-//! SUBACK that it belongs to goes out; a CONNECT with clean-session `true` deletes the document.
+//! SUBACK that it belongs to goes out; a CONNECT with clean-session `true` deletes the document,
+//! and so does a registry delete of the identity (or of its device).
 
 use std::collections::BTreeMap;
 

@@ -139,7 +139,7 @@ pub fn decode_bag(bag: &str) -> Result<Vec<BagEntry>, BagError> {
 /// Encodes a property bag as edgeHub does: every key and value escaped like
 /// `Uri.EscapeDataString`; `k` alone for no value, `k=` for an empty one.
 pub fn encode_bag<'a>(entries: impl IntoIterator<Item = (&'a str, Option<&'a str>)>) -> String {
-    let mut out = String::new();
+    let mut out = String::with_capacity(64);
     for (k, v) in entries {
         if !out.is_empty() {
             out.push('&');
@@ -290,7 +290,22 @@ pub fn classify_filter(filter: &str) -> FilterKind<'_> {
 /// `devices/{d}/modules/{m}/inputs/{input}/{bag}`; the bag is never empty (it always holds the
 /// sender's `$.cdid`), which the Node SDK's topic match and the C# SDK's parser need.
 pub fn input_topic(device: &str, module: &str, input: &str, bag: &str) -> String {
-    format!("devices/{device}/modules/{module}/inputs/{input}/{bag}")
+    // Once per delivered message: assembled without the formatting machinery.
+    let parts = [
+        "devices/",
+        device,
+        "/modules/",
+        module,
+        "/inputs/",
+        input,
+        "/",
+        bag,
+    ];
+    let mut t = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        t.push_str(p);
+    }
+    t
 }
 
 /// `devices/{d}/messages/devicebound/{bag}` (the Node SDK needs the `/` after `devicebound`,
