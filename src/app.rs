@@ -171,6 +171,7 @@ impl Hub {
         let keyspace = crate::store::durable::open_keyspace(&store_dir, settings.max_store_bytes)?;
         let twins = crate::core::twins::TwinStore::with_keyspace(keyspace.clone())?;
         let mqtt_sessions = crate::servers::mqtt::sessions::SessionStore::open(keyspace.clone())?;
+        let log_keyspace = keyspace.clone();
         let store = match settings.storage.persistent {
             true => Some(crate::store::durable::DurableStore::open(
                 &store_dir,
@@ -181,7 +182,18 @@ impl Hub {
             )?),
             false => None,
         };
-        let core = Arc::new(HubCore::new(settings, &key, twins, store));
+        let log = match (&settings.built_in_endpoint, &settings.upstream) {
+            (Some(b), None) => Some(crate::store::log::EventLog::open(
+                log_keyspace,
+                store.clone(),
+                settings.max_store_bytes,
+                b.partition_count,
+                b.retention_hours,
+                crate::model::message::now_ms(),
+            )?),
+            _ => None,
+        };
+        let core = Arc::new(HubCore::new(settings, &key, twins, store, log));
         core.apply_desired(&core.settings.modules).await;
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();

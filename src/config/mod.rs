@@ -16,6 +16,9 @@ use std::{
 
 use serde_json::{Map, Value};
 
+mod builtin;
+pub use builtin::{BuiltInEndpoint, DEFAULT_CONSUMER_GROUP};
+
 use crate::{
     model::identity::{DeviceId, Key, KeyPair, ModuleId},
     routing::route::{parse_statement, Route, DEFAULT_PRIORITY},
@@ -241,6 +244,8 @@ pub struct Settings {
     pub log_level: String,
     /// The parent this hub forwards to (IoT Hub or a parent edge hub); `None` = standalone.
     pub upstream: Option<UpstreamSettings>,
+    /// Standalone only: `$upstream` is a retained log read through Event Hubs.
+    pub built_in_endpoint: Option<BuiltInEndpoint>,
 }
 
 /// Where and how this hub connects upstream.
@@ -896,6 +901,7 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             "devices",
             "servicePolicies",
             "upstream",
+            "builtInEndpoint",
             "$edgeHub",
         ],
     ) else {
@@ -1140,6 +1146,12 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
     }
 
     let upstream = o.get("upstream").and_then(|u| upstream_settings(&mut w, u));
+    let built_in_endpoint = builtin::built_in_endpoint(
+        &mut w,
+        o.get("builtInEndpoint"),
+        iothub_hostname.as_deref(),
+        upstream.is_some(),
+    );
 
     let (mut log_format, mut log_level) = ("text".to_owned(), "info".to_owned());
     if let Some(l) = o.get("log") {
@@ -1346,6 +1358,7 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             log_format,
             log_level,
             upstream,
+            built_in_endpoint,
         }),
         _ => Err(ConfigErrors(vec![ConfigError {
             path: "$".into(),

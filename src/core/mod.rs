@@ -41,6 +41,8 @@ pub struct HubCore {
     pub twins: twins::TwinStore,
     /// The durable message store, when `storage.persistent`.
     pub store: Option<Arc<crate::store::durable::DurableStore>>,
+    /// The retained log behind `$upstream` in standalone mode (`builtInEndpoint`).
+    pub log: Option<Arc<crate::store::log::EventLog>>,
     /// Makes endpoint queues (in the store or in memory).
     queues: Box<crate::routing::router::QueueFactory>,
     /// Reported patches waiting to go upstream (empty in standalone mode).
@@ -59,6 +61,7 @@ impl HubCore {
         device_key: &Key,
         twins: twins::TwinStore,
         store: Option<Arc<crate::store::durable::DurableStore>>,
+        log: Option<Arc<crate::store::log::EventLog>>,
     ) -> Self {
         let auth = Authenticator::new(&settings, device_key);
         let capacity = settings.limits.queue_capacity;
@@ -66,6 +69,18 @@ impl HubCore {
         let live_first =
             move |id: &str| crate::routing::router::sink_of(id).is_some_and(|s| live.contains(&s));
         let queues: Box<crate::routing::router::QueueFactory> = match &store {
+            // `$upstream` of a standalone hub with a built-in endpoint appends to the log.
+            _ if log.is_some() => {
+                let (log, store) = (log.clone(), store.clone());
+                Box::new(move |id: &str| match (&log, &store) {
+                    (Some(log), _) if id == crate::routing::router::UPSTREAM_ENDPOINT => {
+                        Arc::new(crate::store::log::LogQueue(log.clone()))
+                            as Arc<dyn crate::store::queue::QueueStore>
+                    }
+                    (_, Some(s)) => Arc::new(s.queue(id, capacity, live_first(id))),
+                    (_, None) => Arc::new(crate::store::queue::MemoryQueue::new(capacity)),
+                })
+            }
             Some(s) => {
                 let s = s.clone();
                 Box::new(move |id: &str| {
@@ -107,6 +122,7 @@ impl HubCore {
             twins,
             outbox,
             store,
+            log,
             queues,
             client_reports: Default::default(),
             client_reports_ready: tokio::sync::Notify::new(),
@@ -293,6 +309,11 @@ pub async fn housekeeping(core: Arc<HubCore>, shutdown: CancellationToken) {
             if !stop {
                 for e in core.router().endpoints() {
                     e.expire_now();
+                }
+            }
+            if let (Some(log), false) = (&core.log, stop) {
+                if let Err(e) = log.expire(crate::model::message::now_ms()) {
+                    warn!(error = %e, "removing old events from the event log failed");
                 }
             }
             if let Some(store) = &core.store {

@@ -125,6 +125,7 @@ mod tests {
             &key,
             crate::core::twins::TwinStore::in_memory(),
             None,
+            None,
         )
     }
 

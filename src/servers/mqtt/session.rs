@@ -1157,6 +1157,7 @@ mod tests {
             &key,
             crate::core::twins::TwinStore::in_memory(),
             None,
+            None,
         ))
     }
 
