@@ -9,6 +9,7 @@ pub mod delivery;
 pub mod ingest;
 pub mod methods;
 pub mod outbox;
+pub mod readers;
 pub mod twin_requests;
 pub mod twins;
 
@@ -43,6 +44,8 @@ pub struct HubCore {
     pub store: Option<Arc<crate::store::durable::DurableStore>>,
     /// The retained log behind `$upstream` in standalone mode (`builtInEndpoint`).
     pub log: Option<Arc<crate::store::log::EventLog>>,
+    /// Who reads which partition of the log, with Event Hubs' owner-level rules.
+    pub readers: readers::Readers,
     /// Makes endpoint queues (in the store or in memory).
     queues: Box<crate::routing::router::QueueFactory>,
     /// Reported patches waiting to go upstream (empty in standalone mode).
@@ -123,6 +126,7 @@ impl HubCore {
             outbox,
             store,
             log,
+            readers: Default::default(),
             queues,
             client_reports: Default::default(),
             client_reports_ready: tokio::sync::Notify::new(),

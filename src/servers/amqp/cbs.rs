@@ -30,6 +30,34 @@ pub struct CbsReply {
     pub granted: Option<(Identity, u64)>,
     /// Set when the token named an identity but failed, for metrics.
     pub refused_id: Option<String>,
+    /// Set when a service-policy token was good (see [`service_audience`]).
+    pub service: Option<ServiceGrant>,
+}
+
+/// What a service-policy token grants on a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceGrant {
+    pub policy: String,
+    /// The entity path it covers, lower-cased (`{eventHub}/consumergroups/…`); empty for the
+    /// whole hub.
+    pub scope: String,
+    /// Unix seconds.
+    pub expiry: u64,
+}
+
+/// Whether a put-token is a service policy's rather than a device's or module's: an Event
+/// Hubs audience (`sb://{host}/{eventHub}…`), or IoT Hub's service token (`skn` names a
+/// policy and `sr` is the bare host name).
+pub fn service_audience(audience: &str, token: &str) -> bool {
+    let sb = |s: &str| s.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("sb://"));
+    if sb(audience) {
+        return true;
+    }
+    crate::model::sas::SasToken::parse(token).is_ok_and(|t| {
+        t.skn.is_some()
+            && t.resource()
+                .is_ok_and(|r| sb(&r) || !r.trim_end_matches('/').contains('/'))
+    })
 }
 
 fn app_string(m: &Message<Body<Value>>, key: &str) -> Option<String> {
@@ -49,6 +77,7 @@ pub fn handle(m: &Message<Body<Value>>, auth: &Authenticator, now_secs: u64) -> 
         correlation_id: correlation_id.clone(),
         granted: None,
         refused_id: None,
+        service: None,
     };
     match app_string(m, "operation").as_deref() {
         Some("put-token") => {}
@@ -81,6 +110,25 @@ pub fn handle(m: &Message<Body<Value>>, auth: &Authenticator, now_secs: u64) -> 
         },
         _ => return reply(400, "the token must be an amqp-value string".into()),
     };
+    if service_audience(&audience, &token) {
+        return match auth.verify_event_hubs(&token, now_secs) {
+            Ok((policy, scope, expiry)) => CbsReply {
+                service: Some(ServiceGrant {
+                    policy,
+                    scope,
+                    expiry,
+                }),
+                ..reply(200, "OK".into())
+            },
+            Err(e) => CbsReply {
+                refused_id: Some("service".into()),
+                ..reply(
+                    if matches!(e, SasError::Malformed(_)) { 400 } else { 401 },
+                    e.to_string(),
+                )
+            },
+        };
+    }
     match auth.verify_put_token(&token, &audience, now_secs) {
         Ok((id, expiry)) => CbsReply {
             granted: Some((id, expiry)),

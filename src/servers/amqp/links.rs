@@ -101,7 +101,7 @@ impl LinkStop {
         self.token.cancel();
     }
 
-    fn error(&self) -> fe2o3_amqp::types::definitions::Error {
+    pub(crate) fn error(&self) -> fe2o3_amqp::types::definitions::Error {
         self.reason.get().cloned().unwrap_or_else(forced_detach)
     }
 }
@@ -174,14 +174,21 @@ async fn cbs_requests(
         };
         let info = DeliveryInfo::from(&delivery);
         let reply = cbs::handle(delivery.message(), &core.auth, now_secs());
-        match &reply.granted {
-            Some((id, expiry)) => {
+        match (&reply.granted, &reply.service) {
+            (_, Some(g)) => {
+                if conn.grant_service(g) {
+                    debug!(policy = %g.policy, scope = %clip(&g.scope), "service put-token accepted");
+                } else {
+                    debug!("service put-token beyond the connection's grants; not recorded");
+                }
+            }
+            (Some((id, expiry)), None) => {
                 if conn.authorize(id.clone(), *expiry) {
                     core.client_connected(id);
                 }
                 debug!(identity = %id, "put-token accepted");
             }
-            None => {
+            (None, None) => {
                 let id = reply.refused_id.clone().unwrap_or_else(|| "unknown".into());
                 m::connect_failed(&id, "not_authenticated");
                 warn!(identity = %clip(&id), status = reply.status, reason = %clip(&reply.description), "put-token refused");

@@ -13,6 +13,7 @@
 pub mod cbs;
 pub mod cbs_client;
 pub(crate) mod convert;
+mod eventhubs;
 mod links;
 pub(crate) mod tags;
 
@@ -108,6 +109,8 @@ pub(crate) struct ConnState {
     faults: Arc<tags::SessionFaults>,
     /// What the client's TLS certificate proved (`None`: it sent none).
     x509: Mutex<Option<crate::ops::x509::Presented>>,
+    /// Service-policy grants for the Event Hubs-compatible endpoint, and its readers.
+    services: eventhubs::ServiceGrants,
 }
 
 struct CbsReplies {
@@ -138,7 +141,19 @@ impl ConnState {
             cbs_links: Mutex::new((0, 0)),
             faults: Arc::default(),
             x509: Mutex::new(None),
+            services: Default::default(),
         }
+    }
+
+    /// Records a service-policy grant (the Event Hubs-compatible endpoint); `false` when the
+    /// connection holds its maximum of them.
+    fn grant_service(&self, g: &cbs::ServiceGrant) -> bool {
+        if !self.services.grant(&self.root, g.scope.clone(), g.expiry) {
+            return false;
+        }
+        self.authenticated.store(true, Ordering::Relaxed);
+        drop(lock(&self.pending).take());
+        true
     }
 
     /// Records what the client's certificate proved: an identity is granted until the
@@ -703,6 +718,7 @@ async fn expire_tokens(conn: Arc<ConnState>, core: Arc<HubCore>, cancel: Cancell
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
+        conn.services.expire(now_secs());
         for id in conn.expire(now_secs()) {
             debug!(identity = %id, "token expired; links of this identity closed");
             core.client_disconnected(&id);
@@ -741,6 +757,7 @@ async fn run_session(
     let acceptors = LinkAcceptors::new(core.settings.limits.max_message_size);
     let max_links = core.settings.limits.max_links_per_session;
     let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let eh_nodes = Arc::new(eventhubs::SessionNodes::default());
     loop {
         let attach = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -758,6 +775,46 @@ async fn run_session(
         let Some(attach) = attach else { break };
         let (role, address) = attach_address(&attach);
         let name = attach.name.clone();
+        let eh = core.settings.built_in_endpoint.as_ref();
+        if let Some(node) = eventhubs::classify(address.as_deref(), role, eh) {
+            // The Event Hubs-compatible endpoint: `$management` and partition readers.
+            let opening = eventhubs::Opening::of(&attach, node);
+            let acceptor = match role {
+                ClientRole::Sender => &acceptors.cbs_requests,
+                ClientRole::Receiver => &acceptors.settled,
+            };
+            let link = match acceptor.accept_incoming_attach(attach, &mut session).await {
+                Ok(l) => l,
+                Err(e) => {
+                    debug!(link = %clip(&name), error = ?e, "link attach failed");
+                    continue;
+                }
+            };
+            if live.load(Ordering::Relaxed) >= max_links {
+                let why = format!("this session holds its maximum of {max_links} links");
+                tracker.spawn(refuse(link, amqp_error(AmqpError::ResourceLimitExceeded, why)));
+                continue;
+            }
+            match eventhubs::admit(opening, &conn, &core, &eh_nodes) {
+                Ok((task, stop)) => {
+                    let span = info_span!("link", kind = "eventhubs", name = %clip(&name));
+                    let (core, live) = (core.clone(), live.clone());
+                    live.fetch_add(1, Ordering::Relaxed);
+                    tracker.spawn(
+                        async move {
+                            task.run(link, core, stop).await;
+                            live.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        .instrument(span),
+                    );
+                }
+                Err(error) => {
+                    debug!(link = %clip(&name), error = ?error, "event hubs link refused");
+                    tracker.spawn(refuse(link, error).in_current_span());
+                }
+            }
+            continue;
+        }
         let kind = classify(address.as_deref(), role);
         // A twin response link is registered before its attach is answered: a client sends its
         // first twin request as soon as it sees both attaches, and the reply must find the link.
