@@ -517,9 +517,9 @@ impl EventLog {
     }
 }
 
-/// Event Hubs' mapping of a partition key to a partition (the one IoT Hub applies to device
-/// ids): a 16-bit hash of the upper-cased ASCII key, reduced to 32 767 logical partitions
-/// which are spread over `count` ranges, the first ones one wider.
+/// The mapping of a device id to a partition that IoT Hub applies (its
+/// `EventHubPartitionKeyResolver`): a 16-bit lookup3 hash of the upper-cased ASCII id, reduced
+/// to 32 767 logical partitions which are spread over `count` ranges, the first ones one wider.
 pub fn partition_for_key(key: &str, count: u32) -> u32 {
     const LOGICAL: i32 = i16::MAX as i32;
     let count = count.clamp(1, LOGICAL as u32) as i32;
@@ -533,8 +533,7 @@ pub fn partition_for_key(key: &str, count: u32) -> u32 {
             }
         })
         .collect();
-    let (h1, h2) = lookup3(&bytes);
-    let short = (h1 ^ h2) as u16 as i16;
+    let short = hash16(&bytes);
     let logical = ((short as i32 % LOGICAL) as i16).unsigned_abs() as i32;
     let short_width = LOGICAL / count;
     let remaining = LOGICAL - count * short_width;
@@ -546,6 +545,12 @@ pub fn partition_for_key(key: &str, count: u32) -> u32 {
         remaining + (logical - large_span) / short_width
     };
     index as u32
+}
+
+/// The 16-bit hash of a partition key: the two words of lookup3, xored, cut to 16 bits.
+fn hash16(bytes: &[u8]) -> i16 {
+    let (c, b) = lookup3(bytes);
+    (c ^ b) as u16 as i16
 }
 
 /// Bob Jenkins' lookup3 `hashlittle2` with both seeds 0: returns (c, b).

@@ -200,11 +200,18 @@ fn an_empty_log_does_not_make_room_for_itself_from_queued_messages() {
 }
 
 #[test]
-fn partitions_follow_the_event_hubs_partition_key_mapping() {
-    // Computed with @azure/event-hubs' own partition key mapping.
-    for (key, count, want) in PARTITION_CASES {
-        assert_eq!(partition_for_key(key, *count), *want, "{key} over {count}");
+fn partitions_follow_the_partition_key_mapping() {
+    // The 16-bit hashes as @azure/event-hubs 6.0.4 computes them (`hashPartitionKey`).
+    for (key, want) in HASHES {
+        assert_eq!(hash16(key.as_bytes()), *want, "{key:?}");
     }
+    // The logical ranges: 32 767 logical partitions, the first `32 767 % count` ranges one
+    // wider.
+    assert_eq!(partition_for_key("A", 1), 0);
+    assert_eq!(partition_for_key("a", 4), 9517 / 8192);
+    assert_eq!(partition_for_key("leaf1", 4), 30102 / 8192);
+    assert_eq!(partition_for_key("exactly12chr", 3), 27839 / 10923);
+    assert_eq!(partition_for_key("device0", 32), 28642 / 1024);
     // Case does not matter.
     assert_eq!(partition_for_key("Leaf-1", 4), partition_for_key("LEAF-1", 4));
     // Several devices spread over the partitions.
@@ -213,4 +220,14 @@ fn partitions_follow_the_event_hubs_partition_key_mapping() {
     assert_eq!(used.len(), 4);
 }
 
-const PARTITION_CASES: &[(&str, u32, u32)] = &[];
+const HASHES: &[(&str, i16)] = &[
+    ("", 0),
+    ("A", 9517),
+    ("LEAF1", -30102),
+    ("EDGE1", 4310),
+    ("EXACTLY12CHR", 27839),
+    ("THIRTEEN-CHAR", 1823),
+    ("A-MUCH-LONGER-DEVICE-ID-42", 29929),
+    ("FOUR SCORE AND SEVEN YEARS AGO", 13486),
+    ("DEVICE0", -28642),
+];
