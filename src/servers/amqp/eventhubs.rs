@@ -443,7 +443,11 @@ pub(super) fn admit(
     match opening.node {
         Node::Unknown(path) => Err(amqp_error(
             AmqpError::NotFound,
-            format!("no such node {path:?} (consumer groups: {})", eh.consumer_groups.join(", ")),
+            // Event Hubs' wording, which the SDKs turn into a not-found error they do not retry.
+            format!(
+                "The messaging entity '{path}' could not be found (consumer groups: {}).",
+                eh.consumer_groups.join(", ")
+            ),
         )),
         Node::Requests | Node::Replies => {
             let stop = conn
