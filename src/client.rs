@@ -261,22 +261,9 @@ pub async fn ws_upgrade(
     tls: tokio_rustls::client::TlsStream<TcpStream>,
     server_name: &str,
 ) -> Result<crate::servers::ws::WsIo<tokio_rustls::client::TlsStream<TcpStream>>, ClientError> {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut request = format!("wss://{server_name}{}", crate::servers::ws::PATH)
-        .into_client_request()
-        .map_err(|e| ClientError::Tls(e.to_string()))?;
-    request.headers_mut().insert(
-        hyper::header::SEC_WEBSOCKET_PROTOCOL,
-        hyper::header::HeaderValue::from_static(crate::servers::ws::SUBPROTOCOL),
-    );
-    let (ws, _) = tokio_tungstenite::client_async_with_config(
-        request,
-        tls,
-        Some(crate::servers::ws::ws_config(16 * 1024 * 1024)),
-    )
-    .await
-    .map_err(|e| ClientError::Tls(format!("WebSocket upgrade: {e}")))?;
-    Ok(crate::servers::ws::WsIo::new(ws))
+    crate::servers::ws::connect(tls, server_name)
+        .await
+        .map_err(|e| ClientError::Tls(format!("WebSocket upgrade: {e}")))
 }
 
 /// Sends a put-token on a fresh `$cbs` link pair and checks the status.

@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use super::{child, Walk};
+use super::walk::{child, Walk};
 
 /// The consumer group every event hub has.
 pub const DEFAULT_CONSUMER_GROUP: &str = "$Default";

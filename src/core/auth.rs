@@ -30,8 +30,8 @@ pub struct Authenticator {
     /// A child's `$edgeHub` may carry two pairs: derived from the child's primary and from its
     /// secondary device key.
     identities: HashMap<IdentityKey, (Identity, Vec<KeyPair>)>,
-    /// Child edge devices: lower-cased id → the id as configured.
-    edge_children: HashMap<String, DeviceId>,
+    /// Child edge devices: key → the id as configured.
+    edge_children: HashMap<IdentityKey, DeviceId>,
     /// Service policies: lower-cased name → (name as configured, keys).
     policies: HashMap<String, (String, KeyPair)>,
 }
@@ -111,7 +111,7 @@ impl Authenticator {
             if let (true, Some(edge_hub)) = (spec.edge, &edge_hub) {
                 let id = Identity::Module(device.clone(), edge_hub.clone());
                 add(id, child_edge_hub_keys(device, &keys, edge_hub));
-                edge_children.insert(device.as_str().to_ascii_lowercase(), device.clone());
+                edge_children.insert(IdentityKey::from(device), device.clone());
             }
             add(Identity::Device(device.clone()), vec![keys]);
         }
@@ -145,7 +145,7 @@ impl Authenticator {
     }
 
     fn edge_child(&self, d: &DeviceId) -> Option<&DeviceId> {
-        self.edge_children.get(&d.as_str().to_ascii_lowercase())
+        self.edge_children.get(&IdentityKey::from(d))
     }
 
     /// Verifies a `$cbs` put-token: the token as [`verify`](Self::verify) does, and when it is

@@ -139,6 +139,13 @@ impl From<&Identity> for IdentityKey {
     }
 }
 
+impl From<&DeviceId> for IdentityKey {
+    /// The key of the device itself (not of its modules).
+    fn from(d: &DeviceId) -> Self {
+        IdentityKey(d.as_str().to_ascii_lowercase())
+    }
+}
+
 impl Identity {
     /// This identity's map key (see [`IdentityKey`]).
     pub fn key(&self) -> IdentityKey {

@@ -29,7 +29,7 @@ use rustls::{
     DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
 };
 
-use crate::model::identity::{DeviceId, Identity};
+use crate::model::identity::{DeviceId, Identity, IdentityKey};
 
 pub use crate::model::x509::{Thumbprint, X509Auth};
 
@@ -60,8 +60,8 @@ pub enum X509Error {
 
 /// The devices that authenticate with certificates, and the client CAs.
 pub struct Matcher {
-    /// Lower-cased device id → the device and its kind.
-    devices: HashMap<String, (DeviceId, X509Auth)>,
+    /// Device → the device as configured and its kind.
+    devices: HashMap<IdentityKey, (DeviceId, X509Auth)>,
     /// Verifies CA-signed chains (`tls.clientCaCerts`); `None` without that file.
     cas: Option<Arc<dyn ClientCertVerifier>>,
 }
@@ -110,7 +110,7 @@ impl Matcher {
     ) -> Result<Self, X509Error> {
         let devices = devices
             .into_iter()
-            .map(|(d, a)| (d.as_str().to_ascii_lowercase(), (d.clone(), a.clone())))
+            .map(|(d, a)| (IdentityKey::from(d), (d.clone(), a.clone())))
             .collect();
         let cas = match client_cas {
             None => None,
@@ -181,7 +181,10 @@ impl Matcher {
             .next()
             .and_then(|cn| cn.as_str().ok())
             .unwrap_or_default();
-        let Some((device, auth)) = self.devices.get(&cn.to_ascii_lowercase()) else {
+        let found = DeviceId::parse(cn)
+            .ok()
+            .and_then(|d| self.devices.get(&IdentityKey::from(&d)));
+        let Some((device, auth)) = found else {
             return Presented::Unmatched(format!(
                 "thumbprint {} matches no device, and CN {:?} names no device with x509",
                 Thumbprint::sha1_hex(end),

@@ -196,6 +196,27 @@ pub fn accept(
     r
 }
 
+/// The client side: upgrades `stream` to the WebSocket at `wss://{authority}/$iothub/websocket`
+/// with the subprotocol `AMQPWSB10`, as the SDKs and edgeHub open it towards IoT Hub.
+pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    authority: &str,
+) -> Result<WsIo<S>, tungstenite::Error> {
+    use tungstenite::client::IntoClientRequest;
+    let mut request = format!("wss://{authority}{PATH}").into_client_request()?;
+    request.headers_mut().insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        header::HeaderValue::from_static(SUBPROTOCOL),
+    );
+    let (ws, _) = tokio_tungstenite::client_async_with_config(
+        request,
+        stream,
+        Some(ws_config(16 * 1024 * 1024)),
+    )
+    .await?;
+    Ok(WsIo::new(ws))
+}
+
 /// The WebSocket settings of a hub connection. A WebSocket message is held whole before the
 /// AMQP frames in it are checked, so it is capped (`max_message` bytes, the connection's budget
 /// for unfinished deliveries); the hub sends no pings (edgeHub does not either: SDK WebSocket

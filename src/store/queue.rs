@@ -172,7 +172,8 @@ impl MemoryQueue {
     }
 }
 
-fn dec(map: &mut BTreeMap<u32, usize>, p: u32) {
+/// One less message counted at priority `p` (never below zero).
+pub(crate) fn dec(map: &mut BTreeMap<u32, usize>, p: u32) {
     if let Some(n) = map.get_mut(&p) {
         *n = n.saturating_sub(1);
     }

@@ -4,7 +4,10 @@ use std::{sync::Arc, time::Duration};
 
 use fe2o3_amqp::{
     acceptor::LinkEndpoint,
-    link::{delivery::DeliveryInfo, Receiver, RecvError, Sender},
+    link::{
+        delivery::{Delivery, DeliveryInfo},
+        Receiver, RecvError, Sender,
+    },
     types::{definitions::AmqpError, messaging::Body, primitives::Value},
     Sendable,
 };
@@ -151,6 +154,36 @@ fn is_normal_end(e: &RecvError) -> bool {
     matches!(e, RecvError::LinkStateError(_))
 }
 
+/// The next delivery on a receiver the hub serves; `Err(None)` when the hub stops the link,
+/// `Err(Some(_))` when the peer ended it or sent what does not decode. Either way the link is
+/// over: hand the error to [`end_receiver`].
+async fn next_delivery(
+    rx: &mut Receiver,
+    cancel: &LinkStop,
+) -> Result<Delivery<Body<Value>>, Option<RecvError>> {
+    tokio::select! {
+        _ = cancel.cancelled() => Err(None),
+        d = rx.recv::<Body<Value>>() => d.map_err(Some),
+    }
+}
+
+/// Ends a receiver after [`next_delivery`]: closed as [`close_receiver`] does when the hub
+/// stops it, left alone when the peer ended it, closed with `amqp:decode-error` when a transfer
+/// did not decode.
+async fn end_receiver(rx: Receiver, cancel: &LinkStop, end: Option<RecvError>) {
+    match end {
+        None => close_receiver(rx, cancel).await,
+        Some(e) => end_after_error(rx, e).await,
+    }
+}
+
+/// Ends a receiver whose `recv` failed (see [`end_receiver`]).
+async fn end_after_error(rx: Receiver, e: RecvError) {
+    if !is_normal_end(&e) {
+        bounded(rx.close_with_error(amqp_error(AmqpError::DecodeError, e.to_string()))).await;
+    }
+}
+
 async fn cbs_requests(
     mut rx: Receiver,
     conn: Arc<ConnState>,
@@ -158,19 +191,9 @@ async fn cbs_requests(
     cancel: LinkStop,
 ) {
     loop {
-        let delivery = tokio::select! {
-            _ = cancel.cancelled() => break,
-            d = rx.recv::<Body<Value>>() => d,
-        };
-        let delivery = match delivery {
+        let delivery = match next_delivery(&mut rx, &cancel).await {
             Ok(d) => d,
-            Err(e) => {
-                if !is_normal_end(&e) {
-                    bounded(rx.close_with_error(amqp_error(AmqpError::DecodeError, e.to_string())))
-                        .await;
-                }
-                return;
-            }
+            Err(end) => return end_receiver(rx, &cancel, end).await,
         };
         let info = DeliveryInfo::from(&delivery);
         let reply = cbs::handle(delivery.message(), &core.auth, now_secs());
@@ -201,7 +224,6 @@ async fn cbs_requests(
             debug!("no $cbs response link took the reply in time; reply dropped");
         }
     }
-    close_receiver(rx, &cancel).await;
 }
 
 async fn cbs_responses(mut tx: Sender, conn: Arc<ConnState>, cancel: LinkStop) {
@@ -285,10 +307,8 @@ async fn events(
                 if !is_normal_end(&e) {
                     debug!(error = %e, "closing events link");
                     commits.finish(&rx).await;
-                    bounded(rx.close_with_error(amqp_error(AmqpError::DecodeError, e.to_string())))
-                        .await;
                 }
-                return;
+                return end_after_error(rx, e).await;
             }
         };
         if !conn.is_authorized(&id, now_secs()) {
@@ -645,19 +665,9 @@ const GENERIC_BAD_REQUEST: i32 = 400_000;
 /// Receives method responses from a client and hands them to the waiting callers.
 async fn method_responses(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cancel: LinkStop) {
     loop {
-        let delivery = tokio::select! {
-            _ = cancel.cancelled() => break,
-            d = rx.recv::<Body<Value>>() => d,
-        };
-        let delivery = match delivery {
+        let delivery = match next_delivery(&mut rx, &cancel).await {
             Ok(d) => d,
-            Err(e) => {
-                if !is_normal_end(&e) {
-                    bounded(rx.close_with_error(amqp_error(AmqpError::DecodeError, e.to_string())))
-                        .await;
-                }
-                return;
-            }
+            Err(end) => return end_receiver(rx, &cancel, end).await,
         };
         let info = DeliveryInfo::from(&delivery);
         let msg = delivery.into_message();
@@ -689,7 +699,6 @@ async fn method_responses(mut rx: Receiver, id: Identity, core: Arc<HubCore>, ca
             None => debug!("method response without a correlation id ignored"),
         }
     }
-    close_receiver(rx, &cancel).await;
 }
 
 /// Sends twin responses and desired-property pushes to a client, pre-settled.
@@ -783,19 +792,9 @@ async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cance
     };
     let error_body = |m: String| serde_json::json!({ "message": m }).to_string().into_bytes();
     loop {
-        let delivery = tokio::select! {
-            _ = cancel.cancelled() => break,
-            d = rx.recv::<Body<Value>>() => d,
-        };
-        let delivery = match delivery {
+        let delivery = match next_delivery(&mut rx, &cancel).await {
             Ok(d) => d,
-            Err(e) => {
-                if !is_normal_end(&e) {
-                    bounded(rx.close_with_error(amqp_error(AmqpError::DecodeError, e.to_string())))
-                        .await;
-                }
-                return;
-            }
+            Err(end) => return end_receiver(rx, &cancel, end).await,
         };
         let info = DeliveryInfo::from(&delivery);
         // A client that does not take its answers gets its requests refused, not queued.
@@ -863,5 +862,4 @@ async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cance
             debug!(identity = %id, "twin response dropped: no twin response link");
         }
     }
-    close_receiver(rx, &cancel).await;
 }

@@ -39,15 +39,19 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info_span, warn, Instrument};
 
-use crate::{core::HubCore, metrics as m, model::identity::Identity};
+use crate::{
+    core::HubCore,
+    metrics as m,
+    model::identity::{Identity, IdentityKey},
+};
 
 /// What every MQTT connection of the hub shares.
 pub struct Mqtt {
     pub core: Arc<HubCore>,
     /// Subscriptions kept for clean-session `false` clients.
     pub sessions: sessions::SessionStore,
-    /// Lower-cased identity → (generation, stop) of its live connection.
-    live: DashMap<String, (u64, CancellationToken)>,
+    /// Identity → (generation, stop) of its live connection.
+    live: DashMap<IdentityKey, (u64, CancellationToken)>,
     generation: AtomicU64,
 }
 
@@ -65,9 +69,7 @@ impl Mqtt {
     /// generation.
     fn take_over(&self, id: &Identity, stop: CancellationToken) -> u64 {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let old = self
-            .live
-            .insert(id.to_string().to_ascii_lowercase(), (generation, stop));
+        let old = self.live.insert(id.key(), (generation, stop));
         if let Some((_, old)) = old {
             debug!(identity = %id, "a newer connection of this client replaces the older");
             old.cancel();
@@ -77,10 +79,7 @@ impl Mqtt {
 
     /// Forgets the live connection of `id` unless a newer one took over.
     fn release(&self, id: &Identity, generation: u64) {
-        self.live
-            .remove_if(&id.to_string().to_ascii_lowercase(), |_, (g, _)| {
-                *g == generation
-            });
+        self.live.remove_if(&id.key(), |_, (g, _)| *g == generation);
     }
 
     /// Identities with a live MQTT connection.

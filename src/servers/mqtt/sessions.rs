@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use dashmap::DashMap;
 
-use crate::model::identity::Identity;
+use crate::model::identity::{Identity, IdentityKey};
 
 /// Topic filter → granted QoS.
 pub type Filters = BTreeMap<String, u8>;
@@ -25,12 +25,9 @@ fn err(e: impl std::fmt::Display) -> SessionStoreError {
     SessionStoreError(e.to_string())
 }
 
-fn key(id: &Identity) -> String {
-    id.to_string().to_ascii_lowercase()
-}
-
 pub struct SessionStore {
-    sessions: DashMap<String, Filters>,
+    /// Keyed as every identity map; the stored record key is [`IdentityKey::as_str`].
+    sessions: DashMap<IdentityKey, Filters>,
     store: Option<(fjall::Keyspace, fjall::PartitionHandle)>,
     /// Writes of one identity's session go out in the order they were made.
     write: tokio::sync::Mutex<()>,
@@ -54,7 +51,7 @@ impl SessionStore {
         let sessions = DashMap::new();
         for kv in part.iter() {
             let (k, v) = kv.map_err(err)?;
-            let k = String::from_utf8_lossy(&k).into_owned();
+            let k = IdentityKey::from_stored(&String::from_utf8_lossy(&k));
             match serde_json::from_slice::<Filters>(&v) {
                 Ok(f) => {
                     sessions.insert(k, f);
@@ -72,18 +69,18 @@ impl SessionStore {
 
     /// The stored subscriptions of `id`, if it has a session.
     pub fn load(&self, id: &Identity) -> Option<Filters> {
-        self.sessions.get(&key(id)).map(|f| f.clone())
+        self.sessions.get(&id.key()).map(|f| f.clone())
     }
 
     /// Stores `filters` as `id`'s session (durable when this returns).
     pub async fn save(&self, id: &Identity, filters: &Filters) -> Result<(), SessionStoreError> {
-        let k = key(id);
+        let k = id.key();
         let _order = self.write.lock().await;
         if let Some((ks, part)) = &self.store {
             let bytes = serde_json::to_vec(filters).map_err(err)?;
-            let (ks, part, k) = (ks.clone(), part.clone(), k.clone());
+            let (ks, part, record) = (ks.clone(), part.clone(), k.as_str().to_owned());
             tokio::task::spawn_blocking(move || {
-                part.insert(k, bytes).map_err(err)?;
+                part.insert(record, bytes).map_err(err)?;
                 ks.persist(fjall::PersistMode::SyncAll).map_err(err)
             })
             .await
@@ -95,7 +92,7 @@ impl SessionStore {
 
     /// Forgets `id`'s session (clean-session `true`).
     pub async fn remove(&self, id: &Identity) -> Result<(), SessionStoreError> {
-        let k = key(id);
+        let k = id.key();
         let _order = self.write.lock().await;
         if self.sessions.remove(&k).is_none() {
             return Ok(());
@@ -103,7 +100,7 @@ impl SessionStore {
         if let Some((ks, part)) = &self.store {
             let (ks, part) = (ks.clone(), part.clone());
             tokio::task::spawn_blocking(move || {
-                part.remove(k).map_err(err)?;
+                part.remove(k.as_str()).map_err(err)?;
                 ks.persist(fjall::PersistMode::SyncAll).map_err(err)
             })
             .await

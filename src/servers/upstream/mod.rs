@@ -12,7 +12,10 @@
 //! Any failure ends the whole connection: every unacknowledged message goes back to its place in
 //! the `$upstream` queue, and the hub reconnects with exponential backoff and jitter.
 
+mod error;
 pub mod transport;
+
+pub use self::error::UpstreamError;
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -165,7 +168,10 @@ pub async fn run(
                 }
                 m::retry(&me, "connect");
                 failures += 1;
-                if failures == 1 || failures.is_power_of_two() {
+                if e.is_unauthorized() && (failures == 1 || failures.is_power_of_two()) {
+                    // Retrying cannot help until the parent knows this hub's keys.
+                    tracing::error!(host = %up.hostname, port = up.port, attempts = failures, "the parent refused this hub: {e}; retrying");
+                } else if failures == 1 || failures.is_power_of_two() {
                     warn!(host = %up.hostname, port = up.port, attempts = failures, "upstream unreachable: {e}; retrying");
                 } else {
                     debug!(host = %up.hostname, "upstream unreachable: {e}");
@@ -244,18 +250,18 @@ async fn connect(
     core: &HubCore,
     up: &UpstreamSettings,
     keys: &UpstreamKeys,
-) -> Result<Live, String> {
+) -> Result<Live, UpstreamError> {
     tokio::time::timeout(OP_TIMEOUT, connect_inner(core, up, keys))
         .await
-        .map_err(|_| format!("no answer within {} s", OP_TIMEOUT.as_secs()))?
+        .map_err(|_| UpstreamError::ConnectTimeout(OP_TIMEOUT))?
 }
 
 async fn connect_inner(
     core: &HubCore,
     up: &UpstreamSettings,
     keys: &UpstreamKeys,
-) -> Result<Live, String> {
-    let stream = transport::open(up).await.map_err(|e| e.to_string())?;
+) -> Result<Live, UpstreamError> {
+    let stream = transport::open(up).await?;
     let mut connection = Connection::builder()
         .container_id(format!(
             "{}-{}",
@@ -270,13 +276,20 @@ async fn connect_inner(
             crate::servers::amqp::tags::Limits::for_parent(256 * 1024),
         ))
         .await
-        .map_err(|e| format!("AMQP open: {e}"))?;
-    let mut cbs_session = Session::begin(&mut connection)
-        .await
-        .map_err(|e| format!("$cbs session: {e}"))?;
+        .map_err(|e| UpstreamError::Open(Box::new(e)))?;
+    let mut cbs_session =
+        Session::begin(&mut connection)
+            .await
+            .map_err(|source| UpstreamError::Session {
+                what: "$cbs session".into(),
+                source,
+            })?;
     let mut cbs = Cbs::attach(&mut cbs_session)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| UpstreamError::Cbs {
+            what: "$cbs link".into(),
+            source,
+        })?;
     let host = &core.settings.iothub_hostname;
     let mut ids = Vec::new();
     for id in identities(core) {
@@ -292,7 +305,12 @@ async fn connect_inner(
                 "the parent refused this identity's token ({why}); its messages cannot go upstream \
                  until the parent knows it with the same key"
             ),
-            Err(CbsError::Failed(e)) => return Err(format!("put-token for {id}: {e}")),
+            Err(source @ CbsError::Failed(_)) => {
+                return Err(UpstreamError::Cbs {
+                    what: format!("put-token for {id}"),
+                    source,
+                })
+            }
         }
     }
     let base = format!("amqps://{}:{}", up.hostname, up.port);
@@ -303,17 +321,18 @@ async fn connect_inner(
             .outgoing_window(4096)
             .begin(&mut connection)
             .await
-            .map_err(|e| format!("session for {id}: {e}"))?;
+            .map_err(|source| UpstreamError::Session {
+                what: format!("session for {id}"),
+                source,
+            })?;
         let path = id_path(&id);
-        let attach_err =
-            |what: &str, e: &dyn std::fmt::Display| format!("{what} link for {id}: {e}");
         let events = Sender::builder()
             .name(format!("events-{}", uuid::Uuid::new_v4()))
             .target(format!("{base}{path}/messages/events"))
             .properties(link_properties(None))
             .attach(&mut session)
             .await
-            .map_err(|e| attach_err("events", &e))?;
+            .map_err(|e| UpstreamError::attach("events", &id, &e))?;
         let twin_addr = format!("{base}{path}/twin");
         let channel = uuid::Uuid::new_v4();
         let twin_tx = Sender::builder()
@@ -322,7 +341,7 @@ async fn connect_inner(
             .properties(link_properties(Some(format!("twin:{channel}"))))
             .attach(&mut session)
             .await
-            .map_err(|e| attach_err("twin", &e))?;
+            .map_err(|e| UpstreamError::attach("twin", &id, &e))?;
         let twin_rx = Receiver::builder()
             .name(format!("twin-receiver-{channel}"))
             .source(twin_addr)
@@ -330,7 +349,7 @@ async fn connect_inner(
             .properties(link_properties(Some(format!("twin:{channel}"))))
             .attach(&mut session)
             .await
-            .map_err(|e| attach_err("twin", &e))?;
+            .map_err(|e| UpstreamError::attach("twin", &id, &e))?;
         let methods_addr = format!("{base}{path}/methods/devicebound");
         let channel = uuid::Uuid::new_v4();
         let method_rx = Receiver::builder()
@@ -340,14 +359,14 @@ async fn connect_inner(
             .properties(link_properties(Some(format!("methods:{channel}"))))
             .attach(&mut session)
             .await
-            .map_err(|e| attach_err("methods", &e))?;
+            .map_err(|e| UpstreamError::attach("methods", &id, &e))?;
         let method_tx = Sender::builder()
             .name(format!("methods-sender-{channel}"))
             .target(methods_addr)
             .properties(link_properties(Some(format!("methods:{channel}"))))
             .attach(&mut session)
             .await
-            .map_err(|e| attach_err("methods", &e))?;
+            .map_err(|e| UpstreamError::attach("methods", &id, &e))?;
         links.push(IdentityLinks {
             id,
             session,
@@ -389,7 +408,7 @@ async fn serve(
     shutdown: &CancellationToken,
 ) -> String {
     let dead = CancellationToken::new();
-    let mut tasks: JoinSet<Result<(), String>> = JoinSet::new();
+    let mut tasks: JoinSet<Result<(), UpstreamError>> = JoinSet::new();
     let carried: Vec<Identity> = live.links.iter().map(|l| l.id.clone()).collect();
     let mut senders = HashMap::new();
     // Dropping a session handle ends the session: they live as long as the connection.
@@ -434,7 +453,10 @@ async fn serve(
                 let token = token_for(&renew_core, &renew_keys, id);
                 cbs.put_token(&audience(&host, id), &token)
                     .await
-                    .map_err(|e| format!("renewing the token of {id}: {e}"))?;
+                    .map_err(|source| UpstreamError::Cbs {
+                        what: format!("renewing the token of {id}"),
+                        source,
+                    })?;
             }
             debug!("upstream tokens renewed");
         }
@@ -447,7 +469,12 @@ async fn serve(
         },
         Some(r) = tasks.join_next() => match r {
             Ok(Ok(())) => "a link task ended".to_owned(),
-            Ok(Err(e)) => e,
+            Ok(Err(e)) => {
+                if e.is_unauthorized() {
+                    tracing::error!(host = %up.hostname, "the parent refused this hub: {e}");
+                }
+                e.to_string()
+            }
             Err(e) => format!("a link task failed: {e}"),
         },
     };
@@ -496,7 +523,7 @@ async fn telemetry(
     window: usize,
     dead: CancellationToken,
     connected_at: Instant,
-) -> Result<(), String> {
+) -> Result<(), UpstreamError> {
     let link = Telemetry {
         senders,
         sent_metrics: m::SentCache::default(),
@@ -509,8 +536,11 @@ async fn telemetry(
     };
     match delivery::pump(delivery::Upstream::new(core), link, window, &dead).await {
         delivery::Ended::Stopped => Ok(()),
-        delivery::Ended::Stalled => Err("the parent granted no credit".into()),
-        delivery::Ended::Failed(e) => Err(e),
+        delivery::Ended::Stalled => Err(UpstreamError::Stalled),
+        delivery::Ended::Failed(reason) => Err(UpstreamError::Link {
+            what: "telemetry".into(),
+            reason,
+        }),
     }
 }
 
@@ -596,7 +626,7 @@ impl TwinLink {
         operation: &str,
         resource: Option<&str>,
         body: Option<Vec<u8>>,
-    ) -> Result<(i64, Vec<u8>), String> {
+    ) -> Result<(i64, Vec<u8>), UpstreamError> {
         let cid = uuid::Uuid::new_v4().to_string();
         let mut ann = MessageAnnotations::builder().insert(
             OwnedKey::Symbol(Symbol::from("operation")),
@@ -629,13 +659,19 @@ impl TwinLink {
             self.tx
                 .send(Sendable::builder().message(msg).settled(true).build())
                 .await
-                .map_err(|e| format!("twin {operation} for {id}: {e}"))?;
+                .map_err(|e| UpstreamError::Link {
+                    what: format!("twin {operation} for {id}"),
+                    reason: e.to_string(),
+                })?;
             loop {
                 let d = self
                     .rx
                     .recv::<Body<Value>>()
                     .await
-                    .map_err(|e| format!("twin response for {id}: {e}"))?;
+                    .map_err(|e| UpstreamError::Link {
+                        what: format!("twin response for {id}"),
+                        reason: e.to_string(),
+                    })?;
                 let _ = self.rx.accept(&d).await;
                 let msg = d.into_message();
                 let matches = msg
@@ -654,25 +690,40 @@ impl TwinLink {
             }
         })
         .await
-        .map_err(|_| format!("twin {operation} for {}: no response", self.id))?
+        .map_err(|_| {
+            UpstreamError::NoResponse(format!("twin {operation} for {}: no response", self.id))
+        })?
+    }
+
+    /// Reads the parent's twin and returns one of its sections (`desired`, `reported`), empty
+    /// when the twin has none.
+    async fn twin_section(
+        &mut self,
+        section: &str,
+    ) -> Result<Map<String, serde_json::Value>, UpstreamError> {
+        let (status, body) = self.request("GET", None, None).await?;
+        if status != 200 {
+            return Err(self.refused("twin GET", status));
+        }
+        let doc: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|source| UpstreamError::Decode {
+                what: "twin GET",
+                identity: self.id.to_string(),
+                source,
+            })?;
+        Ok(doc
+            .get(section)
+            .and_then(|d| d.as_object())
+            .cloned()
+            .unwrap_or_default())
     }
 
     /// Reads the whole twin upstream and makes its desired properties this hub's (a change
     /// reaches the module as a patch through the twin store).
-    async fn full_sync(&mut self, core: &HubCore) -> Result<(), String> {
+    async fn full_sync(&mut self, core: &HubCore) -> Result<(), UpstreamError> {
         let started = Instant::now();
-        let (status, body) = self.request("GET", None, None).await?;
-        if status != 200 {
-            return Err(format!("twin GET for {} answered {status}", self.id));
-        }
+        let desired = self.twin_section("desired").await?;
         m::twin_get_upstream(&self.id.to_string(), started.elapsed().as_secs_f64());
-        let doc: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|e| format!("twin GET for {}: not JSON: {e}", self.id))?;
-        let desired = doc
-            .get("desired")
-            .and_then(|d| d.as_object())
-            .cloned()
-            .unwrap_or_default();
         let version = desired.get("$version").and_then(|v| v.as_i64());
         self.apply(core, crate::core::twins::strip_meta(desired))
             .await;
@@ -685,23 +736,22 @@ impl TwinLink {
     async fn reported_resync(
         &mut self,
         core: &HubCore,
-    ) -> Result<crate::core::outbox::Patch, String> {
-        let (status, body) = self.request("GET", None, None).await?;
-        if status != 200 {
-            return Err(format!("twin GET for {} answered {status}", self.id));
-        }
-        let doc: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|e| format!("twin GET for {}: not JSON: {e}", self.id))?;
-        let parent = doc
-            .get("reported")
-            .and_then(|d| d.as_object())
-            .cloned()
-            .unwrap_or_default();
+    ) -> Result<crate::core::outbox::Patch, UpstreamError> {
+        let parent = self.twin_section("reported").await?;
         info!(identity = %self.id, "reported properties resynchronised with the parent");
         Ok(crate::core::outbox::resync_patch(
             &parent,
             &core.twins.get(&self.id).reported,
         ))
+    }
+
+    /// The parent answered `what` with `status`, not a success.
+    fn refused(&self, what: &'static str, status: i64) -> UpstreamError {
+        UpstreamError::Status {
+            what,
+            identity: self.id.to_string(),
+            status,
+        }
     }
 
     async fn apply(&self, core: &HubCore, desired: Map<String, serde_json::Value>) {
@@ -771,16 +821,14 @@ async fn twin_sync(
     core: Arc<HubCore>,
     mut link: TwinLink,
     dead: CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), UpstreamError> {
     let label = link.id.to_string();
     let work = async {
         let (status, _) = link
             .request("PUT", Some(DESIRED_NOTIFICATIONS), None)
             .await?;
         if !(200..300).contains(&status) {
-            return Err(format!(
-                "desired subscription for {label} answered {status}"
-            ));
+            return Err(link.refused("desired subscription", status));
         }
         link.full_sync(&core).await?;
         loop {
@@ -834,7 +882,7 @@ async fn twin_sync(
                     Ok((s, _)) => {
                         core.outbox.put_back(&link.id, back(patch));
                         m::retry(&label, "update_reported_properties");
-                        return Err(format!("reported patch for {label} answered {s}"));
+                        return Err(link.refused("reported patch", s));
                     }
                     Err(e) => {
                         core.outbox.put_back(&link.id, back(patch));
@@ -847,7 +895,10 @@ async fn twin_sync(
             tokio::select! {
                 _ = &mut notified => {}
                 d = link.rx.recv::<Body<Value>>() => {
-                    let d = d.map_err(|e| format!("twin link of {label}: {e}"))?;
+                    let d = d.map_err(|e| UpstreamError::Link {
+                        what: format!("twin link of {label}"),
+                        reason: e.to_string(),
+                    })?;
                     let _ = link.rx.accept(&d).await;
                     link.pushes.push_back(d.into_message());
                 }
@@ -868,13 +919,13 @@ async fn methods(
     mut rx: Receiver,
     mut tx: Sender,
     dead: CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), UpstreamError> {
     let (answers, mut answered) = tokio::sync::mpsc::channel::<(MessageId, i32, Vec<u8>)>(64);
     loop {
         tokio::select! {
             _ = dead.cancelled() => return Ok(()),
             d = rx.recv::<Body<Value>>() => {
-                let d = d.map_err(|e| format!("method link of {id}: {e}"))?;
+                let d = d.map_err(|e| UpstreamError::Link { what: format!("method link of {id}"), reason: e.to_string() })?;
                 let _ = rx.accept(&d).await;
                 let msg = d.into_message();
                 let Some(cid) = msg.properties.as_ref().and_then(|p| p.correlation_id.clone()) else {
@@ -912,8 +963,8 @@ async fn methods(
                 };
                 tokio::time::timeout(SEND_WAIT, tx.send(Sendable::builder().message(msg).settled(true).build()))
                     .await
-                    .map_err(|_| format!("no credit for a method response of {id}"))?
-                    .map_err(|e| format!("method response of {id}: {e}"))?;
+                    .map_err(|_| UpstreamError::NoResponse(format!("no credit for a method response of {id}")))?
+                    .map_err(|e| UpstreamError::Link { what: format!("method response of {id}"), reason: e.to_string() })?;
             }
         }
     }

@@ -129,28 +129,14 @@ async fn websocket<S: AsyncRead + AsyncWrite + Unpin>(
     host: &str,
     port: u16,
 ) -> Result<crate::servers::ws::WsIo<S>, TransportError> {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let failed = |why: String| TransportError::WebSocket {
-        host: host.to_owned(),
-        why,
-    };
     let authority = match port {
         443 => host.to_owned(),
         _ => format!("{host}:{port}"),
     };
-    let mut request = format!("wss://{authority}{}", crate::servers::ws::PATH)
-        .into_client_request()
-        .map_err(|e| failed(e.to_string()))?;
-    request.headers_mut().insert(
-        hyper::header::SEC_WEBSOCKET_PROTOCOL,
-        hyper::header::HeaderValue::from_static(crate::servers::ws::SUBPROTOCOL),
-    );
-    let (ws, _) = tokio_tungstenite::client_async_with_config(
-        request,
-        tls,
-        Some(crate::servers::ws::ws_config(16 * 1024 * 1024)),
-    )
-    .await
-    .map_err(|e| failed(e.to_string()))?;
-    Ok(crate::servers::ws::WsIo::new(ws))
+    crate::servers::ws::connect(tls, &authority)
+        .await
+        .map_err(|e| TransportError::WebSocket {
+            host: host.to_owned(),
+            why: e.to_string(),
+        })
 }

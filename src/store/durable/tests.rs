@@ -9,8 +9,31 @@ use fe2o3_amqp::types::{
 };
 use serde_amqp::primitives::OrderedMap;
 
-fn temp() -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("edgehub-store-{}", uuid::Uuid::new_v4()))
+/// A fresh directory under the system temp dir, removed when the guard drops (also when the test
+/// fails).
+struct TempDir(std::path::PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp() -> TempDir {
+    TempDir(std::env::temp_dir().join(format!("edgehub-store-{}", uuid::Uuid::new_v4())))
 }
 
 fn open(dir: &Path, policy: SyncPolicy) -> Arc<DurableStore> {
