@@ -114,6 +114,21 @@ impl Client {
         }
     }
 
+    /// Connects over TLS and puts a service-policy token for `audience` (the Event
+    /// Hubs-compatible endpoint).
+    pub async fn connect_service(
+        addr: SocketAddr,
+        server_name: &str,
+        ca_pem: &Path,
+        audience: &str,
+        token: &str,
+    ) -> Result<Self, ClientError> {
+        let tls = tls_connect(addr, server_name, ca_pem).await?;
+        let mut client = Self::open_plain(tls, server_name).await?;
+        put_token(&mut client.session, audience, token).await?;
+        Ok(client)
+    }
+
     /// Opens the AMQP connection and a session on `stream`, without a token.
     async fn open_plain<S>(stream: S, server_name: &str) -> Result<Self, ClientError>
     where

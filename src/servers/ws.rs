@@ -37,6 +37,9 @@ use crate::servers::amqp::Gate;
 
 /// The path the SDKs open (`wss://{host}:443/$iothub/websocket`).
 pub const PATH: &str = "/$iothub/websocket";
+/// The path the Event Hubs SDKs open for the built-in endpoint (`/$servicebus/websocket`): the
+/// same AMQP server behind it.
+pub const EVENT_HUBS_PATH: &str = "/$servicebus/websocket";
 /// The WebSocket subprotocol of AMQP 1.0 over WebSockets, as the SDKs name it.
 pub const SUBPROTOCOL: &str = "AMQPWSB10";
 
@@ -82,7 +85,7 @@ impl Refusal {
 
 /// Checks an upgrade request (pure); returns the `Sec-WebSocket-Accept` value to answer with.
 pub fn check<B>(req: &Request<B>) -> Result<String, Refusal> {
-    if req.uri().path() != PATH {
+    if req.uri().path() != PATH && req.uri().path() != EVENT_HUBS_PATH {
         return Err(Refusal::Path);
     }
     if req.method() != hyper::Method::GET {

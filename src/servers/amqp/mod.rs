@@ -14,6 +14,7 @@ pub mod cbs;
 pub mod cbs_client;
 pub(crate) mod convert;
 mod eventhubs;
+mod full;
 mod links;
 pub(crate) mod tags;
 

@@ -943,9 +943,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WideTags<S> {
             this.open_sent |= open;
         }
         let (channels, prefixes) = (&mut this.guard.channels, &mut this.tag_prefixes);
-        process_with(
+        let mut ready = Vec::new();
+        let processed = process_with(
             &mut this.written,
-            &mut this.outgoing,
+            &mut ready,
             |frame, code, out| match code {
                 TRANSFER => {
                     let ch = channel(frame);
@@ -968,7 +969,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WideTags<S> {
                 }
                 _ => out.extend_from_slice(frame),
             },
-        )?;
+        );
+        // Every performative at full length (see `full`), whoever reads it.
+        super::full::pad_all(&ready, &mut this.outgoing);
+        processed?;
         // Start sending; what does not go now goes on the next write or flush.
         match this.drain(cx) {
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
