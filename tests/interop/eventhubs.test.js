@@ -4,12 +4,14 @@
 // device sent, with its ids, properties, body and IoT Hub's device/module annotations, from the
 // earliest event; two consumer groups each read everything; getPartitionIds,
 // getPartitionProperties and getEventHubProperties answer; after a restart a reader resumes
-// after a stored sequence number; an owner-level reader takes a partition over.
+// after a stored sequence number; an owner-level reader takes a partition over. The Python SDK
+// (azure-eventhub, in target/py-eh, installed by tests/run-all.sh) reads the same events.
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const crypto = require('node:crypto');
 const tls = require('node:tls');
-const { execFileSync } = require('node:child_process');
+const { execFileSync, spawn } = require('node:child_process');
+const fs = require('node:fs');
 const path = require('node:path');
 const { Client: DeviceClient, Message } = require('azure-iot-device');
 const { Amqp } = require('azure-iot-device-amqp');
@@ -21,6 +23,8 @@ const POLICY = 'service';
 const SERVICE_KEY = crypto.randomBytes(32).toString('base64');
 const LEAF = 'leaf1';
 const LEAF_KEY = crypto.randomBytes(32).toString('base64');
+const PYTHON = process.env.EDGEHUB_PY_EH_PYTHON
+  || path.resolve(__dirname, '..', '..', 'target', 'py-eh', 'bin', 'python');
 const BIN = process.env.EDGEHUB_BIN || path.resolve(__dirname, '..', '..', 'target', 'debug', 'edgehub');
 
 /// The Event Hubs SDK has no option for a private CA and Node reads NODE_EXTRA_CA_CERTS only
@@ -182,6 +186,49 @@ test('Event Hubs consumers read the telemetry of a standalone hub', async (t) =>
     clients.push(dashboards);
     const got = await readEvents(dashboards, sent.size, { startPosition: earliestEventPosition, maxWaitTimeInSeconds: 1 });
     assert.deepEqual(new Set(got.map(key)), new Set(sent.keys()));
+  });
+
+  await t.test('the Python Event Hubs SDK (azure-eventhub) reads the same events', async () => {
+    assert.ok(fs.existsSync(PYTHON), `${PYTHON} missing: tests/run-all.sh installs azure-eventhub there`);
+    const child = spawn(PYTHON, [path.join(__dirname, 'python', 'eventhubs_consume.py')], {
+      env: {
+        PATH: process.env.PATH,
+        HOME: process.env.HOME,
+        PYTHONDONTWRITEBYTECODE: '1',
+        EH_CONNECTION_STRING: cs,
+        EH_CA: env.CACertificateFile,
+        EH_WANT: String(sent.size),
+        EH_GROUP: 'dashboards',
+      },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let out = '';
+    let err = '';
+    child.stdout.on('data', (d) => { out += d; });
+    child.stderr.on('data', (d) => { err += d; });
+    const code = await withTimeout(new Promise((resolve) => child.on('exit', resolve)), 120000, 'python consumer');
+    assert.equal(code, 0, `python consumer failed:\n${err}\n${out}`);
+    const lines = out.trim().split('\n').map((l) => JSON.parse(l));
+    assert.deepEqual(lines[0].partition_ids, ['0', '1', '2', '3']);
+    const got = lines.filter((l) => l.sequence_number !== undefined);
+    assert.equal(got.length, sent.size);
+    for (const e of got) {
+      const k = `${e.device}/${e.module || ''}/${e.message_id}`;
+      const want = sent.get(k);
+      assert.ok(want, `unexpected event ${k}`);
+      assert.equal(e.source, 'Telemetry');
+      assert.equal(e.properties.index, want.index);
+      assert.equal(e.body, typeof want.body === 'string' ? want.body : JSON.stringify(want.body));
+      const node = events.find((n) => key(n) === k);
+      assert.equal(e.sequence_number, node.sequenceNumber);
+      assert.equal(e.offset, node.offset);
+      assert.equal(String(e.partition), node.partitionId);
+    }
+    const props = lines.filter((l) => l.partition_properties).map((l) => l.partition_properties);
+    assert.equal(props.length, 4);
+    const total = props.filter((p) => !p.is_empty)
+      .reduce((n, p) => n + p.last_enqueued_sequence_number - p.beginning_sequence_number + 1, 0);
+    assert.equal(total, sent.size);
   });
 
   await t.test('an unknown consumer group is not found', async () => {

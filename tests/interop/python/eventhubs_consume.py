@@ -45,7 +45,7 @@ def main():
             "device": system.get("iothub-connection-device-id"),
             "module": system.get("iothub-connection-module-id"),
             "source": system.get("iothub-message-source"),
-            "message_id": system.get("message-id"),
+            "message_id": event.message_id,
             "properties": props,
             "body": b"".join(event.body).decode("utf-8", "replace"),
         }, default=str), flush=True)
