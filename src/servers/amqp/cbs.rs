@@ -207,6 +207,78 @@ mod tests {
             .build()
     }
 
+    /// An Event Hubs token as the SDKs make it: HMAC with the UTF-8 bytes of the key text.
+    fn event_hubs_token(audience: &str, key_text: &str, policy: &str, expiry: u64) -> String {
+        let enc = |s: &str| {
+            percent_encoding::utf8_percent_encode(s, crate::model::sas::URI_COMPONENT).to_string()
+        };
+        let sr = enc(audience);
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key_text.as_bytes());
+        let sig = ring::hmac::sign(&key, format!("{sr}\n{expiry}").as_bytes());
+        let sig = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, sig);
+        format!(
+            "SharedAccessSignature sr={sr}&sig={}&se={expiry}&skn={policy}",
+            enc(&sig)
+        )
+    }
+
+    #[test]
+    fn a_service_policy_token_grants_its_event_hubs_path() {
+        let key_text = {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode([9u8; 32])
+        };
+        let text = format!(
+            r#"{{"deviceId": "edge", "iothubHostname": "hub.example.net", "gatewayHostname": "gw.local",
+            "listen": {{"amqps": "127.0.0.1:0"}}, "dataDir": "d",
+            "servicePolicies": {{"service": {{"primaryKey": "{key_text}"}}}},
+            "$edgeHub": {{"schemaVersion": "1.1", "routes": {{}}, "storeAndForwardConfiguration": {{}}}}}}"#
+        );
+        let settings = crate::config::from_str(&text, &Default::default()).unwrap();
+        let auth = Authenticator::new(&settings, &crate::model::identity::Key::from_base64(&key_text).unwrap());
+        let audience = "sb://gw.local:5671/hub/ConsumerGroups/$Default/Partitions/0";
+        let token = event_hubs_token(audience, &key_text, "service", 4_000_000_000);
+        assert!(service_audience(audience, &token));
+        let reply = handle(&request(audience, &token), &auth, 1_700_000_000);
+        assert_eq!(reply.status, 200, "{}", reply.description);
+        assert_eq!(
+            reply.service,
+            Some(ServiceGrant {
+                policy: "service".into(),
+                scope: "hub/consumergroups/$default/partitions/0".into(),
+                expiry: 4_000_000_000,
+            })
+        );
+        assert!(reply.granted.is_none());
+        // Signed with the decoded key, as IoT Hub signs: not an Event Hubs token.
+        let wrong = crate::model::sas::make_token(
+            audience,
+            &crate::model::identity::Key::from_base64(&key_text).unwrap(),
+            4_000_000_000,
+            Some("service"),
+        );
+        assert_eq!(handle(&request(audience, &wrong), &auth, 1_700_000_000).status, 401);
+        // Another host, an unknown policy.
+        let other = event_hubs_token("sb://elsewhere/hub", &key_text, "service", 4_000_000_000);
+        assert_eq!(handle(&request("sb://elsewhere/hub", &other), &auth, 1_700_000_000).status, 401);
+        let unknown = event_hubs_token(audience, &key_text, "owner", 4_000_000_000);
+        assert_eq!(handle(&request(audience, &unknown), &auth, 1_700_000_000).status, 401);
+        // IoT Hub's service token (bare host, decoded key) covers the whole hub.
+        let hub_token = crate::model::sas::make_token(
+            "hub.example.net",
+            &crate::model::identity::Key::from_base64(&key_text).unwrap(),
+            4_000_000_000,
+            Some("service"),
+        );
+        let reply = handle(&request("sb://gw.local/hub", &hub_token), &auth, 1_700_000_000);
+        assert_eq!(reply.service.map(|g| g.scope), Some(String::new()));
+        // A device's token is no service token.
+        assert!(!service_audience(
+            "hub.example.net/devices/d",
+            "SharedAccessSignature sr=hub.example.net%2Fdevices%2Fd&sig=x&se=1"
+        ));
+    }
+
     #[test]
     fn a_child_edge_hub_token_is_put_on_behalf_of_its_module() {
         let text = r#"{"deviceId": "parent", "iothubHostname": "hub.example.net", "gatewayHostname": "parent.local",
