@@ -202,9 +202,10 @@ async fn main() {
         edgehub::model::sas::now_secs() + 3600,
         Some("service"),
     );
-    let mut reader = Client::connect_service(addr, "localhost", &ca, "sb://localhost/bench-hub", &token)
-        .await
-        .expect("reader connects");
+    let mut reader =
+        Client::connect_service(addr, "localhost", &ca, "sb://localhost/bench-hub", &token)
+            .await
+            .expect("reader connects");
     let mut filter = fe2o3_amqp::types::messaging::FilterSet::new();
     filter.insert(
         Symbol::from("apache.org:selector-filter:string"),
@@ -217,7 +218,9 @@ async fn main() {
         .name("bench-reader")
         .source(
             Source::builder()
-                .address(format!("bench-hub/ConsumerGroups/$Default/Partitions/{partition}"))
+                .address(format!(
+                    "bench-hub/ConsumerGroups/$Default/Partitions/{partition}"
+                ))
                 .filter(filter)
                 .build(),
         )

@@ -69,7 +69,9 @@ pub(super) fn built_in_endpoint(
         Some(n) => {
             w.err(
                 &child(p, "name"),
-                format!("{n:?}: 1–50 letters, digits, '-', '_', '.', starting with a letter or digit"),
+                format!(
+                    "{n:?}: 1–50 letters, digits, '-', '_', '.', starting with a letter or digit"
+                ),
             );
             String::new()
         }
@@ -164,7 +166,10 @@ mod tests {
         );
         assert!(errors.is_empty(), "{errors:?}");
         let b = b.unwrap();
-        assert_eq!(b.consumer_groups, ["$Default", "dashboards", "Stream.Analytics"]);
+        assert_eq!(
+            b.consumer_groups,
+            ["$Default", "dashboards", "Stream.Analytics"]
+        );
         assert_eq!(b.consumer_group("DASHBOARDS"), Some("dashboards"));
         assert_eq!(b.consumer_group("$DEFAULT"), Some("$Default"));
         assert_eq!(b.consumer_group("other"), None);

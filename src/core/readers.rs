@@ -165,7 +165,9 @@ mod tests {
         drop(same);
         assert_eq!(r.count("$Default", 0), 0);
         // Without an owner: five at once, the sixth refused.
-        let five: Vec<_> = (0..5).map(|_| r.join("$Default", 1, None).unwrap()).collect();
+        let five: Vec<_> = (0..5)
+            .map(|_| r.join("$Default", 1, None).unwrap())
+            .collect();
         assert_eq!(r.join("$Default", 1, None).err(), Some(JoinError::Quota));
         drop(five);
         assert!(r.join("$Default", 1, None).is_ok());

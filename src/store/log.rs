@@ -128,7 +128,10 @@ enum Budget {
     /// The durable store's own counter, so that queues and log share the one cap.
     Store(Arc<DurableStore>),
     /// Without a durable store (queues in memory): a counter of the log's own.
-    Own { stored: AtomicU64, limit: Option<u64> },
+    Own {
+        stored: AtomicU64,
+        limit: Option<u64>,
+    },
 }
 
 impl Budget {
@@ -320,10 +323,12 @@ impl EventLog {
             let seq = head.next;
             let at = now_ms.max(head.last_enqueued_ms);
             value[..TIME_LEN].copy_from_slice(&at.to_be_bytes());
-            self.part.insert(key(p, seq), &value).map_err(|e| match &self.budget {
-                Budget::Store(s) => s.failed(e),
-                Budget::Own { .. } => fj(e),
-            })?;
+            self.part
+                .insert(key(p, seq), &value)
+                .map_err(|e| match &self.budget {
+                    Budget::Store(s) => s.failed(e),
+                    Budget::Own { .. } => fj(e),
+                })?;
             head.next = seq + 1;
             head.last_enqueued_ms = at;
             partition.tail.send_replace(seq + 1);
@@ -455,7 +460,8 @@ impl EventLog {
                 h.begin
             };
             if let Some(v) = self.part.get(key(p, begin)).map_err(fj)? {
-                let t = i64::from_be_bytes(v[..TIME_LEN.min(v.len())].try_into().unwrap_or_default());
+                let t =
+                    i64::from_be_bytes(v[..TIME_LEN.min(v.len())].try_into().unwrap_or_default());
                 if oldest.is_none_or(|(o, _)| t < o) {
                     oldest = Some((t, p));
                 }
@@ -509,9 +515,11 @@ impl EventLog {
             let mut h = locked(&self.partitions[p as usize].head);
             h.begin = h.begin.max(next_begin);
         }
-        let _ = self.bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-            Some(b.saturating_sub(bytes))
-        });
+        let _ = self
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(bytes))
+            });
         self.budget.unreserve(bytes);
         Ok(n)
     }

@@ -123,7 +123,11 @@ pub fn handle(m: &Message<Body<Value>>, auth: &Authenticator, now_secs: u64) -> 
             Err(e) => CbsReply {
                 refused_id: Some("service".into()),
                 ..reply(
-                    if matches!(e, SasError::Malformed(_)) { 400 } else { 401 },
+                    if matches!(e, SasError::Malformed(_)) {
+                        400
+                    } else {
+                        401
+                    },
                     e.to_string(),
                 )
             },
@@ -235,7 +239,10 @@ mod tests {
             "$edgeHub": {{"schemaVersion": "1.1", "routes": {{}}, "storeAndForwardConfiguration": {{}}}}}}"#
         );
         let settings = crate::config::from_str(&text, &Default::default()).unwrap();
-        let auth = Authenticator::new(&settings, &crate::model::identity::Key::from_base64(&key_text).unwrap());
+        let auth = Authenticator::new(
+            &settings,
+            &crate::model::identity::Key::from_base64(&key_text).unwrap(),
+        );
         let audience = "sb://gw.local:5671/hub/ConsumerGroups/$Default/Partitions/0";
         let token = event_hubs_token(audience, &key_text, "service", 4_000_000_000);
         assert!(service_audience(audience, &token));
@@ -257,12 +264,21 @@ mod tests {
             4_000_000_000,
             Some("service"),
         );
-        assert_eq!(handle(&request(audience, &wrong), &auth, 1_700_000_000).status, 401);
+        assert_eq!(
+            handle(&request(audience, &wrong), &auth, 1_700_000_000).status,
+            401
+        );
         // Another host, an unknown policy.
         let other = event_hubs_token("sb://elsewhere/hub", &key_text, "service", 4_000_000_000);
-        assert_eq!(handle(&request("sb://elsewhere/hub", &other), &auth, 1_700_000_000).status, 401);
+        assert_eq!(
+            handle(&request("sb://elsewhere/hub", &other), &auth, 1_700_000_000).status,
+            401
+        );
         let unknown = event_hubs_token(audience, &key_text, "owner", 4_000_000_000);
-        assert_eq!(handle(&request(audience, &unknown), &auth, 1_700_000_000).status, 401);
+        assert_eq!(
+            handle(&request(audience, &unknown), &auth, 1_700_000_000).status,
+            401
+        );
         // IoT Hub's service token (bare host, decoded key) covers the whole hub.
         let hub_token = crate::model::sas::make_token(
             "hub.example.net",
@@ -270,7 +286,11 @@ mod tests {
             4_000_000_000,
             Some("service"),
         );
-        let reply = handle(&request("sb://gw.local/hub", &hub_token), &auth, 1_700_000_000);
+        let reply = handle(
+            &request("sb://gw.local/hub", &hub_token),
+            &auth,
+            1_700_000_000,
+        );
         assert_eq!(reply.service.map(|g| g.scope), Some(String::new()));
         // A device's token is no service token.
         assert!(!service_audience(

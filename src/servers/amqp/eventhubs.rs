@@ -304,7 +304,9 @@ pub(super) fn parse_filter(filter: &str) -> Result<Start, String> {
         .trim()
         .strip_prefix("amqp.annotation.")
         .ok_or_else(bad)?;
-    let (field, rest) = rest.split_once(|c: char| c.is_whitespace() || c == '>').ok_or_else(bad)?;
+    let (field, rest) = rest
+        .split_once(|c: char| c.is_whitespace() || c == '>')
+        .ok_or_else(bad)?;
     let rest = rest.trim_start();
     let rest = if filter.contains(&format!("{field}>")) {
         // `field>` split at the `>`: put it back.
@@ -332,7 +334,10 @@ pub(super) fn parse_filter(filter: &str) -> Result<Start, String> {
         "x-opt-offset" => match value {
             "-1" => Ok(Start::Earliest),
             "@latest" => Ok(Start::Latest),
-            v => v.parse::<i64>().map(|n| Start::Sequence(after(n))).map_err(|_| bad()),
+            v => v
+                .parse::<i64>()
+                .map(|n| Start::Sequence(after(n)))
+                .map_err(|_| bad()),
         },
         "x-opt-sequence-number" => value
             .parse::<i64>()
@@ -374,9 +379,7 @@ impl SessionNodes {
         let links = self.lock();
         let by = |f: &dyn Fn(&ReplyLink) -> bool| links.iter().rev().find(|l| f(l));
         reply_to
-            .and_then(|r| {
-                by(&|l| l.target.as_deref() == Some(r)).or_else(|| by(&|l| l.name == r))
-            })
+            .and_then(|r| by(&|l| l.target.as_deref() == Some(r)).or_else(|| by(&|l| l.name == r)))
             .or_else(|| links.last())
             .map(|l| l.tx.clone())
     }
@@ -453,7 +456,10 @@ pub(super) fn admit(
             let stop = conn
                 .services
                 .link_stop(&eh.name, now)
-                .or_else(|| conn.services.link_stop(&format!("{}/$management", eh.name), now))
+                .or_else(|| {
+                    conn.services
+                        .link_stop(&format!("{}/$management", eh.name), now)
+                })
                 .ok_or_else(|| unauthorized("$management"))?;
             let task = match opening.node {
                 Node::Requests => Task::Requests {
@@ -490,7 +496,9 @@ pub(super) fn admit(
                 readers.fetch_sub(1, Ordering::AcqRel);
                 return Err(amqp_error(
                     AmqpError::ResourceLimitExceeded,
-                    format!("at most {MAX_READERS_PER_CONNECTION} partition readers per connection"),
+                    format!(
+                        "at most {MAX_READERS_PER_CONNECTION} partition readers per connection"
+                    ),
                 ));
             }
             let reader = match core.readers.join(&group, partition, opening.owner_level) {
@@ -546,7 +554,11 @@ impl Task {
     }
 }
 
-async fn close_sender(tx: Sender, stop: &LinkStop, error: Option<fe2o3_amqp::types::definitions::Error>) {
+async fn close_sender(
+    tx: Sender,
+    stop: &LinkStop,
+    error: Option<fe2o3_amqp::types::definitions::Error>,
+) {
     let error = error.or_else(|| stop.is_cancelled().then(|| stop.error()));
     let _ = match error {
         Some(e) => tokio::time::timeout(CLOSE_WAIT, tx.close_with_error(e)).await,
@@ -566,10 +578,7 @@ async fn requests(mut rx: Receiver, nodes: Arc<SessionNodes>, core: Arc<HubCore>
         let Ok(delivery) = delivery else { return };
         let info = DeliveryInfo::from(&delivery);
         let request = delivery.message();
-        let reply_to = request
-            .properties
-            .as_ref()
-            .and_then(|p| p.reply_to.clone());
+        let reply_to = request.properties.as_ref().and_then(|p| p.reply_to.clone());
         let reply = management(request, &core);
         let _ = rx.accept(info).await;
         if !nodes.reply(reply_to.as_deref(), reply).await {
@@ -628,7 +637,10 @@ fn app_text(m: &Message<Body<Value>>, key: &str) -> Option<String> {
 
 /// The answer to one `$management` request.
 fn management(request: &Message<Body<Value>>, core: &HubCore) -> Message<Body<Value>> {
-    let correlation = request.properties.as_ref().and_then(|p| p.message_id.clone());
+    let correlation = request
+        .properties
+        .as_ref()
+        .and_then(|p| p.message_id.clone());
     let answer = |status: i32, description: &str, condition: Option<&str>, body: Option<Value>| {
         management_reply(correlation.clone(), status, description, condition, body)
     };
@@ -854,7 +866,9 @@ async fn read_partition(mut tx: Sender, r: ReaderTask, stop: LinkStop) {
                 }
             }
         }
-        let Some(event) = batch.pop_front() else { continue };
+        let Some(event) = batch.pop_front() else {
+            continue;
+        };
         let sendable = Sendable::builder()
             .message(event_message(&event))
             .settled(true)

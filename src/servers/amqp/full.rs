@@ -36,8 +36,7 @@ fn field_count(code: u64) -> Option<usize> {
 fn value_len(buf: &[u8]) -> Option<usize> {
     let c = *buf.first()?;
     let u8_at = |i: usize| buf.get(i).map(|b| *b as usize);
-    let u32_at =
-        |i: usize| Some(u32::from_be_bytes(buf.get(i..i + 4)?.try_into().ok()?) as usize);
+    let u32_at = |i: usize| Some(u32::from_be_bytes(buf.get(i..i + 4)?.try_into().ok()?) as usize);
     let len = match c {
         0x00 => {
             let d = value_len(&buf[1..])?;
@@ -222,7 +221,10 @@ mod tests {
         assert!(body.len() > encoded.len());
         let back: Open = serde_amqp::from_slice(&body).unwrap();
         assert_eq!(back.container_id, "edgehub");
-        assert_eq!(u32::from_be_bytes(out[..4].try_into().unwrap()) as usize, out.len());
+        assert_eq!(
+            u32::from_be_bytes(out[..4].try_into().unwrap()) as usize,
+            out.len()
+        );
 
         let begin = Begin {
             remote_channel: Some(0),
@@ -234,7 +236,11 @@ mod tests {
             desired_capabilities: None,
             properties: None,
         };
-        let (n, _) = count(&padded(&frame(&serde_amqp::to_vec(&begin).unwrap(), &[], 0)));
+        let (n, _) = count(&padded(&frame(
+            &serde_amqp::to_vec(&begin).unwrap(),
+            &[],
+            0,
+        )));
         assert_eq!(n, 8);
     }
 
@@ -262,7 +268,11 @@ mod tests {
         let fields = elements(&body[3..]).unwrap();
         for (i, want) in [(5, 11), (6, 7)] {
             let (_, dlen) = code_of(fields[i]).unwrap();
-            assert_eq!(elements(&fields[i][dlen..]).unwrap().len(), want, "field {i}");
+            assert_eq!(
+                elements(&fields[i][dlen..]).unwrap().len(),
+                want,
+                "field {i}"
+            );
         }
         let back: Attach = serde_amqp::from_slice(&body).unwrap();
         assert_eq!(back.name, "link");
@@ -303,7 +313,11 @@ mod tests {
         let fields = elements(&body[3..]).unwrap();
         assert_eq!(elements(&fields[2][3..]).unwrap().len(), 3);
         let close = Close { error: None };
-        let (n, _) = count(&padded(&frame(&serde_amqp::to_vec(&close).unwrap(), &[], 0)));
+        let (n, _) = count(&padded(&frame(
+            &serde_amqp::to_vec(&close).unwrap(),
+            &[],
+            0,
+        )));
         assert_eq!(n, 1);
         // A protocol header, an empty frame, and bytes of an incomplete frame pass unchanged.
         let mut units = b"AMQP\x00\x01\x00\x00".to_vec();

@@ -793,7 +793,10 @@ async fn run_session(
             };
             if live.load(Ordering::Relaxed) >= max_links {
                 let why = format!("this session holds its maximum of {max_links} links");
-                tracker.spawn(refuse(link, amqp_error(AmqpError::ResourceLimitExceeded, why)));
+                tracker.spawn(refuse(
+                    link,
+                    amqp_error(AmqpError::ResourceLimitExceeded, why),
+                ));
                 continue;
             }
             match eventhubs::admit(opening, &conn, &core, &eh_nodes) {

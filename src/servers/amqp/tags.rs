@@ -22,7 +22,9 @@
 //!   answer goes on the hub's channel of the session, learnt from the hub's outgoing `begin`.
 //!
 //! Protocol headers, SASL frames, empty (heartbeat) frames and every other frame pass through
-//! byte for byte; performatives are decoded and encoded with serde_amqp.
+//! byte for byte; performatives are decoded and encoded with serde_amqp. Last, every outgoing
+//! performative (SASL ones too) is padded to its full field count (`super::full`), which the
+//! Python Event Hubs SDK needs; [`HEADROOM`] covers that growth of a transfer as well.
 //!
 //! The same stream guards the hub against what the peer sends ([`Guard`]): each incoming frame
 //! is checked before fe2o3 reads it, its size on its header alone. A frame the hub does not

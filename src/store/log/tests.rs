@@ -86,16 +86,26 @@ fn events_keep_their_order_sequence_and_sender_across_a_restart() {
         let (log, store) = open_with_store(&dir, None);
         p = log.partition_of("leaf");
         for i in 0..5 {
-            let (q, seq) = log.append(&msg("leaf", None, &format!("m{i}")), T0 + i).unwrap();
+            let (q, seq) = log
+                .append(&msg("leaf", None, &format!("m{i}")), T0 + i)
+                .unwrap();
             assert_eq!((q, seq), (p, i as u64));
         }
-        let (q, _) = log.append(&msg("leaf", Some("filter"), "mod"), T0 + 5).unwrap();
+        let (q, _) = log
+            .append(&msg("leaf", Some("filter"), "mod"), T0 + 5)
+            .unwrap();
         assert_eq!(q, p, "a module's events go with its device's");
         assert!(store.usage().0 >= log.bytes() && log.bytes() > 0);
-        futures_util::FutureExt::now_or_never(store.sync()).unwrap().unwrap();
+        futures_util::FutureExt::now_or_never(store.sync())
+            .unwrap()
+            .unwrap();
     }
     let (log, store) = open_with_store(&dir, None);
-    assert_eq!(store.usage().0, log.bytes(), "the log's bytes count against the cap again");
+    assert_eq!(
+        store.usage().0,
+        log.bytes(),
+        "the log's bytes count against the cap again"
+    );
     let events = log.read(p, 0, 100, usize::MAX).unwrap();
     assert_eq!(bodies(&events)[..5], ["m0", "m1", "m2", "m3", "m4"]);
     assert_eq!(events[2].sequence, 2);
@@ -112,7 +122,11 @@ fn events_keep_their_order_sequence_and_sender_across_a_restart() {
     // Reading from the middle, a bounded count.
     assert_eq!(bodies(&log.read(p, 3, 1, usize::MAX).unwrap()), ["m3"]);
     let (_, seq) = log.append(&msg("leaf", None, "after"), T0 + 10).unwrap();
-    assert_eq!(seq, info.last.unwrap() + 1, "numbering goes on after a restart");
+    assert_eq!(
+        seq,
+        info.last.unwrap() + 1,
+        "numbering goes on after a restart"
+    );
 }
 
 #[test]
@@ -123,7 +137,8 @@ fn retention_removes_old_events_and_sequence_numbers_never_go_back() {
         let (log, _store) = open_with_store(&dir, None);
         p = log.partition_of("d1");
         log.append(&msg("d1", None, "old"), T0).unwrap();
-        log.append(&msg("d1", None, "newer"), T0 + HOUR / 2).unwrap();
+        log.append(&msg("d1", None, "newer"), T0 + HOUR / 2)
+            .unwrap();
         // Within the hour of retention: both stay.
         assert_eq!(log.expire(T0 + HOUR - 1).unwrap(), 0);
         assert_eq!(log.expire(T0 + HOUR + 1).unwrap(), 1);
@@ -139,7 +154,10 @@ fn retention_removes_old_events_and_sequence_numbers_never_go_back() {
     assert_eq!(store.usage().0, 0);
     let info = log.info(p).unwrap();
     assert_eq!((info.begin, info.empty), (2, true));
-    assert_eq!(log.append(&msg("d1", None, "x"), T0 + 3 * HOUR).unwrap().1, 2);
+    assert_eq!(
+        log.append(&msg("d1", None, "x"), T0 + 3 * HOUR).unwrap().1,
+        2
+    );
 }
 
 #[test]
@@ -182,7 +200,11 @@ fn a_full_store_makes_room_by_removing_the_oldest_events() {
         .flat_map(|p| log.read(p, 0, 1000, usize::MAX).unwrap())
         .map(|e| e.enqueued_ms)
         .collect();
-    assert!(kept.len() < 1000 && kept.len() > 50, "{} kept, {held} bytes", kept.len());
+    assert!(
+        kept.len() < 1000 && kept.len() > 50,
+        "{} kept, {held} bytes",
+        kept.len()
+    );
     assert!(kept.contains(&(T0 + 999)));
     let oldest_kept = kept.iter().min().copied().unwrap();
     assert!(oldest_kept > T0 + 500, "{}", oldest_kept - T0);
@@ -213,10 +235,14 @@ fn partitions_follow_the_partition_key_mapping() {
     assert_eq!(partition_for_key("exactly12chr", 3), 27839 / 10923);
     assert_eq!(partition_for_key("device0", 32), 28642 / 1024);
     // Case does not matter.
-    assert_eq!(partition_for_key("Leaf-1", 4), partition_for_key("LEAF-1", 4));
+    assert_eq!(
+        partition_for_key("Leaf-1", 4),
+        partition_for_key("LEAF-1", 4)
+    );
     // Several devices spread over the partitions.
-    let used: std::collections::BTreeSet<u32> =
-        (0..64).map(|i| partition_for_key(&format!("device{i}"), 4)).collect();
+    let used: std::collections::BTreeSet<u32> = (0..64)
+        .map(|i| partition_for_key(&format!("device{i}"), 4))
+        .collect();
     assert_eq!(used.len(), 4);
 }
 

@@ -17,11 +17,26 @@ fn selector_filters_as_the_sdks_write_them() {
         ("amqp.annotation.x-opt-offset > '@latest'", Start::Latest),
         ("amqp.annotation.x-opt-offset > '41'", Start::Sequence(42)),
         ("amqp.annotation.x-opt-offset >= '41'", Start::Sequence(41)),
-        ("amqp.annotation.x-opt-sequence-number > '7'", Start::Sequence(8)),
-        ("amqp.annotation.x-opt-sequence-number >= '7'", Start::Sequence(7)),
-        ("amqp.annotation.x-opt-sequence-number > '-1'", Start::Sequence(0)),
-        ("amqp.annotation.x-opt-enqueued-time > '1700000000000'", Start::Time(1_700_000_000_001)),
-        ("amqp.annotation.x-opt-enqueued-time >= '1700000000000'", Start::Time(1_700_000_000_000)),
+        (
+            "amqp.annotation.x-opt-sequence-number > '7'",
+            Start::Sequence(8),
+        ),
+        (
+            "amqp.annotation.x-opt-sequence-number >= '7'",
+            Start::Sequence(7),
+        ),
+        (
+            "amqp.annotation.x-opt-sequence-number > '-1'",
+            Start::Sequence(0),
+        ),
+        (
+            "amqp.annotation.x-opt-enqueued-time > '1700000000000'",
+            Start::Time(1_700_000_000_001),
+        ),
+        (
+            "amqp.annotation.x-opt-enqueued-time >= '1700000000000'",
+            Start::Time(1_700_000_000_000),
+        ),
         ("  amqp.annotation.x-opt-offset>'3'  ", Start::Sequence(4)),
     ];
     for (f, want) in ok {
@@ -57,7 +72,10 @@ fn filters_in_both_descriptor_forms_and_bounded() {
     };
     let text = "amqp.annotation.x-opt-offset > '-1'".to_owned();
     let js = set(Descriptor::Code(SELECTOR_FILTER_CODE), text.clone());
-    let py = set(Descriptor::Name(Symbol::from(SELECTOR_FILTER)), text.clone());
+    let py = set(
+        Descriptor::Name(Symbol::from(SELECTOR_FILTER)),
+        text.clone(),
+    );
     assert_eq!(selector_filter(&js), Ok(Some(text.clone())));
     assert_eq!(selector_filter(&py), Ok(Some(text)));
     assert!(selector_filter(&set(Descriptor::Code(7), "x".into())).is_err());
@@ -88,8 +106,15 @@ fn addresses_of_the_endpoint() {
         p("$Default", 0, "myhub/ConsumerGroups/$default/Partitions/0")
     );
     assert_eq!(
-        c("amqps://127.0.0.1:5671/MYHUB/consumergroups/Dashboards/partitions/3", Receiver),
-        p("dashboards", 3, "MYHUB/consumergroups/Dashboards/partitions/3")
+        c(
+            "amqps://127.0.0.1:5671/MYHUB/consumergroups/Dashboards/partitions/3",
+            Receiver
+        ),
+        p(
+            "dashboards",
+            3,
+            "MYHUB/consumergroups/Dashboards/partitions/3"
+        )
     );
     assert!(matches!(
         c("myhub/ConsumerGroups/other/Partitions/0", Receiver),
@@ -112,7 +137,10 @@ fn addresses_of_the_endpoint() {
 #[test]
 fn a_grant_covers_its_path_and_what_is_below_it() {
     assert!(covers("", "myhub/consumergroups/$default/partitions/0"));
-    assert!(covers("myhub", "MyHub/ConsumerGroups/$Default/Partitions/0"));
+    assert!(covers(
+        "myhub",
+        "MyHub/ConsumerGroups/$Default/Partitions/0"
+    ));
     assert!(covers(
         "myhub/consumergroups/$default",
         "myhub/ConsumerGroups/$Default/Partitions/1"
@@ -125,13 +153,20 @@ fn a_grant_covers_its_path_and_what_is_below_it() {
         "myhub/consumergroups/$default/partitions/1",
         "myhub/ConsumerGroups/$Default/Partitions/10"
     ));
-    assert!(!covers("myhu", "myhub/ConsumerGroups/$Default/Partitions/1"));
+    assert!(!covers(
+        "myhu",
+        "myhub/ConsumerGroups/$Default/Partitions/1"
+    ));
     assert!(!covers("other", "myhub"));
     let grants = ServiceGrants::default();
     let root = CancellationToken::new();
     assert!(grants.grant(&root, "myhub/consumergroups/dashboards".into(), 2000));
-    assert!(grants.link_stop("myhub/ConsumerGroups/dashboards/Partitions/0", 1000).is_some());
-    assert!(grants.link_stop("myhub/ConsumerGroups/$Default/Partitions/0", 1000).is_none());
+    assert!(grants
+        .link_stop("myhub/ConsumerGroups/dashboards/Partitions/0", 1000)
+        .is_some());
+    assert!(grants
+        .link_stop("myhub/ConsumerGroups/$Default/Partitions/0", 1000)
+        .is_none());
     let stop = grants
         .link_stop("myhub/ConsumerGroups/dashboards/Partitions/0", 1000)
         .unwrap();
@@ -141,7 +176,10 @@ fn a_grant_covers_its_path_and_what_is_below_it() {
         assert!(grants.grant(&root, format!("myhub/{i}"), 5000));
     }
     assert!(!grants.grant(&root, "myhub/one-more".into(), 5000));
-    assert!(grants.grant(&root, "myhub/0".into(), 6000), "a renewal always fits");
+    assert!(
+        grants.grant(&root, "myhub/0".into(), 6000),
+        "a renewal always fits"
+    );
 }
 
 #[test]
@@ -180,9 +218,14 @@ fn an_event_carries_iot_hubs_annotations_and_what_the_device_sent() {
     assert_eq!(get("x-opt-offset"), Some(Value::String("12".into())));
     assert_eq!(
         get("x-opt-enqueued-time"),
-        Some(Value::Timestamp(Timestamp::from_milliseconds(1_700_000_000_005)))
+        Some(Value::Timestamp(Timestamp::from_milliseconds(
+            1_700_000_000_005
+        )))
     );
-    assert_eq!(get("x-opt-partition-key"), Some(Value::String("edge1".into())));
+    assert_eq!(
+        get("x-opt-partition-key"),
+        Some(Value::String("edge1".into()))
+    );
     assert_eq!(
         get("iothub-connection-device-id"),
         Some(Value::String("edge1".into()))
@@ -193,13 +236,19 @@ fn an_event_carries_iot_hubs_annotations_and_what_the_device_sent() {
     );
     assert_eq!(
         get("iothub-enqueuedtime"),
-        Some(Value::Timestamp(Timestamp::from_milliseconds(1_700_000_000_000)))
+        Some(Value::Timestamp(Timestamp::from_milliseconds(
+            1_700_000_000_000
+        )))
     );
     assert_eq!(
         get("iothub-message-source"),
         Some(Value::String("Telemetry".into()))
     );
-    assert_eq!(m.application_properties.unwrap().0, app, "unchanged, every type");
+    assert_eq!(
+        m.application_properties.unwrap().0,
+        app,
+        "unchanged, every type"
+    );
     assert_eq!(
         m.properties.unwrap().message_id,
         Some("m-1".to_owned().into())
@@ -226,7 +275,10 @@ fn management_answers_are_maps_with_string_keys() {
     let get = |k: &str| m.get(&Value::String(k.into())).cloned();
     assert_eq!(get("partition"), Some(Value::String("2".into())));
     assert_eq!(get("last_enqueued_sequence_number"), Some(Value::Long(-1)));
-    assert_eq!(get("last_enqueued_offset"), Some(Value::String("-1".into())));
+    assert_eq!(
+        get("last_enqueued_offset"),
+        Some(Value::String("-1".into()))
+    );
     assert_eq!(get("is_partition_empty"), Some(Value::Bool(true)));
     let Value::Map(m) = eventhub_properties(&endpoint(), 5) else {
         panic!()
