@@ -203,7 +203,7 @@ async fn main() {
         Some("service"),
     );
     let mut reader =
-        Client::connect_service(addr, "localhost", &ca, "sb://localhost/bench-hub", &token)
+        Client::connect_service_token(addr, "localhost", &ca, "sb://localhost/bench-hub", &token)
             .await
             .expect("reader connects");
     let mut filter = fe2o3_amqp::types::messaging::FilterSet::new();

@@ -56,6 +56,8 @@ pub enum StartError {
     Store(#[from] crate::store::durable::StoreError),
     #[error("{0}")]
     MqttSessions(#[from] crate::servers::mqtt::sessions::SessionStoreError),
+    #[error("{0}")]
+    Registry(#[from] crate::store::registry::RegistryStoreError),
 }
 
 /// Reads the device key from the config, else from `dataDir/device.key`, creating it once.
@@ -119,7 +121,9 @@ impl Hub {
         let certs = tls::ensure_certs(&settings)?;
         // Devices that authenticate with certificates: only then are clients asked for one.
         let x509 = Arc::new(crate::ops::x509::Matcher::from_settings(&settings)?);
-        let client_auth = (!x509.is_empty()).then(|| {
+        // The identity registry (service policies, no upstream) may add such devices later.
+        let registry_x509 = !settings.service_policies.is_empty() && settings.upstream.is_none();
+        let client_auth = (!x509.is_empty() || registry_x509).then(|| {
             crate::ops::x509::AnyClientCert::new()
                 as Arc<dyn rustls::server::danger::ClientCertVerifier>
         });
@@ -172,6 +176,9 @@ impl Hub {
         let twins = crate::core::twins::TwinStore::with_keyspace(keyspace.clone())?;
         let mqtt_sessions = crate::servers::mqtt::sessions::SessionStore::open(keyspace.clone())?;
         let log_keyspace = keyspace.clone();
+        let (registry_store, records) =
+            crate::store::registry::RegistryStore::open(keyspace.clone())?;
+        let registry = crate::core::registry::Registry::open(registry_store, records);
         let store = match settings.storage.persistent {
             true => Some(crate::store::durable::DurableStore::open(
                 &store_dir,
@@ -193,7 +200,18 @@ impl Hub {
             )?),
             _ => None,
         };
-        let core = Arc::new(HubCore::new(settings, &key, twins, store, log));
+        let core = Arc::new(HubCore::new(settings, &key, twins, registry, store, log));
+        for r in &core.settings.routes {
+            if let crate::routing::route::Sink::ModuleInput { module, .. } = &r.statement.sink {
+                let id = crate::model::identity::Identity::Module(
+                    core.settings.device_id.clone(),
+                    module.clone(),
+                );
+                if core.auth.known(&id).is_none() {
+                    warn!(route = %r.name, %module, "this route feeds a module that is neither in the config nor in the registry; it delivers once the module is added");
+                }
+            }
+        }
         core.apply_desired(&core.settings.modules).await;
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -224,6 +242,10 @@ impl Hub {
             ));
         }
         tasks.spawn(crate::core::housekeeping(core.clone(), shutdown.clone()));
+        tasks.spawn(crate::core::c2d::feedback_writer(
+            core.clone(),
+            shutdown.clone(),
+        ));
         if let Some(up) = core.settings.upstream.clone() {
             tasks.spawn(crate::core::report_clients(core.clone(), shutdown.clone()));
             let edge_hub = crate::model::identity::ModuleId::parse("$edgeHub")

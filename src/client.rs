@@ -114,9 +114,23 @@ impl Client {
         }
     }
 
-    /// Connects over TLS and puts a service-policy token for `audience` (the Event
-    /// Hubs-compatible endpoint).
+    /// Connects as the service SDK does: TLS, then a service token for `policy` (`sr` = `host`,
+    /// `skn` = the policy) put on `$cbs`.
     pub async fn connect_service(
+        addr: SocketAddr,
+        server_name: &str,
+        ca_pem: &Path,
+        host: &str,
+        policy: &str,
+        key: &Key,
+    ) -> Result<Self, ClientError> {
+        let token = make_token(host, key, now_secs() + 3600, Some(policy));
+        Self::connect_service_token(addr, server_name, ca_pem, host, &token).await
+    }
+
+    /// Connects over TLS and puts a service-policy `token` for `audience` (as the Event Hubs
+    /// SDKs do for `sb://{host}/{eventHubName}`).
+    pub async fn connect_service_token(
         addr: SocketAddr,
         server_name: &str,
         ca_pem: &Path,

@@ -37,7 +37,8 @@ enum Command {
         #[arg(long, default_value = "config/edgehub.json")]
         config: PathBuf,
     },
-    /// Print the two environment values a module needs to connect.
+    /// Print the two environment values a module needs to connect (stdout), then how clients
+    /// connect over each transport and with certificates (stderr, `# ` lines).
     ModuleEnv {
         #[arg(long, default_value = "config/edgehub.json")]
         config: PathBuf,
@@ -186,8 +187,12 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             match module_env(&settings, &module) {
-                Ok(lines) => {
+                Ok((lines, guide)) => {
                     println!("{lines}");
+                    // On stderr: stdout stays the two `NAME=value` lines that scripts read.
+                    for line in guide {
+                        eprintln!("{line}");
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -239,7 +244,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn module_env(settings: &Settings, module: &str) -> anyhow::Result<String> {
+/// The two environment values, and the guide to every way of connecting to this hub.
+fn module_env(settings: &Settings, module: &str) -> anyhow::Result<(String, Vec<String>)> {
     let id = ModuleId::parse(module).with_context(|| format!("module id {module:?}"))?;
     if !settings.modules.contains_key(&id) && id.as_str() != "$edgeHub" {
         anyhow::bail!("module {module:?} is not in the config's `modules`");
@@ -255,10 +261,11 @@ fn module_env(settings: &Settings, module: &str) -> anyhow::Result<String> {
         shared_access_key: Some(keys.primary.to_base64()),
         shared_access_key_name: None,
     };
-    Ok(format!(
+    let env = format!(
         "EdgeHubConnectionString={cs}\nEdgeModuleCACertificateFile={}",
         certs.ca_cert.display()
-    ))
+    );
+    Ok((env, edgehub::ops::connect::guide(settings, &certs.ca_cert)))
 }
 
 /// The Event Hubs-compatible connection string (`Endpoint=sb://{gateway}[:port]/;…;EntityPath=`)

@@ -30,6 +30,12 @@ pub const OPEN_CONNECTIONS: &str = "edgehub_open_connections";
 pub const BYTES_RECEIVED: &str = "edgehub_bytes_received_total";
 pub const BYTES_SENT: &str = "edgehub_bytes_sent_total";
 pub const INVALID_ROUTES: &str = "edgehub_invalid_routes";
+pub const C2D_RECEIVED: &str = "edgehub_c2d_messages_received_total";
+pub const C2D_DELIVERED: &str = "edgehub_c2d_messages_delivered_total";
+pub const C2D_SETTLED: &str = "edgehub_c2d_messages_settled_total";
+pub const C2D_REFUSED: &str = "edgehub_c2d_messages_refused_total";
+pub const C2D_FEEDBACK: &str = "edgehub_c2d_feedback_records_total";
+pub const C2D_QUEUE_LENGTH: &str = "edgehub_c2d_queue_length";
 
 pub const DROP_NO_ROUTE: &str = "no_route";
 pub const DROP_TTL: &str = "ttl_expiry";
@@ -98,6 +104,10 @@ fn describe() {
     describe_counter!(CONNECT_FAILED, "Failed client authentications");
     describe_counter!(DISCONNECT, "Client disconnections");
     describe_gauge!(CONNECTED_CLIENTS, "Authenticated clients connected");
+    describe_gauge!(
+        REGISTRY_IDENTITIES,
+        "Identities (devices and modules) in the service API's registry, besides the config file's"
+    );
     describe_gauge!(OPEN_CONNECTIONS, "Open client connections, by protocol");
     describe_counter!(
         MQTT_REFUSED,
@@ -116,6 +126,30 @@ fn describe() {
     describe_gauge!(
         INVALID_ROUTES,
         "Configured routes that are invalid and not running"
+    );
+    describe_counter!(
+        C2D_RECEIVED,
+        "Cloud-to-device messages queued for a device, by source (service, upstream)"
+    );
+    describe_counter!(
+        C2D_DELIVERED,
+        "Cloud-to-device deliveries to devices (a redelivery counts again)"
+    );
+    describe_counter!(
+        C2D_SETTLED,
+        "Cloud-to-device messages settled, by outcome (completed, abandoned, rejected, expired, delivery_count_exceeded)"
+    );
+    describe_counter!(
+        C2D_REFUSED,
+        "Cloud-to-device messages refused, by reason (device_not_found, queue_full, too_large, storage)"
+    );
+    describe_counter!(
+        C2D_FEEDBACK,
+        "Feedback records written for the service, or dropped with a full feedback queue, by result"
+    );
+    describe_gauge!(
+        C2D_QUEUE_LENGTH,
+        "Cloud-to-device messages held for devices (queued or delivered, not settled)"
     );
     describe_counter!(DIRECT_METHODS, "Direct method calls");
     describe_histogram!(
@@ -173,6 +207,14 @@ pub fn unacked(reason: &'static str, msg: &Message) {
 
 pub fn queue_length_gauge(endpoint: &str, priority: u32) -> metrics::Gauge {
     gauge!(QUEUE_LENGTH, "endpoint" => endpoint.to_owned(), "priority" => priority.to_string())
+}
+
+pub fn c2d_queue_length(n: usize) {
+    gauge!(C2D_QUEUE_LENGTH).set(n as f64);
+}
+
+pub fn c2d_refused(reason: &'static str) {
+    counter!(C2D_REFUSED, "reason" => reason).increment(1);
 }
 
 pub fn connect_success(id: &str) {
@@ -402,4 +444,11 @@ pub fn twin_reported_upstream(id: &str, secs: f64) {
 pub fn twin_get_upstream(id: &str, secs: f64) {
     counter!(GET_TWIN, "source" => "upstream", "id" => id.to_owned()).increment(1);
     histogram!(GET_TWIN_DURATION, "source" => "upstream", "id" => id.to_owned()).record(secs);
+}
+
+pub const REGISTRY_IDENTITIES: &str = "edgehub_registry_identities";
+
+/// Identities now held by the service API's registry.
+pub fn registry_identities(n: usize) {
+    gauge!(REGISTRY_IDENTITIES).set(n as f64);
 }

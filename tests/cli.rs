@@ -120,6 +120,85 @@ fn module_env_prints_exactly_two_lines_and_creates_the_ca() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// What `module-env` says on stderr about AMQP over WebSockets, certificates and the upstream
+/// proxy follows the config being run (and the `https_proxy` the hub would take); stdout stays
+/// the two values scripts read.
+#[test]
+fn module_env_tells_how_to_connect_over_websockets_and_with_certificates() {
+    let dir = temp_dir();
+    let thumb = "0123456789ABCDEF0123456789ABCDEF01234567";
+    let cfg = write_config(
+        &dir,
+        &format!(
+            r#"{{"deviceId": "edge1", "iothubHostname": "h.azure-devices.net", "gatewayHostname": "gw.example",
+                "listen": {{"amqps": "127.0.0.1:0", "mqtts": null, "https": "127.0.0.1:8443", "metrics": null}},
+                "dataDir": "{}", "modules": {{"A": {{}}}},
+                "devices": {{"thumbDevice": {{"x509": {{"primaryThumbprint": "{thumb}"}}}},
+                             "caDevice": {{"x509": {{"ca": true}}}}, "keyDevice": {{}}}},
+                "tls": {{"clientCaCerts": "/etc/edgehub/device-cas.pem"}},
+                "upstream": {{"hostname": "parent.example", "protocol": "amqpws"}},
+                "$edgeHub": {{"schemaVersion": "1.1", "routes": {{}}, "storeAndForwardConfiguration": {{}}}}}}"#,
+            dir.join("data").display()
+        ),
+    );
+    let out = Command::new(BIN)
+        .args(["module-env", "--module", "A", "--config"])
+        .arg(&cfg)
+        .env("https_proxy", "http://user:secret@proxy.example:3128")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    let ca = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("EdgeModuleCACertificateFile="))
+        .expect("the CA line");
+    assert!(
+        stderr.lines().all(|l| l.starts_with("# ")),
+        "guide lines start with '# ':\n{stderr}"
+    );
+    for want in [
+        // The port the SDKs dial, and the forwarding an address on another port needs.
+        "wss://gw.example:443/$iothub/websocket (listen.https 127.0.0.1:8443; the SDKs dial port 443, so forward 443 there)",
+        "MqttWs is not served",
+        "Mqtt: off",
+        "by thumbprint (a self-signed certificate whose SHA-1 or SHA-256 is in devices.<id>.x509): thumbDevice",
+        "issued by a CA in /etc/edgehub/device-cas.pem, subject CN = the device id): caDevice",
+        "HostName=gw.example;DeviceId=<id>;x509=true",
+        // The proxy comes from https_proxy, its password stays out.
+        "wss://parent.example:443/$iothub/websocket (upstream.protocol \"amqpws\") through the HTTP proxy http://proxy.example:3128 (with basic authentication)",
+    ] {
+        assert!(stderr.contains(want), "{want:?} missing from:\n{stderr}");
+    }
+    assert!(stderr.contains(&format!("trusts {ca}")), "{stderr}");
+    assert!(
+        !stderr.contains("keyDevice") && !stderr.contains("secret"),
+        "{stderr}"
+    );
+
+    // Without the HTTPS listener, devices with certificates or an upstream, it says so.
+    let plain = write_config(&dir, &good_config(&dir));
+    let out = Command::new(BIN)
+        .args(["module-env", "--module", "A", "--config"])
+        .arg(&plain)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("AmqpWs: off (listen.https is null)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("no device has devices.<id>.x509"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("Upstream"), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn run_logs_ready_and_exits_cleanly_on_sigterm() {
     let dir = temp_dir();

@@ -819,7 +819,7 @@ async fn the_service_api_refuses_bad_requests_with_json_errors() {
     }
     let cases: [(&str, &str, &str, u16); 7] = [
         ("GET", "/twins/edge1/modules/A/reported", "", 404),
-        ("GET", "/devices/edge1", "", 404),
+        ("GET", "/devices/edge1/things", "", 404),
         ("DELETE", path, "", 405),
         ("GET", "/twins/edge1/modules/A/methods", "", 405),
         ("PATCH", path, "{not json", 400),

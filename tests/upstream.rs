@@ -800,3 +800,62 @@ async fn a_proxy_that_refuses_connect_is_named_in_the_log_and_by_check() {
     tokio::time::timeout(WAIT, parent.shutdown()).await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A leaf device's twin behind the child follows the parent's, as a module's does: desired
+/// patches made at the parent (the service API's twin PATCH) reach the child's twin of the
+/// leaf, and the leaf's reported patches on the child reach the parent.
+#[tokio::test]
+async fn a_leaf_devices_twin_syncs_with_the_parent() {
+    use edgehub::core::twin_requests::{twin_request, TwinRequest};
+    let pair = start_pair("{}").await;
+    let leaf = Identity::Device(DeviceId::parse("leaf").unwrap());
+    let (child, parent) = (pair.child.core.clone(), pair.parent.core.clone());
+    let obj = |v: serde_json::Value| v.as_object().cloned().unwrap();
+    let strip = |mut m: serde_json::Map<String, serde_json::Value>| {
+        m.retain(|k, _| !k.starts_with('$'));
+        m
+    };
+
+    // Reported: the leaf's patch on the child (as its twin link or MQTT topic makes it).
+    let answer = twin_request(
+        &child,
+        &leaf,
+        TwinRequest::PatchReported(br#"{"firmware": "1.2.3", "battery": 80}"#),
+    )
+    .await;
+    assert_eq!(answer.status, 204, "{:?}", answer.error);
+    tokio::time::timeout(WAIT, async {
+        while strip(parent.twins.get(&leaf).reported)
+            != obj(serde_json::json!({"firmware": "1.2.3", "battery": 80}))
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the leaf's reported properties at the parent in time");
+
+    // Desired: a patch at the parent (what `Registry.updateTwin` does there).
+    parent
+        .twins
+        .patch_desired(&leaf, &obj(serde_json::json!({"interval": 30})), |_| true)
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, async {
+        while strip(child.twins.get(&leaf).desired) != obj(serde_json::json!({"interval": 30})) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the parent's desired patch at the child's twin of the leaf in time");
+    assert_eq!(
+        child.twins.get(&leaf).desired_version,
+        parent.twins.get(&leaf).desired_version
+    );
+    tokio::time::timeout(WAIT, pair.child.shutdown())
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, pair.parent.shutdown())
+        .await
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&pair.dir);
+}

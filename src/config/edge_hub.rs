@@ -1,18 +1,13 @@
 //! The `$edgeHub` section, the `properties.desired` of edgeHub in a deployment manifest: its
 //! schema version, routes and store-and-forward settings.
 
-use std::collections::BTreeMap;
-
 use serde_json::Value;
 
 use super::{
     walk::{child, Walk},
-    ConfigError, ModuleSettings,
+    ConfigError,
 };
-use crate::{
-    model::identity::ModuleId,
-    routing::route::{parse_statement, Route, Sink, DEFAULT_PRIORITY},
-};
+use crate::routing::route::{parse_statement, Route, DEFAULT_PRIORITY};
 
 /// The JSON path of the section.
 const PATH: &str = "$[\"$edgeHub\"]";
@@ -27,13 +22,8 @@ pub(super) struct EdgeHub {
 }
 
 /// `$edgeHub` (required): `{schemaVersion, routes?, storeAndForwardConfiguration?, …}`. A
-/// route that does not parse, or that goes into a module not in `modules`, is set aside in
-/// `route_errors` rather than reported in the walk.
-pub(super) fn edge_hub(
-    w: &mut Walk,
-    v: Option<&Value>,
-    modules: &BTreeMap<ModuleId, ModuleSettings>,
-) -> EdgeHub {
+/// route that does not parse is set aside in `route_errors` rather than reported in the walk.
+pub(super) fn edge_hub(w: &mut Walk, v: Option<&Value>) -> EdgeHub {
     let mut out = EdgeHub {
         routes: Vec::new(),
         route_errors: Vec::new(),
@@ -80,16 +70,9 @@ pub(super) fn edge_hub(
             }
         }
     }
-    // A route into a module this hub does not know can never deliver.
-    let unknown = out.routes.iter().filter_map(|r| match &r.statement.sink {
-        Sink::ModuleInput { module, .. } if !modules.contains_key(module) => Some(ConfigError {
-            path: child(&child(PATH, "routes"), &r.name),
-            message: format!("module {module:?} is not in $.modules"),
-        }),
-        _ => None,
-    });
-    let unknown: Vec<ConfigError> = unknown.collect();
-    out.route_errors.extend(unknown);
+    // A route into a module that is not in $.modules stays: the module may be added to the
+    // identity registry through the service API while the hub runs (the hub logs such routes
+    // at start, see `app`).
     let bad: Vec<String> = out.route_errors.iter().map(|e| e.path.clone()).collect();
     out.routes
         .retain(|r| !bad.contains(&child(&child(PATH, "routes"), &r.name)));

@@ -156,6 +156,9 @@ pub struct Limits {
     /// more while this many wait for the module's outcome (one message always goes, so a
     /// link may hold this plus one message).
     pub max_unsettled_bytes_per_link: u64,
+    /// Identities (devices and modules) the service API's registry may hold, besides those of
+    /// the config file; a create beyond it is refused (403, IoT Hub's quota error).
+    pub max_registry_identities: usize,
 }
 
 impl Default for Limits {
@@ -180,6 +183,7 @@ impl Default for Limits {
             metrics_max_connections: 16,
             http_header_timeout_secs: 10,
             http_body_timeout_secs: 30,
+            max_registry_identities: 1000,
         }
     }
 }
@@ -487,7 +491,7 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
         route_errors,
         time_to_live_secs,
         max_store_bytes,
-    } = edge_hub::edge_hub(&mut w, o.get("$edgeHub"), &modules);
+    } = edge_hub::edge_hub(&mut w, o.get("$edgeHub"));
 
     if !w.errors.is_empty() {
         w.errors.extend(route_errors);

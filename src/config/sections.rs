@@ -87,6 +87,7 @@ pub(super) fn limits(w: &mut Walk, v: Option<&Value>) -> Limits {
         "httpHeaderTimeoutSecs",
         "httpBodyTimeoutSecs",
         "maxUnsettledBytesPerLink",
+        "maxRegistryIdentities",
     ];
     let Some(l) = w.object(l, "$.limits", &keys) else {
         return limits;
@@ -121,6 +122,7 @@ pub(super) fn limits(w: &mut Walk, v: Option<&Value>) -> Limits {
         limits.http_header_timeout_secs,
         limits.http_body_timeout_secs,
         limits.max_unsettled_bytes_per_link,
+        limits.max_registry_identities as u64,
     ];
     set(w, keys[0], 1, 1_000_000, &mut v[0]);
     set(w, keys[1], 1, 3600, &mut v[1]);
@@ -144,6 +146,7 @@ pub(super) fn limits(w: &mut Walk, v: Option<&Value>) -> Limits {
     set(w, keys[16], 1, 3600, &mut v[16]);
     set(w, keys[17], 1, 3600, &mut v[17]);
     set(w, keys[18], 1024, 1 << 40, &mut v[18]);
+    set(w, keys[19], 0, 1_000_000, &mut v[19]);
     Limits {
         max_connections: v[0] as usize,
         handshake_timeout_secs: v[1],
@@ -164,6 +167,7 @@ pub(super) fn limits(w: &mut Walk, v: Option<&Value>) -> Limits {
         http_header_timeout_secs: v[16],
         http_body_timeout_secs: v[17],
         max_unsettled_bytes_per_link: v[18],
+        max_registry_identities: v[19] as usize,
     }
 }
 

@@ -180,11 +180,10 @@ fn a_bad_route_is_set_aside_and_the_rest_run() {
         "\"broken\": \"FROM /messages INTO Nowhere()\", \"ghost\": \"FROM /messages INTO BrokeredEndpoint('/modules/zz/inputs/i')\", \"r1\":",
     );
     let s = from_str(&text, &env(&[])).unwrap();
-    assert_eq!(s.routes.len(), 2);
+    // A route into a module the config does not list stays: the registry may add it.
+    assert_eq!(s.routes.len(), 3);
     let paths: Vec<&str> = s.route_errors.iter().map(|e| e.path.as_str()).collect();
-    assert_eq!(paths.len(), 2, "{paths:?}");
-    assert!(paths.contains(&"$[\"$edgeHub\"].routes.broken"));
-    assert!(paths.contains(&"$[\"$edgeHub\"].routes.ghost"));
+    assert_eq!(paths, ["$[\"$edgeHub\"].routes.broken"]);
 }
 
 #[test]

@@ -13,8 +13,15 @@
 //!
 //! Service tokens (`skn` = a `servicePolicies` name, `sr` = the hub's host name) authenticate
 //! callers of the service API.
+//!
+//! Registry identities: devices and modules created through the service API (`core::registry`)
+//! are held in a second map, `live`, which the registry changes while the hub runs. The config
+//! identities are looked up first and never change; `live` is a `DashMap`, so a lookup on the
+//! connect path takes one shard's read lock and no guard outlives the call.
 
 use std::collections::HashMap;
+
+use dashmap::DashMap;
 
 use crate::{
     config::Settings,
@@ -34,6 +41,22 @@ pub struct Authenticator {
     edge_children: HashMap<IdentityKey, DeviceId>,
     /// Service policies: lower-cased name → (name as configured, keys).
     policies: HashMap<String, (String, KeyPair)>,
+    /// Identities of the registry (created through the service API), by lower-cased key.
+    live: DashMap<IdentityKey, LiveIdentity>,
+}
+
+/// A registry identity as authentication sees it.
+#[derive(Debug, Clone)]
+pub struct LiveIdentity {
+    /// As created.
+    pub id: Identity,
+    /// Its symmetric keys; empty when it authenticates otherwise (certificates).
+    pub keys: Vec<KeyPair>,
+    /// `status: disabled` refuses its tokens.
+    pub enabled: bool,
+    /// A device that authenticates with a client certificate (`selfSigned` thumbprints or
+    /// `certificateAuthority`).
+    pub x509: Option<crate::model::x509::X509Auth>,
 }
 
 fn lower(id: &Identity) -> IdentityKey {
@@ -126,7 +149,60 @@ impl Authenticator {
             identities,
             edge_children,
             policies,
+            live: DashMap::new(),
         }
+    }
+
+    /// Is `id` one of the config file's identities (or a module of a configured child edge
+    /// device, known by its shape)? Those cannot be changed through the registry.
+    pub fn is_configured(&self, id: &Identity) -> bool {
+        self.identities.contains_key(&lower(id))
+            || matches!(id, Identity::Module(d, _) if self.edge_child(d).is_some())
+    }
+
+    /// The config file's identities with keys, and their (first) key pair, in no order.
+    pub fn configured(&self) -> Vec<(Identity, KeyPair)> {
+        self.identities
+            .values()
+            .filter_map(|(id, keys)| keys.first().map(|k| (id.clone(), k.clone())))
+            .collect()
+    }
+
+    /// Is `d` a child edge device of the config file?
+    pub fn is_edge_child(&self, d: &DeviceId) -> bool {
+        self.edge_child(d).is_some()
+    }
+
+    /// Makes `identity` a registry identity (or replaces it). Called by the registry only,
+    /// after the change is durable.
+    pub fn set_live(&self, identity: LiveIdentity) {
+        self.live.insert(lower(&identity.id), identity);
+    }
+
+    /// Forgets a registry identity.
+    pub fn remove_live(&self, key: &IdentityKey) {
+        self.live.remove(key);
+    }
+
+    /// The enabled registry devices that authenticate with a client certificate.
+    pub fn live_x509(&self) -> Vec<(DeviceId, crate::model::x509::X509Auth)> {
+        self.live
+            .iter()
+            .filter(|l| l.enabled)
+            .filter_map(|l| match (&l.id, &l.x509) {
+                (Identity::Device(d), Some(a)) => Some((d.clone(), a.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// May `id` hold a connection now? Config identities always; registry identities while
+    /// they exist and are enabled.
+    pub fn is_active(&self, id: &Identity) -> bool {
+        if self.is_configured(id) {
+            return true;
+        }
+        self.live.get(&lower(id)).is_some_and(|l| l.enabled)
     }
 
     /// The canonical identity for an identity named in a token, address or request: as
@@ -135,6 +211,9 @@ impl Authenticator {
     pub fn known(&self, id: &Identity) -> Option<Identity> {
         if let Some((canonical, _)) = self.identities.get(&lower(id)) {
             return Some(canonical.clone());
+        }
+        if let Some(l) = self.live.get(&lower(id)) {
+            return Some(l.id.clone());
         }
         match id {
             Identity::Module(d, m) => self
@@ -278,9 +357,13 @@ impl Authenticator {
         }
         let (canonical, keys) = match self.identities.get(&lower(&id)) {
             Some((canonical, keys)) => (canonical.clone(), keys.clone()),
-            None => self
-                .child_module(&id)
-                .ok_or_else(|| SasError::UnknownIdentity(id.to_string()))?,
+            None => match self.live.get(&lower(&id)).map(|l| l.clone()) {
+                Some(l) if !l.enabled => return Err(SasError::Disabled(l.id.to_string())),
+                Some(l) => (l.id, l.keys),
+                None => self
+                    .child_module(&id)
+                    .ok_or_else(|| SasError::UnknownIdentity(id.to_string()))?,
+            },
         };
         if !keys.iter().any(|k| t.signed_by(k)) {
             return Err(SasError::BadSignature(id.to_string()));

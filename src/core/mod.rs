@@ -1,15 +1,18 @@
 //! The hub's core, independent of any transport: [`HubCore`] (settings, identities, routes, who
 //! is connected), [`auth`], [`ingest`] (route + enqueue of an incoming message), [`delivery`]
 //! (the windowed pump from an endpoint to a peer), [`twins`], [`twin_requests`] (a client's twin
-//! GET or reported PATCH), [`methods`] and the [`outbox`] of reported patches for the parent. A transport turns its frames into calls on these and their
+//! GET or reported PATCH), [`methods`], the [`outbox`] of reported patches for the parent and
+//! the identity [`registry`] of the service API. A transport turns its frames into calls on these and their
 //! results back into frames; nothing here imports a server.
 
 pub mod auth;
+pub mod c2d;
 pub mod delivery;
 pub mod ingest;
 pub mod methods;
 pub mod outbox;
 pub mod readers;
+pub mod registry;
 pub mod twin_requests;
 pub mod twins;
 
@@ -40,6 +43,9 @@ pub struct HubCore {
     pub methods: crate::core::methods::Dispatcher,
     /// Module twins and twin links.
     pub twins: twins::TwinStore,
+    /// Devices and modules created through the service API, and the revocations that cut
+    /// their connections.
+    pub registry: registry::Registry,
     /// The durable message store, when `storage.persistent`.
     pub store: Option<Arc<crate::store::durable::DurableStore>>,
     /// The retained log behind `$upstream` in standalone mode (`builtInEndpoint`).
@@ -50,6 +56,8 @@ pub struct HubCore {
     queues: Box<crate::routing::router::QueueFactory>,
     /// Reported patches waiting to go upstream (empty in standalone mode).
     pub outbox: outbox::Outbox,
+    /// Cloud-to-device queues (one per device) and feedback.
+    pub c2d: Arc<c2d::C2d>,
     /// Client connection states not yet written to `$edgeHub`'s reported `clients`, by encoded
     /// client id: the newest state of each, so the map holds at most one entry per identity.
     /// Connects and disconnects (some inside the SASL exchange, which cannot wait) only record
@@ -63,10 +71,13 @@ impl HubCore {
         settings: Settings,
         device_key: &Key,
         twins: twins::TwinStore,
+        registry: registry::Registry,
         store: Option<Arc<crate::store::durable::DurableStore>>,
         log: Option<Arc<crate::store::log::EventLog>>,
     ) -> Self {
         let auth = Authenticator::new(&settings, device_key);
+        registry.install(&auth);
+        m::registry_identities(registry.len());
         let capacity = settings.limits.queue_capacity;
         let live = settings.storage.live_first.clone();
         let live_first =
@@ -98,15 +109,19 @@ impl HubCore {
             }),
         };
         // Queues that hold messages from before a restart exist even if no route feeds them.
-        let recovered: Vec<crate::routing::route::Sink> = store
+        let recovered_ids = store
             .as_ref()
-            .map(|s| {
-                s.recovered_endpoints()
-                    .iter()
-                    .filter_map(|id| crate::routing::router::sink_of(id))
-                    .collect()
-            })
+            .map(|s| s.recovered_endpoints())
             .unwrap_or_default();
+        let recovered: Vec<crate::routing::route::Sink> = recovered_ids
+            .iter()
+            .filter_map(|id| crate::routing::router::sink_of(id))
+            .collect();
+        let c2d = Arc::new(c2d::C2d::new(
+            settings.device_id.clone(),
+            c2d_queues(store.clone()),
+            &recovered_ids,
+        ));
         let router = Router::new(
             &settings.device_id,
             settings.routes.clone(),
@@ -123,7 +138,9 @@ impl HubCore {
             input_links: DashMap::new(),
             methods: crate::core::methods::Dispatcher::default(),
             twins,
+            registry,
             outbox,
+            c2d,
             store,
             log,
             readers: Default::default(),
@@ -189,6 +206,7 @@ impl HubCore {
         for e in self.router().endpoints() {
             e.publish_lengths();
         }
+        m::c2d_queue_length(self.c2d.queued());
         if let Some(s) = &self.store {
             let (held, limit) = s.usage();
             m::store_bytes(s.disk_bytes(), held, limit);
@@ -296,6 +314,26 @@ impl HubCore {
     }
 }
 
+/// The queues of C2D messages: [`c2d::MAX_QUEUED`] per device, [`c2d::FEEDBACK_QUEUE`]
+/// feedback messages; in the durable store when there is one.
+fn c2d_queues(
+    store: Option<Arc<crate::store::durable::DurableStore>>,
+) -> Box<crate::routing::router::QueueFactory> {
+    let capacity = |id: &str| match id.starts_with('$') && !id.starts_with("$c2d/") {
+        true => c2d::FEEDBACK_QUEUE,
+        false => c2d::MAX_QUEUED,
+    };
+    match store {
+        Some(s) => Box::new(move |id: &str| {
+            Arc::new(s.queue(id, capacity(id), false)) as Arc<dyn crate::store::queue::QueueStore>
+        }),
+        None => Box::new(move |id: &str| {
+            Arc::new(crate::store::queue::MemoryQueue::new(capacity(id)))
+                as Arc<dyn crate::store::queue::QueueStore>
+        }),
+    }
+}
+
 /// Once a second: drops expired messages from every queue, so a message with a short TTL does
 /// not wait behind longer-lived ones, measures the store's files and writes out its removals;
 /// on a blocking thread, since each of these may wait on the disk. On shutdown the removals are
@@ -314,6 +352,7 @@ pub async fn housekeeping(core: Arc<HubCore>, shutdown: CancellationToken) {
                 for e in core.router().endpoints() {
                     e.expire_now();
                 }
+                core.c2d.expire_now();
             }
             if let (Some(log), false) = (&core.log, stop) {
                 if let Err(e) = log.expire(crate::model::message::now_ms()) {

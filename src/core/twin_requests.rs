@@ -124,6 +124,7 @@ mod tests {
             settings,
             &key,
             crate::core::twins::TwinStore::in_memory(),
+            crate::core::registry::Registry::in_memory(),
             None,
             None,
         )

@@ -535,6 +535,24 @@ impl TwinStore {
         Ok(next)
     }
 
+    /// Deletes the twin of an identity that no longer exists (a registry delete), so one
+    /// created later under the same id starts with an empty twin, as in IoT Hub.
+    pub async fn remove(&self, id: &Identity) -> Result<(), TwinError> {
+        let k = key(id);
+        let _order = self.write.lock().await;
+        if let Some((ks, part)) = &self.store {
+            let (ks, part, stored) = (ks.clone(), part.clone(), k.as_str().to_owned());
+            tokio::task::spawn_blocking(move || {
+                part.remove(stored).map_err(store_err)?;
+                ks.persist(fjall::PersistMode::SyncAll).map_err(store_err)
+            })
+            .await
+            .map_err(store_err)??;
+        }
+        self.twins.remove(&k);
+        Ok(())
+    }
+
     /// Whether the identity has a twin response link attached.
     pub fn has_link(&self, id: &Identity) -> bool {
         self.links.contains_key(&key(id))

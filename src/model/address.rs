@@ -38,13 +38,17 @@ pub enum LinkKind {
     MethodResponses(Identity),
     /// Method requests to the client.
     MethodRequests(Identity),
+    /// C2D messages from the service (`/messages/devicebound`, the service sends).
+    ServiceC2d,
+    /// Feedback records to the service (`/messages/servicebound/feedback`).
+    ServiceFeedback,
 }
 
 impl LinkKind {
     /// The identity whose token the link needs; `None` for `$cbs`.
     pub fn identity(&self) -> Option<&Identity> {
         match self {
-            LinkKind::Cbs => None,
+            LinkKind::Cbs | LinkKind::ServiceC2d | LinkKind::ServiceFeedback => None,
             LinkKind::Events(i)
             | LinkKind::ModuleInputs(i)
             | LinkKind::C2d(i)
@@ -65,7 +69,14 @@ impl LinkKind {
             LinkKind::C2d(_) | LinkKind::ModuleC2d(_) => "c2d",
             LinkKind::TwinRequests(_) | LinkKind::TwinResponses(_) => "twin",
             LinkKind::MethodResponses(_) | LinkKind::MethodRequests(_) => "methods",
+            LinkKind::ServiceC2d => "service-c2d",
+            LinkKind::ServiceFeedback => "service-feedback",
         }
+    }
+
+    /// Whether the link needs a service token (a `servicePolicies` policy) on the connection.
+    pub fn is_service(&self) -> bool {
+        matches!(self, LinkKind::ServiceC2d | LinkKind::ServiceFeedback)
     }
 }
 
@@ -112,6 +123,14 @@ pub fn classify(address: Option<&str>, role: ClientRole) -> Result<LinkKind, Add
     if trimmed.eq_ignore_ascii_case("$cbs") {
         return Ok(LinkKind::Cbs);
     }
+    // The service's nodes (C# writes `deviceBound` and `serviceBound`).
+    match (trimmed.to_ascii_lowercase().as_str(), role) {
+        ("messages/devicebound", ClientRole::Sender) => return Ok(LinkKind::ServiceC2d),
+        ("messages/servicebound/feedback", ClientRole::Receiver) => {
+            return Ok(LinkKind::ServiceFeedback)
+        }
+        _ => {}
+    }
     let segs: Vec<&str> = trimmed.split('/').collect();
     if segs.len() < 3 || !segs[0].eq_ignore_ascii_case("devices") {
         return Err(not_found());
@@ -145,6 +164,15 @@ pub fn classify(address: Option<&str>, role: ClientRole) -> Result<LinkKind, Add
     Ok(kind)
 }
 
+/// The device a service's C2D message is for: its `to`, `/devices/{id}/messages/devicebound`
+/// (the id URL-encoded by the SDKs; any case of the path; absolute or relative).
+pub fn c2d_target(to: &str) -> Option<DeviceId> {
+    match classify(Some(to), ClientRole::Receiver) {
+        Ok(LinkKind::C2d(Identity::Device(d))) => Some(d),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +183,39 @@ mod tests {
     }
     fn d(d: &str) -> Identity {
         Identity::Device(DeviceId::parse(d).unwrap())
+    }
+
+    #[test]
+    fn service_nodes_and_c2d_targets() {
+        assert_eq!(
+            classify(Some("/messages/devicebound"), Sender),
+            Ok(LinkKind::ServiceC2d)
+        );
+        assert_eq!(
+            classify(Some("amqps://hub:5671/messages/deviceBound"), Sender),
+            Ok(LinkKind::ServiceC2d)
+        );
+        assert_eq!(
+            classify(Some("/messages/serviceBound/feedback"), Receiver),
+            Ok(LinkKind::ServiceFeedback)
+        );
+        assert!(classify(Some("/messages/devicebound"), Receiver).is_err());
+        assert!(classify(Some("/messages/servicebound/feedback"), Sender).is_err());
+        assert_eq!(
+            c2d_target("/devices/dev%2F1x/messages/devicebound").map(|d| d.to_string()),
+            None,
+            "an id with a slash is not a device id"
+        );
+        assert_eq!(
+            c2d_target("/devices/leaf%3A1/messages/deviceBound"),
+            Some(DeviceId::parse("leaf:1").unwrap())
+        );
+        assert_eq!(
+            c2d_target("/devices/d1/modules/m1/messages/devicebound"),
+            None
+        );
+        assert_eq!(c2d_target("/devices/d1/messages/events"), None);
+        assert_eq!(c2d_target(""), None);
     }
 
     #[test]

@@ -239,6 +239,40 @@ impl Message {
 }
 
 impl Message {
+    /// The AMQP message delivered on a device's C2D link: the service's properties with the
+    /// ids as strings (as edgeHub delivers them), its string application properties (the C
+    /// SDK refuses a message with any other), the annotations IoT Hub adds (sequence number,
+    /// enqueued time, delivery count), one data section.
+    pub fn to_c2d_message(&self, sequence: u64, delivery_count: u8) -> AmqpMessage<Body<Value>> {
+        let sym = |s: &str| OwnedKey::Symbol(Symbol::from(s));
+        let mut ann = OrderedMap::new();
+        ann.insert(sym(SEQUENCE_NUMBER), Value::Ulong(sequence));
+        ann.insert(
+            sym(ENQUEUED_TIME),
+            Value::Timestamp(Timestamp::from_milliseconds(self.enqueued_ms)),
+        );
+        ann.insert(sym(DELIVERY_COUNT), Value::Ubyte(delivery_count));
+        let app = string_properties(&self.application_properties);
+        let properties = self.properties.clone().map(|mut p| {
+            p.message_id = p
+                .message_id
+                .map(|id| MessageId::String(message_id_text(&id)));
+            p.correlation_id = p
+                .correlation_id
+                .map(|id| MessageId::String(message_id_text(&id)));
+            p
+        });
+        AmqpMessage {
+            header: None,
+            delivery_annotations: None,
+            message_annotations: Some(MessageAnnotations(ann)),
+            properties,
+            application_properties: (!app.is_empty()).then_some(ApplicationProperties(app)),
+            body: Body::Data(vec![Data(Binary::from(self.body.clone()))].into()),
+            footer: None,
+        }
+    }
+
     /// The AMQP message sent upstream on the origin identity's events link: ids, properties
     /// and kept annotations as the client sent them, the output name back in
     /// `iothub-outputname` so that the parent's routes see the same source.

@@ -40,6 +40,8 @@ pub enum SasError {
     BadSignature(String),
     #[error("a token of {0} cannot be put on behalf of {1}")]
     NotOnBehalf(String, String),
+    #[error("identity {0} is disabled")]
+    Disabled(String),
 }
 
 /// A token split into its fields; `sr_raw` and `se_raw` are kept verbatim for the HMAC.

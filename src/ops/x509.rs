@@ -146,6 +146,17 @@ impl Matcher {
 
     /// The identity a certificate chain (end entity first) proves at `now`, if any.
     pub fn identify(&self, chain: &[CertificateDer<'_>], now: UnixTime) -> Presented {
+        self.identify_with(chain, now, &[])
+    }
+
+    /// [`identify`](Self::identify), with `extra` devices (the identity registry's) after those
+    /// of the config.
+    pub fn identify_with(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+        extra: &[(DeviceId, X509Auth)],
+    ) -> Presented {
         let Some(end) = chain.first() else {
             return Presented::Unmatched("no certificate".into());
         };
@@ -165,7 +176,12 @@ impl Matcher {
             ));
         }
         let not_after = u64::try_from(validity.not_after.timestamp()).unwrap_or(0);
-        for (device, auth) in self.devices.values() {
+        let every = self
+            .devices
+            .values()
+            .map(|(d, a)| (d, a))
+            .chain(extra.iter().map(|(d, a)| (d, a)));
+        for (device, auth) in every {
             if let X509Auth::Thumbprints(t) = auth {
                 if t.iter().any(|t| t.matches(end)) {
                     return Presented::Identity {
@@ -181,10 +197,17 @@ impl Matcher {
             .next()
             .and_then(|cn| cn.as_str().ok())
             .unwrap_or_default();
-        let found = DeviceId::parse(cn)
+        let by_cn = DeviceId::parse(cn)
             .ok()
-            .and_then(|d| self.devices.get(&IdentityKey::from(&d)));
-        let Some((device, auth)) = found else {
+            .and_then(|d| self.devices.get(&IdentityKey::from(&d)))
+            .map(|(d, a)| (d, a))
+            .or_else(|| {
+                extra
+                    .iter()
+                    .find(|(d, _)| d.as_str().eq_ignore_ascii_case(cn))
+                    .map(|(d, a)| (d, a))
+            });
+        let Some((device, auth)) = by_cn else {
             return Presented::Unmatched(format!(
                 "thumbprint {} matches no device, and CN {:?} names no device with x509",
                 Thumbprint::sha1_hex(end),
@@ -289,9 +312,13 @@ impl ClientCertVerifier for AnyClientCert {
 
 /// What the peer of a server TLS connection presented, for `matcher`: `None` without a
 /// certificate.
-pub fn presented(matcher: &Matcher, tls: &rustls::ServerConnection) -> Option<Presented> {
+pub fn presented(
+    matcher: &Matcher,
+    tls: &rustls::ServerConnection,
+    extra: impl FnOnce() -> Vec<(DeviceId, X509Auth)>,
+) -> Option<Presented> {
     let chain = tls.peer_certificates()?;
-    Some(matcher.identify(chain, UnixTime::now()))
+    Some(matcher.identify_with(chain, UnixTime::now(), &extra()))
 }
 
 #[cfg(test)]

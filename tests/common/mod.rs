@@ -302,6 +302,20 @@ impl TestHub {
         out
     }
 
+    /// Shuts the hub down and starts it again on the same settings and data.
+    pub async fn restart(&mut self) {
+        if let Some(h) = self.hub.take() {
+            tokio::time::timeout(WAIT, h.shutdown())
+                .await
+                .expect("shutdown in time");
+        }
+        let hub = tokio::time::timeout(WAIT, Hub::start(self.settings.clone()))
+            .await
+            .expect("hub start in time")
+            .expect("hub starts");
+        self.hub = Some(hub);
+    }
+
     pub async fn stop(mut self) {
         if let Some(h) = self.hub.take() {
             tokio::time::timeout(WAIT, h.shutdown())

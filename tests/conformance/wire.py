@@ -298,14 +298,105 @@ class HubError(AssertionError):
     pass
 
 
+# SASL frames (AMQP 1.0, part 5.3): frame type 1, these descriptors.
+SASL_MECHANISMS = 0x40
+SASL_INIT = 0x41
+SASL_OUTCOME = 0x44
+SASL_HEADER = b"AMQP\x03\x01\x00\x00"
+
+
+class SaslRefused(HubError):
+    def __init__(self, code, offered):
+        super().__init__(f"SASL outcome code {code} (offered {offered})")
+        self.code = code
+        self.offered = offered
+
+
+def _read_frame(sock, buf, deadline):
+    """Reads one whole frame from a blocking socket; returns (frame bytes, leftover)."""
+    while len(buf) < 4 or len(buf) < int.from_bytes(buf[:4], "big"):
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        data = sock.recv(65536)
+        if not data:
+            raise HubError("the hub closed the connection during SASL")
+        buf += data
+    size = int.from_bytes(buf[:4], "big")
+    return buf[:size], buf[size:]
+
+
+def sasl_exchange(sock, mechanism, initial_response, timeout=10.0):
+    """The SASL layer written and read frame by frame (Proton's SASL layer chooses mechanisms
+    itself): the SASL header, the hub's sasl-mechanisms, our sasl-init naming `mechanism`
+    (with `initial_response` bytes, or none), the hub's sasl-outcome. Returns (the offered
+    mechanisms, the outcome code, the frames the hub sent)."""
+    deadline = time.monotonic() + timeout
+    sock.sendall(SASL_HEADER)
+    buf = b""
+    while len(buf) < 8:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        data = sock.recv(8 - len(buf))
+        if not data:
+            raise HubError("the hub closed the connection before its SASL header")
+        buf += data
+    assert buf == SASL_HEADER, f"the hub answered the SASL header with {buf!r}"
+    frames = []
+    frame, rest = _read_frame(sock, b"", deadline)
+    frames.append(frame)
+    assert frame[5] == 1, f"frame type {frame[5]}, not SASL (1)"
+    value, _ = decode_one(frame[frame[4] * 4:])
+    desc, fields = value.value
+    assert int(desc.value) == SASL_MECHANISMS, f"expected sasl-mechanisms, got {desc!r}"
+    mechs = fields.value[0]
+    offered = ([str(m) for m in mechs.value.elements] if mechs.type == Data.ARRAY
+               else [str(mechs.value)])
+    d = Data()
+    d.put_described()
+    d.enter()
+    d.put_ulong(SASL_INIT)
+    d.put_list()
+    d.enter()
+    d.put_symbol(symbol(mechanism))
+    if initial_response is None:
+        d.put_null()
+    else:
+        d.put_binary(initial_response)
+    d.exit()
+    d.exit()
+    body = d.encode()
+    sock.sendall((8 + len(body)).to_bytes(4, "big") + bytes([2, 1, 0, 0]) + body)
+    frame, rest = _read_frame(sock, rest, deadline)
+    frames.append(frame)
+    value, _ = decode_one(frame[frame[4] * 4:])
+    desc, fields = value.value
+    assert int(desc.value) == SASL_OUTCOME, f"expected sasl-outcome, got {desc!r}"
+    assert rest == b"", f"the hub sent {rest!r} after its sasl-outcome, before our AMQP header"
+    return offered, int(fields.value[0].value), frames
+
+
 class Client:
     """One AMQP connection to the hub: no SASL layer (as the Node and C# SDKs connect), TLS
-    verified against the hub's edge CA."""
+    verified against the hub's edge CA. `cert`: (certificate file, key file) presented as the
+    TLS client certificate. `sasl`: (mechanism, initial response or None) negotiated by
+    `sasl_exchange` before the AMQP header; `SaslRefused` when the outcome is not ok."""
 
-    def __init__(self, host, ca_path, idle_timeout=None, connect_timeout=10.0):
+    def __init__(self, host, ca_path, idle_timeout=None, connect_timeout=10.0, cert=None,
+                 sasl=None):
         ctx = ssl.create_default_context(cafile=ca_path)
+        if cert is not None:
+            ctx.load_cert_chain(*cert)
         raw = socket.create_connection((host, 5671), timeout=connect_timeout)
         self.sock = ctx.wrap_socket(raw, server_hostname=host)
+        self.sasl_offered = None
+        if sasl is not None:
+            try:
+                self.sasl_offered, code, _ = sasl_exchange(self.sock, *sasl,
+                                                           timeout=connect_timeout)
+            except BaseException:
+                self.sock.close()
+                raise
+            if code != 0:
+                self.sock.close()
+                raise SaslRefused(code, self.sasl_offered)
         self.sock.setblocking(False)
         self.inbound = FrameLog()
         self.outbound = FrameLog()

@@ -83,7 +83,8 @@ async function startHub({ modules = { A: {}, B: {} }, routes = {}, limits, extra
     },
     log: () => proc.log,
     env(module) {
-      const out = execFileSync(BIN, ['module-env', '--config', configPath, '--module', module]).toString();
+      // stdout: the two values; the guide on stderr is for people.
+      const out = execFileSync(BIN, ['module-env', '--config', configPath, '--module', module], { stdio: ['ignore', 'pipe', 'pipe'] }).toString();
       const env = {};
       for (const line of out.trim().split('\n')) {
         const i = line.indexOf('=');

@@ -30,7 +30,8 @@ pub struct CbsReply {
     pub granted: Option<(Identity, u64)>,
     /// Set when the token named an identity but failed, for metrics.
     pub refused_id: Option<String>,
-    /// Set when a service-policy token was good (see [`service_audience`]).
+    /// Set when a service-policy token was good (see [`service_audience`]): IoT Hub's service
+    /// token or an Event Hubs one.
     pub service: Option<ServiceGrant>,
 }
 

@@ -132,6 +132,14 @@ impl ServiceGrants {
             .map(|g| g.links.child())
     }
 
+    /// Whether an unexpired grant covers the whole hub (the service role).
+    pub(crate) fn whole_hub(&self, now: u64) -> bool {
+        let skew = crate::model::sas::MAX_CLOCK_SKEW_SECS;
+        self.lock()
+            .iter()
+            .any(|g| g.scope.is_empty() && g.expiry.saturating_add(skew) >= now)
+    }
+
     /// Ends the grants whose token expired: their links detach with
     /// `amqp:unauthorized-access`.
     pub(crate) fn expire(&self, now: u64) {

@@ -53,7 +53,15 @@ pub(super) async fn run(
         (LinkEndpoint::Sender(tx), LinkKind::ModuleInputs(id)) => {
             module_inputs(tx, id, core, cancel).await
         }
-        (LinkEndpoint::Sender(tx), LinkKind::C2d(_)) => idle_sender(tx, cancel).await,
+        (LinkEndpoint::Sender(tx), LinkKind::C2d(id)) => {
+            super::c2d::device_link(tx, id, core, cancel).await
+        }
+        (LinkEndpoint::Receiver(rx), LinkKind::ServiceC2d) => {
+            super::service::c2d_sends(rx, conn, core, cancel).await
+        }
+        (LinkEndpoint::Sender(tx), LinkKind::ServiceFeedback) => {
+            super::service::feedback(tx, core, cancel).await
+        }
         (LinkEndpoint::Sender(tx), LinkKind::TwinResponses(id)) => {
             let slot = twin_slot.unwrap_or_else(|| core.twins.attach_link(&id));
             twin_responses(tx, id, core, cancel, slot).await
@@ -78,7 +86,7 @@ pub(super) async fn run(
 /// token), the error it detaches with; otherwise `detach-forced`.
 #[derive(Clone)]
 pub(crate) struct LinkStop {
-    token: CancellationToken,
+    pub(crate) token: CancellationToken,
     reason: Arc<std::sync::OnceLock<fe2o3_amqp::types::definitions::Error>>,
 }
 
@@ -128,7 +136,7 @@ fn forced_detach() -> fe2o3_amqp::types::definitions::Error {
 /// Ends a receiver: a plain close after the peer's end, `detach-forced` (or the stop's own
 /// reason) when the hub ends it.
 /// The peer's detach is awaited at most [`CLOSE_WAIT`].
-async fn close_receiver(rx: Receiver, cancel: &LinkStop) {
+pub(super) async fn close_receiver(rx: Receiver, cancel: &LinkStop) {
     if cancel.is_cancelled() {
         let _ = tokio::time::timeout(CLOSE_WAIT, rx.close_with_error(cancel.error())).await;
     } else {
@@ -136,7 +144,7 @@ async fn close_receiver(rx: Receiver, cancel: &LinkStop) {
     }
 }
 
-async fn close_sender(tx: Sender, cancel: &LinkStop) {
+pub(super) async fn close_sender(tx: Sender, cancel: &LinkStop) {
     if cancel.is_cancelled() {
         let _ = tokio::time::timeout(CLOSE_WAIT, tx.close_with_error(cancel.error())).await;
     } else {
@@ -146,18 +154,18 @@ async fn close_sender(tx: Sender, cancel: &LinkStop) {
 
 /// Awaits a detach the hub sent for at most [`CLOSE_WAIT`]: a peer that never answers does
 /// not hold the link task (nor shutdown).
-async fn bounded<F: std::future::Future>(close: F) {
+pub(super) async fn bounded<F: std::future::Future>(close: F) {
     let _ = tokio::time::timeout(CLOSE_WAIT, close).await;
 }
 
-fn is_normal_end(e: &RecvError) -> bool {
+pub(super) fn is_normal_end(e: &RecvError) -> bool {
     matches!(e, RecvError::LinkStateError(_))
 }
 
 /// The next delivery on a receiver the hub serves; `Err(None)` when the hub stops the link,
 /// `Err(Some(_))` when the peer ended it or sent what does not decode. Either way the link is
 /// over: hand the error to [`end_receiver`].
-async fn next_delivery(
+pub(super) async fn next_delivery(
     rx: &mut Receiver,
     cancel: &LinkStop,
 ) -> Result<Delivery<Body<Value>>, Option<RecvError>> {
@@ -170,7 +178,7 @@ async fn next_delivery(
 /// Ends a receiver after [`next_delivery`]: closed as [`close_receiver`] does when the hub
 /// stops it, left alone when the peer ended it, closed with `amqp:decode-error` when a transfer
 /// did not decode.
-async fn end_receiver(rx: Receiver, cancel: &LinkStop, end: Option<RecvError>) {
+pub(super) async fn end_receiver(rx: Receiver, cancel: &LinkStop, end: Option<RecvError>) {
     match end {
         None => close_receiver(rx, cancel).await,
         Some(e) => end_after_error(rx, e).await,
@@ -578,13 +586,6 @@ impl delivery::Link for InputLink {
         } else {
             close_sender(tx, &self.cancel).await;
         }
-    }
-}
-
-async fn idle_sender(mut tx: Sender, cancel: LinkStop) {
-    tokio::select! {
-        _ = cancel.cancelled() => close_sender(tx, &cancel).await,
-        _ = tx.on_detach() => {}
     }
 }
 

@@ -10,12 +10,14 @@
 //! a newer connection may evict it when the pending queue or every slot is full. Every wait for
 //! a peer's detach, end or close is bounded, so a silent peer holds no task.
 
+mod c2d;
 pub mod cbs;
 pub mod cbs_client;
 pub(crate) mod convert;
 mod eventhubs;
 mod full;
 mod links;
+mod service;
 pub(crate) mod tags;
 
 use std::{
@@ -110,6 +112,12 @@ pub(crate) struct ConnState {
     faults: Arc<tags::SessionFaults>,
     /// What the client's TLS certificate proved (`None`: it sent none).
     x509: Mutex<Option<crate::ops::x509::Presented>>,
+    /// The registry's revocation epoch this connection has acted on; taken when the connection
+    /// is admitted, before it can authenticate anything, so no revocation slips between.
+    revocations_seen: std::sync::atomic::AtomicU64,
+    /// The stop signal of the links that belong to no identity (`$cbs`): they end with the
+    /// connection, with the error it closes with.
+    others: links::LinkStop,
     /// Service-policy grants for the Event Hubs-compatible endpoint, and its readers.
     services: eventhubs::ServiceGrants,
 }
@@ -131,8 +139,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl ConnState {
-    fn new(root: CancellationToken) -> Self {
+    fn new(root: CancellationToken, revocations_seen: u64) -> Self {
         Self {
+            revocations_seen: std::sync::atomic::AtomicU64::new(revocations_seen),
+            others: links::LinkStop::new(root.child_token()),
             authorized: Mutex::new(HashMap::new()),
             root,
             cbs_replies: Mutex::new(CbsReplies::new()),
@@ -146,8 +156,11 @@ impl ConnState {
         }
     }
 
-    /// Records a service-policy grant (the Event Hubs-compatible endpoint); `false` when the
-    /// connection holds its maximum of them.
+    /// Records a verified service-policy token (a renewal moves its expiry); `false` when the
+    /// connection holds its maximum of grants. A token for the whole hub (IoT Hub's service
+    /// token, `sr = {host}`, or `sb://{host}/`) gives the connection the service role
+    /// ([`ConnState::is_service`]); one for an entity path (`sb://{host}/{eventHub}…`) only
+    /// the Event Hubs links under that path.
     fn grant_service(&self, g: &cbs::ServiceGrant) -> bool {
         if !self.services.grant(&self.root, g.scope.clone(), g.expiry) {
             return false;
@@ -155,6 +168,11 @@ impl ConnState {
         self.authenticated.store(true, Ordering::Relaxed);
         drop(lock(&self.pending).take());
         true
+    }
+
+    /// Does this connection hold an unexpired service token for the whole hub?
+    pub fn is_service(&self, now: u64) -> bool {
+        self.services.whole_hub(now)
     }
 
     /// Records what the client's certificate proved: an identity is granted until the
@@ -183,6 +201,9 @@ impl ConnState {
 
     /// Closes the connection with `error`.
     fn close_with(&self, error: AmqpErrorBody) {
+        // The links of no identity detach with the same error, so a client that reads the
+        // first error it gets (the Node SDK) sees why.
+        self.others.stop_with(error.clone());
         lock(&self.close_reason).get_or_insert(error);
         self.root.cancel();
     }
@@ -268,6 +289,48 @@ impl ConnState {
                 g.id
             })
             .collect()
+    }
+
+    /// Ends the grants of identities the registry revoked (deleted, disabled, new credentials):
+    /// their links are closed with `amqp:unauthorized-access`, and the connection too when it
+    /// holds no other identity. Returns the identities that lost their grant.
+    fn revoke(
+        &self,
+        which: &crate::core::registry::Revoked,
+        auth: &crate::core::auth::Authenticator,
+    ) -> Vec<Identity> {
+        use crate::core::registry::Revoked;
+        let mut map = self.map();
+        let gone: Vec<IdentityKey> = map
+            .iter()
+            .filter(|(k, g)| match which {
+                Revoked::Keys(keys) => keys.contains(k),
+                Revoked::Unknown => !auth.is_active(&g.id),
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        let ids: Vec<Identity> = gone
+            .iter()
+            .filter_map(|k| map.remove(k))
+            .map(|g| {
+                let why = format!(
+                    "{} was disabled, deleted or given new credentials in the registry",
+                    g.id
+                );
+                g.links
+                    .stop_with(amqp_error(AmqpError::UnauthorizedAccess, why));
+                g.id
+            })
+            .collect();
+        let emptied = !ids.is_empty() && map.is_empty();
+        drop(map);
+        if emptied {
+            self.close_with(amqp_error(
+                AmqpError::UnauthorizedAccess,
+                "the identity of this connection was disabled or deleted in the registry",
+            ));
+        }
+        ids
     }
 
     /// Makes a new `$cbs` response link the one replies go to: the first one takes the
@@ -441,7 +504,8 @@ impl Gate {
         &self,
         tls: &rustls::ServerConnection,
     ) -> Option<crate::ops::x509::Presented> {
-        crate::ops::x509::presented(&self.x509, tls)
+        // The registry's certificate devices too, read only when a certificate came.
+        crate::ops::x509::presented(&self.x509, tls, || self.core.auth.live_x509())
     }
 
     /// Lets a new connection in, or `None` when every slot is held by an authenticated one.
@@ -457,7 +521,10 @@ impl Gate {
             }
         };
         // Pending from now on, until it authenticates.
-        let conn = Arc::new(ConnState::new(self.shutdown.child_token()));
+        let conn = Arc::new(ConnState::new(
+            self.shutdown.child_token(),
+            self.core.registry.revocations.epoch(),
+        ));
         *lock(&conn.pending) = Some(self.pending.admit(Stop {
             token: conn.root.clone(),
             reason: conn.close_reason.clone(),
@@ -711,13 +778,27 @@ async fn run_connection(
 
 /// Once a second: closes the links of identities whose token expired and was not renewed
 /// (idle links too, not only those that send), as edgeHub disconnects expired clients.
+/// Also ends, at once, the grants of identities the registry revokes.
 async fn expire_tokens(conn: Arc<ConnState>, core: Arc<HubCore>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut revoked = core.registry.revocations.watch();
     loop {
+        // Revocations since the connection was admitted are looked at before the first wait.
+        let seen = conn.revocations_seen.load(Ordering::Relaxed);
+        let (now, which) = core.registry.revocations.since(seen);
+        if now != seen {
+            conn.revocations_seen.store(now, Ordering::Relaxed);
+            for id in conn.revoke(&which, &core.auth) {
+                info!(identity = %id, "identity revoked in the registry; its links are closed");
+                core.client_disconnected(&id);
+            }
+        }
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
+            // The sender lives in the core, which this task holds: `changed` cannot fail.
+            _ = revoked.changed() => {}
         }
         conn.services.expire(now_secs());
         for id in conn.expire(now_secs()) {
@@ -896,6 +977,15 @@ async fn run_session(
                 continue;
             }
         }
+        if kind.is_service() && !conn.is_service(now_secs()) {
+            let why = format!(
+                "{} link: this connection holds no valid service token",
+                kind.name()
+            );
+            debug!(link = %clip(&name), "{why}");
+            refuse_later(link, amqp_error(AmqpError::UnauthorizedAccess, why));
+            continue;
+        }
         if let LinkKind::ModuleC2d(id) = &kind {
             let why = format!("{id} is a module: modules cannot receive cloud-to-device messages");
             refuse_later(link, amqp_error(AmqpError::NotAllowed, why));
@@ -907,7 +997,7 @@ async fn run_session(
             .identity()
             .and_then(|id| core.auth.known(id))
             .and_then(|id| conn.link_stop(&id))
-            .unwrap_or_else(|| links::LinkStop::new(cancel.child_token()));
+            .unwrap_or_else(|| conn.others.child());
         let (conn, core) = (conn.clone(), core.clone());
         let twin_slot = twin_slot.map(|(_, slot)| slot);
         let live = live.clone();
@@ -984,7 +1074,9 @@ impl LinkAcceptors {
             (Some(LinkKind::Cbs), ClientRole::Sender) => &self.cbs_requests,
             (Some(LinkKind::Cbs), ClientRole::Receiver) => &self.cbs_replies,
             (_, ClientRole::Sender) => &self.client_sends,
-            (Some(LinkKind::ModuleInputs(_) | LinkKind::C2d(_)), _) => &self.unsettled,
+            (Some(LinkKind::ModuleInputs(_) | LinkKind::C2d(_) | LinkKind::ServiceFeedback), _) => {
+                &self.unsettled
+            }
             (
                 Some(
                     LinkKind::TwinResponses(_)
@@ -1049,9 +1141,23 @@ impl SaslAcceptor for HubSasl {
     fn on_init(&mut self, init: SaslInit) -> SaslServerFrame {
         match init.mechanism.0.as_str() {
             "ANONYMOUS" | "MSSBCBS" => outcome(SaslCode::Ok),
+            // RFC 4422 appendix A: an authorization identity, when the client gives one, must
+            // be the identity the certificate proves.
             "EXTERNAL" => match &*lock(&self.conn.x509) {
-                Some(crate::ops::x509::Presented::Identity { .. }) => outcome(SaslCode::Ok),
-                _ => outcome(SaslCode::Auth),
+                Some(crate::ops::x509::Presented::Identity { id, .. })
+                    if external_authzid_ok(
+                        init.initial_response.as_ref().map(|b| b.as_slice()),
+                        id,
+                    ) =>
+                {
+                    outcome(SaslCode::Ok)
+                }
+                // An unaccepted certificate was counted (and logged) when it was presented.
+                Some(crate::ops::x509::Presented::Unmatched(_)) => outcome(SaslCode::Auth),
+                _ => {
+                    m::connect_failed("unknown", "not_authenticated");
+                    outcome(SaslCode::Auth)
+                }
             },
             "PLAIN" => {
                 let data = init
@@ -1077,6 +1183,17 @@ impl SaslAcceptor for HubSasl {
 
     fn on_response(&mut self, _response: SaslResponse) -> SaslServerFrame {
         outcome(SaslCode::Auth)
+    }
+}
+
+/// EXTERNAL's initial response is the authorization identity: none, empty, or the identity
+/// the certificate proved (ids compared ignoring case, as IoT Hub does).
+fn external_authzid_ok(authzid: Option<&[u8]>, proved: &Identity) -> bool {
+    match authzid {
+        None | Some([]) => true,
+        Some(bytes) => {
+            std::str::from_utf8(bytes).is_ok_and(|a| a.eq_ignore_ascii_case(&proved.to_string()))
+        }
     }
 }
 

@@ -19,6 +19,9 @@
 //!   (`*` or the etag; another etag is 412): a merge patch of the desired properties, pushed to
 //!   the identity's twin link as a versioned patch; `tags` are accepted and not kept.
 //!
+//! * `/devices[/]`, `/devices/{d}`, `/devices/{d}/modules[/{m}]`: the identity registry
+//!   (`servers/http/registry.rs`).
+//!
 //! Unknown paths are 404, other HTTP methods 405, bad JSON 400, large bodies 413, bodies that
 //! do not arrive within `limits.httpBodyTimeoutSecs` 408.
 
@@ -32,6 +35,7 @@ use serde_json::{json, Map, Value};
 
 use crate::{
     core::methods::MethodError,
+    core::registry::etag_matches,
     core::twins::{Twin, TwinError},
     core::HubCore,
     model::identity::{DeviceId, Identity, ModuleId},
@@ -54,7 +58,10 @@ enum ErrorStyle {
 /// Module callers of the method API name themselves in `x-ms-edge-moduleId` or hold a
 /// device/module token; every other request is answered as IoT Hub answers the service.
 fn error_style(req: &Request<Incoming>) -> ErrorStyle {
-    if matches!(resource_of(req.uri().path()), Some(Resource::Twin(_))) {
+    if matches!(
+        resource_of(req.uri().path()),
+        Some(Resource::Twin(_) | Resource::Registry(_))
+    ) {
         return ErrorStyle::Service;
     }
     if req.headers().contains_key(EDGE_MODULE_HEADER) {
@@ -73,16 +80,16 @@ fn error_style(req: &Request<Incoming>) -> ErrorStyle {
 
 /// A request that cannot be served: its status, IoT Hub's error code and a text.
 #[derive(Debug)]
-struct ApiError {
-    status: StatusCode,
-    code: &'static str,
+pub(super) struct ApiError {
+    pub(super) status: StatusCode,
+    pub(super) code: &'static str,
     message: String,
     /// For 405: the methods the resource takes.
     allow: Option<&'static str>,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         let code = match status {
             StatusCode::BAD_REQUEST => "ArgumentInvalid",
             StatusCode::UNAUTHORIZED => "IotHubUnauthorizedAccess",
@@ -97,7 +104,11 @@ impl ApiError {
         Self::coded(status, code, message)
     }
 
-    fn coded(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(super) fn coded(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             status,
             code,
@@ -106,7 +117,7 @@ impl ApiError {
         }
     }
 
-    fn not_allowed(allow: &'static str) -> Self {
+    pub(super) fn not_allowed(allow: &'static str) -> Self {
         Self {
             allow: Some(allow),
             ..Self::new(
@@ -137,7 +148,7 @@ impl ApiError {
     }
 }
 
-fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+pub(super) fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -172,6 +183,7 @@ async fn serve(req: Request<Incoming>, core: &HubCore) -> Result<Response<Full<B
         Resource::Twin(id) if req.method() == Method::GET => get_twin(&req, &id, core),
         Resource::Twin(id) if req.method() == Method::PATCH => patch_twin(req, &id, core).await,
         Resource::Twin(_) => Err(ApiError::not_allowed("GET, PATCH")),
+        Resource::Registry(r) => super::registry::serve(req, r, core).await,
     }
 }
 
@@ -182,6 +194,8 @@ enum Resource {
     Methods(Identity),
     /// `/twins/{d}`, `/twins/{d}/modules/{m}`.
     Twin(Identity),
+    /// `/devices…`: the identity registry.
+    Registry(super::registry::RegistryPath),
 }
 
 /// Parses a path; ids are URL-decoded.
@@ -196,6 +210,9 @@ fn resource_of(path: &str) -> Option<Resource> {
     let device = |d: &str| DeviceId::parse(&id(d)?).ok();
     let module =
         |d: &str, m: &str| Some(Identity::Module(device(d)?, ModuleId::parse(&id(m)?).ok()?));
+    if segs.first() == Some(&"devices") {
+        return super::registry::path_of(&segs[1..], |s| id(s)).map(Resource::Registry);
+    }
     match segs.as_slice() {
         ["twins", d, "methods"] => Some(Resource::Methods(Identity::Device(device(d)?))),
         ["twins", d, "modules", m, "methods"] => Some(Resource::Methods(module(d, m)?)),
@@ -214,7 +231,10 @@ enum Caller {
     Service(String),
 }
 
-fn header_text<'a>(req: &'a Request<Incoming>, name: &str) -> Result<Option<&'a str>, ApiError> {
+pub(super) fn header_text<'a>(
+    req: &'a Request<Incoming>,
+    name: &str,
+) -> Result<Option<&'a str>, ApiError> {
     req.headers()
         .get(name)
         .map(|v| {
@@ -236,7 +256,7 @@ fn missing_token() -> ApiError {
 }
 
 /// A service token, or 401.
-fn service_caller(req: &Request<Incoming>, core: &HubCore) -> Result<String, ApiError> {
+pub(super) fn service_caller(req: &Request<Incoming>, core: &HubCore) -> Result<String, ApiError> {
     let token = header_text(req, header::AUTHORIZATION.as_str())?.ok_or_else(missing_token)?;
     if SasToken::parse(token).is_ok_and(|t| t.skn.is_none()) {
         return Err(ApiError::new(
@@ -281,7 +301,7 @@ fn known_target(core: &HubCore, id: &Identity) -> Result<Identity, ApiError> {
 
 /// Reads a JSON object body of at most `max` bytes, which must arrive whole within
 /// `limits.httpBodyTimeoutSecs` (a body trickled in a byte at a time is cut off, 408).
-async fn read_object(
+pub(super) async fn read_object(
     req: Request<Incoming>,
     max: usize,
     core: &HubCore,
@@ -473,13 +493,14 @@ async fn direct_method(
 fn twin_response(core: &HubCore, id: &Identity, twin: &Twin) -> Response<Full<Bytes>> {
     // Connected, as far as this hub can tell: the identity holds a twin or a method link.
     let connected = core.is_connected(id);
+    let (status, authentication) = crate::core::registry::twin_status(core, id);
     let mut body = json!({
         "deviceId": id.device().as_str(),
         "etag": twin.etag(),
         "version": twin.version(),
-        "status": "enabled",
+        "status": status,
         "connectionState": if connected { "Connected" } else { "Disconnected" },
-        "authenticationType": "sas",
+        "authenticationType": authentication,
         "properties": twin.to_json(),
     });
     if let (Some(m), Value::Object(o)) = (id.module(), &mut body) {
@@ -500,15 +521,6 @@ fn get_twin(
     service_caller(req, core)?;
     let id = known_target(core, id)?;
     Ok(twin_response(core, &id, &core.twins.get(&id)))
-}
-
-/// Does an `If-Match` value (`*`, or entity tags, quoted or not, weak or strong) match `etag`?
-fn etag_matches(if_match: &str, etag: &str) -> bool {
-    if_match.split(',').map(str::trim).any(|t| {
-        // The service SDKs quote every etag they send, `*` included (`If-Match: "*"`).
-        let t = t.strip_prefix("W/").unwrap_or(t).trim_matches('"');
-        t == "*" || t == etag
-    })
 }
 
 /// The desired-properties merge patch in a twin PATCH body. `$version` and `$metadata`, which
@@ -585,6 +597,7 @@ mod tests {
         resource_of(p).map(|r| match r {
             Resource::Methods(id) => ("methods", id.to_string()),
             Resource::Twin(id) => ("twin", id.to_string()),
+            Resource::Registry(r) => ("registry", format!("{r:?}")),
         })
     }
 

@@ -5,6 +5,7 @@
 //! the time it may take to arrive.
 
 pub mod api;
+pub mod registry;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 

@@ -109,6 +109,16 @@ pub fn message_from_publish(
 /// The property bag of a message delivered to a module input (never empty: `$.cdid` is always
 /// there).
 pub fn input_bag(msg: &Message) -> String {
+    bag(msg, true)
+}
+
+/// The property bag of a C2D message on `devices/{d}/messages/devicebound/{bag}`: the same
+/// properties as a module input's, without a sender (the service has no connection ids).
+pub fn c2d_bag(msg: &Message) -> String {
+    bag(msg, false)
+}
+
+fn bag(msg: &Message, sender: bool) -> String {
     let mut entries: Vec<(&str, String)> = Vec::new();
     let mut schema = None;
     let mut ctime = None;
@@ -161,9 +171,11 @@ pub fn input_bag(msg: &Message) -> String {
     {
         entries.push(("$.sub", s.clone()));
     }
-    entries.push(("$.cdid", msg.from.device().to_string()));
-    if let Some(m) = msg.from.module() {
-        entries.push(("$.cmid", m.to_string()));
+    if sender {
+        entries.push(("$.cdid", msg.from.device().to_string()));
+        if let Some(m) = msg.from.module() {
+            entries.push(("$.cmid", m.to_string()));
+        }
     }
     encode_bag(entries.iter().map(|(k, v)| (*k, Some(v.as_str()))))
 }

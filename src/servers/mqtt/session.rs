@@ -56,7 +56,7 @@ use tokio_util::{
 use tracing::{debug, info, warn};
 
 use super::{
-    convert::{input_bag, message_from_publish},
+    convert::{c2d_bag, input_bag, message_from_publish},
     sessions::Filters,
     topic::{self, ClientTopic, FilterKind, TopicError},
     Mqtt, PendingTicket,
@@ -103,6 +103,8 @@ enum End {
     Stopped,
     KeepAlive,
     TokenExpired,
+    /// The registry disabled or deleted the identity, or changed its credentials.
+    Revoked,
     /// The client broke a rule; the reason is logged and counted where it happened.
     Refused,
     /// Writing or reading failed.
@@ -253,6 +255,8 @@ pub(super) async fn run<S>(
         return;
     }
     let login = connect.login.as_ref();
+    // Taken before the token is checked, so a revocation in between is still seen.
+    let revocations_seen = core.registry.revocations.epoch();
     let (id, expiry) = match authenticate(
         &core,
         &connect.client_id,
@@ -317,12 +321,15 @@ pub(super) async fn run<S>(
         .saturating_sub(now_secs());
     let expires_at = Instant::now() + Duration::from_secs(token_left);
     let end = session
-        .serve(&mut reader, &stop, keep_alive, expires_at)
+        .serve(&mut reader, &stop, keep_alive, expires_at, revocations_seen)
         .await;
     match &end {
         End::ClientLeft | End::Stopped => debug!(identity = %id, ?end, "MQTT session ended"),
         End::TokenExpired => {
             info!(identity = %id, "MQTT token expired; the client must connect with a new one")
+        }
+        End::Revoked => {
+            info!(identity = %id, "identity revoked in the registry; MQTT connection closed")
         }
         End::KeepAlive => {
             info!(identity = %id, secs = keep_alive.as_secs(), "MQTT keep-alive expired")
@@ -554,7 +561,55 @@ impl delivery::Link for InputLink {
     async fn close(&mut self, _why: &delivery::Ended) {}
 }
 
-/// The delivery pump of a subscribed module's inputs, as the session holds it.
+/// A device's C2D queue as the delivery pump sees it: like [`InputLink`], on
+/// `devices/{d}/messages/devicebound/{bag}`; the PUBACK completes the message (MQTT has no
+/// abandon or reject).
+struct C2dLink {
+    out: mpsc::Sender<InputPublish>,
+    core: Arc<HubCore>,
+    queue: Arc<crate::core::c2d::DeviceQueue>,
+}
+
+impl delivery::Link for C2dLink {
+    async fn send(&mut self, _ep: &Endpoint, q: &Queued) -> Result<delivery::Sent, String> {
+        let topic = topic::c2d_topic(self.queue.device.as_str(), &c2d_bag(&q.msg));
+        let (done, outcome) = oneshot::channel();
+        let publish = InputPublish {
+            topic,
+            payload: Bytes::from(q.msg.body.clone()),
+            dup: q.delivery_count > 0,
+            done,
+        };
+        self.out
+            .send(publish)
+            .await
+            .map_err(|_| "the MQTT session ended".to_owned())?;
+        Ok(delivery::Sent::InFlight(Box::pin(async move {
+            outcome
+                .await
+                .map_err(|_| "the MQTT session ended before the device acknowledged".to_owned())
+        })))
+    }
+
+    async fn detached(&mut self) {
+        self.out.closed().await;
+    }
+
+    fn settled(
+        &mut self,
+        _ep: &Endpoint,
+        q: &Queued,
+        outcome: &Result<delivery::Outcome, String>,
+        _sent: std::time::Instant,
+    ) {
+        self.core.c2d.settled(&self.queue, q, outcome);
+    }
+
+    async fn close(&mut self, _why: &delivery::Ended) {}
+}
+
+/// The delivery pump of a subscribed module's inputs (or a device's C2D messages), as the
+/// session holds it.
 struct Inputs {
     qos: QoS,
     /// Stops the pump: unsubscribed, the session ended, or a newer input link or session of
@@ -624,12 +679,23 @@ where
         stop: &CancellationToken,
         keep_alive: Duration,
         expires_at: Instant,
+        mut revocations_seen: u64,
     ) -> End {
         let silence = tokio::time::sleep(keep_alive);
         tokio::pin!(silence);
         let expiry = tokio::time::sleep_until(expires_at);
         tokio::pin!(expiry);
+        let mut revoked = self.core.registry.revocations.watch();
         loop {
+            let (now, which) = self.core.registry.revocations.since(revocations_seen);
+            revocations_seen = now;
+            let cut = match which {
+                crate::core::registry::Revoked::Keys(keys) => keys.contains(&self.id.key()),
+                crate::core::registry::Revoked::Unknown => !self.core.auth.is_active(&self.id),
+            };
+            if cut {
+                return End::Revoked;
+            }
             let now = self.acks.ready(&self.core);
             for pkid in now {
                 if let Err(end) = send(&mut self.writer, Packet::PubAck(PubAck::new(pkid))).await {
@@ -641,6 +707,8 @@ where
                 _ = stop.cancelled() => Err(End::Stopped),
                 _ = &mut silence => Err(End::KeepAlive),
                 _ = &mut expiry => Err(End::TokenExpired),
+                // The sender lives in the core, which this session holds: `changed` cannot fail.
+                _ = revoked.changed() => Ok(()),
                 r = commit_done(&mut self.acks.sync) => self.committed(r).await,
                 out = twin_next(&mut self.twin) => self.on_twin_out(out).await,
                 call = method_next(&mut self.methods) => self.on_method_call(call).await,
@@ -998,7 +1066,12 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
             }
             _ => {}
         }
-        match (k.inputs, self.inputs.as_mut()) {
+        // A module receives its inputs, a device its C2D messages, through the same pump slot.
+        let wanted = match &self.id {
+            Identity::Module(..) => k.inputs,
+            Identity::Device(_) => k.c2d,
+        };
+        match (wanted, self.inputs.as_mut()) {
             (Some(qos), None) => self.start_inputs(qos),
             (Some(qos), Some(inputs)) => inputs.qos = qos,
             (None, Some(_)) => {
@@ -1017,6 +1090,7 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
     fn start_inputs(&mut self, qos: QoS) {
         // Only modules have inputs; a device's subscription to them was refused already.
         let Identity::Module(device, module) = &self.id else {
+            self.start_c2d(qos);
             return;
         };
         let stop = CancellationToken::new();
@@ -1033,6 +1107,39 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
         let window = delivery::Window {
             // Packet ids stay for twin answers and method calls.
             messages: limits.delivery_window.min(MAX_AWAITED / 2),
+            bytes: limits.max_unsettled_bytes_per_link,
+        };
+        let pump_stop = stop.clone();
+        let pump =
+            tokio::spawn(async move { delivery::pump(feed, link, window, &pump_stop).await });
+        self.inputs = Some(Inputs {
+            qos,
+            stop,
+            rx,
+            awaiting: HashMap::new(),
+            pump,
+        });
+    }
+
+    /// Starts the core's delivery pump for a device's C2D queue, replacing any other C2D link
+    /// of the device.
+    fn start_c2d(&mut self, qos: QoS) {
+        let stop = CancellationToken::new();
+        let queue = self.core.c2d.queue(self.id.device());
+        self.core.c2d.replace_link(&queue, stop.clone());
+        let (out, rx) = mpsc::channel(INPUT_QUEUE);
+        let link = C2dLink {
+            out,
+            core: self.core.clone(),
+            queue: queue.clone(),
+        };
+        let feed = crate::core::c2d::DeviceFeed::new(self.core.c2d.clone(), queue);
+        let limits = &self.core.settings.limits;
+        let window = delivery::Window {
+            messages: limits
+                .delivery_window
+                .min(MAX_AWAITED / 2)
+                .min(crate::core::c2d::MAX_QUEUED),
             bytes: limits.max_unsettled_bytes_per_link,
         };
         let pump_stop = stop.clone();
@@ -1156,6 +1263,7 @@ mod tests {
             settings,
             &key,
             crate::core::twins::TwinStore::in_memory(),
+            crate::core::registry::Registry::in_memory(),
             None,
             None,
         ))

@@ -293,6 +293,12 @@ pub fn input_topic(device: &str, module: &str, input: &str, bag: &str) -> String
     format!("devices/{device}/modules/{module}/inputs/{input}/{bag}")
 }
 
+/// `devices/{d}/messages/devicebound/{bag}` (the Node SDK needs the `/` after `devicebound`,
+/// even with an empty bag).
+pub fn c2d_topic(device: &str, bag: &str) -> String {
+    format!("devices/{device}/messages/devicebound/{bag}")
+}
+
 /// `$iothub/twin/res/{status}/?$rid={rid}[&$version={v}]`.
 pub fn twin_response_topic(status: i32, rid: &str, version: Option<i64>) -> String {
     match version {

@@ -7,11 +7,13 @@
 //! `amqps://{host}:{port}/devices/{d}/modules/{m}/…`. Tokens are those of this hub's own
 //! `$edgeHub` identity, put on behalf of each module (the audience names the module), as IoT Edge
 //! does. Per module identity the hub holds: an events sender (forwarded telemetry), a twin link
-//! pair (reported patches up, desired patches down) and a method link pair (cloud calls down).
+//! pair (reported patches up, desired patches down) and a method link pair (cloud calls down);
+//! per leaf device also its C2D receiver (`…/messages/deviceBound`, see `c2d.rs`).
 //!
 //! Any failure ends the whole connection: every unacknowledged message goes back to its place in
 //! the `$upstream` queue, and the hub reconnects with exponential backoff and jitter.
 
+mod c2d;
 mod error;
 pub mod transport;
 
@@ -200,6 +202,8 @@ struct IdentityLinks {
     events: Sender,
     twin: Option<(Sender, Receiver)>,
     methods: Option<(Receiver, Sender)>,
+    /// A leaf device's C2D link, held on its behalf.
+    c2d: Option<Receiver>,
 }
 
 /// An open upstream connection with every identity authenticated and attached.
@@ -367,12 +371,21 @@ async fn connect_inner(
             .attach(&mut session)
             .await
             .map_err(|e| UpstreamError::attach("methods", &id, &e))?;
+        let c2d = match &id {
+            Identity::Device(d) if *d != core.settings.device_id => Some(
+                c2d::attach(&mut session, &base, &path)
+                    .await
+                    .map_err(|e| UpstreamError::attach("C2D", &id, &e))?,
+            ),
+            _ => None,
+        };
         links.push(IdentityLinks {
             id,
             session,
             events,
             twin: Some((twin_tx, twin_rx)),
             methods: Some((method_rx, method_tx)),
+            c2d,
         });
     }
     Ok(Live {
@@ -428,6 +441,9 @@ async fn serve(
         }
         if let Some((rx, tx)) = l.methods {
             tasks.spawn(methods(core.clone(), l.id.clone(), rx, tx, dead.clone()));
+        }
+        if let (Some(rx), Identity::Device(d)) = (l.c2d, &l.id) {
+            tasks.spawn(c2d::receive(core.clone(), d.clone(), rx, dead.clone()));
         }
     }
     tasks.spawn(telemetry(
