@@ -346,6 +346,7 @@ pub async fn housekeeping(core: Arc<HubCore>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => true,
             _ = tick.tick() => false,
         };
+        let after = core.clone();
         let core = core.clone();
         let chores = tokio::task::spawn_blocking(move || {
             if !stop {
@@ -368,6 +369,13 @@ pub async fn housekeeping(core: Arc<HubCore>, shutdown: CancellationToken) {
         });
         if let Err(e) = chores.await {
             warn!(error = %e, "the housekeeping chores failed");
+        }
+        // Appends to the event log are shown to readers once a sync covers them; a sender
+        // syncs before it is acknowledged, and this covers any write no sender waits for.
+        if let (Some(_), false) = (&after.log, stop) {
+            if let Err(e) = after.sync().await {
+                warn!(error = %e, "syncing the store failed");
+            }
         }
         if stop {
             return;

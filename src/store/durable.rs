@@ -299,6 +299,9 @@ pub struct DurableStore {
     /// Writes made / writes covered by a completed sync.
     pub(crate) written: AtomicU64,
     synced: AtomicU64,
+    /// Told, after each completed sync, the count of writes it covered (the event log shows
+    /// its appends to readers only then).
+    pub(crate) on_synced: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
     sync_lock: tokio::sync::Mutex<()>,
     journal: Arc<Mutex<ActiveJournal>>,
     /// Set when an fsync of the journal failed: what it should have covered may be lost, so
@@ -505,6 +508,7 @@ impl DurableStore {
             recovered: Mutex::new(recovered),
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
+            on_synced: std::sync::OnceLock::new(),
             sync_lock: tokio::sync::Mutex::new(()),
             journal: Arc::new(Mutex::new(ActiveJournal {
                 dir: dir.join("journals"),
@@ -625,6 +629,9 @@ impl DurableStore {
         }
         self.synced.fetch_max(covered, Ordering::AcqRel);
         self.removals_out.fetch_max(removals, Ordering::AcqRel);
+        if let Some(f) = self.on_synced.get() {
+            f(covered);
+        }
         Ok(())
     }
 

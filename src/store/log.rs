@@ -24,9 +24,12 @@
 //! * An append takes its sequence number and writes its entry under the partition's lock, so a
 //!   reader that has seen sequence `n` finds every event before it.
 //! * Appends go to fjall's journal buffer like the queues' writes: the sender is acknowledged
-//!   after the store's group commit (`DurableStore::sync`), which covers them. A reader may see
-//!   an event before that commit; a crash before it loses the event and its sequence number is
-//!   given to the next event after the restart.
+//!   after the store's group commit (`DurableStore::sync`), which covers them. Readers see an
+//!   event only once a commit covered it (`Head::visible`): each append takes a ticket of the
+//!   store's write counter under its partition's lock, and a completed sync publishes the
+//!   appends whose tickets it covered. A crash before the commit loses the event and gives its
+//!   sequence number to the next event after the restart, but no consumer has seen it. Without
+//!   a durable store (queues in memory) an append is visible at once.
 //! * At open the log is read once to count its bytes against the cap and to find each
 //!   partition's first and last sequence numbers and last enqueued time.
 //! * The cap: bytes of keys and values count against the store's limit (the durable store's
@@ -115,11 +118,18 @@ struct Head {
     /// Next sequence to give out.
     next: u64,
     last_enqueued_ms: i64,
+    /// Sequences below this are durable and shown to readers.
+    visible: u64,
+    /// The enqueued time of the last visible event.
+    visible_enqueued_ms: i64,
+    /// Appends not yet covered by a sync: (store write ticket, sequence, enqueued time), in
+    /// order.
+    pending: std::collections::VecDeque<(u64, u64, i64)>,
 }
 
 struct Partition {
     head: Mutex<Head>,
-    /// The next sequence to give out, for readers waiting for new events.
+    /// The first sequence not yet visible, for readers waiting for new events.
     tail: watch::Sender<u64>,
 }
 
@@ -204,6 +214,9 @@ impl EventLog {
                 begin: 0,
                 next: 0,
                 last_enqueued_ms: 0,
+                visible: 0,
+                visible_enqueued_ms: 0,
+                pending: Default::default(),
             })
             .collect();
         let mut first_seen = vec![false; partitions as usize];
@@ -232,19 +245,22 @@ impl EventLog {
                 }
                 h.next = h.next.max(kept);
             }
+            // What a restart finds on disk is what readers may see.
+            h.visible = h.next;
+            h.visible_enqueued_ms = h.last_enqueued_ms;
         }
-        let budget = match store {
+        let budget = match &store {
             Some(s) => {
                 // The durable store counts only its own partitions at open.
                 s.stored.fetch_add(bytes, Ordering::Relaxed);
-                Budget::Store(s)
+                Budget::Store(s.clone())
             }
             None => Budget::Own {
                 stored: AtomicU64::new(bytes),
                 limit,
             },
         };
-        Ok(Arc::new(Self {
+        let log = Arc::new(Self {
             keyspace,
             part,
             budget,
@@ -260,7 +276,40 @@ impl EventLog {
             created_ms,
             bytes: AtomicU64::new(bytes),
             removing: Mutex::new(()),
-        }))
+        });
+        if let Some(s) = &store {
+            let weak = Arc::downgrade(&log);
+            let listener: Box<dyn Fn(u64) + Send + Sync> = Box::new(move |covered| {
+                if let Some(log) = weak.upgrade() {
+                    log.publish(covered);
+                }
+            });
+            if s.on_synced.set(listener).is_err() {
+                return Err(StoreError::other("the store already has an event log"));
+            }
+        }
+        Ok(log)
+    }
+
+    /// Shows readers the appends whose store write ticket is at most `covered` (a completed
+    /// sync covered them).
+    fn publish(&self, covered: u64) {
+        for partition in &self.partitions {
+            let mut h = locked(&partition.head);
+            let mut moved = false;
+            while let Some(&(ticket, seq, at)) = h.pending.front() {
+                if ticket > covered {
+                    break;
+                }
+                h.pending.pop_front();
+                h.visible = h.visible.max(seq + 1);
+                h.visible_enqueued_ms = at;
+                moved = true;
+            }
+            if moved {
+                partition.tail.send_replace(h.visible);
+            }
+        }
     }
 
     pub fn partition_count(&self) -> u32 {
@@ -331,7 +380,19 @@ impl EventLog {
                 })?;
             head.next = seq + 1;
             head.last_enqueued_ms = at;
-            partition.tail.send_replace(seq + 1);
+            match &self.budget {
+                // The ticket is taken after the insert and under the partition's lock: a sync
+                // whose count covers it ran its journal write after the insert.
+                Budget::Store(s) => {
+                    let ticket = s.written.fetch_add(1, Ordering::AcqRel) + 1;
+                    head.pending.push_back((ticket, seq, at));
+                }
+                Budget::Own { .. } => {
+                    head.visible = seq + 1;
+                    head.visible_enqueued_ms = at;
+                    partition.tail.send_replace(seq + 1);
+                }
+            }
             Ok(seq)
         };
         let written = match &self.budget {
@@ -341,9 +402,6 @@ impl EventLog {
         match written {
             Ok(seq) => {
                 self.bytes.fetch_add(bytes, Ordering::Relaxed);
-                if let Budget::Store(s) = &self.budget {
-                    s.written.fetch_add(1, Ordering::AcqRel);
-                }
                 Ok((p, seq))
             }
             Err(e) => {
@@ -358,13 +416,14 @@ impl EventLog {
         let h = locked(&self.partitions.get(p as usize)?.head);
         Some(PartitionInfo {
             begin: h.begin,
-            last: h.next.checked_sub(1),
-            last_enqueued_ms: h.last_enqueued_ms,
-            empty: h.begin >= h.next,
+            last: h.visible.checked_sub(1),
+            last_enqueued_ms: h.visible_enqueued_ms,
+            empty: h.begin >= h.visible,
         })
     }
 
-    /// A receiver of partition `p`'s next sequence number, which changes with every append.
+    /// A receiver of partition `p`'s first sequence not yet visible, which moves when a sync
+    /// covers new appends.
     pub fn watch(&self, p: u8) -> Option<watch::Receiver<u64>> {
         Some(self.partitions.get(p as usize)?.tail.subscribe())
     }
@@ -380,9 +439,16 @@ impl EventLog {
     ) -> Result<Vec<Event>, StoreError> {
         let mut out = Vec::new();
         let mut taken = 0usize;
+        let Some(part) = self.partitions.get(p as usize) else {
+            return Ok(out);
+        };
+        let visible = locked(&part.head).visible;
+        if from >= visible {
+            return Ok(out);
+        }
         let range = (
             Bound::Included(key(p, from)),
-            Bound::Included(key(p, u64::MAX)),
+            Bound::Excluded(key(p, visible)),
         );
         for kv in self.part.range(range).take(max) {
             let (k, v) = kv.map_err(fj)?;
@@ -411,7 +477,7 @@ impl EventLog {
         let (mut lo, mut hi) = match self.partitions.get(p as usize) {
             Some(part) => {
                 let h = locked(&part.head);
-                (h.begin, h.next)
+                (h.begin, h.visible)
             }
             None => return Ok(0),
         };

@@ -134,11 +134,12 @@ fn retention_removes_old_events_and_sequence_numbers_never_go_back() {
     let dir = TempDir::new();
     let p;
     {
-        let (log, _store) = open_with_store(&dir, None);
+        let (log, store) = open_with_store(&dir, None);
         p = log.partition_of("d1");
         log.append(&msg("d1", None, "old"), T0).unwrap();
         log.append(&msg("d1", None, "newer"), T0 + HOUR / 2)
             .unwrap();
+        sync(&store);
         // Within the hour of retention: both stay.
         assert_eq!(log.expire(T0 + HOUR - 1).unwrap(), 0);
         assert_eq!(log.expire(T0 + HOUR + 1).unwrap(), 1);
@@ -163,11 +164,12 @@ fn retention_removes_old_events_and_sequence_numbers_never_go_back() {
 #[test]
 fn enqueued_times_never_go_back_and_a_time_filter_finds_its_event() {
     let dir = TempDir::new();
-    let (log, _store) = open_with_store(&dir, None);
+    let (log, store) = open_with_store(&dir, None);
     let p = log.partition_of("d");
     for (i, t) in [T0, T0 + 10, T0 + 5, T0 + 20].into_iter().enumerate() {
         log.append(&msg("d", None, &i.to_string()), t).unwrap();
     }
+    sync(&store);
     let times: Vec<i64> = log
         .read(p, 0, 10, usize::MAX)
         .unwrap()
@@ -192,6 +194,7 @@ fn a_full_store_makes_room_by_removing_the_oldest_events() {
         let m = msg(&format!("dev{}", i % 7), None, &body);
         append_when_not_busy(&log, &m, T0 + i);
     }
+    sync(&store);
     let (held, limit) = store.usage();
     assert!(held <= cap, "{held} within {limit:?}");
     assert_eq!(held, log.bytes());
@@ -257,3 +260,41 @@ const HASHES: &[(&str, i16)] = &[
     ("FOUR SCORE AND SEVEN YEARS AGO", 13486),
     ("DEVICE0", -28642),
 ];
+
+fn sync(store: &DurableStore) {
+    futures_util::FutureExt::now_or_never(store.sync())
+        .expect("a sync with the Os policy does not wait")
+        .unwrap();
+}
+
+#[test]
+fn an_event_is_read_only_once_a_sync_covered_it() {
+    let dir = TempDir::new();
+    let (log, store) = open_with_store(&dir, None);
+    let p = log.partition_of("leaf");
+    let mut tail = log.watch(p).unwrap();
+    let (_, first) = log.append(&msg("leaf", None, "a"), T0).unwrap();
+    assert_eq!(first, 0);
+    // Written to the store but not yet committed: a crash now would give sequence 0 to the
+    // next event, so no reader may have it yet.
+    assert!(log.read(p, 0, 10, usize::MAX).unwrap().is_empty());
+    let info = log.info(p).unwrap();
+    assert!(info.empty && info.last.is_none(), "{info:?}");
+    assert_eq!(log.first_at_or_after(p, T0).unwrap(), 0);
+    assert!(!tail.has_changed().unwrap());
+    sync(&store);
+    assert!(tail.has_changed().unwrap());
+    assert_eq!(*tail.borrow_and_update(), 1);
+    assert_eq!(bodies(&log.read(p, 0, 10, usize::MAX).unwrap()), ["a"]);
+    let info = log.info(p).unwrap();
+    assert_eq!(
+        (info.last, info.last_enqueued_ms, info.empty),
+        (Some(0), T0, false)
+    );
+    // The next append waits for the next commit, the first stays readable.
+    log.append(&msg("leaf", None, "b"), T0 + 1).unwrap();
+    assert_eq!(bodies(&log.read(p, 0, 10, usize::MAX).unwrap()), ["a"]);
+    assert_eq!(log.info(p).unwrap().last, Some(0));
+    sync(&store);
+    assert_eq!(bodies(&log.read(p, 0, 10, usize::MAX).unwrap()), ["a", "b"]);
+}
