@@ -11,11 +11,13 @@
 //!   verifies the chain with webpki and the CN).
 //!
 //! The three kinds alternate within each round against one hub process, with `BENCH_CLIENTS`
-//! connections in flight at once. Per kind it prints connections per second and the hub's CPU
+//! connections in flight at once. Each kind has one identity, and a newer connection of an
+//! identity replaces the older one (edgeHub's rule), so more than one in flight needs as many
+//! identities: the default is one at a time. Per kind it prints connections per second and the hub's CPU
 //! per connection (from /proc), per round and the median over rounds, and the ratios X.509/SAS.
 //!
 //! `cargo bench --bench x509_handshake` (env `BENCH_ROUNDS`, default 5; `BENCH_CONNECTIONS`
-//! per kind and round, default 1000; `BENCH_CLIENTS`, default 4; `BENCH_HUB`, another hub
+//! per kind and round, default 1000; `BENCH_CLIENTS`, default 1; `BENCH_HUB`, another hub
 //! binary). Without `--bench` (as `cargo test --all-targets` runs it) one round of 20.
 
 use std::{
@@ -180,7 +182,7 @@ async fn main() {
     } else {
         20
     };
-    let clients = env_usize("BENCH_CLIENTS", 4).max(1);
+    let clients = env_usize("BENCH_CLIENTS", 1).max(1);
     let dir = std::env::temp_dir().join(format!("edgehub-bench-x509-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
 

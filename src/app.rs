@@ -31,6 +31,7 @@ pub async fn reload(
         }
     }
     core.apply_desired(&next.modules).await;
+    core.set_served_devices(next.devices);
     Ok(n)
 }
 
@@ -56,6 +57,8 @@ pub enum StartError {
     Store(#[from] crate::store::durable::StoreError),
     #[error("{0}")]
     MqttSessions(#[from] crate::servers::mqtt::sessions::SessionStoreError),
+    #[error("runtime mode: {0}")]
+    Runtime(#[from] crate::ops::runtime::RuntimeError),
     #[error("{0}")]
     Registry(#[from] crate::store::registry::RegistryStoreError),
 }
@@ -116,9 +119,18 @@ pub struct Hub {
 
 impl Hub {
     /// Binds every listener and starts serving; returns once all listeners are ready.
-    pub async fn start(settings: Settings) -> Result<Self, StartError> {
+    pub async fn start(mut settings: Settings) -> Result<Self, StartError> {
         let key = device_key(&settings)?;
-        let certs = tls::ensure_certs(&settings)?;
+        // Runtime mode: certificate, trust bundle and signatures from the workload API.
+        let runtime = match settings.runtime.clone() {
+            Some(rt) => Some(crate::ops::runtime::prepare(&settings, &rt).await?),
+            None => None,
+        };
+        if let (Some(rt), Some(up)) = (&runtime, settings.upstream.as_mut()) {
+            if up.ca.is_none() {
+                up.ca = Some(rt.trust_bundle_path.clone());
+            }
+        }
         // Devices that authenticate with certificates: only then are clients asked for one.
         let x509 = Arc::new(crate::ops::x509::Matcher::from_settings(&settings)?);
         // The identity registry (service policies, no upstream) may add such devices later.
@@ -127,7 +139,10 @@ impl Hub {
             crate::ops::x509::AnyClientCert::new()
                 as Arc<dyn rustls::server::danger::ClientCertVerifier>
         });
-        let tls_config = tls::server_config_with(&certs, client_auth)?;
+        let tls_config = match &runtime {
+            Some(rt) => tls::server_config_swappable(rt.cert.clone(), client_auth)?,
+            None => tls::server_config_with(&tls::ensure_certs(&settings)?, client_auth)?,
+        };
         let handle = m::install(&settings.iothub_hostname, settings.device_id.as_str());
         m::start_gauges(settings.upstream.is_some());
         m::invalid_routes(settings.route_errors.len());
@@ -174,6 +189,12 @@ impl Hub {
         let store_dir = settings.data_dir.join("store");
         let keyspace = crate::store::durable::open_keyspace(&store_dir, settings.max_store_bytes)?;
         let twins = crate::core::twins::TwinStore::with_keyspace(keyspace.clone())?;
+        let scope = match &runtime {
+            Some(rt) => {
+                Some(crate::ops::runtime::open_scope(&settings, rt, keyspace.clone()).await?)
+            }
+            None => None,
+        };
         let mqtt_sessions = crate::servers::mqtt::sessions::SessionStore::open(keyspace.clone())?;
         let log_keyspace = keyspace.clone();
         let (registry_store, records) =
@@ -213,24 +234,42 @@ impl Hub {
             }
         }
         core.apply_desired(&core.settings.modules).await;
+        if core.settings.runtime.is_some() {
+            // The routes the `$edgeHub` twin last brought, until the parent sends it again.
+            let edge_hub = crate::model::identity::ModuleId::parse("$edgeHub")
+                .map_err(|e| StartError::EdgeHubId(e.to_string()))?;
+            let me =
+                crate::model::identity::Identity::Module(core.settings.device_id.clone(), edge_hub);
+            core.apply_edge_hub_twin(&core.twins.get(&me).desired);
+        }
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
+        if let Some(scope) = scope {
+            core.auth.attach_scope(scope.clone());
+            tasks.spawn(scope.run(shutdown.clone()));
+        }
+        if let Some(rt) = &runtime {
+            tasks.spawn(crate::ops::runtime::renew_certificate(
+                rt.workload.clone(),
+                rt.cert.clone(),
+                core.settings.gateway_hostname.clone(),
+                rt.not_after,
+                shutdown.clone(),
+            ));
+        }
         let tls = TlsAcceptor::from(tls_config);
         // AMQPS and AMQP over WebSockets (on the HTTPS listener) share the connection slots.
-        let gate = crate::servers::amqp::Gate::new(core.clone(), shutdown.clone(), x509);
+        let gate = crate::servers::amqp::Gate::new(core.clone(), shutdown.clone(), x509.clone());
         tasks.spawn(crate::servers::amqp::serve(
             amqps,
             tls.clone(),
             gate.clone(),
         ));
+        // MQTTS and MQTT over WebSockets (on the HTTPS listener) share the MQTT slots.
+        let mqtt =
+            crate::servers::mqtt::Mqtt::new(core.clone(), mqtt_sessions, x509, shutdown.clone());
         if let Some(l) = mqtts {
-            let mqtt = crate::servers::mqtt::Mqtt::new(core.clone(), mqtt_sessions);
-            tasks.spawn(crate::servers::mqtt::serve(
-                l,
-                tls.clone(),
-                mqtt,
-                shutdown.clone(),
-            ));
+            tasks.spawn(crate::servers::mqtt::serve(l, tls.clone(), mqtt.clone()));
         }
         if let Some(l) = https {
             tasks.spawn(crate::servers::http::serve_https(
@@ -238,7 +277,7 @@ impl Hub {
                 tls,
                 core.clone(),
                 shutdown.clone(),
-                gate,
+                crate::servers::http::Upgrades { amqp: gate, mqtt },
             ));
         }
         tasks.spawn(crate::core::housekeeping(core.clone(), shutdown.clone()));
@@ -250,10 +289,15 @@ impl Hub {
             tasks.spawn(crate::core::report_clients(core.clone(), shutdown.clone()));
             let edge_hub = crate::model::identity::ModuleId::parse("$edgeHub")
                 .map_err(|e| StartError::EdgeHubId(e.to_string()))?;
-            let keys = crate::servers::upstream::UpstreamKeys {
-                edge_hub: up.edge_hub_key.clone().unwrap_or_else(|| {
+            use crate::servers::upstream::EdgeHubSigner;
+            let edge_hub = match &runtime {
+                Some(rt) => EdgeHubSigner::Workload(rt.workload.clone()),
+                None => EdgeHubSigner::Key(up.edge_hub_key.clone().unwrap_or_else(|| {
                     crate::core::auth::module_keys(&core.settings, &key, &edge_hub).primary
-                }),
+                })),
+            };
+            let keys = crate::servers::upstream::UpstreamKeys {
+                edge_hub,
                 device: key.clone(),
             };
             tasks.spawn(crate::servers::upstream::run(

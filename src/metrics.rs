@@ -232,7 +232,7 @@ pub fn disconnected(id: &str) {
 /// Creates the unlabelled gauges at 0 (without changing one that has a value), so that a
 /// scrape right after start shows them: alerts on an absent series see nothing.
 pub fn start_gauges(upstream: bool) {
-    for protocol in [PROTOCOL_AMQP, PROTOCOL_MQTT] {
+    for protocol in [PROTOCOL_AMQP, PROTOCOL_MQTT, PROTOCOL_MQTT_WS] {
         gauge!(OPEN_CONNECTIONS, "protocol" => protocol).increment(0.0);
     }
     for name in [
@@ -255,6 +255,8 @@ pub fn connected_clients(n: usize) {
 /// `protocol` label values of [`OPEN_CONNECTIONS`].
 pub const PROTOCOL_AMQP: &str = "amqp";
 pub const PROTOCOL_MQTT: &str = "mqtt";
+/// MQTT over WebSockets on the HTTPS listener.
+pub const PROTOCOL_MQTT_WS: &str = "mqttws";
 
 pub fn open_connections(protocol: &'static str, delta: f64) {
     gauge!(OPEN_CONNECTIONS, "protocol" => protocol).increment(delta);

@@ -162,7 +162,7 @@ fn module_env_tells_how_to_connect_over_websockets_and_with_certificates() {
     for want in [
         // The port the SDKs dial, and the forwarding an address on another port needs.
         "wss://gw.example:443/$iothub/websocket (listen.https 127.0.0.1:8443; the SDKs dial port 443, so forward 443 there)",
-        "MqttWs is not served",
+        "AmqpWs and MqttWs (AMQP or MQTT over WebSockets",
         "Mqtt: off",
         "by thumbprint (a self-signed certificate whose SHA-1 or SHA-256 is in devices.<id>.x509): thumbDevice",
         "issued by a CA in /etc/edgehub/device-cas.pem, subject CN = the device id): caDevice",
@@ -188,7 +188,7 @@ fn module_env_tells_how_to_connect_over_websockets_and_with_certificates() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("AmqpWs: off (listen.https is null)"),
+        stderr.contains("AmqpWs and MqttWs: off (listen.https is null)"),
         "{stderr}"
     );
     assert!(

@@ -1,5 +1,6 @@
 //! Socket tests of the MQTT adapter: a real hub on loopback (port 0), driven by a small MQTT
-//! client made of the same packet codec over TLS, mixed with AMQP modules of the fe2o3 client.
+//! client made of the same packet codec over TLS (MQTTS, or MQTT over WebSockets on the HTTPS
+//! listener), mixed with AMQP modules of the fe2o3 client.
 
 #![allow(
     clippy::unwrap_used,
@@ -11,7 +12,7 @@ mod common;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use common::{start_hub, TestHub, IOTHUB, WAIT};
+use common::{start_hub, start_hub_https, start_hub_https_limits, TestHub, IOTHUB, WAIT};
 use edgehub::{
     app::device_key,
     core::auth::module_keys,
@@ -27,19 +28,22 @@ use fe2o3_amqp::types::{
 use futures_util::{SinkExt, StreamExt};
 use rumqttc::mqttbytes::{
     v4::{
-        Codec, ConnAck, Connect, ConnectReturnCode, Login, Packet, PubAck, Publish, Subscribe,
-        SubscribeReasonCode,
+        Codec, ConnAck, Connect, ConnectReturnCode, LastWill, Login, Packet, PubAck, Publish,
+        Subscribe, SubscribeReasonCode,
     },
     QoS,
 };
 use tokio::time::timeout;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+/// A byte stream to the hub: TLS, or a WebSocket over TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+type Stream = Box<dyn Io>;
 
 struct Mqtt {
-    rx: FramedRead<tokio::io::ReadHalf<Tls>, Codec>,
-    tx: FramedWrite<tokio::io::WriteHalf<Tls>, Codec>,
+    rx: FramedRead<tokio::io::ReadHalf<Stream>, Codec>,
+    tx: FramedWrite<tokio::io::WriteHalf<Stream>, Codec>,
     next_pkid: u16,
 }
 
@@ -50,8 +54,30 @@ fn codec() -> Codec {
     }
 }
 
-async fn tls(hub: &TestHub) -> Tls {
-    let addr = hub.hub.as_ref().unwrap().mqtts_addr.expect("mqtts is on");
+/// How a test client reaches the hub.
+#[derive(Clone, Copy)]
+enum Via<'a> {
+    Mqtts,
+    /// MQTTS with a client certificate.
+    MqttsCert(&'a ClientCert),
+    /// MQTT over WebSockets on the HTTPS listener.
+    WebSocket,
+    /// MQTT over WebSockets, with a client certificate in the TLS handshake.
+    WebSocketCert(&'a ClientCert),
+}
+
+/// A client certificate: its chain and key.
+struct ClientCert {
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+}
+
+async fn tls(hub: &TestHub, via: Via<'_>) -> Stream {
+    let h = hub.hub.as_ref().unwrap();
+    let addr = match via {
+        Via::WebSocket | Via::WebSocketCert(_) => h.https_addr.expect("https is on"),
+        Via::Mqtts | Via::MqttsCert(_) => h.mqtts_addr.expect("mqtts is on"),
+    };
     let ca = std::fs::read(hub.settings.data_dir.join("certs").join("edge-ca.pem")).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     use rustls::pki_types::{pem::PemObject, CertificateDer};
@@ -63,14 +89,54 @@ async fn tls(hub: &TestHub) -> Tls {
     ))
     .with_safe_default_protocol_versions()
     .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let config = match via {
+        Via::MqttsCert(c) | Via::WebSocketCert(c) => config
+            .with_client_auth_cert(c.chain.clone(), c.key.clone_key())
+            .unwrap(),
+        _ => config.with_no_client_auth(),
+    };
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
-        .unwrap()
+        .unwrap();
+    match via {
+        Via::WebSocket | Via::WebSocketCert(_) => Box::new(websocket(tls, "mqtt").await.unwrap()),
+        Via::Mqtts | Via::MqttsCert(_) => Box::new(tls),
+    }
+}
+
+/// The WebSocket upgrade the SDKs send, offering `subprotocol`; the WebSocket as a byte stream,
+/// or the status of a refusal.
+async fn websocket<S>(stream: S, subprotocol: &str) -> Result<edgehub::servers::ws::WsIo<S>, u16>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Error};
+    let mut req = "wss://localhost/$iothub/websocket"
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", subprotocol.parse().unwrap());
+    match timeout(WAIT, tokio_tungstenite::client_async(req, stream))
+        .await
+        .expect("the upgrade is answered in time")
+    {
+        Ok((ws, response)) => {
+            assert_eq!(
+                response
+                    .headers()
+                    .get("Sec-WebSocket-Protocol")
+                    .and_then(|v| v.to_str().ok()),
+                Some(subprotocol)
+            );
+            Ok(edgehub::servers::ws::WsIo::new(ws))
+        }
+        Err(Error::Http(r)) => Err(r.status().as_u16()),
+        Err(e) => panic!("WebSocket upgrade: {e}"),
+    }
 }
 
 fn module_token(hub: &TestHub, m: &str) -> String {
@@ -90,7 +156,15 @@ fn username(m: &str) -> String {
 
 impl Mqtt {
     async fn open(hub: &TestHub) -> Self {
-        let (r, w) = tokio::io::split(tls(hub).await);
+        Self::open_via(hub, Via::Mqtts).await
+    }
+
+    async fn open_via(hub: &TestHub, via: Via<'_>) -> Self {
+        Self::from_stream(tls(hub, via).await)
+    }
+
+    fn from_stream(stream: Stream) -> Self {
+        let (r, w) = tokio::io::split(stream);
         Self {
             rx: FramedRead::new(r, codec()),
             tx: FramedWrite::new(w, codec()),
@@ -121,11 +195,15 @@ impl Mqtt {
         keep_alive: u16,
         clean: bool,
     ) -> (Self, ConnAck) {
-        let mut c = Self::open(hub).await;
         let mut connect = Connect::new(client_id);
         connect.keep_alive = keep_alive;
         connect.clean_session = clean;
         connect.login = Some(Login::new(user, password));
+        Self::connect_with(hub, Via::Mqtts, connect).await
+    }
+
+    async fn connect_with(hub: &TestHub, via: Via<'_>, connect: Connect) -> (Self, ConnAck) {
+        let mut c = Self::open_via(hub, via).await;
         c.send(Packet::Connect(connect)).await;
         match c.next().await {
             Some(Packet::ConnAck(a)) => (c, a),
@@ -134,15 +212,15 @@ impl Mqtt {
     }
 
     async fn module(hub: &TestHub, m: &str, clean: bool) -> (Self, ConnAck) {
-        let (c, ack) = Self::connect_as(
-            hub,
-            &format!("edge1/{m}"),
-            &username(m),
-            &module_token(hub, m),
-            60,
-            clean,
-        )
-        .await;
+        Self::module_via(hub, m, clean, Via::Mqtts).await
+    }
+
+    async fn module_via(hub: &TestHub, m: &str, clean: bool, via: Via<'_>) -> (Self, ConnAck) {
+        let mut connect = Connect::new(format!("edge1/{m}"));
+        connect.keep_alive = 60;
+        connect.clean_session = clean;
+        connect.login = Some(Login::new(username(m), module_token(hub, m)));
+        let (c, ack) = Self::connect_with(hub, via, connect).await;
         assert_eq!(ack.code, ConnectReturnCode::Success);
         (c, ack)
     }
@@ -550,4 +628,375 @@ async fn a_persistent_session_keeps_its_subscriptions_across_reconnects() {
     let (_a, ack) = Mqtt::module(&hub, "A", false).await;
     assert!(!ack.session_present);
     hub.stop().await;
+}
+
+/// An AMQP module output on `output`, with message id `id`.
+fn amqp_output(output: &str, id: &str, body: &[u8]) -> Message<Body<Value>> {
+    Message::builder()
+        .properties(Properties {
+            message_id: Some(id.to_owned().into()),
+            ..Default::default()
+        })
+        .application_properties(
+            fe2o3_amqp::types::messaging::ApplicationProperties::builder()
+                .insert("iothub-outputname", output)
+                .build(),
+        )
+        .body(Body::<Value>::Data(
+            vec![fe2o3_amqp::types::messaging::Data(
+                fe2o3_amqp::types::primitives::Binary::from(body.to_vec()),
+            )]
+            .into(),
+        ))
+        .build()
+}
+
+fn body_bytes(m: &Message<Body<Value>>) -> Vec<u8> {
+    match &m.body {
+        Body::Data(batch) => batch.iter().flat_map(|d| d.0.to_vec()).collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn app_property(m: &Message<Body<Value>>, key: &str) -> Option<String> {
+    match m.application_properties.as_ref()?.0.get(key)? {
+        fe2o3_amqp::types::primitives::SimpleValue::String(s) => Some(s.clone()),
+        other => panic!("{key}: {other:?}"),
+    }
+}
+
+/// The value of `edgehub_open_connections{protocol}` in a scrape.
+fn open_connections(scrape: &str, protocol: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find(|l| {
+            l.starts_with("edgehub_open_connections{")
+                && l.contains(&format!("protocol=\"{protocol}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test]
+async fn mqtt_over_websockets_exchanges_messages_with_an_amqp_module() {
+    let hub = start_hub_https(ROUTES, "").await;
+    let (mut a, _) = Mqtt::module_via(&hub, "A", true, Via::WebSocket).await;
+    a.subscribe("devices/edge1/modules/A/inputs/#", QoS::AtLeastOnce)
+        .await;
+    let mut b = hub.connect("B").await;
+    let mut b_in = b
+        .receiver("/devices/edge1/modules/B/messages/events")
+        .await
+        .unwrap();
+    let mut b_out = b
+        .sender("/devices/edge1/modules/B/messages/events")
+        .await
+        .unwrap();
+    // Larger than a WebSocket read buffer, so the packet spans several reads.
+    let big: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
+    a.publish1(
+        "devices/edge1/modules/A/messages/events/%24.on=out1&%24.mid=ws1",
+        &big,
+    )
+    .await;
+    let d = timeout(WAIT, b_in.recv::<Body<Value>>())
+        .await
+        .unwrap()
+        .unwrap();
+    b_in.accept(&d).await.unwrap();
+    let props = d.message().properties.as_ref().unwrap();
+    assert_eq!(props.message_id, Some("ws1".to_owned().into()));
+    assert_eq!(body_bytes(d.message()), big);
+    let outcome = timeout(WAIT, b_out.send(amqp_output("back", "ws2", b"pong")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(outcome, Outcome::Accepted(_)));
+    let p = a.publish_in().await;
+    assert!(p.topic.starts_with("devices/edge1/modules/A/inputs/in2/"));
+    assert_eq!(bag_value(&p.topic, "$.mid").as_deref(), Some("ws2"));
+    assert_eq!(p.payload, Bytes::from_static(b"pong"));
+    a.send(Packet::PubAck(PubAck::new(p.pkid))).await;
+    // Counted under its own label (the registry is shared by the tests of this process).
+    let scrape = hub.scrape().await;
+    assert!(
+        open_connections(&scrape, "mqttws").is_some_and(|n| n >= 1.0),
+        "{scrape}"
+    );
+    drop(a);
+    b.close().await;
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn mqtt_over_websockets_takes_the_mqtt_connection_slots() {
+    let hub = start_hub_https_limits(
+        ROUTES,
+        "",
+        r#"{"maxConnections": 1, "handshakeTimeoutSecs": 30}"#,
+    )
+    .await;
+    // An authenticated MQTTS module holds the only MQTT slot: the upgrade is refused with 503.
+    let (first, _) = Mqtt::module(&hub, "A", true).await;
+    let refused = websocket(hub.https_stream().await, "mqtt").await;
+    assert_eq!(refused.err(), Some(503));
+    // AMQP has slots of its own.
+    let amqp = hub.connect("B").await;
+    drop(first);
+    // Once the hub has seen it go, a module connects over the WebSocket and holds the slot.
+    let ws = timeout(WAIT, async {
+        loop {
+            match websocket(hub.https_stream().await, "mqtt").await {
+                Ok(io) => break io,
+                Err(503) => tokio::task::yield_now().await,
+                Err(status) => panic!("{status}"),
+            }
+        }
+    })
+    .await
+    .expect("a WebSocket once the slot is free");
+    let mut c = Mqtt::from_stream(Box::new(ws));
+    let mut connect = Connect::new("edge1/A");
+    connect.login = Some(Login::new(username("A"), module_token(&hub, "A")));
+    c.send(Packet::Connect(connect)).await;
+    assert!(
+        matches!(c.next().await, Some(Packet::ConnAck(a)) if a.code == ConnectReturnCode::Success)
+    );
+    // Now MQTTS finds no slot: the connection is closed at once.
+    use tokio::io::AsyncReadExt;
+    let addr = hub.hub.as_ref().unwrap().mqtts_addr.unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let r = timeout(WAIT, tcp.read(&mut buf))
+        .await
+        .expect("the MQTTS connection is closed");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    amqp.close().await;
+    hub.stop().await;
+}
+
+/// A self-signed client certificate with subject CN `cn`.
+fn self_signed(cn: &str) -> ClientCert {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2049, 1, 1);
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = p.self_signed(&key).unwrap();
+    ClientCert {
+        chain: vec![cert.der().clone()],
+        key: rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    }
+}
+
+fn sha256_hex(c: &ClientCert) -> String {
+    ring::digest::digest(&ring::digest::SHA256, &c.chain[0])
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A device's CONNECT without a password (for certificate authentication).
+fn device_connect(device: &str) -> Connect {
+    let mut connect = Connect::new(device);
+    connect.keep_alive = 60;
+    connect.login = Some(Login::new(
+        format!("{IOTHUB}/{device}/?api-version=2021-04-12"),
+        "",
+    ));
+    connect
+}
+
+#[tokio::test]
+async fn a_device_authenticates_with_its_client_certificate_over_mqtts_and_websockets() {
+    let selfie = self_signed("selfie");
+    // Same name, another key: its thumbprint is not selfie's.
+    let stranger = self_signed("selfie");
+    let extra = format!(
+        r#""devices": {{
+            "selfie": {{"x509": {{"primaryThumbprint": "{}"}}}},
+            "keyonly": {{"primaryKey": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}}
+        }},"#,
+        sha256_hex(&selfie)
+    );
+    let routes = r#"{"devices": "FROM /messages/* WHERE NOT IS_DEFINED($connectionModuleId) INTO BrokeredEndpoint(\"/modules/B/inputs/devices\")"}"#;
+    let hub = start_hub_https(routes, &extra).await;
+    let mut b = hub.connect("B").await;
+    let mut b_in = b
+        .receiver("/devices/edge1/modules/B/messages/events")
+        .await
+        .unwrap();
+    for (n, via) in [Via::MqttsCert(&selfie), Via::WebSocketCert(&selfie)]
+        .into_iter()
+        .enumerate()
+    {
+        let (mut c, ack) = Mqtt::connect_with(&hub, via, device_connect("selfie")).await;
+        assert_eq!(ack.code, ConnectReturnCode::Success);
+        let mid = format!("cert-{n}");
+        c.publish1(
+            &format!("devices/selfie/messages/events/%24.mid={mid}"),
+            b"hi",
+        )
+        .await;
+        let d = timeout(WAIT, b_in.recv::<Body<Value>>())
+            .await
+            .unwrap()
+            .unwrap();
+        b_in.accept(&d).await.unwrap();
+        let props = d.message().properties.as_ref().unwrap();
+        assert_eq!(props.message_id, Some(mid.into()));
+        c.send(Packet::Disconnect).await;
+        assert!(c.next().await.is_none());
+    }
+    // CONNACK 5: a certificate that matches no device, one for another device than the client
+    // id, and no certificate and no password.
+    for (device, via) in [
+        ("selfie", Via::MqttsCert(&stranger)),
+        ("keyonly", Via::MqttsCert(&selfie)),
+        ("selfie", Via::Mqtts),
+        ("selfie", Via::WebSocket),
+    ] {
+        let (mut c, ack) = Mqtt::connect_with(&hub, via, device_connect(device)).await;
+        assert_eq!(ack.code, ConnectReturnCode::NotAuthorized, "{device}");
+        assert!(c.next().await.is_none(), "closed after a refusal");
+    }
+    let scrape = hub.scrape().await;
+    assert!(
+        scrape
+            .lines()
+            .any(|l| l.starts_with("edgehub_client_connect_failed_total{")
+                && l.contains("reason=\"certificate_not_accepted\"")),
+        "{scrape}"
+    );
+    b.close().await;
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn one_connection_per_identity_across_mqtt_and_amqp() {
+    let hub = start_hub(ROUTES, "{}").await;
+    // AMQP first: a newer MQTT connection of A detaches its links and closes it.
+    let mut amqp = hub.connect("A").await;
+    let mut rx = amqp
+        .receiver("/devices/edge1/modules/A/messages/events")
+        .await
+        .unwrap();
+    let (mut mqtt, _) = Mqtt::module(&hub, "A", true).await;
+    let detached = timeout(WAIT, rx.recv::<Body<Value>>())
+        .await
+        .expect("the AMQP link ends in time");
+    let e = detached.expect_err("the AMQP link is detached");
+    assert!(format!("{e:?}").contains("Stolen"), "{e:?}");
+    drop(rx);
+    drop(amqp);
+    // The MQTT connection stays and works.
+    mqtt.send(Packet::PingReq).await;
+    assert_eq!(mqtt.next().await, Some(Packet::PingResp));
+    // MQTT first: a newer AMQP connection of A closes it, and A's inputs go to the AMQP link.
+    let mut amqp = hub.connect("A").await;
+    assert!(mqtt.next().await.is_none(), "the MQTT connection is closed");
+    let mut a_in = amqp
+        .receiver("/devices/edge1/modules/A/messages/events")
+        .await
+        .unwrap();
+    let mut b = hub.connect("B").await;
+    let mut b_out = b
+        .sender("/devices/edge1/modules/B/messages/events")
+        .await
+        .unwrap();
+    timeout(WAIT, b_out.send(amqp_output("back", "after", b"x")))
+        .await
+        .unwrap()
+        .unwrap();
+    let d = timeout(WAIT, a_in.recv::<Body<Value>>())
+        .await
+        .unwrap()
+        .unwrap();
+    a_in.accept(&d).await.unwrap();
+    let core = hub.hub.as_ref().unwrap().core.clone();
+    assert!(core.is_connected(&hub.module("A")));
+    assert_eq!(core.live_connections(), 2, "A and B, once each");
+    amqp.close().await;
+    b.close().await;
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_will_goes_out_as_telemetry_when_a_connection_ends_without_disconnect() {
+    let hub = start_hub(ROUTES, "{}").await;
+    let mut b = hub.connect("B").await;
+    let mut b_in = b
+        .receiver("/devices/edge1/modules/B/messages/events")
+        .await
+        .unwrap();
+    let with_will = |topic: &str| {
+        let mut connect = Connect::new("edge1/A");
+        connect.keep_alive = 60;
+        connect.login = Some(Login::new(username("A"), module_token(&hub, "A")));
+        connect.last_will = Some(LastWill::new(
+            topic,
+            b"gone".to_vec(),
+            QoS::AtLeastOnce,
+            false,
+        ));
+        connect
+    };
+    let will_topic = "devices/edge1/modules/A/messages/events/%24.on=out1&state=lost";
+    // A DISCONNECT drops the will: the next message at B is the one sent after it.
+    let (mut a, ack) = Mqtt::connect_with(&hub, Via::Mqtts, with_will(will_topic)).await;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    a.send(Packet::Disconnect).await;
+    assert!(a.next().await.is_none());
+    let (mut a, _) = Mqtt::connect_with(&hub, Via::Mqtts, with_will(will_topic)).await;
+    a.publish1(
+        "devices/edge1/modules/A/messages/events/%24.on=out1&%24.mid=marker",
+        b"m",
+    )
+    .await;
+    let m = next_at(&mut b_in).await;
+    assert_eq!(
+        m.properties.as_ref().unwrap().message_id,
+        Some("marker".to_owned().into())
+    );
+    assert_eq!(app_property(&m, "iothub-MessageType"), None);
+    // The client vanishes (no DISCONNECT): its will arrives, marked as IoT Hub marks it.
+    drop(a);
+    let will = next_at(&mut b_in).await;
+    assert_eq!(body_bytes(&will), b"gone");
+    assert_eq!(
+        app_property(&will, "iothub-MessageType").as_deref(),
+        Some("Will")
+    );
+    assert_eq!(app_property(&will, "state").as_deref(), Some("lost"));
+    // A connection replaced by a newer one of the same client sends its will too.
+    let (_a, _) = Mqtt::connect_with(&hub, Via::Mqtts, with_will(will_topic)).await;
+    let (_a2, _) = Mqtt::module(&hub, "A", true).await;
+    let will = next_at(&mut b_in).await;
+    assert_eq!(
+        app_property(&will, "iothub-MessageType").as_deref(),
+        Some("Will")
+    );
+    // A will on a topic that is not the client's telemetry is refused with CONNACK 5.
+    for topic in [
+        "devices/edge1/modules/B/messages/events/",
+        "$iothub/twin/GET/?$rid=1",
+    ] {
+        let (mut c, ack) = Mqtt::connect_with(&hub, Via::Mqtts, with_will(topic)).await;
+        assert_eq!(ack.code, ConnectReturnCode::NotAuthorized, "{topic}");
+        assert!(c.next().await.is_none());
+    }
+    b.close().await;
+    hub.stop().await;
+}
+
+/// The next message at an AMQP receiver, accepted.
+async fn next_at(rx: &mut fe2o3_amqp::Receiver) -> Message<Body<Value>> {
+    let d = timeout(WAIT, rx.recv::<Body<Value>>())
+        .await
+        .unwrap()
+        .unwrap();
+    rx.accept(&d).await.unwrap();
+    d.into_message()
 }

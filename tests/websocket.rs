@@ -147,11 +147,11 @@ async fn wrong_paths_and_subprotocols_are_refused_and_the_api_still_answers() {
     assert_eq!(status, 404);
     let (status, _) = raw(&hub, &upgrade("/$iothub/websocket", None)).await;
     assert_eq!(status, 400);
-    let (status, _) = raw(&hub, &upgrade("/$iothub/websocket", Some("mqtt"))).await;
+    let (status, _) = raw(&hub, &upgrade("/$iothub/websocket", Some("mqttv3.1"))).await;
     assert_eq!(status, 400);
     let (status, head) = raw(
         &hub,
-        &upgrade("/$iothub/websocket", Some("mqtt, AMQPWSB10")),
+        &upgrade("/$iothub/websocket", Some("mqttv3.1, AMQPWSB10")),
     )
     .await;
     assert_eq!(status, 101, "{head}");

@@ -9,7 +9,7 @@ use super::{
     walk::{child, Walk},
     DeviceSettings, TlsFiles,
 };
-use crate::model::identity::{DeviceId, KeyPair};
+use crate::model::identity::{DeviceId, KeyPair, ModuleId};
 
 /// `devices`: device id → `{primaryKey?, secondaryKey?, edge?}`.
 pub(super) fn downstream_devices(
@@ -36,7 +36,11 @@ pub(super) fn downstream_devices(
                 None
             }
         };
-        let Some(spec) = w.object(spec, &p, &["primaryKey", "secondaryKey", "edge", "x509"]) else {
+        let Some(spec) = w.object(
+            spec,
+            &p,
+            &["primaryKey", "secondaryKey", "edge", "x509", "modules"],
+        ) else {
             continue;
         };
         let keys = w.key_pair(spec, &p, false);
@@ -51,6 +55,7 @@ pub(super) fn downstream_devices(
                 false
             }
         };
+        let modules = edge_modules(w, spec.get("modules"), &p, edge);
         if let Some(device) = device {
             let duplicate = devices
                 .keys()
@@ -58,10 +63,54 @@ pub(super) fn downstream_devices(
             if duplicate {
                 w.err(&p, "appears twice (ids compare case-insensitively)");
             }
-            devices.insert(device, DeviceSettings { keys, edge, x509 });
+            devices.insert(
+                device,
+                DeviceSettings {
+                    keys,
+                    edge,
+                    x509,
+                    modules,
+                },
+            );
         }
     }
     devices
+}
+
+/// `devices.<id>.modules` of an edge device: module id → `{primaryKey?, secondaryKey?}`.
+fn edge_modules(
+    w: &mut Walk,
+    v: Option<&Value>,
+    p: &str,
+    edge: bool,
+) -> BTreeMap<ModuleId, Option<KeyPair>> {
+    let mut modules = BTreeMap::new();
+    let Some(m) = v else { return modules };
+    let mp = child(p, "modules");
+    match m.as_object() {
+        None => w.err(&mp, "must be an object of module id → keys"),
+        Some(_) if !edge => w.err(&mp, "only an edge device (\"edge\": true) has modules here"),
+        Some(m) => {
+            for (id, keys) in m {
+                let kp = child(&mp, id);
+                let module = match ModuleId::parse(id) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        w.err(&kp, format!("invalid module id: {e}"));
+                        None
+                    }
+                };
+                let Some(keys) = w.object(keys, &kp, &["primaryKey", "secondaryKey"]) else {
+                    continue;
+                };
+                let keys = w.key_pair(keys, &kp, false);
+                if let Some(module) = module {
+                    modules.insert(module, keys);
+                }
+            }
+        }
+    }
+    modules
 }
 
 /// `devices.<id>.x509`: `{primaryThumbprint?, secondaryThumbprint?}` or `{"ca": true}`.

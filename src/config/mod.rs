@@ -14,6 +14,7 @@
 
 mod devices;
 mod edge_hub;
+pub mod runtime;
 mod sections;
 #[cfg(test)]
 mod tests;
@@ -32,6 +33,7 @@ use serde_json::{Map, Value};
 mod builtin;
 pub use builtin::{BuiltInEndpoint, DEFAULT_CONSUMER_GROUP};
 
+pub use self::runtime::RuntimeSettings;
 pub use self::upstream::{Proxy, UpstreamProtocol, UpstreamSettings};
 use self::walk::{child, hostname_ok, Walk};
 use crate::{
@@ -231,6 +233,9 @@ pub struct DeviceSettings {
     pub edge: bool,
     /// Authentication by client certificate (see `x509`); the keys work as well.
     pub x509: Option<crate::model::x509::X509Auth>,
+    /// A child edge device's modules, served to its hub by the device-scope API with their
+    /// keys (explicit, else derived from the child's device key by the module-key rule).
+    pub modules: BTreeMap<ModuleId, Option<KeyPair>>,
 }
 
 /// The validated configuration.
@@ -265,10 +270,15 @@ pub struct Settings {
     pub upstream: Option<UpstreamSettings>,
     /// Standalone only: `$upstream` is a retained log read through Event Hubs.
     pub built_in_endpoint: Option<BuiltInEndpoint>,
+    /// Runtime mode (started by the IoT Edge runtime as `$edgeHub`): its workload API.
+    pub runtime: Option<RuntimeSettings>,
 }
 
-/// Reads, overrides and compiles a config file.
+/// Reads, overrides and compiles a config file. In runtime mode a missing file is an empty one.
 pub fn load(path: &Path, env: &HashMap<String, String>) -> Result<Settings, ConfigErrors> {
+    if runtime::detected(env) && !path.exists() {
+        return from_str("{}", env);
+    }
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             path: "$".into(),
@@ -286,10 +296,25 @@ pub fn from_str(text: &str, env: &HashMap<String, String>) -> Result<Settings, C
             message: format!("not valid JSON: {e}"),
         }])
     })?;
-    let duplicates = duplicate_keys(text);
+    let mut duplicates = duplicate_keys(text);
+    let runtime = runtime::from_env(env);
+    if let (Some(_), Some(root)) = (&runtime, value.as_object_mut()) {
+        duplicates.extend(runtime::check(root));
+        runtime::fill_defaults(root, env);
+    }
     apply_env(&mut value, env);
+    let runtime = match runtime.transpose() {
+        Ok(r) => r,
+        Err(errors) => {
+            duplicates.extend(errors);
+            None
+        }
+    };
     match compile(&value) {
-        Ok(settings) if duplicates.is_empty() => Ok(settings),
+        Ok(settings) if duplicates.is_empty() => Ok(Settings {
+            runtime,
+            ..settings
+        }),
         Ok(_) => Err(ConfigErrors(duplicates)),
         Err(ConfigErrors(errors)) => {
             Err(ConfigErrors(duplicates.into_iter().chain(errors).collect()))
@@ -386,7 +411,10 @@ fn apply_env(value: &mut Value, env: &HashMap<String, String>) {
         return;
     };
     for (var, key) in ENV_OVERRIDES {
-        let Some(v) = env.get(*var) else { continue };
+        // Ignoring case: edgeAgent injects `EdgeDeviceHostName`.
+        let Some(v) = runtime::env_get(env, var) else {
+            continue;
+        };
         let (obj, leaf) = match key.split_once('.') {
             Some((parent, leaf)) => {
                 let p = root
@@ -399,7 +427,7 @@ fn apply_env(value: &mut Value, env: &HashMap<String, String>) {
             }
             None => (&mut *root, *key),
         };
-        obj.insert(leaf.to_owned(), Value::String(v.clone()));
+        obj.insert(leaf.to_owned(), Value::String(v.to_owned()));
     }
     // As edgeHub: the environment's proxy carries AMQP over WebSockets to the parent, unless
     // the config names one.
@@ -531,6 +559,7 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             log_level,
             upstream,
             built_in_endpoint,
+            runtime: None,
         }),
         _ => Err(ConfigErrors(vec![ConfigError {
             path: "$".into(),

@@ -12,6 +12,8 @@ use crate::model::identity::Key;
 pub struct UpstreamSettings {
     pub hostname: String,
     pub port: u16,
+    /// The parent's HTTPS port, for the device-scope API in runtime mode (443).
+    pub scope_port: u16,
     /// PEM bundle of the CAs to trust; `None` = the system's roots.
     pub ca: Option<PathBuf>,
     /// The key of this hub's `$edgeHub` identity; `None` = derived from `deviceKey`.
@@ -119,6 +121,7 @@ pub(super) fn upstream_settings(w: &mut Walk, u: &Value) -> Option<UpstreamSetti
             "tokenLifetimeSecs",
             "protocol",
             "proxy",
+            "httpsPort",
         ],
     )?;
     let hostname = w.string(u, p, "hostname", true).and_then(|h| {
@@ -148,6 +151,7 @@ pub(super) fn upstream_settings(w: &mut Walk, u: &Value) -> Option<UpstreamSetti
         UpstreamProtocol::AmqpWs => 443,
     };
     let port = w.uint(u, p, "port", 65_535).unwrap_or(default_port) as u16;
+    let scope_port = w.uint(u, p, "httpsPort", 65_535).unwrap_or(443) as u16;
     let configured_proxy = w.string(u, p, "proxy", false);
     if configured_proxy.is_some() && protocol == UpstreamProtocol::Amqp {
         w.err(
@@ -196,6 +200,7 @@ pub(super) fn upstream_settings(w: &mut Walk, u: &Value) -> Option<UpstreamSetti
     Some(UpstreamSettings {
         hostname: hostname?,
         port,
+        scope_port,
         ca,
         edge_hub_key,
         min_backoff_ms,

@@ -14,6 +14,10 @@
 //! Service tokens (`skn` = a `servicePolicies` name, `sr` = the hub's host name) authenticate
 //! callers of the service API.
 //!
+//! In runtime mode the identities of the device scope ([`crate::core::scope`]) come first: an
+//! identity found there is verified with its keys from the scope (primary, secondary, then its
+//! device's), whatever the config says.
+//!
 //! Registry identities: devices and modules created through the service API (`core::registry`)
 //! are held in a second map, `live`, which the registry changes while the hub runs. The config
 //! identities are looked up first and never change; `live` is a `DashMap`, so a lookup on the
@@ -41,6 +45,8 @@ pub struct Authenticator {
     edge_children: HashMap<IdentityKey, DeviceId>,
     /// Service policies: lower-cased name → (name as configured, keys).
     policies: HashMap<String, (String, KeyPair)>,
+    /// The device scope's identities (runtime mode), attached once at start.
+    scope: std::sync::OnceLock<std::sync::Arc<crate::core::scope::ScopeCache>>,
     /// Identities of the registry (created through the service API), by lower-cased key.
     live: DashMap<IdentityKey, LiveIdentity>,
 }
@@ -149,8 +155,19 @@ impl Authenticator {
             identities,
             edge_children,
             policies,
+            scope: std::sync::OnceLock::new(),
             live: DashMap::new(),
         }
+    }
+
+    /// Makes the device scope's identities known (runtime mode); once.
+    pub fn attach_scope(&self, scope: std::sync::Arc<crate::core::scope::ScopeCache>) {
+        let _ = self.scope.set(scope);
+    }
+
+    /// The device scope, in runtime mode.
+    pub fn scope(&self) -> Option<&std::sync::Arc<crate::core::scope::ScopeCache>> {
+        self.scope.get()
     }
 
     /// Is `id` one of the config file's identities (or a module of a configured child edge
@@ -199,6 +216,9 @@ impl Authenticator {
     /// May `id` hold a connection now? Config identities always; registry identities while
     /// they exist and are enabled.
     pub fn is_active(&self, id: &Identity) -> bool {
+        if self.scope().is_some_and(|s| s.keys(id).is_some()) {
+            return true;
+        }
         if self.is_configured(id) {
             return true;
         }
@@ -209,6 +229,9 @@ impl Authenticator {
     /// configured for identities with keys; for a module of a child edge device, the child as
     /// configured and the module as named.
     pub fn known(&self, id: &Identity) -> Option<Identity> {
+        if let Some(canonical) = self.scope().and_then(|s| s.known(id)) {
+            return Some(canonical);
+        }
         if let Some((canonical, _)) = self.identities.get(&lower(id)) {
             return Some(canonical.clone());
         }
@@ -355,9 +378,11 @@ impl Authenticator {
         {
             return Err(SasError::WrongHost(host));
         }
-        let (canonical, keys) = match self.identities.get(&lower(&id)) {
-            Some((canonical, keys)) => (canonical.clone(), keys.clone()),
-            None => match self.live.get(&lower(&id)).map(|l| l.clone()) {
+        let from_scope = self.scope().and_then(|s| s.keys(&id));
+        let (canonical, keys) = match (from_scope, self.identities.get(&lower(&id))) {
+            (Some(from_scope), _) => from_scope,
+            (None, Some((canonical, keys))) => (canonical.clone(), keys.clone()),
+            (None, None) => match self.live.get(&lower(&id)).map(|l| l.clone()) {
                 Some(l) if !l.enabled => return Err(SasError::Disabled(l.id.to_string())),
                 Some(l) => (l.id, l.keys),
                 None => self

@@ -13,6 +13,7 @@ pub mod methods;
 pub mod outbox;
 pub mod readers;
 pub mod registry;
+pub mod scope;
 pub mod twin_requests;
 pub mod twins;
 
@@ -30,6 +31,10 @@ use crate::{
 };
 use auth::Authenticator;
 
+/// Ends an identity's connection when a newer one of the same identity arrives (over any
+/// transport); called once, with the core, outside the registry's locks.
+pub type Evict = Box<dyn FnOnce(&HubCore) + Send + Sync>;
+
 /// State shared by every connection: settings, identities, routes and who is connected.
 pub struct HubCore {
     pub settings: Settings,
@@ -39,6 +44,9 @@ pub struct HubCore {
     clients: DashMap<IdentityKey, usize>,
     /// Module → the cancel token of its current input link; a newer link replaces the older.
     input_links: DashMap<IdentityKey, CancellationToken>,
+    /// Identity → its live connection, whatever the transport: (generation, what ends it).
+    connections: DashMap<IdentityKey, (u64, Evict)>,
+    connection_generation: std::sync::atomic::AtomicU64,
     /// Direct-method links and calls in flight.
     pub methods: crate::core::methods::Dispatcher,
     /// Module twins and twin links.
@@ -64,7 +72,23 @@ pub struct HubCore {
     /// here; `report_clients` writes them in the background.
     client_reports: std::sync::Mutex<serde_json::Map<String, serde_json::Value>>,
     client_reports_ready: tokio::sync::Notify,
+    /// This hub's device key (standalone mode): the keys of the identities it serves to child
+    /// hubs' device-scope calls derive from it.
+    pub device_key: Key,
+    /// The downstream devices as the config names them now (replaced on reload): what the
+    /// device-scope API serves to child hubs.
+    served: RwLock<
+        Arc<
+            std::collections::BTreeMap<
+                crate::model::identity::DeviceId,
+                crate::config::DeviceSettings,
+            >,
+        >,
+    >,
 }
+
+/// How long a connecting client waits for its identity to be looked up at the parent.
+const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl HubCore {
     pub fn new(
@@ -130,12 +154,17 @@ impl HubCore {
             &recovered,
         );
         let outbox = outbox::Outbox::new(settings.upstream.is_some());
+        let served = RwLock::new(Arc::new(settings.devices.clone()));
         Self {
+            device_key: device_key.clone(),
+            served,
             settings,
             auth,
             router: RwLock::new(Arc::new(router)),
             clients: DashMap::new(),
             input_links: DashMap::new(),
+            connections: DashMap::new(),
+            connection_generation: std::sync::atomic::AtomicU64::new(0),
             methods: crate::core::methods::Dispatcher::default(),
             twins,
             registry,
@@ -176,6 +205,87 @@ impl HubCore {
                 Ok(Some(v)) => info!(identity = %id, version = v, "desired properties updated"),
                 Ok(None) => {}
                 Err(e) => tracing::error!(identity = %id, "desired properties not updated: {e}"),
+            }
+        }
+    }
+
+    /// Runtime mode: before a token is verified, makes sure the device-scope cache can judge
+    /// it. An identity it does not know, or whose token its keys do not verify (keys rotated),
+    /// is looked up at the parent once (throttled per identity), for at most
+    /// [`LOOKUP_TIMEOUT`]. Service tokens and standalone mode pass through.
+    pub async fn learn(&self, token: &str) {
+        let Some(scope) = self.auth.scope() else {
+            return;
+        };
+        let Ok(t) = crate::model::sas::SasToken::parse(token) else {
+            return;
+        };
+        if t.skn.is_some() {
+            return;
+        }
+        let Ok((_, id)) = t.audience() else { return };
+        match self.auth.verify(token, crate::model::sas::now_secs()) {
+            Err(crate::model::sas::SasError::UnknownIdentity(_))
+            | Err(crate::model::sas::SasError::BadSignature(_)) => {}
+            _ => return,
+        }
+        if tokio::time::timeout(LOOKUP_TIMEOUT, scope.lookup(&id))
+            .await
+            .is_err()
+        {
+            warn!(identity = %id, "the identity lookup at the parent timed out");
+        }
+    }
+
+    /// The downstream devices the device-scope API serves (the config's, as last reloaded).
+    pub fn served_devices(
+        &self,
+    ) -> Arc<
+        std::collections::BTreeMap<crate::model::identity::DeviceId, crate::config::DeviceSettings>,
+    > {
+        self.served
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the downstream devices the device-scope API serves (config reload).
+    pub fn set_served_devices(
+        &self,
+        devices: std::collections::BTreeMap<
+            crate::model::identity::DeviceId,
+            crate::config::DeviceSettings,
+        >,
+    ) {
+        *self.served.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(devices);
+    }
+
+    /// Runtime mode: the `$edgeHub` twin's desired properties (from the parent) are the
+    /// deployment's `$edgeHub` section: its routes, TTL and store limit replace the running ones,
+    /// as a config reload does. A section that does not compile changes nothing.
+    pub fn apply_edge_hub_twin(&self, desired: &serde_json::Map<String, serde_json::Value>) {
+        if self.settings.runtime.is_none() || !desired.contains_key("routes") {
+            return;
+        }
+        match crate::config::runtime::edge_hub_desired(&self.settings, desired) {
+            Ok(d) => {
+                for e in &d.route_errors {
+                    warn!(path = %e.path, "invalid route from the $edgeHub twin skipped: {}", e.message);
+                }
+                m::invalid_routes(d.route_errors.len());
+                let n = d.routes.len();
+                self.reload_routes(d.routes, d.time_to_live_secs);
+                if let Some(store) = &self.store {
+                    if store.usage().1 != d.max_store_bytes {
+                        store.set_limit(d.max_store_bytes);
+                    }
+                }
+                info!(routes = n, "routes from the $edgeHub twin");
+            }
+            Err(errs) => {
+                for e in &errs.0 {
+                    warn!("the $edgeHub twin's desired properties are not applied: {e}");
+                }
             }
         }
     }
@@ -305,6 +415,33 @@ impl HubCore {
         m::connected_clients(self.clients.len());
     }
 
+    /// Makes a newly authenticated connection the live connection of `id`, whatever its
+    /// transport, and ends the one it replaces (edgeHub's rule: one connection per identity, the
+    /// newer wins, an MQTT connection replaces an AMQP one and the other way round). Returns the
+    /// generation to release it with.
+    pub fn claim_connection(&self, id: &Identity, evict: Evict) -> u64 {
+        use std::sync::atomic::Ordering;
+        let generation = self.connection_generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let old = self.connections.insert(id.key(), (generation, evict));
+        // The map's guard is gone: the old connection's teardown may touch the core freely.
+        if let Some((_, evict)) = old {
+            info!(identity = %id, "a newer connection of this identity replaces the older");
+            evict(self);
+        }
+        generation
+    }
+
+    /// Forgets `id`'s live connection of `generation` (it ended) unless a newer one took over.
+    pub fn release_connection(&self, id: &Identity, generation: u64) {
+        self.connections
+            .remove_if(&id.key(), |_, (g, _)| *g == generation);
+    }
+
+    /// Identities with a live connection.
+    pub fn live_connections(&self) -> usize {
+        self.connections.len()
+    }
+
     /// Registers a module's new input link and cancels the one it replaces.
     pub fn replace_input_link(&self, id: &Identity, link: CancellationToken) {
         let key = id.key();
@@ -394,4 +531,62 @@ pub async fn report_clients(core: Arc<HubCore>, shutdown: CancellationToken) {
         core.write_client_reports().await;
     }
     core.write_client_reports().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    };
+
+    fn core() -> HubCore {
+        let text = r#"{"deviceId": "edge1", "iothubHostname": "hub.azure-devices.net", "gatewayHostname": "gw.local",
+            "listen": {"amqps": "127.0.0.1:0"}, "dataDir": "/nonexistent",
+            "modules": {"filter": {}}, "$edgeHub": {"schemaVersion": "1.0", "routes": {}}}"#;
+        let settings = crate::config::from_str(text, &Default::default()).unwrap();
+        let key = Key::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").unwrap();
+        HubCore::new(
+            settings,
+            &key,
+            twins::TwinStore::in_memory(),
+            registry::Registry::in_memory(),
+            None,
+            None,
+        )
+    }
+
+    fn counter(n: &Arc<AtomicUsize>) -> Evict {
+        let n = n.clone();
+        Box::new(move |_| {
+            n.fetch_add(1, Ordering::SeqCst);
+        })
+    }
+
+    #[test]
+    fn a_newer_connection_of_an_identity_evicts_the_older_once() {
+        let core = core();
+        let id = Identity::Module(
+            crate::model::identity::DeviceId::parse("edge1").unwrap(),
+            crate::model::identity::ModuleId::parse("filter").unwrap(),
+        );
+        let same = Identity::Module(
+            crate::model::identity::DeviceId::parse("EDGE1").unwrap(),
+            crate::model::identity::ModuleId::parse("Filter").unwrap(),
+        );
+        let (first, second) = (Arc::default(), Arc::default());
+        let g1 = core.claim_connection(&id, counter(&first));
+        assert_eq!(first.load(Ordering::SeqCst), 0);
+        // Ids compare case-insensitively, as IoT Hub compares them.
+        let g2 = core.claim_connection(&same, counter(&second));
+        assert_eq!(first.load(Ordering::SeqCst), 1);
+        assert_eq!(core.live_connections(), 1);
+        // The older one's end does not forget the newer.
+        core.release_connection(&id, g1);
+        assert_eq!(core.live_connections(), 1);
+        core.release_connection(&id, g2);
+        assert_eq!(core.live_connections(), 0);
+        assert_eq!(second.load(Ordering::SeqCst), 0, "released, never evicted");
+    }
 }

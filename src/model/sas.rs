@@ -153,11 +153,19 @@ pub fn parse_resource(resource: &str) -> Result<(String, Identity), SasError> {
     let host = parts.next().filter(|h| !h.is_empty()).ok_or_else(bad)?;
     let host = host.split(':').next().unwrap_or(host).to_owned();
     let segs: Vec<&str> = parts.collect();
-    // C# encodes ids before encoding the whole resource, so decode them once more; Node does
-    // not, so an id that only makes sense undecoded (`dev%2F1`) is taken as it stands.
-    let id = |s: &str| match url_decode(s) {
-        Ok(d) if crate::model::identity::DeviceId::parse(&d).is_ok() => d,
-        _ => s.to_owned(),
+    // C# encodes ids before encoding the whole resource, so decode them once more, and
+    // edgeHub's HTTPS tokens encode them twice (`%252524edgeHub`), so up to twice more, as
+    // edgeHub does; Node does not, so an id that only makes sense undecoded (`dev%2F1`) is
+    // taken as it stands.
+    let id = |s: &str| {
+        let mut id = s.to_owned();
+        for _ in 0..2 {
+            match url_decode(&id) {
+                Ok(d) if d != id && crate::model::identity::DeviceId::parse(&d).is_ok() => id = d,
+                _ => break,
+            }
+        }
+        id
     };
     let identity = match segs.as_slice() {
         [dv, d] if dv.eq_ignore_ascii_case("devices") => {
@@ -296,6 +304,11 @@ mod tests {
             ("h/DEVICES/d/Modules/m", "d/m"),
             ("amqps://h:5671/devices/d/modules/%24edgeHub", "d/$edgeHub"),
             ("h/devices/dev%252F1", "dev%2F1"),
+            // edgeHub's HTTPS tokens: ids encoded twice, the resource once more.
+            (
+                "h%2Fdevices%2Fedge1%2Fmodules%2F%252524edgeHub",
+                "edge1/$edgeHub",
+            ),
         ];
         for (r, want) in ok {
             let decoded = url_decode(r).unwrap();

@@ -46,14 +46,14 @@ pub fn guide(settings: &Settings, edge_ca: &Path) -> Vec<String> {
     });
     lines.push(match settings.listen.https {
         Some(addr) => format!(
-            "# AmqpWs (AMQP over WebSockets, where only 443 is open): the SDK dials \
-             wss://{gw}:{HTTPS_PORT}/$iothub/websocket ({}); the same SAS key and CA. \
-             A client behind an HTTP proxy uses AmqpWs (the SDKs' proxy settings apply to \
-             WebSocket transports). MqttWs is not served: use Mqtt or AmqpWs.",
+            "# AmqpWs and MqttWs (AMQP or MQTT over WebSockets, where only 443 is open): the \
+             SDK dials wss://{gw}:{HTTPS_PORT}/$iothub/websocket ({}); the same SAS key and CA. \
+             A client behind an HTTP proxy uses AmqpWs or MqttWs (the SDKs' proxy settings \
+             apply to WebSocket transports).",
             listener(addr, "listen.https", HTTPS_PORT)
         ),
-        None => "# AmqpWs: off (listen.https is null); set listen.https (port 443) to serve \
-                 AMQP over WebSockets. MqttWs is not served."
+        None => "# AmqpWs and MqttWs: off (listen.https is null); set listen.https (port 443) \
+                 to serve AMQP and MQTT over WebSockets."
             .to_owned(),
     });
     lines.push(x509_line(settings, edge_ca));

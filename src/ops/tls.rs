@@ -212,6 +212,80 @@ pub fn server_config_with(
     Ok(Arc::new(config))
 }
 
+/// The server certificate of runtime mode: replaced while the listeners run (renewal before
+/// expiry), so that new handshakes get the new certificate and open connections stay.
+#[derive(Debug)]
+pub struct SwappableCert(std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>);
+
+impl SwappableCert {
+    /// From the leaf-and-chain PEM and the private key PEM (PKCS#8, PKCS#1 or SEC1).
+    pub fn from_pem(chain_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        Ok(Self(std::sync::RwLock::new(certified_key(
+            chain_pem, key_pem,
+        )?)))
+    }
+
+    /// Serves `chain_pem`/`key_pem` from the next handshake on.
+    pub fn replace(&self, chain_pem: &str, key_pem: &str) -> Result<(), TlsError> {
+        let next = certified_key(chain_pem, key_pem)?;
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = next;
+        Ok(())
+    }
+
+    /// The leaf served now (DER).
+    pub fn leaf(&self) -> Option<CertificateDer<'static>> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .cert
+            .first()
+            .cloned()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for SwappableCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
+fn certified_key(
+    chain_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
+    let what = PathBuf::from("<workload API certificate>");
+    let chain: Vec<_> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(pem_err(&what))?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCert(what));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey(what.clone()),
+        e => pem_err(&what)(e),
+    })?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key)?;
+    Ok(Arc::new(rustls::sign::CertifiedKey::new(chain, signing)))
+}
+
+/// The rustls server configuration over a replaceable certificate.
+pub fn server_config_swappable(
+    cert: Arc<SwappableCert>,
+    client_auth: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let builder =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?;
+    let builder = match client_auth {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(builder.with_cert_resolver(cert)))
+}
+
 /// Why the CA certificates for the upstream connection could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum RootsError {

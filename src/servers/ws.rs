@@ -1,17 +1,20 @@
-//! AMQP over WebSockets on the HTTPS listener, as IoT Hub and edgeHub serve it on 443: a
-//! WebSocket upgrade on `/$iothub/websocket` with the subprotocol `AMQPWSB10`, then the AMQP
-//! bytes in binary WebSocket messages.
+//! AMQP and MQTT over WebSockets on the HTTPS listener, as IoT Hub and edgeHub serve them on
+//! 443: a WebSocket upgrade on `/$iothub/websocket` with the subprotocol `AMQPWSB10` or `mqtt`,
+//! then the protocol's bytes in binary WebSocket messages. The subprotocol alone chooses the
+//! protocol (as edgeHub chooses its WebSocket listener); of several offered, the first the hub
+//! speaks wins.
 //!
 //! This module only checks the upgrade request and turns the WebSocket into a byte stream
-//! ([`WsIo`]); the connection that runs on it is the AMQPS one (`amqp::Gate`): the same slots,
-//! pending queue, frame guard, SASL, `$cbs`, links and metrics. The WebSocket framing itself is
+//! ([`WsIo`]); the connection that runs on it is the AMQPS one (`amqp::Gate`: the same slots,
+//! pending queue, frame guard, SASL, `$cbs`, links and metrics) or the MQTTS one
+//! (`mqtt::Mqtt`: its slots, CONNECT checks and sessions). The WebSocket framing itself is
 //! tungstenite's; the upgrade is hyper's.
 //!
-//! Refusals (before any slot is taken): another path → 404; no `AMQPWSB10` among the offered
-//! subprotocols → 400 (as edgeHub answers a WebSocket request no listener takes); not a `GET`
-//! → 405; no `Sec-WebSocket-Key` → 400; a WebSocket version other than 13 → 426 with
-//! `Sec-WebSocket-Version: 13` (RFC 6455 §4.4); every AMQP slot held by an authenticated
-//! connection → 503.
+//! Refusals (before any slot is taken): another path → 404; neither `AMQPWSB10` nor `mqtt`
+//! among the offered subprotocols → 400 (as edgeHub answers a WebSocket request no listener
+//! takes); not a `GET` → 405; no `Sec-WebSocket-Key` → 400; a WebSocket version other than 13
+//! → 426 with `Sec-WebSocket-Version: 13` (RFC 6455 §4.4); every slot of the chosen protocol
+//! held by an authenticated connection → 503.
 
 use std::{
     net::SocketAddr,
@@ -33,7 +36,7 @@ use tokio_tungstenite::{
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, Instrument};
 
-use crate::servers::amqp::Gate;
+use crate::servers::{amqp::Gate, mqtt::Mqtt};
 
 /// The path the SDKs open (`wss://{host}:443/$iothub/websocket`).
 pub const PATH: &str = "/$iothub/websocket";
@@ -42,6 +45,31 @@ pub const PATH: &str = "/$iothub/websocket";
 pub const EVENT_HUBS_PATH: &str = "/$servicebus/websocket";
 /// The WebSocket subprotocol of AMQP 1.0 over WebSockets, as the SDKs name it.
 pub const SUBPROTOCOL: &str = "AMQPWSB10";
+/// The WebSocket subprotocol of MQTT 3.1.1 over WebSockets.
+pub const MQTT_SUBPROTOCOL: &str = "mqtt";
+
+/// The protocol a WebSocket carries, chosen by its subprotocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carried {
+    Amqp,
+    Mqtt,
+}
+
+impl Carried {
+    fn subprotocol(self) -> &'static str {
+        match self {
+            Carried::Amqp => SUBPROTOCOL,
+            Carried::Mqtt => MQTT_SUBPROTOCOL,
+        }
+    }
+}
+
+/// Where the connections of an upgraded WebSocket go: AMQP's slots or MQTT's.
+#[derive(Clone)]
+pub struct Upgrades {
+    pub amqp: Arc<Gate>,
+    pub mqtt: Arc<Mqtt>,
+}
 
 /// Is this request a WebSocket upgrade (`Upgrade: websocket`)? Such requests go to [`accept`],
 /// whatever their path, so a wrong path gets a WebSocket answer rather than an API one.
@@ -61,7 +89,7 @@ pub enum Refusal {
     Path,
     #[error("a WebSocket upgrade is a GET request")]
     Method,
-    #[error("the WebSocket subprotocol AMQPWSB10 was not offered (Sec-WebSocket-Protocol)")]
+    #[error("neither of the WebSocket subprotocols AMQPWSB10 and mqtt was offered (Sec-WebSocket-Protocol)")]
     Subprotocol,
     #[error("Sec-WebSocket-Key is missing")]
     Key,
@@ -83,9 +111,11 @@ impl Refusal {
     }
 }
 
-/// Checks an upgrade request (pure); returns the `Sec-WebSocket-Accept` value to answer with.
-pub fn check<B>(req: &Request<B>) -> Result<String, Refusal> {
-    if req.uri().path() != PATH && req.uri().path() != EVENT_HUBS_PATH {
+/// Checks an upgrade request (pure); returns the `Sec-WebSocket-Accept` value to answer with
+/// and the protocol chosen. The Event Hubs path carries AMQP only.
+pub fn check<B>(req: &Request<B>) -> Result<(String, Carried), Refusal> {
+    let event_hubs = req.uri().path() == EVENT_HUBS_PATH;
+    if req.uri().path() != PATH && !event_hubs {
         return Err(Refusal::Path);
     }
     if req.method() != hyper::Method::GET {
@@ -99,20 +129,27 @@ pub fn check<B>(req: &Request<B>) -> Result<String, Refusal> {
     if !version_ok {
         return Err(Refusal::Version);
     }
-    let offered = headers
+    let carried = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|p| p.trim().eq_ignore_ascii_case(SUBPROTOCOL));
-    if !offered {
-        return Err(Refusal::Subprotocol);
-    }
+        .find_map(|p| {
+            let p = p.trim();
+            [Carried::Amqp, Carried::Mqtt]
+                .into_iter()
+                .filter(|c| !event_hubs || *c == Carried::Amqp)
+                .find(|c| p.eq_ignore_ascii_case(c.subprotocol()))
+        })
+        .ok_or(Refusal::Subprotocol)?;
     let key = headers
         .get(header::SEC_WEBSOCKET_KEY)
         .filter(|k| !k.as_bytes().is_empty())
         .ok_or(Refusal::Key)?;
-    Ok(tungstenite::handshake::derive_accept_key(key.as_bytes()))
+    Ok((
+        tungstenite::handshake::derive_accept_key(key.as_bytes()),
+        carried,
+    ))
 }
 
 fn refused(why: Refusal) -> Response<Full<Bytes>> {
@@ -133,51 +170,72 @@ fn refused(why: Refusal) -> Response<Full<Bytes>> {
 }
 
 /// Answers a WebSocket upgrade request: a refusal, or `101 Switching Protocols` and, in a task
-/// of `tracker`, the AMQP connection on the upgraded stream. The connection takes its AMQP
+/// of `tracker`, the AMQP or MQTT connection on the upgraded stream. The connection takes its
 /// slot before the 101 is sent, so a full hub answers 503 instead of a WebSocket it would
 /// close at once.
 pub fn accept(
     mut req: Request<Incoming>,
-    gate: &Arc<Gate>,
+    to: &Upgrades,
     tracker: &TaskTracker,
     peer: SocketAddr,
     presented: Option<crate::ops::x509::Presented>,
 ) -> Response<Full<Bytes>> {
-    let accept_key = match check(&req) {
+    let (accept_key, carried) = match check(&req) {
         Ok(k) => k,
         Err(why) => {
             debug!(%peer, path = %crate::model::clip(req.uri().path()), "WebSocket upgrade refused: {why}");
             return refused(why);
         }
     };
-    let Some(admitted) = gate.admit(peer) else {
-        return refused(Refusal::Full);
-    };
-    let upgrade = hyper::upgrade::on(&mut req);
-    let limits = &gate.core().settings.limits;
-    let max_message = limits
-        .max_incomplete_bytes_per_connection
-        .max(limits.max_message_size);
-    let config = ws_config(usize::try_from(max_message).unwrap_or(usize::MAX));
-    let gate = gate.clone();
-    tracker.spawn(
+    let limits = &to.amqp.core().settings.limits;
+    let upgraded = hyper::upgrade::on(&mut req);
+    // Part of the handshake, under its deadline: the upgrade completes once hyper has written
+    // the 101.
+    let websocket = |max_message: u64| {
+        let config = ws_config(usize::try_from(max_message).unwrap_or(usize::MAX));
         async move {
-            // Part of the handshake, under its deadline: the upgrade completes once hyper has
-            // written the 101.
-            let handshake = async move {
-                let upgraded = upgrade.await.map_err(std::io::Error::other)?;
-                let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    tungstenite::protocol::Role::Server,
-                    Some(config),
-                )
-                .await;
-                Ok((WsIo::new(ws), presented))
-            };
-            gate.run(admitted, handshake).await;
+            let upgraded = upgraded.await.map_err(std::io::Error::other)?;
+            let ws = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                tungstenite::protocol::Role::Server,
+                Some(config),
+            )
+            .await;
+            Ok((WsIo::new(ws), presented))
         }
-        .instrument(info_span!("conn", %peer, transport = "amqpws")),
-    );
+    };
+    match carried {
+        Carried::Amqp => {
+            let Some(admitted) = to.amqp.admit(peer) else {
+                return refused(Refusal::Full);
+            };
+            let handshake = websocket(
+                limits
+                    .max_incomplete_bytes_per_connection
+                    .max(limits.max_message_size),
+            );
+            let gate = to.amqp.clone();
+            tracker.spawn(
+                async move { gate.run(admitted, handshake).await }
+                    .instrument(info_span!("conn", %peer, transport = "amqpws")),
+            );
+        }
+        Carried::Mqtt => {
+            let Some(admitted) = to.mqtt.admit(peer) else {
+                return refused(Refusal::Full);
+            };
+            // A whole MQTT packet: the message and room for its topic.
+            let handshake = websocket(limits.max_message_size.saturating_add(64 * 1024));
+            let mqtt = to.mqtt.clone();
+            tracker.spawn(
+                async move {
+                    mqtt.run(admitted, crate::metrics::PROTOCOL_MQTT_WS, handshake)
+                        .await
+                }
+                .instrument(info_span!("mqtt", %peer, transport = "mqttws")),
+            );
+        }
+    }
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = r.headers_mut();
@@ -194,7 +252,7 @@ pub fn accept(
     }
     h.insert(
         header::SEC_WEBSOCKET_PROTOCOL,
-        header::HeaderValue::from_static(SUBPROTOCOL),
+        header::HeaderValue::from_static(carried.subprotocol()),
     );
     r
 }
@@ -282,7 +340,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
                 Some(Ok(Message::Text(_))) => {
                     return Poll::Ready(Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
-                        "a text WebSocket message; AMQP travels in binary messages",
+                        "a text WebSocket message; AMQP and MQTT travel in binary messages",
                     )))
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
@@ -347,8 +405,22 @@ mod tests {
     fn upgrade_requests_are_checked_as_iot_hub_expects_them() {
         // RFC 6455's example key and answer.
         let ok = check(&request(PATH, Some("AMQPWSB10"), "13"));
-        assert_eq!(ok.as_deref(), Ok("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
-        assert!(check(&request(PATH, Some("mqtt, AMQPWSB10"), "13")).is_ok());
+        assert_eq!(
+            ok,
+            Ok(("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".to_owned(), Carried::Amqp))
+        );
+        // The first offered that the hub speaks wins.
+        let carried = |offer| check(&request(PATH, Some(offer), "13")).map(|(_, c)| c);
+        assert_eq!(carried("mqtt"), Ok(Carried::Mqtt));
+        assert_eq!(carried("MQTT"), Ok(Carried::Mqtt));
+        assert_eq!(carried("mqtt, AMQPWSB10"), Ok(Carried::Mqtt));
+        assert_eq!(carried("mqttv3.1, AMQPWSB10"), Ok(Carried::Amqp));
+        assert_eq!(carried("chat, mqtt"), Ok(Carried::Mqtt));
+        // The Event Hubs path carries AMQP alone.
+        let event_hubs = |offer| check(&request(EVENT_HUBS_PATH, Some(offer), "13")).map(|(_, c)| c);
+        assert_eq!(event_hubs("AMQPWSB10"), Ok(Carried::Amqp));
+        assert_eq!(event_hubs("mqtt, AMQPWSB10"), Ok(Carried::Amqp));
+        assert_eq!(event_hubs("mqtt"), Err(Refusal::Subprotocol));
         let cases = [
             (request("/", Some("AMQPWSB10"), "13"), Refusal::Path),
             (
@@ -356,7 +428,8 @@ mod tests {
                 Refusal::Path,
             ),
             (request(PATH, None, "13"), Refusal::Subprotocol),
-            (request(PATH, Some("mqtt"), "13"), Refusal::Subprotocol),
+            (request(PATH, Some("mqttv3.1"), "13"), Refusal::Subprotocol),
+            (request(PATH, Some("chat"), "13"), Refusal::Subprotocol),
             (request(PATH, Some("AMQPWSB10"), "8"), Refusal::Version),
         ];
         for (req, want) in cases {

@@ -14,6 +14,15 @@ const BIN = process.env.EDGEHUB_BIN || path.join(ROOT, 'target', 'debug', 'edgeh
 const PORTS = [5671, 8883, 443, 9600];
 const DATA = '/var/lib/edgehub';
 
+function checkConfigTextEnv(text, env) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'edgehub-deploy-'));
+  const p = path.join(dir, 'edgehub.json');
+  fs.writeFileSync(p, text);
+  const r = spawnSync(BIN, ['check-config', '--config', p], { env: { PATH: process.env.PATH, ...env } });
+  fs.rmSync(dir, { recursive: true, force: true });
+  return r;
+}
+
 function checkConfigText(text) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'edgehub-deploy-'));
   const p = path.join(dir, 'edgehub.json');
@@ -72,6 +81,34 @@ test('IoT Edge deployment manifest: edgehub as the hub module, routes valid', ()
   };
   const r = checkConfigText(JSON.stringify(cfg));
   assert.equal(r.status, 0, r.stderr.toString());
+});
+
+test('IoT Edge deployment manifest: edgehub replaces $edgeHub in runtime mode', () => {
+  const m = JSON.parse(fs.readFileSync(path.join(DEPLOY, 'iotedge', 'deployment.json'), 'utf8'));
+  const hubModule = m.modulesContent.$edgeAgent['properties.desired'].systemModules.edgeHub;
+  assert.equal(hubModule.restartPolicy, 'always');
+  const create = JSON.parse(hubModule.settings.createOptions);
+  const [bin, cmd, flag, configPath] = create.Entrypoint;
+  assert.deepEqual([bin, cmd, flag], ['edgehub', 'run', '--config']);
+  assert.ok(!create.HostConfig.Binds.some((b) => b.split(':')[1] === configPath), 'no config file is mounted');
+  // What edgeAgent injects, and the manifest's own env: the hub starts from these alone, the
+  // config file named by the entrypoint being absent.
+  const env = {
+    ...Object.fromEntries(Object.entries(hubModule.env).map(([k, v]) => [k, v.value])),
+    IOTEDGE_WORKLOADURI: 'unix:///var/run/iotedge/workload.sock', IOTEDGE_DEVICEID: 'edge-device',
+    IOTEDGE_MODULEID: '$edgeHub', IOTEDGE_MODULEGENERATIONID: '638412345678901234',
+    IOTEDGE_IOTHUBHOSTNAME: 'h.azure-devices.net', IOTEDGE_AUTHSCHEME: 'sasToken', IOTEDGE_APIVERSION: '2022-08-03',
+    EdgeDeviceHostName: 'edge-device.local', EDGEHUB_DATA_DIR: DATA,
+  };
+  const r = spawnSync(BIN, ['check-config', '--config', path.join(os.tmpdir(), `absent-${process.pid}.json`)], { env: { PATH: process.env.PATH, ...env } });
+  assert.equal(r.status, 0, r.stderr.toString());
+  // Without the runtime's variables, the same command has no config.
+  const alone = spawnSync(BIN, ['check-config', '--config', path.join(os.tmpdir(), `absent-${process.pid}.json`)], { env: { PATH: process.env.PATH } });
+  assert.notEqual(alone.status, 0);
+  // The $edgeHub section, as the $edgeHub twin brings it, compiles with modules that the
+  // config does not list (they come from the device scope).
+  const withRoutes = checkConfigTextEnv(JSON.stringify({ $edgeHub: m.modulesContent.$edgeHub['properties.desired'] }), env);
+  assert.equal(withRoutes.status, 0, withRoutes.stderr.toString());
 });
 
 test('Prometheus scrape config and Grafana dashboard use the hub\'s port and series', () => {

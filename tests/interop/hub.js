@@ -28,10 +28,10 @@ function withTimeout(promise, ms, what) {
 }
 
 /// Spawns `edgehub run` and resolves once it logged that every listener is ready.
-async function launch(configPath) {
+async function launch(configPath, env = {}) {
   const child = spawn(BIN, ['run', '--config', configPath], {
     stdio: ['ignore', 'ignore', 'pipe'],
-    env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'info' },
+    env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'info', ...env },
   });
   const proc = { child, log: '' };
   const ready = new Promise((resolve, reject) => {
@@ -53,7 +53,8 @@ async function launch(configPath) {
 /// `host` pins the hub's loopback address (for clients that cannot be told a port, such as the
 /// service SDK, which always dials 443); by default each hub gets a fresh one.
 /// `amqpsPort` 0 keeps the SDKs' port 5671 free, for tests of clients that must use another way in.
-async function startHub({ modules = { A: {}, B: {} }, routes = {}, limits, extra = {}, host = loopback(), amqpsPort = 5671 } = {}) {
+/// `env`: environment variables of the hub process (runtime mode's `IOTEDGE_*`).
+async function startHub({ modules = { A: {}, B: {} }, routes = {}, limits, extra = {}, host = loopback(), amqpsPort = 5671, env = {} } = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'edgehub-test-'));
   const config = {
     deviceId: 'edge1',
@@ -68,7 +69,7 @@ async function startHub({ modules = { A: {}, B: {} }, routes = {}, limits, extra
   if (limits) config.limits = limits;
   const configPath = path.join(dir, 'edgehub.json');
   fs.writeFileSync(configPath, JSON.stringify(config, null, 2));
-  let proc = await launch(configPath);
+  let proc = await launch(configPath, env);
   async function terminate() {
     if (proc.child.exitCode === null && proc.child.signalCode === null) proc.child.kill('SIGTERM');
     return withTimeout(proc.exited, 15000, 'edgehub exit');
@@ -117,7 +118,7 @@ async function startHub({ modules = { A: {}, B: {} }, routes = {}, limits, extra
     /// Stops the hub (SIGTERM) and starts it again on the same config and data.
     async restart() {
       const r = await terminate();
-      proc = await launch(configPath);
+      proc = await launch(configPath, env);
       return r;
     },
     /// Stops the hub (SIGTERM) and keeps its config and data for `resume`.
@@ -131,7 +132,7 @@ async function startHub({ modules = { A: {}, B: {} }, routes = {}, limits, extra
     },
     /// Starts a halted hub again on the same config and data.
     async resume() {
-      proc = await launch(configPath);
+      proc = await launch(configPath, env);
     },
     /// Resolves with the match once the hub's log (since it last started) matches `re`.
     waitLog(re, ms = 20000) {
@@ -230,4 +231,4 @@ function trustHub(serviceObject, ca) {
   serviceObject._restApiClient.setOptions({ ca, http: { agent: new https.Agent({ keepAlive: true }) } });
 }
 
-module.exports = { trustHub, startHub, withTimeout, sasToken, scrape, httpsPost, fromEnv, openClient };
+module.exports = { loopback, trustHub, startHub, withTimeout, sasToken, scrape, httpsPost, fromEnv, openClient };

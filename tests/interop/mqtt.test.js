@@ -1,7 +1,8 @@
 'use strict';
-// The Node SDK over MQTT (azure-iot-device-mqtt) against edgehub, mixed with AMQP modules on the
-// same hub: an MQTT module's output routed to an AMQP module's input and back, twin get / patch /
-// desired pushes, a direct method from another module, and a leaf device sending telemetry.
+// The Node SDK over MQTT (azure-iot-device-mqtt: `Mqtt` on 8883 and `MqttWs`, MQTT over
+// WebSockets on 443) against edgehub, mixed with AMQP modules on the same hub: an MQTT module's
+// output routed to an AMQP module's input and back, twin get / patch / desired pushes, a direct
+// method from another module, and a leaf device sending telemetry.
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const crypto = require('node:crypto');
@@ -12,14 +13,17 @@ const IOTHUB = 'test-hub.azure-devices.net';
 const LEAF = 'leaf1';
 const LEAF_KEY = crypto.randomBytes(32).toString('base64');
 
+const { Mqtt, MqttWs } = require('azure-iot-device-mqtt');
+/// Each MQTT transport of the SDK, with the `edgehub_open_connections` label it is counted under.
+const TRANSPORTS = [['Mqtt', Mqtt, 'mqtt'], ['MqttWs', MqttWs, 'mqttws']];
+
 /// A ModuleClient over MQTT made from the edge environment, as a module makes it.
-function fromEnvMqtt(env) {
+function fromEnvMqtt(env, transport) {
   const { ModuleClient } = require('azure-iot-device');
-  const { Mqtt } = require('azure-iot-device-mqtt');
   const saved = { ...process.env };
   Object.assign(process.env, env);
   return new Promise((resolve, reject) => {
-    ModuleClient.fromEnvironment(Mqtt, (err, client) => {
+    ModuleClient.fromEnvironment(transport, (err, client) => {
       process.env = saved;
       if (err) reject(err);
       else resolve(client);
@@ -27,7 +31,8 @@ function fromEnvMqtt(env) {
   });
 }
 
-test('an MQTT module and an AMQP module exchange messages, twins and methods', async (t) => {
+for (const [name, transport, label] of TRANSPORTS) {
+test(`an MQTT module (${name}) and an AMQP module exchange messages, twins and methods`, async (t) => {
   const hub = await startHub({
     modules: { A: {}, B: {} },
     routes: {
@@ -35,7 +40,7 @@ test('an MQTT module and an AMQP module exchange messages, twins and methods', a
       amqpToMqtt: 'FROM /messages/modules/B/outputs/back INTO BrokeredEndpoint("/modules/A/inputs/in2")',
     },
   });
-  const a = await fromEnvMqtt(hub.env('A'));
+  const a = await fromEnvMqtt(hub.env('A'), transport);
   const b = await fromEnv(hub.env('B'));
   t.after(async () => {
     try {
@@ -116,11 +121,11 @@ test('an MQTT module and an AMQP module exchange messages, twins and methods', a
   });
 
   const metrics = await scrape(hub.metricsUrl);
-  assert.match(metrics, /edgehub_open_connections\{[^}]*protocol="mqtt"[^}]*\} 1/);
+  assert.match(metrics, new RegExp(`edgehub_open_connections\\{[^}]*protocol="${label}"[^}]*\\} 1`));
   assert.match(metrics, /edgehub_open_connections\{[^}]*protocol="amqp"[^}]*\} 1/);
 });
 
-test('a leaf device over MQTT sends telemetry that is routed to a module', async (t) => {
+test(`a leaf device over MQTT (${name}) sends telemetry that is routed to a module`, async (t) => {
   const hub = await startHub({
     modules: { B: {} },
     extra: { devices: { [LEAF]: { primaryKey: LEAF_KEY } } },
@@ -129,9 +134,8 @@ test('a leaf device over MQTT sends telemetry that is routed to a module', async
     },
   });
   const { Client } = require('azure-iot-device');
-  const { Mqtt } = require('azure-iot-device-mqtt');
   const leaf = Client.fromConnectionString(
-    `HostName=${IOTHUB};DeviceId=${LEAF};SharedAccessKey=${LEAF_KEY};GatewayHostName=${hub.host}`, Mqtt);
+    `HostName=${IOTHUB};DeviceId=${LEAF};SharedAccessKey=${LEAF_KEY};GatewayHostName=${hub.host}`, transport);
   const b = await fromEnv(hub.env('B'));
   t.after(async () => {
     try {
@@ -159,3 +163,4 @@ test('a leaf device over MQTT sends telemetry that is routed to a module', async
   assert.equal(got.msg.properties.getValue('site'), 'north');
   assert.equal(got.msg.data.toString(), 'from the leaf');
 });
+}

@@ -1,7 +1,8 @@
 'use strict';
 // X.509 client authentication with the Node SDK's device Client: `x509=true` in the connection
-// string and setOptions({cert, key}); a thumbprint device and a CA-signed device, each over AMQPS
-// and over AMQP over WebSockets. Certificates are made with the openssl command line.
+// string and setOptions({cert, key}); a thumbprint device and a CA-signed device, each over AMQPS,
+// AMQP over WebSockets, MQTT and MQTT over WebSockets (no password in the CONNECT). Certificates
+// are made with the openssl command line.
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const fs = require('node:fs');
@@ -10,6 +11,7 @@ const path = require('node:path');
 const { execFileSync } = require('node:child_process');
 const { Client: DeviceClient, Message } = require('azure-iot-device');
 const { Amqp, AmqpWs } = require('azure-iot-device-amqp');
+const { Mqtt, MqttWs } = require('azure-iot-device-mqtt');
 const { openClient, startHub, withTimeout } = require('./hub');
 
 function openssl(args, cwd) {
@@ -39,7 +41,7 @@ function sha1Thumbprint(dir, name) {
   return out.trim().split('=')[1].replace(/:/g, '');
 }
 
-test('devices authenticate with X.509 certificates over AMQPS and AmqpWs', async (t) => {
+test('devices authenticate with X.509 certificates over AMQPS, AmqpWs, MQTT and MqttWs', async (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'edgehub-x509-'));
   openssl(['req', '-x509', ...EC, '-keyout', 'ca.key.pem', '-out', 'ca.pem', '-subj', '/CN=devices CA',
     '-days', '30', '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign'], dir);
@@ -91,7 +93,7 @@ test('devices authenticate with X.509 certificates over AMQPS and AmqpWs', async
   }
 
   for (const [id, creds] of [['selfie', thumb], ['cadev', signed]]) {
-    for (const [name, transport] of [['Amqp', Amqp], ['AmqpWs', AmqpWs]]) {
+    for (const [name, transport] of [['Amqp', Amqp], ['AmqpWs', AmqpWs], ['Mqtt', Mqtt], ['MqttWs', MqttWs]]) {
       await t.test(`${id} (${id === 'selfie' ? 'thumbprint' : 'CA-signed'}) over ${name}`, async () => {
         const c = await device(id, creds, transport);
         await withTimeout(c.open(), 15000, `${id} open`);
@@ -114,5 +116,11 @@ test('devices authenticate with X.509 certificates over AMQPS and AmqpWs', async
     })(), 15000, 'stranger open + sendEvent'), (e) => !/timed out/.test(e.message));
     assert.ok(!received.includes('stranger'));
     await hub.waitLog(/client certificate not accepted: .*thumbprint [0-9A-F]{40} is not one of its/);
+  });
+
+  await t.test('over MQTT, a certificate that matches no device gets CONNACK 5', async () => {
+    const c = await device('selfie', stranger, Mqtt);
+    await assert.rejects(withTimeout(c.open(), 15000, 'stranger MQTT open'), (e) => /not authorized/i.test(e.message));
+    await hub.waitLog(/MQTT CONNECT refused[^\n]*NotAuthorized[^\n]*thumbprint/);
   });
 });

@@ -69,6 +69,17 @@ fn app_string(m: &Message<Body<Value>>, key: &str) -> Option<String> {
     }
 }
 
+/// The token a put-token request carries, if it is one.
+pub fn token_of(m: &Message<Body<Value>>) -> Option<String> {
+    match &m.body {
+        Body::Value(v) => match &v.0 {
+            Value::String(s) => Some(s.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// Handles one request message.
 pub fn handle(m: &Message<Body<Value>>, auth: &Authenticator, now_secs: u64) -> CbsReply {
     let correlation_id = m.properties.as_ref().and_then(|p| p.message_id.clone());

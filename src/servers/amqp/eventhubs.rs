@@ -140,6 +140,11 @@ impl ServiceGrants {
             .any(|g| g.scope.is_empty() && g.expiry.saturating_add(skew) >= now)
     }
 
+    /// Whether the connection holds no service grant.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
     /// Ends the grants whose token expired: their links detach with
     /// `amqp:unauthorized-access`.
     pub(crate) fn expire(&self, now: u64) {

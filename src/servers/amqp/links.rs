@@ -204,6 +204,10 @@ async fn cbs_requests(
             Err(end) => return end_receiver(rx, &cancel, end).await,
         };
         let info = DeliveryInfo::from(&delivery);
+        if let Some(token) = cbs::token_of(delivery.message()) {
+            // Runtime mode: an identity new to this hub is looked up at the parent first.
+            core.learn(&token).await;
+        }
         let reply = cbs::handle(delivery.message(), &core.auth, now_secs());
         match (&reply.granted, &reply.service) {
             (_, Some(g)) => {
@@ -214,9 +218,7 @@ async fn cbs_requests(
                 }
             }
             (Some((id, expiry)), None) => {
-                if conn.authorize(id.clone(), *expiry) {
-                    core.client_connected(id);
-                }
+                conn.grant(&core, id, *expiry);
                 debug!(identity = %id, "put-token accepted");
             }
             (None, None) => {

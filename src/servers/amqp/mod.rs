@@ -89,6 +89,8 @@ struct Grant {
     id: Identity,
     expiry: u64,
     links: links::LinkStop,
+    /// Its registration as the identity's live connection (`HubCore::claim_connection`).
+    generation: u64,
 }
 
 /// What one connection has proven: identities with a valid token, and their expiry.
@@ -98,8 +100,10 @@ pub(crate) struct ConnState {
     /// signal descends from it.
     root: CancellationToken,
     /// Put-token replies: the sender side, and the receiver until a response link takes it.
-    /// Replies put before the response link attaches wait here (bounded) for it.
-    cbs_replies: Mutex<CbsReplies>,
+    /// Replies put before the response link attaches wait here (bounded) for it. Made on the
+    /// first `$cbs` use: a connection that authenticates by SASL PLAIN never needs it, and a
+    /// tokio channel holds a block of 32 slots (about 5 KB here) from its creation on.
+    cbs_replies: Mutex<Option<CbsReplies>>,
     /// Set by the first valid token or SASL PLAIN identity; read by the frame guard.
     authenticated: Arc<AtomicBool>,
     /// This connection's place among the pending ones, until it authenticates.
@@ -145,7 +149,7 @@ impl ConnState {
             others: links::LinkStop::new(root.child_token()),
             authorized: Mutex::new(HashMap::new()),
             root,
-            cbs_replies: Mutex::new(CbsReplies::new()),
+            cbs_replies: Mutex::new(None),
             authenticated: Arc::new(AtomicBool::new(false)),
             pending: Mutex::new(None),
             close_reason: Arc::default(),
@@ -178,13 +182,11 @@ impl ConnState {
     /// Records what the client's certificate proved: an identity is granted until the
     /// certificate expires, as a token would be; a certificate that matches nothing grants
     /// nothing (the connection may still put a token).
-    fn presented(&self, core: &HubCore, presented: Option<crate::ops::x509::Presented>) {
+    fn presented(self: &Arc<Self>, core: &HubCore, presented: Option<crate::ops::x509::Presented>) {
         match &presented {
             Some(crate::ops::x509::Presented::Identity { id, not_after }) => {
                 debug!(identity = %id, "authenticated by its client certificate");
-                if self.authorize(id.clone(), *not_after) {
-                    core.client_connected(id);
-                }
+                self.grant(core, id, *not_after);
             }
             Some(crate::ops::x509::Presented::Unmatched(why)) => {
                 info!("client certificate not accepted: {why}");
@@ -242,9 +244,73 @@ impl ConnState {
             }
             None => {
                 let links = links::LinkStop::new(self.root.child_token());
-                map.insert(key, Grant { id, expiry, links });
+                map.insert(
+                    key,
+                    Grant {
+                        id,
+                        expiry,
+                        links,
+                        generation: 0,
+                    },
+                );
                 true
             }
+        }
+    }
+
+    /// Records a verified identity (see `authorize`). One new on this connection is counted as
+    /// connected and becomes the identity's live connection hub-wide: the connection that had
+    /// it (AMQP or MQTT) loses it, and this one loses it in turn to a newer one ([`Self::evicted`]).
+    pub fn grant(self: &Arc<Self>, core: &HubCore, id: &Identity, expiry: u64) {
+        if !self.authorize(id.clone(), expiry) {
+            return;
+        }
+        core.client_connected(id);
+        let (conn, who) = (Arc::downgrade(self), id.clone());
+        let generation = core.claim_connection(
+            id,
+            Box::new(move |core| {
+                if let Some(conn) = conn.upgrade() {
+                    conn.evicted(core, &who);
+                }
+            }),
+        );
+        if let Some(g) = self.map().get_mut(&id.key()) {
+            g.generation = generation;
+        }
+    }
+
+    /// A newer connection of `id` took over: its links here detach with `amqp:link:stolen`, and
+    /// a connection left with no identity (and no service grant) closes with
+    /// `amqp:connection:forced` (as edgeHub closes the AMQP connection whose last identity goes).
+    fn evicted(&self, core: &HubCore, id: &Identity) {
+        let (grant, empty) = {
+            let mut map = self.map();
+            let g = map.remove(&id.key());
+            (g, map.is_empty() && self.services.is_empty())
+        };
+        let Some(grant) = grant else { return };
+        let why = "a newer connection of this identity replaced this one";
+        grant.links.stop_with(amqp_error(
+            fe2o3_amqp::types::definitions::LinkError::Stolen,
+            why,
+        ));
+        core.client_disconnected(id);
+        if empty {
+            self.close_with(amqp_error(
+                fe2o3_amqp::types::definitions::ConnectionError::ConnectionForced,
+                why,
+            ));
+        }
+    }
+
+    /// Ends every identity of a closing connection: each leaves the connected clients and,
+    /// unless a newer connection took it over, the live connections.
+    fn release_all(&self, core: &HubCore) {
+        let grants: Vec<Grant> = self.map().drain().map(|(_, g)| g).collect();
+        for g in grants {
+            core.client_disconnected(&g.id);
+            core.release_connection(&g.id, g.generation);
         }
     }
 
@@ -266,7 +332,7 @@ impl ConnState {
 
     /// Ends the grants whose token expired (beyond the clock skew) without a renewal: their
     /// links are closed with `amqp:unauthorized-access`. Returns the identities that expired.
-    fn expire(&self, now: u64) -> Vec<Identity> {
+    fn expire(&self, now: u64) -> Vec<(Identity, u64)> {
         let mut map = self.map();
         let gone: Vec<IdentityKey> = map
             .iter()
@@ -286,7 +352,7 @@ impl ConnState {
                 );
                 g.links
                     .stop_with(amqp_error(AmqpError::UnauthorizedAccess, why));
-                g.id
+                (g.id, g.generation)
             })
             .collect()
     }
@@ -337,6 +403,7 @@ impl ConnState {
     /// replies queued before it attached; a later one takes over and the older one ends.
     pub fn take_cbs_replies(&self) -> mpsc::Receiver<(tokio::time::Instant, cbs::CbsReply)> {
         let mut r = lock(&self.cbs_replies);
+        let r = r.get_or_insert_with(CbsReplies::new);
         match r.rx.take() {
             Some(rx) => rx,
             None => {
@@ -350,16 +417,15 @@ impl ConnState {
     /// Queues a put-token reply for the response link (attached or still to come); it waits
     /// at most [`CBS_REPLY_WAIT`] for room and for the link.
     pub async fn send_cbs_reply(&self, reply: cbs::CbsReply) -> bool {
-        let tx = lock(&self.cbs_replies).tx.clone();
+        let tx = lock(&self.cbs_replies)
+            .get_or_insert_with(CbsReplies::new)
+            .tx
+            .clone();
         let deadline = tokio::time::Instant::now() + CBS_REPLY_WAIT;
         matches!(
             tokio::time::timeout_at(deadline, tx.send((deadline, reply))).await,
             Ok(Ok(()))
         )
-    }
-
-    fn identities(&self) -> Vec<Identity> {
-        self.map().values().map(|g| g.id.clone()).collect()
     }
 }
 
@@ -631,7 +697,9 @@ where
         faults: conn.faults.clone(),
     };
     let idle_ms = u32::try_from(limits.idle_timeout_secs.saturating_mul(1000)).unwrap_or(u32::MAX);
-    let handshake = async {
+    // Boxed: the TLS, SASL and open futures are large and live only until the open, while
+    // this task lives as long as the connection.
+    let handshake = Box::pin(async {
         let (mut stream, presented) = handshake.await.map_err(HandshakeError::Tls)?;
         conn.presented(&core, presented);
         let mut header = [0u8; 8];
@@ -667,7 +735,7 @@ where
             builder.build().accept(stream).await?
         };
         Ok::<_, HandshakeError>(handle)
-    };
+    });
     let handshake = tokio::select! {
         // Shutdown (or an eviction) does not wait for handshakes in progress.
         _ = conn.root.cancelled() => None,
@@ -687,17 +755,13 @@ where
     };
     let Some(handle) = handle else {
         // An identity proven inside the handshake (SASL PLAIN) leaves with it.
-        for id in conn.identities() {
-            core.client_disconnected(&id);
-        }
+        conn.release_all(&core);
         return;
     };
     debug!("connection open");
     run_connection(handle, conn.clone(), core.clone()).await;
     drop(lock(&conn.pending).take());
-    for id in conn.identities() {
-        core.client_disconnected(&id);
-    }
+    conn.release_all(&core);
     debug!("connection closed");
 }
 
@@ -751,10 +815,8 @@ async fn run_connection(
         };
         let Some(incoming) = incoming else { break };
         let fault = conn.faults.signal(incoming.channel);
-        match session_acceptor
-            .accept_incoming_session(incoming, &mut handle)
-            .await
-        {
+        // Boxed, as the attach below: a transient future kept out of the long-lived task.
+        match Box::pin(session_acceptor.accept_incoming_session(incoming, &mut handle)).await {
             Ok(session) => {
                 let (conn, core, cancel) = (conn.clone(), core.clone(), cancel.clone());
                 tracker.spawn(run_session(session, conn, core, cancel, fault).in_current_span());
@@ -801,9 +863,10 @@ async fn expire_tokens(conn: Arc<ConnState>, core: Arc<HubCore>, cancel: Cancell
             _ = revoked.changed() => {}
         }
         conn.services.expire(now_secs());
-        for id in conn.expire(now_secs()) {
+        for (id, generation) in conn.expire(now_secs()) {
             debug!(identity = %id, "token expired; links of this identity closed");
             core.client_disconnected(&id);
+            core.release_connection(&id, generation);
         }
     }
 }
@@ -915,7 +978,7 @@ async fn run_session(
             _ => None,
         };
         let acceptor = acceptors.for_link(kind.as_ref().ok(), role);
-        let link = match acceptor.accept_incoming_attach(attach, &mut session).await {
+        let link = match Box::pin(acceptor.accept_incoming_attach(attach, &mut session)).await {
             Ok(l) => l,
             Err(e) => {
                 debug!(link = %clip(&name), error = ?e, "link attach failed");
@@ -1166,9 +1229,7 @@ impl SaslAcceptor for HubSasl {
                     .unwrap_or_default();
                 match plain_identity(&data, &self.core) {
                     Some((id, expiry)) => {
-                        if self.conn.authorize(id.clone(), expiry) {
-                            self.core.client_connected(&id);
-                        }
+                        self.conn.grant(&self.core, &id, expiry);
                         outcome(SaslCode::Ok)
                     }
                     None => {

@@ -160,6 +160,17 @@ pub(super) fn json_response(status: StatusCode, body: &Value) -> Response<Full<B
 
 /// Serves one request.
 pub async fn handle(req: Request<Incoming>, core: &HubCore) -> Response<Full<Bytes>> {
+    // Runtime mode: an identity new to this hub is looked up at the parent first.
+    if let Some(token) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        core.learn(token).await;
+    }
+    if let Some((actor, op)) = super::scope::route(req.uri().path()) {
+        return super::scope::handle(req, actor, op, core).await;
+    }
     let style = error_style(&req);
     match serve(req, core).await {
         Ok(r) => r,

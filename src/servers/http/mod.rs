@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod registry;
+pub mod scope;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -162,15 +163,17 @@ pub async fn serve_metrics(
     tracker.wait().await;
 }
 
+pub use crate::servers::ws::Upgrades;
+
 /// The HTTPS API on `listen.https`: the direct-method API of modules and the service API
-/// (direct methods and twins, see `api`), and AMQP over WebSockets (see `ws`), whose
-/// connections `gate` admits.
+/// (direct methods and twins, see `api`), and AMQP and MQTT over WebSockets (see `ws`), whose
+/// connections `upgrades` admits.
 pub async fn serve_https(
     listener: TcpListener,
     tls: tokio_rustls::TlsAcceptor,
     core: Arc<crate::core::HubCore>,
     shutdown: CancellationToken,
-    gate: Arc<crate::servers::amqp::Gate>,
+    upgrades: Upgrades,
 ) {
     let tracker = TaskTracker::new();
     let limits = &core.settings.limits;
@@ -188,7 +191,7 @@ pub async fn serve_https(
         };
         let (tls, core, shutdown) = (tls.clone(), core.clone(), shutdown.clone());
         let builder = builder.clone();
-        let (gate, upgrades) = (gate.clone(), tracker.clone());
+        let (to, upgrades) = (upgrades.clone(), tracker.clone());
         tracker.spawn(async move {
             let _permit = permit;
             let _ = stream.set_nodelay(true);
@@ -204,14 +207,14 @@ pub async fn serve_https(
                     Err(_) => { debug!(%peer, "https TLS handshake timed out"); return; }
                 },
             };
-            // What the client's certificate proves, for AMQP over WebSockets on this connection.
-            let presented = gate.identify(stream.get_ref().1);
+            // What the client's certificate proves, for a WebSocket on this connection.
+            let presented = to.amqp.identify(stream.get_ref().1);
             let svc = service_fn(move |req| {
                 let core = core.clone();
-                // A WebSocket upgrade carries an AMQP connection (`ws`); its task joins this
-                // listener's, and the HTTPS slot is freed once the stream is handed over.
+                // A WebSocket upgrade carries an AMQP or MQTT connection (`ws`); its task joins
+                // this listener's, and the HTTPS slot is freed once the stream is handed over.
                 let req = match crate::servers::ws::is_upgrade(&req) {
-                    true => Err(crate::servers::ws::accept(req, &gate, &upgrades, peer, presented.clone())),
+                    true => Err(crate::servers::ws::accept(req, &to, &upgrades, peer, presented.clone())),
                     false => Ok(req),
                 };
                 async move {

@@ -1,27 +1,33 @@
 //! The MQTT 3.1.1 adapter: the listener on `listen.mqtts` (TLS with the hub's server
-//! certificate) and one task per connection that turns IoT Hub's MQTT topics into calls on the
-//! same core the AMQP adapter uses (`crate::ops` for ingest, the input pump's choice of
-//! messages and twin requests; [`crate::core::methods::Dispatcher`]; [`crate::core::twins::TwinStore`];
-//! [`crate::core::auth::Authenticator`] for SAS tokens).
+//! certificate), MQTT over WebSockets on the HTTPS listener (`ws`), and one task per connection
+//! that turns IoT Hub's MQTT topics into calls on the same core the AMQP adapter uses
+//! ([`crate::core::ingest`], the delivery pump and twin requests;
+//! [`crate::core::methods::Dispatcher`]; [`crate::core::twins::TwinStore`];
+//! [`crate::core::auth::Authenticator`] for SAS tokens; [`crate::ops::x509::Matcher`] for
+//! client certificates).
 //!
 //! * Packets are read and written by `rumqttc`'s v4 codec; the session logic is ours
-//!   (`session`). A connection runs over any `AsyncRead + AsyncWrite` stream
-//!   ([`serve_stream`]), so MQTT over WebSockets only has to hand its stream over.
+//!   (`session`). A connection runs over any `AsyncRead + AsyncWrite` stream ([`Mqtt::run`]): a
+//!   TLS stream, or a WebSocket's binary messages.
 //! * Limits: `limits.maxConnections` open connections, at most `limits.maxPendingConnections`
 //!   that have not yet sent a valid CONNECT (a new one evicts the oldest of them), TLS within
 //!   `limits.handshakeTimeoutSecs`, CONNECT within `limits.authTimeoutSecs` after it; these are
-//!   the AMQP listener's limits, counted for this listener on its own.
-//! * One live session per client id: a newer CONNECT of the same identity ends the older
-//!   connection (edgeHub's rule), whose teardown touches nothing of the newer one (every
+//!   the AMQP listener's limits, counted for MQTT on its own, MQTTS and MQTT over WebSockets
+//!   together.
+//! * One live connection per identity, whatever the transport: a newer CONNECT (or AMQP
+//!   authentication) of the same identity ends the older connection (edgeHub's rule, kept by
+//!   [`HubCore::claim_connection`]), whose teardown touches nothing of the newer one (every
 //!   registration it undoes carries its generation).
 
 pub mod convert;
 mod session;
 pub mod sessions;
 pub mod topic;
+mod will;
 
 use std::{
     collections::VecDeque,
+    net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -29,62 +35,131 @@ use std::{
     time::Duration,
 };
 
-use dashmap::DashMap;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpListener,
-    sync::Semaphore,
+    sync::{OwnedSemaphorePermit, Semaphore},
 };
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info_span, warn, Instrument};
 
-use crate::{
-    core::HubCore,
-    metrics as m,
-    model::identity::{Identity, IdentityKey},
-};
+use crate::{core::HubCore, metrics as m, ops::x509};
 
-/// What every MQTT connection of the hub shares.
+/// What every MQTT connection of the hub shares: the core, the kept sessions, the client
+/// certificate matcher and the connection slots of MQTTS and MQTT over WebSockets.
 pub struct Mqtt {
     pub core: Arc<HubCore>,
     /// Subscriptions kept for clean-session `false` clients.
     pub sessions: sessions::SessionStore,
-    /// Identity → (generation, stop) of its live connection.
-    live: DashMap<IdentityKey, (u64, CancellationToken)>,
-    generation: AtomicU64,
+    /// The devices that authenticate with a client certificate.
+    x509: Arc<x509::Matcher>,
+    permits: Arc<Semaphore>,
+    pending: Arc<Pending>,
+    shutdown: CancellationToken,
+}
+
+/// A connection let in by [`Mqtt::admit`]: pending until its CONNECT is accepted. Its slot is
+/// taken, or freed by the eviction of a pending connection and waited for in [`Mqtt::run`].
+pub(crate) struct Admitted {
+    permit: Option<OwnedSemaphorePermit>,
+    stop: CancellationToken,
+    ticket: PendingTicket,
 }
 
 impl Mqtt {
-    pub fn new(core: Arc<HubCore>, sessions: sessions::SessionStore) -> Arc<Self> {
+    pub fn new(
+        core: Arc<HubCore>,
+        sessions: sessions::SessionStore,
+        x509: Arc<x509::Matcher>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let limits = &core.settings.limits;
         Arc::new(Self {
+            permits: Arc::new(Semaphore::new(limits.max_connections)),
+            pending: Pending::new(limits.max_pending_connections),
             core,
             sessions,
-            live: DashMap::new(),
-            generation: AtomicU64::new(0),
+            x509,
+            shutdown,
         })
     }
 
-    /// Makes `stop` the live connection of `id`, ending the one it replaces; returns its
-    /// generation.
-    fn take_over(&self, id: &Identity, stop: CancellationToken) -> u64 {
-        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let old = self.live.insert(id.key(), (generation, stop));
-        if let Some((_, old)) = old {
-            debug!(identity = %id, "a newer connection of this client replaces the older");
-            old.cancel();
+    /// What the client of a TLS connection proved with its certificate (`None`: it sent none).
+    pub(crate) fn identify(&self, tls: &rustls::ServerConnection) -> Option<x509::Presented> {
+        // The registry's certificate devices too, read only when a certificate came.
+        x509::presented(&self.x509, tls, || self.core.auth.live_x509())
+    }
+
+    /// Lets a new connection in, or `None` when every slot is held by an authenticated one.
+    pub(crate) fn admit(&self, peer: SocketAddr) -> Option<Admitted> {
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) if self.pending.evict_oldest() => None,
+            Err(_) => {
+                let limit = self.core.settings.limits.max_connections;
+                warn!(%peer, limit, "MQTT connection limit reached; closing");
+                return None;
+            }
+        };
+        let stop = self.shutdown.child_token();
+        let ticket = self.pending.admit(stop.clone());
+        Some(Admitted {
+            permit,
+            stop,
+            ticket,
+        })
+    }
+
+    /// Serves an admitted connection to its end: `handshake` (TLS for MQTTS; the upgrade for a
+    /// WebSocket) gives the byte stream and what the client's certificate proved, within
+    /// `limits.handshakeTimeoutSecs`; then the session runs. `protocol` labels the connection
+    /// in `edgehub_open_connections`.
+    pub(crate) async fn run<S, F>(
+        self: &Arc<Self>,
+        admitted: Admitted,
+        protocol: &'static str,
+        handshake: F,
+    ) where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        F: std::future::Future<Output = std::io::Result<(S, Option<x509::Presented>)>>,
+    {
+        let Admitted {
+            permit,
+            stop,
+            ticket,
+        } = admitted;
+        let _permit = match permit {
+            Some(p) => p,
+            None => {
+                match tokio::time::timeout(EVICTION_WAIT, self.permits.clone().acquire_owned())
+                    .await
+                {
+                    Ok(Ok(p)) => p,
+                    _ => return,
+                }
+            }
+        };
+        m::open_connections(protocol, 1.0);
+        let deadline = Duration::from_secs(self.core.settings.limits.handshake_timeout_secs);
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => None,
+            s = tokio::time::timeout(deadline, handshake) => match s {
+                Ok(Ok(s)) => Some(s),
+                Ok(Err(e)) => {
+                    debug!(error = %e, "MQTT handshake failed");
+                    None
+                }
+                Err(_) => {
+                    debug!("MQTT handshake timed out");
+                    None
+                }
+            },
+        };
+        if let Some((stream, presented)) = accepted {
+            session::run(stream, self.clone(), stop, ticket, presented).await;
         }
-        generation
-    }
-
-    /// Forgets the live connection of `id` unless a newer one took over.
-    fn release(&self, id: &Identity, generation: u64) {
-        self.live.remove_if(&id.key(), |_, (g, _)| *g == generation);
-    }
-
-    /// Identities with a live MQTT connection.
-    pub fn live_len(&self) -> usize {
-        self.live.len()
+        m::open_connections(protocol, -1.0);
     }
 }
 
@@ -98,25 +173,13 @@ struct Pending {
 
 /// A connection's place in [`Pending`]; dropped when it authenticates or ends.
 pub(crate) struct PendingTicket {
-    pending: Option<Arc<Pending>>,
+    pending: Arc<Pending>,
     id: u64,
-}
-
-impl PendingTicket {
-    /// A ticket that holds no place (a stream admitted by another listener).
-    pub(crate) fn none() -> Self {
-        Self {
-            pending: None,
-            id: 0,
-        }
-    }
 }
 
 impl Drop for PendingTicket {
     fn drop(&mut self) {
-        if let Some(p) = &self.pending {
-            lock(&p.queue).retain(|(id, _)| *id != self.id);
-        }
+        lock(&self.pending.queue).retain(|(id, _)| *id != self.id);
     }
 }
 
@@ -144,7 +207,7 @@ impl Pending {
         }
         q.push_back((id, stop));
         PendingTicket {
-            pending: Some(self.clone()),
+            pending: self.clone(),
             id,
         }
     }
@@ -163,89 +226,32 @@ impl Pending {
 /// How long a new connection waits for the slot of a pending one it evicted.
 const EVICTION_WAIT: Duration = Duration::from_secs(2);
 
-/// Accepts MQTT-over-TLS connections until `shutdown`, then waits for every connection task.
-pub async fn serve(
-    listener: TcpListener,
-    tls: TlsAcceptor,
-    mqtt: Arc<Mqtt>,
-    shutdown: CancellationToken,
-) {
-    let limits = mqtt.core.settings.limits.clone();
+/// Accepts MQTT-over-TLS connections until shutdown, then waits for every connection task.
+pub async fn serve(listener: TcpListener, tls: TlsAcceptor, mqtt: Arc<Mqtt>) {
     let tracker = TaskTracker::new();
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let pending = Pending::new(limits.max_pending_connections);
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            a = listener.accept() => a,
+    while let Some((tcp, peer)) =
+        crate::servers::http::accept_with_backoff("mqtts", &mqtt.shutdown, || listener.accept())
+            .await
+    {
+        let Some(admitted) = mqtt.admit(peer) else {
+            continue;
         };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(error = %e, "MQTT accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let permit = match permits.clone().try_acquire_owned() {
-            Ok(p) => Some(p),
-            Err(_) if pending.evict_oldest() => None,
-            Err(_) => {
-                warn!(%peer, limit = limits.max_connections, "MQTT connection limit reached; closing");
-                continue;
-            }
-        };
-        let stop = shutdown.child_token();
-        let ticket = pending.admit(stop.clone());
-        let (tls, mqtt, permits) = (tls.clone(), mqtt.clone(), permits.clone());
-        let handshake = Duration::from_secs(limits.handshake_timeout_secs);
+        let (tls, mqtt) = (tls.clone(), mqtt.clone());
         tracker.spawn(
             async move {
-                let _permit = match permit {
-                    Some(p) => p,
-                    None => {
-                        match tokio::time::timeout(EVICTION_WAIT, permits.acquire_owned()).await {
-                            Ok(Ok(p)) => p,
-                            _ => return,
-                        }
-                    }
-                };
                 let _ = tcp.set_nodelay(true);
-                m::open_connections(m::PROTOCOL_MQTT, 1.0);
-                let accepted = tokio::select! {
-                    _ = stop.cancelled() => None,
-                    s = tokio::time::timeout(handshake, tls.accept(tcp)) => match s {
-                        Ok(Ok(s)) => Some(s),
-                        Ok(Err(e)) => {
-                            debug!(error = %e, "MQTT TLS handshake failed");
-                            None
-                        }
-                        Err(_) => {
-                            debug!("MQTT TLS handshake timed out");
-                            None
-                        }
-                    },
+                let handshake = async {
+                    let stream = tls.accept(tcp).await?;
+                    let presented = mqtt.identify(stream.get_ref().1);
+                    Ok((stream, presented))
                 };
-                if let Some(stream) = accepted {
-                    session::run(stream, mqtt, stop, ticket).await;
-                }
-                m::open_connections(m::PROTOCOL_MQTT, -1.0);
+                mqtt.run(admitted, m::PROTOCOL_MQTT, handshake).await;
             }
             .instrument(info_span!("mqtt", %peer)),
         );
     }
     tracker.close();
     tracker.wait().await;
-}
-
-/// Serves one MQTT connection over an already accepted stream (TLS, or a WebSocket's binary
-/// frames); it ends when the client leaves, is replaced, or `stop` is cancelled. The caller
-/// counts the connection against its own limits.
-pub async fn serve_stream<S>(stream: S, mqtt: Arc<Mqtt>, stop: CancellationToken)
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    session::run(stream, mqtt, stop, PendingTicket::none()).await
 }
 
 /// Logs the listener address once it is bound.

@@ -4,9 +4,16 @@
 //! * CONNECT must come first and within `limits.authTimeoutSecs`. Client id `{d}` or `{d}/{m}`
 //!   of an identity this hub serves, else CONNACK 2; username
 //!   `{host}/{clientId}/?api-version=…` for the same identity, password a SAS token verified as
-//!   `$cbs` verifies it (key, host, expiry), else CONNACK 5 (4 for a username that does not
-//!   parse, 1 for a protocol level other than 4). The connection ends when the token expires
+//!   `$cbs` verifies it (key, host, expiry), or no password and a TLS client certificate that
+//!   proves the identity ([`crate::ops::x509`]), else CONNACK 5 (4 for a username that does not
+//!   parse, 1 for a protocol level other than 4); a password is checked even when a certificate
+//!   came too (edgeHub's order). The connection ends when the token (or certificate) expires
 //!   (beyond the clock skew): MQTT has no renewal in band, the SDKs reconnect with a new token.
+//! * Will: a CONNECT's will must be a telemetry topic of the client's own identity (else
+//!   CONNACK 5). It is sent, as IoT Hub sends it, as a telemetry message from the client with
+//!   the application property `iothub-MessageType: Will`, when the connection ends without a
+//!   DISCONNECT (the client vanished, broke a rule, timed out, was replaced, or the hub stopped),
+//!   routed and made durable like any message.
 //! * Keep-alive: nothing received for 1.5 × the client's keep-alive (10 min when that is 0 or
 //!   longer) ends the connection.
 //! * A QoS 1 telemetry PUBLISH is answered once the message is durable: it is queued by
@@ -59,6 +66,7 @@ use super::{
     convert::{c2d_bag, input_bag, message_from_publish},
     sessions::Filters,
     topic::{self, ClientTopic, FilterKind, TopicError},
+    will::Will,
     Mqtt, PendingTicket,
 };
 use crate::{
@@ -76,6 +84,7 @@ use crate::{
         identity::{DeviceId, Identity, ModuleId},
         sas::{now_secs, MAX_CLOCK_SKEW_SECS},
     },
+    ops::x509::Presented,
     store::{
         durable::StoreError,
         queue::{Endpoint, Queued},
@@ -93,11 +102,15 @@ const MAX_KEEP_ALIVE: Duration = Duration::from_secs(600);
 const GENERIC_BAD_REQUEST: i32 = 400_000;
 /// Packet ids awaiting a PUBACK from the client at most (a client that acknowledges nothing).
 const MAX_AWAITED: usize = 4096;
+/// The read buffer a connection starts with: a CONNECT with a SAS token fits.
+const READ_BUFFER: usize = 512;
 
 /// Why a session ended.
 #[derive(Debug)]
 enum End {
-    /// DISCONNECT, or the client closed the socket.
+    /// DISCONNECT: the client leaves on purpose (its will is dropped).
+    Disconnected,
+    /// The client closed the socket without a DISCONNECT.
     ClientLeft,
     /// Shutdown, or a newer connection of the same client.
     Stopped,
@@ -129,7 +142,11 @@ pub(crate) struct Refusal {
     pub detail: String,
 }
 
-fn refuse(code: ConnectReturnCode, reason: &'static str, detail: impl Into<String>) -> Refusal {
+pub(super) fn refuse(
+    code: ConnectReturnCode,
+    reason: &'static str,
+    detail: impl Into<String>,
+) -> Refusal {
     Refusal {
         code,
         reason,
@@ -137,13 +154,15 @@ fn refuse(code: ConnectReturnCode, reason: &'static str, detail: impl Into<Strin
     }
 }
 
-/// Checks a CONNECT's client id, username and SAS password; returns the identity (as this hub
-/// knows it) and the token's expiry.
+/// Checks a CONNECT's client id, username and SAS password (or, without a password, the TLS
+/// client certificate); returns the identity (as this hub knows it) and when its credential
+/// expires.
 pub(crate) fn authenticate(
     core: &HubCore,
     client_id: &str,
     username: Option<&str>,
     password: Option<&str>,
+    certificate: Option<&Presented>,
     now: u64,
 ) -> Result<(Identity, u64), Refusal> {
     use ConnectReturnCode::*;
@@ -176,13 +195,29 @@ pub(crate) fn authenticate(
             "the username names another identity than the client id",
         ));
     }
-    let password = password.filter(|p| !p.is_empty()).ok_or_else(|| {
-        refuse(
-            NotAuthorized,
-            "not_authenticated",
-            "no password (a SAS token is required)",
-        )
-    })?;
+    let Some(password) = password.filter(|p| !p.is_empty()) else {
+        return match certificate {
+            Some(Presented::Identity {
+                id: cert,
+                not_after,
+            }) if cert.same_as(&id) => Ok((id, *not_after)),
+            Some(Presented::Identity { id: cert, .. }) => Err(refuse(
+                NotAuthorized,
+                "not_authenticated",
+                format!("the client certificate is for {cert}"),
+            )),
+            Some(Presented::Unmatched(why)) => Err(refuse(
+                NotAuthorized,
+                "certificate_not_accepted",
+                why.clone(),
+            )),
+            None => Err(refuse(
+                NotAuthorized,
+                "not_authenticated",
+                "no password (a SAS token) and no client certificate",
+            )),
+        };
+    };
     let (token_id, expiry) = core
         .auth
         .verify(password, now)
@@ -203,6 +238,7 @@ pub(super) async fn run<S>(
     mqtt: Arc<Mqtt>,
     stop: CancellationToken,
     ticket: PendingTicket,
+    certificate: Option<Presented>,
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -214,8 +250,11 @@ pub(super) async fn run<S>(
         max_outgoing_size: max_message + TOPIC_ROOM,
     };
     let (rd, wr) = tokio::io::split(stream);
-    let mut reader = FramedRead::new(rd, codec.clone());
+    // Most connections are idle most of the time: the codec's buffers start small (tokio-util
+    // gives each 8 KiB) and grow with the packets that need more.
+    let mut reader = FramedRead::with_capacity(rd, codec.clone(), READ_BUFFER);
     let mut writer = FramedWrite::new(wr, codec);
+    *writer.write_buffer_mut() = bytes::BytesMut::new();
     let deadline = Duration::from_secs(limits.auth_timeout_secs);
     let first = tokio::select! {
         _ = stop.cancelled() => return,
@@ -255,15 +294,29 @@ pub(super) async fn run<S>(
         return;
     }
     let login = connect.login.as_ref();
+    if let Some(l) = login {
+        // Runtime mode: an identity new to this hub is looked up at the parent first.
+        core.learn(&l.password).await;
+    }
     // Taken before the token is checked, so a revocation in between is still seen.
     let revocations_seen = core.registry.revocations.epoch();
-    let (id, expiry) = match authenticate(
+    let checked = authenticate(
         &core,
         &connect.client_id,
         login.map(|l| l.username.as_str()),
         login.map(|l| l.password.as_str()),
+        certificate.as_ref(),
         now_secs(),
-    ) {
+    )
+    .and_then(|(id, expiry)| {
+        let will = connect
+            .last_will
+            .as_ref()
+            .map(|w| Will::check(&id, w))
+            .transpose()?;
+        Ok((id, expiry, will))
+    });
+    let (id, expiry, will) = match checked {
         Ok(ok) => ok,
         Err(r) => {
             m::connect_failed(&clip(&connect.client_id), r.reason);
@@ -273,7 +326,8 @@ pub(super) async fn run<S>(
         }
     };
     drop(ticket);
-    let generation = mqtt.take_over(&id, stop.clone());
+    let evict = stop.clone();
+    let generation = core.claim_connection(&id, Box::new(move |_| evict.cancel()));
     let restored = if connect.clean_session {
         if let Err(e) = mqtt.sessions.remove(&id).await {
             warn!(identity = %id, "stored MQTT session not removed: {e}");
@@ -290,7 +344,7 @@ pub(super) async fn run<S>(
     .await
     .is_err()
     {
-        mqtt.release(&id, generation);
+        core.release_connection(&id, generation);
         return;
     }
     core.client_connected(&id);
@@ -324,7 +378,9 @@ pub(super) async fn run<S>(
         .serve(&mut reader, &stop, keep_alive, expires_at, revocations_seen)
         .await;
     match &end {
-        End::ClientLeft | End::Stopped => debug!(identity = %id, ?end, "MQTT session ended"),
+        End::Disconnected | End::ClientLeft | End::Stopped => {
+            debug!(identity = %id, ?end, "MQTT session ended")
+        }
         End::TokenExpired => {
             info!(identity = %id, "MQTT token expired; the client must connect with a new one")
         }
@@ -338,8 +394,11 @@ pub(super) async fn run<S>(
         End::Io(e) => debug!(identity = %id, error = %e, "MQTT connection failed"),
     }
     session.teardown().await;
+    if let (Some(will), false) = (will, matches!(end, End::Disconnected)) {
+        will.send(&core, &id, max_message).await;
+    }
     core.client_disconnected(&id);
-    mqtt.release(&id, generation);
+    core.release_connection(&id, generation);
 }
 
 fn connack(code: ConnectReturnCode) -> Packet {
@@ -772,7 +831,7 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
             Packet::Subscribe(s) => self.on_subscribe(s).await,
             Packet::Unsubscribe(u) => self.on_unsubscribe(u).await,
             Packet::PingReq => self.send(Packet::PingResp).await,
-            Packet::Disconnect => Err(End::ClientLeft),
+            Packet::Disconnect => Err(End::Disconnected),
             other => {
                 warn!(identity = %self.id, packet = packet_name(&other), "MQTT packet not allowed here; closing");
                 Err(self.refused("protocol"))
@@ -1018,7 +1077,7 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
     }
 
     /// Stores the subscriptions of a clean-session `false` client before they are acknowledged.
-    async fn persist(&self) {
+    async fn persist(&mut self) {
         if self.clean {
             return;
         }
@@ -1236,7 +1295,7 @@ fn error_body(status: i32, message: &str) -> Vec<u8> {
 }
 
 /// Whether the ids of a topic are `id`'s (case-insensitive, as IoT Hub compares ids).
-fn owns(id: &Identity, device: &str, module: Option<&str>) -> bool {
+pub(super) fn owns(id: &Identity, device: &str, module: Option<&str>) -> bool {
     id.device().as_str().eq_ignore_ascii_case(device)
         && match (id.module(), module) {
             (Some(a), Some(b)) => a.as_str().eq_ignore_ascii_case(b),
@@ -1298,18 +1357,33 @@ mod tests {
         let leaf_token = token(&core, &leaf, "hub.azure-devices.net", now + 3600);
         let expired = token(&core, &module, "hub.azure-devices.net", now - 3600);
         let user = "hub.azure-devices.net/edge1/filter/?api-version=2021-04-12&DeviceClientType=x";
-        let ok = authenticate(&core, "edge1/filter", Some(user), Some(&good), now).unwrap();
+        let ok = authenticate(&core, "edge1/filter", Some(user), Some(&good), None, now).unwrap();
         assert_eq!(ok, (module.clone(), now + 3600));
-        assert!(authenticate(&core, "edge1/filter", Some(user), Some(&via_gateway), now).is_ok());
+        assert!(authenticate(
+            &core,
+            "edge1/filter",
+            Some(user),
+            Some(&via_gateway),
+            None,
+            now
+        )
+        .is_ok());
         let leaf_user = "hub.azure-devices.net/leaf1/?api-version=2019-10-01";
         assert_eq!(
-            authenticate(&core, "leaf1", Some(leaf_user), Some(&leaf_token), now)
-                .unwrap()
-                .0,
+            authenticate(
+                &core,
+                "leaf1",
+                Some(leaf_user),
+                Some(&leaf_token),
+                None,
+                now
+            )
+            .unwrap()
+            .0,
             leaf
         );
         let code = |cid: &str, user: Option<&str>, pw: Option<&str>| {
-            authenticate(&core, cid, user, pw, now)
+            authenticate(&core, cid, user, pw, None, now)
                 .map(|_| ())
                 .map_err(|r| r.code)
         };
@@ -1359,6 +1433,36 @@ mod tests {
             ("leaf1", Some(leaf_user), Some(good.as_str()), NotAuthorized),
         ] {
             assert_eq!(code(cid, user, pw), Err(want), "{cid} {user:?} {pw:?}");
+        }
+        // Without a password, the client certificate decides; with one, the password does.
+        let cert = |id: &Identity| Presented::Identity {
+            id: id.clone(),
+            not_after: now + 60,
+        };
+        let by_cert = |cid: &str, user: &str, pw: Option<&str>, c: Option<&Presented>| {
+            authenticate(&core, cid, Some(user), pw, c, now)
+        };
+        assert_eq!(
+            by_cert("leaf1", leaf_user, None, Some(&cert(&leaf))),
+            Ok((leaf.clone(), now + 60))
+        );
+        assert_eq!(
+            by_cert("leaf1", leaf_user, Some(""), Some(&cert(&leaf))),
+            Ok((leaf.clone(), now + 60))
+        );
+        let other = Identity::Device(DeviceId::parse("other").unwrap());
+        for (pw, c, reason) in [
+            (None, Some(cert(&other)), "not_authenticated"),
+            (
+                None,
+                Some(Presented::Unmatched("thumbprint".into())),
+                "certificate_not_accepted",
+            ),
+            (None, None, "not_authenticated"),
+            (Some(good.as_str()), Some(cert(&leaf)), "not_authenticated"),
+        ] {
+            let r = by_cert("leaf1", leaf_user, pw, c.as_ref()).unwrap_err();
+            assert_eq!((r.code, r.reason), (NotAuthorized, reason), "{pw:?} {c:?}");
         }
     }
 

@@ -39,6 +39,9 @@ pub enum UpstreamError {
         condition: Option<ErrorCondition>,
         reason: String,
     },
+    /// A token could not be signed (runtime mode: the workload API failed).
+    #[error("signing the token of {identity}: {reason}")]
+    Sign { identity: String, reason: String },
     /// The parent answered a twin request with a status that is not a success.
     #[error("{what} for {identity} answered {status}")]
     Status {

@@ -89,37 +89,55 @@ fn identities(core: &HubCore) -> Vec<Identity> {
         .iter()
         .filter(|(_, spec)| !spec.edge)
         .map(|(d, _)| Identity::Device(d.clone()));
+    // In runtime mode, the modules of this device that the device scope names as well.
+    let scoped = core
+        .auth
+        .scope()
+        .map(|s| s.own_modules())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| !core.settings.modules.contains_key(m));
     edge_hub
         .into_iter()
         .chain(core.settings.modules.keys().cloned())
+        .chain(scoped)
         .map(|m| Identity::Module(device.clone(), m))
         .chain(leaves)
         .collect()
 }
 
+/// What signs this hub's `$edgeHub` tokens.
+#[derive(Clone)]
+pub enum EdgeHubSigner {
+    /// A key from the config or derived from the device key (standalone mode).
+    Key(Key),
+    /// The workload API (runtime mode): the hub holds no key.
+    Workload(crate::ops::workload::Workload),
+}
+
 /// The keys tokens upstream are signed with.
 #[derive(Clone)]
 pub struct UpstreamKeys {
-    /// This hub's `$edgeHub` key: tokens on behalf of its own modules.
-    pub edge_hub: Key,
+    /// This hub's `$edgeHub` signer: tokens on behalf of its own modules.
+    pub edge_hub: EdgeHubSigner,
     /// This hub's device key: leaf devices' keys derive from it unless configured.
     pub device: Key,
 }
 
 /// The token put for `id`: this hub's `$edgeHub` token for its own identities (the audience
 /// names the one acted for), a leaf device's own token for a leaf device.
-fn token_for(core: &HubCore, keys: &UpstreamKeys, id: &Identity) -> String {
+async fn token_for(core: &HubCore, keys: &UpstreamKeys, id: &Identity) -> Result<String, String> {
     match id {
         Identity::Device(d) if *d != core.settings.device_id => {
             let key = crate::core::auth::device_keys(&core.settings, &keys.device, d).primary;
-            make_token(
+            Ok(make_token(
                 &resource_for(&core.settings.iothub_hostname, id),
                 &key,
                 now_secs() + token_lifetime(core),
                 None,
-            )
+            ))
         }
-        _ => edge_hub_token(core, &keys.edge_hub),
+        _ => edge_hub_token(core, &keys.edge_hub).await,
     }
 }
 
@@ -155,6 +173,11 @@ pub async fn run(
                     offline_secs = offline.unwrap_or(0.0),
                     "upstream connected"
                 );
+                // A reconnection may follow changes made meanwhile: refresh the device scope
+                // (throttled), as edgeHub does.
+                if let Some(scope) = core.auth.scope() {
+                    scope.request_refresh();
+                }
                 let why = serve(&core, &up, live, &keys, &shutdown).await;
                 if shutdown.is_cancelled() {
                     return;
@@ -212,23 +235,36 @@ struct Live {
     _cbs_session: SessionHandle<()>,
     cbs: Cbs,
     links: Vec<IdentityLinks>,
+    /// The identities this connection was opened for (refused ones included).
+    carrying: Vec<Identity>,
 }
 
 fn audience(host: &str, id: &Identity) -> String {
     resource_for(host, id)
 }
 
-fn edge_hub_token(core: &HubCore, key: &Key) -> String {
-    let me = Identity::Module(
-        core.settings.device_id.clone(),
-        ModuleId::parse("$edgeHub").expect("$edgeHub is a valid module id"),
-    );
-    make_token(
-        &resource_for(&core.settings.iothub_hostname, &me),
-        key,
-        now_secs() + token_lifetime(core),
-        None,
-    )
+async fn edge_hub_token(core: &HubCore, signer: &EdgeHubSigner) -> Result<String, String> {
+    let edge_hub = ModuleId::parse("$edgeHub").map_err(|e| e.to_string())?;
+    let expiry = now_secs() + token_lifetime(core);
+    match signer {
+        EdgeHubSigner::Key(key) => {
+            let me = Identity::Module(core.settings.device_id.clone(), edge_hub);
+            Ok(make_token(
+                &resource_for(&core.settings.iothub_hostname, &me),
+                key,
+                expiry,
+                None,
+            ))
+        }
+        EdgeHubSigner::Workload(w) => {
+            let sr = crate::ops::workload::client_sr(
+                &core.settings.iothub_hostname,
+                &core.settings.device_id,
+                &edge_hub,
+            );
+            w.token(&sr, expiry).await.map_err(|e| e.to_string())
+        }
+    }
 }
 
 fn link_properties(channel: Option<String>) -> Fields {
@@ -296,11 +332,15 @@ async fn connect_inner(
         })?;
     let host = &core.settings.iothub_hostname;
     let mut ids = Vec::new();
-    for id in identities(core) {
-        match cbs
-            .put_token(&audience(host, &id), &token_for(core, keys, &id))
+    let carrying = identities(core);
+    for id in carrying.clone() {
+        let token = token_for(core, keys, &id)
             .await
-        {
+            .map_err(|reason| UpstreamError::Sign {
+                identity: id.to_string(),
+                reason,
+            })?;
+        match cbs.put_token(&audience(host, &id), &token).await {
             Ok(()) => ids.push(id),
             // One identity the parent does not know must not keep the others offline.
             Err(CbsError::Refused(status, why)) => tracing::error!(
@@ -393,6 +433,7 @@ async fn connect_inner(
         _cbs_session: cbs_session,
         cbs,
         links,
+        carrying,
     })
 }
 
@@ -466,7 +507,12 @@ async fn serve(
             }
             let host = renew_core.settings.iothub_hostname.clone();
             for id in &carried {
-                let token = token_for(&renew_core, &renew_keys, id);
+                let token = token_for(&renew_core, &renew_keys, id)
+                    .await
+                    .map_err(|reason| UpstreamError::Sign {
+                        identity: id.to_string(),
+                        reason,
+                    })?;
                 cbs.put_token(&audience(&host, id), &token)
                     .await
                     .map_err(|source| UpstreamError::Cbs {
@@ -477,8 +523,30 @@ async fn serve(
             debug!("upstream tokens renewed");
         }
     });
+    // Runtime mode: a module of this device that the device scope adds (or removes) needs its
+    // own links, which are made at connect: reconnect when the carried set changes.
+    let mut scope_changes = core.auth.scope().map(|s| s.watch());
+    let carried_now = std::mem::take(&mut live.carrying);
+    let scope_changed = async {
+        let Some(rx) = scope_changes.as_mut() else {
+            return std::future::pending().await;
+        };
+        // A change between the connect and the subscription.
+        if identities(core) != carried_now {
+            return;
+        }
+        loop {
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if identities(core) != carried_now {
+                return;
+            }
+        }
+    };
     let why = tokio::select! {
         _ = shutdown.cancelled() => "shutting down".to_owned(),
+        () = scope_changed => "the device scope changed the identities to carry; reconnecting".to_owned(),
         r = live.connection.on_close() => match r {
             Ok(()) => "the parent closed the connection".to_owned(),
             Err(e) => format!("connection ended: {e}"),
@@ -771,6 +839,13 @@ impl TwinLink {
     }
 
     async fn apply(&self, core: &HubCore, desired: Map<String, serde_json::Value>) {
+        let own_edge_hub = Identity::Module(
+            core.settings.device_id.clone(),
+            ModuleId::parse("$edgeHub").expect("$edgeHub is a valid module id"),
+        );
+        if self.id == own_edge_hub {
+            core.apply_edge_hub_twin(&desired);
+        }
         match core.twins.set_desired(&self.id, &desired).await {
             Ok(Some(v)) => {
                 info!(identity = %self.id, version = v, "desired properties updated from upstream")

@@ -1,0 +1,203 @@
+'use strict';
+// Runtime mode, as on an IoT Edge device: a child hub started as `$edgeHub` with the runtime's
+// environment and a workload API (tests/interop/workload.js), which issues its server
+// certificate and signs its tokens; its identities come from a parent hub's device-scope API;
+// its modules are Node SDK ModuleClients made by `fromEnvironment` from the same environment
+// edgeAgent gives a module (no connection string: they sign through the workload API and trust
+// its trust bundle).
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const crypto = require('node:crypto');
+const fs = require('node:fs');
+const os = require('node:os');
+const path = require('node:path');
+const { Message } = require('azure-iot-device');
+const { fromEnv, httpsPost, loopback, openClient, sasToken, startHub, withTimeout } = require('./hub');
+const { startWorkload } = require('./workload');
+
+const CHILD = 'child1';
+const CHILD_KEY = crypto.randomBytes(32).toString('base64');
+const SERVICE_KEY = crypto.randomBytes(32).toString('base64');
+
+/// PATCHes a twin at `hub` through its service API.
+function patchTwin(hub, twinPath, body) {
+  const https = require('node:https');
+  const token = `${sasToken(hub.host, SERVICE_KEY, Math.floor(Date.now() / 1000) + 3600)}&skn=service`;
+  const data = JSON.stringify(body);
+  return withTimeout(new Promise((resolve, reject) => {
+    const req = https.request({
+      host: hub.host, port: 443, path: `${twinPath}?api-version=2021-04-12`, method: 'PATCH', ca: hub.caPem(),
+      headers: { authorization: token, 'if-match': '*', 'content-type': 'application/json', 'content-length': Buffer.byteLength(data) },
+    }, (res) => {
+      let text = '';
+      res.on('data', (d) => { text += d; });
+      res.on('end', () => resolve({ status: res.statusCode, body: text }));
+    });
+    req.on('error', reject);
+    req.end(data);
+  }), 20000, `PATCH ${twinPath}`);
+}
+
+async function openModule(workload, module, gateway) {
+  const c = await fromEnv(workload.moduleEnv(module, gateway));
+  await withTimeout(c.open(), 20000, `${module} open`);
+  return c;
+}
+
+/// The next message on `input`. One listener per client stays for the client's life: removing
+/// the last one makes the SDK detach its input link, and a close soon after that can hang.
+function nextInput(client, input) {
+  if (!client.waiting) {
+    client.waiting = [];
+    client.on('inputMessage', (name, msg) => {
+      client.complete(msg, () => {});
+      const i = client.waiting.findIndex((w) => w.input === name);
+      if (i >= 0) client.waiting.splice(i, 1)[0].resolve(msg);
+    });
+  }
+  return new Promise((resolve) => client.waiting.push({ input, resolve }));
+}
+
+async function sendOutput(client, output, body) {
+  const m = new Message(JSON.stringify(body));
+  m.messageId = crypto.randomUUID();
+  await withTimeout(client.sendOutputEvent(output, m), 15000, `send ${output}`);
+  return m.messageId;
+}
+
+async function roundTrip(sender, receiver) {
+  const got = nextInput(receiver, 'in');
+  const id = await sendOutput(sender, 'out', { at: Date.now() });
+  const msg = await withTimeout(got, 15000, 'message at receiver');
+  assert.equal(msg.messageId, id);
+}
+
+test('runtime mode: workload API, device scope from the parent, modules from the environment', async (t) => {
+  const parent = await startHub({
+    modules: { sink: {} },
+    routes: { fromChild: 'FROM /messages/* WHERE $connectionDeviceId = \'child1\' INTO BrokeredEndpoint("/modules/sink/inputs/child")' },
+    extra: {
+      devices: { [CHILD]: { primaryKey: CHILD_KEY, edge: true, modules: { sender: {}, receiver: {} } } },
+      servicePolicies: { service: { primaryKey: SERVICE_KEY } },
+    },
+  });
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'edgehub-runtime-'));
+  const childHost = loopback();
+  // The child trusts what the runtime's trust bundle holds: here the parent's CA as well.
+  const workload = await startWorkload({ dir, deviceId: CHILD, deviceKey: CHILD_KEY, extraTrust: parent.caPem().toString() });
+  const clients = [];
+  let child;
+  t.after(async () => {
+    try {
+      await withTimeout(Promise.all(clients.map((c, i) => withTimeout(c.close(), 15000, `close client ${i}`))), 20000, 'close clients');
+    } finally {
+      if (child) await child.stop();
+      await parent.stop();
+      await workload.close();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+  child = await startHub({
+    host: childHost,
+    modules: {},
+    routes: {
+      toReceiver: 'FROM /messages/modules/sender/outputs/out INTO BrokeredEndpoint("/modules/receiver/inputs/in")',
+      up: 'FROM /messages/modules/sender/outputs/up INTO $upstream',
+    },
+    extra: { upstream: { minBackoffMs: 50, maxBackoffMs: 400 } },
+    env: { ...workload.moduleEnv('$edgeHub', parent.host), EdgeDeviceHostName: childHost },
+  });
+  await child.waitLog(/device scope refreshed[^\n]*identities=5/);
+  await child.waitLog(/upstream connected/);
+
+  const sender = await openModule(workload, 'sender', childHost);
+  clients.push(sender);
+  const receiver = await openModule(workload, 'receiver', childHost);
+  clients.push(receiver);
+
+  await t.test('the hub serves the workload certificate and signs through the workload API', () => {
+    const paths = workload.calls.map((c) => `${c.method} ${c.path} ${c.version}`);
+    assert.ok(paths.includes('POST /modules/%24edgeHub/genid/gen-edgeHub/certificate/server 2020-07-07'), paths.join('\n'));
+    assert.ok(paths.includes('GET /trust-bundle 2020-07-07'));
+    assert.ok(paths.includes('POST /modules/%24edgeHub/genid/gen-edgeHub/sign 2020-07-07'));
+    assert.ok(paths.includes('POST /modules/%24edgeHub/genid/gen-edgeHub/encrypt 2020-07-07'), 'identities kept encrypted');
+    assert.ok(paths.includes('POST /modules/sender/genid/gen-sender/sign 2018-06-28'), 'the Node SDK signs too');
+  });
+
+  await t.test('module to module through the child', async () => {
+    await roundTrip(sender, receiver);
+  });
+
+  await t.test('twins: reported properties and the twin read back', async () => {
+    const twin = await withTimeout(receiver.getTwin(), 15000, 'getTwin');
+    await withTimeout(new Promise((resolve, reject) => twin.properties.reported.update({ mode: 'runtime' }, (e) => (e ? reject(e) : resolve()))), 15000, 'reported');
+    const again = await withTimeout(receiver.getTwin(), 15000, 'getTwin again');
+    assert.equal(again.properties.reported.mode, 'runtime');
+  });
+
+  await t.test('direct methods between modules through the child\'s HTTPS API', async () => {
+    receiver.onMethod('echo', (request, response) => response.send(200, { got: request.payload }, () => {}));
+    const params = { methodName: 'echo', payload: { n: 3 }, responseTimeoutInSeconds: 10, connectTimeoutInSeconds: 10 };
+    const result = await withTimeout(sender.invokeMethod(CHILD, 'receiver', params), 20000, 'invokeMethod');
+    assert.equal(result.status, 200);
+    assert.deepEqual(result.payload, { got: { n: 3 } });
+  });
+
+  await t.test('messages go upstream on behalf of the child\'s modules', async () => {
+    const sink = await openClient(parent, 'sink');
+    clients.push(sink);
+    const got = nextInput(sink, 'child');
+    const id = await sendOutput(sender, 'up', { to: 'parent' });
+    const msg = await withTimeout(got, 20000, 'message at the parent');
+    assert.equal(msg.messageId, id);
+  });
+
+  await t.test('a module the parent does not know is refused', async () => {
+    const stranger = await fromEnv(workload.moduleEnv('stranger', childHost));
+    await assert.rejects(withTimeout(stranger.open(), 20000, 'stranger open'));
+    await stranger.close().catch(() => {});
+  });
+
+  await t.test('a module added at the parent is fetched when it first connects', async () => {
+    await parent.rewrite((c) => { c.devices[CHILD].modules.late = {}; });
+    const late = await openModule(workload, 'late', childHost);
+    clients.push(late);
+    await child.waitLog(/identity fetched from the device scope/);
+  });
+
+  await t.test('the $edgeHub twin\'s desired properties from the parent are the child\'s routes', async () => {
+    const routes = {
+      toReceiver: 'FROM /messages/modules/sender/outputs/out INTO BrokeredEndpoint("/modules/receiver/inputs/in")',
+      viaTwin: 'FROM /messages/modules/sender/outputs/twin INTO BrokeredEndpoint("/modules/receiver/inputs/twin")',
+    };
+    const desired = { schemaVersion: '1.1', routes, storeAndForwardConfiguration: { timeToLiveSecs: 7200 } };
+    const r = await patchTwin(parent, `/twins/${CHILD}/modules/%24edgeHub`, { properties: { desired } });
+    assert.equal(r.status, 200, r.body);
+    await child.waitLog(/routes from the \$edgeHub twin[^\n]*routes=2/);
+    const got = nextInput(receiver, 'twin');
+    const id = await sendOutput(sender, 'twin', { via: 'twin' });
+    assert.equal((await withTimeout(got, 15000, 'message by the twin\'s route')).messageId, id);
+  });
+
+  await t.test('after a restart with the parent offline, modules authenticate from the encrypted cache', async () => {
+    await parent.halt();
+    await Promise.all(clients.splice(0).map((c) => withTimeout(c.close(), 15000, 'close').catch(() => {})));
+    await child.restart();
+    await child.waitLog(/device-scope identities loaded[^\n]*identities=6/);
+    const decrypts = workload.calls.filter((c) => c.path.endsWith('/decrypt')).length;
+    assert.ok(decrypts >= 6, `the kept identities were decrypted (${decrypts} calls)`);
+    const sender2 = await openModule(workload, 'sender', childHost);
+    clients.push(sender2);
+    const receiver2 = await openModule(workload, 'receiver', childHost);
+    clients.push(receiver2);
+    await roundTrip(sender2, receiver2);
+    // The twin's routes were kept.
+    const got = nextInput(receiver2, 'twin');
+    const id = await sendOutput(sender2, 'twin', { after: 'restart' });
+    const msg = await withTimeout(got, 15000, 'the twin\'s route after the restart').catch((e) => { console.log(child.log()); throw e; });
+    assert.equal(msg.messageId, id);
+    const stranger = await fromEnv(workload.moduleEnv('stranger', childHost));
+    await assert.rejects(withTimeout(stranger.open(), 20000, 'stranger open'));
+    await stranger.close().catch(() => {});
+  });
+});
