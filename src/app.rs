@@ -216,7 +216,7 @@ impl Hub {
                 store.clone(),
                 settings.max_store_bytes,
                 b.partition_count,
-                b.retention_hours,
+                b.retention_ms,
                 crate::model::message::now_ms(),
             )?),
             _ => None,

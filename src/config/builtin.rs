@@ -1,6 +1,8 @@
 //! `builtInEndpoint`: in standalone mode, telemetry routed to `$upstream` is kept in a
 //! retained, partitioned log that back ends read with the Event Hubs SDKs, as they read IoT
-//! Hub's built-in endpoint.
+//! Hub's built-in endpoint. On by default in standalone mode (no `upstream`) with the defaults
+//! below; `"builtInEndpoint": null` turns it off (`$upstream` then queues until its TTL). With
+//! an upstream it is off, and configuring it is an error.
 
 use serde_json::Value;
 
@@ -13,7 +15,11 @@ pub const MAX_PARTITIONS: u64 = 32;
 /// Most consumer groups besides `$Default` (Event Hubs standard tier: 20 in all).
 pub const MAX_CONSUMER_GROUPS: usize = 19;
 /// Longest retention: 7 days, as Event Hubs standard.
-pub const MAX_RETENTION_HOURS: u64 = 7 * 24;
+pub const MAX_RETENTION_HOURS: f64 = 7.0 * 24.0;
+/// Shortest retention: one second (a fraction of an hour is accepted, for sites that keep
+/// little and for tests).
+pub const MIN_RETENTION_MS: u64 = 1000;
+const HOUR_MS: f64 = 3_600_000.0;
 
 /// The Event Hubs-compatible endpoint of a standalone hub.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,8 +28,9 @@ pub struct BuiltInEndpoint {
     /// `iothubHostname`), as IoT Hub names its own.
     pub name: String,
     pub partition_count: u32,
-    /// Events older than this are removed, whoever has read them.
-    pub retention_hours: u64,
+    /// Events older than this (`retentionHours`, which may be a fraction) are removed, whoever
+    /// has read them.
+    pub retention_ms: u64,
     /// Consumer groups, `$Default` first; each reads every event independently.
     pub consumer_groups: Vec<String>,
 }
@@ -53,8 +60,15 @@ pub(super) fn built_in_endpoint(
     with_upstream: bool,
 ) -> Option<BuiltInEndpoint> {
     let p = "$.builtInEndpoint";
+    let v = match v {
+        // Absent: on in standalone mode, with the defaults.
+        None if with_upstream => return None,
+        None => &Value::Object(Default::default()),
+        Some(Value::Null) => return None,
+        Some(v) => v,
+    };
     let o = w.object(
-        v?,
+        v,
         p,
         &["name", "partitionCount", "retentionHours", "consumerGroups"],
     )?;
@@ -88,13 +102,26 @@ pub(super) fn built_in_endpoint(
         Some(n) => n as u32,
         None => 4,
     };
-    let retention_hours = match w.uint(o, p, "retentionHours", MAX_RETENTION_HOURS) {
-        Some(0) => {
-            w.err(&child(p, "retentionHours"), "must be at least 1");
-            1
+    let retention_ms = match o.get("retentionHours") {
+        None => 24 * HOUR_MS as u64,
+        Some(v) => {
+            match v.as_f64() {
+                Some(h)
+                    if h > 0.0
+                        && h <= MAX_RETENTION_HOURS
+                        && (h * HOUR_MS) as u64 >= MIN_RETENTION_MS =>
+                {
+                    (h * HOUR_MS).round() as u64
+                }
+                _ => {
+                    w.err(
+                    &child(p, "retentionHours"),
+                    format!("must be a number of hours from 1 second (0.0003) to {MAX_RETENTION_HOURS}"),
+                );
+                    HOUR_MS as u64
+                }
+            }
         }
-        Some(n) => n,
-        None => 24,
     };
     let mut consumer_groups = vec![DEFAULT_CONSUMER_GROUP.to_owned()];
     match o.get("consumerGroups") {
@@ -131,7 +158,7 @@ pub(super) fn built_in_endpoint(
     Some(BuiltInEndpoint {
         name,
         partition_count,
-        retention_hours,
+        retention_ms,
         consumer_groups,
     })
 }
@@ -141,9 +168,51 @@ mod tests {
     use super::*;
 
     fn parse(v: Value, upstream: bool) -> (Option<BuiltInEndpoint>, Vec<String>) {
+        parse_key(Some(&v), upstream)
+    }
+
+    fn parse_key(v: Option<&Value>, upstream: bool) -> (Option<BuiltInEndpoint>, Vec<String>) {
         let mut w = Walk { errors: Vec::new() };
-        let b = built_in_endpoint(&mut w, Some(&v), Some("myhub.azure-devices.net"), upstream);
+        let b = built_in_endpoint(&mut w, v, Some("myhub.azure-devices.net"), upstream);
         (b, w.errors.into_iter().map(|e| e.path).collect())
+    }
+
+    #[test]
+    fn on_by_default_in_standalone_mode_off_with_null_or_an_upstream() {
+        let (absent, errors) = parse_key(None, false);
+        assert!(errors.is_empty());
+        assert_eq!(absent, parse(serde_json::json!({}), false).0);
+        assert!(absent.is_some());
+        assert_eq!(parse_key(Some(&Value::Null), false), (None, vec![]));
+        assert_eq!(parse_key(None, true), (None, vec![]));
+        assert_eq!(parse_key(Some(&Value::Null), true), (None, vec![]));
+    }
+
+    #[test]
+    fn retention_may_be_a_fraction_of_an_hour() {
+        let ms = |h: Value| parse(serde_json::json!({ "retentionHours": h }), false);
+        assert_eq!(
+            ms(serde_json::json!(0.5)).0.unwrap().retention_ms,
+            1_800_000
+        );
+        assert_eq!(
+            ms(serde_json::json!(168)).0.unwrap().retention_ms,
+            168 * 3_600_000
+        );
+        assert_eq!(ms(serde_json::json!(0.001)).0.unwrap().retention_ms, 3_600);
+        for bad in [
+            serde_json::json!(0),
+            serde_json::json!(-1),
+            serde_json::json!(0.0001),
+            serde_json::json!(168.5),
+            serde_json::json!("1"),
+        ] {
+            assert_eq!(
+                ms(bad.clone()).1,
+                ["$.builtInEndpoint.retentionHours"],
+                "{bad}"
+            );
+        }
     }
 
     #[test]
@@ -155,7 +224,7 @@ mod tests {
             Some(BuiltInEndpoint {
                 name: "myhub".into(),
                 partition_count: 4,
-                retention_hours: 24,
+                retention_ms: 24 * 3_600_000,
                 consumer_groups: vec!["$Default".into()],
             })
         );

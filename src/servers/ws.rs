@@ -417,7 +417,8 @@ mod tests {
         assert_eq!(carried("mqttv3.1, AMQPWSB10"), Ok(Carried::Amqp));
         assert_eq!(carried("chat, mqtt"), Ok(Carried::Mqtt));
         // The Event Hubs path carries AMQP alone.
-        let event_hubs = |offer| check(&request(EVENT_HUBS_PATH, Some(offer), "13")).map(|(_, c)| c);
+        let event_hubs =
+            |offer| check(&request(EVENT_HUBS_PATH, Some(offer), "13")).map(|(_, c)| c);
         assert_eq!(event_hubs("AMQPWSB10"), Ok(Carried::Amqp));
         assert_eq!(event_hubs("mqtt, AMQPWSB10"), Ok(Carried::Amqp));
         assert_eq!(event_hubs("mqtt"), Err(Refusal::Subprotocol));

@@ -194,7 +194,7 @@ impl EventLog {
         store: Option<Arc<DurableStore>>,
         limit: Option<u64>,
         partitions: u32,
-        retention_hours: u64,
+        retention_ms: u64,
         now_ms: i64,
     ) -> Result<Arc<Self>, StoreError> {
         let partitions = partitions.clamp(1, 200) as u8;
@@ -271,8 +271,7 @@ impl EventLog {
                     head: Mutex::new(h),
                 })
                 .collect(),
-            retention_ms: i64::try_from(retention_hours.saturating_mul(3_600_000))
-                .unwrap_or(i64::MAX),
+            retention_ms: i64::try_from(retention_ms).unwrap_or(i64::MAX),
             created_ms,
             bytes: AtomicU64::new(bytes),
             removing: Mutex::new(()),

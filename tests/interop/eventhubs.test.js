@@ -291,3 +291,150 @@ test('Event Hubs consumers read the telemetry of a standalone hub', async (t) =>
     await second.close();
   });
 });
+
+/// Polls `check` (async, truthy when done) every 200 ms until it holds, for at most `ms`.
+async function until(check, ms, what) {
+  return withTimeout((async () => {
+    for (;;) {
+      const v = await check();
+      if (v) return v;
+      await new Promise((r) => { setTimeout(r, 200); });
+    }
+  })(), ms, what);
+}
+
+test('retention and the store cap remove the oldest events; the partition properties follow', async (t) => {
+  const hub = await startHub({
+    modules: { A: {} },
+    routes: { up: 'FROM /messages/* INTO $upstream' },
+    extra: {
+      iothubHostname: IOTHUB,
+      servicePolicies: { [POLICY]: { primaryKey: SERVICE_KEY } },
+      // 7.2 seconds.
+      builtInEndpoint: { partitionCount: 1, retentionHours: 0.002 },
+    },
+  });
+  const untrust = trustForEventHubs(hub);
+  const clients = [];
+  t.after(async () => {
+    untrust();
+    try {
+      await withTimeout(Promise.all(clients.map((c) => c.close())), 20000, 'closing clients');
+    } finally {
+      await hub.stop();
+    }
+  });
+  const a = await openClient(hub, 'A');
+  clients.push(a);
+  const consumer = new EventHubConsumerClient('$Default', serviceEnv(hub).EventHubConnectionString);
+  clients.push(consumer);
+  const send = async (id, body) => {
+    const m = new Message(body);
+    m.messageId = id;
+    await withTimeout(a.sendOutputEvent('telemetry', m), 10000, 'A sendOutputEvent');
+  };
+
+  for (let i = 0; i < 3; i += 1) await send(`old-${i}`, `old ${i}`);
+  const before = await consumer.getPartitionProperties('0');
+  assert.equal(before.lastEnqueuedSequenceNumber, 2);
+  // Removed by age: the partition starts after them, and numbering goes on.
+  const after = await until(async () => {
+    const p = await consumer.getPartitionProperties('0');
+    return p.beginningSequenceNumber === 3 && p.isEmpty ? p : undefined;
+  }, 40000, 'retention removes the old events');
+  assert.equal(after.lastEnqueuedSequenceNumber, 2);
+  await send('new-0', 'new 0');
+  const got = await readEvents(consumer, 1, { startPosition: earliestEventPosition, maxWaitTimeInSeconds: 1 }, '0');
+  assert.deepEqual(got.map((e) => [e.messageId, e.sequenceNumber]), [['new-0', 3]]);
+});
+
+test('a full store makes room by removing the oldest events first', async (t) => {
+  const hub = await startHub({
+    modules: { A: {} },
+    routes: { up: 'FROM /messages/* INTO $upstream' },
+    extra: {
+      iothubHostname: IOTHUB,
+      servicePolicies: { [POLICY]: { primaryKey: SERVICE_KEY } },
+      builtInEndpoint: { partitionCount: 1 },
+      $edgeHub: {
+        schemaVersion: '1.1',
+        routes: { up: 'FROM /messages/* INTO $upstream' },
+        storeAndForwardConfiguration: { timeToLiveSecs: 7200, storeLimits: { maxSizeBytes: 16384 } },
+      },
+    },
+  });
+  const untrust = trustForEventHubs(hub);
+  const clients = [];
+  t.after(async () => {
+    untrust();
+    try {
+      await withTimeout(Promise.all(clients.map((c) => c.close())), 20000, 'closing clients');
+    } finally {
+      await hub.stop();
+    }
+  });
+  const a = await openClient(hub, 'A');
+  clients.push(a);
+  const N = 40;
+  for (let i = 0; i < N; i += 1) {
+    const m = new Message(Buffer.alloc(1000, i));
+    m.messageId = `m-${i}`;
+    await withTimeout(a.sendOutputEvent('telemetry', m), 10000, 'A sendOutputEvent');
+  }
+  const consumer = new EventHubConsumerClient('$Default', serviceEnv(hub).EventHubConnectionString);
+  clients.push(consumer);
+  const p = await consumer.getPartitionProperties('0');
+  assert.equal(p.lastEnqueuedSequenceNumber, N - 1);
+  // 40 kB of events in a 16 kB store: the first ones made room for the last.
+  assert.ok(p.beginningSequenceNumber > 0, `beginning ${p.beginningSequenceNumber}`);
+  const kept = N - p.beginningSequenceNumber;
+  const got = await readEvents(consumer, kept, { startPosition: earliestEventPosition, maxWaitTimeInSeconds: 1 }, '0');
+  assert.deepEqual(got.map((e) => e.sequenceNumber),
+    Array.from({ length: kept }, (_, i) => p.beginningSequenceNumber + i));
+  assert.deepEqual(got.map((e) => e.messageId),
+    Array.from({ length: kept }, (_, i) => `m-${p.beginningSequenceNumber + i}`));
+});
+
+test("the README's Node consumer prints every event", async (t) => {
+  const readme = fs.readFileSync(path.resolve(__dirname, '..', '..', 'README.md'), 'utf8');
+  const section = readme.slice(readme.indexOf('## Standalone: reading telemetry'));
+  const code = section.slice(section.indexOf('```js\n') + 6, section.indexOf('```\n', section.indexOf('```js\n') + 6));
+  assert.match(code, /EventHubConsumerClient/);
+  const hub = await startHub({
+    modules: { A: {} },
+    routes: { up: 'FROM /messages/* INTO $upstream' },
+    extra: { iothubHostname: IOTHUB, servicePolicies: { [POLICY]: { primaryKey: SERVICE_KEY } } },
+  });
+  const a = await openClient(hub, 'A');
+  let child;
+  t.after(async () => {
+    if (child && child.exitCode === null) child.kill('SIGTERM');
+    try {
+      await withTimeout(a.close(), 20000, 'closing A');
+    } finally {
+      await hub.stop();
+    }
+  });
+  for (let i = 0; i < 3; i += 1) {
+    const m = new Message(JSON.stringify({ reading: i }));
+    await withTimeout(a.sendOutputEvent('telemetry', m), 10000, 'A sendOutputEvent');
+  }
+  const env = serviceEnv(hub);
+  child = spawn(process.execPath, ['-e', code], {
+    cwd: path.resolve(__dirname, '..'),
+    env: { ...process.env, NODE_EXTRA_CA_CERTS: env.CACertificateFile, EventHubConnectionString: env.EventHubConnectionString },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  let err = '';
+  child.stderr.on('data', (d) => { err += d; });
+  const lines = await withTimeout(new Promise((resolve, reject) => {
+    child.stdout.on('data', (d) => {
+      out += d;
+      const l = out.split('\n').filter((x) => x.includes(' edge1 '));
+      if (l.length >= 3) resolve(l);
+    });
+    child.on('exit', (c) => reject(new Error(`consumer exited ${c}: ${err}`)));
+  }), 60000, 'the README consumer prints 3 events');
+  for (let i = 0; i < 3; i += 1) assert.match(lines[i], new RegExp(`^\\d+ ${i} edge1 .*reading: ${i}`));
+});

@@ -51,7 +51,7 @@ fn open_with_store(dir: &TempDir, cap: Option<u64>) -> (Arc<EventLog>, Arc<Durab
     let ks = open_keyspace(&dir.0, cap).unwrap();
     let store =
         DurableStore::open(&dir.0, ks.clone(), SyncPolicy::Os, cap, Overflow::RejectNew).unwrap();
-    let log = EventLog::open(ks, Some(store.clone()), cap, 4, 1, T0).unwrap();
+    let log = EventLog::open(ks, Some(store.clone()), cap, 4, 3_600_000, T0).unwrap();
     (log, store)
 }
 

@@ -4,7 +4,7 @@ fn endpoint() -> BuiltInEndpoint {
     BuiltInEndpoint {
         name: "myhub".into(),
         partition_count: 4,
-        retention_hours: 24,
+        retention_ms: 24 * 3_600_000,
         consumer_groups: vec!["$Default".into(), "dashboards".into()],
     }
 }
