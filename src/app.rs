@@ -196,6 +196,7 @@ impl Hub {
             None => None,
         };
         let mqtt_sessions = crate::servers::mqtt::sessions::SessionStore::open(keyspace.clone())?;
+        let log_keyspace = keyspace.clone();
         let (registry_store, records) =
             crate::store::registry::RegistryStore::open(keyspace.clone())?;
         let registry = crate::core::registry::Registry::open(registry_store, records);
@@ -209,7 +210,18 @@ impl Hub {
             )?),
             false => None,
         };
-        let core = Arc::new(HubCore::new(settings, &key, twins, registry, store));
+        let log = match (&settings.built_in_endpoint, &settings.upstream) {
+            (Some(b), None) => Some(crate::store::log::EventLog::open(
+                log_keyspace,
+                store.clone(),
+                settings.max_store_bytes,
+                b.partition_count,
+                b.retention_ms,
+                crate::model::message::now_ms(),
+            )?),
+            _ => None,
+        };
+        let core = Arc::new(HubCore::new(settings, &key, twins, registry, store, log));
         for r in &core.settings.routes {
             if let crate::routing::route::Sink::ModuleInput { module, .. } = &r.statement.sink {
                 let id = crate::model::identity::Identity::Module(

@@ -124,10 +124,22 @@ impl Client {
         policy: &str,
         key: &Key,
     ) -> Result<Self, ClientError> {
+        let token = make_token(host, key, now_secs() + 3600, Some(policy));
+        Self::connect_service_token(addr, server_name, ca_pem, host, &token).await
+    }
+
+    /// Connects over TLS and puts a service-policy `token` for `audience` (as the Event Hubs
+    /// SDKs do for `sb://{host}/{eventHubName}`).
+    pub async fn connect_service_token(
+        addr: SocketAddr,
+        server_name: &str,
+        ca_pem: &Path,
+        audience: &str,
+        token: &str,
+    ) -> Result<Self, ClientError> {
         let tls = tls_connect(addr, server_name, ca_pem).await?;
         let mut client = Self::open_plain(tls, server_name).await?;
-        let token = make_token(host, key, now_secs() + 3600, Some(policy));
-        put_token(&mut client.session, host, &token).await?;
+        put_token(&mut client.session, audience, token).await?;
         Ok(client)
     }
 

@@ -45,6 +45,15 @@ enum Command {
         #[arg(long)]
         module: String,
     },
+    /// Print the Event Hubs-compatible connection string of the built-in endpoint (standalone,
+    /// `builtInEndpoint`) for a service policy, and the CA file its clients must trust.
+    ServiceEnv {
+        #[arg(long, default_value = "config/edgehub.json")]
+        config: PathBuf,
+        /// A policy of `servicePolicies`.
+        #[arg(long)]
+        policy: String,
+    },
     /// Self-check: config, certificates, ports, dataDir, upstream; one line each with a fix.
     Check {
         #[arg(long, default_value = "config/edgehub.json")]
@@ -192,6 +201,22 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::ServiceEnv { config, policy } => {
+            let settings = match load(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            match service_env(&settings, &policy) {
+                Ok(lines) => {
+                    println!("{lines}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { config } => {
             // Taken before the file is read: a change made while the hub starts is a change.
             let seen = config_file_state(&config);
@@ -243,6 +268,34 @@ fn module_env(settings: &Settings, module: &str) -> anyhow::Result<(String, Vec<
         certs.ca_cert.display()
     );
     Ok((env, edgehub::ops::connect::guide(settings, &certs.ca_cert)))
+}
+
+/// The Event Hubs-compatible connection string (`Endpoint=sb://{gateway}[:port]/;…;EntityPath=`)
+/// and the CA file; the port is written when the AMQPS listener is not on 5671.
+fn service_env(settings: &Settings, policy: &str) -> anyhow::Result<String> {
+    let Some(eh) = &settings.built_in_endpoint else {
+        anyhow::bail!("no `builtInEndpoint` in the config (standalone mode only)");
+    };
+    let Some((name, keys)) = settings
+        .service_policies
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(policy))
+    else {
+        anyhow::bail!("policy {policy:?} is not in the config's `servicePolicies`");
+    };
+    let certs = tls::ensure_certs(settings)?;
+    let port = match settings.listen.amqps.port() {
+        5671 => String::new(),
+        p => format!(":{p}"),
+    };
+    Ok(format!(
+        "EventHubConnectionString=Endpoint=sb://{}{port}/;SharedAccessKeyName={name};SharedAccessKey={};EntityPath={}\nEventHubName={}\nCACertificateFile={}",
+        settings.gateway_hostname,
+        keys.primary.to_base64(),
+        eh.name,
+        eh.name,
+        certs.ca_cert.display()
+    ))
 }
 
 async fn run(settings: Settings, config: PathBuf, seen: FileState) -> anyhow::Result<()> {

@@ -36,6 +36,12 @@ if ! target/py-sdk/bin/python -c 'import azure.iot.device' 2>/dev/null; then
   target/py-sdk/bin/pip install -q azure-iot-device==2.14.0
 fi
 
+echo "== Python Event Hubs SDK azure-eventhub (PyPI) in target/py-eh, for the built-in endpoint's interop test"
+if ! target/py-eh/bin/python -c 'import azure.eventhub' 2>/dev/null; then
+  python3 -m venv target/py-eh
+  target/py-eh/bin/pip install -q azure-eventhub==5.15.1
+fi
+
 echo "== hadolint deploy/Dockerfile"
 hadolint deploy/Dockerfile
 
@@ -87,5 +93,5 @@ echo "== container: the image from deploy/Dockerfile, run with podman (tests/con
 bash tests/container/run.sh
 
 echo "== interop tests (Node SDK)"
-(cd tests && EDGEHUB_BIN="$PWD/../target/debug/edgehub" node --test --test-concurrency=1 interop/)
+(cd tests && EDGEHUB_BIN="$PWD/../target/debug/edgehub" node --test --test-concurrency=1 --test-force-exit interop/)
 

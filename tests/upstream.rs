@@ -380,7 +380,8 @@ async fn check_reaches_the_upstream_or_says_why_not() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Standalone (no `upstream`): `$upstream` messages stay queued until their TTL, then leave.
+/// Standalone (no `upstream`) with the built-in endpoint off: `$upstream` messages stay queued
+/// until their TTL, then leave.
 #[tokio::test]
 async fn standalone_upstream_messages_wait_under_their_ttl() {
     let dir = std::env::temp_dir().join(format!("edgehub-standalone-{}", uuid::Uuid::new_v4()));
@@ -388,7 +389,7 @@ async fn standalone_upstream_messages_wait_under_their_ttl() {
         r#"{{
         "deviceId": "edge1", "iothubHostname": "{IOTHUB}", "gatewayHostname": "localhost",
         "listen": {{"amqps": "127.0.0.1:0", "mqtts": null, "https": null, "metrics": null}},
-        "dataDir": "{}", "modules": {{"A": {{}}}},
+        "dataDir": "{}", "modules": {{"A": {{}}}}, "builtInEndpoint": null,
         "$edgeHub": {{"schemaVersion": "1.1",
             "routes": {{"up": "FROM /messages/* INTO $upstream",
                         "short": {{"route": "FROM /messages/modules/A/outputs/short INTO $upstream", "priority": 1, "timeToLiveSecs": 1}}}},

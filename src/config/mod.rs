@@ -30,6 +30,9 @@ use std::{
 
 use serde_json::{Map, Value};
 
+mod builtin;
+pub use builtin::{BuiltInEndpoint, DEFAULT_CONSUMER_GROUP};
+
 pub use self::runtime::RuntimeSettings;
 pub use self::upstream::{Proxy, UpstreamProtocol, UpstreamSettings};
 use self::walk::{child, hostname_ok, Walk};
@@ -265,6 +268,8 @@ pub struct Settings {
     pub log_level: String,
     /// The parent this hub forwards to (IoT Hub or a parent edge hub); `None` = standalone.
     pub upstream: Option<UpstreamSettings>,
+    /// Standalone only: `$upstream` is a retained log read through Event Hubs.
+    pub built_in_endpoint: Option<BuiltInEndpoint>,
     /// Runtime mode (started by the IoT Edge runtime as `$edgeHub`): its workload API.
     pub runtime: Option<RuntimeSettings>,
 }
@@ -461,6 +466,7 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             "devices",
             "servicePolicies",
             "upstream",
+            "builtInEndpoint",
             "$edgeHub",
         ],
     ) else {
@@ -497,6 +503,12 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
     let upstream = o
         .get("upstream")
         .and_then(|u| upstream::upstream_settings(&mut w, u));
+    let built_in_endpoint = builtin::built_in_endpoint(
+        &mut w,
+        o.get("builtInEndpoint"),
+        iothub_hostname.as_deref(),
+        upstream.is_some(),
+    );
     let (log_format, log_level) = sections::log(&mut w, o.get("log"));
     let modules = sections::modules(&mut w, o.get("modules"));
     let devices = devices::downstream_devices(&mut w, o.get("devices"), device_id.as_ref());
@@ -546,6 +558,7 @@ fn compile(root: &Value) -> Result<Settings, ConfigErrors> {
             log_format,
             log_level,
             upstream,
+            built_in_endpoint,
             runtime: None,
         }),
         _ => Err(ConfigErrors(vec![ConfigError {

@@ -325,6 +325,8 @@ mod tests {
         let up = s.upstream.as_ref().unwrap();
         assert_eq!(up.hostname, "contoso.azure-devices.net");
         assert_eq!(s.runtime, Some(r));
+        // With its upstream, the built-in endpoint is IoT Hub's own.
+        assert_eq!(s.built_in_endpoint, None);
     }
 
     #[test]

@@ -128,6 +128,39 @@ fn the_mqtt_listener_defaults_to_8883_and_can_be_moved_or_turned_off() {
 }
 
 #[test]
+fn the_built_in_endpoint_is_on_in_standalone_mode_unless_null_and_off_with_an_upstream() {
+    let s = from_str(GOOD, &HashMap::new()).unwrap();
+    let b = s
+        .built_in_endpoint
+        .expect("on by default in standalone mode");
+    assert_eq!(
+        (b.name.as_str(), b.partition_count, b.retention_ms),
+        ("hub", 4, 24 * 3_600_000)
+    );
+    assert_eq!(b.consumer_groups, ["$Default"]);
+    let off = GOOD.replacen(
+        r#""dataDir": "#,
+        r#""builtInEndpoint": null, "dataDir": "#,
+        1,
+    );
+    assert_eq!(
+        from_str(&off, &HashMap::new()).unwrap().built_in_endpoint,
+        None
+    );
+    let upstream = GOOD.replacen(
+        r#""dataDir": "#,
+        r#""upstream": {"hostname": "hub.example.net", "sharedAccessKey": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}, "dataDir": "#,
+        1,
+    );
+    let s = from_str(&upstream, &HashMap::new()).unwrap();
+    assert!(s.upstream.is_some());
+    assert_eq!(s.built_in_endpoint, None);
+    let both = upstream.replacen(r#""dataDir": "#, r#""builtInEndpoint": {}, "dataDir": "#, 1);
+    let errs = from_str(&both, &HashMap::new()).unwrap_err();
+    assert_eq!(errs.0[0].path, "$.builtInEndpoint", "{errs:?}");
+}
+
+#[test]
 fn environment_overrides_keys() {
     let s = from_str(
         GOOD,

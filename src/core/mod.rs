@@ -11,6 +11,7 @@ pub mod delivery;
 pub mod ingest;
 pub mod methods;
 pub mod outbox;
+pub mod readers;
 pub mod registry;
 pub mod scope;
 pub mod twin_requests;
@@ -55,6 +56,10 @@ pub struct HubCore {
     pub registry: registry::Registry,
     /// The durable message store, when `storage.persistent`.
     pub store: Option<Arc<crate::store::durable::DurableStore>>,
+    /// The retained log behind `$upstream` in standalone mode (`builtInEndpoint`).
+    pub log: Option<Arc<crate::store::log::EventLog>>,
+    /// Who reads which partition of the log, with Event Hubs' owner-level rules.
+    pub readers: readers::Readers,
     /// Makes endpoint queues (in the store or in memory).
     queues: Box<crate::routing::router::QueueFactory>,
     /// Reported patches waiting to go upstream (empty in standalone mode).
@@ -92,6 +97,7 @@ impl HubCore {
         twins: twins::TwinStore,
         registry: registry::Registry,
         store: Option<Arc<crate::store::durable::DurableStore>>,
+        log: Option<Arc<crate::store::log::EventLog>>,
     ) -> Self {
         let auth = Authenticator::new(&settings, device_key);
         registry.install(&auth);
@@ -101,6 +107,18 @@ impl HubCore {
         let live_first =
             move |id: &str| crate::routing::router::sink_of(id).is_some_and(|s| live.contains(&s));
         let queues: Box<crate::routing::router::QueueFactory> = match &store {
+            // `$upstream` of a standalone hub with a built-in endpoint appends to the log.
+            _ if log.is_some() => {
+                let (log, store) = (log.clone(), store.clone());
+                Box::new(move |id: &str| match (&log, &store) {
+                    (Some(log), _) if id == crate::routing::router::UPSTREAM_ENDPOINT => {
+                        Arc::new(crate::store::log::LogQueue(log.clone()))
+                            as Arc<dyn crate::store::queue::QueueStore>
+                    }
+                    (_, Some(s)) => Arc::new(s.queue(id, capacity, live_first(id))),
+                    (_, None) => Arc::new(crate::store::queue::MemoryQueue::new(capacity)),
+                })
+            }
             Some(s) => {
                 let s = s.clone();
                 Box::new(move |id: &str| {
@@ -153,6 +171,8 @@ impl HubCore {
             outbox,
             c2d,
             store,
+            log,
+            readers: Default::default(),
             queues,
             client_reports: Default::default(),
             client_reports_ready: tokio::sync::Notify::new(),
@@ -463,6 +483,7 @@ pub async fn housekeeping(core: Arc<HubCore>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => true,
             _ = tick.tick() => false,
         };
+        let after = core.clone();
         let core = core.clone();
         let chores = tokio::task::spawn_blocking(move || {
             if !stop {
@@ -470,6 +491,11 @@ pub async fn housekeeping(core: Arc<HubCore>, shutdown: CancellationToken) {
                     e.expire_now();
                 }
                 core.c2d.expire_now();
+            }
+            if let (Some(log), false) = (&core.log, stop) {
+                if let Err(e) = log.expire(crate::model::message::now_ms()) {
+                    warn!(error = %e, "removing old events from the event log failed");
+                }
             }
             if let Some(store) = &core.store {
                 if !stop {
@@ -480,6 +506,13 @@ pub async fn housekeeping(core: Arc<HubCore>, shutdown: CancellationToken) {
         });
         if let Err(e) = chores.await {
             warn!(error = %e, "the housekeeping chores failed");
+        }
+        // Appends to the event log are shown to readers once a sync covers them; a sender
+        // syncs before it is acknowledged, and this covers any write no sender waits for.
+        if let (Some(_), false) = (&after.log, stop) {
+            if let Err(e) = after.sync().await {
+                warn!(error = %e, "syncing the store failed");
+            }
         }
         if stop {
             return;
@@ -519,6 +552,7 @@ mod tests {
             &key,
             twins::TwinStore::in_memory(),
             registry::Registry::in_memory(),
+            None,
             None,
         )
     }

@@ -126,6 +126,7 @@ mod tests {
             crate::core::twins::TwinStore::in_memory(),
             crate::core::registry::Registry::in_memory(),
             None,
+            None,
         )
     }
 

@@ -46,9 +46,12 @@ pub fn memory_queues(capacity: usize) -> Box<QueueFactory> {
     Box::new(move |_| Arc::new(MemoryQueue::new(capacity)))
 }
 
+/// The endpoint id of `$upstream`.
+pub const UPSTREAM_ENDPOINT: &str = "iothub";
+
 /// The sink an endpoint id stands for (`iothub`, or `{device}/{module}/{input}`).
 pub fn sink_of(endpoint_id: &str) -> Option<Sink> {
-    if endpoint_id == "iothub" {
+    if endpoint_id == UPSTREAM_ENDPOINT {
         return Some(Sink::Upstream);
     }
     let mut parts = endpoint_id.splitn(3, '/');
@@ -149,7 +152,7 @@ impl Router {
             }
             let endpoint = match &sink {
                 Sink::Upstream => {
-                    let id = "iothub".to_owned();
+                    let id = UPSTREAM_ENDPOINT.to_owned();
                     Endpoint::new(id.clone(), None, queues(&id), Arc::new(Notify::new()))
                 }
                 Sink::ModuleInput { module, input } => {

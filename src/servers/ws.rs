@@ -40,6 +40,9 @@ use crate::servers::{amqp::Gate, mqtt::Mqtt};
 
 /// The path the SDKs open (`wss://{host}:443/$iothub/websocket`).
 pub const PATH: &str = "/$iothub/websocket";
+/// The path the Event Hubs SDKs open for the built-in endpoint (`/$servicebus/websocket`): the
+/// same AMQP server behind it.
+pub const EVENT_HUBS_PATH: &str = "/$servicebus/websocket";
 /// The WebSocket subprotocol of AMQP 1.0 over WebSockets, as the SDKs name it.
 pub const SUBPROTOCOL: &str = "AMQPWSB10";
 /// The WebSocket subprotocol of MQTT 3.1.1 over WebSockets.
@@ -109,9 +112,10 @@ impl Refusal {
 }
 
 /// Checks an upgrade request (pure); returns the `Sec-WebSocket-Accept` value to answer with
-/// and the protocol chosen.
+/// and the protocol chosen. The Event Hubs path carries AMQP only.
 pub fn check<B>(req: &Request<B>) -> Result<(String, Carried), Refusal> {
-    if req.uri().path() != PATH {
+    let event_hubs = req.uri().path() == EVENT_HUBS_PATH;
+    if req.uri().path() != PATH && !event_hubs {
         return Err(Refusal::Path);
     }
     if req.method() != hyper::Method::GET {
@@ -134,6 +138,7 @@ pub fn check<B>(req: &Request<B>) -> Result<(String, Carried), Refusal> {
             let p = p.trim();
             [Carried::Amqp, Carried::Mqtt]
                 .into_iter()
+                .filter(|c| !event_hubs || *c == Carried::Amqp)
                 .find(|c| p.eq_ignore_ascii_case(c.subprotocol()))
         })
         .ok_or(Refusal::Subprotocol)?;
@@ -414,6 +419,12 @@ mod tests {
         assert_eq!(carried("mqtt, AMQPWSB10"), Ok(Carried::Mqtt));
         assert_eq!(carried("mqttv3.1, AMQPWSB10"), Ok(Carried::Amqp));
         assert_eq!(carried("chat, mqtt"), Ok(Carried::Mqtt));
+        // The Event Hubs path carries AMQP alone.
+        let event_hubs =
+            |offer| check(&request(EVENT_HUBS_PATH, Some(offer), "13")).map(|(_, c)| c);
+        assert_eq!(event_hubs("AMQPWSB10"), Ok(Carried::Amqp));
+        assert_eq!(event_hubs("mqtt, AMQPWSB10"), Ok(Carried::Amqp));
+        assert_eq!(event_hubs("mqtt"), Err(Refusal::Subprotocol));
         let cases = [
             (request("/", Some("AMQPWSB10"), "13"), Refusal::Path),
             (

@@ -102,7 +102,7 @@ use crate::{
 };
 
 mod error;
-mod format;
+pub(crate) mod format;
 
 use error::fj;
 pub use error::StoreError;
@@ -270,7 +270,7 @@ struct Written {
 /// The shared store: the keyspace, the two partitions, where each message's copy is, the
 /// pending removals, group commit.
 pub struct DurableStore {
-    keyspace: fjall::Keyspace,
+    pub(crate) keyspace: fjall::Keyspace,
     messages: fjall::PartitionHandle,
     queue: fjall::PartitionHandle,
     policy: SyncPolicy,
@@ -291,19 +291,22 @@ pub struct DurableStore {
     write_buffer: u64,
 
     /// Bytes of entries and records held: what `limit` caps.
-    stored: AtomicU64,
+    pub(crate) stored: AtomicU64,
     /// `storeLimits.maxSizeBytes`; `u64::MAX` for none. Changes with a config reload.
     limit: AtomicU64,
     pub overflow: Overflow,
     recovered: Mutex<HashMap<String, Vec<Recovered>>>,
     /// Writes made / writes covered by a completed sync.
-    written: AtomicU64,
+    pub(crate) written: AtomicU64,
     synced: AtomicU64,
+    /// Told, after each completed sync, the count of writes it covered (the event log shows
+    /// its appends to readers only then).
+    pub(crate) on_synced: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
     sync_lock: tokio::sync::Mutex<()>,
     journal: Arc<Mutex<ActiveJournal>>,
     /// Set when an fsync of the journal failed: what it should have covered may be lost, so
     /// every later write is refused (as fjall does when it cannot write its journal).
-    poisoned: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) poisoned: Arc<std::sync::atomic::AtomicBool>,
     /// A compaction started by [`DurableStore::reclaim`] is running.
     compacting: Arc<std::sync::atomic::AtomicBool>,
     /// Bytes of the store's files when last measured (journals and both partitions).
@@ -505,6 +508,7 @@ impl DurableStore {
             recovered: Mutex::new(recovered),
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
+            on_synced: std::sync::OnceLock::new(),
             sync_lock: tokio::sync::Mutex::new(()),
             journal: Arc::new(Mutex::new(ActiveJournal {
                 dir: dir.join("journals"),
@@ -625,6 +629,9 @@ impl DurableStore {
         }
         self.synced.fetch_max(covered, Ordering::AcqRel);
         self.removals_out.fetch_max(removals, Ordering::AcqRel);
+        if let Some(f) = self.on_synced.get() {
+            f(covered);
+        }
         Ok(())
     }
 
@@ -677,7 +684,7 @@ impl DurableStore {
     /// bound (checked when a memtable is sealed) is not refused here: refusing writes then
     /// would keep the memtables from filling, and so the journals from being freed (see
     /// [`DurableStore::off_worker`]).
-    fn check_files(
+    pub(crate) fn check_files(
         &self,
         bytes: u64,
         partition: &fjall::PartitionHandle,
@@ -766,7 +773,7 @@ impl DurableStore {
     }
 
     /// Counts `bytes` as held, unless that would pass the limit.
-    fn reserve(&self, bytes: u64) -> Result<(), StoreError> {
+    pub(crate) fn reserve(&self, bytes: u64) -> Result<(), StoreError> {
         let Some(limit) = self.limit() else {
             self.stored.fetch_add(bytes, Ordering::Relaxed);
             return Ok(());
@@ -779,7 +786,7 @@ impl DurableStore {
             .map_err(|stored| StoreError::Full { stored, limit })
     }
 
-    fn unreserve(&self, bytes: u64) {
+    pub(crate) fn unreserve(&self, bytes: u64) {
         let _ = self
             .stored
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
@@ -790,7 +797,7 @@ impl DurableStore {
     /// A failed write may leave part of an entry in the journal buffer: have fjall write the
     /// buffer out now, so that a journal which cannot be written poisons the keyspace (every
     /// later write fails) rather than taking later entries after a torn one.
-    fn failed(&self, e: fjall::Error) -> StoreError {
+    pub(crate) fn failed(&self, e: fjall::Error) -> StoreError {
         let _ = self.keyspace.persist(fjall::PersistMode::Buffer);
         fj(e)
     }
@@ -920,7 +927,7 @@ impl DurableStore {
     /// off the async worker: from [`journals_near`] sealed journals on, the worker hands its
     /// other tasks to another thread for the time of the write (`block_in_place`). The count
     /// is read under fjall's journal-manager lock, without a system call.
-    fn off_worker<R>(&self, write: impl FnOnce() -> R) -> R {
+    pub(crate) fn off_worker<R>(&self, write: impl FnOnce() -> R) -> R {
         let sealed = self.keyspace.journal_count().saturating_sub(1) as u64;
         if sealed < self.journals_near.load(Ordering::Relaxed) {
             return write();

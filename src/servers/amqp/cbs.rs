@@ -30,9 +30,35 @@ pub struct CbsReply {
     pub granted: Option<(Identity, u64)>,
     /// Set when the token named an identity but failed, for metrics.
     pub refused_id: Option<String>,
-    /// Set when the token was a good service token (`skn` names a `servicePolicies` policy):
-    /// the policy and the token's expiry.
-    pub service: Option<(String, u64)>,
+    /// Set when a service-policy token was good (see [`service_audience`]): IoT Hub's service
+    /// token or an Event Hubs one.
+    pub service: Option<ServiceGrant>,
+}
+
+/// What a service-policy token grants on a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceGrant {
+    pub policy: String,
+    /// The entity path it covers, lower-cased (`{eventHub}/consumergroups/…`); empty for the
+    /// whole hub.
+    pub scope: String,
+    /// Unix seconds.
+    pub expiry: u64,
+}
+
+/// Whether a put-token is a service policy's rather than a device's or module's: an Event
+/// Hubs audience (`sb://{host}/{eventHub}…`), or IoT Hub's service token (`skn` names a
+/// policy and `sr` is the bare host name).
+pub fn service_audience(audience: &str, token: &str) -> bool {
+    let sb = |s: &str| s.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("sb://"));
+    if sb(audience) {
+        return true;
+    }
+    crate::model::sas::SasToken::parse(token).is_ok_and(|t| {
+        t.skn.is_some()
+            && t.resource()
+                .is_ok_and(|r| sb(&r) || !r.trim_end_matches('/').contains('/'))
+    })
 }
 
 fn app_string(m: &Message<Body<Value>>, key: &str) -> Option<String> {
@@ -96,15 +122,27 @@ pub fn handle(m: &Message<Body<Value>>, auth: &Authenticator, now_secs: u64) -> 
         },
         _ => return reply(400, "the token must be an amqp-value string".into()),
     };
-    // A service token names its policy (`skn`); device and module tokens do not.
-    let is_service = crate::model::sas::SasToken::parse(&token).is_ok_and(|t| t.skn.is_some());
-    if is_service {
-        return match auth.verify_service(&token, now_secs) {
-            Ok(grant) => CbsReply {
-                service: Some(grant),
+    if service_audience(&audience, &token) {
+        return match auth.verify_event_hubs(&token, now_secs) {
+            Ok((policy, scope, expiry)) => CbsReply {
+                service: Some(ServiceGrant {
+                    policy,
+                    scope,
+                    expiry,
+                }),
                 ..reply(200, "OK".into())
             },
-            Err(e) => reply(401, e.to_string()),
+            Err(e) => CbsReply {
+                refused_id: Some("service".into()),
+                ..reply(
+                    if matches!(e, SasError::Malformed(_)) {
+                        400
+                    } else {
+                        401
+                    },
+                    e.to_string(),
+                )
+            },
         };
     }
     match auth.verify_put_token(&token, &audience, now_secs) {
@@ -183,6 +221,94 @@ mod tests {
                 Value::String(token.to_owned()),
             )))
             .build()
+    }
+
+    /// An Event Hubs token as the SDKs make it: HMAC with the UTF-8 bytes of the key text.
+    fn event_hubs_token(audience: &str, key_text: &str, policy: &str, expiry: u64) -> String {
+        let enc = |s: &str| {
+            percent_encoding::utf8_percent_encode(s, crate::model::sas::URI_COMPONENT).to_string()
+        };
+        let sr = enc(audience);
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key_text.as_bytes());
+        let sig = ring::hmac::sign(&key, format!("{sr}\n{expiry}").as_bytes());
+        let sig = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, sig);
+        format!(
+            "SharedAccessSignature sr={sr}&sig={}&se={expiry}&skn={policy}",
+            enc(&sig)
+        )
+    }
+
+    #[test]
+    fn a_service_policy_token_grants_its_event_hubs_path() {
+        let key_text = {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode([9u8; 32])
+        };
+        let text = format!(
+            r#"{{"deviceId": "edge", "iothubHostname": "hub.example.net", "gatewayHostname": "gw.local",
+            "listen": {{"amqps": "127.0.0.1:0"}}, "dataDir": "d",
+            "servicePolicies": {{"service": {{"primaryKey": "{key_text}"}}}},
+            "$edgeHub": {{"schemaVersion": "1.1", "routes": {{}}, "storeAndForwardConfiguration": {{}}}}}}"#
+        );
+        let settings = crate::config::from_str(&text, &Default::default()).unwrap();
+        let auth = Authenticator::new(
+            &settings,
+            &crate::model::identity::Key::from_base64(&key_text).unwrap(),
+        );
+        let audience = "sb://gw.local:5671/hub/ConsumerGroups/$Default/Partitions/0";
+        let token = event_hubs_token(audience, &key_text, "service", 4_000_000_000);
+        assert!(service_audience(audience, &token));
+        let reply = handle(&request(audience, &token), &auth, 1_700_000_000);
+        assert_eq!(reply.status, 200, "{}", reply.description);
+        assert_eq!(
+            reply.service,
+            Some(ServiceGrant {
+                policy: "service".into(),
+                scope: "hub/consumergroups/$default/partitions/0".into(),
+                expiry: 4_000_000_000,
+            })
+        );
+        assert!(reply.granted.is_none());
+        // Signed with the decoded key, as IoT Hub signs: not an Event Hubs token.
+        let wrong = crate::model::sas::make_token(
+            audience,
+            &crate::model::identity::Key::from_base64(&key_text).unwrap(),
+            4_000_000_000,
+            Some("service"),
+        );
+        assert_eq!(
+            handle(&request(audience, &wrong), &auth, 1_700_000_000).status,
+            401
+        );
+        // Another host, an unknown policy.
+        let other = event_hubs_token("sb://elsewhere/hub", &key_text, "service", 4_000_000_000);
+        assert_eq!(
+            handle(&request("sb://elsewhere/hub", &other), &auth, 1_700_000_000).status,
+            401
+        );
+        let unknown = event_hubs_token(audience, &key_text, "owner", 4_000_000_000);
+        assert_eq!(
+            handle(&request(audience, &unknown), &auth, 1_700_000_000).status,
+            401
+        );
+        // IoT Hub's service token (bare host, decoded key) covers the whole hub.
+        let hub_token = crate::model::sas::make_token(
+            "hub.example.net",
+            &crate::model::identity::Key::from_base64(&key_text).unwrap(),
+            4_000_000_000,
+            Some("service"),
+        );
+        let reply = handle(
+            &request("sb://gw.local/hub", &hub_token),
+            &auth,
+            1_700_000_000,
+        );
+        assert_eq!(reply.service.map(|g| g.scope), Some(String::new()));
+        // A device's token is no service token.
+        assert!(!service_audience(
+            "hub.example.net/devices/d",
+            "SharedAccessSignature sr=hub.example.net%2Fdevices%2Fd&sig=x&se=1"
+        ));
     }
 
     #[test]

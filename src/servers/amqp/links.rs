@@ -210,9 +210,12 @@ async fn cbs_requests(
         }
         let reply = cbs::handle(delivery.message(), &core.auth, now_secs());
         match (&reply.granted, &reply.service) {
-            (_, Some((policy, expiry))) => {
-                conn.authorize_service(*expiry);
-                debug!(policy = %policy, "service put-token accepted");
+            (_, Some(g)) => {
+                if conn.grant_service(g) {
+                    debug!(policy = %g.policy, scope = %clip(&g.scope), "service put-token accepted");
+                } else {
+                    debug!("service put-token beyond the connection's grants; not recorded");
+                }
             }
             (Some((id, expiry)), None) => {
                 conn.grant(&core, id, *expiry);

@@ -14,6 +14,8 @@ mod c2d;
 pub mod cbs;
 pub mod cbs_client;
 pub(crate) mod convert;
+mod eventhubs;
+mod full;
 mod links;
 mod service;
 pub(crate) mod tags;
@@ -120,11 +122,11 @@ pub(crate) struct ConnState {
     /// The stop signal of the links that belong to no identity (`$cbs`): they end with the
     /// connection, with the error it closes with.
     others: links::LinkStop,
-    /// The expiry of the newest service token put (a `servicePolicies` policy), if any.
-    service: Mutex<Option<u64>>,
     /// Woken when an identity is newly granted, so that the grant watcher sleeps until the
     /// earliest expiry instead of ticking.
     granted: tokio::sync::Notify,
+    /// Service-policy grants for the Event Hubs-compatible endpoint, and its readers.
+    services: eventhubs::ServiceGrants,
 }
 
 struct CbsReplies {
@@ -157,23 +159,30 @@ impl ConnState {
             cbs_links: Mutex::new((0, 0)),
             faults: Arc::default(),
             x509: Mutex::new(None),
-            service: Mutex::new(None),
             granted: tokio::sync::Notify::new(),
+            services: Default::default(),
         }
     }
 
-    /// Records a verified service token (a renewal moves its expiry).
-    pub fn authorize_service(&self, expiry: u64) {
+    /// Records a verified service-policy token (a renewal moves its expiry); `false` when the
+    /// connection holds its maximum of grants. A token for the whole hub (IoT Hub's service
+    /// token, `sr = {host}`, or `sb://{host}/`) gives the connection the service role
+    /// ([`ConnState::is_service`]); one for an entity path (`sb://{host}/{eventHub}…`) only
+    /// the Event Hubs links under that path.
+    fn grant_service(&self, g: &cbs::ServiceGrant) -> bool {
+        if !self.services.grant(&self.root, g.scope.clone(), g.expiry) {
+            return false;
+        }
         self.authenticated.store(true, Ordering::Relaxed);
         drop(lock(&self.pending).take());
-        let mut s = lock(&self.service);
-        *s = Some(s.map_or(expiry, |e| e.max(expiry)));
+        // The grant watcher sleeps until the earliest expiry: this one may be earlier.
+        self.granted.notify_one();
+        true
     }
 
-    /// Does this connection hold an unexpired service token?
+    /// Does this connection hold an unexpired service token for the whole hub?
     pub fn is_service(&self, now: u64) -> bool {
-        lock(&self.service)
-            .is_some_and(|e| e.saturating_add(crate::model::sas::MAX_CLOCK_SKEW_SECS) >= now)
+        self.services.whole_hub(now)
     }
 
     /// Records what the client's certificate proved: an identity is granted until the
@@ -279,13 +288,13 @@ impl ConnState {
     }
 
     /// A newer connection of `id` took over: its links here detach with `amqp:link:stolen`, and
-    /// a connection left with no identity closes with `amqp:connection:forced` (as edgeHub
-    /// closes the AMQP connection whose last identity goes).
+    /// a connection left with no identity (and no service grant) closes with
+    /// `amqp:connection:forced` (as edgeHub closes the AMQP connection whose last identity goes).
     fn evicted(&self, core: &HubCore, id: &Identity) {
         let (grant, empty) = {
             let mut map = self.map();
             let g = map.remove(&id.key());
-            (g, map.is_empty())
+            (g, map.is_empty() && self.services.is_empty())
         };
         let Some(grant) = grant else { return };
         let why = "a newer connection of this identity replaced this one";
@@ -331,7 +340,11 @@ impl ConnState {
     /// How long from `now` (Unix seconds) until the earliest grant can have expired (beyond
     /// the clock skew), at most [`GRANT_CHECK_MAX`]; `None` when the connection holds no grant.
     fn next_expiry_check(&self, now: u64) -> Option<Duration> {
-        let earliest = self.map().values().map(|g| g.expiry).min()?;
+        let identities = self.map().values().map(|g| g.expiry).min();
+        let earliest = match (identities, self.services.earliest_expiry()) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
         let due = earliest
             .saturating_add(crate::model::sas::MAX_CLOCK_SKEW_SECS)
             .saturating_add(1);
@@ -877,6 +890,7 @@ async fn watch_grants(conn: Arc<ConnState>, core: Arc<HubCore>, auth_after: Dura
             // The sender lives in the core, which this task holds: `changed` cannot fail.
             _ = revoked.changed() => {}
         }
+        conn.services.expire(now_secs());
         for (id, generation) in conn.expire(now_secs()) {
             debug!(identity = %id, "token expired; links of this identity closed");
             core.client_disconnected(&id);
@@ -916,6 +930,7 @@ async fn run_session(
     let acceptors = LinkAcceptors::new(core.settings.limits.max_message_size);
     let max_links = core.settings.limits.max_links_per_session;
     let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let eh_nodes = Arc::new(eventhubs::SessionNodes::default());
     loop {
         let attach = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -945,6 +960,49 @@ async fn run_session(
             })
         {
             debug!(link = %clip(&name), auth_chain = %clip(chain), "link attach with an auth chain");
+        }
+        let eh = core.settings.built_in_endpoint.as_ref();
+        if let Some(node) = eventhubs::classify(address.as_deref(), role, eh) {
+            // The Event Hubs-compatible endpoint: `$management` and partition readers.
+            let opening = eventhubs::Opening::of(&attach, node);
+            let acceptor = match role {
+                ClientRole::Sender => &acceptors.cbs_requests,
+                ClientRole::Receiver => &acceptors.settled,
+            };
+            let link = match acceptor.accept_incoming_attach(attach, &mut session).await {
+                Ok(l) => l,
+                Err(e) => {
+                    debug!(link = %clip(&name), error = ?e, "link attach failed");
+                    continue;
+                }
+            };
+            if live.load(Ordering::Relaxed) >= max_links {
+                let why = format!("this session holds its maximum of {max_links} links");
+                tracker.spawn(refuse(
+                    link,
+                    amqp_error(AmqpError::ResourceLimitExceeded, why),
+                ));
+                continue;
+            }
+            match eventhubs::admit(opening, &conn, &core, &eh_nodes) {
+                Ok((task, stop)) => {
+                    let span = info_span!("link", kind = "eventhubs", name = %clip(&name));
+                    let (core, live) = (core.clone(), live.clone());
+                    live.fetch_add(1, Ordering::Relaxed);
+                    tracker.spawn(
+                        async move {
+                            task.run(link, core, stop).await;
+                            live.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        .instrument(span),
+                    );
+                }
+                Err(error) => {
+                    debug!(link = %clip(&name), error = ?error, "event hubs link refused");
+                    tracker.spawn(refuse(link, error).in_current_span());
+                }
+            }
+            continue;
         }
         let kind = classify(address.as_deref(), role);
         // A twin response link is registered before its attach is answered: a client sends its

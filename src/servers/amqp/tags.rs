@@ -22,7 +22,9 @@
 //!   answer goes on the hub's channel of the session, learnt from the hub's outgoing `begin`.
 //!
 //! Protocol headers, SASL frames, empty (heartbeat) frames and every other frame pass through
-//! byte for byte; performatives are decoded and encoded with serde_amqp.
+//! byte for byte; performatives are decoded and encoded with serde_amqp. Last, every outgoing
+//! performative (SASL ones too) is padded to its full field count (`super::full`), which the
+//! Python Event Hubs SDK needs; [`HEADROOM`] covers that growth of a transfer as well.
 //!
 //! The same stream guards the hub against what the peer sends ([`Guard`]): each incoming frame
 //! is checked before fe2o3 reads it, its size on its header alone. A frame the hub does not
@@ -962,9 +964,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WideTags<S> {
             this.open_sent |= open;
         }
         let (channels, prefixes) = (&mut this.guard.channels, &mut this.tag_prefixes);
-        process_with(
+        let mut ready = Vec::new();
+        let processed = process_with(
             &mut this.written,
-            &mut this.outgoing,
+            &mut ready,
             |frame, code, out| match code {
                 TRANSFER => {
                     let ch = channel(frame);
@@ -987,7 +990,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WideTags<S> {
                 }
                 _ => out.extend_from_slice(frame),
             },
-        )?;
+        );
+        // Every performative at full length (see `full`), whoever reads it.
+        super::full::pad_all(&ready, &mut this.outgoing);
+        processed?;
         // Start sending; what does not go now goes on the next write or flush.
         match this.drain(cx) {
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),

@@ -1214,6 +1214,7 @@ mod tests {
             crate::core::twins::TwinStore::in_memory(),
             crate::core::registry::Registry::in_memory(),
             None,
+            None,
         ))
     }
 

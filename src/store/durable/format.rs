@@ -48,7 +48,7 @@ pub(super) fn put_amqp<T: Serialize>(
 }
 
 /// Appends the record of `m` (layout in the module doc).
-pub(super) fn encode_record(m: &Message, out: &mut Vec<u8>) -> Result<(), StoreError> {
+pub(crate) fn encode_record(m: &Message, out: &mut Vec<u8>) -> Result<(), StoreError> {
     let module = m.from.module();
     let mut flags = 0;
     for (set, flag) in [
@@ -131,7 +131,7 @@ impl<'a> RecordReader<'a> {
     }
 }
 
-pub(super) fn decode_record(id: u64, bytes: &[u8]) -> Result<Message, StoreError> {
+pub(crate) fn decode_record(id: u64, bytes: &[u8]) -> Result<Message, StoreError> {
     let mut r = RecordReader { rest: bytes, id };
     let [format, flags] = r.array()?;
     if format != RECORD_FORMAT {
@@ -260,7 +260,7 @@ thread_local! {
 /// A scratch buffer that grew past this (a large message) is given back after use.
 pub(super) const SCRATCH_KEEP: usize = 1 << 20;
 
-pub(super) fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
     SCRATCH.with(|s| match s.try_borrow_mut() {
         Ok(mut buf) => {
             buf.clear();
