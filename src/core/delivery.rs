@@ -8,8 +8,8 @@
 //! count; when the pump ends, every message still in flight goes back. An acknowledgement whose
 //! removal is not yet written out counts against the window too (see [`Unwritten`]): after a
 //! crash of the hub at most `window` messages of one pump come again. Those removals are written
-//! out in the background once a quarter of the window waits for it: the pump goes on refilling
-//! the rest of the window meanwhile instead of stopping for the write. When the pump ends,
+out in the background once a quarter of the window waits for it: the pump goes on refilling the
+rest of the window meanwhile instead of stopping for the write. When the pump ends,
 //! outcomes that arrive before its link is closed (up to [`DRAIN_WAIT`]) still count, so a peer
 //! that settles and closes at once does not get those messages again, and the removals are
 //! written out.
