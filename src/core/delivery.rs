@@ -7,9 +7,7 @@
 //! leave their queue; released (or modified) ones go back to their place with a higher delivery
 //! count; when the pump ends, every message still in flight goes back. An acknowledgement whose
 //! removal is not yet written out counts against the window too (see [`Unwritten`]): after a
-//! crash of the hub at most `window` messages of one pump come again. Those removals are written
-out in the background once a quarter of the window waits for it: the pump goes on refilling the
-rest of the window meanwhile instead of stopping for the write. When the pump ends,
+//! crash of the hub at most `window` messages of one pump come again. When the pump ends,
 //! outcomes that arrive before its link is closed (up to [`DRAIN_WAIT`]) still count, so a peer
 //! that settles and closes at once does not get those messages again, and the removals are
 //! written out.
@@ -133,16 +131,11 @@ pub async fn pump<F: Feed, L: Link>(
     window: Window,
     stop: &CancellationToken,
 ) -> Ended {
-    // Acknowledgements are written out once a quarter of the window waits for it, one write at
-    // a time, while the pump goes on.
+    // Acknowledgements are written out once a quarter of the window waits for it.
     let write_at = (window.messages / 4).max(1);
     let mut state = InFlight::default();
     let mut in_flight = FuturesUnordered::new();
     let mut ended = Ended::Stopped;
-    // The write of acknowledgement removals under way: the pump goes on refilling the window
-    // meanwhile (the unwritten ones still count against it), and looks at the count again once
-    // it is done.
-    let mut writing: Option<tokio::task::JoinHandle<()>> = None;
     'outer: loop {
         let Some(ready) = feed.refresh() else {
             tokio::select! {
@@ -184,16 +177,6 @@ pub async fn pump<F: Feed, L: Link>(
             _ = stop.cancelled() => break,
             _ = link.detached(), if in_flight.is_empty() => break,
             _ = &mut notified => {}
-            _ = async {
-                if let Some(w) = writing.as_mut() {
-                    let _ = w.await;
-                }
-            }, if writing.is_some() => {
-                writing = None;
-                if state.unwritten.count() >= write_at {
-                    writing = state.unwritten.start_write();
-                }
-            }
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
                 // Every outcome that is in already, before the feed and the window are looked
                 // at again: a peer settles in bursts, and this refills the window in one.
@@ -212,8 +195,8 @@ pub async fn pump<F: Feed, L: Link>(
                     })
                     .await;
                 }
-                if writing.is_none() && state.unwritten.count() >= write_at {
-                    writing = state.unwritten.start_write();
+                if state.unwritten.count() >= write_at {
+                    state.unwritten.write().await;
                 }
             }
         }
@@ -239,9 +222,6 @@ pub async fn pump<F: Feed, L: Link>(
     }
     for (_, (ep, seq)) in state.outstanding.drain() {
         ep.release(seq);
-    }
-    if let Some(w) = writing {
-        let _ = w.await;
     }
     state.unwritten.write().await;
     ended

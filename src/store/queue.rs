@@ -417,15 +417,6 @@ impl Unwritten {
         self.acks.len()
     }
 
-    /// Starts writing out the removals of the oldest acknowledgement's store, off the async
-    /// workers, without waiting for it: the caller keeps counting them with [`Self::count`]
-    /// (which sees them written once the task is done). `None` when nothing waits.
-    pub fn start_write(&self) -> Option<tokio::task::JoinHandle<()>> {
-        let (ep, _) = self.acks.first()?;
-        let store = ep.store.clone();
-        Some(tokio::task::spawn_blocking(move || store.write_removals()))
-    }
-
     /// Writes them out, off the async workers.
     pub async fn write(&mut self) {
         while let Some((ep, _)) = self.acks.first() {
