@@ -5,8 +5,8 @@
 #
 #   durable store, unpaced       RUNS x N messages of 256 B, module A -> route -> module B
 #   durable store, paced         N messages at each rate of RATES (default 2k and 10k msg/s)
-#   idle connections             for each K of KS and each stage of STAGES, a fresh hub takes K
-#                                authenticated connections (stage connection: open only;
+#   idle connections             for each K of KS and each stage of STAGES, a fresh hub with K
+#                                leaf devices takes K authenticated connections, one per device (stage connection: open only;
 #                                session: + one session; link: + one sender link) and the
 #                                server's RSS per held connection is read
 #
@@ -38,6 +38,7 @@ kit=$(mktemp -d /tmp/edgehub-peer.XXXXXX)
 hub_dir=""
 cleanup() {
   [ -n "$hub_dir" ] && HUB_DIR=$hub_dir "$kit/brokers/stop_edgehub.sh" > /dev/null 2>&1 || true
+  [ -n "${hub_pid:-}" ] && kill "$hub_pid" 2> /dev/null || true
   rm -rf "$kit"
 }
 trap cleanup EXIT
@@ -47,6 +48,9 @@ cp -a "$PEER_KIT/." "$kit/"; chmod -R u+w "$kit"; cd "$kit"
 sed -i 's|"metrics": "127.0.0.1:$((HUB_PORT + 2000))"|&,\n    "mqtts": "127.0.0.1:$((HUB_PORT + 3000))"|' brokers/start_edgehub.sh
 grep -q '"mqtts"' brokers/start_edgehub.sh || { echo "cannot set the MQTT port in the kit's start script" >&2; exit 1; }
 gcc -O2 -Wall -o amqp_bench_c amqp_bench_c.c -lqpid-proton
+# The hub keeps one connection per identity (a newer one replaces the older), so the idle
+# connections are K leaf devices, one each: the kit's amqp_conns_c learns --creds if it lacks it.
+grep -q '"creds"' amqp_conns_c.c || patch -s -p1 < "$root/benches/peer-kit-creds.patch"
 gcc -O2 -Wall -o amqp_conns_c amqp_conns_c.c -lqpid-proton
 rev=${LABEL:-$(git -C "$root" rev-parse --short HEAD)$(git -C "$root" diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo -dirty)}
 export EDGEHUB
@@ -82,15 +86,47 @@ if [ "$MODE" != conns ]; then
 fi
 
 if [ "$MODE" != throughput ]; then
+  # One hub config with K leaf devices (one SAS key) and a credentials file for amqp_conns_c:
+  # user, SAS token and events address of each device, one line each.
+  leaf_hub() { # dir port k
+    local key
+    mkdir -p "$1"; key=$(head -c 32 /dev/urandom | base64)
+    python3 - "$3" "$key" "$2" > "$1/edgehub.json" <<'PY'
+import json, sys
+k, key, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+print(json.dumps({"deviceId": "bench-edge", "iothubHostname": "bench-hub.azure-devices.net",
+    "gatewayHostname": "127.0.0.1",
+    "listen": {"amqps": f"127.0.0.1:{port}", "https": f"127.0.0.1:{port + 1000}",
+               "metrics": f"127.0.0.1:{port + 2000}", "mqtts": f"127.0.0.1:{port + 3000}"},
+    "dataDir": "data", "deviceKey": key, "limits": {"maxConnections": k + 1000},
+    "devices": {f"leaf{i}": {"primaryKey": key} for i in range(k)}, "modules": {"A": {}},
+    "$edgeHub": {"schemaVersion": "1.1", "routes": {},
+                 "storeAndForwardConfiguration": {"timeToLiveSecs": 7200}}}))
+PY
+    python3 - "$3" "$key" > "$1/creds.tsv" <<'PY'
+import base64, hashlib, hmac, sys, time, urllib.parse
+k, key = int(sys.argv[1]), base64.b64decode(sys.argv[2])
+expiry = int(time.time()) + 86400
+for i in range(k):
+    sr = urllib.parse.quote(f"bench-hub.azure-devices.net/devices/leaf{i}", safe="")
+    sig = base64.b64encode(hmac.new(key, f"{sr}\n{expiry}".encode(), hashlib.sha256).digest()).decode()
+    token = f"SharedAccessSignature sr={sr}&sig={urllib.parse.quote(sig, safe='')}&se={expiry}"
+    print(f"leaf{i}@sas.bench-hub\t{token}\t/devices/leaf{i}/messages/events")
+PY
+  }
   for k in $KS; do
     for stage in $STAGES; do
-      start_hub "$kit/run/hub-conns" "$((PORT + 10))" $((k + 1000))
+      d=$kit/run/hub-conns; rm -rf "$d"; leaf_hub "$d" "$((PORT + 10))" "$k"
+      ca=$(cd "$d" && "$EDGEHUB" module-env --config edgehub.json --module A | sed -n 's/^EdgeModuleCACertificateFile=//p')
+      (cd "$d" && ulimit -n "$(ulimit -Hn)" && exec "$EDGEHUB" run --config edgehub.json > hub.log 2>&1) &
+      hub_pid=$!
+      for _ in $(seq 1 300); do grep -q "edgehub ready" "$d/hub.log" 2>/dev/null && break; sleep 0.1; done
+      grep -q "edgehub ready" "$d/hub.log" || { tail -5 "$d/hub.log" >&2; kill "$hub_pid"; exit 1; }
       sleep 3 # the idle RSS is read once the hub has settled
-      timeout 900 ./amqp_conns_c --port "$HUB_PORT" --tls --ca "$HUB_CA" --user "$HUB_USER_A" \
-        --password "$HUB_TOKEN_A" --address "$HUB_ADDR_A" --role sender --attach "$stage" \
-        -k "$k" --concurrency 100 --hold 5 --timeout 600 --pid "$HUB_PID" \
-        --label "hub-$rev-idle-$stage" | tee -a "$OUT"
-      stop_hub
+      timeout 900 ./amqp_conns_c --port "$((PORT + 10))" --tls --ca "$ca" --creds "$d/creds.tsv" \
+        --role sender --attach "$stage" -k "$k" --concurrency 100 --hold 5 --timeout 600 \
+        --pid "$hub_pid" --label "hub-$rev-idle-$stage" | tee -a "$OUT" || true
+      kill "$hub_pid"; wait "$hub_pid" || true; hub_pid=""
     done
   done
 fi

@@ -233,6 +233,7 @@ impl Hub {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         if let Some(scope) = scope {
+            scope.set_revocations(core.registry.revocations.clone());
             core.auth.attach_scope(scope.clone());
             tasks.spawn(scope.run(shutdown.clone()));
         }

@@ -193,6 +193,8 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config } => {
+            // Taken before the file is read: a change made while the hub starts is a change.
+            let seen = config_file_state(&config);
             let settings = match load(&config) {
                 Ok(s) => s,
                 Err(code) => return code,
@@ -208,7 +210,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(run(settings, config)) {
+            match rt.block_on(run(settings, config, seen)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -243,7 +245,7 @@ fn module_env(settings: &Settings, module: &str) -> anyhow::Result<(String, Vec<
     Ok((env, edgehub::ops::connect::guide(settings, &certs.ca_cert)))
 }
 
-async fn run(settings: Settings, config: PathBuf) -> anyhow::Result<()> {
+async fn run(settings: Settings, config: PathBuf, seen: FileState) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     // Signal handlers first: a SIGTERM or SIGHUP that comes as soon as the hub says it is ready
     // must find them (without one, either signal would kill the process).
@@ -258,7 +260,7 @@ async fn run(settings: Settings, config: PathBuf) -> anyhow::Result<()> {
     let hub = Hub::start(settings).await?;
     let core = hub.core.clone();
     let stop = hub.shutdown_token();
-    let watcher = tokio::spawn(watch_config(core, config, hup, stop));
+    let watcher = tokio::spawn(watch_config(core, config, seen, hup, stop));
     wait_for_signal(term, interrupt).await;
     watcher.abort();
     tracing::info!("shutting down");
@@ -278,24 +280,27 @@ fn raise_open_files_limit() {
     }
 }
 
-/// Reloads routes and TTLs on SIGHUP and when the config file changes (its time, size or inode,
-/// checked every 2 s).
+/// What tells a config file's versions apart. The modification time alone misses a file put in
+/// place with the same time (`cp -p`, a second write within the file system's time
+/// granularity): its size and inode tell those apart.
+type FileState = Option<(Option<std::time::SystemTime>, u64, u64)>;
+
+fn config_file_state(path: &PathBuf) -> FileState {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.modified().ok(), m.len(), m.ino()))
+}
+
+/// Reloads routes and TTLs on SIGHUP and when the config file changes from `last` (its time,
+/// size or inode, checked every 2 s).
 async fn watch_config(
     core: std::sync::Arc<edgehub::core::HubCore>,
     path: PathBuf,
+    mut last: FileState,
     mut hup: Option<tokio::signal::unix::Signal>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    // The modification time alone misses a file put in place with the same time (`cp -p`, a
-    // second write within the file system's time granularity): its size and inode tell those
-    // apart.
-    let modified = |p: &PathBuf| {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(p)
-            .ok()
-            .map(|m| (m.modified().ok(), m.len(), m.ino()))
-    };
-    let mut last = modified(&path);
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
     loop {
         let why = tokio::select! {
@@ -307,7 +312,7 @@ async fn watch_config(
                 }
             } => "SIGHUP",
             _ = tick.tick() => {
-                let now = modified(&path);
+                let now = config_file_state(&path);
                 if now == last { continue; }
                 last = now;
                 "file change"

@@ -615,3 +615,112 @@ fn check_config_refuses_duplicate_keys_with_their_paths() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A workload API on a Unix socket that answers every request it gets (at most `n`): the trust
+/// bundle (one certificate) for `GET /trust-bundle`, a digest for `sign`.
+fn fake_workload(socket: &Path, n: usize) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    let listener = std::os::unix::net::UnixListener::bind(socket).expect("bind the socket");
+    let ca = rcgen::generate_simple_self_signed(vec!["test root".to_owned()])
+        .expect("a certificate")
+        .cert
+        .pem();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(n) {
+            let Ok(mut stream) = stream else { return };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head).to_string();
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            let mut body = vec![0u8; length];
+            let _ = stream.read_exact(&mut body);
+            let answer = if head.contains("/trust-bundle") {
+                serde_json::json!({ "certificate": ca }).to_string()
+            } else {
+                serde_json::json!({ "digest": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=" })
+                    .to_string()
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+        }
+    })
+}
+
+#[test]
+fn check_in_runtime_mode_asks_the_workload_api_and_the_device_scope() {
+    let dir = temp_dir();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let scope_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let cfg = write_config(
+        &dir,
+        &format!(
+            r#"{{"listen": {{"amqps": "127.0.0.1:0", "mqtts": "127.0.0.1:0", "https": null, "metrics": "127.0.0.1:0"}},
+                "upstream": {{"httpsPort": {scope_port}}}}}"#
+        ),
+    );
+    let socket = dir.join("workload.sock");
+    let check = || {
+        let out = Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(&cfg)
+            .env(
+                "IOTEDGE_WORKLOADURI",
+                format!("unix://{}", socket.display()),
+            )
+            .env("IOTEDGE_DEVICEID", "edge1")
+            .env("IOTEDGE_MODULEID", "$edgeHub")
+            .env("IOTEDGE_MODULEGENERATIONID", "gen1")
+            .env("IOTEDGE_IOTHUBHOSTNAME", "h.azure-devices.net")
+            .env("IOTEDGE_AUTHSCHEME", "sasToken")
+            .env("EdgeDeviceHostName", "localhost")
+            .env("IOTEDGE_GATEWAYHOSTNAME", "127.0.0.1")
+            .env("EDGEHUB_DATA_DIR", dir.join("data"))
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    // No socket: the workload API is named, not certificate files of the config.
+    let (passed, text) = check();
+    assert!(!passed, "{text}");
+    assert!(
+        text.contains(&format!("ERROR   workload API unix://{}", socket.display())),
+        "{text}"
+    );
+    assert!(
+        !text.contains("certificate "),
+        "no certificate files in runtime mode: {text}"
+    );
+    // A workload API that answers, and a parent that does not.
+    let served = fake_workload(&socket, 2);
+    let (passed, text) = check();
+    assert!(!passed, "{text}");
+    assert!(text.contains("OK      workload API"), "{text}");
+    assert!(text.contains("trust bundle of 1 certificate(s)"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "ERROR   device scope https://127.0.0.1:{scope_port}"
+        )),
+        "{text}"
+    );
+    // Its thread ends with the test process (it may wait for a request that never comes).
+    drop(served);
+    let _ = std::fs::remove_dir_all(dir);
+}

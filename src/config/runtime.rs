@@ -31,7 +31,16 @@ pub struct RuntimeSettings {
     pub api_version: Option<String>,
     /// `IOTEDGE_GATEWAYHOSTNAME`: the parent edge device on a nested child.
     pub parent_hostname: Option<String>,
+    /// `DeviceScopeCacheRefreshRateSecs`: between full refreshes of the device scope (3600).
+    pub scope_refresh_rate_secs: u64,
+    /// `DeviceScopeCacheRefreshDelaySecs`: the least time between two on-demand refreshes, and
+    /// between two lookups of one identity (120).
+    pub scope_refresh_delay_secs: u64,
 }
+
+/// edgeHub's defaults of the device-scope refresh settings.
+const DEFAULT_REFRESH_RATE_SECS: u64 = 3600;
+const DEFAULT_REFRESH_DELAY_SECS: u64 = 120;
 
 /// The value of `name` in `env`, ignoring case (an exact match wins).
 pub fn env_get<'a>(env: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
@@ -103,6 +112,29 @@ pub fn from_env(
             format!("{workload_uri:?}: must be unix:///path or http://host:port"),
         );
     }
+    let mut seconds = |var: &str, default: u64, min: u64| match env_get(env, var) {
+        None => default,
+        Some(v) => match v.trim().parse::<u64>() {
+            Ok(n) if n >= min => n,
+            _ => {
+                err(
+                    var,
+                    format!("{v:?}: must be a whole number of seconds, at least {min}"),
+                );
+                default
+            }
+        },
+    };
+    let scope_refresh_rate_secs = seconds(
+        "DeviceScopeCacheRefreshRateSecs",
+        DEFAULT_REFRESH_RATE_SECS,
+        1,
+    );
+    let scope_refresh_delay_secs = seconds(
+        "DeviceScopeCacheRefreshDelaySecs",
+        DEFAULT_REFRESH_DELAY_SECS,
+        0,
+    );
     let generation_id = env_get(env, "IOTEDGE_MODULEGENERATIONID")
         .unwrap_or_default()
         .to_owned();
@@ -115,6 +147,8 @@ pub fn from_env(
         generation_id,
         api_version: env_get(env, "IOTEDGE_APIVERSION").map(str::to_owned),
         parent_hostname: env_get(env, "IOTEDGE_GATEWAYHOSTNAME").map(str::to_owned),
+        scope_refresh_rate_secs,
+        scope_refresh_delay_secs,
     }))
 }
 
@@ -278,6 +312,8 @@ mod tests {
         assert_eq!(r.module_id.as_str(), "$edgeHub");
         assert_eq!(r.generation_id, "638412345678901234");
         assert_eq!(r.parent_hostname, None);
+        assert_eq!(r.scope_refresh_rate_secs, 3600);
+        assert_eq!(r.scope_refresh_delay_secs, 120);
         let s = crate::config::from_str("{}", &e).unwrap();
         assert_eq!(s.device_id.as_str(), "edge1");
         assert_eq!(s.iothub_hostname, "contoso.azure-devices.net");
@@ -334,6 +370,28 @@ mod tests {
         let paths: Vec<&str> = errs.0.iter().map(|e| e.path.as_str()).collect();
         assert!(paths.contains(&"env EdgeDeviceHostName"), "{paths:?}");
         assert!(paths.contains(&"env IOTEDGE_MODULEID"), "{paths:?}");
+
+        let mut e = runtime_env();
+        e.insert("devicescopecacherefreshratesecs".into(), "0".into());
+        e.insert("DeviceScopeCacheRefreshDelaySecs".into(), "soon".into());
+        let errs = crate::config::from_str("{}", &e).unwrap_err();
+        let paths: Vec<&str> = errs.0.iter().map(|e| e.path.as_str()).collect();
+        assert!(
+            paths.contains(&"env DeviceScopeCacheRefreshRateSecs"),
+            "{paths:?}"
+        );
+        assert!(
+            paths.contains(&"env DeviceScopeCacheRefreshDelaySecs"),
+            "{paths:?}"
+        );
+        let mut e = runtime_env();
+        e.insert("DEVICESCOPECACHEREFRESHRATESECS".into(), "600".into());
+        e.insert("DeviceScopeCacheRefreshDelaySecs".into(), "0".into());
+        let r = from_env(&e).unwrap().unwrap();
+        assert_eq!(
+            (r.scope_refresh_rate_secs, r.scope_refresh_delay_secs),
+            (600, 0)
+        );
 
         let errs = crate::config::from_str(
             r#"{"upstream": {"sharedAccessKey": "AAAA"}}"#,

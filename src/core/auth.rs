@@ -63,6 +63,9 @@ pub struct LiveIdentity {
     /// A device that authenticates with a client certificate (`selfSigned` thumbprints or
     /// `certificateAuthority`).
     pub x509: Option<crate::model::x509::X509Auth>,
+    /// A leaf device's parent scope (the edge device it connects through): a child edge hub
+    /// may act for the devices under its scope.
+    pub parent_scope: Option<String>,
 }
 
 fn lower(id: &Identity) -> IdentityKey {
@@ -246,6 +249,15 @@ impl Authenticator {
         }
     }
 
+    /// The scope of a child edge device of the config file (`deviceScope` in the registry).
+    pub fn config_child_scope(child: &DeviceId) -> String {
+        let id = Identity::Device(child.clone());
+        crate::core::registry::edge_scope(
+            child.as_str(),
+            &crate::core::registry::config_generation_id(&id),
+        )
+    }
+
     fn edge_child(&self, d: &DeviceId) -> Option<&DeviceId> {
         self.edge_children.get(&IdentityKey::from(d))
     }
@@ -281,7 +293,19 @@ impl Authenticator {
             .as_str()
             .eq_ignore_ascii_case(child.as_str())
         {
-            return Err(SasError::NotOnBehalf(id.to_string(), target.to_string()));
+            // A registry leaf device (or its module) under the child's scope.
+            let scope = Self::config_child_scope(child);
+            return match self.live.get(&lower(&target)) {
+                Some(l)
+                    if l.enabled
+                        && l.parent_scope
+                            .as_deref()
+                            .is_some_and(|p| p.eq_ignore_ascii_case(&scope)) =>
+                {
+                    Ok((l.id.clone(), expiry))
+                }
+                _ => Err(SasError::NotOnBehalf(id.to_string(), target.to_string())),
+            };
         }
         let granted = match target {
             Identity::Device(_) => Identity::Device(child.clone()),
@@ -512,6 +536,41 @@ mod tests {
             a.verify(&token("leaf/Sensor", &own, LATER), NOW),
             Err(SasError::UnknownIdentity(_))
         ));
+    }
+
+    #[test]
+    fn a_child_acts_for_the_registry_leaf_devices_under_its_scope_only() {
+        let (_, k, a) = parent();
+        let t = token("Child/$edgeHub", &child_edge_hub_key(&k, "Child"), LATER);
+        let child_scope = Authenticator::config_child_scope(&DeviceId::parse("Child").unwrap());
+        let other_scope = Authenticator::config_child_scope(&DeviceId::parse("other").unwrap());
+        let leaf = |name: &str, scope: Option<&str>, enabled: bool| LiveIdentity {
+            id: id(name),
+            keys: vec![KeyPair {
+                primary: key(9),
+                secondary: key(9),
+            }],
+            enabled,
+            x509: None,
+            parent_scope: scope.map(str::to_owned),
+        };
+        a.set_live(leaf("leaf1", Some(&child_scope.to_uppercase()), true));
+        a.set_live(leaf("leaf2", Some(&other_scope), true));
+        a.set_live(leaf("leaf3", None, true));
+        a.set_live(leaf("leaf4", Some(&child_scope), false));
+        let (got, exp) = a
+            .verify_put_token(&t, "hub.example.net%2Fdevices%2Fleaf1", NOW)
+            .unwrap();
+        assert_eq!((got, exp), (id("leaf1"), LATER));
+        for refused in ["leaf2", "leaf3", "leaf4", "nobody"] {
+            assert!(
+                matches!(
+                    a.verify_put_token(&t, &format!("hub.example.net/devices/{refused}"), NOW),
+                    Err(SasError::NotOnBehalf(..))
+                ),
+                "{refused}"
+            );
+        }
     }
 
     #[test]

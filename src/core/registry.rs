@@ -108,7 +108,8 @@ impl Default for Revocations {
 }
 
 impl Revocations {
-    fn publish(&self, keys: &[IdentityKey]) {
+    /// Ends the connections of `keys` (each gets an epoch of its own).
+    pub fn publish(&self, keys: &[IdentityKey]) {
         if keys.is_empty() {
             return;
         }
@@ -173,7 +174,8 @@ pub struct Registry {
     /// the clock in milliseconds, and the last one given), so a deleted and re-created identity
     /// never matches an old etag.
     last_revision: AtomicU64,
-    pub revocations: Revocations,
+    /// Shared with the device scope (runtime mode), whose refreshes revoke as well.
+    pub revocations: std::sync::Arc<Revocations>,
     /// Registered by the transports at start (see [`OnDelete`]).
     on_delete: Mutex<Vec<std::sync::Arc<OnDelete>>>,
 }
@@ -202,7 +204,7 @@ impl Registry {
             store,
             write: tokio::sync::Mutex::new(()),
             last_revision: AtomicU64::new(last),
-            revocations: Revocations::default(),
+            revocations: std::sync::Arc::new(Revocations::default()),
             on_delete: Mutex::new(Vec::new()),
         }
     }
@@ -369,6 +371,7 @@ fn live_identity(r: &Record) -> Option<LiveIdentity> {
         keys,
         enabled: r.enabled,
         x509,
+        parent_scope: parent_scope(r).map(str::to_owned),
     })
 }
 
@@ -396,6 +399,10 @@ pub struct DeviceSpec {
     pub status_reason: Option<String>,
     pub auth: AuthSpec,
     pub iot_edge: bool,
+    /// `deviceScope` of a leaf device: the scope of the edge device it connects through.
+    pub device_scope: Option<String>,
+    /// `parentScopes` (at most one).
+    pub parent_scopes: Vec<String>,
 }
 
 /// A module PUT body, checked.
@@ -520,11 +527,38 @@ pub fn parse_device(body: &Map<String, Value>, d: &DeviceId) -> Result<DeviceSpe
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(invalid("capabilities.iotEdge must be true or false")),
     };
+    let scope_text = |s: &str, what: &str| {
+        if s.len() > MAX_SCOPE_LEN {
+            Err(invalid(format!(
+                "{what} is longer than {MAX_SCOPE_LEN} characters"
+            )))
+        } else {
+            Ok(s.to_owned())
+        }
+    };
+    let device_scope = match text_field(body, "deviceScope", "")? {
+        None | Some("") => None,
+        Some(s) => Some(scope_text(s, "deviceScope")?),
+    };
+    let parent_scopes = match body.get("parentScopes") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) if a.len() <= 1 => a
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => scope_text(s, "parentScopes[0]"),
+                _ => Err(invalid("parentScopes must hold strings")),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(Value::Array(_)) => return Err(invalid("a device has at most one parent scope")),
+        Some(_) => return Err(invalid("parentScopes must be an array")),
+    };
     Ok(DeviceSpec {
         enabled,
         status_reason,
         auth: parse_auth(body)?,
         iot_edge,
+        device_scope,
+        parent_scopes,
     })
 }
 
@@ -565,8 +599,16 @@ fn generation_id() -> Result<String, RegistryError> {
     ))
 }
 
+/// The longest `deviceScope` or parent scope taken.
+const MAX_SCOPE_LEN: usize = 256;
+
+/// The scope of an edge device, as IoT Hub writes it.
+pub fn edge_scope(device: &str, generation_id: &str) -> String {
+    format!("ms-azure-iot-edge://{device}-{generation_id}")
+}
+
 /// A stable generation id for an identity of the config file.
-fn config_generation_id(id: &Identity) -> String {
+pub fn config_generation_id(id: &Identity) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, id.key().as_str().as_bytes());
     let mut b = [0u8; 8];
     b.copy_from_slice(&d.as_ref()[..8]);
@@ -693,7 +735,8 @@ fn record_json(core: &HubCore, r: &Record) -> Value {
             "cloudToDeviceMessageCount": 0,
             "authentication": auth_json(&r.auth),
             "capabilities": {"iotEdge": r.iot_edge},
-            "parentScopes": [],
+            "deviceScope": scope_of_record(core, r),
+            "parentScopes": parent_scopes_of(core, r),
         }),
         Some(m) => json!({
             "moduleId": m,
@@ -708,6 +751,71 @@ fn record_json(core: &HubCore, r: &Record) -> Value {
             "authentication": auth_json(&r.auth),
         }),
     }
+}
+
+/// A device's `deviceScope`: an edge device's own scope, else the one it was given.
+fn scope_of_record(core: &HubCore, r: &Record) -> Option<String> {
+    if r.iot_edge {
+        return Some(edge_scope(&r.device_id, &r.generation_id));
+    }
+    r.device_scope
+        .clone()
+        .or_else(|| parent_scopes_of(core, r).into_iter().next())
+}
+
+/// A device's `parentScopes`: as given; for the config's child edge devices, this hub's scope.
+fn parent_scopes_of(core: &HubCore, r: &Record) -> Vec<String> {
+    if !r.parent_scopes.is_empty() {
+        return r.parent_scopes.clone();
+    }
+    let is_config_child = DeviceId::parse(&r.device_id)
+        .is_ok_and(|d| core.settings.devices.get(&d).is_some_and(|s| s.edge));
+    if is_config_child {
+        let own = Identity::Device(core.settings.device_id.clone());
+        return vec![edge_scope(
+            own.device().as_str(),
+            &config_generation_id(&own),
+        )];
+    }
+    Vec::new()
+}
+
+/// The parent scope a leaf device connects through (its first parent scope, else its device
+/// scope); `None` for edge devices and devices given neither.
+pub fn parent_scope(r: &Record) -> Option<&str> {
+    if r.iot_edge || r.module_id.is_some() {
+        return None;
+    }
+    r.parent_scopes
+        .first()
+        .or(r.device_scope.as_ref())
+        .map(String::as_str)
+}
+
+/// The registry's leaf devices whose parent scope is `scope` (ignoring case), and their
+/// modules, enabled or not, as IoT Hub's device JSON, sorted by id.
+pub fn leaves_under(core: &HubCore, scope: &str) -> Vec<(Identity, Value)> {
+    let devices: Vec<Record> = core
+        .registry
+        .records
+        .iter()
+        .filter(|r| parent_scope(r).is_some_and(|p| p.eq_ignore_ascii_case(scope)))
+        .filter(|r| shadowed(core, r).is_none())
+        .map(|r| r.clone())
+        .collect();
+    let mut out = Vec::new();
+    for d in devices {
+        let Some(id) = identity_of(&d) else { continue };
+        let modules = core.registry.modules_of(id.device());
+        out.push((id, record_json(core, &d)));
+        for m in modules {
+            if let Some(mid) = identity_of(&m) {
+                out.push((mid, record_json(core, &m)));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.key().as_str().cmp(b.0.key().as_str()));
+    out
 }
 
 /// An identity of the config file as a (read-only) record: always enabled, revision 1.
@@ -745,6 +853,8 @@ fn config_record(core: &HubCore, id: &Identity, keys: Option<&KeyPair>) -> Recor
         auth,
         iot_edge,
         managed_by: id.module().map(|_| "IotEdge".to_owned()),
+        device_scope: None,
+        parent_scopes: Vec::new(),
     }
 }
 
@@ -845,6 +955,8 @@ pub async fn put_device(
                 auth: resolve_auth(&spec.auth, None)?,
                 iot_edge: spec.iot_edge,
                 managed_by: None,
+                device_scope: spec.device_scope.clone(),
+                parent_scopes: spec.parent_scopes.clone(),
             }
         }
         (Some(old), Some(m)) => {
@@ -866,12 +978,17 @@ pub async fn put_device(
                 auth: resolve_auth(&spec.auth, Some(&old.auth))?,
                 iot_edge: spec.iot_edge,
                 managed_by: None,
+                device_scope: spec.device_scope.clone(),
+                parent_scopes: spec.parent_scopes.clone(),
             }
         }
     };
     core.registry.put(&core.auth, record.clone()).await?;
     if let Some(old) = &old {
-        if (old.enabled && !record.enabled) || old.auth != record.auth {
+        if (old.enabled && !record.enabled)
+            || old.auth != record.auth
+            || parent_scope(old) != parent_scope(&record)
+        {
             core.registry.revocations.publish(&[id.key()]);
         }
     }
@@ -1036,6 +1153,8 @@ pub async fn put_module(
                 auth: resolve_auth(&spec.auth, None)?,
                 iot_edge: false,
                 managed_by: spec.managed_by.clone(),
+                device_scope: None,
+                parent_scopes: Vec::new(),
             }
         }
         (Some(old), Some(etag)) => {

@@ -10,6 +10,9 @@
 //!   full refresh is retried every `retry` (60 s) and single-identity lookups are refused; once
 //!   initialised, a failure waits for the next period and the cache is kept.
 //! * After a full refresh, identities it did not return are removed (memory and store).
+//! * An identity removed, disabled or given other keys by a refresh or a lookup is published
+//!   in the registry's [`Revocations`]: its connections end at once, as a registry deletion
+//!   ends them on a standalone hub.
 //! * On demand: a full refresh (`request_refresh`, when the upstream connection comes back) and a
 //!   single-identity lookup (an unknown identity, or a token that does not verify, at connect
 //!   time); both are throttled by `delay` (120 s), per identity for lookups. A lookup answered
@@ -40,7 +43,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::model::identity::{DeviceId, Identity, IdentityKey, Key, KeyPair, ModuleId};
+use crate::{
+    core::registry::Revocations,
+    model::identity::{DeviceId, Identity, IdentityKey, Key, KeyPair, ModuleId},
+};
 
 /// The answer of an encrypt or decrypt call.
 pub type SealFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + 'a>>;
@@ -153,6 +159,36 @@ impl Default for RefreshSettings {
     }
 }
 
+/// Ids one `RefreshDeviceScopeIdentityCache` call may name at most.
+pub const MAX_REFRESH_IDS: usize = 100;
+
+/// The ids of a `RefreshDeviceScopeIdentityCache` payload: `deviceIds`, each `device` or
+/// `device/module`.
+pub fn parse_refresh_request(payload: &[u8]) -> Result<Vec<Identity>, String> {
+    let v: Value =
+        serde_json::from_slice(payload).map_err(|e| format!("the payload is not JSON: {e}"))?;
+    let list = v
+        .get("deviceIds")
+        .and_then(Value::as_array)
+        .ok_or("the payload needs deviceIds, an array of ids")?;
+    if list.len() > MAX_REFRESH_IDS {
+        return Err(format!("at most {MAX_REFRESH_IDS} deviceIds at once"));
+    }
+    list.iter()
+        .map(|v| {
+            let s = v.as_str().ok_or("deviceIds holds strings")?;
+            let bad = |e: crate::model::identity::IdError| format!("{s:?}: {e}");
+            Ok(match s.split_once('/') {
+                Some((d, m)) => Identity::Module(
+                    DeviceId::parse(d).map_err(bad)?,
+                    ModuleId::parse(m).map_err(bad)?,
+                ),
+                None => Identity::Device(DeviceId::parse(s).map_err(bad)?),
+            })
+        })
+        .collect()
+}
+
 /// Identities tracked by the per-identity throttle at most.
 const MAX_THROTTLED: usize = 10_000;
 
@@ -190,6 +226,15 @@ pub struct ScopeCache {
     /// Counts changes to the set of identities (added, removed), for whoever carries them
     /// (the upstream connection).
     changes: tokio::sync::watch::Sender<u64>,
+    /// Where identities that lose their right to connect are published.
+    revocations: OnceLock<Arc<Revocations>>,
+}
+
+/// Does going from `old` to `new` take away the right of `old`'s connections? Other keys, or
+/// a device disabled.
+fn revokes(old: &ScopeEntry, new: &ScopeEntry) -> bool {
+    let pair = |e: &ScopeEntry| e.keys().map(|k| (k.primary, k.secondary));
+    pair(old) != pair(new) || (old.enabled() && !new.enabled())
 }
 
 fn key_of(id: &Identity) -> IdentityKey {
@@ -210,6 +255,25 @@ impl ScopeCache {
             wake: tokio::sync::Notify::new(),
             writes: tokio::sync::Mutex::new(()),
             changes: tokio::sync::watch::Sender::new(0),
+            revocations: OnceLock::new(),
+        }
+    }
+
+    /// Where removed, disabled and re-keyed identities are published; set once.
+    pub fn set_revocations(&self, revocations: Arc<Revocations>) {
+        let _ = self.revocations.set(revocations);
+    }
+
+    fn revoke(&self, keys: &[IdentityKey]) {
+        if keys.is_empty() {
+            return;
+        }
+        info!(
+            identities = keys.len(),
+            "device-scope identities removed, disabled or re-keyed; their connections end"
+        );
+        if let Some(r) = self.revocations.get() {
+            r.publish(keys);
         }
     }
 
@@ -348,6 +412,29 @@ impl ScopeCache {
         out
     }
 
+    /// The enabled leaf devices directly below this hub's device (auth chain `{leaf};{own}`).
+    pub fn own_leaves(&self) -> Vec<DeviceId> {
+        let mut out: Vec<DeviceId> = self
+            .read()
+            .values()
+            .filter(|e| !e.is_edge() && e.enabled())
+            .filter(|e| {
+                let mut links = e.auth_chain.split(';');
+                links.next();
+                links
+                    .next()
+                    .is_some_and(|p| p.eq_ignore_ascii_case(self.own.as_str()))
+                    && links.next().is_none()
+            })
+            .filter_map(|e| match e.id()? {
+                Identity::Device(d) => Some(d),
+                Identity::Module(..) => None,
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Every entry whose auth chain passes through `device` (its scope as this hub knows it).
     pub fn entries_through(&self, device: &DeviceId) -> Vec<ScopeEntry> {
         self.read()
@@ -394,7 +481,7 @@ impl ScopeCache {
             }
         }
         let _order = self.writes.lock().await;
-        let (changed, removed) = {
+        let (changed, removed, revoked) = {
             let known = self.read();
             let changed: Vec<(IdentityKey, ScopeEntry)> = next
                 .iter()
@@ -406,7 +493,13 @@ impl ScopeCache {
                 .filter(|k| !next.contains_key(*k))
                 .cloned()
                 .collect();
-            (changed, removed)
+            let revoked: Vec<IdentityKey> = changed
+                .iter()
+                .filter(|(k, e)| known.get(k).is_some_and(|old| revokes(old, e)))
+                .map(|(k, _)| k.clone())
+                .chain(removed.iter().cloned())
+                .collect();
+            (changed, removed, revoked)
         };
         let n = next.len();
         let added = {
@@ -417,6 +510,7 @@ impl ScopeCache {
         if added || !removed.is_empty() {
             self.changed();
         }
+        self.revoke(&revoked);
         self.initialised.store(true, Ordering::Release);
         self.write_through(&changed, &removed).await;
         info!(
@@ -428,9 +522,26 @@ impl ScopeCache {
         Ok(n)
     }
 
+    /// Looks each of `ids` up at the parent now, not throttled: what the direct method
+    /// `RefreshDeviceScopeIdentityCache` asks for (see [`parse_refresh_request`]), when the
+    /// caller changed the scope on purpose.
+    pub async fn refresh_ids(&self, ids: &[Identity]) {
+        info!(
+            identities = ids.len(),
+            "device-scope refresh requested by direct method"
+        );
+        for id in ids {
+            self.lookup_with(id, false).await;
+        }
+    }
+
     /// Looks one identity up at the parent, unless the cache is not initialised or the
     /// identity was looked up less than `delay` ago. Returns whether it is known afterwards.
     pub async fn lookup(&self, id: &Identity) -> bool {
+        self.lookup_with(id, true).await
+    }
+
+    async fn lookup_with(&self, id: &Identity, throttled: bool) -> bool {
         let Some(source) = self.source.get().cloned() else {
             return self.known(id).is_some();
         };
@@ -444,7 +555,7 @@ impl ScopeCache {
             let now = Instant::now();
             let delay = self.settings.delay;
             t.last_one.retain(|_, at| now.duration_since(*at) < delay);
-            if t.last_one.contains_key(&k) {
+            if throttled && t.last_one.contains_key(&k) {
                 debug!(identity = %id, "lookup throttled");
                 return self.known(id).is_some();
             }
@@ -458,6 +569,7 @@ impl ScopeCache {
             Ok(entries) => {
                 let _order = self.writes.lock().await;
                 let mut changed = Vec::new();
+                let mut revoked = Vec::new();
                 {
                     let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
                     for e in entries {
@@ -468,6 +580,9 @@ impl ScopeCache {
                             continue;
                         }
                         if known.get(&ek) != Some(&e) {
+                            if known.get(&ek).is_some_and(|old| revokes(old, &e)) {
+                                revoked.push(ek.clone());
+                            }
                             known.insert(ek.clone(), e.clone());
                             changed.push((ek, e));
                         }
@@ -477,6 +592,7 @@ impl ScopeCache {
                     info!(identity = %id, "identity fetched from the device scope");
                     self.changed();
                 }
+                self.revoke(&revoked);
                 self.write_through(&changed, &[]).await;
             }
             Err(FetchError::Gone(why)) => {
@@ -489,6 +605,7 @@ impl ScopeCache {
                 if was.is_some() {
                     info!(identity = %id, "identity removed: {why}");
                     self.changed();
+                    self.revoke(std::slice::from_ref(&k));
                     self.write_through(&[], std::slice::from_ref(&k)).await;
                 }
             }

@@ -91,11 +91,115 @@ pub fn run(path: &Path, env: &HashMap<String, String>) -> Vec<Outcome> {
             "correct or remove the route; the others run without it",
         ));
     }
+    if let Some(rt) = &settings.runtime {
+        // Runtime mode: the certificate, the trust bundle and the identities come from the
+        // workload API and the parent's device scope, not from config keys.
+        out.extend(ports(&settings));
+        out.extend(data_dir(&settings));
+        out.extend(runtime(&settings, rt));
+        return out;
+    }
     out.extend(certificates(&settings));
     out.extend(client_cas(&settings, now_secs()));
     out.extend(ports(&settings));
     out.extend(data_dir(&settings));
     out.push(upstream(&settings));
+    out
+}
+
+/// Runtime mode: the workload API answers (its trust bundle) on `IOTEDGE_WORKLOADURI`, and the
+/// parent's device-scope API answers this hub's `$edgeHub` (a workload-signed token, the
+/// parent's certificate checked against the trust bundle) with a page of its scope.
+fn runtime(s: &Settings, rt: &crate::config::RuntimeSettings) -> Vec<Outcome> {
+    let (s, rt) = (s.clone(), rt.clone());
+    std::thread::spawn(move || {
+        let tokio_rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                return vec![error(
+                    format!("runtime checks: {e}"),
+                    "report this as a bug",
+                )]
+            }
+        };
+        tokio_rt.block_on(runtime_checks(&s, &rt))
+    })
+    .join()
+    .unwrap_or_else(|_| vec![error("runtime checks failed", "report this as a bug")])
+}
+
+async fn runtime_checks(s: &Settings, rt: &crate::config::RuntimeSettings) -> Vec<Outcome> {
+    let limit = std::time::Duration::from_secs(10);
+    let uri = &rt.workload_uri;
+    let workload = match crate::ops::workload::WorkloadClient::new(
+        uri,
+        rt.module_id.clone(),
+        &rt.generation_id,
+    ) {
+        Ok(w) => std::sync::Arc::new(w),
+        Err(e) => {
+            return vec![error(
+                format!("workload API {uri}: {e}"),
+                "set IOTEDGE_WORKLOADURI to unix:///path of the workload socket",
+            )]
+        }
+    };
+    let bundle = match tokio::time::timeout(limit, workload.trust_bundle()).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            return vec![error(
+                format!("workload API {uri}: {e}"),
+                "the IoT Edge runtime mounts the workload socket into the container edgeAgent creates; check IOTEDGE_WORKLOADURI and that aziot-edged runs (`iotedge system status`)",
+            )]
+        }
+        Err(_) => {
+            return vec![error(
+                format!("workload API {uri}: no answer within 10 s"),
+                "check that aziot-edged runs (`iotedge system status`)",
+            )]
+        }
+    };
+    let mut out = vec![ok(format!(
+        "workload API {uri}: reachable, trust bundle of {} certificate(s)",
+        bundle.matches("BEGIN CERTIFICATE").count()
+    ))];
+    let Some(up) = &s.upstream else {
+        return out;
+    };
+    let target = format!("https://{}:{}", up.hostname, up.scope_port);
+    let client = match crate::ops::device_scope::DeviceScopeClient::new(
+        &up.hostname,
+        up.scope_port,
+        s.device_id.clone(),
+        &s.iothub_hostname,
+        workload,
+        &bundle,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            out.push(error(
+                format!("device scope {target}: {e}"),
+                "the trust bundle must hold the CA of the parent's certificate",
+            ));
+            return out;
+        }
+    };
+    out.push(match tokio::time::timeout(limit, client.probe()).await {
+        Ok(Ok(n)) => ok(format!(
+            "device scope {target}: reachable, {n} identities on the first page of this hub's scope"
+        )),
+        Ok(Err(e)) => error(
+            format!("device scope {target}: {e}"),
+            "check that the parent (IOTEDGE_GATEWAYHOSTNAME, else IoT Hub) is reachable on that port, trusts this device's $edgeHub, and that the trust bundle holds its CA",
+        ),
+        Err(_) => error(
+            format!("device scope {target}: no answer within 10 s"),
+            "check the network path to the parent",
+        ),
+    });
     out
 }
 

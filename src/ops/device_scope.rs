@@ -191,6 +191,15 @@ impl DeviceScopeClient {
         Ok(value)
     }
 
+    /// One page of this hub's own scope (`edgehub check`): how many identities it holds.
+    pub async fn probe(&self) -> Result<usize, FetchError> {
+        let body = json!({"pageSize": PAGE_SIZE, "authChain": self.own.as_str()});
+        let page = self
+            .post("devicesAndModulesInTargetDeviceScope", body)
+            .await?;
+        Ok(entries(&page, self.own.as_str(), self.own.as_str()).len())
+    }
+
     /// The full walk of the scope tree.
     async fn walk(&self) -> Result<Vec<ScopeEntry>, FetchError> {
         let own = self.own.as_str().to_owned();

@@ -118,6 +118,17 @@ fn encryption_iv(data_dir: &std::path::Path) -> Result<Vec<u8>, RuntimeError> {
     Ok(iv.into_bytes())
 }
 
+/// The refresh policy: edgeHub's defaults, with the rate and delay of the environment
+/// (`DeviceScopeCacheRefreshRateSecs`, `DeviceScopeCacheRefreshDelaySecs`).
+fn refresh_settings(settings: &Settings) -> RefreshSettings {
+    let mut r = RefreshSettings::default();
+    if let Some(rt) = &settings.runtime {
+        r.rate = std::time::Duration::from_secs(rt.scope_refresh_rate_secs);
+        r.delay = std::time::Duration::from_secs(rt.scope_refresh_delay_secs);
+    }
+    r
+}
+
 /// The device-scope cache, loaded from `ks`, with the parent's device-scope API as its source.
 pub async fn open_scope(
     settings: &Settings,
@@ -126,7 +137,7 @@ pub async fn open_scope(
 ) -> Result<Arc<ScopeCache>, RuntimeError> {
     let cache = ScopeCache::open(
         settings.device_id.clone(),
-        RefreshSettings::default(),
+        refresh_settings(settings),
         ks,
         runtime.workload.clone(),
         runtime.iv.clone(),

@@ -74,6 +74,13 @@ pub struct Record {
     /// A module's `managedBy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub managed_by: Option<String>,
+    /// A leaf device's `deviceScope` as the service set it: the scope of the edge device it
+    /// connects through (`ms-azure-iot-edge://{edge}-{generationId}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_scope: Option<String>,
+    /// `parentScopes` as the service set them (a device has at most one parent).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parent_scopes: Vec<String>,
 }
 
 /// The `registry` partition.
@@ -165,6 +172,8 @@ mod tests {
             },
             iot_edge: false,
             managed_by: None,
+            device_scope: None,
+            parent_scopes: Vec::new(),
         }
     }
 

@@ -4,16 +4,25 @@
 // certificate and signs its tokens; its identities come from a parent hub's device-scope API;
 // its modules are Node SDK ModuleClients made by `fromEnvironment` from the same environment
 // edgeAgent gives a module (no connection string: they sign through the workload API and trust
-// its trust bundle).
+// its trust bundle). Also: the server certificate renewed under open connections; identities
+// added at the parent usable at once over MQTT and SASL PLAIN; a leaf device created in the
+// parent's registry under the child's scope (paged device scope) connecting to the child and
+// carried upstream on its behalf with its auth chain; a module removed at the parent cut off
+// by `$edgeHub`'s RefreshDeviceScopeIdentityCache method.
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const crypto = require('node:crypto');
 const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
-const { Message } = require('azure-iot-device');
-const { fromEnv, httpsPost, loopback, openClient, sasToken, startHub, withTimeout } = require('./hub');
-const { startWorkload } = require('./workload');
+const { Client: DeviceClient, Message } = require('azure-iot-device');
+const { Amqp } = require('azure-iot-device-amqp');
+const { Mqtt } = require('azure-iot-device-mqtt');
+const { Registry } = require('azure-iothub');
+const { NoRetry } = require('azure-iot-common');
+const { fromEnv, httpsPost, loopback, openClient, sasToken, startHub, trustHub, withTimeout } = require('./hub');
+const { startWorkload, moduleKey } = require('./workload');
+const rhea = require('./rhea-client');
 
 const CHILD = 'child1';
 const CHILD_KEY = crypto.randomBytes(32).toString('base64');
@@ -75,18 +84,25 @@ async function roundTrip(sender, receiver) {
 test('runtime mode: workload API, device scope from the parent, modules from the environment', async (t) => {
   const parent = await startHub({
     modules: { sink: {} },
-    routes: { fromChild: 'FROM /messages/* WHERE $connectionDeviceId = \'child1\' INTO BrokeredEndpoint("/modules/sink/inputs/child")' },
+    routes: {
+      fromChild: 'FROM /messages/* WHERE $connectionDeviceId = \'child1\' INTO BrokeredEndpoint("/modules/sink/inputs/child")',
+      fromLeaf: 'FROM /messages/* WHERE $connectionDeviceId = \'leaf1\' INTO BrokeredEndpoint("/modules/sink/inputs/leaf")',
+    },
     extra: {
       devices: { [CHILD]: { primaryKey: CHILD_KEY, edge: true, modules: { sender: {}, receiver: {} } } },
       servicePolicies: { service: { primaryKey: SERVICE_KEY } },
     },
+    // The auth chains of the child's upstream links are logged at debug.
+    env: { RUST_LOG: 'info,edgehub::servers::amqp=debug' },
   });
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'edgehub-runtime-'));
   const childHost = loopback();
   // The child trusts what the runtime's trust bundle holds: here the parent's CA as well.
-  const workload = await startWorkload({ dir, deviceId: CHILD, deviceKey: CHILD_KEY, extraTrust: parent.caPem().toString() });
+  // Its first server certificate lives 15 s, so the child renews it while the modules run.
+  const workload = await startWorkload({ dir, deviceId: CHILD, deviceKey: CHILD_KEY, extraTrust: parent.caPem().toString(), shortCerts: 1, shortSecs: 15 });
   const clients = [];
   let child;
+  let late;
   t.after(async () => {
     try {
       await withTimeout(Promise.all(clients.map((c, i) => withTimeout(c.close(), 15000, `close client ${i}`))), 20000, 'close clients');
@@ -103,6 +119,7 @@ test('runtime mode: workload API, device scope from the parent, modules from the
     routes: {
       toReceiver: 'FROM /messages/modules/sender/outputs/out INTO BrokeredEndpoint("/modules/receiver/inputs/in")',
       up: 'FROM /messages/modules/sender/outputs/up INTO $upstream',
+      leafUp: 'FROM /messages/* WHERE $connectionDeviceId = \'leaf1\' INTO $upstream',
     },
     extra: { upstream: { minBackoffMs: 50, maxBackoffMs: 400 } },
     env: { ...workload.moduleEnv('$edgeHub', parent.host), EdgeDeviceHostName: childHost },
@@ -126,6 +143,29 @@ test('runtime mode: workload API, device scope from the parent, modules from the
 
   await t.test('module to module through the child', async () => {
     await roundTrip(sender, receiver);
+  });
+
+  await t.test('the server certificate is renewed live: open connections stay, new ones see the new certificate', async () => {
+    const tls = require('node:tls');
+    const served = () => withTimeout(new Promise((resolve, reject) => {
+      const s = tls.connect({ host: childHost, port: 5671, ca: workload.root, servername: childHost, ALPNProtocols: [] }, () => {
+        const c = s.getPeerCertificate();
+        s.destroy();
+        resolve(c);
+      });
+      s.on('error', reject);
+    }), 10000, 'TLS handshake');
+    const first = await served();
+    assert.ok(new Date(first.valid_to).getTime() - Date.now() < 60000, `the first certificate is short-lived: ${first.valid_to}`);
+    let drops = 0;
+    sender._transport.on('disconnect', () => { drops += 1; });
+    receiver._transport.on('disconnect', () => { drops += 1; });
+    await child.waitLog(/server certificate renewed/, 30000);
+    const second = await served();
+    assert.notEqual(second.fingerprint256, first.fingerprint256);
+    assert.ok(new Date(second.valid_to).getTime() - Date.now() > 86400000, `the new certificate: ${second.valid_to}`);
+    await roundTrip(sender, receiver);
+    assert.equal(drops, 0, 'the open connections stayed up');
   });
 
   await t.test('twins: reported properties and the twin read back', async () => {
@@ -160,9 +200,82 @@ test('runtime mode: workload API, device scope from the parent, modules from the
 
   await t.test('a module added at the parent is fetched when it first connects', async () => {
     await parent.rewrite((c) => { c.devices[CHILD].modules.late = {}; });
-    const late = await openModule(workload, 'late', childHost);
+    late = await openModule(workload, 'late', childHost);
     clients.push(late);
     await child.waitLog(/identity fetched from the device scope/);
+  });
+
+  await t.test('identities added at the parent connect at once over MQTT and over SASL PLAIN', async () => {
+    await parent.rewrite((c) => { c.devices[CHILD].modules.lateMqtt = {}; c.devices[CHILD].modules.latePlain = {}; });
+    const mqtt = await fromEnv(workload.moduleEnv('lateMqtt', childHost), Mqtt);
+    await withTimeout(mqtt.open(), 20000, 'lateMqtt open');
+    clients.push(mqtt);
+    const key = moduleKey(CHILD_KEY, CHILD, 'latePlain').toString('base64');
+    const plain = rhea.connect({ host: childHost, caPem: () => workload.root }, {
+      username: `${CHILD}/modules/latePlain@sas.test-hub`,
+      password: sasToken(`test-hub.azure-devices.net/devices/${CHILD}/modules/latePlain`, key, Math.floor(Date.now() / 1000) + 3600),
+    });
+    await plain.opened;
+    const r = await rhea.attachOpen(plain.conn, 'sender', `/devices/${CHILD}/modules/latePlain/messages/events`);
+    assert.equal(r.state, 'open');
+    plain.conn.close();
+  });
+
+  await t.test('a leaf device created at the parent through the registry connects to the child and reaches the parent', async () => {
+    const registry = Registry.fromConnectionString(`HostName=${parent.host};SharedAccessKeyName=service;SharedAccessKey=${SERVICE_KEY}`);
+    trustHub(registry, parent.caPem());
+    const { responseBody: edge } = await withTimeout(registry.get(CHILD), 10000, 'get child1');
+    assert.match(edge.deviceScope, /^ms-azure-iot-edge:\/\/child1-\d+$/);
+    const { responseBody: leaf } = await withTimeout(
+      registry.create({ deviceId: 'leaf1', deviceScope: edge.deviceScope, parentScopes: [edge.deviceScope] }), 10000, 'create leaf1');
+    assert.deepEqual(leaf.parentScopes, [edge.deviceScope]);
+    // The parent serves it in the child's scope, in pages of the size asked for.
+    const token = sasToken(`test-hub.azure-devices.net/devices/${CHILD}/modules/%24edgeHub`,
+      moduleKey(CHILD_KEY, CHILD, '$edgeHub').toString('base64'), Math.floor(Date.now() / 1000) + 3600);
+    const scopePath = `/devices/${CHILD}/modules/%24edgeHub/devicesAndModulesInTargetDeviceScope?api-version=2020-06-30-preview`;
+    const seen = [];
+    let link = null;
+    let pages = 0;
+    do {
+      const r = await httpsPost(parent, scopePath, { authorization: token }, { authChain: CHILD, pageSize: 3, ...(link ? { continuationLink: link } : {}) });
+      assert.equal(r.status, 200, JSON.stringify(r.body));
+      assert.ok(r.body.devices.length + r.body.modules.length <= 3);
+      seen.push(...r.body.devices.map((d) => d.deviceId), ...r.body.modules.map((m) => `${m.deviceId}/${m.moduleId}`));
+      link = r.body.continuationLink;
+      pages += 1;
+    } while (link && pages < 20);
+    assert.ok(pages >= 3, `${pages} pages`);
+    assert.ok(seen.includes('leaf1'), seen.join(','));
+    assert.equal(new Set(seen).size, seen.length, 'no identity twice');
+
+    const cs = `HostName=test-hub.azure-devices.net;DeviceId=leaf1;SharedAccessKey=${leaf.authentication.symmetricKey.primaryKey};GatewayHostName=${childHost}`;
+    const device = DeviceClient.fromConnectionString(cs, Amqp);
+    await withTimeout(device.setOptions({ ca: workload.root }), 5000, 'setOptions');
+    await withTimeout(device.open(), 20000, 'leaf1 open');
+    clients.push(device);
+    // The child carries it upstream on its $edgeHub token, with its auth chain.
+    await child.waitLog(/upstream connected[^\n]*identities=7/, 30000);
+    await parent.waitLog(/auth_chain=leaf1;child1/);
+    const sink = await openClient(parent, 'sink');
+    clients.push(sink);
+    const got = nextInput(sink, 'leaf');
+    const m = new Message(JSON.stringify({ from: 'leaf1' }));
+    m.messageId = crypto.randomUUID();
+    await withTimeout(device.sendEvent(m), 15000, 'leaf1 send');
+    assert.equal((await withTimeout(got, 20000, 'leaf1\'s message at the parent')).messageId, m.messageId);
+  });
+
+  await t.test('a module removed at the parent is cut off at the child when $edgeHub\'s refresh method names it', async () => {
+    await parent.rewrite((c) => { delete c.devices[CHILD].modules.late; });
+    // Without retries the SDK reports the end of its connection instead of trying again.
+    late.setRetryPolicy(new NoRetry());
+    const cutOff = new Promise((resolve) => late.once('disconnect', resolve));
+    const token = `${sasToken(parent.host, SERVICE_KEY, Math.floor(Date.now() / 1000) + 3600)}&skn=service`;
+    const r = await httpsPost(parent, `/twins/${CHILD}/modules/%24edgeHub/methods?api-version=2021-04-12`, { authorization: token },
+      { methodName: 'RefreshDeviceScopeIdentityCache', payload: { deviceIds: [`${CHILD}/late`] }, responseTimeoutInSeconds: 30 });
+    assert.equal(r.status, 200, JSON.stringify(r.body));
+    await child.waitLog(/identity revoked[^\n]*identity=child1\/late/);
+    await withTimeout(cutOff, 20000, 'late\'s disconnect');
   });
 
   await t.test('the $edgeHub twin\'s desired properties from the parent are the child\'s routes', async () => {
@@ -183,9 +296,9 @@ test('runtime mode: workload API, device scope from the parent, modules from the
     await parent.halt();
     await Promise.all(clients.splice(0).map((c) => withTimeout(c.close(), 15000, 'close').catch(() => {})));
     await child.restart();
-    await child.waitLog(/device-scope identities loaded[^\n]*identities=6/);
+    await child.waitLog(/device-scope identities loaded[^\n]*identities=8/);
     const decrypts = workload.calls.filter((c) => c.path.endsWith('/decrypt')).length;
-    assert.ok(decrypts >= 6, `the kept identities were decrypted (${decrypts} calls)`);
+    assert.ok(decrypts >= 8, `the kept identities were decrypted (${decrypts} calls)`);
     const sender2 = await openModule(workload, 'sender', childHost);
     clients.push(sender2);
     const receiver2 = await openModule(workload, 'receiver', childHost);

@@ -25,8 +25,10 @@ function moduleKey(deviceKeyBase64, device, module) {
 }
 
 /// Starts the fake in `dir` (socket `dir/workload.sock`) for the edge device `deviceId` whose
-/// key is `deviceKey`. `extraTrust`: PEM text appended to the trust bundle.
-async function startWorkload({ dir, deviceId, deviceKey, extraTrust = '' }) {
+/// key is `deviceKey`. `extraTrust`: PEM text appended to the trust bundle. The first
+/// `shortCerts` server certificates are valid for `shortSecs` seconds only (the rest for 30
+/// days), to make the hub renew its certificate while it runs.
+async function startWorkload({ dir, deviceId, deviceKey, extraTrust = '', shortCerts = 0, shortSecs = 10 }) {
   const certs = path.join(dir, 'workload-certs');
   fs.mkdirSync(certs, { recursive: true });
   if (!fs.existsSync(path.join(certs, 'root.pem'))) {
@@ -51,8 +53,20 @@ async function startWorkload({ dir, deviceId, deviceKey, extraTrust = '' }) {
     const isIp = /^[0-9.]+$/.test(commonName) || commonName.includes(':');
     const san = `${isIp ? 'IP' : 'DNS'}:${commonName},DNS:${module.replace(/^\$/, '')}`;
     fs.writeFileSync(path.join(certs, `${name}.ext`), `basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName=${san}\n`);
-    openssl(['x509', '-req', '-in', `${name}.csr`, '-CA', 'edge-ca.pem', '-CAkey', 'edge-ca.key.pem', '-CAcreateserial',
-      '-out', `${name}.pem`, '-days', '30', '-extfile', `${name}.ext`], certs);
+    if (serial <= shortCerts) {
+      // `openssl ca` takes exact start and end times (`x509 -req` only whole days).
+      const at = (ms) => new Date(ms).toISOString().replace(/[-:T]/g, '').slice(2, 14) + 'Z';
+      fs.writeFileSync(path.join(certs, 'index.txt'), '');
+      fs.writeFileSync(path.join(certs, 'ca.cnf'), '[ca]\ndefault_ca = edge\n[edge]\ndatabase = index.txt\nnew_certs_dir = .\n'
+        + 'serial = ca.serial\ndefault_md = sha256\npolicy = any\nunique_subject = no\n[any]\ncommonName = supplied\n');
+      fs.writeFileSync(path.join(certs, 'ca.serial'), crypto.randomBytes(8).toString('hex') + '\n');
+      openssl(['ca', '-batch', '-notext', '-config', 'ca.cnf', '-cert', 'edge-ca.pem', '-keyfile', 'edge-ca.key.pem',
+        '-in', `${name}.csr`, '-out', `${name}.pem`, '-startdate', at(Date.now() - 60000), '-enddate', at(Date.now() + shortSecs * 1000),
+        '-extfile', `${name}.ext`], certs);
+    } else {
+      openssl(['x509', '-req', '-in', `${name}.csr`, '-CA', 'edge-ca.pem', '-CAkey', 'edge-ca.key.pem', '-CAcreateserial',
+        '-out', `${name}.pem`, '-days', '30', '-extfile', `${name}.ext`], certs);
+    }
     const leaf = fs.readFileSync(path.join(certs, `${name}.pem`), 'utf8');
     const key = fs.readFileSync(path.join(certs, `${name}.key.pem`), 'utf8');
     const expiration = new crypto.X509Certificate(leaf).validTo;

@@ -387,3 +387,88 @@ async fn kept_identities_authenticate_after_a_restart_with_the_parent_offline() 
     assert!(!c.initialised());
     assert!(c.is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn removed_disabled_and_rekeyed_identities_are_revoked_unchanged_ones_are_not() {
+    let (source, _calls) = Scripted::new();
+    let c = cache(source.clone());
+    let revocations = Arc::new(Revocations::default());
+    c.set_revocations(revocations.clone());
+    let extra = || module("edge1", "other", 4);
+    let mut first = scope();
+    first.push(extra());
+    first.push(device("leaf2", 5, "enabled"));
+    source.then_full(Ok(first));
+    c.refresh_full().await.unwrap();
+    assert_eq!(revocations.epoch(), 0, "a first fetch revokes nothing");
+
+    // filter re-keyed, leaf1 disabled, edge1/other gone, leaf2 only with a new etag.
+    let mut leaf2 = device("leaf2", 5, "enabled");
+    leaf2.identity["etag"] = json!("AAAB");
+    source.then_full(Ok(vec![
+        device("edge1", 1, "enabled"),
+        module("edge1", "filter", 9),
+        device("leaf1", 3, "disabled"),
+        leaf2,
+    ]));
+    c.refresh_full().await.unwrap();
+    let (_, revoked) = revocations.since(0);
+    let crate::core::registry::Revoked::Keys(mut keys) = revoked else {
+        panic!("the log holds them")
+    };
+    keys.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    let names: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+    assert_eq!(names, ["edge1/filter", "edge1/other", "leaf1"]);
+
+    // A lookup that finds an identity gone revokes it too.
+    let seen = revocations.epoch();
+    source.then_one(Err(FetchError::Gone("404".into())));
+    assert!(!c.lookup(&id("leaf2")).await);
+    let (_, revoked) = revocations.since(seen);
+    assert_eq!(
+        revoked,
+        crate::core::registry::Revoked::Keys(vec![IdentityKey::from_stored("leaf2")])
+    );
+}
+
+#[test]
+fn refresh_requests_name_devices_and_modules() {
+    let ids = parse_refresh_request(br#"{"deviceIds": ["leaf1", "edge1/filter"]}"#).unwrap();
+    assert_eq!(ids, vec![id("leaf1"), id("edge1/filter")]);
+    for bad in [
+        &b"not json"[..],
+        br#"{"ids": []}"#,
+        br#"{"deviceIds": [1]}"#,
+        br#"{"deviceIds": ["a/b/c"]}"#,
+    ] {
+        assert!(
+            parse_refresh_request(bad).is_err(),
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    let many: Vec<String> = (0..=MAX_REFRESH_IDS).map(|i| format!("d{i}")).collect();
+    let body = json!({ "deviceIds": many }).to_string();
+    assert!(parse_refresh_request(body.as_bytes()).is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_refresh_method_looks_identities_up_even_when_just_looked_up() {
+    let (source, mut calls) = Scripted::new();
+    let c = cache(source.clone());
+    source.then_full(Ok(scope()));
+    c.refresh_full().await.unwrap();
+    next_call(&mut calls).await;
+    source.then_one(Ok(vec![device("leaf9", 9, "enabled")]));
+    assert!(c.lookup(&id("leaf9")).await);
+    next_call(&mut calls).await;
+    // Throttled for a plain lookup, not for the method.
+    source.then_one(Err(FetchError::Gone("deleted".into())));
+    assert!(c.lookup(&id("leaf9")).await, "throttled: still known");
+    let ids = parse_refresh_request(br#"{"deviceIds": ["leaf9"]}"#).unwrap();
+    c.refresh_ids(&ids).await;
+    assert!(
+        c.known(&id("leaf9")).is_none(),
+        "the method looked it up again"
+    );
+}

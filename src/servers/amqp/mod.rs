@@ -122,6 +122,9 @@ pub(crate) struct ConnState {
     others: links::LinkStop,
     /// The expiry of the newest service token put (a `servicePolicies` policy), if any.
     service: Mutex<Option<u64>>,
+    /// Woken when an identity is newly granted, so that the grant watcher sleeps until the
+    /// earliest expiry instead of ticking.
+    granted: tokio::sync::Notify,
 }
 
 struct CbsReplies {
@@ -155,6 +158,7 @@ impl ConnState {
             faults: Arc::default(),
             x509: Mutex::new(None),
             service: Mutex::new(None),
+            granted: tokio::sync::Notify::new(),
         }
     }
 
@@ -246,6 +250,7 @@ impl ConnState {
                         generation: 0,
                     },
                 );
+                self.granted.notify_one();
                 true
             }
         }
@@ -323,6 +328,16 @@ impl ConnState {
         self.map().get(&key).map(|g| g.links.child())
     }
 
+    /// How long from `now` (Unix seconds) until the earliest grant can have expired (beyond
+    /// the clock skew), at most [`GRANT_CHECK_MAX`]; `None` when the connection holds no grant.
+    fn next_expiry_check(&self, now: u64) -> Option<Duration> {
+        let earliest = self.map().values().map(|g| g.expiry).min()?;
+        let due = earliest
+            .saturating_add(crate::model::sas::MAX_CLOCK_SKEW_SECS)
+            .saturating_add(1);
+        Some(Duration::from_secs(due.saturating_sub(now)).min(GRANT_CHECK_MAX))
+    }
+
     /// Ends the grants whose token expired (beyond the clock skew) without a renewal: their
     /// links are closed with `amqp:unauthorized-access`. Returns the identities that expired.
     fn expire(&self, now: u64) -> Vec<(Identity, u64)> {
@@ -373,7 +388,7 @@ impl ConnState {
             .filter_map(|k| map.remove(k))
             .map(|g| {
                 let why = format!(
-                    "{} was disabled, deleted or given new credentials in the registry",
+                    "{} was disabled, deleted or given new credentials (registry or device scope)",
                     g.id
                 );
                 g.links
@@ -386,7 +401,7 @@ impl ConnState {
         if emptied {
             self.close_with(amqp_error(
                 AmqpError::UnauthorizedAccess,
-                "the identity of this connection was disabled or deleted in the registry",
+                "the identity of this connection was disabled, deleted or given new credentials",
             ));
         }
         ids
@@ -767,22 +782,6 @@ fn channel_max(sessions: usize) -> u16 {
     u16::try_from(sessions.saturating_sub(1)).unwrap_or(u16::MAX)
 }
 
-/// Closes a connection that holds no valid token `after` its open.
-async fn auth_deadline(conn: Arc<ConnState>, after: Duration) {
-    tokio::select! {
-        _ = conn.root.cancelled() => {}
-        _ = tokio::time::sleep(after) => {
-            if !conn.is_authenticated() {
-                debug!(secs = after.as_secs(), "no valid token in time; closing the connection");
-                conn.close_with(amqp_error(
-                    AmqpError::UnauthorizedAccess,
-                    format!("no valid token was put within {} s of the open", after.as_secs()),
-                ));
-            }
-        }
-    }
-}
-
 async fn run_connection(
     mut handle: ListenerConnectionHandle,
     conn: Arc<ConnState>,
@@ -790,9 +789,9 @@ async fn run_connection(
 ) {
     let cancel = conn.root.clone();
     let tracker = TaskTracker::new();
-    tracker.spawn(expire_tokens(conn.clone(), core.clone(), cancel.clone()));
-    tracker.spawn(auth_deadline(
+    tracker.spawn(watch_grants(
         conn.clone(),
+        core.clone(),
         Duration::from_secs(core.settings.limits.auth_timeout_secs),
     ));
     let handle_max = u32::try_from(core.settings.limits.max_links_per_session.saturating_sub(1))
@@ -832,12 +831,20 @@ async fn run_connection(
     };
 }
 
-/// Once a second: closes the links of identities whose token expired and was not renewed
-/// (idle links too, not only those that send), as edgeHub disconnects expired clients.
-/// Also ends, at once, the grants of identities the registry revokes.
-async fn expire_tokens(conn: Arc<ConnState>, core: Arc<HubCore>, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// The longest the grant watcher sleeps between two looks at the wall clock: token expiries
+/// are wall-clock times, and a clock that steps forward is caught up with within this.
+const GRANT_CHECK_MAX: Duration = Duration::from_secs(60);
+
+/// One task per connection for its grants, woken only when something can change:
+/// closes a connection that holds no valid token `auth_after` its open; closes the links of
+/// identities whose token expired and was not renewed (idle links too, not only those that
+/// send), as edgeHub disconnects expired clients, at the earliest expiry rather than on a
+/// periodic tick; and ends, at once, the grants of identities the registry revokes.
+async fn watch_grants(conn: Arc<ConnState>, core: Arc<HubCore>, auth_after: Duration) {
+    let cancel = conn.root.clone();
+    let auth_deadline = tokio::time::sleep(auth_after);
+    tokio::pin!(auth_deadline);
+    let mut auth_pending = true;
     let mut revoked = core.registry.revocations.watch();
     loop {
         // Revocations since the connection was admitted are looked at before the first wait.
@@ -846,13 +853,27 @@ async fn expire_tokens(conn: Arc<ConnState>, core: Arc<HubCore>, cancel: Cancell
         if now != seen {
             conn.revocations_seen.store(now, Ordering::Relaxed);
             for id in conn.revoke(&which, &core.auth) {
-                info!(identity = %id, "identity revoked in the registry; its links are closed");
+                info!(identity = %id, "identity revoked (registry or device scope); its links are closed");
                 core.client_disconnected(&id);
             }
         }
+        let next = conn.next_expiry_check(now_secs());
+        let expiry = tokio::time::sleep(next.unwrap_or(GRANT_CHECK_MAX));
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = &mut auth_deadline, if auth_pending => {
+                auth_pending = false;
+                if !conn.is_authenticated() {
+                    debug!(secs = auth_after.as_secs(), "no valid token in time; closing the connection");
+                    conn.close_with(amqp_error(
+                        AmqpError::UnauthorizedAccess,
+                        format!("no valid token was put within {} s of the open", auth_after.as_secs()),
+                    ));
+                }
+            }
+            _ = expiry, if next.is_some() => {}
+            // A new grant may expire before the one slept for.
+            _ = conn.granted.notified() => {}
             // The sender lives in the core, which this task holds: `changed` cannot fail.
             _ = revoked.changed() => {}
         }
@@ -912,6 +933,19 @@ async fn run_session(
         let Some(attach) = attach else { break };
         let (role, address) = attach_address(&attach);
         let name = attach.name.clone();
+        // A child edge hub names the chain of the identity it acts for; the grant on the
+        // connection (checked against this hub's own scope) decides, the chain is logged.
+        if let Some(chain) = attach
+            .properties
+            .as_ref()
+            .and_then(|p| p.get(&Symbol::from("com.microsoft:auth-chain")))
+            .and_then(|v| match v {
+                fe2o3_amqp::types::primitives::Value::String(s) => Some(s.as_str()),
+                _ => None,
+            })
+        {
+            debug!(link = %clip(&name), auth_chain = %clip(chain), "link attach with an auth chain");
+        }
         let kind = classify(address.as_deref(), role);
         // A twin response link is registered before its attach is answered: a client sends its
         // first twin request as soon as it sees both attaches, and the reply must find the link.
@@ -1176,6 +1210,7 @@ impl SaslAcceptor for HubSasl {
                     .initial_response
                     .map(|b| b.into_vec())
                     .unwrap_or_default();
+                learn_plain(&data, &self.core);
                 match plain_identity(&data, &self.core) {
                     Some((id, expiry)) => {
                         self.conn.grant(&self.core, &id, expiry);
@@ -1204,6 +1239,29 @@ fn external_authzid_ok(authzid: Option<&[u8]>, proved: &Identity) -> bool {
         Some(bytes) => {
             std::str::from_utf8(bytes).is_ok_and(|a| a.eq_ignore_ascii_case(&proved.to_string()))
         }
+    }
+}
+
+/// Runtime mode: an identity the device scope does not know yet (or whose keys changed) is
+/// looked up at the parent before SASL PLAIN's token is checked, as for `$cbs` and MQTT.
+/// fe2o3 asks for the outcome synchronously, so the lookup (bounded by the core's lookup
+/// timeout) runs with this worker's other tasks handed to another thread; a current-thread
+/// runtime (tests, tools) has no other worker and skips it.
+fn learn_plain(data: &[u8], core: &Arc<HubCore>) {
+    if core.auth.scope().is_none() {
+        return;
+    }
+    let Some(pass) = std::str::from_utf8(data)
+        .ok()
+        .and_then(|t| t.split('\0').nth(2))
+    else {
+        return;
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| h.block_on(core.learn(pass)));
+        }
+        _ => {}
     }
 }
 

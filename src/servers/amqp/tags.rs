@@ -41,6 +41,7 @@ use std::{
     task::{Context, Poll, Waker},
 };
 
+use bytes::{Buf, BytesMut};
 use fe2o3_amqp::types::{
     definitions::{DeliveryTag, ErrorCondition, Role},
     messaging::{Accepted, DeliveryState},
@@ -529,7 +530,16 @@ impl Guard {
     /// Moves every complete, acceptable unit of `raw` to `out` (the peer's open adjusted as
     /// the module documentation says). Stops at the first unacceptable frame: what precedes
     /// it is in `out`, and the error says why the connection must close.
+    #[cfg(test)]
     pub fn inspect(&mut self, raw: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<(), Violation> {
+        let (at, result) = self.scan(raw, out);
+        raw.drain(..at);
+        result
+    }
+
+    /// What [`Self::inspect`] does, leaving `raw` as it is: how many of its bytes were
+    /// passed on (or dealt with), and the violation, if any.
+    fn scan(&mut self, raw: &[u8], out: &mut Vec<u8>) -> (usize, Result<(), Violation>) {
         let mut at = 0;
         let result = loop {
             match self.unit(&raw[at..], out) {
@@ -538,8 +548,7 @@ impl Guard {
                 Err(v) => break Err(v),
             }
         };
-        raw.drain(..at);
-        result
+        (at, result)
     }
 
     /// Handles the unit at the head of `buf`: `Some(length)` once it is complete and passed on.
@@ -818,6 +827,12 @@ fn scan_outgoing(buf: &[u8]) -> (bool, bool) {
     (header, open)
 }
 
+/// What a read from the TLS stream may take at once (as much as one TLS record's plaintext).
+const READ_CHUNK: usize = 16 * 1024;
+/// Buffers up to this capacity are kept when they empty; larger ones are released, so that an
+/// idle connection does not hold what a burst made them grow to.
+const IDLE_KEEP: usize = 1024;
+
 /// The stream wrapper: see the module documentation.
 #[derive(Debug)]
 pub struct WideTags<S> {
@@ -826,8 +841,9 @@ pub struct WideTags<S> {
     written: Vec<u8>,
     /// Rewritten, waiting to go to `inner`.
     outgoing: Vec<u8>,
-    /// Read from `inner`, not yet a complete unit.
-    read_raw: Vec<u8>,
+    /// Read from `inner`, not yet a complete unit. Read into directly (no zeroed chunk per
+    /// read) and released whenever the connection waits with nothing in it.
+    read_raw: BytesMut,
     /// Checked incoming bytes not yet handed to fe2o3.
     incoming: Vec<u8>,
     guard: Guard,
@@ -851,7 +867,7 @@ impl<S> WideTags<S> {
             inner,
             written: Vec::new(),
             outgoing: Vec::new(),
-            read_raw: Vec::new(),
+            read_raw: BytesMut::new(),
             incoming: Vec::new(),
             guard: Guard::new(limits),
             header_sent: false,
@@ -873,6 +889,9 @@ impl<S: AsyncWrite + Unpin> WideTags<S> {
                 }
                 Poll::Ready(Ok(n)) => {
                     self.outgoing.drain(..n);
+                    if self.outgoing.is_empty() && self.outgoing.capacity() > IDLE_KEEP {
+                        self.outgoing = Vec::new();
+                    }
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
@@ -1029,17 +1048,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WideTags<S> {
                     Poll::Pending => Poll::Pending,
                 };
             }
-            let mut chunk = [0u8; 16 * 1024];
-            let mut rb = ReadBuf::new(&mut chunk);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) => {
-                    let got = rb.filled();
-                    if got.is_empty() {
-                        // End of stream: an incomplete frame is of no use to fe2o3.
-                        return Poll::Ready(Ok(()));
-                    }
-                    this.read_raw.extend_from_slice(got);
-                    if let Err(v) = this.guard.inspect(&mut this.read_raw, &mut this.incoming) {
+            this.read_raw.reserve(READ_CHUNK);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.read_raw) {
+                Poll::Ready(Ok(0)) => {
+                    // End of stream: an incomplete frame is of no use to fe2o3.
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Ready(Ok(_)) => {
+                    let (at, checked) = this.guard.scan(&this.read_raw, &mut this.incoming);
+                    this.read_raw.advance(at);
+                    if let Err(v) = checked {
                         tracing::debug!(
                             condition = %symbol(&v.condition),
                             reason = %v.description,
@@ -1047,7 +1065,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WideTags<S> {
                         );
                         let bye = this.guard.farewell(&v, this.header_sent, this.open_sent);
                         this.outgoing.extend_from_slice(&bye);
-                        this.read_raw = Vec::new();
+                        this.read_raw = BytesMut::new();
                         this.fatal = Some(v);
                     } else if !this.guard.answers.is_empty() {
                         let answers = std::mem::take(&mut this.guard.answers);
@@ -1056,7 +1074,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WideTags<S> {
                     }
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    // Nothing more to read for now: an idle connection keeps no read buffers.
+                    if this.read_raw.is_empty() {
+                        this.read_raw = BytesMut::new();
+                    }
+                    if this.incoming.is_empty() && this.incoming.capacity() > IDLE_KEEP {
+                        this.incoming = Vec::new();
+                    }
+                    return Poll::Pending;
+                }
             }
         }
     }

@@ -4,7 +4,9 @@
 //!
 //! * `POST /devices/{actor}/modules/$edgeHub/devicesAndModulesInTargetDeviceScope` with
 //!   `{"authChain", "pageSize"?, "continuationLink"?}`: the target (the first id of
-//!   `authChain`) and its modules, in one page (`continuationLink` null);
+//!   `authChain`), its modules and the leaf devices under it, `pageSize` (default 100, at most
+//!   1000) at a time in the order of their ids; `continuationLink` names the last id served
+//!   (`…?after={id}`) while more follow, else null;
 //! * `POST /devices/{actor}/modules/$edgeHub/getDeviceAndModuleOnBehalfOf` with
 //!   `{"targetDeviceId", "targetModuleId"?, "authChain"}`: that identity (and, for a module,
 //!   its device).
@@ -13,8 +15,10 @@
 //! encodings edgeHub and the SDKs use), the actor must be a child edge device of this hub, and
 //! `authChain` must pass through it: a child sees its own scope and nothing of another's.
 //! What is served: the config's `devices.<child>` (`edge: true`) and `devices.<child>.modules`
-//! as last reloaded, with their keys (explicit, else derived as the child derives them), and in
-//! runtime mode the identities this hub's own device scope holds below the actor.
+//! as last reloaded, with their keys (explicit, else derived as the child derives them), the
+//! registry's leaf devices whose `parentScopes` (or `deviceScope`) is the child's scope, with
+//! their registry modules, and in runtime mode the identities this hub's own device scope
+//! holds below the actor.
 //! Errors are `{"ErrorMessage": …}` with 400, 401, 404, 405 or 413.
 
 use bytes::Bytes;
@@ -180,7 +184,38 @@ async fn serve(
         )
     })?;
     match op {
-        Op::Scope => Ok(page(scope)),
+        Op::Scope => {
+            let size = match body.get("pageSize") {
+                None | Some(Value::Null) => DEFAULT_PAGE,
+                Some(v) => v
+                    .as_u64()
+                    .filter(|n| (1..=MAX_PAGE as u64).contains(n))
+                    .map(|n| n as usize)
+                    .ok_or_else(|| {
+                        refuse(
+                            StatusCode::BAD_REQUEST,
+                            format!("pageSize must be an integer from 1 to {MAX_PAGE}"),
+                        )
+                    })?,
+            };
+            let after = match body.get("continuationLink") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(l)) if l.is_empty() => None,
+                Some(Value::String(l)) => Some(continuation_key(l).ok_or_else(|| {
+                    refuse(
+                        StatusCode::BAD_REQUEST,
+                        "continuationLink is not one this hub gave",
+                    )
+                })?),
+                Some(_) => {
+                    return Err(refuse(
+                        StatusCode::BAD_REQUEST,
+                        "continuationLink must be a string",
+                    ))
+                }
+            };
+            Ok(paged(scope, size, after.as_deref(), &actor))
+        }
         Op::OnBehalfOf => {
             let device = body
                 .get("targetDeviceId")
@@ -216,6 +251,65 @@ async fn serve(
             Ok(page(found))
         }
     }
+}
+
+/// Identities per page when the caller names no `pageSize`, and the most it may ask for.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+/// The query parameter of a continuation link that names the last identity served.
+const AFTER: &str = "after=";
+
+/// The identity key an entry is ordered by.
+fn order_key(e: &ScopeEntry) -> String {
+    e.id()
+        .map(|id| id.key().as_str().to_owned())
+        .unwrap_or_default()
+}
+
+/// One page of `entries`: those ordered after `after` (the last key a previous page served),
+/// at most `size`, and a continuation link when more follow. Keys rather than offsets, so an
+/// identity added or removed between two pages moves no other one across the page boundary.
+fn paged(
+    mut entries: Vec<ScopeEntry>,
+    size: usize,
+    after: Option<&str>,
+    actor: &DeviceId,
+) -> Value {
+    entries.sort_by_key(order_key);
+    let rest: Vec<ScopeEntry> = entries
+        .into_iter()
+        .filter(|e| after.is_none_or(|a| order_key(e).as_str() > a))
+        .collect();
+    let more = rest.len() > size;
+    let served: Vec<ScopeEntry> = rest.into_iter().take(size).collect();
+    let link = served.last().filter(|_| more).map(|last| {
+        let key = percent_encoding::utf8_percent_encode(
+            &order_key(last),
+            percent_encoding::NON_ALPHANUMERIC,
+        )
+        .to_string();
+        format!(
+            "/devices/{}/modules/%24edgeHub/devicesAndModulesInTargetDeviceScope?{AFTER}{key}",
+            percent_encoding::utf8_percent_encode(
+                actor.as_str(),
+                percent_encoding::NON_ALPHANUMERIC
+            )
+        )
+    });
+    let mut out = page(served);
+    out["continuationLink"] = link.map_or(Value::Null, Value::String);
+    out
+}
+
+/// The key a continuation link of [`paged`] names.
+fn continuation_key(link: &str) -> Option<String> {
+    let (_, query) = link.split_once('?')?;
+    let encoded = query.split('&').find_map(|p| p.strip_prefix(AFTER))?;
+    percent_decode_str(encoded)
+        .decode_utf8()
+        .ok()
+        .map(|k| k.into_owned())
+        .filter(|k| !k.is_empty())
 }
 
 fn page(entries: Vec<ScopeEntry>) -> Value {
@@ -262,6 +356,19 @@ fn scope_of(core: &HubCore, actor: &DeviceId, target: &DeviceId) -> Option<Vec<S
         for (m, explicit) in modules {
             let keys = explicit.unwrap_or_else(|| derived_module_keys(&keys.primary, id, &m));
             out.push(module_entry(id, &m, &keys));
+        }
+        // The registry's leaf devices under the child's scope, and their modules.
+        let scope = crate::core::auth::Authenticator::config_child_scope(id);
+        let own = &core.settings.device_id;
+        for (leaf, doc) in crate::core::registry::leaves_under(core, &scope) {
+            let auth_chain = match &leaf {
+                Identity::Device(d) => format!("{d};{id};{own}"),
+                Identity::Module(d, m) => format!("{d}/{m};{d};{id};{own}"),
+            };
+            out.push(ScopeEntry {
+                identity: doc,
+                auth_chain,
+            });
         }
         return Some(out);
     }
@@ -312,16 +419,20 @@ fn sas(keys: &KeyPair) -> Value {
 }
 
 fn device_entry(id: &DeviceId, keys: &KeyPair, core: &HubCore) -> ScopeEntry {
+    use crate::core::registry::{config_generation_id, edge_scope};
+    let own = &core.settings.device_id;
+    let generation = config_generation_id(&Identity::Device(id.clone()));
+    let own_generation = config_generation_id(&Identity::Device(own.clone()));
     ScopeEntry {
         identity: json!({
             "deviceId": id.as_str(),
-            "generationId": "0",
+            "generationId": generation,
             "etag": "",
             "status": "enabled",
             "authentication": sas(keys),
             "capabilities": {"iotEdge": true},
-            "deviceScope": format!("ms-azure-iot-edge://{id}-0"),
-            "parentScopes": [format!("ms-azure-iot-edge://{}-0", core.settings.device_id)],
+            "deviceScope": edge_scope(id.as_str(), &generation),
+            "parentScopes": [edge_scope(own.as_str(), &own_generation)],
         }),
         auth_chain: format!("{id};{}", core.settings.device_id),
     }
@@ -343,6 +454,71 @@ fn module_entry(device: &DeviceId, module: &ModuleId, keys: &KeyPair) -> ScopeEn
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(device: &str, module: Option<&str>) -> ScopeEntry {
+        let mut doc = json!({"deviceId": device});
+        if let Some(m) = module {
+            doc["moduleId"] = json!(m);
+        }
+        ScopeEntry {
+            identity: doc,
+            auth_chain: String::new(),
+        }
+    }
+
+    fn ids(page: &Value) -> Vec<String> {
+        let mut out = Vec::new();
+        for (list, field) in [("devices", "deviceId"), ("modules", "moduleId")] {
+            for d in page[list].as_array().unwrap() {
+                out.push(d[field].as_str().unwrap().to_owned());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn pages_follow_each_other_by_key_until_the_last() {
+        let actor = DeviceId::parse("child1").unwrap();
+        let all = || {
+            vec![
+                entry("leaf2", None),
+                entry("child1", Some("$edgeHub")),
+                entry("child1", None),
+                entry("leaf1", None),
+                entry("leaf-3", None),
+            ]
+        };
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let page = paged(all(), 2, after.as_deref(), &actor);
+            pages += 1;
+            seen.extend(ids(&page));
+            match page["continuationLink"].as_str() {
+                Some(link) => {
+                    assert!(
+                        link.starts_with("/devices/child1/modules/%24edgeHub/"),
+                        "{link}"
+                    );
+                    after = Some(continuation_key(link).unwrap());
+                }
+                None => break,
+            }
+        }
+        assert_eq!(pages, 3);
+        assert_eq!(seen, ["child1", "$edgeHub", "leaf-3", "leaf1", "leaf2"]);
+        // One page when everything fits; an identity removed between pages shifts nothing.
+        assert!(paged(all(), 5, None, &actor)["continuationLink"].is_null());
+        let first = paged(all(), 2, None, &actor);
+        let link = first["continuationLink"].as_str().unwrap();
+        let mut fewer = all();
+        fewer.retain(|e| e.identity["deviceId"] != "child1");
+        let next = paged(fewer, 2, continuation_key(link).as_deref(), &actor);
+        assert_eq!(ids(&next), ["leaf-3", "leaf1"]);
+        assert_eq!(continuation_key("/x?other=1"), None);
+        assert_eq!(continuation_key("no query"), None);
+    }
 
     #[test]
     fn routes_name_the_actor_and_the_operation() {

@@ -33,13 +33,14 @@ pub(super) async fn attach(
     session: &mut SessionHandle<()>,
     base: &str,
     path: &str,
+    chain: &str,
 ) -> Result<Receiver, fe2o3_amqp::link::ReceiverAttachError> {
     let name = format!("c2d-receiver-{}", uuid::Uuid::new_v4());
     Receiver::builder()
         .name(name.clone())
         .source(format!("{base}{path}/messages/deviceBound"))
         .target(name)
-        .properties(super::link_properties(None))
+        .properties(super::link_properties_for(None, chain))
         .credit_mode(CreditMode::Auto(MAX_QUEUED as u32))
         .attach(session)
         .await

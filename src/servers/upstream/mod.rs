@@ -79,7 +79,7 @@ const API_VERSION: &str = "2021-04-12";
 
 /// The identities this hub carries upstream: its `$edgeHub`, every configured module, and every
 /// downstream leaf device (`devices.<id>` without `edge`; a child edge device's own modules are
-/// its hub's to carry).
+/// its hub's to carry); in runtime mode also the modules and leaf devices of its device scope.
 fn identities(core: &HubCore) -> Vec<Identity> {
     let device = core.settings.device_id.clone();
     let edge_hub = ModuleId::parse("$edgeHub").ok();
@@ -97,12 +97,22 @@ fn identities(core: &HubCore) -> Vec<Identity> {
         .unwrap_or_default()
         .into_iter()
         .filter(|m| !core.settings.modules.contains_key(m));
+    // In runtime mode, the leaf devices the device scope puts directly below this device.
+    let scoped_leaves = core
+        .auth
+        .scope()
+        .map(|s| s.own_leaves())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|d| !core.settings.devices.contains_key(d))
+        .map(Identity::Device);
     edge_hub
         .into_iter()
         .chain(core.settings.modules.keys().cloned())
         .chain(scoped)
         .map(|m| Identity::Module(device.clone(), m))
         .chain(leaves)
+        .chain(scoped_leaves)
         .collect()
 }
 
@@ -125,10 +135,15 @@ pub struct UpstreamKeys {
 }
 
 /// The token put for `id`: this hub's `$edgeHub` token for its own identities (the audience
-/// names the one acted for), a leaf device's own token for a leaf device.
+/// names the one acted for), a leaf device's own token for a configured leaf device; in
+/// runtime mode the `$edgeHub` token for every identity.
 async fn token_for(core: &HubCore, keys: &UpstreamKeys, id: &Identity) -> Result<String, String> {
     match id {
-        Identity::Device(d) if *d != core.settings.device_id => {
+        // In runtime mode this hub holds no device key: it acts for every identity of its
+        // scope with its own `$edgeHub` token, as edgeHub does.
+        Identity::Device(d)
+            if *d != core.settings.device_id && matches!(keys.edge_hub, EdgeHubSigner::Key(_)) =>
+        {
             let key = crate::core::auth::device_keys(&core.settings, &keys.device, d).primary;
             Ok(make_token(
                 &resource_for(&core.settings.iothub_hostname, id),
@@ -267,6 +282,31 @@ async fn edge_hub_token(core: &HubCore, signer: &EdgeHubSigner) -> Result<String
     }
 }
 
+/// The link property naming the identity's auth chain (target first, up to this hub's
+/// device), which the C# SDK puts on every link when edgeHub acts for a downstream identity.
+const AUTH_CHAIN: &str = "com.microsoft:auth-chain";
+
+/// The auth chain of an identity this hub carries: in runtime mode as its device scope gives
+/// it, else built from the config (`{id};{device}`).
+fn auth_chain(core: &HubCore, id: &Identity) -> String {
+    if let Some(e) = core.auth.scope().and_then(|s| s.entry(id)) {
+        return e.auth_chain;
+    }
+    let own = &core.settings.device_id;
+    match id {
+        Identity::Device(d) if d == own => own.to_string(),
+        Identity::Device(d) => format!("{d};{own}"),
+        Identity::Module(d, m) => format!("{d}/{m};{own}"),
+    }
+}
+
+/// `link_properties` with the identity's auth chain.
+fn link_properties_for(channel: Option<String>, chain: &str) -> Fields {
+    let mut f = link_properties(channel);
+    f.insert(Symbol::from(AUTH_CHAIN), Value::String(chain.to_owned()));
+    f
+}
+
 fn link_properties(channel: Option<String>) -> Fields {
     let mut f = Fields::new();
     f.insert(
@@ -370,10 +410,11 @@ async fn connect_inner(
                 source,
             })?;
         let path = id_path(&id);
+        let chain = auth_chain(core, &id);
         let events = Sender::builder()
             .name(format!("events-{}", uuid::Uuid::new_v4()))
             .target(format!("{base}{path}/messages/events"))
-            .properties(link_properties(None))
+            .properties(link_properties_for(None, &chain))
             .attach(&mut session)
             .await
             .map_err(|e| UpstreamError::attach("events", &id, &e))?;
@@ -382,7 +423,7 @@ async fn connect_inner(
         let twin_tx = Sender::builder()
             .name(format!("twin-sender-{channel}"))
             .target(twin_addr.clone())
-            .properties(link_properties(Some(format!("twin:{channel}"))))
+            .properties(link_properties_for(Some(format!("twin:{channel}")), &chain))
             .attach(&mut session)
             .await
             .map_err(|e| UpstreamError::attach("twin", &id, &e))?;
@@ -390,7 +431,7 @@ async fn connect_inner(
             .name(format!("twin-receiver-{channel}"))
             .source(twin_addr)
             .target(format!("twin-receiver-{channel}"))
-            .properties(link_properties(Some(format!("twin:{channel}"))))
+            .properties(link_properties_for(Some(format!("twin:{channel}")), &chain))
             .attach(&mut session)
             .await
             .map_err(|e| UpstreamError::attach("twin", &id, &e))?;
@@ -400,20 +441,26 @@ async fn connect_inner(
             .name(format!("methods-receiver-{channel}"))
             .source(methods_addr.clone())
             .target(format!("methods-receiver-{channel}"))
-            .properties(link_properties(Some(format!("methods:{channel}"))))
+            .properties(link_properties_for(
+                Some(format!("methods:{channel}")),
+                &chain,
+            ))
             .attach(&mut session)
             .await
             .map_err(|e| UpstreamError::attach("methods", &id, &e))?;
         let method_tx = Sender::builder()
             .name(format!("methods-sender-{channel}"))
             .target(methods_addr)
-            .properties(link_properties(Some(format!("methods:{channel}"))))
+            .properties(link_properties_for(
+                Some(format!("methods:{channel}")),
+                &chain,
+            ))
             .attach(&mut session)
             .await
             .map_err(|e| UpstreamError::attach("methods", &id, &e))?;
         let c2d = match &id {
             Identity::Device(d) if *d != core.settings.device_id => Some(
-                c2d::attach(&mut session, &base, &path)
+                c2d::attach(&mut session, &base, &path, &chain)
                     .await
                     .map_err(|e| UpstreamError::attach("C2D", &id, &e))?,
             ),
@@ -1011,7 +1058,10 @@ async fn methods(
     mut tx: Sender,
     dead: CancellationToken,
 ) -> Result<(), UpstreamError> {
-    let (answers, mut answered) = tokio::sync::mpsc::channel::<(MessageId, i32, Vec<u8>)>(64);
+    // An answer, and the identities to refresh once it is sent (the refresh method: a refresh
+    // that changes the scope reconnects the upstream, which would lose the answer).
+    type Answer = (MessageId, i32, Vec<u8>, Vec<Identity>);
+    let (answers, mut answered) = tokio::sync::mpsc::channel::<Answer>(64);
     loop {
         tokio::select! {
             _ = dead.cancelled() => return Ok(()),
@@ -1033,16 +1083,29 @@ async fn methods(
                 let answers = answers.clone();
                 tokio::spawn(async move {
                     let started = Instant::now();
-                    let (status, body) = match core.methods.invoke(&target, &name, payload, METHOD_TIMEOUT, Duration::ZERO).await {
+                    // edgeHub's own method: the cloud (or a parent) changed the device scope.
+                    let own_refresh = name.eq_ignore_ascii_case(REFRESH_METHOD)
+                        && target.device() == &core.settings.device_id
+                        && target.module().is_some_and(|m| m.as_str().eq_ignore_ascii_case("$edgeHub"));
+                    let mut refresh = Vec::new();
+                    let (status, body) = if own_refresh && core.auth.scope().is_some() {
+                        match crate::core::scope::parse_refresh_request(&payload) {
+                            Ok(ids) => {
+                                refresh = ids;
+                                (200, b"null".to_vec())
+                            }
+                            Err(why) => (400, error_json(&why)),
+                        }
+                    } else { match core.methods.invoke(&target, &name, payload, METHOD_TIMEOUT, Duration::ZERO).await {
                         Ok(r) => (r.status, r.payload),
                         Err(e @ crate::core::methods::MethodError::NotConnected(_)) => (404, error_json(&e.to_string())),
                         Err(e) => (504, error_json(&e.to_string())),
-                    };
+                    } };
                     m::direct_method("upstream", &target.to_string(), started.elapsed().as_secs_f64());
-                    let _ = answers.send((cid, status, body)).await;
+                    let _ = answers.send((cid, status, body, refresh)).await;
                 });
             }
-            Some((cid, status, body)) = answered.recv() => {
+            Some((cid, status, body, refresh)) = answered.recv() => {
                 let msg = AmqpMessage {
                     header: None,
                     delivery_annotations: None,
@@ -1056,10 +1119,16 @@ async fn methods(
                     .await
                     .map_err(|_| UpstreamError::NoResponse(format!("no credit for a method response of {id}")))?
                     .map_err(|e| UpstreamError::Link { what: format!("method response of {id}"), reason: e.to_string() })?;
+                if let (false, Some(scope)) = (refresh.is_empty(), core.auth.scope().cloned()) {
+                    tokio::spawn(async move { scope.refresh_ids(&refresh).await });
+                }
             }
         }
     }
 }
+
+/// The direct method on `$edgeHub` that refreshes identities of the device scope.
+const REFRESH_METHOD: &str = "RefreshDeviceScopeIdentityCache";
 
 fn error_json(message: &str) -> Vec<u8> {
     serde_json::json!({ "message": message })
