@@ -85,10 +85,12 @@ struct Flood {
 /// settle (a compaction may still run) until they are within `settle_to`, and module B takes
 /// everything that was kept.
 async fn flood(overflow: &str, cap: u64, total: u64, size: usize, settle_to: u64) -> Flood {
+    // The queue path alone: the built-in endpoint's log partitions (on by default in standalone
+    // mode) have write buffers of their own, outside the bounds measured here.
     let hub = start_hub_extra(
         ROUTES,
         &format!(r#"{{"timeToLiveSecs": 7200, "storeLimits": {{"maxSizeBytes": {cap}}}}}"#),
-        &format!(r#""storage": {{"overflow": "{overflow}"}},"#),
+        &format!(r#""storage": {{"overflow": "{overflow}"}}, "builtInEndpoint": null,"#),
     )
     .await;
     let store_dir = hub.settings.data_dir.join("store");
