@@ -65,7 +65,7 @@ test('the registry through azure-iothub: devices and modules live on a standalon
   const clients = [];
   t.after(async () => {
     try {
-      await withTimeout(Promise.all(clients.map((c) => c.close().catch(() => {}))), 15000, 'closing clients');
+      await withTimeout(Promise.all(clients.map((c) => c.close().catch(() => {}))), 30000, 'closing clients');
     } finally {
       await hub.stop();
     }
