@@ -58,22 +58,7 @@ impl delivery::Link for InputLink {
             input,
             &input_bag(&q.msg),
         );
-        let (done, outcome) = oneshot::channel();
-        let publish = InputPublish {
-            topic,
-            payload: Bytes::from(q.msg.body.clone()),
-            dup: q.delivery_count > 0,
-            done,
-        };
-        self.out
-            .send(publish)
-            .await
-            .map_err(|_| "the MQTT session ended".to_owned())?;
-        Ok(delivery::Sent::InFlight(Box::pin(async move {
-            outcome
-                .await
-                .map_err(|_| "the MQTT session ended before the module acknowledged".to_owned())
-        })))
+        publish(&self.out, topic, q, "module").await
     }
 
     async fn detached(&mut self) {
@@ -102,6 +87,31 @@ impl delivery::Link for InputLink {
     async fn close(&mut self, _why: &delivery::Ended) {}
 }
 
+/// Hands `q` to the session as a PUBLISH on `topic`; in flight until `who` (the module or the
+/// device) sends its PUBACK.
+async fn publish(
+    out: &mpsc::Sender<InputPublish>,
+    topic: String,
+    q: &Queued,
+    who: &'static str,
+) -> Result<delivery::Sent, String> {
+    let (done, outcome) = oneshot::channel();
+    let publish = InputPublish {
+        topic,
+        payload: Bytes::from(q.msg.body.clone()),
+        dup: q.delivery_count > 0,
+        done,
+    };
+    out.send(publish)
+        .await
+        .map_err(|_| "the MQTT session ended".to_owned())?;
+    Ok(delivery::Sent::InFlight(Box::pin(async move {
+        outcome
+            .await
+            .map_err(|_| format!("the MQTT session ended before the {who} acknowledged"))
+    })))
+}
+
 /// A device's C2D queue as the delivery pump sees it: like [`InputLink`], on
 /// `devices/{d}/messages/devicebound/{bag}`; the PUBACK completes the message (MQTT has no
 /// abandon or reject).
@@ -114,22 +124,7 @@ pub(super) struct C2dLink {
 impl delivery::Link for C2dLink {
     async fn send(&mut self, _ep: &Endpoint, q: &Queued) -> Result<delivery::Sent, String> {
         let topic = topic::c2d_topic(self.queue.device.as_str(), &c2d_bag(&q.msg));
-        let (done, outcome) = oneshot::channel();
-        let publish = InputPublish {
-            topic,
-            payload: Bytes::from(q.msg.body.clone()),
-            dup: q.delivery_count > 0,
-            done,
-        };
-        self.out
-            .send(publish)
-            .await
-            .map_err(|_| "the MQTT session ended".to_owned())?;
-        Ok(delivery::Sent::InFlight(Box::pin(async move {
-            outcome
-                .await
-                .map_err(|_| "the MQTT session ended before the device acknowledged".to_owned())
-        })))
+        publish(&self.out, topic, q, "device").await
     }
 
     async fn detached(&mut self) {
