@@ -63,9 +63,17 @@ test('the registry through azure-iothub: devices and modules live on a standalon
     },
   });
   const clients = [];
+  // Each client closes under its own deadline, so a hang names the client. The Node SDK's close()
+  // waits for a reconnect in progress to end, so clients are closed while the hub is up, before
+  // the restart, not left retrying across it.
+  const closeClients = async () => {
+    const closing = clients.splice(0);
+    await Promise.all(closing.map(({ name, client }) =>
+      withTimeout(client.close().catch(() => {}), 30000, `closing ${name}`)));
+  };
   t.after(async () => {
     try {
-      await withTimeout(Promise.all(clients.map((c) => c.close().catch(() => {}))), 30000, 'closing clients');
+      await closeClients();
     } finally {
       await hub.stop();
     }
@@ -84,7 +92,7 @@ test('the registry through azure-iothub: devices and modules live on a standalon
       assert.ok(created.etag);
 
       const client = await deviceClient(hub, created, transport);
-      clients.push(client);
+      clients.push({ name: id, client });
       await withTimeout(client.open(), 15000, `${id} open`);
       await withTimeout(client.sendEvent(new Message('hello')), 10000, `${id} sendEvent`);
       await connectionState(registry, id, 'Connected');
@@ -113,7 +121,7 @@ test('the registry through azure-iothub: devices and modules live on a standalon
   await t.test('Registry.delete cuts a connected device off and keeps it out', async () => {
     const { responseBody: created } = await withTimeout(registry.create({ deviceId: 'dev-del' }), 10000, 'create');
     const client = await deviceClient(hub, created, Amqp);
-    clients.push(client);
+    clients.push({ name: 'dev-del', client });
     await withTimeout(client.open(), 15000, 'open');
     const gone = disconnected(client, 'cut off after delete');
     await withTimeout(registry.delete('dev-del'), 10000, 'delete');
@@ -133,7 +141,7 @@ test('the registry through azure-iothub: devices and modules live on a standalon
     assert.equal(m3.moduleId, 'M3');
     const cs = `HostName=${IOTHUB};DeviceId=edge1;ModuleId=M3;SharedAccessKey=${m3.authentication.symmetricKey.primaryKey};GatewayHostName=${hub.host}`;
     const m = ModuleClient.fromConnectionString(cs, Amqp);
-    clients.push(m);
+    clients.push({ name: 'M3', client: m });
     await withTimeout(m.setOptions({ ca: hub.caPem().toString() }), 5000, 'setOptions');
     await withTimeout(m.open(), 15000, 'M3 open');
     const received = withTimeout(new Promise((resolve) => {
@@ -143,7 +151,7 @@ test('the registry through azure-iothub: devices and modules live on a standalon
       });
     }), 20000, 'the routed message at M3');
     const a = await openClient(hub, 'A');
-    clients.push(a);
+    clients.push({ name: 'A', client: a });
     const out = new Message(JSON.stringify({ t: 21 }));
     out.messageId = 'to-m3';
     await withTimeout(a.sendOutputEvent('out1', out), 10000, 'A sendOutputEvent');
@@ -156,7 +164,7 @@ test('the registry through azure-iothub: devices and modules live on a standalon
   await t.test('a registry device has a twin and direct methods like a config leaf device', async () => {
     const { responseBody: created } = await withTimeout(registry.create({ deviceId: 'dev-twin' }), 10000, 'create');
     const client = await deviceClient(hub, created, Amqp);
-    clients.push(client);
+    clients.push({ name: 'dev-twin', client });
     await withTimeout(client.open(), 15000, 'open');
     client.onDeviceMethod('ping', (request, response) => {
       response.send(200, { pong: request.payload }, () => {});
@@ -206,6 +214,7 @@ test('the registry through azure-iothub: devices and modules live on a standalon
   await t.test('the registry is the same after a restart, and its identities connect', async () => {
     const { responseBody: before } = await withTimeout(registry.get('dev-amqp'), 10000, 'get');
     await withTimeout(registry.update({ deviceId: 'dev-amqp', status: 'enabled' }), 10000, 're-enable');
+    await closeClients();
     await hub.restart();
     registry = Registry.fromConnectionString(serviceCs);
     trustHub(registry, hub.caPem());
@@ -214,7 +223,7 @@ test('the registry through azure-iothub: devices and modules live on a standalon
     assert.equal(after.status, 'enabled');
     assert.deepEqual(after.authentication, before.authentication);
     const client = await deviceClient(hub, after, Amqp);
-    clients.push(client);
+    clients.push({ name: 'dev-amqp after restart', client });
     await withTimeout(client.open(), 15000, 'open after restart');
     const { responseBody: module } = await withTimeout(registry.getModule('edge1', 'M3'), 10000, 'getModule after restart');
     assert.deepEqual(module.authentication, m3.authentication);
