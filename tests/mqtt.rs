@@ -1133,3 +1133,75 @@ async fn next_at(rx: &mut fe2o3_amqp::Receiver) -> Message<Body<Value>> {
     rx.accept(&d).await.unwrap();
     d.into_message()
 }
+
+/// Module inputs over MQTT leave their queue on the module's PUBACK, and only then: what the
+/// module acknowledged (even in the write that ends its connection) never comes again; what it
+/// did not comes again on its next connection, marked DUP, before newer messages.
+#[tokio::test]
+async fn inputs_leave_on_their_puback_and_unacknowledged_ones_come_again() {
+    let routes = r#"{"r": "FROM /messages/modules/A/outputs/out1 INTO BrokeredEndpoint(\"/modules/B/inputs/in1\")"}"#;
+    let hub = start_hub(routes, "{}").await;
+    let inputs = "devices/edge1/modules/B/inputs/#";
+    let out = "devices/edge1/modules/A/messages/events/%24.on=out1";
+    let (mut a, _) = Mqtt::module(&hub, "A", true).await;
+    let (mut b, _) = Mqtt::module(&hub, "B", true).await;
+    b.subscribe(inputs, QoS::AtLeastOnce).await;
+    let names = |r: std::ops::Range<u32>| r.map(|i| format!("m{i}")).collect::<Vec<_>>();
+    for name in names(0..10) {
+        a.publish1(out, name.as_bytes()).await;
+    }
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        got.push(b.publish_in().await);
+    }
+    let texts = |ps: &[Publish]| {
+        let mut t: Vec<String> = ps
+            .iter()
+            .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+            .collect();
+        t.sort_by_key(|s| s[1..].parse::<u32>().unwrap());
+        t
+    };
+    assert_eq!(texts(&got), names(0..10));
+    assert!(got.iter().all(|p| !p.dup && p.qos == QoS::AtLeastOnce));
+    // The first four acknowledged in the same write as the DISCONNECT: they are handled
+    // together with the end of the connection.
+    for p in &got[..4] {
+        b.tx.feed(Packet::PubAck(PubAck::new(p.pkid)))
+            .await
+            .unwrap();
+    }
+    b.send(Packet::Disconnect).await;
+    drop(b);
+
+    let (mut b, _) = Mqtt::module(&hub, "B", true).await;
+    b.subscribe(inputs, QoS::AtLeastOnce).await;
+    let mut again = Vec::new();
+    for _ in 0..6 {
+        again.push(b.publish_in().await);
+    }
+    assert_eq!(texts(&again), texts(&got[4..]));
+    assert!(again.iter().all(|p| p.dup), "redeliveries are marked DUP");
+    for p in &again {
+        b.tx.feed(Packet::PubAck(PubAck::new(p.pkid)))
+            .await
+            .unwrap();
+    }
+    b.tx.flush().await.unwrap();
+    // Nothing acknowledged comes again: the next message is a new one.
+    a.publish1(out, b"m10").await;
+    let next = b.publish_in().await;
+    assert_eq!((next.payload.as_ref(), next.dup), (&b"m10"[..], false));
+    b.tx.feed(Packet::PubAck(PubAck::new(next.pkid)))
+        .await
+        .unwrap();
+    b.send(Packet::Disconnect).await;
+    drop(b);
+
+    let (mut b, _) = Mqtt::module(&hub, "B", true).await;
+    b.subscribe(inputs, QoS::AtLeastOnce).await;
+    a.publish1(out, b"m11").await;
+    let next = b.publish_in().await;
+    assert_eq!((next.payload.as_ref(), next.dup), (&b"m11"[..], false));
+    hub.stop().await;
+}

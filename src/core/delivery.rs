@@ -14,12 +14,16 @@
 //!
 //! Where the messages come from is a [`Feed`] (here: a module's inputs, or the `$upstream`
 //! queue); how one is sent and what its outcome means for metrics and logs is the transport's
-//! [`Link`].
+//! [`Link`]. A link either returns a future per transfer (AMQP: fe2o3's settlement) or hands
+//! its transfers over in bursts ([`Link::flush`]) and passes their outcomes back in bursts
+//! through an [`outcomes`] channel ([`Link::outcomes`]): a transport whose connection task
+//! owns the writer and the acknowledgements (MQTT) then costs one handoff per burst each way,
+//! not a channel and a future per message.
 
 use std::{
     collections::HashMap,
     future::Future,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -60,6 +64,9 @@ pub type Delivery = BoxFuture<'static, Result<Outcome, String>>;
 pub enum Sent {
     /// The transfer is on its way; its outcome follows.
     InFlight(Delivery),
+    /// The transfer is handed over (at the latest by the next [`Link::flush`]); its outcome
+    /// comes through [`Link::outcomes`] under the key `send` was given.
+    Handed,
     /// The link cannot carry this message (counted and logged by the link): it leaves its
     /// queue.
     Dropped,
@@ -78,12 +85,26 @@ pub enum Ended {
 
 /// A transport's side of the pump: one outgoing link (or a set of them).
 pub trait Link: Send {
-    /// Starts an unsettled transfer of `q`, taken from `ep`. An error ends the pump.
+    /// Starts an unsettled transfer of `q`, taken from `ep`; `key` names it in
+    /// [`Link::outcomes`] when the link answers [`Sent::Handed`]. An error ends the pump.
     fn send(
         &mut self,
         ep: &Endpoint,
         q: &Queued,
+        key: u64,
     ) -> impl Future<Output = Result<Sent, String>> + Send;
+
+    /// Hands over the transfers `send` kept back; called once a refill of the window ends. An
+    /// error ends the pump.
+    fn flush(&mut self) -> impl Future<Output = Result<(), String>> + Send {
+        std::future::ready(Ok(()))
+    }
+
+    /// Appends the outcomes of [`Sent::Handed`] transfers that have come in to `into`, waiting
+    /// until there is at least one; `false` once none can come any more (the link is gone).
+    fn outcomes(&mut self, _into: &mut Vec<Settled>) -> impl Future<Output = bool> + Send {
+        std::future::pending()
+    }
 
     /// Resolves when the peer ends the link; awaited only while nothing is in flight.
     fn detached(&mut self) -> impl Future<Output = ()> + Send {
@@ -135,11 +156,16 @@ pub async fn pump<F: Feed, L: Link>(
     let write_at = (window.messages / 4).max(1);
     let mut state = InFlight::default();
     let mut in_flight = FuturesUnordered::new();
+    // The outcomes a link passes back in bursts; the buffer is reused.
+    let mut settled: Vec<Settled> = Vec::new();
     let mut ended = Ended::Stopped;
+    // One waiter for the whole pump, not one registration per turn of the loop.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     'outer: loop {
         let Some(ready) = feed.refresh() else {
             tokio::select! {
-                _ = stop.cancelled() => break,
+                _ = &mut stopped => break,
                 _ = tokio::time::sleep(NO_QUEUE_POLL) => continue,
             }
         };
@@ -147,16 +173,20 @@ pub async fn pump<F: Feed, L: Link>(
         tokio::pin!(notified);
         notified.as_mut().enable();
         let room = window.messages.saturating_sub(state.unwritten.count());
-        while in_flight.len() < room && (in_flight.is_empty() || state.bytes < window.bytes) {
+        let mut handed = false;
+        while state.outstanding.len() < room
+            && (state.outstanding.is_empty() || state.bytes < window.bytes)
+        {
             let Some((ep, q)) = feed.next() else { break };
-            match tokio::time::timeout(SEND_WAIT, link.send(&ep, &q)).await {
+            let key = state.next_key();
+            match tokio::time::timeout(SEND_WAIT, link.send(&ep, &q, key)).await {
                 Ok(Ok(Sent::InFlight(delivery))) => {
-                    state.next_key += 1;
-                    let key = state.next_key;
-                    state.outstanding.insert(key, (ep, q.seq));
-                    state.bytes += q.msg.size() as u64;
-                    let sent = Instant::now();
-                    in_flight.push(async move { (key, q, sent, delivery.await) });
+                    state.start(key, ep, q);
+                    in_flight.push(async move { (key, delivery.await) });
+                }
+                Ok(Ok(Sent::Handed)) => {
+                    state.start(key, ep, q);
+                    handed = true;
                 }
                 Ok(Ok(Sent::Dropped)) => {
                     ep.ack(q.seq);
@@ -173,17 +203,49 @@ pub async fn pump<F: Feed, L: Link>(
                 }
             }
         }
+        if handed {
+            match tokio::time::timeout(SEND_WAIT, link.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    ended = Ended::Failed(e);
+                    break 'outer;
+                }
+                Err(_) => {
+                    ended = Ended::Stalled;
+                    break 'outer;
+                }
+            }
+        }
+        let idle = state.outstanding.is_empty();
         tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = link.detached(), if in_flight.is_empty() => break,
+            _ = &mut stopped => break,
+            ev = link_event(&mut link, idle, &mut settled) => {
+                match ev {
+                    LinkEvent::Detached => break,
+                    LinkEvent::Gone => {
+                        ended = Ended::Failed("the link ended before its transfers were settled".into());
+                        break;
+                    }
+                    LinkEvent::Outcomes => {
+                        for (key, result) in settled.drain(..) {
+                            if let Err(e) = state.settle(key, result, &mut link) {
+                                ended = Ended::Failed(e);
+                                break 'outer;
+                            }
+                        }
+                        if state.unwritten.count() >= write_at {
+                            state.unwritten.write().await;
+                        }
+                    }
+                }
+            }
             _ = &mut notified => {}
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
                 // Every outcome that is in already, before the feed and the window are looked
                 // at again: a peer settles in bursts, and this refills the window in one.
                 let mut next = Some(done);
-                while let Some(done) = next {
-                    state.bytes = state.bytes.saturating_sub(done.1.msg.size() as u64);
-                    if let Err(e) = state.settle(done, &mut link) {
+                while let Some((key, result)) = next {
+                    if let Err(e) = state.settle(key, result, &mut link) {
                         ended = Ended::Failed(e);
                         break 'outer;
                     }
@@ -204,6 +266,7 @@ pub async fn pump<F: Feed, L: Link>(
     // Every delivery still in flight ends once the session has handled what the peer sent
     // before the link (or its session) ended: with the peer's outcome, or with an error when
     // the link is gone. So outcomes sent just before a close are applied, not lost.
+    let deadline = tokio::time::Instant::now() + DRAIN_WAIT;
     let mut drained = Vec::new();
     {
         let closing = link.close(&ended);
@@ -213,52 +276,211 @@ pub async fn pump<F: Feed, L: Link>(
             }
         };
         let both = futures_util::future::join(closing, draining);
-        if tokio::time::timeout(DRAIN_WAIT, both).await.is_err() {
+        if tokio::time::timeout_at(deadline, both).await.is_err() {
             debug!("the peer did not settle its deliveries in flight in time");
         }
     }
-    for done in drained {
-        let _ = state.settle(done, &mut link);
+    for (key, result) in drained {
+        let _ = state.settle(key, result, &mut link);
     }
-    for (_, (ep, seq)) in state.outstanding.drain() {
-        ep.release(seq);
+    // Handed transfers: their outcomes until none is in flight, the link is gone, or time is up.
+    while !state.outstanding.is_empty() {
+        match tokio::time::timeout_at(deadline, link.outcomes(&mut settled)).await {
+            Ok(more) => {
+                for (key, result) in settled.drain(..) {
+                    let _ = state.settle(key, result, &mut link);
+                }
+                if !more {
+                    break;
+                }
+            }
+            Err(_) => {
+                debug!("the peer did not settle its deliveries in flight in time");
+                break;
+            }
+        }
+    }
+    for (_, p) in state.outstanding.drain() {
+        p.ep.release(p.q.seq);
     }
     state.unwritten.write().await;
     ended
 }
 
-/// A transfer's outcome as the pump receives it: (key, message, when it was sent, outcome).
-type Done = (u64, Queued, Instant, Result<Outcome, String>);
+/// A transfer's key and its outcome, or why the transfer failed (the link is gone).
+pub type Settled = (u64, Result<Outcome, String>);
+
+/// What the pump's link said while the pump waited.
+enum LinkEvent {
+    /// The peer ended the link with nothing in flight.
+    Detached,
+    /// Outcomes of handed transfers came in.
+    Outcomes,
+    /// No more outcomes can come, with transfers in flight.
+    Gone,
+}
+
+/// The link's end while nothing is in flight, else its next outcomes (one borrow of the link
+/// for both).
+async fn link_event<L: Link>(link: &mut L, idle: bool, into: &mut Vec<Settled>) -> LinkEvent {
+    if idle {
+        link.detached().await;
+        LinkEvent::Detached
+    } else if link.outcomes(into).await {
+        LinkEvent::Outcomes
+    } else {
+        LinkEvent::Gone
+    }
+}
+
+/// One transfer in flight.
+struct Pending {
+    ep: Arc<Endpoint>,
+    q: Queued,
+    /// Its bytes, counted against the window.
+    size: u64,
+    sent: Instant,
+}
 
 /// The pump's transfers in flight and the acknowledgements not yet written out.
 #[derive(Default)]
 struct InFlight {
-    outstanding: HashMap<u64, (Arc<Endpoint>, u64)>,
+    outstanding: HashMap<u64, Pending>,
     /// Bytes of the messages in flight.
     bytes: u64,
     unwritten: Unwritten,
-    next_key: u64,
+    last_key: u64,
 }
 
 impl InFlight {
-    /// Applies the outcome of one transfer to its queue and tells the link. An error when the
-    /// transfer failed (the message went back).
-    fn settle<L: Link>(&mut self, done: Done, link: &mut L) -> Result<(), String> {
-        let (key, q, sent, result) = done;
-        let Some(ep) = self.apply(key, &result) else {
-            return Ok(());
-        };
-        link.settled(&ep, &q, &result, sent);
-        result.map(|_| ())
+    fn next_key(&mut self) -> u64 {
+        self.last_key += 1;
+        self.last_key
     }
 
-    fn apply(&mut self, key: u64, result: &Result<Outcome, String>) -> Option<Arc<Endpoint>> {
-        let (ep, seq) = self.outstanding.remove(&key)?;
-        match result {
-            Ok(Outcome::Accepted | Outcome::Rejected(_)) => self.unwritten.ack(&ep, seq),
-            Ok(Outcome::Released) | Err(_) => ep.release(seq),
+    fn start(&mut self, key: u64, ep: Arc<Endpoint>, q: Queued) {
+        let size = q.msg.size() as u64;
+        self.bytes += size;
+        let sent = Instant::now();
+        self.outstanding.insert(key, Pending { ep, q, size, sent });
+    }
+
+    /// Applies the outcome of one transfer to its queue and tells the link. An error when the
+    /// transfer failed (the message went back). An unknown key (settled already) is ignored.
+    fn settle<L: Link>(
+        &mut self,
+        key: u64,
+        result: Result<Outcome, String>,
+        link: &mut L,
+    ) -> Result<(), String> {
+        let Some(p) = self.outstanding.remove(&key) else {
+            return Ok(());
+        };
+        self.bytes = self.bytes.saturating_sub(p.size);
+        match &result {
+            Ok(Outcome::Accepted | Outcome::Rejected(_)) => self.unwritten.ack(&p.ep, p.q.seq),
+            Ok(Outcome::Released) | Err(_) => p.ep.release(p.q.seq),
         }
-        Some(ep)
+        link.settled(&p.ep, &p.q, &result, p.sent);
+        result.map(|_| ())
+    }
+}
+
+/// Outcomes passed from the task that learns them (a connection's task, from the peer's
+/// acknowledgements) to a pump whose link answers [`Sent::Handed`]: appended in bursts, taken
+/// by the pump in one swap of buffers, at most one wake-up per burst. Its content is bounded by
+/// the pump's window (one outcome per transfer in flight).
+pub fn outcome_channel() -> (OutcomeSender, OutcomeReceiver) {
+    let shared = Arc::new(OutcomeShared {
+        batch: Mutex::new(OutcomeBatch::default()),
+        ready: Notify::new(),
+    });
+    (
+        OutcomeSender {
+            shared: shared.clone(),
+        },
+        OutcomeReceiver { shared },
+    )
+}
+
+struct OutcomeShared {
+    batch: Mutex<OutcomeBatch>,
+    ready: Notify,
+}
+
+impl OutcomeShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutcomeBatch> {
+        // Only vectors and a flag behind it: usable after a panic elsewhere.
+        self.batch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Default)]
+struct OutcomeBatch {
+    settled: Vec<Settled>,
+    /// The sender is gone: nothing more will come.
+    closed: bool,
+}
+
+/// The side that learns outcomes. Dropping it tells the pump that no more will come.
+pub struct OutcomeSender {
+    shared: Arc<OutcomeShared>,
+}
+
+impl OutcomeSender {
+    /// Passes every outcome in `done` on, leaving it empty.
+    pub fn send(&self, done: &mut Vec<Settled>) {
+        if done.is_empty() {
+            return;
+        }
+        let wake = {
+            let mut b = self.shared.lock();
+            let wake = b.settled.is_empty();
+            b.settled.append(done);
+            wake
+        };
+        // Otherwise the pump has been woken for the outcomes still waiting.
+        if wake {
+            self.shared.ready.notify_one();
+        }
+    }
+}
+
+impl Drop for OutcomeSender {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.ready.notify_one();
+    }
+}
+
+/// The pump's side of an outcome channel (what [`Link::outcomes`] reads).
+pub struct OutcomeReceiver {
+    shared: Arc<OutcomeShared>,
+}
+
+impl OutcomeReceiver {
+    /// Appends what has come in to `into`, waiting for at least one outcome; `false` once the
+    /// sender is gone and everything it sent was taken.
+    pub async fn recv(&mut self, into: &mut Vec<Settled>) -> bool {
+        loop {
+            {
+                let mut b = self.shared.lock();
+                if !b.settled.is_empty() {
+                    if into.is_empty() {
+                        // The pump's empty buffer goes back for the next burst.
+                        std::mem::swap(&mut b.settled, into);
+                    } else {
+                        into.append(&mut b.settled);
+                    }
+                    return true;
+                }
+                if b.closed {
+                    return false;
+                }
+            }
+            // A notification sent since the look above is kept as a permit: none is lost.
+            self.shared.ready.notified().await;
+        }
     }
 }
 

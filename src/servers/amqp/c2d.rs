@@ -47,7 +47,12 @@ struct C2dLink {
 }
 
 impl delivery::Link for C2dLink {
-    async fn send(&mut self, _ep: &Endpoint, q: &Queued) -> Result<delivery::Sent, String> {
+    async fn send(
+        &mut self,
+        _ep: &Endpoint,
+        q: &Queued,
+        _key: u64,
+    ) -> Result<delivery::Sent, String> {
         let tx = self.tx.as_mut().ok_or("the C2D link is closed")?;
         let amqp = q.msg.to_c2d_message(q.seq, q.delivery_count);
         let sendable = Sendable::builder().message(amqp).settled(false).build();

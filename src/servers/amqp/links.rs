@@ -530,7 +530,12 @@ struct InputLink {
 }
 
 impl delivery::Link for InputLink {
-    async fn send(&mut self, ep: &Endpoint, q: &Queued) -> Result<delivery::Sent, String> {
+    async fn send(
+        &mut self,
+        ep: &Endpoint,
+        q: &Queued,
+        _key: u64,
+    ) -> Result<delivery::Sent, String> {
         let tx = self.tx.as_mut().ok_or("the input link is closed")?;
         let input = ep.input.as_deref().unwrap_or_default();
         let amqp = q.msg.to_input_message(input, q.seq, q.delivery_count);

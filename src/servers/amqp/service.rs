@@ -159,7 +159,12 @@ struct FeedbackLink {
 }
 
 impl delivery::Link for FeedbackLink {
-    async fn send(&mut self, _ep: &Endpoint, q: &Queued) -> Result<delivery::Sent, String> {
+    async fn send(
+        &mut self,
+        _ep: &Endpoint,
+        q: &Queued,
+        _key: u64,
+    ) -> Result<delivery::Sent, String> {
         let tx = self.tx.as_mut().ok_or("the feedback link is closed")?;
         let amqp = feedback_message(&q.msg, &self.user_id);
         let sendable = Sendable::builder().message(amqp).settled(false).build();

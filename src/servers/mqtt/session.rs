@@ -38,15 +38,11 @@
 //!   the codec's backpressure boundary, so a burst (input messages, the PUBACKs of a commit)
 //!   leaves in few TLS records and writes.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use fe2o3_amqp::types::messaging::MessageId;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use rumqttc::mqttbytes::{
     v4::{
         Codec, ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, Subscribe,
@@ -68,7 +64,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     convert::message_from_publish,
-    inputs::{input_event, C2dLink, InputEvent, InputLink, Inputs, INPUT_QUEUE},
+    inputs::{input_event, C2dLink, Handoff, InputEvent, InputLink, Inputs},
     sessions::Filters,
     topic::{self, ClientTopic, FilterKind, TopicError},
     will::Will,
@@ -574,8 +570,15 @@ where
         expires_at: Instant,
         mut revocations_seen: u64,
     ) -> End {
+        // Pinned once: each is a registration (a waiter, a timer) that a fresh future per step
+        // would make and undo again.
+        let stopped = stop.cancelled();
+        tokio::pin!(stopped);
         let silence = tokio::time::sleep(keep_alive);
         tokio::pin!(silence);
+        // When the last packet came (of the step that read it): the keep-alive timer is moved
+        // only when it fires, not on every packet.
+        let mut heard = Instant::now();
         let expiry = tokio::time::sleep_until(expires_at);
         tokio::pin!(expiry);
         let mut revoked = self.core.registry.revocations.watch();
@@ -595,6 +598,10 @@ where
                 if cut {
                     return End::Revoked;
                 }
+            }
+            // The outcomes of the last step (the module's PUBACKs) go to the pump in one burst.
+            if let Some(inputs) = self.inputs.as_mut() {
+                inputs.hand_back();
             }
             for pkid in self.acks.ready(&self.core) {
                 if let Err(end) = self.feed(Packet::PubAck(PubAck::new(pkid))).await {
@@ -618,8 +625,16 @@ where
             }
             let step = tokio::select! {
                 biased;
-                _ = stop.cancelled() => Err(End::Stopped),
-                _ = &mut silence => Err(End::KeepAlive),
+                _ = &mut stopped => Err(End::Stopped),
+                _ = &mut silence => {
+                    let due = heard + keep_alive;
+                    if due <= Instant::now() {
+                        Err(End::KeepAlive)
+                    } else {
+                        silence.as_mut().reset(due);
+                        Ok(())
+                    }
+                }
                 _ = &mut expiry => Err(End::TokenExpired),
                 // The sender lives in the core, which this session holds: `changed` cannot fail.
                 _ = revoked.changed() => {
@@ -631,7 +646,7 @@ where
                 call = method_next(&mut self.methods) => self.on_method_call(call).await,
                 ev = input_event(&mut self.inputs) => self.on_input(ev).await,
                 p = reader.next() => {
-                    silence.as_mut().reset(Instant::now() + keep_alive);
+                    heard = Instant::now();
                     match p {
                         None => Err(End::ClientLeft),
                         Some(Err(e)) => {
@@ -644,7 +659,7 @@ where
                                 read_grown = true;
                                 grow_read_buffer(reader);
                             }
-                            self.on_packet(p).await
+                            self.on_packets(p, reader).await
                         }
                     }
                 }
@@ -658,7 +673,33 @@ where
             }
         }
     }
+
+    /// Handles `first` and then the packets already read behind it (up to
+    /// [`PACKETS_PER_STEP`]), so a burst (the module's PUBACKs, a publisher's window) costs one
+    /// turn of the session loop, not one per packet.
+    async fn on_packets(
+        &mut self,
+        first: Packet,
+        reader: &mut FramedRead<ReadHalf<S>, Codec>,
+    ) -> Result<(), End> {
+        self.on_packet(first).await?;
+        for _ in 1..PACKETS_PER_STEP {
+            match reader.next().now_or_never() {
+                Some(Some(Ok(p))) => self.on_packet(p).await?,
+                Some(Some(Err(e))) => {
+                    debug!(identity = %self.id, error = %e, "malformed MQTT packet; closing");
+                    return Err(End::Io(e.to_string()));
+                }
+                Some(None) => return Err(End::ClientLeft),
+                None => break,
+            }
+        }
+        Ok(())
+    }
 }
+
+/// Packets read in one step of the session loop at most (see `Session::on_packets`).
+const PACKETS_PER_STEP: usize = 32;
 
 /// Steps of the session loop (each one packet or one batch of input messages) that may leave
 /// packets in the write buffer while more work is ready.
@@ -721,12 +762,10 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
             Packet::Publish(p) => self.on_publish(p).await,
             Packet::PubAck(a) => {
                 self.ids.awaited.remove(&a.pkid);
-                let done = self
-                    .inputs
-                    .as_mut()
-                    .and_then(|i| i.awaiting.remove(&a.pkid));
-                if let Some(done) = done {
-                    let _ = done.send(delivery::Outcome::Accepted);
+                if let Some(inputs) = self.inputs.as_mut() {
+                    if let Some(key) = inputs.awaiting.remove(&a.pkid) {
+                        inputs.accepted(key);
+                    }
                 }
                 Ok(())
             }
@@ -1033,9 +1072,10 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
             (Some(qos), None) => self.start_inputs(qos),
             (Some(qos), Some(inputs)) => inputs.qos = qos,
             (None, Some(_)) => {
-                if let Some(inputs) = self.inputs.take() {
+                if let Some(mut inputs) = self.inputs.take() {
                     // Unsubscribed: the pump stops, and what is in flight goes back at once
-                    // (its outcomes are dropped here).
+                    // (later PUBACKs find nothing awaiting them).
+                    inputs.hand_back();
                     inputs.stop.cancel();
                 }
             }
@@ -1053,9 +1093,9 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
         };
         let stop = CancellationToken::new();
         self.core.replace_input_link(&self.id, stop.clone());
-        let (out, rx) = mpsc::channel(INPUT_QUEUE);
+        let (handoff, rx, outcomes) = Handoff::new();
         let link = InputLink {
-            out,
+            handoff,
             device: device.clone(),
             module: module.clone(),
             sent: m::SentCache::default(),
@@ -1070,13 +1110,7 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
         let pump_stop = stop.clone();
         let pump =
             tokio::spawn(async move { delivery::pump(feed, link, window, &pump_stop).await });
-        self.inputs = Some(Inputs {
-            qos,
-            stop,
-            rx,
-            awaiting: HashMap::new(),
-            pump,
-        });
+        self.inputs = Some(Inputs::new(qos, stop, rx, outcomes, pump));
     }
 
     /// Starts the core's delivery pump for a device's C2D queue, replacing any other C2D link
@@ -1085,9 +1119,9 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
         let stop = CancellationToken::new();
         let queue = self.core.c2d.queue(self.id.device());
         self.core.c2d.replace_link(&queue, stop.clone());
-        let (out, rx) = mpsc::channel(INPUT_QUEUE);
+        let (handoff, rx, outcomes) = Handoff::new();
         let link = C2dLink {
-            out,
+            handoff,
             core: self.core.clone(),
             queue: queue.clone(),
         };
@@ -1103,20 +1137,14 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
         let pump_stop = stop.clone();
         let pump =
             tokio::spawn(async move { delivery::pump(feed, link, window, &pump_stop).await });
-        self.inputs = Some(Inputs {
-            qos,
-            stop,
-            rx,
-            awaiting: HashMap::new(),
-            pump,
-        });
+        self.inputs = Some(Inputs::new(qos, stop, rx, outcomes, pump));
     }
 
     /// Writes what the input pump sends (and whatever more it has queued) into the write
     /// buffer, or handles the pump's end.
     async fn on_input(&mut self, ev: InputEvent) -> Result<(), End> {
         let first = match ev {
-            InputEvent::Publish(p) => p,
+            InputEvent::Publish(batch) => batch,
             InputEvent::Ended(ended) => {
                 self.inputs = None;
                 return match ended {
@@ -1130,26 +1158,28 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
             }
         };
         let mut next = Some(first);
-        while let Some(p) = next {
-            let Some(inputs) = self.inputs.as_mut() else {
-                break;
-            };
-            let mut publish = Publish::from_bytes(p.topic, inputs.qos, p.payload);
-            let acked_now = if inputs.qos == QoS::AtLeastOnce {
-                let Some(pkid) = self.ids.take() else {
-                    return Err(self.refused("unacknowledged"));
+        while let Some(batch) = next {
+            for p in batch {
+                let Some(inputs) = self.inputs.as_mut() else {
+                    return Ok(());
                 };
-                publish.pkid = pkid;
-                publish.dup = p.dup;
-                inputs.awaiting.insert(pkid, p.done);
-                None
-            } else {
-                // QoS 0: complete once written, as edgeHub counts it.
-                Some(p.done)
-            };
-            self.feed(Packet::Publish(publish)).await?;
-            if let Some(done) = acked_now {
-                let _ = done.send(delivery::Outcome::Accepted);
+                let mut publish = Publish::from_bytes(p.topic, inputs.qos, p.payload);
+                let at_least_once = inputs.qos == QoS::AtLeastOnce;
+                if at_least_once {
+                    let Some(pkid) = self.ids.take() else {
+                        return Err(self.refused("unacknowledged"));
+                    };
+                    publish.pkid = pkid;
+                    publish.dup = p.dup;
+                    inputs.awaiting.insert(pkid, p.key);
+                }
+                self.feed(Packet::Publish(publish)).await?;
+                if !at_least_once {
+                    // QoS 0: complete once written, as edgeHub counts it.
+                    if let Some(inputs) = self.inputs.as_mut() {
+                        inputs.accepted(p.key);
+                    }
+                }
             }
             next = self.inputs.as_mut().and_then(|i| i.rx.try_recv().ok());
         }

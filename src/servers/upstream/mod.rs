@@ -686,7 +686,12 @@ struct Telemetry {
 }
 
 impl delivery::Link for Telemetry {
-    async fn send(&mut self, _: &Endpoint, q: &Queued) -> Result<delivery::Sent, String> {
+    async fn send(
+        &mut self,
+        _: &Endpoint,
+        q: &Queued,
+        _key: u64,
+    ) -> Result<delivery::Sent, String> {
         let Some(tx) = self.senders.get_mut(&q.msg.from.key()) else {
             tracing::error!(origin = %q.msg.from, "message for upstream dropped: its origin is not carried upstream (not this hub's, or refused by the parent)");
             m::dropped(m::DROP_UPSTREAM_UNKNOWN, &q.msg);
