@@ -169,15 +169,32 @@ pub async fn pump<F: Feed, L: Link>(
                 _ = tokio::time::sleep(NO_QUEUE_POLL) => continue,
             }
         };
+        let mut unwritten = state.unwritten.count();
+        if unwritten >= window.messages && state.outstanding.is_empty() {
+            // Nothing in flight to wait for: make room now.
+            state.unwritten.write().await;
+            unwritten = state.unwritten.count();
+        }
+        let room = window.messages.saturating_sub(unwritten);
+        let has_room = |s: &InFlight| {
+            s.outstanding.len() < room && (s.outstanding.is_empty() || s.bytes < window.bytes)
+        };
+        // Waited on only when the window has room and the feed ran dry: a full window waits for
+        // outcomes alone, so messages queued meanwhile do not wake the pump for nothing.
         let notified = ready.notified();
         tokio::pin!(notified);
-        notified.as_mut().enable();
-        let room = window.messages.saturating_sub(state.unwritten.count());
+        let mut dry = false;
+        if has_room(&state) {
+            // Registered before the feed is looked at, so a message queued after that look
+            // still wakes the pump.
+            notified.as_mut().enable();
+        }
         let mut handed = false;
-        while state.outstanding.len() < room
-            && (state.outstanding.is_empty() || state.bytes < window.bytes)
-        {
-            let Some((ep, q)) = feed.next() else { break };
+        while has_room(&state) {
+            let Some((ep, q)) = feed.next() else {
+                dry = true;
+                break;
+            };
             let key = state.next_key();
             match tokio::time::timeout(SEND_WAIT, link.send(&ep, &q, key)).await {
                 Ok(Ok(Sent::InFlight(delivery))) => {
@@ -239,7 +256,7 @@ pub async fn pump<F: Feed, L: Link>(
                     }
                 }
             }
-            _ = &mut notified => {}
+            _ = &mut notified, if dry => {}
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
                 // Every outcome that is in already, before the feed and the window are looked
                 // at again: a peer settles in bursts, and this refills the window in one.
@@ -524,6 +541,10 @@ impl Feed for ModuleInputs {
 
     fn next(&mut self) -> Option<(Arc<Endpoint>, Queued)> {
         let endpoints = &self.endpoints;
+        if let [e] = endpoints.as_slice() {
+            // One input endpoint, the usual case: its queue orders its priorities itself.
+            return e.pop().map(|q| (e.clone(), q));
+        }
         let n = endpoints.len();
         let best = endpoints
             .iter()

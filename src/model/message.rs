@@ -144,9 +144,20 @@ impl Message {
         if self.twin_change {
             return "/twinChangeNotifications".to_owned();
         }
+        // Once per routed message: assembled without the formatting machinery.
         match (self.from.module(), &self.output) {
-            (Some(m), Some(o)) => format!("/messages/modules/{m}/outputs/{o}"),
-            (Some(m), None) => format!("/messages/modules/{m}"),
+            (Some(m), output) => {
+                let (m, o) = (m.as_str(), output.as_deref());
+                let len = 18 + m.len() + o.map_or(0, |o| 9 + o.len());
+                let mut path = String::with_capacity(len);
+                path.push_str("/messages/modules/");
+                path.push_str(m);
+                if let Some(o) = o {
+                    path.push_str("/outputs/");
+                    path.push_str(o);
+                }
+                path
+            }
             (None, _) => "/messages".to_owned(),
         }
     }

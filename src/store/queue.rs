@@ -14,7 +14,10 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -280,8 +283,10 @@ pub struct Endpoint {
     /// Signalled when a message is pushed or released; shared by all inputs of one module so
     /// that one consumer can wait on all of them.
     pub ready: Arc<Notify>,
-    /// Signalled when room is freed.
+    /// Signalled when room is freed, to the senders waiting for it.
     pub space: Notify,
+    /// Senders waiting for room: a removal signals `space` only when there are some.
+    space_waiters: AtomicUsize,
     /// `edgehub_queue_length` handles per priority, so updates skip the registry lookup.
     gauges: Mutex<HashMap<u32, metrics::Gauge>>,
 }
@@ -299,6 +304,7 @@ impl Endpoint {
             store,
             ready,
             space: Notify::new(),
+            space_waiters: AtomicUsize::new(0),
             gauges: Mutex::new(HashMap::new()),
         }
     }
@@ -312,6 +318,18 @@ impl Endpoint {
         expires_ms: Option<i64>,
         wait: Duration,
     ) -> Result<u64, QueueError> {
+        // The usual case, a queue with room: no waiter registered, no clock read.
+        match self.store.try_push(msg.clone(), priority, expires_ms) {
+            Ok(seq) => {
+                self.ready.notify_one();
+                return Ok(seq);
+            }
+            Err(QueueError::Full | QueueError::StoreBusy) => {}
+            Err(e) => return Err(e),
+        }
+        // Counted before the store is looked at again, so a removal after that look signals.
+        self.space_waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.space_waiters);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let notified = self.space.notified();
@@ -377,7 +395,11 @@ impl Endpoint {
     }
 
     fn after_removal(&self) {
-        self.space.notify_waiters();
+        // A sender that counts itself after this look finds the room when it looks at the
+        // store (it counts itself before looking).
+        if self.space_waiters.load(Ordering::SeqCst) > 0 {
+            self.space.notify_waiters();
+        }
     }
 
     /// Sets `edgehub_queue_length` from the queue itself; called just before every scrape, so
@@ -390,6 +412,15 @@ impl Endpoint {
                 .or_insert_with(|| m::queue_length_gauge(&self.id, p))
                 .set(n as f64);
         }
+    }
+}
+
+/// One sender waiting for room in an [`Endpoint`], for as long as it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

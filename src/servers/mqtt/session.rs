@@ -42,7 +42,7 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use fe2o3_amqp::types::messaging::MessageId;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{FutureExt, Sink, SinkExt, StreamExt};
 use rumqttc::mqttbytes::{
     v4::{
         Codec, ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, Subscribe,
@@ -724,11 +724,15 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
     /// Writes `p` into the write buffer; the session loop flushes it once nothing else is
     /// ready (a full buffer is written out at once).
     async fn feed(&mut self, p: Packet) -> Result<(), End> {
-        match tokio::time::timeout(SEND_WAIT, self.writer.feed(p)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(End::Io(e.to_string())),
-            Err(_) => Err(End::Io("the client reads nothing".into())),
+        if self.writer.write_buffer().len() >= self.writer.backpressure_boundary() {
+            // What the sink's own readiness check would do: write the full buffer out first.
+            self.flush().await?;
         }
+        // Below the boundary the sink takes the packet at once: no future and no timer per
+        // packet.
+        std::pin::Pin::new(&mut self.writer)
+            .start_send(p)
+            .map_err(|e| End::Io(e.to_string()))
     }
 
     async fn flush(&mut self) -> Result<(), End> {

@@ -222,19 +222,33 @@ pub fn parse_client_topic(topic: &str) -> Result<ClientTopic<'_>, TopicError> {
             rid,
         });
     }
-    let segs: Vec<&str> = topic.split('/').collect();
-    let (device, module, rest) = match segs.as_slice() {
-        ["devices", d, "messages", "events", rest @ ..] => (*d, None, rest),
-        ["devices", d, "modules", m, "messages", "events", rest @ ..] => (*d, Some(*m), rest),
-        _ => return Err(TopicError::Unknown),
+    // Once per PUBLISH: read in place, segment by segment, without collecting them.
+    let rest = topic.strip_prefix("devices/").ok_or(TopicError::Unknown)?;
+    let (device, rest) = rest.split_once('/').ok_or(TopicError::Unknown)?;
+    let (module, rest) = match rest.strip_prefix("modules/") {
+        Some(r) => {
+            let (m, r) = r.split_once('/').ok_or(TopicError::Unknown)?;
+            (Some(m), r)
+        }
+        None => (None, rest),
     };
+    let tail = rest
+        .strip_prefix("messages/events")
+        .ok_or(TopicError::Unknown)?;
     if device.is_empty() || module.is_some_and(str::is_empty) {
         return Err(TopicError::Unknown);
     }
-    let bag = match rest {
-        [] | [""] => "",
-        [bag] | [bag, ""] => bag,
-        _ => return Err(TopicError::BadBag),
+    // Nothing, `/`, `/{bag}` or `/{bag}/`; more segments are a bag with a '/' in it.
+    let bag = match tail {
+        "" => "",
+        t => {
+            let t = t.strip_prefix('/').ok_or(TopicError::Unknown)?;
+            let bag = t.strip_suffix('/').unwrap_or(t);
+            if bag.contains('/') {
+                return Err(TopicError::BadBag);
+            }
+            bag
+        }
     };
     Ok(ClientTopic::Telemetry {
         device,
