@@ -27,12 +27,13 @@
 //!   decode, or a message over `limits.maxMessageSize`, is dropped, counted and acknowledged, as
 //!   edgeHub does (the client would send it again forever).
 //! * Module inputs: the core's delivery pump ([`delivery::pump`] over [`ModuleInputs`], the
-//!   AMQP input link's pump) runs with an [`InputLink`] that hands each message to the session
-//!   task, which publishes it at the subscription's QoS: at most `limits.deliveryWindow`
-//!   unacknowledged (and at most half of the connection's packet ids; acknowledgements not yet
-//!   written out count too) and `limits.maxUnsettledBytesPerLink` bytes; a PUBACK (at QoS 0,
-//!   the write) accepts a message, and whatever is unacknowledged when the pump stops goes back
-//!   to its queue.
+//!   AMQP input link's pump) runs with an [`InputLink`] that hands each refill of the window to
+//!   the session task in one batch, which publishes it at the subscription's QoS: at most
+//!   `limits.deliveryWindow` unacknowledged (and at most half of the connection's packet ids;
+//!   acknowledgements not yet written out count too) and `limits.maxUnsettledBytesPerLink`
+//!   bytes; a PUBACK (at QoS 0, the write) accepts a message (the outcomes of a step go back to
+//!   the pump in one burst, also when the step ends the connection), and whatever is
+//!   unacknowledged when the pump stops goes back to its queue.
 //! * Writes: a step of the session loop writes its packets into the write buffer; the buffer is
 //!   flushed when no other step is ready, after [`MAX_STEPS_UNFLUSHED`] steps, or when it passes
 //!   the codec's backpressure boundary, so a burst (input messages, the PUBACKs of a commit)
