@@ -391,7 +391,12 @@ impl ConnState {
         let gone: Vec<IdentityKey> = map
             .iter()
             .filter(|(k, g)| match which {
-                Revoked::Keys(keys) => keys.contains(k),
+                // A module granted on behalf goes with its device (a child edge hub's).
+                Revoked::Keys(keys) => {
+                    keys.contains(k)
+                        || matches!(&g.id, Identity::Module(d, _)
+                            if keys.contains(&IdentityKey::from(d)) && !auth.is_active(&g.id))
+                }
                 Revoked::Unknown => !auth.is_active(&g.id),
             })
             .map(|(k, _)| k.clone())
