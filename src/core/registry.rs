@@ -823,6 +823,34 @@ pub fn leaves_under(core: &HubCore, scope: &str) -> Vec<(Identity, Value)> {
     out
 }
 
+/// The registry's edge devices (`capabilities.iotEdge`) whose parent scope is `scope`: the
+/// child hubs of the edge device that owns `scope` (this hub's grandchildren), as IoT Hub's
+/// device JSON, sorted by id.
+pub fn edge_devices_under(core: &HubCore, scope: &str) -> Vec<(DeviceId, Value)> {
+    let mut out: Vec<(DeviceId, Value)> = core
+        .registry
+        .records
+        .iter()
+        .filter(|r| r.iot_edge && r.module_id.is_none())
+        .filter(|r| {
+            r.parent_scopes
+                .first()
+                .is_some_and(|p| p.eq_ignore_ascii_case(scope))
+        })
+        .filter_map(|r| Some((DeviceId::parse(&r.device_id).ok()?, record_json(core, &r))))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// The parent scope a registry edge device was created with (none: a child of this hub).
+pub fn edge_parent_scope(core: &HubCore, d: &DeviceId) -> Option<String> {
+    core.registry
+        .get(&Identity::Device(d.clone()))
+        .filter(|r| r.iot_edge)
+        .and_then(|r| r.parent_scopes.first().cloned())
+}
+
 /// An identity of the config file as a (read-only) record: always enabled, revision 1.
 fn config_record(core: &HubCore, id: &Identity, keys: Option<&KeyPair>) -> Record {
     let x509 = match id {

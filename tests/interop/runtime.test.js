@@ -8,7 +8,9 @@
 // added at the parent usable at once over MQTT and SASL PLAIN; a leaf device created in the
 // parent's registry under the child's scope (paged device scope) connecting to the child and
 // carried upstream on its behalf with its auth chain; a module removed at the parent cut off
-// by `$edgeHub`'s RefreshDeviceScopeIdentityCache method.
+// by `$edgeHub`'s RefreshDeviceScopeIdentityCache method; a child hub of the child (an edge
+// device created at the parent under the child's scope) served its device scope by the child
+// from the child's own cache.
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const crypto = require('node:crypto');
@@ -312,5 +314,34 @@ test('runtime mode: workload API, device scope from the parent, modules from the
     const stranger = await fromEnv(workload.moduleEnv('stranger', childHost));
     await assert.rejects(withTimeout(stranger.open(), 20000, 'stranger open'));
     await stranger.close().catch(() => {});
+  });
+
+  await t.test('the child serves the device scope of its own child hub (a grandchild of the parent) from its cache', async () => {
+    await parent.resume();
+    const registry = Registry.fromConnectionString(`HostName=${parent.host};SharedAccessKeyName=service;SharedAccessKey=${SERVICE_KEY}`);
+    trustHub(registry, parent.caPem());
+    const { responseBody: edge } = await withTimeout(registry.get(CHILD), 10000, 'get child1');
+    const { responseBody: grand } = await withTimeout(
+      registry.create({ deviceId: 'grand1', capabilities: { iotEdge: true }, parentScopes: [edge.deviceScope] }), 10000, 'create grand1');
+    assert.match(grand.deviceScope, /^ms-azure-iot-edge:\/\/grand1-\d+$/);
+    await withTimeout(registry.create({ deviceId: 'gleaf', parentScopes: [grand.deviceScope] }), 10000, 'create gleaf');
+    // The child walks its scope at start, the grandchild's with the auth chain grand1;child1.
+    await Promise.all(clients.splice(0).map((c) => withTimeout(c.close(), 15000, 'close').catch(() => {})));
+    await child.restart();
+    await child.waitLog(/device scope refreshed/, 30000);
+    const grandKey = grand.authentication.symmetricKey.primaryKey;
+    const token = sasToken(`test-hub.azure-devices.net/devices/grand1/modules/%24edgeHub`,
+      moduleKey(grandKey, 'grand1', '$edgeHub').toString('base64'), Math.floor(Date.now() / 1000) + 3600);
+    const childApi = { host: childHost, caPem: () => workload.root };
+    const scopePath = '/devices/grand1/modules/%24edgeHub/devicesAndModulesInTargetDeviceScope?api-version=2020-06-30-preview';
+    const r = await httpsPost(childApi, scopePath, { authorization: token }, { authChain: 'grand1' });
+    assert.equal(r.status, 200, JSON.stringify(r.body));
+    const ids = [...r.body.devices.map((d) => d.deviceId), ...r.body.modules.map((m) => `${m.deviceId}/${m.moduleId}`)].sort();
+    assert.deepEqual(ids, ['gleaf', 'grand1', 'grand1/$edgeAgent', 'grand1/$edgeHub']);
+    const gleaf = r.body.devices.find((d) => d.deviceId === 'gleaf');
+    assert.ok(gleaf.authentication.symmetricKey.primaryKey, 'keys are served');
+    // Nothing of the child's own scope.
+    const r2 = await httpsPost(childApi, scopePath, { authorization: token }, { authChain: CHILD });
+    assert.equal(r2.status, 401, JSON.stringify(r2.body));
   });
 });

@@ -17,7 +17,8 @@
 //! What is served: the config's `devices.<child>` (`edge: true`) and `devices.<child>.modules`
 //! as last reloaded, with their keys (explicit, else derived as the child derives them); a
 //! registry device created with `capabilities.iotEdge` (enabled) with its registry modules and
-//! `$edgeAgent`/`$edgeHub` (the registry's, else derived from its primary key); the
+//! `$edgeAgent`/`$edgeHub` (the registry's, else derived from its primary key), served to
+//! itself and to the child hub whose scope it was created under (`parentScopes`); the
 //! registry's leaf devices whose `parentScopes` (or `deviceScope`) is the child's scope, with
 //! their registry modules, and in runtime mode the identities this hub's own device scope
 //! holds below the actor.
@@ -489,7 +490,14 @@ fn scope_of(core: &HubCore, actor: &DeviceId, target: &DeviceId) -> Option<Vec<S
     // A registry device created with `capabilities.iotEdge`: the same, from the registry.
     if let Some(child) = core.auth.registry_edge_child(target).filter(|c| c.enabled) {
         let id = child.id.device();
-        if !id.as_str().eq_ignore_ascii_case(actor.as_str()) {
+        // The actor itself, or a child hub of the actor's (created with the actor's scope as
+        // its parent scope): the actor walks its own scope breadth first.
+        let below_actor = || {
+            let parent = crate::core::registry::edge_parent_scope(core, id)?;
+            let (_, actor_scope) = core.auth.child_hub(actor)?;
+            parent.eq_ignore_ascii_case(&actor_scope).then_some(())
+        };
+        if !id.as_str().eq_ignore_ascii_case(actor.as_str()) && below_actor().is_none() {
             return None;
         }
         let scope = child.edge_scope.as_deref()?;
@@ -559,8 +567,16 @@ fn scope_of(core: &HubCore, actor: &DeviceId, target: &DeviceId) -> Option<Vec<S
 }
 
 /// The registry's leaf devices under the scope of child edge device `child`, and their modules.
+/// Also the registry's edge devices created under that scope (the child's own child hubs),
+/// whose scopes the child then asks for with their auth chains.
 fn leaves(core: &HubCore, child: &DeviceId, scope: &str) -> Vec<ScopeEntry> {
     let own = &core.settings.device_id;
+    let edges = crate::core::registry::edge_devices_under(core, scope)
+        .into_iter()
+        .map(|(d, doc)| ScopeEntry {
+            auth_chain: format!("{d};{child};{own}"),
+            identity: doc,
+        });
     crate::core::registry::leaves_under(core, scope)
         .into_iter()
         .map(|(leaf, doc)| ScopeEntry {
@@ -570,6 +586,7 @@ fn leaves(core: &HubCore, child: &DeviceId, scope: &str) -> Vec<ScopeEntry> {
             },
             identity: doc,
         })
+        .chain(edges)
         .collect()
 }
 
