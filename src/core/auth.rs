@@ -208,21 +208,33 @@ impl Authenticator {
     }
 
     /// The enabled registry devices that authenticate with a client certificate.
+    /// In runtime mode, the device scope's leaf devices of that kind come first.
     pub fn live_x509(&self) -> Vec<(DeviceId, crate::model::x509::X509Auth)> {
-        self.live
+        let scope = self
+            .scope()
+            .map(|s| s.own_x509_leaves())
+            .unwrap_or_default();
+        let registry = self
+            .live
             .iter()
             .filter(|l| l.enabled)
             .filter_map(|l| match (&l.id, &l.x509) {
                 (Identity::Device(d), Some(a)) => Some((d.clone(), a.clone())),
                 _ => None,
             })
-            .collect()
+            .collect::<Vec<_>>();
+        scope.into_iter().chain(registry).collect()
     }
 
     /// May `id` hold a connection now? Config identities always; registry identities while
     /// they exist and are enabled.
     pub fn is_active(&self, id: &Identity) -> bool {
-        if self.scope().is_some_and(|s| s.keys(id).is_some()) {
+        let from_scope = |s: &std::sync::Arc<crate::core::scope::ScopeCache>| {
+            s.keys(id).is_some()
+                || s.entry(id)
+                    .is_some_and(|e| e.enabled() && e.x509().is_some())
+        };
+        if self.scope().is_some_and(from_scope) {
             return true;
         }
         if self.is_configured(id) {

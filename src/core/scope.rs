@@ -114,6 +114,30 @@ impl ScopeEntry {
         Some(KeyPair { primary, secondary })
     }
 
+    /// How a device authenticates with a client certificate (`selfSigned`: its thumbprints;
+    /// `certificateAuthority`: a chain to the trust bundle with its id as CN); `None` for
+    /// modules and key or `none` authentication.
+    pub fn x509(&self) -> Option<crate::model::x509::X509Auth> {
+        use crate::model::x509::{Thumbprint, X509Auth};
+        if self.identity.get("moduleId").is_some() {
+            return None;
+        }
+        let auth = self.identity.get("authentication")?;
+        let kind = auth.get("type")?.as_str()?;
+        if kind.eq_ignore_ascii_case("certificateAuthority") {
+            return Some(X509Auth::Ca);
+        }
+        if !kind.eq_ignore_ascii_case("selfSigned") {
+            return None;
+        }
+        let prints: Vec<Thumbprint> = ["primaryThumbprint", "secondaryThumbprint"]
+            .iter()
+            .filter_map(|k| auth.pointer(&format!("/x509Thumbprint/{k}"))?.as_str())
+            .filter_map(|t| Thumbprint::parse(t).ok())
+            .collect();
+        (!prints.is_empty()).then_some(X509Auth::Thumbprints(prints))
+    }
+
     /// Devices may be disabled; modules are always enabled (as edgeHub treats them).
     pub fn enabled(&self) -> bool {
         self.identity.get("moduleId").is_some()
@@ -433,6 +457,19 @@ impl ScopeCache {
             .collect();
         out.sort();
         out
+    }
+
+    /// The enabled leaf devices directly below this hub's device that authenticate with a
+    /// client certificate, and how.
+    pub fn own_x509_leaves(&self) -> Vec<(DeviceId, crate::model::x509::X509Auth)> {
+        let own = self.own_leaves();
+        let known = self.read();
+        own.into_iter()
+            .filter_map(|d| {
+                let auth = known.get(&key_of(&Identity::Device(d.clone())))?.x509()?;
+                Some((d, auth))
+            })
+            .collect()
     }
 
     /// Every entry whose auth chain passes through `device` (its scope as this hub knows it).

@@ -10,13 +10,15 @@
 // carried upstream on its behalf with its auth chain; a module removed at the parent cut off
 // by `$edgeHub`'s RefreshDeviceScopeIdentityCache method; a child hub of the child (an edge
 // device created at the parent under the child's scope) served its device scope by the child
-// from the child's own cache.
+// from the child's own cache; a leaf device of the child's scope with a certificate thumbprint
+// connecting to the child.
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const crypto = require('node:crypto');
 const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
+const { execFileSync } = require('node:child_process');
 const { Client: DeviceClient, Message } = require('azure-iot-device');
 const { Amqp } = require('azure-iot-device-amqp');
 const { Mqtt } = require('azure-iot-device-mqtt');
@@ -105,6 +107,7 @@ test('runtime mode: workload API, device scope from the parent, modules from the
   const clients = [];
   let child;
   let late;
+  let x509Dir;
   t.after(async () => {
     try {
       await withTimeout(Promise.all(clients.map((c, i) => withTimeout(c.close(), 15000, `close client ${i}`))), 20000, 'close clients');
@@ -113,6 +116,7 @@ test('runtime mode: workload API, device scope from the parent, modules from the
       await parent.stop();
       await workload.close();
       fs.rmSync(dir, { recursive: true, force: true });
+      if (x509Dir) fs.rmSync(x509Dir, { recursive: true, force: true });
     }
   });
   child = await startHub({
@@ -325,6 +329,17 @@ test('runtime mode: workload API, device scope from the parent, modules from the
       registry.create({ deviceId: 'grand1', capabilities: { iotEdge: true }, parentScopes: [edge.deviceScope] }), 10000, 'create grand1');
     assert.match(grand.deviceScope, /^ms-azure-iot-edge:\/\/grand1-\d+$/);
     await withTimeout(registry.create({ deviceId: 'gleaf', parentScopes: [grand.deviceScope] }), 10000, 'create gleaf');
+    // A leaf device of the child that authenticates with a self-signed certificate.
+    x509Dir = fs.mkdtempSync(path.join(os.tmpdir(), 'edgehub-runtime-x509-'));
+    execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
+      '-keyout', 'xleaf.key.pem', '-out', 'xleaf.pem', '-subj', '/CN=xleaf', '-days', '30',
+      '-addext', 'extendedKeyUsage=clientAuth'], { cwd: x509Dir, stdio: 'ignore' });
+    const thumbprint = execFileSync('openssl', ['x509', '-in', 'xleaf.pem', '-noout', '-fingerprint', '-sha1'], { cwd: x509Dir })
+      .toString().trim().split('=')[1].replace(/:/g, '');
+    await withTimeout(registry.create({
+      deviceId: 'xleaf', parentScopes: [edge.deviceScope],
+      authentication: { type: 'selfSigned', x509Thumbprint: { primaryThumbprint: thumbprint } },
+    }), 10000, 'create xleaf');
     // The child walks its scope at start, the grandchild's with the auth chain grand1;child1.
     await Promise.all(clients.splice(0).map((c) => withTimeout(c.close(), 15000, 'close').catch(() => {})));
     await child.restart();
@@ -343,5 +358,20 @@ test('runtime mode: workload API, device scope from the parent, modules from the
     // Nothing of the child's own scope.
     const r2 = await httpsPost(childApi, scopePath, { authorization: token }, { authChain: CHILD });
     assert.equal(r2.status, 401, JSON.stringify(r2.body));
+  });
+
+  await t.test('a leaf device of the child\'s scope with a certificate thumbprint connects to the child', async () => {
+    // The Node SDK keeps only HostName and DeviceId of an x509 connection string.
+    const cs = `HostName=${childHost};DeviceId=xleaf;x509=true`;
+    const device = DeviceClient.fromConnectionString(cs, Amqp);
+    await withTimeout(device.setOptions({
+      cert: fs.readFileSync(path.join(x509Dir, 'xleaf.pem'), 'utf8'),
+      key: fs.readFileSync(path.join(x509Dir, 'xleaf.key.pem'), 'utf8'),
+      ca: workload.root,
+    }), 5000, 'setOptions');
+    await withTimeout(device.open(), 20000, 'xleaf open').catch((e) => { console.log(child.log()); throw e; });
+    clients.push(device);
+    const m = new Message(JSON.stringify({ from: 'xleaf' }));
+    await withTimeout(device.sendEvent(m), 15000, 'xleaf send');
   });
 });
