@@ -913,6 +913,10 @@ async fn a_registry_edge_device_is_a_child_hub_until_disabled_or_deleted() {
         .receiver("/devices/hub2/modules/sensor/twin")
         .await
         .unwrap();
+    let mut leaf_c2d = c
+        .receiver("/devices/leaf7/messages/devicebound")
+        .await
+        .unwrap();
     // Not for a leaf outside its scope.
     let refused = timeout(
         WAIT,
@@ -932,6 +936,8 @@ async fn a_registry_edge_device_is_a_child_hub_until_disabled_or_deleted() {
     assert_eq!(r.status, 200);
     closed_unauthorized(&mut own_twin).await;
     closed_unauthorized(&mut sensor_twin).await;
+    // The leaf it connected on behalf goes with it.
+    closed_unauthorized(&mut leaf_c2d).await;
     assert!(connect(&hub, &edge_hub_id, &derived).await.is_err());
     let r = edge_hub_call(
         &hub,
