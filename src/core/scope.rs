@@ -76,6 +76,16 @@ pub trait ScopeSource: Send + Sync {
     fn full(&self) -> FetchFuture<'_, Vec<ScopeEntry>>;
     /// One identity (for a module, the parent may add its device).
     fn one<'a>(&'a self, id: &'a Identity) -> FetchFuture<'a, Vec<ScopeEntry>>;
+    /// One identity under the nested edge device whose auth chain is `edge_chain` (a leaf
+    /// device or module of a child hub's scope).
+    fn one_under<'a>(
+        &'a self,
+        id: &'a Identity,
+        edge_chain: &'a str,
+    ) -> FetchFuture<'a, Vec<ScopeEntry>> {
+        let _ = edge_chain;
+        self.one(id)
+    }
 }
 
 /// One identity as the device-scope API returns it, with its auth chain.
@@ -578,7 +588,25 @@ impl ScopeCache {
         self.lookup_with(id, true).await
     }
 
+    /// Like [`lookup`](Self::lookup), for an identity in the scope of the nested edge device
+    /// `edge` (known to this cache): asked for with `edge`'s auth chain, as a child hub asks
+    /// this hub for an identity of its own scope.
+    pub async fn lookup_under(&self, id: &Identity, edge: &DeviceId) -> bool {
+        let chain = self
+            .entry(&Identity::Device(edge.clone()))
+            .filter(ScopeEntry::is_edge)
+            .map(|e| e.auth_chain);
+        match chain {
+            Some(chain) => self.lookup_chain(id, true, Some(chain)).await,
+            None => self.known(id).is_some(),
+        }
+    }
+
     async fn lookup_with(&self, id: &Identity, throttled: bool) -> bool {
+        self.lookup_chain(id, throttled, None).await
+    }
+
+    async fn lookup_chain(&self, id: &Identity, throttled: bool, chain: Option<String>) -> bool {
         let Some(source) = self.source.get().cloned() else {
             return self.known(id).is_some();
         };
@@ -602,7 +630,11 @@ impl ScopeCache {
             }
             t.last_one.insert(k.clone(), now);
         }
-        match source.one(id).await {
+        let fetched = match &chain {
+            Some(c) => source.one_under(id, c).await,
+            None => source.one(id).await,
+        };
+        match fetched {
             Ok(entries) => {
                 let _order = self.writes.lock().await;
                 let mut changed = Vec::new();

@@ -315,14 +315,22 @@ impl ScopeSource for DeviceScopeClient {
     }
 
     fn one<'a>(&'a self, id: &'a Identity) -> FetchFuture<'a, Vec<ScopeEntry>> {
+        self.one_under(id, self.own.as_str())
+    }
+
+    fn one_under<'a>(
+        &'a self,
+        id: &'a Identity,
+        edge_chain: &'a str,
+    ) -> FetchFuture<'a, Vec<ScopeEntry>> {
         Box::pin(async move {
-            let own = self.own.as_str();
-            let mut body = json!({"targetDeviceId": id.device().as_str(), "authChain": own});
+            let edge = edge_chain.split(';').next().unwrap_or_default();
+            let mut body = json!({"targetDeviceId": id.device().as_str(), "authChain": edge_chain});
             if let Some(m) = id.module() {
                 body["targetModuleId"] = Value::String(m.as_str().to_owned());
             }
             let page = self.post("getDeviceAndModuleOnBehalfOf", body).await?;
-            let found = entries(&page, own, own);
+            let found = entries(&page, edge, edge_chain);
             if !found.iter().any(|e| e.id().is_some_and(|f| f.same_as(id))) {
                 return Err(FetchError::Gone(format!("{id} is not in the answer")));
             }

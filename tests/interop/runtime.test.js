@@ -10,7 +10,8 @@
 // carried upstream on its behalf with its auth chain; a module removed at the parent cut off
 // by `$edgeHub`'s RefreshDeviceScopeIdentityCache method; a child hub of the child (an edge
 // device created at the parent under the child's scope) served its device scope by the child
-// from the child's own cache; a leaf device of the child's scope with a certificate thumbprint
+// from the child's own cache (a leaf of the grandchild created since looked up at the parent
+// when the grandchild asks for it); a leaf device of the child's scope with a certificate thumbprint
 // connecting to the child.
 const test = require('node:test');
 const assert = require('node:assert/strict');
@@ -358,6 +359,13 @@ test('runtime mode: workload API, device scope from the parent, modules from the
     // Nothing of the child's own scope.
     const r2 = await httpsPost(childApi, scopePath, { authorization: token }, { authChain: CHILD });
     assert.equal(r2.status, 401, JSON.stringify(r2.body));
+    // A leaf created at the parent under the grandchild since: the child looks it up at the
+    // parent (under grand1's auth chain) when the grandchild asks for it.
+    await withTimeout(registry.create({ deviceId: 'gleaf2', parentScopes: [grand.deviceScope] }), 10000, 'create gleaf2');
+    const onBehalf = '/devices/grand1/modules/%24edgeHub/getDeviceAndModuleOnBehalfOf?api-version=2020-06-30-preview';
+    const r3 = await httpsPost(childApi, onBehalf, { authorization: token }, { authChain: 'grand1', targetDeviceId: 'gleaf2' });
+    assert.equal(r3.status, 200, JSON.stringify(r3.body));
+    assert.deepEqual(r3.body.devices.map((d) => d.deviceId), ['gleaf2']);
   });
 
   await t.test('a leaf device of the child\'s scope with a certificate thumbprint connects to the child', async () => {

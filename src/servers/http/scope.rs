@@ -136,9 +136,54 @@ pub async fn handle(
             Err(r) => refused(r),
         };
     }
+    let mut call = call;
+    if op == Op::OnBehalfOf {
+        learn_target(core, &mut call).await;
+    }
     match scope_call(call, op) {
         Ok(body) => respond(StatusCode::OK, &body),
         Err(r) => refused(r),
+    }
+}
+
+/// Runtime mode: an on-behalf-of request for an identity this hub's scope does not hold yet
+/// is looked up at this hub's own parent first (throttled per identity, as every lookup), under
+/// the target's auth chain, then answered from the scope as it is then.
+async fn learn_target(core: &HubCore, call: &mut Call) {
+    let Some(scope) = core.auth.scope() else {
+        return;
+    };
+    let text = |k: &str| {
+        call.body
+            .get(k)
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+    };
+    let Some(Ok(device)) = text("targetDeviceId").map(DeviceId::parse) else {
+        return;
+    };
+    let id = match text("targetModuleId").map(ModuleId::parse) {
+        None => Identity::Device(device),
+        Some(Ok(m)) => Identity::Module(device, m),
+        Some(Err(_)) => return,
+    };
+    let held = call
+        .scope
+        .iter()
+        .any(|e| e.id().is_some_and(|have| have.same_as(&id)));
+    if held || scope.known(&id).is_some() {
+        return;
+    }
+    let found = tokio::time::timeout(
+        crate::core::LOOKUP_TIMEOUT,
+        scope.lookup_under(&id, &call.target),
+    )
+    .await
+    .unwrap_or(false);
+    if found {
+        if let Some(now) = scope_of(core, &call.actor, &call.target) {
+            call.scope = now;
+        }
     }
 }
 
