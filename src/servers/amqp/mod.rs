@@ -1116,13 +1116,13 @@ async fn run_session(
             .and_then(|id| core.auth.known(id))
             .and_then(|id| conn.link_stop(&id))
             .unwrap_or_else(|| conn.others.child());
-        let (conn, core) = (conn.clone(), core.clone());
         let twin_slot = twin_slot.map(|(_, slot)| slot);
+        let task = links::run(link, kind, conn.clone(), core.clone(), stop, twin_slot);
         let live = live.clone();
         live.fetch_add(1, Ordering::Relaxed);
         tracker.spawn(
             async move {
-                links::run(link, kind, conn, core, stop, twin_slot).await;
+                task.await;
                 drop(cbs_guard);
                 live.fetch_sub(1, Ordering::Relaxed);
             }
