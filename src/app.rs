@@ -131,10 +131,19 @@ impl Hub {
                 up.ca = Some(rt.trust_bundle_path.clone());
             }
         }
+        // The trust bundle is also the CA of devices that authenticate by certificate
+        // (`certificateAuthority` in the device scope), as edgeHub trusts it.
+        if let Some(rt) = &runtime {
+            if settings.tls.client_ca_certs.is_none() {
+                settings.tls.client_ca_certs = Some(rt.trust_bundle_path.clone());
+            }
+        }
         // Devices that authenticate with certificates: only then are clients asked for one.
         let x509 = Arc::new(crate::ops::x509::Matcher::from_settings(&settings)?);
         // The identity registry (service policies, no upstream) may add such devices later.
-        let registry_x509 = !settings.service_policies.is_empty() && settings.upstream.is_none();
+        // So may the device scope in runtime mode.
+        let registry_x509 = (!settings.service_policies.is_empty() && settings.upstream.is_none())
+            || runtime.is_some();
         let client_auth = (!x509.is_empty() || registry_x509).then(|| {
             crate::ops::x509::AnyClientCert::new()
                 as Arc<dyn rustls::server::danger::ClientCertVerifier>

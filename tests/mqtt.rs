@@ -1205,3 +1205,85 @@ async fn inputs_leave_on_their_puback_and_unacknowledged_ones_come_again() {
     assert_eq!((next.payload.as_ref(), next.dup), (&b"m11"[..], false));
     hub.stop().await;
 }
+
+/// A child edge hub connects its own clients over MQTT on their behalf: client id and username
+/// name the client, `auth-chain` runs from it to the child, and the password is the child's
+/// `$edgeHub` token (as the C# SDK's `ClientAuthenticationForEdgeHubOnBehalfOf` connects).
+#[tokio::test]
+async fn a_child_hub_connects_its_clients_with_an_auth_chain_and_its_own_token() {
+    use edgehub::model::identity::{DeviceId, KeySlot};
+    let extra = r#""devices": {"child": {"edge": true}, "other": {"edge": true}, "leaf": {}},"#;
+    let hub = start_hub_https(ROUTES, extra).await;
+    let parent_key = device_key(&hub.settings).unwrap();
+    let edge_hub = ModuleId::parse("$edgeHub").unwrap();
+    let edge_hub_token = |child: &str| {
+        let d = DeviceId::parse(child).unwrap();
+        let key = parent_key
+            .derive_device_key(&d, KeySlot::Primary)
+            .derive_module_key(&d, &edge_hub, KeySlot::Primary);
+        make_token(
+            &resource_for(IOTHUB, &Identity::Module(d, edge_hub.clone())),
+            &key,
+            now_secs() + 3600,
+            None,
+        )
+    };
+    let child = edge_hub_token("child");
+    let user = |client: &str, chain: Option<&str>| {
+        let mut u = format!("{IOTHUB}/{client}/?api-version=2020-09-30&DeviceClientType=test");
+        if let Some(c) = chain {
+            u.push_str("&auth-chain=");
+            u.push_str(
+                &percent_encoding::utf8_percent_encode(c, percent_encoding::NON_ALPHANUMERIC)
+                    .to_string(),
+            );
+        }
+        u
+    };
+    // On behalf of its module, then the module publishes as itself.
+    let (mut c, ack) = Mqtt::connect_as(
+        &hub,
+        "child/sensor",
+        &user("child/sensor", Some("child/sensor;child")),
+        &child,
+        60,
+        true,
+    )
+    .await;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    c.publish1("devices/child/modules/sensor/messages/events/", b"up")
+        .await;
+    // On behalf of itself (the device), as the chain's single hop.
+    let (_, ack) = Mqtt::connect_as(
+        &hub,
+        "child",
+        &user("child", Some("child;child")),
+        &child,
+        60,
+        true,
+    )
+    .await;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    // Refused: another child's token, a chain that does not end at the token's hub or does
+    // not start at the client, a device outside its scope, and the token without a chain.
+    let refused: [(&str, Option<&str>, String); 5] = [
+        (
+            "child/sensor",
+            Some("child/sensor;child"),
+            edge_hub_token("other"),
+        ),
+        ("child/sensor", Some("child/sensor;other"), child.clone()),
+        ("child/sensor", Some("child/other;child"), child.clone()),
+        ("leaf", Some("leaf;child"), child.clone()),
+        ("child/sensor", None, child.clone()),
+    ];
+    for (client, chain, token) in refused {
+        let (_, ack) = Mqtt::connect_as(&hub, client, &user(client, chain), &token, 60, true).await;
+        assert_eq!(
+            ack.code,
+            ConnectReturnCode::NotAuthorized,
+            "{client} {chain:?}"
+        );
+    }
+    hub.stop().await;
+}

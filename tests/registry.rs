@@ -783,3 +783,434 @@ async fn a_deleted_device_takes_its_c2d_messages_with_it() {
     rx.accept(&d).await.unwrap();
     hub.stop().await;
 }
+
+/// A call of a child hub's `$edgeHub` (its `token`) to `/devices/{actor}/modules/$edgeHub/{op}`.
+async fn edge_hub_call(
+    hub: &TestHub,
+    actor: &str,
+    op: &str,
+    token: &str,
+    body: &Json,
+) -> common::HttpsReply {
+    hub.https(
+        "POST",
+        &format!("/devices/{actor}/modules/%24edgeHub/{op}?api-version=2020-06-30-preview"),
+        &[
+            ("Authorization", token),
+            ("Content-Type", "application/json"),
+        ],
+        &body.to_string(),
+    )
+    .await
+}
+
+/// A token for `id` signed with `key`, as the SDKs make it.
+fn identity_token(id: &Identity, key: &Key) -> String {
+    edgehub::model::sas::make_token(
+        &edgehub::model::sas::resource_for(IOTHUB, id),
+        key,
+        edgehub::model::sas::now_secs() + 3600,
+        None,
+    )
+}
+
+fn ids_of(page: &Json) -> Vec<String> {
+    let mut out: Vec<String> = page["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["deviceId"].as_str().unwrap().to_owned())
+        .collect();
+    out.extend(page["modules"].as_array().unwrap().iter().map(|m| {
+        format!(
+            "{}/{}",
+            m["deviceId"].as_str().unwrap(),
+            m["moduleId"].as_str().unwrap()
+        )
+    }));
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn a_registry_edge_device_is_a_child_hub_until_disabled_or_deleted() {
+    use edgehub::model::identity::KeySlot;
+    let hub = start_hub_https("{}", EXTRA).await;
+    let mut body = new_device("hub2");
+    body["capabilities"] = json!({"iotEdge": true});
+    let r = call(&hub, "PUT", "/devices/hub2", None, &body).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let hub2 = r.body.clone();
+    let scope = format!(
+        "ms-azure-iot-edge://hub2-{}",
+        hub2["generationId"].as_str().unwrap()
+    );
+    assert_eq!(hub2["deviceScope"], scope.as_str());
+    // Its parent is this hub, as for the config's child edge devices.
+    let own = call(&hub, "GET", "/devices/edge1", None, &Json::Null).await;
+    assert_eq!(hub2["parentScopes"], json!([own.body["deviceScope"]]));
+    let r = call(
+        &hub,
+        "PUT",
+        "/devices/leaf7",
+        None,
+        &json!({"deviceId": "leaf7", "parentScopes": [scope]}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+
+    // Its $edgeHub holds the key a child hub derives from its device key.
+    let (d, edge_hub) = (
+        DeviceId::parse("hub2").unwrap(),
+        ModuleId::parse("$edgeHub").unwrap(),
+    );
+    let edge_hub_id = Identity::Module(d.clone(), edge_hub.clone());
+    let derived = key_of(&hub2).derive_module_key(&d, &edge_hub, KeySlot::Primary);
+    let token = identity_token(&edge_hub_id, &derived);
+    let r = edge_hub_call(
+        &hub,
+        "hub2",
+        "devicesAndModulesInTargetDeviceScope",
+        &token,
+        &json!({"authChain": "hub2"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        ids_of(&r.body),
+        ["hub2", "hub2/$edgeAgent", "hub2/$edgeHub", "leaf7"]
+    );
+    assert!(r.body["continuationLink"].is_null());
+    let r = edge_hub_call(
+        &hub,
+        "hub2",
+        "getDeviceAndModuleOnBehalfOf",
+        &token,
+        &json!({"authChain": "hub2", "targetDeviceId": "leaf7"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(ids_of(&r.body), ["leaf7"]);
+
+    // Connected as its $edgeHub, it acts for its modules and for the leaf under its scope.
+    let mut c = connect(&hub, &edge_hub_id, &derived)
+        .await
+        .expect("the child hub connects");
+    for target in ["devices/hub2/modules/sensor", "devices/leaf7"] {
+        timeout(
+            WAIT,
+            edgehub::client::put_token(&mut c.session, &format!("{IOTHUB}/{target}"), &token),
+        )
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("on behalf of {target}: {e:?}"));
+    }
+    let mut own_twin = c
+        .receiver("/devices/hub2/modules/$edgeHub/twin")
+        .await
+        .unwrap();
+    let mut sensor_twin = c
+        .receiver("/devices/hub2/modules/sensor/twin")
+        .await
+        .unwrap();
+    let mut leaf_c2d = c
+        .receiver("/devices/leaf7/messages/devicebound")
+        .await
+        .unwrap();
+    // Not for a leaf outside its scope.
+    let refused = timeout(
+        WAIT,
+        edgehub::client::put_token(&mut c.session, &format!("{IOTHUB}/devices/leaf"), &token),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(refused, Err(edgehub::client::ClientError::Refused(401, _))),
+        "{refused:?}"
+    );
+
+    // Disabled: its connections end, its scope is closed to it; enabled again, it connects.
+    let mut disabled = body.clone();
+    disabled["status"] = "disabled".into();
+    let r = call(&hub, "PUT", "/devices/hub2", Some("\"*\""), &disabled).await;
+    assert_eq!(r.status, 200);
+    closed_unauthorized(&mut own_twin).await;
+    closed_unauthorized(&mut sensor_twin).await;
+    // The leaf it connected on behalf goes with it.
+    closed_unauthorized(&mut leaf_c2d).await;
+    assert!(connect(&hub, &edge_hub_id, &derived).await.is_err());
+    let r = edge_hub_call(
+        &hub,
+        "hub2",
+        "devicesAndModulesInTargetDeviceScope",
+        &token,
+        &json!({"authChain": "hub2"}),
+    )
+    .await;
+    assert_eq!(r.status, 401, "{:?}", r.body);
+    let mut enabled = body.clone();
+    enabled["status"] = "enabled".into();
+    let r = call(&hub, "PUT", "/devices/hub2", Some("\"*\""), &enabled).await;
+    assert_eq!(r.status, 200);
+    let mut c = connect(&hub, &edge_hub_id, &derived)
+        .await
+        .expect("enabled again");
+    let mut own_twin = c
+        .receiver("/devices/hub2/modules/$edgeHub/twin")
+        .await
+        .unwrap();
+    // Deleted: the same, and its leaf is no one's.
+    let r = call(&hub, "DELETE", "/devices/hub2", Some("\"*\""), &Json::Null).await;
+    assert_eq!(r.status, 204);
+    closed_unauthorized(&mut own_twin).await;
+    assert!(connect(&hub, &edge_hub_id, &derived).await.is_err());
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_child_hubs_runtime_manages_its_modules_through_the_parent() {
+    use edgehub::model::identity::KeySlot;
+    let hub = start_hub_https("{}", EXTRA).await;
+    let edge = |id: &str| {
+        let mut b = new_device(id);
+        b["capabilities"] = json!({"iotEdge": true});
+        b
+    };
+    let r = call(&hub, "PUT", "/devices/hub2", None, &edge("hub2")).await;
+    assert_eq!(r.status, 200);
+    let hub2_key = key_of(&r.body);
+    let r = call(&hub, "PUT", "/devices/hub3", None, &edge("hub3")).await;
+    let hub3_key = key_of(&r.body);
+    let d = DeviceId::parse("hub2").unwrap();
+    let edge_hub = ModuleId::parse("$edgeHub").unwrap();
+    let derived = hub2_key.derive_module_key(&d, &edge_hub, KeySlot::Primary);
+    let token = identity_token(&Identity::Module(d.clone(), edge_hub.clone()), &derived);
+    let keys = |b: u8| {
+        let k = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [b; 32]);
+        json!({"type": "sas", "symmetricKey": {"primaryKey": k, "secondaryKey": k}})
+    };
+
+    // putModuleOnBehalfOf (POST as IoT Hub takes it, PUT as edgeHub's controller does).
+    let module = json!({"deviceId": "hub2", "moduleId": "filter", "managedBy": "IotEdge", "authentication": keys(1)});
+    let r = edge_hub_call(
+        &hub,
+        "hub2",
+        "putModuleOnBehalfOf",
+        &token,
+        &json!({"authChain": "hub2", "module": module}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["moduleId"], "filter");
+    assert_eq!(
+        r.body["authentication"],
+        call(
+            &hub,
+            "GET",
+            "/devices/hub2/modules/filter",
+            None,
+            &Json::Null
+        )
+        .await
+        .body["authentication"]
+    );
+    let etag = r.body["etag"].as_str().unwrap().to_owned();
+    let mut updated = module.clone();
+    updated["authentication"] = keys(2);
+    let r = hub
+        .https(
+            "PUT",
+            "/devices/hub2/modules/%24edgeHub/putModuleOnBehalfOf?api-version=2020-06-30-preview",
+            &[
+                ("Authorization", token.as_str()),
+                ("If-Match", &format!("\"{etag}\"")),
+            ],
+            &json!({"authChain": "hub2", "module": updated}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        r.body["authentication"]["symmetricKey"],
+        keys(2)["symmetricKey"]
+    );
+    // Again without If-Match: the module exists.
+    let r = edge_hub_call(
+        &hub,
+        "hub2",
+        "putModuleOnBehalfOf",
+        &token,
+        &json!({"authChain": "hub2", "module": module}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, error_code(&r)),
+        (409, "ModuleAlreadyExistsOnDevice".into())
+    );
+    // The auth chain's target must be the module's device.
+    let mut elsewhere = module.clone();
+    elsewhere["deviceId"] = "hub3".into();
+    let r = edge_hub_call(
+        &hub,
+        "hub2",
+        "putModuleOnBehalfOf",
+        &token,
+        &json!({"authChain": "hub2", "module": elsewhere}),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+
+    let r = edge_hub_call(
+        &hub,
+        "hub2",
+        "getModuleOnBehalfOf",
+        &token,
+        &json!({"authChain": "hub2", "targetModuleId": "filter"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["deviceId"], "hub2");
+    let r = edge_hub_call(
+        &hub,
+        "hub2",
+        "getModulesOnTargetDevice",
+        &token,
+        &json!({"authChain": "hub2"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let listed: Vec<&str> = r
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["moduleId"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["filter"]);
+
+    // Another child hub sees nothing of hub2's.
+    let hub3_token = identity_token(
+        &Identity::Module(DeviceId::parse("hub3").unwrap(), edge_hub.clone()),
+        &hub3_key.derive_module_key(
+            &DeviceId::parse("hub3").unwrap(),
+            &edge_hub,
+            KeySlot::Primary,
+        ),
+    );
+    for chain in ["hub2", "hub2;hub3"] {
+        let r = edge_hub_call(
+            &hub,
+            "hub3",
+            "getModulesOnTargetDevice",
+            &hub3_token,
+            &json!({"authChain": chain}),
+        )
+        .await;
+        assert_eq!(r.status, 401, "{chain}: {:?}", r.body);
+    }
+    // hub2's token is not hub3's.
+    let r = edge_hub_call(
+        &hub,
+        "hub3",
+        "getModulesOnTargetDevice",
+        &token,
+        &json!({"authChain": "hub3"}),
+    )
+    .await;
+    assert_eq!(r.status, 401, "{:?}", r.body);
+
+    // The runtime of hub2 writes its own $edgeHub with its device token (as its identity
+    // service does); from then on that key is $edgeHub's and the derived one is not.
+    let device_token = identity_token(&device("hub2"), &hub2_key);
+    let own_edge_hub = json!({"deviceId": "hub2", "moduleId": "$edgeHub", "managedBy": "iotEdge", "authentication": keys(3)});
+    let r = hub
+        .https(
+            "PUT",
+            "/devices/hub2/modules/%24edgeHub?api-version=2017-11-08-preview",
+            &[
+                ("Authorization", device_token.as_str()),
+                ("Content-Type", "application/json"),
+            ],
+            &own_edge_hub.to_string(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = edge_hub_call(
+        &hub,
+        "hub2",
+        "getModulesOnTargetDevice",
+        &token,
+        &json!({"authChain": "hub2"}),
+    )
+    .await;
+    assert_eq!(
+        r.status, 401,
+        "the derived key is no longer $edgeHub's: {:?}",
+        r.body
+    );
+    let new_key =
+        Key::from_base64(keys(3)["symmetricKey"]["primaryKey"].as_str().unwrap()).unwrap();
+    let token = identity_token(&Identity::Module(d.clone(), edge_hub.clone()), &new_key);
+    let r = edge_hub_call(
+        &hub,
+        "hub2",
+        "devicesAndModulesInTargetDeviceScope",
+        &token,
+        &json!({"authChain": "hub2"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        ids_of(&r.body),
+        ["hub2", "hub2/$edgeAgent", "hub2/$edgeHub", "hub2/filter"]
+    );
+    let served = r.body["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["moduleId"] == "$edgeHub")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        served["authentication"]["symmetricKey"],
+        keys(3)["symmetricKey"]
+    );
+    // A device token reaches its own device's modules only, and writes no other identity.
+    let r = hub
+        .https(
+            "GET",
+            "/devices/hub3/modules?api-version=2017-11-08-preview",
+            &[("Authorization", device_token.as_str())],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 401, "{:?}", r.body);
+    let r = hub
+        .https(
+            "GET",
+            "/devices/hub2?api-version=2017-11-08-preview",
+            &[("Authorization", device_token.as_str())],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 401, "{:?}", r.body);
+
+    let r = edge_hub_call(
+        &hub,
+        "hub2",
+        "deleteModuleOnBehalfOf",
+        &token,
+        &json!({"authChain": "hub2", "moduleId": "filter"}),
+    )
+    .await;
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    let r = edge_hub_call(
+        &hub,
+        "hub2",
+        "getModuleOnBehalfOf",
+        &token,
+        &json!({"authChain": "hub2", "targetModuleId": "filter"}),
+    )
+    .await;
+    assert_eq!((r.status, error_code(&r)), (404, "ModuleNotFound".into()));
+    hub.stop().await;
+}

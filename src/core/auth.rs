@@ -66,6 +66,9 @@ pub struct LiveIdentity {
     /// A leaf device's parent scope (the edge device it connects through): a child edge hub
     /// may act for the devices under its scope.
     pub parent_scope: Option<String>,
+    /// An edge device's own scope (`capabilities.iotEdge`): it is a child edge hub of this
+    /// hub, its `$edgeHub` acts for its modules and for the leaf devices under this scope.
+    pub edge_scope: Option<String>,
 }
 
 fn lower(id: &Identity) -> IdentityKey {
@@ -205,27 +208,44 @@ impl Authenticator {
     }
 
     /// The enabled registry devices that authenticate with a client certificate.
+    /// In runtime mode, the device scope's leaf devices of that kind come first.
     pub fn live_x509(&self) -> Vec<(DeviceId, crate::model::x509::X509Auth)> {
-        self.live
+        let scope = self
+            .scope()
+            .map(|s| s.own_x509_leaves())
+            .unwrap_or_default();
+        let registry = self
+            .live
             .iter()
             .filter(|l| l.enabled)
             .filter_map(|l| match (&l.id, &l.x509) {
                 (Identity::Device(d), Some(a)) => Some((d.clone(), a.clone())),
                 _ => None,
             })
-            .collect()
+            .collect::<Vec<_>>();
+        scope.into_iter().chain(registry).collect()
     }
 
     /// May `id` hold a connection now? Config identities always; registry identities while
     /// they exist and are enabled.
     pub fn is_active(&self, id: &Identity) -> bool {
-        if self.scope().is_some_and(|s| s.keys(id).is_some()) {
+        let from_scope = |s: &std::sync::Arc<crate::core::scope::ScopeCache>| {
+            s.keys(id).is_some()
+                || s.entry(id)
+                    .is_some_and(|e| e.enabled() && e.x509().is_some())
+        };
+        if self.scope().is_some_and(from_scope) {
             return true;
         }
         if self.is_configured(id) {
             return true;
         }
-        self.live.get(&lower(id)).is_some_and(|l| l.enabled)
+        if let Some(l) = self.live.get(&lower(id)) {
+            return l.enabled && !self.child_hub_disabled(id);
+        }
+        // A module of a registry child edge device, granted on behalf by its `$edgeHub` or
+        // holding the key derived for `$edgeHub`/`$edgeAgent`, lives as long as its device.
+        matches!(id, Identity::Module(d, _) if self.registry_edge_child(d).is_some_and(|c| c.enabled))
     }
 
     /// The canonical identity for an identity named in a token, address or request: as
@@ -243,8 +263,8 @@ impl Authenticator {
         }
         match id {
             Identity::Module(d, m) => self
-                .edge_child(d)
-                .map(|child| Identity::Module(child.clone(), m.clone())),
+                .child_hub(d)
+                .map(|(child, _)| Identity::Module(child, m.clone())),
             Identity::Device(_) => None,
         }
     }
@@ -262,6 +282,31 @@ impl Authenticator {
         self.edge_children.get(&IdentityKey::from(d))
     }
 
+    /// A registry device created as an edge device (`capabilities.iotEdge`), enabled or not:
+    /// a child edge hub of this hub, as a config `edge: true` device is.
+    pub fn registry_edge_child(&self, d: &DeviceId) -> Option<LiveIdentity> {
+        self.live
+            .get(&lower(&Identity::Device(d.clone())))
+            .filter(|l| l.edge_scope.is_some())
+            .map(|l| l.clone())
+    }
+
+    /// Is `id` a module of a disabled registry child edge device? Its modules go with it.
+    fn child_hub_disabled(&self, id: &Identity) -> bool {
+        matches!(id, Identity::Module(d, _) if self.registry_edge_child(d).is_some_and(|c| !c.enabled))
+    }
+
+    /// The id (as configured or created) and scope of a child edge device, from the config
+    /// or the registry; `None` for any other device and for a disabled registry one.
+    pub fn child_hub(&self, d: &DeviceId) -> Option<(DeviceId, String)> {
+        if let Some(child) = self.edge_child(d) {
+            return Some((child.clone(), Self::config_child_scope(child)));
+        }
+        let l = self.registry_edge_child(d).filter(|l| l.enabled)?;
+        let scope = l.edge_scope?;
+        Some((l.id.device().clone(), scope))
+    }
+
     /// Verifies a `$cbs` put-token: the token as [`verify`](Self::verify) does, and when it is
     /// the token of a child edge device's `$edgeHub`, the audience (`name`) decides which
     /// identity it grants: the child itself or any module of it. Any other token grants its own
@@ -276,7 +321,7 @@ impl Authenticator {
         let Identity::Module(actor, m) = &id else {
             return Ok((id, expiry));
         };
-        let Some(child) = self.edge_child(actor).filter(|_| is_edge_hub(m)) else {
+        let Some((child, scope)) = self.child_hub(actor).filter(|_| is_edge_hub(m)) else {
             return Ok((id, expiry));
         };
         // The SDKs send the audience URL-encoded (Node) or plain (C#); only its ids matter,
@@ -294,7 +339,6 @@ impl Authenticator {
             .eq_ignore_ascii_case(child.as_str())
         {
             // A registry leaf device (or its module) under the child's scope.
-            let scope = Self::config_child_scope(child);
             return match self.live.get(&lower(&target)) {
                 Some(l)
                     if l.enabled
@@ -407,11 +451,11 @@ impl Authenticator {
             (Some(from_scope), _) => from_scope,
             (None, Some((canonical, keys))) => (canonical.clone(), keys.clone()),
             (None, None) => match self.live.get(&lower(&id)).map(|l| l.clone()) {
-                Some(l) if !l.enabled => return Err(SasError::Disabled(l.id.to_string())),
+                Some(l) if !l.enabled || self.child_hub_disabled(&l.id) => {
+                    return Err(SasError::Disabled(l.id.to_string()))
+                }
                 Some(l) => (l.id, l.keys),
-                None => self
-                    .child_module(&id)
-                    .ok_or_else(|| SasError::UnknownIdentity(id.to_string()))?,
+                None => self.child_module(&id)?,
             },
         };
         if !keys.iter().any(|k| t.signed_by(k)) {
@@ -426,19 +470,40 @@ impl Authenticator {
     /// A module of a child edge device with the keys the child derives for it from its device
     /// key (the module-key rule), so a child may also authenticate a module with the module's
     /// own token rather than on behalf.
-    fn child_module(&self, id: &Identity) -> Option<(Identity, Vec<KeyPair>)> {
+    ///
+    /// A registry child edge device (`capabilities.iotEdge`) has `$edgeHub` and `$edgeAgent`
+    /// keys derived the same way until the registry holds a module of that id (as the IoT Edge
+    /// runtime of the child writes them); its other modules are the registry's.
+    fn child_module(&self, id: &Identity) -> Result<(Identity, Vec<KeyPair>), SasError> {
+        let unknown = || SasError::UnknownIdentity(id.to_string());
         let Identity::Module(d, m) = id else {
-            return None;
+            return Err(unknown());
         };
-        let child = self.edge_child(d)?;
+        let Some(child) = self.edge_child(d) else {
+            let l = self.registry_edge_child(d).ok_or_else(unknown)?;
+            if !(is_edge_hub(m) || m.as_str().eq_ignore_ascii_case("$edgeAgent")) {
+                return Err(unknown());
+            }
+            if !l.enabled {
+                return Err(SasError::Disabled(l.id.to_string()));
+            }
+            let canonical = Identity::Module(l.id.device().clone(), m.clone());
+            let keys = l
+                .keys
+                .iter()
+                .flat_map(|pair| child_edge_hub_keys(l.id.device(), pair, m))
+                .collect();
+            return Ok((canonical, keys));
+        };
         let (_, device_keys) = self
             .identities
-            .get(&lower(&Identity::Device(child.clone())))?;
+            .get(&lower(&Identity::Device(child.clone())))
+            .ok_or_else(unknown)?;
         let keys = device_keys
             .iter()
             .flat_map(|pair| child_edge_hub_keys(child, pair, m))
             .collect();
-        Some((Identity::Module(child.clone(), m.clone()), keys))
+        Ok((Identity::Module(child.clone(), m.clone()), keys))
     }
 }
 
@@ -600,6 +665,7 @@ mod tests {
             enabled,
             x509: None,
             parent_scope: scope.map(str::to_owned),
+            edge_scope: None,
         };
         a.set_live(leaf("leaf1", Some(&child_scope.to_uppercase()), true));
         a.set_live(leaf("leaf2", Some(&other_scope), true));
@@ -618,6 +684,71 @@ mod tests {
                 "{refused}"
             );
         }
+    }
+
+    #[test]
+    fn a_registry_edge_device_is_a_child_hub_while_enabled() {
+        let (_, _, a) = parent();
+        let keys = KeyPair {
+            primary: key(3),
+            secondary: key(4),
+        };
+        let scope = "ms-azure-iot-edge://Hub2-638000000000000001";
+        let hub2 = |enabled: bool| LiveIdentity {
+            id: id("Hub2"),
+            keys: vec![keys.clone()],
+            enabled,
+            x509: None,
+            parent_scope: None,
+            edge_scope: Some(scope.into()),
+        };
+        a.set_live(hub2(true));
+        a.set_live(LiveIdentity {
+            id: id("leaf9"),
+            keys: vec![keys.clone()],
+            enabled: true,
+            x509: None,
+            parent_scope: Some(scope.into()),
+            edge_scope: None,
+        });
+        let hub2_id = DeviceId::parse("Hub2").unwrap();
+        let edge_hub = ModuleId::parse("$edgeHub").unwrap();
+        // $edgeHub's key is derived from either device key, as a standalone child derives it.
+        for k in [&keys.primary, &keys.secondary] {
+            let ek = k.derive_module_key(&hub2_id, &edge_hub, KeySlot::Primary);
+            let t = token("hub2/$edgeHub", &ek, LATER);
+            assert_eq!(a.verify(&t, NOW).unwrap().0, id("Hub2/$edgeHub"));
+        }
+        let ek = keys
+            .primary
+            .derive_module_key(&hub2_id, &edge_hub, KeySlot::Primary);
+        let t = token("Hub2/$edgeHub", &ek, LATER);
+        for (audience, granted) in [
+            ("hub.example.net/devices/hub2/modules/filter", "Hub2/filter"),
+            ("hub.example.net/devices/Hub2", "Hub2"),
+            ("hub.example.net/devices/leaf9", "leaf9"),
+        ] {
+            let (got, _) = a.verify_put_token(&t, audience, NOW).unwrap();
+            assert_eq!(got, id(granted), "{audience}");
+        }
+        assert!(a.is_active(&id("hub2/filter")));
+        assert_eq!(a.known(&id("HUB2/filter")), Some(id("Hub2/filter")));
+        // Other modules have no derived key; and nothing of it is "configured".
+        let other = keys.primary.derive_module_key(
+            &hub2_id,
+            &ModuleId::parse("filter").unwrap(),
+            KeySlot::Primary,
+        );
+        assert!(matches!(
+            a.verify(&token("Hub2/filter", &other, LATER), NOW),
+            Err(SasError::UnknownIdentity(_))
+        ));
+        assert!(!a.is_configured(&id("Hub2/filter")));
+        // Disabled: its $edgeHub is refused and acts for no one; its modules go with it.
+        a.set_live(hub2(false));
+        assert!(matches!(a.verify(&t, NOW), Err(SasError::Disabled(_))));
+        assert!(!a.is_active(&id("hub2/filter")));
+        assert_eq!(a.child_hub(&hub2_id), None);
     }
 
     #[test]

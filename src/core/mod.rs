@@ -88,7 +88,7 @@ pub struct HubCore {
 }
 
 /// How long a connecting client waits for its identity to be looked up at the parent.
-const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl HubCore {
     pub fn new(

@@ -372,6 +372,8 @@ fn live_identity(r: &Record) -> Option<LiveIdentity> {
         enabled: r.enabled,
         x509,
         parent_scope: parent_scope(r).map(str::to_owned),
+        edge_scope: (r.iot_edge && r.module_id.is_none())
+            .then(|| edge_scope(&r.device_id, &r.generation_id)),
     })
 }
 
@@ -763,14 +765,17 @@ fn scope_of_record(core: &HubCore, r: &Record) -> Option<String> {
         .or_else(|| parent_scopes_of(core, r).into_iter().next())
 }
 
-/// A device's `parentScopes`: as given; for the config's child edge devices, this hub's scope.
+/// A device's `parentScopes`: as given; for child edge devices (the config's, and registry
+/// devices created with `capabilities.iotEdge` and no parent scope), this hub's scope.
 fn parent_scopes_of(core: &HubCore, r: &Record) -> Vec<String> {
     if !r.parent_scopes.is_empty() {
         return r.parent_scopes.clone();
     }
-    let is_config_child = DeviceId::parse(&r.device_id)
-        .is_ok_and(|d| core.settings.devices.get(&d).is_some_and(|s| s.edge));
-    if is_config_child {
+    let is_child = DeviceId::parse(&r.device_id).is_ok_and(|d| {
+        core.settings.devices.get(&d).is_some_and(|s| s.edge)
+            || (r.iot_edge && r.module_id.is_none() && d != core.settings.device_id)
+    });
+    if is_child {
         let own = Identity::Device(core.settings.device_id.clone());
         return vec![edge_scope(
             own.device().as_str(),
@@ -816,6 +821,34 @@ pub fn leaves_under(core: &HubCore, scope: &str) -> Vec<(Identity, Value)> {
     }
     out.sort_by(|a, b| a.0.key().as_str().cmp(b.0.key().as_str()));
     out
+}
+
+/// The registry's edge devices (`capabilities.iotEdge`) whose parent scope is `scope`: the
+/// child hubs of the edge device that owns `scope` (this hub's grandchildren), as IoT Hub's
+/// device JSON, sorted by id.
+pub fn edge_devices_under(core: &HubCore, scope: &str) -> Vec<(DeviceId, Value)> {
+    let mut out: Vec<(DeviceId, Value)> = core
+        .registry
+        .records
+        .iter()
+        .filter(|r| r.iot_edge && r.module_id.is_none())
+        .filter(|r| {
+            r.parent_scopes
+                .first()
+                .is_some_and(|p| p.eq_ignore_ascii_case(scope))
+        })
+        .filter_map(|r| Some((DeviceId::parse(&r.device_id).ok()?, record_json(core, &r))))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// The parent scope a registry edge device was created with (none: a child of this hub).
+pub fn edge_parent_scope(core: &HubCore, d: &DeviceId) -> Option<String> {
+    core.registry
+        .get(&Identity::Device(d.clone()))
+        .filter(|r| r.iot_edge)
+        .and_then(|r| r.parent_scopes.first().cloned())
 }
 
 /// An identity of the config file as a (read-only) record: always enabled, revision 1.
@@ -988,8 +1021,13 @@ pub async fn put_device(
         if (old.enabled && !record.enabled)
             || old.auth != record.auth
             || parent_scope(old) != parent_scope(&record)
+            || old.iot_edge != record.iot_edge
         {
-            core.registry.revocations.publish(&[id.key()]);
+            let mut keys = vec![id.key()];
+            if old.iot_edge {
+                keys.extend(runtime_modules(d));
+            }
+            core.registry.revocations.publish(&keys);
         }
     }
     crate::metrics::registry_identities(core.registry.len());
@@ -1025,6 +1063,10 @@ pub async fn delete_device(
     core.registry
         .remove(&core.auth, gone.iter().map(Identity::key).collect())
         .await?;
+    if old.iot_edge {
+        // A child hub's `$edgeHub` may hold connections with keys derived from the device's.
+        core.registry.revocations.publish(&runtime_modules(d));
+    }
     forget_twins(core, &gone).await;
     core.registry.deleted(&gone).await;
     let (c2d, device) = (core.c2d.clone(), d.clone());
@@ -1035,6 +1077,19 @@ pub async fn delete_device(
     tracing::info!(device = %d, modules = gone.len() - 1, c2d_purged = purged, "registry device deleted");
     Ok(())
 }
+
+/// The keys of an edge device's `$edgeHub` and `$edgeAgent`: revoked with the device, whose
+/// keys theirs derive from (until the registry holds them as modules of their own).
+fn runtime_modules(d: &DeviceId) -> Vec<IdentityKey> {
+    RUNTIME_MODULES
+        .iter()
+        .filter_map(|m| ModuleId::parse(m).ok())
+        .map(|m| Identity::Module(d.clone(), m).key())
+        .collect()
+}
+
+/// The modules IoT Hub creates with an edge device, which its IoT Edge runtime keeps.
+const RUNTIME_MODULES: [&str; 2] = ["$edgeAgent", "$edgeHub"];
 
 async fn forget_twins(core: &HubCore, ids: &[Identity]) {
     for id in ids {
@@ -1113,9 +1168,13 @@ pub async fn put_module(
 ) -> Result<Value, RegistryError> {
     writable(core)?;
     let id = Identity::Module(d.clone(), m.clone());
-    if m.as_str().starts_with('$') {
+    let runtime_module = RUNTIME_MODULES
+        .iter()
+        .any(|r| r.eq_ignore_ascii_case(m.as_str()))
+        && core.auth.registry_edge_child(d).is_some();
+    if m.as_str().starts_with('$') && !runtime_module {
         return Err(invalid(format!(
-            "module ids starting with '$' are reserved for the IoT Edge runtime: {m}"
+            "module ids starting with '$' are reserved for the IoT Edge runtime ($edgeAgent and $edgeHub of an edge device): {m}"
         )));
     }
     let _order = core.registry.write.lock().await;
@@ -1168,10 +1227,12 @@ pub async fn put_module(
         }
     };
     core.registry.put(&core.auth, record.clone()).await?;
-    if let Some(old) = &old {
-        if old.auth != record.auth {
-            core.registry.revocations.publish(&[id.key()]);
-        }
+    // A runtime module created here replaces the keys derived for it from its device's.
+    if old
+        .as_ref()
+        .map_or(runtime_module, |old| old.auth != record.auth)
+    {
+        core.registry.revocations.publish(&[id.key()]);
     }
     crate::metrics::registry_identities(core.registry.len());
     tracing::info!(module = %id, created = old.is_none(), "registry module written");

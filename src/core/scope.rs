@@ -76,6 +76,16 @@ pub trait ScopeSource: Send + Sync {
     fn full(&self) -> FetchFuture<'_, Vec<ScopeEntry>>;
     /// One identity (for a module, the parent may add its device).
     fn one<'a>(&'a self, id: &'a Identity) -> FetchFuture<'a, Vec<ScopeEntry>>;
+    /// One identity under the nested edge device whose auth chain is `edge_chain` (a leaf
+    /// device or module of a child hub's scope).
+    fn one_under<'a>(
+        &'a self,
+        id: &'a Identity,
+        edge_chain: &'a str,
+    ) -> FetchFuture<'a, Vec<ScopeEntry>> {
+        let _ = edge_chain;
+        self.one(id)
+    }
 }
 
 /// One identity as the device-scope API returns it, with its auth chain.
@@ -112,6 +122,30 @@ impl ScopeEntry {
             .and_then(|s| Key::from_base64(s).ok())
             .unwrap_or_else(|| primary.clone());
         Some(KeyPair { primary, secondary })
+    }
+
+    /// How a device authenticates with a client certificate (`selfSigned`: its thumbprints;
+    /// `certificateAuthority`: a chain to the trust bundle with its id as CN); `None` for
+    /// modules and key or `none` authentication.
+    pub fn x509(&self) -> Option<crate::model::x509::X509Auth> {
+        use crate::model::x509::{Thumbprint, X509Auth};
+        if self.identity.get("moduleId").is_some() {
+            return None;
+        }
+        let auth = self.identity.get("authentication")?;
+        let kind = auth.get("type")?.as_str()?;
+        if kind.eq_ignore_ascii_case("certificateAuthority") {
+            return Some(X509Auth::Ca);
+        }
+        if !kind.eq_ignore_ascii_case("selfSigned") {
+            return None;
+        }
+        let prints: Vec<Thumbprint> = ["primaryThumbprint", "secondaryThumbprint"]
+            .iter()
+            .filter_map(|k| auth.pointer(&format!("/x509Thumbprint/{k}"))?.as_str())
+            .filter_map(|t| Thumbprint::parse(t).ok())
+            .collect();
+        (!prints.is_empty()).then_some(X509Auth::Thumbprints(prints))
     }
 
     /// Devices may be disabled; modules are always enabled (as edgeHub treats them).
@@ -435,6 +469,19 @@ impl ScopeCache {
         out
     }
 
+    /// The enabled leaf devices directly below this hub's device that authenticate with a
+    /// client certificate, and how.
+    pub fn own_x509_leaves(&self) -> Vec<(DeviceId, crate::model::x509::X509Auth)> {
+        let own = self.own_leaves();
+        let known = self.read();
+        own.into_iter()
+            .filter_map(|d| {
+                let auth = known.get(&key_of(&Identity::Device(d.clone())))?.x509()?;
+                Some((d, auth))
+            })
+            .collect()
+    }
+
     /// Every entry whose auth chain passes through `device` (its scope as this hub knows it).
     pub fn entries_through(&self, device: &DeviceId) -> Vec<ScopeEntry> {
         self.read()
@@ -541,7 +588,25 @@ impl ScopeCache {
         self.lookup_with(id, true).await
     }
 
+    /// Like [`lookup`](Self::lookup), for an identity in the scope of the nested edge device
+    /// `edge` (known to this cache): asked for with `edge`'s auth chain, as a child hub asks
+    /// this hub for an identity of its own scope.
+    pub async fn lookup_under(&self, id: &Identity, edge: &DeviceId) -> bool {
+        let chain = self
+            .entry(&Identity::Device(edge.clone()))
+            .filter(ScopeEntry::is_edge)
+            .map(|e| e.auth_chain);
+        match chain {
+            Some(chain) => self.lookup_chain(id, true, Some(chain)).await,
+            None => self.known(id).is_some(),
+        }
+    }
+
     async fn lookup_with(&self, id: &Identity, throttled: bool) -> bool {
+        self.lookup_chain(id, throttled, None).await
+    }
+
+    async fn lookup_chain(&self, id: &Identity, throttled: bool, chain: Option<String>) -> bool {
         let Some(source) = self.source.get().cloned() else {
             return self.known(id).is_some();
         };
@@ -565,7 +630,11 @@ impl ScopeCache {
             }
             t.last_one.insert(k.clone(), now);
         }
-        match source.one(id).await {
+        let fetched = match &chain {
+            Some(c) => source.one_under(id, c).await,
+            None => source.one(id).await,
+        };
+        match fetched {
             Ok(entries) => {
                 let _order = self.writes.lock().await;
                 let mut changed = Vec::new();

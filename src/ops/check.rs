@@ -178,7 +178,7 @@ async fn runtime_checks(s: &Settings, rt: &crate::config::RuntimeSettings) -> Ve
         workload,
         &bundle,
     ) {
-        Ok(c) => c,
+        Ok(c) => c.with_proxy(up.proxy.clone()),
         Err(e) => {
             out.push(error(
                 format!("device scope {target}: {e}"),

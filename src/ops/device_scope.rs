@@ -48,7 +48,14 @@ pub struct DeviceScopeClient {
     tls: tokio_rustls::TlsConnector,
     /// The current `Authorization` token and its expiry.
     token: tokio::sync::Mutex<Option<(String, u64)>>,
+    /// The HTTP proxy the calls tunnel through (`CONNECT`), as edgeHub sends its HTTPS calls
+    /// through `https_proxy`.
+    proxy: Option<crate::config::Proxy>,
 }
+
+/// A byte stream to the parent: TCP, or a proxy's tunnel.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 
 impl DeviceScopeClient {
     /// `trust_bundle`: the PEM certificates the parent's certificate must chain to.
@@ -87,7 +94,14 @@ impl DeviceScopeClient {
             workload,
             tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
             token: tokio::sync::Mutex::new(None),
+            proxy: None,
         })
+    }
+
+    /// Sends every call through `proxy` (when given).
+    pub fn with_proxy(mut self, proxy: Option<crate::config::Proxy>) -> Self {
+        self.proxy = proxy;
+        self
     }
 
     async fn authorization(&self) -> Result<String, FetchError> {
@@ -131,9 +145,20 @@ impl DeviceScopeClient {
                 crate::model::sas::URI_COMPONENT
             )
         );
-        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .map_err(|e| transient(format!("connecting to {}:{}: {e}", self.host, self.port)))?;
+        let tcp: Box<dyn Io> = match &self.proxy {
+            Some(proxy) => Box::new(
+                crate::ops::proxy::tunnel(proxy, &self.host, self.port)
+                    .await
+                    .map_err(|e| transient(e.to_string()))?,
+            ),
+            None => Box::new(
+                tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+                    .await
+                    .map_err(|e| {
+                        transient(format!("connecting to {}:{}: {e}", self.host, self.port))
+                    })?,
+            ),
+        };
         let name = rustls::pki_types::ServerName::try_from(self.host.clone())
             .map_err(|e| transient(format!("{}: {e}", self.host)))?;
         let tls = self
@@ -290,14 +315,22 @@ impl ScopeSource for DeviceScopeClient {
     }
 
     fn one<'a>(&'a self, id: &'a Identity) -> FetchFuture<'a, Vec<ScopeEntry>> {
+        self.one_under(id, self.own.as_str())
+    }
+
+    fn one_under<'a>(
+        &'a self,
+        id: &'a Identity,
+        edge_chain: &'a str,
+    ) -> FetchFuture<'a, Vec<ScopeEntry>> {
         Box::pin(async move {
-            let own = self.own.as_str();
-            let mut body = json!({"targetDeviceId": id.device().as_str(), "authChain": own});
+            let edge = edge_chain.split(';').next().unwrap_or_default();
+            let mut body = json!({"targetDeviceId": id.device().as_str(), "authChain": edge_chain});
             if let Some(m) = id.module() {
                 body["targetModuleId"] = Value::String(m.as_str().to_owned());
             }
             let page = self.post("getDeviceAndModuleOnBehalfOf", body).await?;
-            let found = entries(&page, own, own);
+            let found = entries(&page, edge, edge_chain);
             if !found.iter().any(|e| e.id().is_some_and(|f| f.same_as(id))) {
                 return Err(FetchError::Gone(format!("{id} is not in the answer")));
             }

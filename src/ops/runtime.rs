@@ -152,7 +152,8 @@ pub async fn open_scope(
             runtime.workload.clone(),
             &runtime.trust_bundle,
         )
-        .map_err(RuntimeError::DeviceScope)?;
+        .map_err(RuntimeError::DeviceScope)?
+        .with_proxy(up.proxy.clone());
         cache.set_source(Arc::new(client));
     }
     Ok(Arc::new(cache))

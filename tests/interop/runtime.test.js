@@ -8,13 +8,18 @@
 // added at the parent usable at once over MQTT and SASL PLAIN; a leaf device created in the
 // parent's registry under the child's scope (paged device scope) connecting to the child and
 // carried upstream on its behalf with its auth chain; a module removed at the parent cut off
-// by `$edgeHub`'s RefreshDeviceScopeIdentityCache method.
+// by `$edgeHub`'s RefreshDeviceScopeIdentityCache method; a child hub of the child (an edge
+// device created at the parent under the child's scope) served its device scope by the child
+// from the child's own cache (a leaf of the grandchild created since looked up at the parent
+// when the grandchild asks for it); a leaf device of the child's scope with a certificate thumbprint
+// connecting to the child.
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const crypto = require('node:crypto');
 const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
+const { execFileSync } = require('node:child_process');
 const { Client: DeviceClient, Message } = require('azure-iot-device');
 const { Amqp } = require('azure-iot-device-amqp');
 const { Mqtt } = require('azure-iot-device-mqtt');
@@ -103,6 +108,7 @@ test('runtime mode: workload API, device scope from the parent, modules from the
   const clients = [];
   let child;
   let late;
+  let x509Dir;
   t.after(async () => {
     try {
       await withTimeout(Promise.all(clients.map((c, i) => withTimeout(c.close(), 15000, `close client ${i}`))), 20000, 'close clients');
@@ -111,6 +117,7 @@ test('runtime mode: workload API, device scope from the parent, modules from the
       await parent.stop();
       await workload.close();
       fs.rmSync(dir, { recursive: true, force: true });
+      if (x509Dir) fs.rmSync(x509Dir, { recursive: true, force: true });
     }
   });
   child = await startHub({
@@ -312,5 +319,67 @@ test('runtime mode: workload API, device scope from the parent, modules from the
     const stranger = await fromEnv(workload.moduleEnv('stranger', childHost));
     await assert.rejects(withTimeout(stranger.open(), 20000, 'stranger open'));
     await stranger.close().catch(() => {});
+  });
+
+  await t.test('the child serves the device scope of its own child hub (a grandchild of the parent) from its cache', async () => {
+    await parent.resume();
+    const registry = Registry.fromConnectionString(`HostName=${parent.host};SharedAccessKeyName=service;SharedAccessKey=${SERVICE_KEY}`);
+    trustHub(registry, parent.caPem());
+    const { responseBody: edge } = await withTimeout(registry.get(CHILD), 10000, 'get child1');
+    const { responseBody: grand } = await withTimeout(
+      registry.create({ deviceId: 'grand1', capabilities: { iotEdge: true }, parentScopes: [edge.deviceScope] }), 10000, 'create grand1');
+    assert.match(grand.deviceScope, /^ms-azure-iot-edge:\/\/grand1-\d+$/);
+    await withTimeout(registry.create({ deviceId: 'gleaf', parentScopes: [grand.deviceScope] }), 10000, 'create gleaf');
+    // A leaf device of the child that authenticates with a self-signed certificate.
+    x509Dir = fs.mkdtempSync(path.join(os.tmpdir(), 'edgehub-runtime-x509-'));
+    execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
+      '-keyout', 'xleaf.key.pem', '-out', 'xleaf.pem', '-subj', '/CN=xleaf', '-days', '30',
+      '-addext', 'extendedKeyUsage=clientAuth'], { cwd: x509Dir, stdio: 'ignore' });
+    const thumbprint = execFileSync('openssl', ['x509', '-in', 'xleaf.pem', '-noout', '-fingerprint', '-sha1'], { cwd: x509Dir })
+      .toString().trim().split('=')[1].replace(/:/g, '');
+    await withTimeout(registry.create({
+      deviceId: 'xleaf', parentScopes: [edge.deviceScope],
+      authentication: { type: 'selfSigned', x509Thumbprint: { primaryThumbprint: thumbprint } },
+    }), 10000, 'create xleaf');
+    // The child walks its scope at start, the grandchild's with the auth chain grand1;child1.
+    await Promise.all(clients.splice(0).map((c) => withTimeout(c.close(), 15000, 'close').catch(() => {})));
+    await child.restart();
+    await child.waitLog(/device scope refreshed/, 30000);
+    const grandKey = grand.authentication.symmetricKey.primaryKey;
+    const token = sasToken(`test-hub.azure-devices.net/devices/grand1/modules/%24edgeHub`,
+      moduleKey(grandKey, 'grand1', '$edgeHub').toString('base64'), Math.floor(Date.now() / 1000) + 3600);
+    const childApi = { host: childHost, caPem: () => workload.root };
+    const scopePath = '/devices/grand1/modules/%24edgeHub/devicesAndModulesInTargetDeviceScope?api-version=2020-06-30-preview';
+    const r = await httpsPost(childApi, scopePath, { authorization: token }, { authChain: 'grand1' });
+    assert.equal(r.status, 200, JSON.stringify(r.body));
+    const ids = [...r.body.devices.map((d) => d.deviceId), ...r.body.modules.map((m) => `${m.deviceId}/${m.moduleId}`)].sort();
+    assert.deepEqual(ids, ['gleaf', 'grand1', 'grand1/$edgeAgent', 'grand1/$edgeHub']);
+    const gleaf = r.body.devices.find((d) => d.deviceId === 'gleaf');
+    assert.ok(gleaf.authentication.symmetricKey.primaryKey, 'keys are served');
+    // Nothing of the child's own scope.
+    const r2 = await httpsPost(childApi, scopePath, { authorization: token }, { authChain: CHILD });
+    assert.equal(r2.status, 401, JSON.stringify(r2.body));
+    // A leaf created at the parent under the grandchild since: the child looks it up at the
+    // parent (under grand1's auth chain) when the grandchild asks for it.
+    await withTimeout(registry.create({ deviceId: 'gleaf2', parentScopes: [grand.deviceScope] }), 10000, 'create gleaf2');
+    const onBehalf = '/devices/grand1/modules/%24edgeHub/getDeviceAndModuleOnBehalfOf?api-version=2020-06-30-preview';
+    const r3 = await httpsPost(childApi, onBehalf, { authorization: token }, { authChain: 'grand1', targetDeviceId: 'gleaf2' });
+    assert.equal(r3.status, 200, JSON.stringify(r3.body));
+    assert.deepEqual(r3.body.devices.map((d) => d.deviceId), ['gleaf2']);
+  });
+
+  await t.test('a leaf device of the child\'s scope with a certificate thumbprint connects to the child', async () => {
+    // The Node SDK keeps only HostName and DeviceId of an x509 connection string.
+    const cs = `HostName=${childHost};DeviceId=xleaf;x509=true`;
+    const device = DeviceClient.fromConnectionString(cs, Amqp);
+    await withTimeout(device.setOptions({
+      cert: fs.readFileSync(path.join(x509Dir, 'xleaf.pem'), 'utf8'),
+      key: fs.readFileSync(path.join(x509Dir, 'xleaf.key.pem'), 'utf8'),
+      ca: workload.root,
+    }), 5000, 'setOptions');
+    await withTimeout(device.open(), 20000, 'xleaf open').catch((e) => { console.log(child.log()); throw e; });
+    clients.push(device);
+    const m = new Message(JSON.stringify({ from: 'xleaf' }));
+    await withTimeout(device.sendEvent(m), 15000, 'xleaf send');
   });
 });

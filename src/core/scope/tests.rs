@@ -472,3 +472,68 @@ async fn the_refresh_method_looks_identities_up_even_when_just_looked_up() {
         "the method looked it up again"
     );
 }
+
+#[test]
+fn leaf_devices_with_certificates_are_served_by_thumbprint_or_ca() {
+    use crate::model::x509::{Thumbprint, X509Auth};
+    let c = ScopeCache::new(
+        DeviceId::parse("edge1").unwrap(),
+        RefreshSettings::default(),
+    );
+    let sha1 = "A1B2C3D4E5F60718293A4B5C6D7E8F9012345678";
+    let entry = |id: &str, auth: serde_json::Value, status: &str, chain: &str| ScopeEntry {
+        identity: json!({"deviceId": id, "status": status, "authentication": auth}),
+        auth_chain: chain.into(),
+    };
+    *c.known.write().unwrap() = [
+        entry(
+            "thumb",
+            json!({"type": "selfSigned", "x509Thumbprint": {"primaryThumbprint": sha1, "secondaryThumbprint": null}}),
+            "enabled",
+            "thumb;edge1",
+        ),
+        entry(
+            "byca",
+            json!({"type": "certificateAuthority"}),
+            "enabled",
+            "byca;edge1",
+        ),
+        entry(
+            "off",
+            json!({"type": "certificateAuthority"}),
+            "disabled",
+            "off;edge1",
+        ),
+        // A leaf of a nested child connects to that child, not here.
+        entry(
+            "far",
+            json!({"type": "certificateAuthority"}),
+            "enabled",
+            "far;child1;edge1",
+        ),
+        device("keyed", 5, "enabled"),
+        entry(
+            "none",
+            json!({"type": "selfSigned", "x509Thumbprint": {}}),
+            "enabled",
+            "none;edge1",
+        ),
+    ]
+    .into_iter()
+    .map(|e| (e.id().unwrap().key(), e))
+    .collect();
+    let mut got = c.own_x509_leaves();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        got,
+        vec![
+            (DeviceId::parse("byca").unwrap(), X509Auth::Ca),
+            (
+                DeviceId::parse("thumb").unwrap(),
+                X509Auth::Thumbprints(vec![Thumbprint::parse(sha1).unwrap()])
+            ),
+        ]
+    );
+    assert_eq!(device("keyed", 5, "enabled").x509(), None);
+    assert_eq!(module("edge1", "m", 5).x509(), None);
+}

@@ -36,48 +36,57 @@ const ACCEPT_BATCH: usize = 64;
 /// A twin response link's registration with the twin store: its generation and its queue.
 pub(super) type TwinSlot = (u64, crate::core::twins::TwinLinkRx);
 
-pub(super) async fn run(
+/// The future of one link's task, boxed by kind: an idle `$cbs` or module-inputs link holds only
+/// its own kind's state, not room for the largest kind (an events link and its group commit).
+pub(super) type LinkTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// The task that serves `link` as a link of `kind`. The match runs here, before the task is
+/// spawned, so that the task holds only the chosen kind's future and not this function's
+/// arguments next to it.
+pub(super) fn run(
     link: LinkEndpoint,
     kind: LinkKind,
     conn: Arc<ConnState>,
     core: Arc<HubCore>,
     cancel: LinkStop,
     twin_slot: Option<TwinSlot>,
-) {
+) -> LinkTask {
     match (link, kind) {
-        (LinkEndpoint::Receiver(rx), LinkKind::Cbs) => cbs_requests(rx, conn, core, cancel).await,
-        (LinkEndpoint::Sender(tx), LinkKind::Cbs) => cbs_responses(tx, conn, cancel).await,
+        (LinkEndpoint::Receiver(rx), LinkKind::Cbs) => {
+            Box::pin(cbs_requests(rx, conn, core, cancel))
+        }
+        (LinkEndpoint::Sender(tx), LinkKind::Cbs) => Box::pin(cbs_responses(tx, conn, cancel)),
         (LinkEndpoint::Receiver(rx), LinkKind::Events(id)) => {
-            events(rx, id, conn, core, cancel).await
+            Box::pin(events(rx, id, conn, core, cancel))
         }
         (LinkEndpoint::Sender(tx), LinkKind::ModuleInputs(id)) => {
-            module_inputs(tx, id, core, cancel).await
+            Box::pin(module_inputs(tx, id, core, cancel))
         }
         (LinkEndpoint::Sender(tx), LinkKind::C2d(id)) => {
-            super::c2d::device_link(tx, id, core, cancel).await
+            Box::pin(super::c2d::device_link(tx, id, core, cancel))
         }
         (LinkEndpoint::Receiver(rx), LinkKind::ServiceC2d) => {
-            super::service::c2d_sends(rx, conn, core, cancel).await
+            Box::pin(super::service::c2d_sends(rx, conn, core, cancel))
         }
         (LinkEndpoint::Sender(tx), LinkKind::ServiceFeedback) => {
-            super::service::feedback(tx, core, cancel).await
+            Box::pin(super::service::feedback(tx, core, cancel))
         }
         (LinkEndpoint::Sender(tx), LinkKind::TwinResponses(id)) => {
             let slot = twin_slot.unwrap_or_else(|| core.twins.attach_link(&id));
-            twin_responses(tx, id, core, cancel, slot).await
+            Box::pin(twin_responses(tx, id, core, cancel, slot))
         }
         (LinkEndpoint::Receiver(rx), LinkKind::TwinRequests(id)) => {
-            twin_requests(rx, id, core, cancel).await
+            Box::pin(twin_requests(rx, id, core, cancel))
         }
         (LinkEndpoint::Sender(tx), LinkKind::MethodRequests(id)) => {
-            method_requests(tx, id, core, cancel).await
+            Box::pin(method_requests(tx, id, core, cancel))
         }
         (LinkEndpoint::Receiver(rx), LinkKind::MethodResponses(id)) => {
-            method_responses(rx, id, core, cancel).await
+            Box::pin(method_responses(rx, id, core, cancel))
         }
         (link, kind) => {
             let why = format!("{} links are not served by this hub yet", kind.name());
-            refuse(link, amqp_error(AmqpError::NotImplemented, why)).await;
+            Box::pin(refuse(link, amqp_error(AmqpError::NotImplemented, why)))
         }
     }
 }
@@ -868,6 +877,49 @@ async fn twin_requests(mut rx: Receiver, id: Identity, core: Arc<HubCore>, cance
             version,
         }) {
             debug!(identity = %id, "twin response dropped: no twin response link");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the value `f` returns (for an async fn: its future), without calling it.
+    fn returned3<A, B, C, R>(_: impl FnOnce(A, B, C) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+    fn returned4<A, B, C, D, R>(_: impl FnOnce(A, B, C, D) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+    fn returned5<A, B, C, D, E, R>(_: impl FnOnce(A, B, C, D, E) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+    fn returned6<A, B, C, D, E, G, R>(_: impl FnOnce(A, B, C, D, E, G) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    #[test]
+    fn an_idle_link_holds_only_its_own_kinds_future() {
+        // What the session spawns for a link is `run`'s value. As one future over every kind it
+        // was as large as the largest kind (an events link) plus its own arguments, for every
+        // link: about 12 KB in a debug build. Boxed by kind it is a pointer.
+        let task = returned6(run);
+        assert!(
+            task <= 2 * std::mem::size_of::<usize>(),
+            "a link task is {task} B"
+        );
+        // So a `$cbs` or module-inputs link, the most common after events, holds its own state
+        // and not room for an events link's.
+        let events = returned5(events);
+        let small = [
+            ("$cbs responses", returned3(cbs_responses)),
+            ("$cbs requests", returned4(cbs_requests)),
+            ("module inputs", returned4(module_inputs)),
+            ("method requests", returned4(method_requests)),
+        ];
+        for (kind, size) in small {
+            assert!(size < events, "{kind}: {size} B, events: {events} B");
         }
     }
 }

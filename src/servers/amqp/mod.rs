@@ -388,11 +388,25 @@ impl ConnState {
     ) -> Vec<Identity> {
         use crate::core::registry::Revoked;
         let mut map = self.map();
+        // A child hub's `$edgeHub` revoked: what it put tokens for on this connection (its
+        // modules, the leaf devices under its scope) goes with it.
+        let edge_hub_gone = matches!(which, Revoked::Keys(keys) if map.iter().any(|(k, g)| {
+            keys.contains(k)
+                && matches!(&g.id, Identity::Module(_, m) if m.as_str().eq_ignore_ascii_case("$edgeHub"))
+        }));
         let gone: Vec<IdentityKey> = map
             .iter()
-            .filter(|(k, g)| match which {
-                Revoked::Keys(keys) => keys.contains(k),
-                Revoked::Unknown => !auth.is_active(&g.id),
+            .filter(|(k, g)| {
+                edge_hub_gone
+                    || match which {
+                        // A module granted on behalf goes with its device (a child edge hub's).
+                        Revoked::Keys(keys) => {
+                            keys.contains(k)
+                                || matches!(&g.id, Identity::Module(d, _)
+                            if keys.contains(&IdentityKey::from(d)) && !auth.is_active(&g.id))
+                        }
+                        Revoked::Unknown => !auth.is_active(&g.id),
+                    }
             })
             .map(|(k, _)| k.clone())
             .collect();
@@ -1102,13 +1116,13 @@ async fn run_session(
             .and_then(|id| core.auth.known(id))
             .and_then(|id| conn.link_stop(&id))
             .unwrap_or_else(|| conn.others.child());
-        let (conn, core) = (conn.clone(), core.clone());
         let twin_slot = twin_slot.map(|(_, slot)| slot);
+        let task = links::run(link, kind, conn.clone(), core.clone(), stop, twin_slot);
         let live = live.clone();
         live.fetch_add(1, Ordering::Relaxed);
         tracker.spawn(
             async move {
-                links::run(link, kind, conn, core, stop, twin_slot).await;
+                task.await;
                 drop(cbs_guard);
                 live.fetch_sub(1, Ordering::Relaxed);
             }

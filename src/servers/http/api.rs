@@ -48,7 +48,7 @@ const TWIN_BODY_MAX: usize = 2 * crate::core::twins::MAX_DOCUMENT_BYTES;
 
 /// How an error body is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ErrorStyle {
+pub(super) enum ErrorStyle {
     /// edgeHub's module API: `{"message": text}`.
     Module,
     /// IoT Hub's service API: `{"Message": "ErrorCode:{code};{text}", "ExceptionMessage": text}`.
@@ -138,7 +138,7 @@ impl ApiError {
         }
     }
 
-    fn response(self, style: ErrorStyle) -> Response<Full<Bytes>> {
+    pub(super) fn response(self, style: ErrorStyle) -> Response<Full<Bytes>> {
         let mut r = json_response(self.status, &self.body(style));
         if let Some(allow) = self.allow {
             r.headers_mut()

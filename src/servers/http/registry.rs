@@ -7,7 +7,10 @@
 //! | `GET /devices/{d}/modules` | `getModulesOnDevice` |
 //! | `GET`, `PUT`, `DELETE /devices/{d}/modules/{m}` | `getModule`; `addModule` / `updateModule`; `removeModule` |
 //!
-//! Only service callers (a `servicePolicies` token). Bodies are JSON objects of at most
+//! Service callers (a `servicePolicies` token); and for `/devices/{d}/modules…`, an edge
+//! device `d` (a child hub of this hub) with its own token, as the IoT Edge runtime of a child
+//! manages its module identities. The same module calls made on behalf of a child's device
+//! (`putModuleOnBehalfOf` and the others, `scope.rs`) end in [`on_behalf`]. Bodies are JSON objects of at most
 //! [`BODY_MAX`] bytes (413 beyond, 400 when they do not parse). Ids are URL-decoded and must
 //! follow IoT Hub's rules (400). The rules themselves are `core::registry`'s; this module maps
 //! its [`RegistryError`]s to IoT Hub's statuses and codes, in one place.
@@ -21,7 +24,8 @@ use super::api::{header_text, json_response, read_object, service_caller, ApiErr
 use crate::{
     core::registry::{self, RegistryError},
     core::HubCore,
-    model::identity::{DeviceId, ModuleId},
+    model::identity::{DeviceId, Identity, ModuleId},
+    model::sas::{now_secs, SasToken},
 };
 
 /// Largest registry PUT body: a device or module with keys, thumbprints and room to spare.
@@ -79,6 +83,71 @@ fn to_api(e: RegistryError) -> ApiError {
     ApiError::coded(status, code, text)
 }
 
+/// A service token; or, for the modules of an edge device, that device's own token (as the
+/// IoT Edge runtime on a child device manages its module identities through its parent).
+fn caller(req: &Request<Incoming>, path: &RegistryPath, core: &HubCore) -> Result<(), ApiError> {
+    let token = header_text(req, header::AUTHORIZATION.as_str())?;
+    let device_token = token
+        .and_then(|t| SasToken::parse(t).ok())
+        .is_some_and(|t| t.skn.is_none());
+    let (RegistryPath::Modules(d) | RegistryPath::Module(d, _), true, Some(token)) =
+        (path, device_token, token)
+    else {
+        return service_caller(req, core).map(|_| ());
+    };
+    let (who, _) = core
+        .auth
+        .verify(token, now_secs())
+        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()))?;
+    if who.same_as(&Identity::Device(d.clone())) && core.auth.child_hub(d).is_some() {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        format!("a device token manages the modules of its own edge device only, not those of {d}"),
+    ))
+}
+
+/// A module named by an on-behalf call, with its body (a put's; empty otherwise).
+pub type NamedModule = (ModuleId, serde_json::Map<String, Value>);
+
+/// A registry call made on behalf of a device in a child hub's scope (`scope.rs` checked the
+/// actor and the auth chain).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistryOp {
+    Put,
+    Get,
+    List,
+    Delete,
+}
+
+/// Serves `putModuleOnBehalfOf`, `getModuleOnBehalfOf`, `getModulesOnTargetDevice` and
+/// `deleteModuleOnBehalfOf` for the modules of `device`, with the registry's rules and
+/// answers (the module's JSON, a list, 204, or IoT Hub's error).
+pub(super) async fn on_behalf(
+    core: &HubCore,
+    op: RegistryOp,
+    device: &DeviceId,
+    module: Option<NamedModule>,
+    if_match: Option<&str>,
+) -> Response<Full<Bytes>> {
+    let result = match (op, module) {
+        (RegistryOp::Put, Some((m, body))) => match registry::parse_module(&body, device, &m) {
+            Ok(spec) => registry::put_module(core, device, &m, spec, if_match)
+                .await
+                .map(|v| ok(&v)),
+            Err(e) => Err(e),
+        },
+        (RegistryOp::Get, Some((m, _))) => registry::get_module(core, device, &m).map(|v| ok(&v)),
+        (RegistryOp::Delete, Some((m, _))) => registry::delete_module(core, device, &m, if_match)
+            .await
+            .map(|()| no_content()),
+        (RegistryOp::List, _) => registry::list_modules(core, device).map(|v| ok(&Value::Array(v))),
+        (_, None) => Err(RegistryError::Invalid("a module id is required".into())),
+    };
+    result.unwrap_or_else(|e| to_api(e).response(super::api::ErrorStyle::Service))
+}
+
 fn no_content() -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::NO_CONTENT;
@@ -95,7 +164,7 @@ pub(super) async fn serve(
     path: RegistryPath,
     core: &HubCore,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    service_caller(&req, core)?;
+    caller(&req, &path, core)?;
     let if_match = header_text(&req, header::IF_MATCH.as_str())?.map(str::to_owned);
     let if_match = if_match.as_deref();
     let method = req.method().clone();

@@ -15,7 +15,10 @@
 //! encodings edgeHub and the SDKs use), the actor must be a child edge device of this hub, and
 //! `authChain` must pass through it: a child sees its own scope and nothing of another's.
 //! What is served: the config's `devices.<child>` (`edge: true`) and `devices.<child>.modules`
-//! as last reloaded, with their keys (explicit, else derived as the child derives them), the
+//! as last reloaded, with their keys (explicit, else derived as the child derives them); a
+//! registry device created with `capabilities.iotEdge` (enabled) with its registry modules and
+//! `$edgeAgent`/`$edgeHub` (the registry's, else derived from its primary key), served to
+//! itself and to the child hub whose scope it was created under (`parentScopes`); the
 //! registry's leaf devices whose `parentScopes` (or `deviceScope`) is the child's scope, with
 //! their registry modules, and in runtime mode the identities this hub's own device scope
 //! holds below the actor.
@@ -38,11 +41,16 @@ const MAX_BODY: usize = 64 * 1024;
 /// edgeHub's limit on the depth of a nested hierarchy.
 const MAX_CHAIN: usize = 5;
 
-/// The two operations.
+/// The operations: the two device-scope reads, and the four registry calls a child's IoT Edge
+/// runtime makes through its hub for the modules of a device in its scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     Scope,
     OnBehalfOf,
+    PutModule,
+    GetModule,
+    ListModules,
+    DeleteModule,
 }
 
 /// `Some((actor, op))` when `path` is a device-scope call.
@@ -59,6 +67,10 @@ pub fn route(path: &str) -> Option<(String, Op)> {
             let op = match *op {
                 "devicesAndModulesInTargetDeviceScope" => Op::Scope,
                 "getDeviceAndModuleOnBehalfOf" => Op::OnBehalfOf,
+                "putModuleOnBehalfOf" => Op::PutModule,
+                "getModuleOnBehalfOf" => Op::GetModule,
+                "getModulesOnTargetDevice" => Op::ListModules,
+                "deleteModuleOnBehalfOf" => Op::DeleteModule,
                 _ => return None,
             };
             let m = decode(m)?;
@@ -87,34 +99,174 @@ fn respond(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
     r
 }
 
-/// Serves one device-scope call.
+/// Serves one device-scope or on-behalf-of registry call.
 pub async fn handle(
     req: Request<Incoming>,
     actor: String,
     op: Op,
     core: &HubCore,
 ) -> Response<Full<Bytes>> {
-    match serve(req, &actor, op, core).await {
+    let refused = |Refusal(status, why): Refusal| {
+        tracing::debug!(actor = %crate::model::clip(&actor), %status, "device-scope call refused: {why}");
+        respond(status, &json!({ "ErrorMessage": why }))
+    };
+    let call = match prelude(req, &actor, op, core).await {
+        Ok(call) => call,
+        Err(r) => return refused(r),
+    };
+    let registry_op = match op {
+        Op::Scope | Op::OnBehalfOf => None,
+        Op::PutModule => Some(super::registry::RegistryOp::Put),
+        Op::GetModule => Some(super::registry::RegistryOp::Get),
+        Op::ListModules => Some(super::registry::RegistryOp::List),
+        Op::DeleteModule => Some(super::registry::RegistryOp::Delete),
+    };
+    if let Some(rop) = registry_op {
+        return match module_of(&call, op) {
+            Ok(module) => {
+                super::registry::on_behalf(
+                    core,
+                    rop,
+                    &call.target,
+                    module,
+                    call.if_match.as_deref(),
+                )
+                .await
+            }
+            Err(r) => refused(r),
+        };
+    }
+    let mut call = call;
+    if op == Op::OnBehalfOf {
+        learn_target(core, &mut call).await;
+    }
+    match scope_call(call, op) {
         Ok(body) => respond(StatusCode::OK, &body),
-        Err(Refusal(status, why)) => {
-            tracing::debug!(actor = %crate::model::clip(&actor), %status, "device-scope call refused: {why}");
-            respond(status, &json!({ "ErrorMessage": why }))
+        Err(r) => refused(r),
+    }
+}
+
+/// Runtime mode: an on-behalf-of request for an identity this hub's scope does not hold yet
+/// is looked up at this hub's own parent first (throttled per identity, as every lookup), under
+/// the target's auth chain, then answered from the scope as it is then.
+async fn learn_target(core: &HubCore, call: &mut Call) {
+    let Some(scope) = core.auth.scope() else {
+        return;
+    };
+    let text = |k: &str| {
+        call.body
+            .get(k)
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+    };
+    let Some(Ok(device)) = text("targetDeviceId").map(DeviceId::parse) else {
+        return;
+    };
+    let id = match text("targetModuleId").map(ModuleId::parse) {
+        None => Identity::Device(device),
+        Some(Ok(m)) => Identity::Module(device, m),
+        Some(Err(_)) => return,
+    };
+    let held = call
+        .scope
+        .iter()
+        .any(|e| e.id().is_some_and(|have| have.same_as(&id)));
+    if held || scope.known(&id).is_some() {
+        return;
+    }
+    let found = tokio::time::timeout(
+        crate::core::LOOKUP_TIMEOUT,
+        scope.lookup_under(&id, &call.target),
+    )
+    .await
+    .unwrap_or(false);
+    if found {
+        if let Some(now) = scope_of(core, &call.actor, &call.target) {
+            call.scope = now;
         }
     }
 }
 
-async fn serve(
+/// A call that passed the checks every operation shares.
+struct Call {
+    body: Map<String, Value>,
+    /// The first id of the auth chain.
+    target: DeviceId,
+    /// What the actor may see of the target's scope.
+    scope: Vec<ScopeEntry>,
+    actor: DeviceId,
+    if_match: Option<String>,
+}
+
+/// The module a registry operation names: `module` (with `deviceId` = the target and
+/// `moduleId`) to put, `targetModuleId` to get, `moduleId` to delete, none to list.
+fn module_of(call: &Call, op: Op) -> Result<Option<super::registry::NamedModule>, Refusal> {
+    let id = |v: Option<&Value>, what: &str| {
+        let text = v
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| refuse(StatusCode::BAD_REQUEST, format!("{what} is required")))?;
+        ModuleId::parse(text).map_err(|e| refuse(StatusCode::BAD_REQUEST, format!("{what}: {e}")))
+    };
+    match op {
+        Op::PutModule => {
+            let module = call
+                .body
+                .get("module")
+                .and_then(Value::as_object)
+                .ok_or_else(|| refuse(StatusCode::BAD_REQUEST, "module is required"))?;
+            let device = module.get("deviceId").and_then(Value::as_str);
+            if device != Some(call.target.as_str()) {
+                return Err(refuse(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "the target device of the auth chain ({}) is not the module's deviceId ({})",
+                        call.target,
+                        device.unwrap_or_default()
+                    ),
+                ));
+            }
+            Ok(Some((
+                id(module.get("moduleId"), "module.moduleId")?,
+                module.clone(),
+            )))
+        }
+        Op::GetModule => Ok(Some((
+            id(call.body.get("targetModuleId"), "targetModuleId")?,
+            Map::new(),
+        ))),
+        Op::DeleteModule => Ok(Some((
+            id(call.body.get("moduleId"), "moduleId")?,
+            Map::new(),
+        ))),
+        _ => Ok(None),
+    }
+}
+
+/// Checks the method, the actor's `$edgeHub` token, the body and the auth chain, and finds
+/// what of the target's scope the actor may see.
+async fn prelude(
     req: Request<Incoming>,
     actor: &str,
     op: Op,
     core: &HubCore,
-) -> Result<Value, Refusal> {
-    if req.method() != Method::POST {
+) -> Result<Call, Refusal> {
+    // edgeHub's controller takes PUT for putModuleOnBehalfOf, IoT Hub (and edgeHub's client of
+    // it) POST: both are served.
+    let method_ok =
+        req.method() == Method::POST || (op == Op::PutModule && req.method() == Method::PUT);
+    if !method_ok {
         return Err(refuse(
             StatusCode::METHOD_NOT_ALLOWED,
             "this resource takes POST",
         ));
     }
+    let if_match = req
+        .headers()
+        .get(header::IF_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned);
     let actor = DeviceId::parse(actor)
         .map_err(|e| refuse(StatusCode::BAD_REQUEST, format!("actor device id: {e}")))?;
     let token = req
@@ -183,6 +335,24 @@ async fn serve(
             format!("{target} is not in the scope of {actor}"),
         )
     })?;
+    Ok(Call {
+        body,
+        target,
+        scope,
+        actor,
+        if_match,
+    })
+}
+
+/// The two device-scope reads.
+fn scope_call(call: Call, op: Op) -> Result<Value, Refusal> {
+    let Call {
+        body,
+        target,
+        scope,
+        actor,
+        ..
+    } = call;
     match op {
         Op::Scope => {
             let size = match body.get("pageSize") {
@@ -250,6 +420,7 @@ async fn serve(
             }
             Ok(page(found))
         }
+        _ => Err(refuse(StatusCode::NOT_FOUND, "not a device-scope read")),
     }
 }
 
@@ -357,19 +528,57 @@ fn scope_of(core: &HubCore, actor: &DeviceId, target: &DeviceId) -> Option<Vec<S
             let keys = explicit.unwrap_or_else(|| derived_module_keys(&keys.primary, id, &m));
             out.push(module_entry(id, &m, &keys));
         }
-        // The registry's leaf devices under the child's scope, and their modules.
         let scope = crate::core::auth::Authenticator::config_child_scope(id);
+        out.extend(leaves(core, id, &scope));
+        return Some(out);
+    }
+    // A registry device created with `capabilities.iotEdge`: the same, from the registry.
+    if let Some(child) = core.auth.registry_edge_child(target).filter(|c| c.enabled) {
+        let id = child.id.device();
+        // The actor itself, or a child hub of the actor's (created with the actor's scope as
+        // its parent scope): the actor walks its own scope breadth first.
+        let below_actor = || {
+            let parent = crate::core::registry::edge_parent_scope(core, id)?;
+            let (_, actor_scope) = core.auth.child_hub(actor)?;
+            parent.eq_ignore_ascii_case(&actor_scope).then_some(())
+        };
+        if !id.as_str().eq_ignore_ascii_case(actor.as_str()) && below_actor().is_none() {
+            return None;
+        }
+        let scope = child.edge_scope.as_deref()?;
         let own = &core.settings.device_id;
-        for (leaf, doc) in crate::core::registry::leaves_under(core, &scope) {
-            let auth_chain = match &leaf {
-                Identity::Device(d) => format!("{d};{id};{own}"),
-                Identity::Module(d, m) => format!("{d}/{m};{d};{id};{own}"),
-            };
+        let mut out = vec![ScopeEntry {
+            identity: crate::core::registry::get_device(core, id).ok()?,
+            auth_chain: format!("{id};{own}"),
+        }];
+        let modules = crate::core::registry::list_modules(core, id).unwrap_or_default();
+        for system in ["$edgeAgent", "$edgeHub"] {
+            let recorded = modules.iter().any(|m| {
+                m.get("moduleId")
+                    .and_then(Value::as_str)
+                    .is_some_and(|m| m.eq_ignore_ascii_case(system))
+            });
+            if let (false, Ok(m), Some(keys)) =
+                (recorded, ModuleId::parse(system), child.keys.first())
+            {
+                out.push(module_entry(
+                    id,
+                    &m,
+                    &derived_module_keys(&keys.primary, id, &m),
+                ));
+            }
+        }
+        for doc in modules {
+            let m = doc
+                .get("moduleId")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             out.push(ScopeEntry {
+                auth_chain: format!("{id}/{m};{id}"),
                 identity: doc,
-                auth_chain,
             });
         }
+        out.extend(leaves(core, id, scope));
         return Some(out);
     }
     // Runtime mode: an edge device below the actor in this hub's own scope.
@@ -400,6 +609,30 @@ fn scope_of(core: &HubCore, actor: &DeviceId, target: &DeviceId) -> Option<Vec<S
             .filter(owned_by_target)
             .collect(),
     )
+}
+
+/// The registry's leaf devices under the scope of child edge device `child`, and their modules.
+/// Also the registry's edge devices created under that scope (the child's own child hubs),
+/// whose scopes the child then asks for with their auth chains.
+fn leaves(core: &HubCore, child: &DeviceId, scope: &str) -> Vec<ScopeEntry> {
+    let own = &core.settings.device_id;
+    let edges = crate::core::registry::edge_devices_under(core, scope)
+        .into_iter()
+        .map(|(d, doc)| ScopeEntry {
+            auth_chain: format!("{d};{child};{own}"),
+            identity: doc,
+        });
+    crate::core::registry::leaves_under(core, scope)
+        .into_iter()
+        .map(|(leaf, doc)| ScopeEntry {
+            auth_chain: match &leaf {
+                Identity::Device(d) => format!("{d};{child};{own}"),
+                Identity::Module(d, m) => format!("{d}/{m};{d};{child};{own}"),
+            },
+            identity: doc,
+        })
+        .chain(edges)
+        .collect()
 }
 
 /// The keys a child derives for its module from its device key (the module-key rule).

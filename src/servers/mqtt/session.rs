@@ -84,7 +84,7 @@ use crate::{
     model::{
         clip,
         identity::{DeviceId, Identity, ModuleId},
-        sas::{now_secs, MAX_CLOCK_SKEW_SECS},
+        sas::{now_secs, resource_for, MAX_CLOCK_SKEW_SECS},
     },
     ops::x509::Presented,
     store::durable::StoreError,
@@ -217,6 +217,9 @@ pub(crate) fn authenticate(
             )),
         };
     };
+    if let Some(chain) = user.auth_chain.as_deref().filter(|c| c.contains(';')) {
+        return on_behalf(core, &id, chain, password, now);
+    }
     let (token_id, expiry) = core
         .auth
         .verify(password, now)
@@ -229,6 +232,53 @@ pub(crate) fn authenticate(
         ));
     }
     Ok((id, expiry))
+}
+
+/// A CONNECT of a child edge hub on behalf of `id` (one of its modules, itself, or a leaf
+/// device under its scope): `chain` starts at `id` and ends at the child, whose `$edgeHub`
+/// signed the `password`; the grant is the one a `$cbs` put-token of that token would give.
+fn on_behalf(
+    core: &HubCore,
+    id: &Identity,
+    chain: &str,
+    password: &str,
+    now: u64,
+) -> Result<(Identity, u64), Refusal> {
+    use ConnectReturnCode::NotAuthorized;
+    let refused = |why: String| refuse(NotAuthorized, "not_authenticated", why);
+    let ids: Vec<&str> = chain.split(';').collect();
+    let (first, actor) = (ids[0], ids[ids.len() - 1]);
+    let named = |text: &str| match id {
+        Identity::Device(d) => text.eq_ignore_ascii_case(d.as_str()),
+        Identity::Module(d, m) => text.eq_ignore_ascii_case(&format!("{d}/{m}")),
+    };
+    if ids.len() > 5 || !named(first) {
+        return Err(refused(format!(
+            "the auth chain {chain:?} does not start at the client {id}"
+        )));
+    }
+    let (granted, expiry) = core
+        .auth
+        .verify_put_token(
+            password,
+            &resource_for(&core.settings.iothub_hostname, id),
+            now,
+        )
+        .map_err(|e| refused(e.to_string()))?;
+    // The token is the actor's `$edgeHub`, which ends the chain.
+    let actor_token = crate::model::sas::SasToken::parse(password)
+        .ok()
+        .and_then(|t| t.audience().ok())
+        .is_some_and(|(_, who)| {
+            matches!(&who, Identity::Module(d, m)
+                if d.as_str().eq_ignore_ascii_case(actor) && m.as_str().eq_ignore_ascii_case("$edgeHub"))
+        });
+    if !actor_token || !granted.same_as(id) {
+        return Err(refused(format!(
+            "the token does not let {actor}/$edgeHub act for {id}"
+        )));
+    }
+    Ok((granted, expiry))
 }
 
 /// Serves a connection from its first byte to its end.

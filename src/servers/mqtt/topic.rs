@@ -25,6 +25,10 @@ pub struct Username {
     pub api_version: String,
     pub client_type: Option<String>,
     pub model_id: Option<String>,
+    /// `auth-chain`: a child edge hub connecting a client of its own on that client's behalf
+    /// (`{target};…;{child}`, the password its `$edgeHub` token), as the C# SDK's
+    /// `ClientAuthenticationForEdgeHubOnBehalfOf` sends it.
+    pub auth_chain: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -64,6 +68,7 @@ pub fn parse_username(s: &str) -> Result<Username, UsernameError> {
     let mut api_version = None;
     let mut client_type = None;
     let mut model_id = None;
+    let mut auth_chain = None;
     for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let v = percent_decode_str(v).decode_utf8_lossy().into_owned();
@@ -71,6 +76,7 @@ pub fn parse_username(s: &str) -> Result<Username, UsernameError> {
             "api-version" => &mut api_version,
             "DeviceClientType" => &mut client_type,
             "model-id" => &mut model_id,
+            "auth-chain" => &mut auth_chain,
             _ => continue,
         };
         if slot.is_none() {
@@ -86,6 +92,7 @@ pub fn parse_username(s: &str) -> Result<Username, UsernameError> {
         api_version,
         client_type,
         model_id,
+        auth_chain: auth_chain.filter(|c| !c.is_empty()),
     })
 }
 
@@ -362,8 +369,15 @@ mod tests {
                 api_version: "2021-04-12".into(),
                 client_type: Some("azure-iot-device/1.18.4 (node v20)".into()),
                 model_id: Some("dtmi:x:y;1".into()),
+                auth_chain: None,
             }
         );
+        // A child hub on behalf of its module (the C# SDK escapes the chain).
+        let u = parse_username(
+            "hub/child1/filter/?api-version=2020-09-30&auth-chain=child1%2Ffilter%3Bchild1",
+        )
+        .unwrap();
+        assert_eq!(u.auth_chain.as_deref(), Some("child1/filter;child1"));
         let py = "hub/leaf1/?api-version=2019-10-01&DeviceClientType=azure-iot-device-iothub-py%2F2.14.0%28x%3By%29";
         let u = parse_username(py).unwrap();
         assert_eq!((u.device.as_str(), u.module), ("leaf1", None));
