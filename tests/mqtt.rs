@@ -705,6 +705,123 @@ async fn registry_identity(hub: &TestHub, d: &str, m: Option<&str>) -> String {
 }
 
 #[tokio::test]
+async fn an_input_acknowledged_before_a_publish_in_one_write_frees_its_room_for_it() {
+    // A module whose output comes back to its own input, that queue full: the PUBACK of an
+    // input read in the same step as the next PUBLISH frees the room that PUBLISH needs.
+    let hub = start_hub(
+        r#"{"loop": "FROM /messages/modules/A/outputs/loop INTO BrokeredEndpoint(\"/modules/A/inputs/back\")"}"#,
+        r#"{"queueCapacity": 2}"#,
+    )
+    .await;
+    let (mut a, _) = Mqtt::module(&hub, "A", true).await;
+    a.subscribe("devices/edge1/modules/A/#", QoS::AtLeastOnce)
+        .await;
+    let topic = "devices/edge1/modules/A/messages/events/%24.on=loop";
+    let mut inputs = Vec::new();
+    for body in [b"one", b"two"] {
+        inputs.extend(
+            a.publish1(topic, body)
+                .await
+                .into_iter()
+                .filter_map(|p| match p {
+                    Packet::Publish(p) => Some(p),
+                    _ => None,
+                }),
+        );
+    }
+    while inputs.len() < 2 {
+        inputs.push(a.publish_in().await);
+    }
+    // The queue holds two unacknowledged inputs: it is full. One PUBACK and the next PUBLISH
+    // go out in one write.
+    let mut p = Publish::new(topic, QoS::AtLeastOnce, b"three".to_vec());
+    let pkid = a.pkid();
+    p.pkid = pkid;
+    timeout(WAIT, async {
+        a.tx.feed(Packet::PubAck(PubAck::new(inputs[0].pkid)))
+            .await?;
+        a.tx.feed(Packet::Publish(p)).await?;
+        a.tx.flush().await
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    loop {
+        match a.next().await {
+            Some(Packet::PubAck(ack)) if ack.pkid == pkid => break,
+            Some(_) => continue,
+            None => panic!("closed before the PUBACK"),
+        }
+    }
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn clients_connected_on_behalf_of_a_child_hub_end_with_it() {
+    use edgehub::model::identity::{DeviceId, Key, KeySlot};
+    let hub = start_hub_https(
+        ROUTES,
+        r#""servicePolicies": {"service": {"primaryKey": "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA="}},"#,
+    )
+    .await;
+    let sas =
+        serde_json::json!({"type": "sas", "symmetricKey": {"primaryKey": "", "secondaryKey": ""}});
+    let hub2 = registry(
+        &hub,
+        "PUT",
+        "/devices/hub2",
+        &serde_json::json!({"deviceId": "hub2", "authentication": sas, "capabilities": {"iotEdge": true}}),
+    )
+    .await;
+    let scope = hub2["deviceScope"].as_str().unwrap().to_owned();
+    registry(
+        &hub,
+        "PUT",
+        "/devices/leaf9",
+        &serde_json::json!({"deviceId": "leaf9", "parentScopes": [scope]}),
+    )
+    .await;
+    // The child hub's `$edgeHub` token, with the key derived from the device's.
+    let (d, edge_hub) = (
+        DeviceId::parse("hub2").unwrap(),
+        ModuleId::parse("$edgeHub").unwrap(),
+    );
+    let key = Key::from_base64(
+        hub2["authentication"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap()
+    .derive_module_key(&d, &edge_hub, KeySlot::Primary);
+    let token = make_token(
+        &resource_for(IOTHUB, &Identity::Module(d, edge_hub)),
+        &key,
+        now_secs() + 3600,
+        None,
+    );
+    let on_behalf = async |client: &str, chain: &str| {
+        let user = format!(
+            "{IOTHUB}/{client}/?api-version=2020-09-30&auth-chain={}",
+            percent_encoding::utf8_percent_encode(chain, percent_encoding::NON_ALPHANUMERIC)
+        );
+        let (c, ack) = Mqtt::connect_as(&hub, client, &user, &token, 60, true).await;
+        assert_eq!(ack.code, ConnectReturnCode::Success, "{client}");
+        c
+    };
+    // A leaf device under its scope (a registry identity of its own, still enabled after the
+    // child hub is gone) and a module of the child hub (not in the registry).
+    let mut leaf = on_behalf("leaf9", "leaf9;hub2").await;
+    let mut module = on_behalf("hub2/sensor", "hub2/sensor;hub2").await;
+    registry(&hub, "DELETE", "/devices/hub2", &serde_json::Value::Null).await;
+    assert!(leaf.next().await.is_none(), "the leaf's connection ends");
+    assert!(
+        module.next().await.is_none(),
+        "the module's connection ends"
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
 async fn a_registry_delete_drops_the_stored_sessions_of_the_device_and_its_modules() {
     let hub = start_hub_https(
         ROUTES,

@@ -83,7 +83,7 @@ use crate::{
     metrics as m,
     model::{
         clip,
-        identity::{DeviceId, Identity, ModuleId},
+        identity::{DeviceId, Identity, IdentityKey, ModuleId},
         sas::{now_secs, resource_for, MAX_CLOCK_SKEW_SECS},
     },
     ops::x509::Presented,
@@ -281,6 +281,16 @@ fn on_behalf(
     Ok((granted, expiry))
 }
 
+/// The child edge hub a CONNECT acts through: the last id of the username's auth chain when
+/// [`authenticate`] took the password as that hub's `$edgeHub` token on the client's behalf.
+/// Such a client lives only as long as that hub's standing here.
+fn acting_hub(username: Option<&str>, password: Option<&str>) -> Option<DeviceId> {
+    password.filter(|p| !p.is_empty())?;
+    let chain = topic::parse_username(username?).ok()?.auth_chain?;
+    let (_, actor) = chain.rsplit_once(';')?;
+    DeviceId::parse(actor).ok()
+}
+
 /// Serves a connection from its first byte to its end.
 pub(super) async fn run<S>(
     stream: S,
@@ -365,6 +375,10 @@ pub(super) async fn run<S>(
             .transpose()?;
         Ok((id, expiry, will))
     });
+    let acting = acting_hub(
+        login.map(|l| l.username.as_str()),
+        login.map(|l| l.password.as_str()),
+    );
     let (id, expiry, will) = match checked {
         Ok(ok) => ok,
         Err(r) => {
@@ -402,6 +416,7 @@ pub(super) async fn run<S>(
         mqtt: mqtt.clone(),
         core: core.clone(),
         id: id.clone(),
+        acting,
         clean: connect.clean_session,
         writer,
         filters: Filters::new(),
@@ -596,6 +611,9 @@ struct Session<W> {
     mqtt: Arc<Mqtt>,
     core: Arc<HubCore>,
     id: Identity,
+    /// The child edge hub this client connected through, on its `$edgeHub` token: disabling,
+    /// deleting or re-keying that hub ends the connection too.
+    acting: Option<DeviceId>,
     clean: bool,
     writer: FramedWrite<W, Codec>,
     filters: Filters,
@@ -643,8 +661,22 @@ where
                 let (now, which) = self.core.registry.revocations.since(revocations_seen);
                 revocations_seen = now;
                 let cut = match which {
-                    crate::core::registry::Revoked::Keys(keys) => keys.contains(&key),
-                    crate::core::registry::Revoked::Unknown => !self.core.auth.is_active(&self.id),
+                    crate::core::registry::Revoked::Keys(keys) => {
+                        keys.contains(&key)
+                            || self.acting.as_ref().is_some_and(|hub| {
+                                keys.contains(&IdentityKey::from(hub))
+                                    || keys.contains(&IdentityKey::from_stored(&format!(
+                                        "{hub}/$edgeHub"
+                                    )))
+                            })
+                    }
+                    crate::core::registry::Revoked::Unknown => {
+                        !self.core.auth.is_active(&self.id)
+                            || self
+                                .acting
+                                .as_ref()
+                                .is_some_and(|hub| self.core.auth.child_hub(hub).is_none())
+                    }
                 };
                 if cut {
                     return End::Revoked;
@@ -883,6 +915,11 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
                     return Ok(());
                 }
                 self.received.record(&msg);
+                // The outcomes read so far in this step go to the pump first: a PUBACK read
+                // before this PUBLISH may free the room in a queue that the message waits for.
+                if let Some(inputs) = self.inputs.as_mut() {
+                    inputs.hand_back();
+                }
                 match ingest(&self.core, &Arc::new(msg)).await {
                     Ok(()) => {
                         self.ack(ack, true);
