@@ -664,6 +664,11 @@ impl ScopeCache {
                 self.revoke(&revoked);
                 self.write_through(&changed, &[]).await;
             }
+            // Not under the edge device the chain names: that says nothing of the identity
+            // elsewhere in the scope, so the cache keeps it.
+            Err(FetchError::Gone(why)) if chain.is_some() => {
+                debug!(identity = %id, "not under the auth chain asked for: {why}")
+            }
             Err(FetchError::Gone(why)) => {
                 let _order = self.writes.lock().await;
                 let was = self

@@ -537,3 +537,22 @@ fn leaf_devices_with_certificates_are_served_by_thumbprint_or_ca() {
     assert_eq!(device("keyed", 5, "enabled").x509(), None);
     assert_eq!(module("edge1", "m", 5).x509(), None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn not_found_under_a_child_hubs_chain_keeps_the_identity() {
+    let (src, mut calls) = Scripted::new();
+    let c = cache(src.clone());
+    let mut edge2 = device("edge2", 6, "enabled");
+    edge2.identity["capabilities"] = json!({"iotEdge": true});
+    let mut known = scope();
+    known.push(edge2);
+    src.then_full(Ok(known));
+    c.refresh_full().await.unwrap();
+    let _ = next_call(&mut calls).await;
+    // leaf1 is not under edge2: that answer says nothing of leaf1 elsewhere in the scope.
+    src.then_one(Err(FetchError::Gone("not under edge2".into())));
+    let edge2 = DeviceId::parse("edge2").unwrap();
+    assert!(c.lookup_under(&id("leaf1"), &edge2).await);
+    assert_eq!(next_call(&mut calls).await.0, "one");
+    assert!(c.known(&id("leaf1")).is_some());
+}
