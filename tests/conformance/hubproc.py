@@ -49,7 +49,7 @@ class Hub:
         with open(self.config_path, "w") as f:
             json.dump(self.config, f, indent=2)
         self.log = ""
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._ready = threading.Event()
         self.proc = subprocess.Popen(
             [BIN, "run", "--config", self.config_path],
@@ -67,9 +67,16 @@ class Hub:
             text = ansi.sub("", line.decode(errors="replace"))
             with self._lock:
                 self.log += text
+                self._lock.notify_all()
             if "edgehub ready" in text:
                 self._ready.set()
         self._ready.set()  # exited: wake the waiter, which checks poll()
+
+    def wait_log(self, text, timeout=10):
+        """Whether `text` shows in the hub's log within `timeout` seconds: the log is read by
+        a thread, so a line the hub wrote just before answering may not be in `log` yet."""
+        with self._lock:
+            return self._lock.wait_for(lambda: text in self.log, timeout)
 
     @property
     def ca_path(self):
