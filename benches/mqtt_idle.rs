@@ -5,7 +5,8 @@
 //! (release build), with its default allocator and settings except `limits.maxConnections`.
 //!
 //! `cargo bench --bench mqtt_idle` (env `BENCH_CONNECTIONS`, default 10000;
-//! `BENCH_CONCURRENCY`, handshakes at a time, default 64; `BENCH_HUB`, another hub binary).
+//! `BENCH_CONCURRENCY`, handshakes at a time, default 64; `BENCH_HUB`, another hub binary;
+//! `BENCH_SUBSCRIBE=0`, CONNECT only, without the C2D SUBSCRIBE).
 //! The shell's open-file limit must allow N descriptors in each process (`ulimit -n`).
 //! Without `--bench` (as `cargo test --all-targets` runs it) it holds 50 connections.
 
@@ -53,8 +54,14 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 
 type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
-/// One idle device: TLS, CONNECT, CONNACK 0, SUBSCRIBE, SUBACK; the stream is kept open.
-async fn hold(addr: SocketAddr, config: Arc<rustls::ClientConfig>, i: usize) -> Tls {
+/// One idle device: TLS, CONNECT, CONNACK 0, SUBSCRIBE, SUBACK (unless `subscribe` is off); the
+/// stream is kept open.
+async fn hold(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    i: usize,
+    subscribe: bool,
+) -> Tls {
     let device = format!("leaf{i}");
     let id = Identity::Device(DeviceId::parse(&device).expect("device id"));
     let key = Key::from_base64(KEY).expect("key");
@@ -83,7 +90,12 @@ async fn hold(addr: SocketAddr, config: Arc<rustls::ClientConfig>, i: usize) -> 
         );
         s.pkid = 1;
         let mut out = bytes::BytesMut::new();
-        for p in [Packet::Connect(c), Packet::Subscribe(s)] {
+        let packets = if subscribe {
+            vec![Packet::Connect(c), Packet::Subscribe(s)]
+        } else {
+            vec![Packet::Connect(c)]
+        };
+        for p in packets {
             let mut w = FramedWrite::new(Vec::new(), codec.clone());
             w.send(p).await.expect("encode");
             out.extend_from_slice(w.get_ref());
@@ -95,9 +107,11 @@ async fn hold(addr: SocketAddr, config: Arc<rustls::ClientConfig>, i: usize) -> 
             Ok(Some(Ok(Packet::ConnAck(a)))) if a.code == ConnectReturnCode::Success => {}
             other => panic!("{device}: no CONNACK 0: {other:?}"),
         }
-        match tokio::time::timeout(WAIT, rx.next()).await {
-            Ok(Some(Ok(Packet::SubAck(_)))) => {}
-            other => panic!("{device}: no SUBACK: {other:?}"),
+        if subscribe {
+            match tokio::time::timeout(WAIT, rx.next()).await {
+                Ok(Some(Ok(Packet::SubAck(_)))) => {}
+                other => panic!("{device}: no SUBACK: {other:?}"),
+            }
         }
     }
     tls
@@ -112,6 +126,7 @@ async fn main() {
         50
     };
     let concurrency = env_usize("BENCH_CONCURRENCY", 64);
+    let subscribe = env_usize("BENCH_SUBSCRIBE", 1) != 0;
     let dir = std::env::temp_dir().join(format!("edgehub-idle-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let devices: Vec<String> = (0..n)
@@ -171,13 +186,13 @@ async fn main() {
     let config = client_config(&ca);
     // A first connection warms up what every connection shares (TLS session machinery, the
     // session store's first write, the metrics series).
-    let warm = hold(addr, config.clone(), 0).await;
+    let warm = hold(addr, config.clone(), 0, subscribe).await;
     drop(warm);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before = status_kib(pid, "VmRSS:");
     let started = Instant::now();
     let held: Vec<Tls> = stream::iter(0..n)
-        .map(|i| hold(addr, config.clone(), i))
+        .map(|i| hold(addr, config.clone(), i, subscribe))
         .buffer_unordered(concurrency)
         .collect()
         .await;
@@ -187,8 +202,13 @@ async fn main() {
     let rss_after = status_kib(pid, "VmRSS:");
     let per = (rss_after.saturating_sub(rss_before)) as f64 * 1024.0 / n as f64;
     println!(
-        "mqtt_idle: {n} idle authenticated MQTTS connections (held {})",
-        held.len()
+        "mqtt_idle: {n} idle authenticated MQTTS connections (held {}, {})",
+        held.len(),
+        if subscribe {
+            "each subscribed to its C2D topic"
+        } else {
+            "CONNECT only"
+        }
     );
     println!("  connected in {:.1} s", took.as_secs_f64());
     println!(

@@ -880,6 +880,77 @@ async fn a_registry_delete_drops_the_stored_sessions_of_the_device_and_its_modul
     hub.stop().await;
 }
 
+#[tokio::test]
+async fn a_device_subscribed_before_its_first_c2d_message_gets_it_and_the_next_ones() {
+    let hub = start_hub_https(
+        ROUTES,
+        r#""servicePolicies": {"service": {"primaryKey": "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA="}},"#,
+    )
+    .await;
+    let token = registry_identity(&hub, "dev7", None).await;
+    let user = format!("{IOTHUB}/dev7/?api-version=2021-04-12");
+    let connect = async || {
+        let (c, ack) = Mqtt::connect_as(&hub, "dev7", &user, &token, 60, false).await;
+        assert_eq!(ack.code, ConnectReturnCode::Success);
+        (c, ack.session_present)
+    };
+    let (mut dev, _) = connect().await;
+    dev.subscribe("devices/dev7/messages/devicebound/#", QoS::AtLeastOnce)
+        .await;
+    let key = edgehub::model::identity::Key::from_base64(SERVICE_KEY).unwrap();
+    let ca = hub.settings.data_dir.join("certs").join("edge-ca.pem");
+    let addr = hub.hub.as_ref().unwrap().amqps_addr;
+    let mut svc = timeout(
+        WAIT,
+        edgehub::client::Client::connect_service(
+            addr,
+            "localhost",
+            &ca,
+            "localhost",
+            "service",
+            &key,
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let mut tx = svc.sender("/messages/devicebound").await.unwrap();
+    let c2d = |id: &str| {
+        Message::builder()
+            .properties(Properties {
+                message_id: Some(id.to_owned().into()),
+                to: Some("/devices/dev7/messages/devicebound".to_owned()),
+                ..Default::default()
+            })
+            .body(Body::<Value>::Data(
+                vec![fe2o3_amqp::types::messaging::Data(
+                    fe2o3_amqp::types::primitives::Binary::from(id.as_bytes().to_vec()),
+                )]
+                .into(),
+            ))
+            .build()
+    };
+    // The first message wakes the waiting subscription; the next ones find its pump running.
+    for id in ["c1", "c2"] {
+        let outcome = timeout(WAIT, tx.send(c2d(id))).await.unwrap().unwrap();
+        assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+        let p = dev.publish_in().await;
+        assert!(p.topic.starts_with("devices/dev7/messages/devicebound/"));
+        assert_eq!(bag_value(&p.topic, "$.mid").as_deref(), Some(id));
+        assert_eq!(&p.payload[..], id.as_bytes());
+        dev.send(Packet::PubAck(PubAck::new(p.pkid))).await;
+    }
+    // Queued while the device is away: the persistent session delivers it on the reconnect.
+    dev.send(Packet::Disconnect).await;
+    assert!(dev.next().await.is_none());
+    timeout(WAIT, tx.send(c2d("c3"))).await.unwrap().unwrap();
+    let (mut dev, present) = connect().await;
+    assert!(present);
+    let p = dev.publish_in().await;
+    assert_eq!(bag_value(&p.topic, "$.mid").as_deref(), Some("c3"));
+    hub.stop().await;
+}
+
 /// An AMQP module output on `output`, with message id `id`.
 fn amqp_output(output: &str, id: &str, body: &[u8]) -> Message<Body<Value>> {
     Message::builder()

@@ -53,7 +53,7 @@ use fe2o3_amqp::types::{
     primitives::{Binary, SimpleValue, Symbol, Timestamp, Value},
 };
 use serde_amqp::primitives::OrderedMap;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -195,6 +195,15 @@ impl Source {
     }
 }
 
+/// What [`C2d::watch`] finds.
+pub enum Watch {
+    /// The device's queue: start delivering from it.
+    Ready(Arc<DeviceQueue>),
+    /// No queue yet: fires with the first message queued for the device, or ends without
+    /// firing when a newer subscriber or link of the device replaces this one.
+    Waiting(oneshot::Receiver<()>),
+}
+
 /// One device's queue.
 pub struct DeviceQueue {
     pub device: DeviceId,
@@ -261,6 +270,9 @@ pub struct C2d {
     /// This hub's device id: the sender of feedback messages.
     hub_device: DeviceId,
     queues: DashMap<String, Arc<DeviceQueue>>,
+    /// Subscribers of devices with no queue yet, by queue key: each is told when its device's
+    /// first message is queued ([`C2d::watch`]). At most one per device this hub serves.
+    waiting: Mutex<HashMap<String, oneshot::Sender<()>>>,
     make: Box<QueueFactory>,
     feedback: Arc<Endpoint>,
     /// Records not yet written into a feedback message (at most [`FEEDBACK_BATCH`]).
@@ -287,6 +299,7 @@ impl C2d {
         let c2d = Self {
             hub_device,
             queues: DashMap::new(),
+            waiting: Mutex::new(HashMap::new()),
             make,
             feedback,
             records: Mutex::new(Vec::new()),
@@ -327,6 +340,45 @@ impl C2d {
             .clone()
     }
 
+    /// A subscriber's view of `device`'s queue: the queue if it exists, or else a signal that
+    /// fires when the device's first message is queued. A device that never gets a message
+    /// then costs its subscriber no queue and no delivery pump. A newer watch of the device
+    /// replaces this one, and so does a link of the device ([`C2d::replace_link`]); the
+    /// replaced signal ends without firing.
+    pub fn watch(&self, device: &DeviceId) -> Watch {
+        match self.queues.entry(queue_key(device)) {
+            dashmap::mapref::entry::Entry::Occupied(e) => Watch::Ready(e.get().clone()),
+            dashmap::mapref::entry::Entry::Vacant(e) => {
+                // Registered under the map's lock for this key, which the queue's making takes
+                // too: a message queued after this finds the waiter, one queued before it left
+                // a queue here.
+                let (tx, rx) = oneshot::channel();
+                lock(&self.waiting).insert(e.key().clone(), tx);
+                Watch::Waiting(rx)
+            }
+        }
+    }
+
+    /// Forgets `device`'s waiting subscriber if it has gone (unsubscribed, disconnected).
+    pub fn unwatch(&self, device: &DeviceId) {
+        let key = queue_key(device);
+        let mut waiting = lock(&self.waiting);
+        if waiting.get(&key).is_some_and(|tx| tx.is_closed()) {
+            waiting.remove(&key);
+        }
+    }
+
+    /// Tells `device`'s waiting subscriber, if any, that its queue holds a message.
+    fn wake(&self, device: &DeviceId) {
+        let mut waiting = lock(&self.waiting);
+        if waiting.is_empty() {
+            return;
+        }
+        if let Some(tx) = waiting.remove(&queue_key(device)) {
+            let _ = tx.send(());
+        }
+    }
+
     /// Queues `msg` for `device` (known to this hub: the caller looked it up through
     /// `core::auth`). Not yet durable: the caller syncs the store before it acknowledges.
     pub fn enqueue(
@@ -356,6 +408,7 @@ impl C2d {
         {
             Ok(seq) => {
                 q.endpoint.ready.notify_one();
+                self.wake(device);
                 metrics::counter!(m::C2D_RECEIVED, "source" => source.label()).increment(1);
                 Ok(seq)
             }
@@ -446,6 +499,8 @@ impl C2d {
 
     /// Registers a device's new C2D link and stops the one it replaces.
     pub fn replace_link(&self, queue: &DeviceQueue, link: CancellationToken) {
+        // A subscriber waiting for the first message is replaced too.
+        lock(&self.waiting).remove(&queue_key(&queue.device));
         if let Some(old) = lock(&queue.link).replace(link) {
             old.cancel();
         }

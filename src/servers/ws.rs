@@ -228,7 +228,8 @@ pub fn accept(
                 return refused(Refusal::Full);
             };
             // A whole MQTT packet: the message and room for its topic.
-            let handshake = websocket(limits.max_message_size.saturating_add(64 * 1024));
+            let handshake: crate::servers::mqtt::Handshake<_> =
+                Box::pin(websocket(limits.max_message_size.saturating_add(64 * 1024)));
             let mqtt = to.mqtt.clone();
             tracker.spawn(
                 async move {

@@ -263,3 +263,55 @@ fn the_parents_messages_go_back_to_it_not_into_feedback() {
     );
     assert!(queue.is_empty());
 }
+
+#[test]
+fn a_subscriber_waits_without_a_queue_until_the_first_message() {
+    let c = c2d();
+    let Watch::Waiting(mut first) = c.watch(&dev()) else {
+        panic!("no queue before any message");
+    };
+    assert!(c.queues.is_empty(), "watching makes no queue");
+    assert_eq!(first.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+    // Another device's message is not this one's.
+    let other = DeviceId::parse("other").unwrap();
+    c.enqueue(&other, msg("o", None, None), Source::Service)
+        .unwrap();
+    assert_eq!(first.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+    // Ids compare case-insensitively.
+    let upper = DeviceId::parse("LEAF").unwrap();
+    c.enqueue(&upper, msg("m", None, None), Source::Service)
+        .unwrap();
+    assert_eq!(first.try_recv(), Ok(()));
+    assert!(matches!(c.watch(&dev()), Watch::Ready(q) if q.len() == 1));
+    assert!(lock(&c.waiting).is_empty());
+}
+
+#[test]
+fn a_newer_watch_or_link_replaces_a_waiting_subscriber() {
+    let c = c2d();
+    let Watch::Waiting(mut older) = c.watch(&dev()) else {
+        panic!("no queue yet");
+    };
+    let Watch::Waiting(mut newer) = c.watch(&dev()) else {
+        panic!("no queue yet");
+    };
+    assert_eq!(older.try_recv(), Err(oneshot::error::TryRecvError::Closed));
+    // A link of the device (AMQP) makes the queue and takes over from the waiting subscriber.
+    let queue = c.queue(&dev());
+    c.replace_link(&queue, CancellationToken::new());
+    assert_eq!(newer.try_recv(), Err(oneshot::error::TryRecvError::Closed));
+    assert!(lock(&c.waiting).is_empty());
+}
+
+#[test]
+fn a_gone_subscriber_is_forgotten() {
+    let c = c2d();
+    let Watch::Waiting(first) = c.watch(&dev()) else {
+        panic!("no queue yet");
+    };
+    c.unwatch(&dev());
+    assert_eq!(lock(&c.waiting).len(), 1, "still waiting: kept");
+    drop(first);
+    c.unwatch(&dev());
+    assert!(lock(&c.waiting).is_empty());
+}

@@ -9,7 +9,10 @@ use std::{collections::HashMap, sync::Arc};
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -274,6 +277,16 @@ impl Inputs {
 pub(super) enum InputEvent {
     Publish(Vec<InputPublish>),
     Ended(Result<delivery::Ended, tokio::task::JoinError>),
+}
+
+/// The signal of a waiting C2D subscription's first message; pending while none waits.
+pub(super) async fn c2d_first(
+    wait: &mut Option<(QoS, oneshot::Receiver<()>)>,
+) -> Result<(), oneshot::error::RecvError> {
+    match wait.as_mut() {
+        Some((_, first)) => first.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The input pump's next batch of messages, or its end; pending while there is no pump.

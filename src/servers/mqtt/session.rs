@@ -53,7 +53,7 @@ use rumqttc::mqttbytes::{
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf},
-    sync::mpsc,
+    sync::{mpsc, oneshot},
     task::JoinHandle,
     time::Instant,
 };
@@ -65,7 +65,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     convert::message_from_publish,
-    inputs::{input_event, C2dLink, Handoff, InputEvent, InputLink, Inputs},
+    inputs::{c2d_first, input_event, C2dLink, Handoff, InputEvent, InputLink, Inputs},
     sessions::Filters,
     topic::{self, ClientTopic, FilterKind, TopicError},
     will::Will,
@@ -73,6 +73,7 @@ use super::{
 };
 use crate::{
     core::{
+        c2d::Watch,
         delivery::{self, ModuleInputs},
         ingest::ingest,
         methods::{MethodCall, MethodResponse},
@@ -291,9 +292,25 @@ fn acting_hub(username: Option<&str>, password: Option<&str>) -> Option<DeviceId
     DeviceId::parse(actor).ok()
 }
 
-/// Serves a connection from its first byte to its end.
-pub(super) async fn run<S>(
+/// Serves a connection from its first byte to its end. The stream is split at once, so the
+/// connection's task holds it once (in the halves) and not a moved-from copy as well.
+pub(super) fn run<S>(
     stream: S,
+    mqtt: &Arc<Mqtt>,
+    stop: CancellationToken,
+    ticket: PendingTicket,
+    certificate: Option<Presented>,
+) -> impl std::future::Future<Output = ()> + Send + 'static
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    serve_connection(rd, wr, mqtt.clone(), stop, ticket, certificate)
+}
+
+async fn serve_connection<S>(
+    rd: ReadHalf<S>,
+    wr: WriteHalf<S>,
     mqtt: Arc<Mqtt>,
     stop: CancellationToken,
     ticket: PendingTicket,
@@ -301,22 +318,89 @@ pub(super) async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let core = mqtt.core.clone();
-    let limits = core.settings.limits.clone();
-    let max_message = limits.max_message_size as usize;
+    let max_message = mqtt.core.settings.limits.max_message_size as usize;
     let codec = Codec {
         max_incoming_size: max_message + TOPIC_ROOM,
         max_outgoing_size: max_message + TOPIC_ROOM,
     };
-    let (rd, wr) = tokio::io::split(stream);
     // Most connections are idle most of the time: the codec's buffers start small (tokio-util
     // gives each 8 KiB) and grow with the packets that need more.
     let mut reader = FramedRead::with_capacity(rd, codec.clone(), READ_BUFFER);
     let mut writer = FramedWrite::new(wr, codec);
     *writer.write_buffer_mut() = bytes::BytesMut::new();
+    // The CONNECT's work runs in its own future, whose state is gone once the session runs.
+    // Used in place, not taken apart: its parts would take a second slot in this future.
+    let Some(mut opened) = open(&mut reader, writer, &mqtt, &stop, ticket, certificate).await
+    else {
+        return;
+    };
+    let core = &mqtt.core;
+    let keep_alive = opened.keep_alive;
+    let end = opened
+        .session
+        .serve(
+            &mut reader,
+            &stop,
+            keep_alive,
+            opened.expires_at,
+            opened.revocations_seen,
+        )
+        .await;
+    let id = &opened.session.id;
+    match &end {
+        End::Disconnected | End::ClientLeft | End::Stopped => {
+            debug!(identity = %id, ?end, "MQTT session ended")
+        }
+        End::TokenExpired => {
+            info!(identity = %id, "MQTT token expired; the client must connect with a new one")
+        }
+        End::Revoked => {
+            info!(identity = %id, "identity revoked in the registry; MQTT connection closed")
+        }
+        End::KeepAlive => {
+            info!(identity = %id, secs = keep_alive.as_secs(), "MQTT keep-alive expired")
+        }
+        End::Refused => {}
+        End::Io(e) => debug!(identity = %id, error = %e, "MQTT connection failed"),
+    }
+    opened.session.teardown().await;
+    let id = &opened.session.id;
+    if let (Some(will), false) = (opened.will.take(), matches!(end, End::Disconnected)) {
+        will.send(core, id, max_message).await;
+    }
+    core.client_disconnected(id);
+    core.release_connection(id, opened.generation);
+}
+
+/// A session the CONNECT opened, and what its serving needs.
+struct Opened<W> {
+    session: Session<W>,
+    will: Option<Will>,
+    keep_alive: Duration,
+    expires_at: Instant,
+    revocations_seen: u64,
+    generation: u64,
+}
+
+/// Reads the CONNECT (within `limits.authTimeoutSecs`), checks it, answers it, and opens the
+/// session; `None` when the connection ends here.
+async fn open<S>(
+    reader: &mut FramedRead<ReadHalf<S>, Codec>,
+    mut writer: FramedWrite<WriteHalf<S>, Codec>,
+    mqtt: &Arc<Mqtt>,
+    stop: &CancellationToken,
+    ticket: PendingTicket,
+    certificate: Option<Presented>,
+) -> Option<Opened<WriteHalf<S>>>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let core = &mqtt.core;
+    let limits = &core.settings.limits;
+    let max_message = limits.max_message_size as usize;
     let deadline = Duration::from_secs(limits.auth_timeout_secs);
     let first = tokio::select! {
-        _ = stop.cancelled() => return,
+        _ = stop.cancelled() => return None,
         f = tokio::time::timeout(deadline, reader.next()) => f,
     };
     let connect = match first {
@@ -328,20 +412,20 @@ pub(super) async fn run<S>(
                 connack(ConnectReturnCode::RefusedProtocolVersion),
             )
             .await;
-            return;
+            return None;
         }
         Ok(Some(Ok(other))) => {
             debug!(packet = ?packet_name(&other), "the first packet is not CONNECT; closing");
-            return;
+            return None;
         }
         Ok(Some(Err(e))) => {
             debug!(error = %e, "malformed first packet; closing");
-            return;
+            return None;
         }
-        Ok(None) => return,
+        Ok(None) => return None,
         Err(_) => {
             debug!(secs = deadline.as_secs(), "no CONNECT in time; closing");
-            return;
+            return None;
         }
     };
     if connect.protocol != Protocol::V4 {
@@ -350,7 +434,7 @@ pub(super) async fn run<S>(
             connack(ConnectReturnCode::RefusedProtocolVersion),
         )
         .await;
-        return;
+        return None;
     }
     let login = connect.login.as_ref();
     if let Some(l) = login {
@@ -360,7 +444,7 @@ pub(super) async fn run<S>(
     // Taken before the token is checked, so a revocation in between is still seen.
     let revocations_seen = core.registry.revocations.epoch();
     let checked = authenticate(
-        &core,
+        core,
         &connect.client_id,
         login.map(|l| l.username.as_str()),
         login.map(|l| l.password.as_str()),
@@ -385,7 +469,7 @@ pub(super) async fn run<S>(
             m::connect_failed(&clip(&connect.client_id), r.reason);
             warn!(client_id = %clip(&connect.client_id), code = ?r.code, reason = %clip(&r.detail), "MQTT CONNECT refused");
             let _ = send(&mut writer, connack(r.code)).await;
-            return;
+            return None;
         }
     };
     drop(ticket);
@@ -408,7 +492,7 @@ pub(super) async fn run<S>(
     .is_err()
     {
         core.release_connection(&id, generation);
-        return;
+        return None;
     }
     core.client_connected(&id);
     debug!(identity = %id, keep_alive = connect.keep_alive, clean = connect.clean_session, session_present, "MQTT client connected");
@@ -424,6 +508,7 @@ pub(super) async fn run<S>(
         twin: None,
         methods: None,
         inputs: None,
+        c2d_wait: None,
         ids: PacketIds::default(),
         acks: Acks::default(),
         received: m::ReceivedCache::default(),
@@ -438,31 +523,14 @@ pub(super) async fn run<S>(
         .saturating_add(MAX_CLOCK_SKEW_SECS)
         .saturating_sub(now_secs());
     let expires_at = Instant::now() + Duration::from_secs(token_left);
-    let end = session
-        .serve(&mut reader, &stop, keep_alive, expires_at, revocations_seen)
-        .await;
-    match &end {
-        End::Disconnected | End::ClientLeft | End::Stopped => {
-            debug!(identity = %id, ?end, "MQTT session ended")
-        }
-        End::TokenExpired => {
-            info!(identity = %id, "MQTT token expired; the client must connect with a new one")
-        }
-        End::Revoked => {
-            info!(identity = %id, "identity revoked in the registry; MQTT connection closed")
-        }
-        End::KeepAlive => {
-            info!(identity = %id, secs = keep_alive.as_secs(), "MQTT keep-alive expired")
-        }
-        End::Refused => {}
-        End::Io(e) => debug!(identity = %id, error = %e, "MQTT connection failed"),
-    }
-    session.teardown().await;
-    if let (Some(will), false) = (will, matches!(end, End::Disconnected)) {
-        will.send(&core, &id, max_message).await;
-    }
-    core.client_disconnected(&id);
-    core.release_connection(&id, generation);
+    Some(Opened {
+        session,
+        will,
+        keep_alive,
+        expires_at,
+        revocations_seen,
+        generation,
+    })
 }
 
 fn connack(code: ConnectReturnCode) -> Packet {
@@ -621,6 +689,9 @@ struct Session<W> {
     twin: Option<(u64, TwinLinkRx)>,
     methods: Option<(u64, mpsc::Receiver<MethodCall>)>,
     inputs: Option<Inputs>,
+    /// A device subscribed to its C2D messages before any was queued: the QoS granted, and
+    /// the signal of its first message; the delivery pump starts then.
+    c2d_wait: Option<(QoS, oneshot::Receiver<()>)>,
     ids: PacketIds,
     acks: Acks,
     received: m::ReceivedCache,
@@ -725,9 +796,15 @@ where
                     Ok(())
                 }
                 r = commit_done(&mut self.acks.sync) => self.committed(r).await,
-                out = twin_next(&mut self.twin) => self.on_twin_out(out).await,
-                call = method_next(&mut self.methods) => self.on_method_call(call).await,
+                // The larger handlers run boxed: the idle session's future is then only as
+                // large as its waiting state, not as its largest handler.
+                out = twin_next(&mut self.twin) => Box::pin(self.on_twin_out(out)).await,
+                call = method_next(&mut self.methods) => Box::pin(self.on_method_call(call)).await,
                 ev = input_event(&mut self.inputs) => self.on_input(ev).await,
+                woken = c2d_first(&mut self.c2d_wait) => {
+                    self.on_c2d_first(woken);
+                    Ok(())
+                }
                 p = reader.next() => {
                     heard = Instant::now();
                     match p {
@@ -742,7 +819,7 @@ where
                                 read_grown = true;
                                 grow_read_buffer(reader);
                             }
-                            self.on_packets(p, reader).await
+                            Box::pin(self.on_packets(p, reader)).await
                         }
                     }
                 }
@@ -1160,8 +1237,14 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
             Identity::Module(..) => k.inputs,
             Identity::Device(_) => k.c2d,
         };
+        if wanted.is_none() && self.c2d_wait.take().is_some() {
+            self.core.c2d.unwatch(self.id.device());
+        }
         match (wanted, self.inputs.as_mut()) {
-            (Some(qos), None) => self.start_inputs(qos),
+            (Some(qos), None) => match self.c2d_wait.as_mut() {
+                Some((waiting, _)) => *waiting = qos,
+                None => self.start_inputs(qos),
+            },
             (Some(qos), Some(inputs)) => inputs.qos = qos,
             (None, Some(_)) => {
                 if let Some(mut inputs) = self.inputs.take() {
@@ -1207,9 +1290,17 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
 
     /// Starts the core's delivery pump for a device's C2D queue, replacing any other C2D link
     /// of the device.
+    /// A device none of whose messages was queued yet gets no pump until the first one is:
+    /// it waits for that ([`crate::core::c2d::C2d::watch`]).
     fn start_c2d(&mut self, qos: QoS) {
+        let queue = match self.core.c2d.watch(self.id.device()) {
+            Watch::Ready(queue) => queue,
+            Watch::Waiting(first) => {
+                self.c2d_wait = Some((qos, first));
+                return;
+            }
+        };
         let stop = CancellationToken::new();
-        let queue = self.core.c2d.queue(self.id.device());
         self.core.c2d.replace_link(&queue, stop.clone());
         let (handoff, rx, outcomes) = Handoff::new();
         let link = C2dLink {
@@ -1230,6 +1321,18 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
         let pump =
             tokio::spawn(async move { delivery::pump(feed, link, window, &pump_stop).await });
         self.inputs = Some(Inputs::new(qos, stop, rx, outcomes, pump));
+    }
+
+    /// The device's first C2D message is queued: its pump starts. Or a newer subscriber or
+    /// link of the device took over while this one waited: it waits no more.
+    fn on_c2d_first(&mut self, woken: Result<(), oneshot::error::RecvError>) {
+        let Some((qos, _)) = self.c2d_wait.take() else {
+            return;
+        };
+        match woken {
+            Ok(()) => self.start_c2d(qos),
+            Err(_) => debug!(identity = %self.id, "a newer C2D link of this device took over"),
+        }
     }
 
     /// Writes what the input pump sends (and whatever more it has queued) into the write
@@ -1283,6 +1386,9 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
     async fn teardown(&mut self) {
         if let Some(inputs) = self.inputs.take() {
             inputs.finish().await;
+        }
+        if self.c2d_wait.take().is_some() {
+            self.core.c2d.unwatch(self.id.device());
         }
         if let Some((g, _)) = self.twin.take() {
             self.core.twins.detach_link(&self.id, g);
