@@ -209,11 +209,11 @@ pub fn accept(
             let Some(admitted) = to.amqp.admit(peer) else {
                 return refused(Refusal::Full);
             };
-            let handshake = websocket(
+            let handshake: crate::servers::Handshake<_> = Box::pin(websocket(
                 limits
                     .max_incomplete_bytes_per_connection
                     .max(limits.max_message_size),
-            );
+            ));
             let gate = to.amqp.clone();
             tracker.spawn(
                 async move {
@@ -228,7 +228,7 @@ pub fn accept(
                 return refused(Refusal::Full);
             };
             // A whole MQTT packet: the message and room for its topic.
-            let handshake: crate::servers::mqtt::Handshake<_> =
+            let handshake: crate::servers::Handshake<_> =
                 Box::pin(websocket(limits.max_message_size.saturating_add(64 * 1024)));
             let mqtt = to.mqtt.clone();
             tracker.spawn(

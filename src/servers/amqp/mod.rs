@@ -638,10 +638,13 @@ impl Gate {
     /// certificate proved, then the AMQP header, open, sessions and links follow. The
     /// handshake and the AMQP open share one deadline (`limits.handshakeTimeoutSecs`).
     /// `protocol` labels the connection in `edgehub_open_connections`.
-    pub(crate) async fn run<S, F>(&self, admitted: Admitted, protocol: &'static str, handshake: F)
-    where
+    pub(crate) async fn run<S>(
+        &self,
+        admitted: Admitted,
+        protocol: &'static str,
+        handshake: crate::servers::Handshake<S>,
+    ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug + 'static,
-        F: std::future::Future<Output = std::io::Result<(S, Option<crate::ops::x509::Presented>)>>,
     {
         let Admitted { permit, conn } = admitted;
         let permit = match permit {
@@ -685,11 +688,12 @@ pub async fn serve(listener: TcpListener, tls: TlsAcceptor, gate: Arc<Gate>) {
         tracker.spawn(
             async move {
                 let _ = tcp.set_nodelay(true);
-                let handshake = async {
+                let identify = gate.clone();
+                let handshake: crate::servers::Handshake<_> = Box::pin(async move {
                     let stream = tls.accept(tcp).await?;
-                    let presented = gate.identify(stream.get_ref().1);
+                    let presented = identify.identify(stream.get_ref().1);
                     Ok((stream, presented))
-                };
+                });
                 gate.run(admitted, m::PROTOCOL_AMQP, handshake).await;
             }
             .instrument(info_span!("conn", %peer)),
@@ -713,10 +717,12 @@ enum HandshakeError {
     Timeout,
 }
 
-async fn handle_stream<S, F>(handshake: F, core: Arc<HubCore>, conn: Arc<ConnState>)
-where
+async fn handle_stream<S>(
+    handshake: crate::servers::Handshake<S>,
+    core: Arc<HubCore>,
+    conn: Arc<ConnState>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug + 'static,
-    F: std::future::Future<Output = std::io::Result<(S, Option<crate::ops::x509::Presented>)>>,
 {
     let limits = &core.settings.limits;
     let deadline = Duration::from_secs(limits.handshake_timeout_secs);
@@ -983,7 +989,8 @@ async fn run_session(
                 ClientRole::Sender => &acceptors.cbs_requests,
                 ClientRole::Receiver => &acceptors.settled,
             };
-            let link = match acceptor.accept_incoming_attach(attach, &mut session).await {
+            // Boxed, as below: the attach's future would otherwise size every idle session.
+            let link = match Box::pin(acceptor.accept_incoming_attach(attach, &mut session)).await {
                 Ok(l) => l,
                 Err(e) => {
                     debug!(link = %clip(&name), error = ?e, "link attach failed");

@@ -45,7 +45,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info_span, warn, Instrument};
 
-use crate::{core::HubCore, metrics as m, ops::x509};
+use crate::{core::HubCore, metrics as m, ops::x509, servers::Handshake};
 
 /// What every MQTT connection of the hub shares: the core, the kept sessions, the client
 /// certificate matcher and the connection slots of MQTTS and MQTT over WebSockets.
@@ -185,12 +185,6 @@ impl Mqtt {
         m::open_connections(protocol, -1.0);
     }
 }
-
-/// A connection's handshake ([`Mqtt::run`]): the byte stream and what the client's
-/// certificate proved.
-pub(crate) type Handshake<S> = std::pin::Pin<
-    Box<dyn std::future::Future<Output = std::io::Result<(S, Option<x509::Presented>)>> + Send>,
->;
 
 /// Connections that have not sent a valid CONNECT yet, oldest first; when full, a new one ends
 /// the oldest, so peers that never authenticate cannot hold the listener.
