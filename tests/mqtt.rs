@@ -632,6 +632,15 @@ async fn a_persistent_session_keeps_its_subscriptions_across_reconnects() {
 
 const SERVICE_KEY: &str = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
 
+/// A hub with the HTTPS listener and the service policy `service` (key `SERVICE_KEY`).
+async fn service_hub() -> TestHub {
+    start_hub_https(
+        ROUTES,
+        &format!(r#""servicePolicies": {{"service": {{"primaryKey": "{SERVICE_KEY}"}}}},"#),
+    )
+    .await
+}
+
 /// A registry call of the service API (`servicePolicies.service` holds `SERVICE_KEY`).
 async fn registry(
     hub: &TestHub,
@@ -759,11 +768,7 @@ async fn an_input_acknowledged_before_a_publish_in_one_write_frees_its_room_for_
 #[tokio::test]
 async fn clients_connected_on_behalf_of_a_child_hub_end_with_it() {
     use edgehub::model::identity::{DeviceId, Key, KeySlot};
-    let hub = start_hub_https(
-        ROUTES,
-        r#""servicePolicies": {"service": {"primaryKey": "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA="}},"#,
-    )
-    .await;
+    let hub = service_hub().await;
     let sas =
         serde_json::json!({"type": "sas", "symmetricKey": {"primaryKey": "", "secondaryKey": ""}});
     let hub2 = registry(
@@ -823,11 +828,7 @@ async fn clients_connected_on_behalf_of_a_child_hub_end_with_it() {
 
 #[tokio::test]
 async fn a_registry_delete_drops_the_stored_sessions_of_the_device_and_its_modules() {
-    let hub = start_hub_https(
-        ROUTES,
-        r#""servicePolicies": {"service": {"primaryKey": "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA="}},"#,
-    )
-    .await;
+    let hub = service_hub().await;
     let user = |cid: &str| format!("{IOTHUB}/{cid}/?api-version=2021-04-12");
     // A persistent session each: the device's C2D, the module's inputs.
     let subscribed = async |cid: &str, token: &str, filter: &str, present: bool| {
@@ -882,11 +883,7 @@ async fn a_registry_delete_drops_the_stored_sessions_of_the_device_and_its_modul
 
 #[tokio::test]
 async fn a_device_subscribed_before_its_first_c2d_message_gets_it_and_the_next_ones() {
-    let hub = start_hub_https(
-        ROUTES,
-        r#""servicePolicies": {"service": {"primaryKey": "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA="}},"#,
-    )
-    .await;
+    let hub = service_hub().await;
     let token = registry_identity(&hub, "dev7", None).await;
     let user = format!("{IOTHUB}/dev7/?api-version=2021-04-12");
     let connect = async || {
