@@ -17,6 +17,8 @@
 #        N (50000)  RUNS (3)  RATES ("2000 10000")  KS (10000)  STAGES ("connection session link")
 #        OUT        result lines (default target/peer-bench/<date>.jsonl): one procmon.py JSON
 #                   line per throughput run, one amqp_conns_c JSON line per K and stage
+#        COMMIT_INTERVAL_MS  the hub's storage.commitIntervalMs (default: the hub's default)
+#        CLIENT_ARGS  more arguments for every throughput run of the client (e.g. --window 1)
 #        LABEL      names the hub in the result labels (default: the checkout's short commit)
 #        PORT       first AMQPS port (default 25671; the hub also takes PORT+1000 and PORT+2000)
 # Needs gcc, libqpid-proton11-dev and python3. Every wait is bounded (timeout), and only the
@@ -47,6 +49,11 @@ cp -a "$PEER_KIT/." "$kit/"; chmod -R u+w "$kit"; cd "$kit"
 # may hold: give it a loopback port next to the others.
 sed -i 's|"metrics": "127.0.0.1:$((HUB_PORT + 2000))"|&,\n    "mqtts": "127.0.0.1:$((HUB_PORT + 3000))"|' brokers/start_edgehub.sh
 grep -q '"mqtts"' brokers/start_edgehub.sh || { echo "cannot set the MQTT port in the kit's start script" >&2; exit 1; }
+# COMMIT_INTERVAL_MS, when set, becomes the hub's storage.commitIntervalMs.
+if [ -n "${COMMIT_INTERVAL_MS:-}" ]; then
+  sed -i "s|\"sync\": \"\${HUB_SYNC:-commit}\"|&, \"commitIntervalMs\": $COMMIT_INTERVAL_MS|" brokers/start_edgehub.sh
+  grep -q '"commitIntervalMs"' brokers/start_edgehub.sh || { echo "cannot set the commit interval in the kit's start script" >&2; exit 1; }
+fi
 gcc -O2 -Wall -o amqp_bench_c amqp_bench_c.c -lqpid-proton
 # The hub keeps one connection per identity (a newer one replaces the older), so the idle
 # connections are K leaf devices, one each: the kit's amqp_conns_c learns --creds if it lacks it.
@@ -77,7 +84,7 @@ if [ "$MODE" != conns ]; then
   run() { # label, client arguments...
     local label=$1; shift
     timeout 400 python3 procmon.py --pid "$HUB_PID" --label "$label" --json "$OUT" -- \
-      ./amqp_bench_c "${args[@]}" -n "$N" --timeout 300 --label "$label" "$@" | python3 summarize_line.py
+      ./amqp_bench_c "${args[@]}" -n "$N" --timeout 300 --label "$label" ${CLIENT_ARGS:-} "$@" | python3 summarize_line.py
   }
   timeout 120 ./amqp_bench_c "${args[@]}" -n 2000 --timeout 60 --label warmup > /dev/null
   for _ in $(seq 1 "$RUNS"); do run "hub-$rev-durable-unpaced"; done

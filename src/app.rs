@@ -29,6 +29,9 @@ pub async fn reload(
             info!(limit = ?next.max_store_bytes, "store limit changed (storeLimits.maxSizeBytes)");
             store.set_limit(next.max_store_bytes);
         }
+        store.set_commit_interval(std::time::Duration::from_millis(
+            next.storage.commit_interval_ms,
+        ));
     }
     core.apply_desired(&next.modules).await;
     core.set_served_devices(next.devices);
@@ -219,6 +222,11 @@ impl Hub {
             )?),
             false => None,
         };
+        if let Some(store) = &store {
+            store.set_commit_interval(std::time::Duration::from_millis(
+                settings.storage.commit_interval_ms,
+            ));
+        }
         let log = match (&settings.built_in_endpoint, &settings.upstream) {
             (Some(b), None) => Some(crate::store::log::EventLog::open(
                 log_keyspace,

@@ -190,12 +190,21 @@ impl Default for Limits {
     }
 }
 
+/// `storage.commitIntervalMs` when the config does not set it.
+pub const DEFAULT_COMMIT_INTERVAL_MS: u64 = 2;
+/// The largest `storage.commitIntervalMs` taken: a sender waits up to this for its
+/// acknowledgement.
+pub const MAX_COMMIT_INTERVAL_MS: u64 = 100;
+
 /// Where queued messages live and what "durable" means.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Storage {
     /// Queues in the store under `dataDir/store` (default) or in memory only.
     pub persistent: bool,
     pub sync: crate::store::durable::SyncPolicy,
+    /// `commitIntervalMs`: with `sync = "commit"`, the least time between the starts of two
+    /// fsyncs (see `DurableStore::set_commit_interval`).
+    pub commit_interval_ms: u64,
     /// What happens when `storeLimits.maxSizeBytes` is reached.
     pub overflow: crate::store::durable::Overflow,
     /// Endpoints that serve fresh messages interleaved with their backlog.
@@ -207,6 +216,7 @@ impl Default for Storage {
         Self {
             persistent: true,
             sync: crate::store::durable::SyncPolicy::Commit,
+            commit_interval_ms: DEFAULT_COMMIT_INTERVAL_MS,
             overflow: crate::store::durable::Overflow::RejectNew,
             live_first: Vec::new(),
         }

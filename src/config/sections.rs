@@ -171,7 +171,7 @@ pub(super) fn limits(w: &mut Walk, v: Option<&Value>) -> Limits {
     }
 }
 
-/// `storage`: `{persistent?, sync?, overflow?, liveFirst?}`.
+/// `storage`: `{persistent?, sync?, commitIntervalMs?, overflow?, liveFirst?}`.
 pub(super) fn storage(w: &mut Walk, v: Option<&Value>) -> Storage {
     use crate::store::durable::{Overflow, SyncPolicy};
 
@@ -180,7 +180,13 @@ pub(super) fn storage(w: &mut Walk, v: Option<&Value>) -> Storage {
     let Some(s) = w.object(
         s,
         "$.storage",
-        &["persistent", "sync", "overflow", "liveFirst"],
+        &[
+            "persistent",
+            "sync",
+            "commitIntervalMs",
+            "overflow",
+            "liveFirst",
+        ],
     ) else {
         return storage;
     };
@@ -232,6 +238,19 @@ pub(super) fn storage(w: &mut Walk, v: Option<&Value>) -> Storage {
             "$.storage.sync",
             "must be \"commit\" (fsync before acknowledging) or \"os\"",
         ),
+    }
+    match s.get("commitIntervalMs") {
+        None => {}
+        Some(v) => match v.as_u64() {
+            Some(ms) if ms <= super::MAX_COMMIT_INTERVAL_MS => storage.commit_interval_ms = ms,
+            _ => w.err(
+                "$.storage.commitIntervalMs",
+                format!(
+                    "must be a whole number of milliseconds from 0 to {}",
+                    super::MAX_COMMIT_INTERVAL_MS
+                ),
+            ),
+        },
     }
     storage
 }

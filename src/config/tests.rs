@@ -223,20 +223,30 @@ fn a_bad_route_is_set_aside_and_the_rest_run() {
 fn storage_options() {
     let text = GOOD.replace(
         "\"dataDir\": \"data\",",
-        "\"dataDir\": \"data\", \"storage\": {\"sync\": \"os\", \"overflow\": \"dropOldest\", \"liveFirst\": [\"$upstream\", \"/modules/b/inputs/in1\"]},",
+        "\"dataDir\": \"data\", \"storage\": {\"sync\": \"os\", \"commitIntervalMs\": 5, \"overflow\": \"dropOldest\", \"liveFirst\": [\"$upstream\", \"/modules/b/inputs/in1\"]},",
     );
     let s = from_str(&text, &env(&[])).unwrap();
     assert_eq!(s.storage.sync, crate::store::durable::SyncPolicy::Os);
+    assert_eq!(s.storage.commit_interval_ms, 5);
+    assert_eq!(
+        from_str(GOOD, &env(&[]))
+            .unwrap()
+            .storage
+            .commit_interval_ms,
+        super::DEFAULT_COMMIT_INTERVAL_MS
+    );
     assert_eq!(
         s.storage.overflow,
         crate::store::durable::Overflow::DropOldest
     );
     assert_eq!(s.storage.live_first.len(), 2);
-    let bad = GOOD.replace("\"dataDir\": \"data\",", "\"dataDir\": \"data\", \"storage\": {\"liveFirst\": [\"nowhere\"], \"sync\": \"sometimes\"},");
+    let bad = GOOD.replace("\"dataDir\": \"data\",", "\"dataDir\": \"data\", \"storage\": {\"liveFirst\": [\"nowhere\"], \"sync\": \"sometimes\", \"commitIntervalMs\": 101},");
     let errs = from_str(&bad, &env(&[])).unwrap_err().0;
     let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
     assert!(
-        paths.contains(&"$.storage.liveFirst[0]") && paths.contains(&"$.storage.sync"),
+        paths.contains(&"$.storage.liveFirst[0]")
+            && paths.contains(&"$.storage.sync")
+            && paths.contains(&"$.storage.commitIntervalMs"),
         "{paths:?}"
     );
 }

@@ -32,7 +32,9 @@
 //! * "Durable" means: with `sync = "commit"` (the default), [`DurableStore::sync`] has fsynced
 //!   the journal after the write; the hub acknowledges a sender only after that (one fsync
 //!   covers every write made before it started: group commit; the fsync is made on a handle
-//!   of the store's own, see `ActiveJournal`, so writes go on meanwhile). With `sync = "os"`,
+//!   of the store's own, see `ActiveJournal`, so writes go on meanwhile; while writes come as a
+//!   stream, fsyncs start at least `storage.commitIntervalMs` apart, see
+//!   [`DurableStore::set_commit_interval`]). With `sync = "os"`,
 //!   [`DurableStore::sync`] hands the journal to the OS without an fsync: the write survives a
 //!   crash of the hub but not a power loss. Writes wait in fjall's journal buffer until then
 //!   (batches and the store's partitions use manual journal persistence; a twin write, which
@@ -284,7 +286,7 @@ pub struct DurableStore {
     removals: Mutex<Removals>,
     /// Removals up to this mark are in fjall / written to the OS (they survive a crash of the
     /// hub, not a power loss).
-    removals_committed: AtomicU64,
+    removals_committed: Arc<AtomicU64>,
     removals_out: AtomicU64,
     chores: Arc<Chores>,
     /// The keyspace's write buffer: fjall stalls writes that take it past this.
@@ -297,12 +299,16 @@ pub struct DurableStore {
     pub overflow: Overflow,
     recovered: Mutex<HashMap<String, Vec<Recovered>>>,
     /// Writes made / writes covered by a completed sync.
-    pub(crate) written: AtomicU64,
+    pub(crate) written: Arc<AtomicU64>,
     synced: AtomicU64,
     /// Told, after each completed sync, the count of writes it covered (the event log shows
     /// its appends to readers only then).
     pub(crate) on_synced: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
     sync_lock: tokio::sync::Mutex<()>,
+    /// `storage.commitIntervalMs` in microseconds (see [`DurableStore::set_commit_interval`]).
+    commit_interval_us: AtomicU64,
+    /// fsyncs of the journal made by [`DurableStore::sync`].
+    pub(crate) fsyncs: AtomicU64,
     journal: Arc<Mutex<ActiveJournal>>,
     /// Set when an fsync of the journal failed: what it should have covered may be lost, so
     /// every later write is refused (as fjall does when it cannot write its journal).
@@ -372,9 +378,30 @@ struct ActiveJournal {
     /// `journals` under the keyspace's directory.
     dir: std::path::PathBuf,
     open: Option<(u64, std::fs::File)>,
+    /// When the last fsync started.
+    last_start: Option<std::time::Instant>,
+    /// Whether the last fsync covered several writes or a write came in while it ran: writers
+    /// are not each waiting for their own acknowledgement, so the next fsync waits out the
+    /// interval.
+    streaming: bool,
+    /// The count of writes the last fsync covered up to.
+    covered: u64,
 }
 
 impl ActiveJournal {
+    /// When writes came in during the last fsync, waits on the calling (blocking) thread until
+    /// the commit interval has passed since that fsync started; marks the next as starting
+    /// now. Writes made meanwhile are covered by the next fsync.
+    fn wait_interval(&mut self, interval: std::time::Duration) {
+        if let (true, Some(last)) = (self.streaming, self.last_start) {
+            let since = last.elapsed();
+            if since < interval {
+                std::thread::sleep(interval - since);
+            }
+        }
+        self.last_start = Some(std::time::Instant::now());
+    }
+
     /// Makes every write given to fjall so far durable.
     fn sync(&mut self, keyspace: &fjall::Keyspace) -> Result<(), StoreError> {
         keyspace.persist(fjall::PersistMode::Buffer).map_err(fj)?;
@@ -498,7 +525,7 @@ impl DurableStore {
             copies: Mutex::new(copies),
             endpoints: Mutex::new(Vec::new()),
             removals: Mutex::new(removals),
-            removals_committed: AtomicU64::new(0),
+            removals_committed: Arc::new(AtomicU64::new(0)),
             removals_out: AtomicU64::new(0),
             chores: Arc::default(),
             write_buffer: write_buffer_bytes(limit),
@@ -506,11 +533,16 @@ impl DurableStore {
             limit: AtomicU64::new(limit.unwrap_or(u64::MAX)),
             overflow,
             recovered: Mutex::new(recovered),
-            written: AtomicU64::new(0),
+            written: Arc::new(AtomicU64::new(0)),
             synced: AtomicU64::new(0),
             on_synced: std::sync::OnceLock::new(),
             sync_lock: tokio::sync::Mutex::new(()),
+            commit_interval_us: AtomicU64::new(0),
+            fsyncs: AtomicU64::new(0),
             journal: Arc::new(Mutex::new(ActiveJournal {
+                last_start: None,
+                streaming: false,
+                covered: 0,
                 dir: dir.join("journals"),
                 open: None,
             })),
@@ -602,31 +634,51 @@ impl DurableStore {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(poisoned());
         }
-        let covered = self.written.load(Ordering::Acquire);
-        let removals = self.removals_committed.load(Ordering::Acquire);
-        match self.policy {
+        // What a commit covers is read before fjall's buffer is written out: every write
+        // counted by then is in it.
+        let (covered, removals) = match self.policy {
             // One write of the journal buffer to the OS; no disk wait.
-            SyncPolicy::Os => self
-                .keyspace
-                .persist(fjall::PersistMode::Buffer)
-                .map_err(fj)?,
+            SyncPolicy::Os => {
+                let covered = self.written.load(Ordering::Acquire);
+                let removals = self.removals_committed.load(Ordering::Acquire);
+                self.keyspace
+                    .persist(fjall::PersistMode::Buffer)
+                    .map_err(fj)?;
+                (covered, removals)
+            }
             SyncPolicy::Commit => {
                 let ks = self.keyspace.clone();
                 let journal = self.journal.clone();
                 let poisoned = self.poisoned.clone();
-                tokio::task::spawn_blocking(move || {
+                let (written, committed) = (self.written.clone(), self.removals_committed.clone());
+                let interval = std::time::Duration::from_micros(
+                    self.commit_interval_us.load(Ordering::Relaxed),
+                );
+                let synced = tokio::task::spawn_blocking(move || {
                     let mut journal = locked(&journal);
                     if poisoned.load(Ordering::Acquire) {
                         return Err(self::poisoned());
                     }
+                    // Past the wait, so that the writes made during it are covered too.
+                    journal.wait_interval(interval);
+                    let covered = written.load(Ordering::Acquire);
+                    let removals = committed.load(Ordering::Acquire);
                     journal.sync(&ks).inspect_err(|_| {
                         poisoned.store(true, Ordering::Release);
-                    })
+                    })?;
+                    // A lone sender that waits for its acknowledgement before it writes again
+                    // makes one write per fsync and none during one: it is never held back.
+                    journal.streaming = covered.saturating_sub(journal.covered) > 1
+                        || written.load(Ordering::Acquire) > covered;
+                    journal.covered = covered;
+                    Ok((covered, removals))
                 })
                 .await
                 .map_err(fj)??;
+                self.fsyncs.fetch_add(1, Ordering::Relaxed);
+                synced
             }
-        }
+        };
         self.synced.fetch_max(covered, Ordering::AcqRel);
         self.removals_out.fetch_max(removals, Ordering::AcqRel);
         if let Some(f) = self.on_synced.get() {
@@ -765,6 +817,19 @@ impl DurableStore {
     pub fn set_limit(&self, limit: Option<u64>) {
         self.limit
             .store(limit.unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Sets `storage.commitIntervalMs`: with `sync = "commit"`, while writes come as a stream
+    /// (the last fsync covered several, or one came in while it ran), an fsync starts at least
+    /// this long after the one before it started, and covers every write made until it starts.
+    /// At a steady stream of messages a few hundred microseconds apart each would otherwise
+    /// have its own fsync; waiting lets one cover several, for a longer wait for the senders'
+    /// acknowledgements (at most the interval). A lone sender that waits for each
+    /// acknowledgement makes one write per fsync and none during one, so it is never held back.
+    /// Zero: every commit starts at once.
+    pub fn set_commit_interval(&self, interval: std::time::Duration) {
+        let us = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
+        self.commit_interval_us.store(us, Ordering::Relaxed);
     }
 
     /// Bytes held (entries and records) and the limit, if any.

@@ -498,6 +498,84 @@ async fn a_sync_writes_out_the_removals_committed_before_it() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+#[tokio::test]
+async fn commits_of_a_stream_start_the_interval_apart_and_cover_what_is_written_meanwhile() {
+    let dir = temp();
+    let store = open(&dir, SyncPolicy::Commit);
+    let interval = std::time::Duration::from_millis(400);
+    store.set_commit_interval(interval);
+    let q = store.queue("s", 10, false);
+    let deadline = std::time::Duration::from_secs(30);
+
+    // Two writes in one commit: a stream, not a sender waiting for each acknowledgement.
+    q.try_push(msg("a1"), 1, None).unwrap();
+    q.try_push(msg("a2"), 1, None).unwrap();
+    let first = std::time::Instant::now();
+    tokio::time::timeout(deadline, store.sync())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(store.fsyncs.load(Ordering::Relaxed), 1);
+
+    // So the next commit waits out the interval, and a write made meanwhile rides on it.
+    q.try_push(msg("b"), 1, None).unwrap();
+    let b = tokio::spawn({
+        let store = store.clone();
+        async move { store.sync().await }
+    });
+    q.try_push(msg("c"), 1, None).unwrap();
+    let c = tokio::spawn({
+        let store = store.clone();
+        async move { store.sync().await }
+    });
+    for t in [b, c] {
+        tokio::time::timeout(deadline, t)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+    assert!(
+        first.elapsed() >= interval,
+        "the second commit started {:?} after the first",
+        first.elapsed()
+    );
+    assert_eq!(
+        store.fsyncs.load(Ordering::Relaxed),
+        2,
+        "b and c share one fsync"
+    );
+    assert_eq!(store.synced.load(Ordering::Relaxed), 4);
+
+    // Without an interval, each commit starts at once.
+    store.set_commit_interval(std::time::Duration::ZERO);
+    q.try_push(msg("d"), 1, None).unwrap();
+    tokio::time::timeout(deadline, store.sync())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(store.fsyncs.load(Ordering::Relaxed), 3);
+    drop((q, store));
+}
+
+#[tokio::test]
+async fn a_sender_waiting_for_each_commit_is_not_held_back_by_the_interval() {
+    let dir = temp();
+    let store = open(&dir, SyncPolicy::Commit);
+    // Far past the deadline below: a commit that waited it out would fail the test.
+    store.set_commit_interval(std::time::Duration::from_secs(100));
+    let q = store.queue("s", 10, false);
+    for (i, body) in ["a", "b", "c"].into_iter().enumerate() {
+        q.try_push(msg(body), 1, None).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(20), store.sync())
+            .await
+            .expect("a lone sender's commit waited for the interval")
+            .unwrap();
+        assert_eq!(store.fsyncs.load(Ordering::Relaxed), i as u64 + 1);
+    }
+    drop((q, store));
+}
+
 #[test]
 fn drop_oldest_drops_the_oldest_of_any_priority() {
     let dir = temp();
