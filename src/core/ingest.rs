@@ -63,6 +63,9 @@ pub async fn enqueue(core: &HubCore, msg: &Arc<Message>) -> Result<usize, Ingest
             .await
             .map_err(|e| IngestError::new(e, &t.endpoint.id))?;
     }
+    if let (Some(store), false) = (&core.store, targets.is_empty()) {
+        store.count_message();
+    }
     Ok(targets.len())
 }
 

@@ -309,6 +309,9 @@ pub struct DurableStore {
     commit_interval_us: AtomicU64,
     /// fsyncs of the journal made by [`DurableStore::sync`].
     pub(crate) fsyncs: AtomicU64,
+    /// Messages stored ([`DurableStore::count_message`]), each once whatever the queues it
+    /// went to: how the group commit tells a stream from a lone sender.
+    messages_in: Arc<AtomicU64>,
     journal: Arc<Mutex<ActiveJournal>>,
     /// Set when an fsync of the journal failed: what it should have covered may be lost, so
     /// every later write is refused (as fjall does when it cannot write its journal).
@@ -380,18 +383,18 @@ struct ActiveJournal {
     open: Option<(u64, std::fs::File)>,
     /// When the last fsync started.
     last_start: Option<std::time::Instant>,
-    /// Whether the last fsync covered several writes or a write came in while it ran: writers
-    /// are not each waiting for their own acknowledgement, so the next fsync waits out the
-    /// interval.
+    /// Whether the last fsync covered several messages or a write came in while it ran:
+    /// senders are not each waiting for their own acknowledgement, so the next fsync waits
+    /// out the interval.
     streaming: bool,
-    /// The count of writes the last fsync covered up to.
-    covered: u64,
+    /// The count of messages ([`DurableStore::count_message`]) the last fsync covered up to.
+    messages: u64,
 }
 
 impl ActiveJournal {
-    /// When writes came in during the last fsync, waits on the calling (blocking) thread until
-    /// the commit interval has passed since that fsync started; marks the next as starting
-    /// now. Writes made meanwhile are covered by the next fsync.
+    /// When writes come as a stream (see `streaming`), waits on the calling (blocking) thread
+    /// until the commit interval has passed since the last fsync started; marks the next as
+    /// starting now. Writes made meanwhile are covered by the next fsync.
     fn wait_interval(&mut self, interval: std::time::Duration) {
         if let (true, Some(last)) = (self.streaming, self.last_start) {
             let since = last.elapsed();
@@ -539,10 +542,11 @@ impl DurableStore {
             sync_lock: tokio::sync::Mutex::new(()),
             commit_interval_us: AtomicU64::new(0),
             fsyncs: AtomicU64::new(0),
+            messages_in: Arc::new(AtomicU64::new(0)),
             journal: Arc::new(Mutex::new(ActiveJournal {
                 last_start: None,
                 streaming: false,
-                covered: 0,
+                messages: 0,
                 dir: dir.join("journals"),
                 open: None,
             })),
@@ -650,7 +654,11 @@ impl DurableStore {
                 let ks = self.keyspace.clone();
                 let journal = self.journal.clone();
                 let poisoned = self.poisoned.clone();
-                let (written, committed) = (self.written.clone(), self.removals_committed.clone());
+                let (written, committed, messages_in) = (
+                    self.written.clone(),
+                    self.removals_committed.clone(),
+                    self.messages_in.clone(),
+                );
                 let interval = std::time::Duration::from_micros(
                     self.commit_interval_us.load(Ordering::Relaxed),
                 );
@@ -663,14 +671,16 @@ impl DurableStore {
                     journal.wait_interval(interval);
                     let covered = written.load(Ordering::Acquire);
                     let removals = committed.load(Ordering::Acquire);
+                    let messages = messages_in.load(Ordering::Acquire);
                     journal.sync(&ks).inspect_err(|_| {
                         poisoned.store(true, Ordering::Release);
                     })?;
-                    // A lone sender that waits for its acknowledgement before it writes again
-                    // makes one write per fsync and none during one: it is never held back.
-                    journal.streaming = covered.saturating_sub(journal.covered) > 1
+                    // A lone sender that waits for its acknowledgement before it sends again
+                    // has one message per fsync (however many queues it went to) and writes
+                    // nothing during one: it is never held back.
+                    journal.streaming = messages.saturating_sub(journal.messages) > 1
                         || written.load(Ordering::Acquire) > covered;
-                    journal.covered = covered;
+                    journal.messages = messages;
                     Ok((covered, removals))
                 })
                 .await
@@ -820,16 +830,24 @@ impl DurableStore {
     }
 
     /// Sets `storage.commitIntervalMs`: with `sync = "commit"`, while writes come as a stream
-    /// (the last fsync covered several, or one came in while it ran), an fsync starts at least
+    /// (the last fsync covered several messages, or a write came in while it ran), an fsync starts at least
     /// this long after the one before it started, and covers every write made until it starts.
     /// At a steady stream of messages a few hundred microseconds apart each would otherwise
     /// have its own fsync; waiting lets one cover several, for a longer wait for the senders'
     /// acknowledgements (at most the interval). A lone sender that waits for each
-    /// acknowledgement makes one write per fsync and none during one, so it is never held back.
+    /// acknowledgement has one message per fsync, however many queues it goes to, and writes
+    /// nothing during one, so it is never held back. One-at-a-time writers such as a C2D
+    /// message from the service wait up to the interval while a stream runs beside them.
     /// Zero: every commit starts at once.
     pub fn set_commit_interval(&self, interval: std::time::Duration) {
         let us = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
         self.commit_interval_us.store(us, Ordering::Relaxed);
+    }
+
+    /// Counts a message stored, once after its writes to every queue it goes to (see
+    /// [`DurableStore::set_commit_interval`]).
+    pub fn count_message(&self) {
+        self.messages_in.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Bytes held (entries and records) and the limit, if any.

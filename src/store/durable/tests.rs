@@ -502,14 +502,16 @@ async fn a_sync_writes_out_the_removals_committed_before_it() {
 async fn commits_of_a_stream_start_the_interval_apart_and_cover_what_is_written_meanwhile() {
     let dir = temp();
     let store = open(&dir, SyncPolicy::Commit);
-    let interval = std::time::Duration::from_millis(400);
+    let interval = std::time::Duration::from_secs(2);
     store.set_commit_interval(interval);
     let q = store.queue("s", 10, false);
     let deadline = std::time::Duration::from_secs(30);
 
-    // Two writes in one commit: a stream, not a sender waiting for each acknowledgement.
-    q.try_push(msg("a1"), 1, None).unwrap();
-    q.try_push(msg("a2"), 1, None).unwrap();
+    // Two messages in one commit: a stream, not a sender waiting for each acknowledgement.
+    for body in ["a1", "a2"] {
+        q.try_push(msg(body), 1, None).unwrap();
+        store.count_message();
+    }
     let first = std::time::Instant::now();
     tokio::time::timeout(deadline, store.sync())
         .await
@@ -517,13 +519,18 @@ async fn commits_of_a_stream_start_the_interval_apart_and_cover_what_is_written_
         .unwrap();
     assert_eq!(store.fsyncs.load(Ordering::Relaxed), 1);
 
-    // So the next commit waits out the interval, and a write made meanwhile rides on it.
+    // So the next commit waits out the interval, and a write made while it waits rides on it
+    // (made well inside the interval: 0.2 of its 2 s).
     q.try_push(msg("b"), 1, None).unwrap();
+    store.count_message();
     let b = tokio::spawn({
         let store = store.clone();
         async move { store.sync().await }
     });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!b.is_finished(), "the second commit did not wait");
     q.try_push(msg("c"), 1, None).unwrap();
+    store.count_message();
     let c = tokio::spawn({
         let store = store.clone();
         async move { store.sync().await }
@@ -543,7 +550,7 @@ async fn commits_of_a_stream_start_the_interval_apart_and_cover_what_is_written_
     assert_eq!(
         store.fsyncs.load(Ordering::Relaxed),
         2,
-        "b and c share one fsync"
+        "b and c share one fsync: c was written while it waited"
     );
     assert_eq!(store.synced.load(Ordering::Relaxed), 4);
 
@@ -564,16 +571,20 @@ async fn a_sender_waiting_for_each_commit_is_not_held_back_by_the_interval() {
     let store = open(&dir, SyncPolicy::Commit);
     // Far past the deadline below: a commit that waited it out would fail the test.
     store.set_commit_interval(std::time::Duration::from_secs(100));
-    let q = store.queue("s", 10, false);
+    // Each message goes to two queues: two writes, one message, one sender waiting.
+    let (q, r) = (store.queue("s", 10, false), store.queue("t", 10, false));
     for (i, body) in ["a", "b", "c"].into_iter().enumerate() {
-        q.try_push(msg(body), 1, None).unwrap();
+        let m = msg(body);
+        q.try_push(m.clone(), 1, None).unwrap();
+        r.try_push(m, 1, None).unwrap();
+        store.count_message();
         tokio::time::timeout(std::time::Duration::from_secs(20), store.sync())
             .await
             .expect("a lone sender's commit waited for the interval")
             .unwrap();
         assert_eq!(store.fsyncs.load(Ordering::Relaxed), i as u64 + 1);
     }
-    drop((q, store));
+    drop((q, r, store));
 }
 
 #[test]
