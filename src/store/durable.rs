@@ -830,8 +830,9 @@ impl DurableStore {
     }
 
     /// Sets `storage.commitIntervalMs`: with `sync = "commit"`, while writes come as a stream
-    /// (the last fsync covered several messages, or a write came in while it ran), an fsync starts at least
-    /// this long after the one before it started, and covers every write made until it starts.
+    /// (the last fsync covered several messages, or a write came in while it ran), an fsync
+    /// starts at least this long after the one before it started, and covers every write made
+    /// until it starts.
     /// At a steady stream of messages a few hundred microseconds apart each would otherwise
     /// have its own fsync; waiting lets one cover several, for a longer wait for the senders'
     /// acknowledgements (at most the interval). A lone sender that waits for each
