@@ -36,7 +36,10 @@
 //!   released. The parent's delivery stays unsettled until then. A message the parent sends
 //!   again (after a reconnect, or after an abandon) is recognised by its message id while it
 //!   is queued here and not queued twice; an outcome that finds no upstream link is kept (at
-//!   most [`MAX_QUEUED`] per device) and applied when the parent sends the message again. An
+//!   most [`MAX_QUEUED`] per device) and applied when the parent sends the message again. A
+//!   message stays recognised until the upstream link has applied the device's outcome, so a
+//!   redelivery that crosses the outcome on its way waits for it instead of being queued
+//!   again (the device would get a message it had settled). An
 //!   expired message is left to the parent, which expires it too. These maps live in memory:
 //!   after a restart of this hub the parent's redeliveries are queued again (at least once).
 
@@ -212,7 +215,10 @@ pub struct DeviceQueue {
     abandons: Mutex<HashMap<u64, u8>>,
     /// The current C2D link's stop signal: a newer link cancels it.
     link: Mutex<Option<CancellationToken>>,
-    /// The parent's messages queued here, by message id (at most [`MAX_QUEUED`]).
+    /// The parent's messages queued here, by message id (at most [`MAX_QUEUED`]). A message
+    /// the device has settled stays until the upstream link has applied its outcome
+    /// ([`C2d::parent_settled`], [`C2d::keep_outcome`]): a redelivery that crosses the outcome
+    /// on its way is then recognised, not queued again.
     from_parent: Mutex<HashMap<String, u64>>,
     /// Where the device's outcomes of the parent's messages go: the upstream's C2D link.
     upstream: Mutex<Option<mpsc::Sender<ParentOutcome>>>,
@@ -431,6 +437,9 @@ impl C2d {
             .and_then(|p| p.message_id.as_ref())
             .map(message_id_text);
         if let Some(mid) = &mid {
+            // Both looked at under their locks (in this order, as `keep_and_forget` takes
+            // them): an outcome kept meanwhile is in one or the other.
+            let known = lock(&q.from_parent);
             let mut offline = lock(&q.settled_offline);
             if let Some(i) = offline.iter().position(|o| &o.message_id == mid) {
                 let done = offline.remove(i).map(|o| o.outcome);
@@ -438,8 +447,7 @@ impl C2d {
                     return Ok(FromParent::Settled(outcome));
                 }
             }
-            drop(offline);
-            if lock(&q.from_parent).contains_key(mid) {
+            if known.contains_key(mid) {
                 return Ok(FromParent::Known(mid.clone()));
             }
         }
@@ -474,9 +482,6 @@ impl C2d {
         else {
             return;
         };
-        if outcome != Outcome::Released {
-            lock(&queue.from_parent).remove(&mid);
-        }
         let o = ParentOutcome {
             message_id: mid,
             outcome,
@@ -485,16 +490,34 @@ impl C2d {
             Some(tx) => tx.try_send(o.clone()).is_ok(),
             None => false,
         };
+        // Sent: the upstream link forgets the message once it has applied the outcome.
         if !sent {
-            keep(queue, o);
+            keep_and_forget(queue, o);
         }
     }
 
     /// Keeps an outcome the upstream could not apply now (the parent's delivery was settled
-    /// already, by an abandon, and the redelivery is on its way), for the parent's next
-    /// delivery of that message.
+    /// already, by an abandon, and the redelivery is on its way; or the link ended), for the
+    /// parent's next delivery of that message.
     pub fn keep_outcome(&self, device: &DeviceId, o: ParentOutcome) {
-        keep(&self.queue(device), o);
+        keep_and_forget(&self.queue(device), o);
+    }
+
+    /// The upstream link settled the parent's delivery with `o`: a final outcome ends the
+    /// message here (a later delivery with its id is a new message).
+    pub fn parent_settled(&self, device: &DeviceId, o: &ParentOutcome) {
+        if o.outcome != Outcome::Released {
+            lock(&self.queue(device).from_parent).remove(&o.message_id);
+        }
+    }
+
+    /// Ends an upstream C2D link's share of `device`'s outcomes: those still on their way to
+    /// it are kept for the parent's redelivery.
+    pub fn detach_upstream(&self, device: &DeviceId, mut outcomes: mpsc::Receiver<ParentOutcome>) {
+        outcomes.close();
+        while let Ok(o) = outcomes.try_recv() {
+            self.keep_outcome(device, o);
+        }
     }
 
     /// Registers a device's new C2D link and stops the one it replaces.
@@ -658,13 +681,17 @@ impl C2d {
     }
 }
 
-/// Keeps a final outcome for the parent's redelivery (an abandon needs nothing: the parent
-/// has the message back).
-fn keep(queue: &DeviceQueue, o: ParentOutcome) {
+/// Keeps a final outcome for the parent's redelivery and ends the message here (an abandon
+/// needs nothing: the parent has the message back).
+fn keep_and_forget(queue: &DeviceQueue, o: ParentOutcome) {
     if o.outcome == Outcome::Released {
         return;
     }
+    // Both under their locks (in `enqueue_from_parent`'s order): a redelivery finds the
+    // message known or its outcome kept, never neither.
+    let mut known = lock(&queue.from_parent);
     let mut offline = lock(&queue.settled_offline);
+    known.remove(&o.message_id);
     if offline.len() >= MAX_QUEUED {
         offline.pop_front();
     }

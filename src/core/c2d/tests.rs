@@ -265,6 +265,51 @@ fn the_parents_messages_go_back_to_it_not_into_feedback() {
 }
 
 #[test]
+fn a_redelivery_that_crosses_the_devices_outcome_is_not_queued_again() {
+    let c = c2d();
+    let queue = c.queue(&dev());
+    let mut up = c.attach_upstream(&dev());
+    c.enqueue_from_parent(&dev(), msg("p3", None, None))
+        .unwrap();
+    let mut f = feed(&c);
+    let (ep, q) = f.next().unwrap();
+    ep.ack(q.seq);
+    c.settled(&queue, &q, &Ok(Outcome::Rejected("bad".into())));
+    // The parent's redelivery (sent after an earlier abandon) comes in while the outcome is
+    // on its way to the upstream link: it waits for that outcome, and the device does not get
+    // the message it has settled again.
+    let crossing = c.enqueue_from_parent(&dev(), msg("p3", None, None));
+    assert_eq!(crossing, Ok(FromParent::Known("p3".into())));
+    assert!(queue.is_empty(), "queued again: {} message(s)", queue.len());
+    // The link settles that redelivery with the outcome; the id then names a new message.
+    let o = up.try_recv().unwrap();
+    assert!(matches!(o.outcome, Outcome::Rejected(_)), "{o:?}");
+    c.parent_settled(&dev(), &o);
+    let later = c.enqueue_from_parent(&dev(), msg("p3", None, None));
+    assert_eq!(later, Ok(FromParent::Queued(Some("p3".into()))));
+    assert_eq!(queue.len(), 1);
+}
+
+#[test]
+fn outcomes_left_on_an_ended_upstream_link_are_kept_for_the_redelivery() {
+    let c = c2d();
+    let queue = c.queue(&dev());
+    let up = c.attach_upstream(&dev());
+    c.enqueue_from_parent(&dev(), msg("p4", None, None))
+        .unwrap();
+    let mut f = feed(&c);
+    let (ep, q) = f.next().unwrap();
+    ep.ack(q.seq);
+    c.settled(&queue, &q, &Ok(Outcome::Accepted));
+    // The link ends before it took the outcome: the parent's redelivery on the next link is
+    // settled with it.
+    c.detach_upstream(&dev(), up);
+    let back = c.enqueue_from_parent(&dev(), msg("p4", None, None));
+    assert_eq!(back, Ok(FromParent::Settled(Outcome::Accepted)));
+    assert!(queue.is_empty());
+}
+
+#[test]
 fn a_subscriber_waits_without_a_queue_until_the_first_message() {
     let c = c2d();
     let Watch::Waiting(mut first) = c.watch(&dev()) else {

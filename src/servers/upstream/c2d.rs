@@ -11,6 +11,7 @@ use fe2o3_amqp::{
     session::SessionHandle,
     types::{definitions::AmqpError, messaging::Body, primitives::Value},
 };
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -50,15 +51,28 @@ pub(super) async fn attach(
 pub(super) async fn receive(
     core: Arc<HubCore>,
     device: DeviceId,
-    mut rx: Receiver,
+    rx: Receiver,
     dead: CancellationToken,
+) -> Result<(), UpstreamError> {
+    let mut outcomes = core.c2d.attach_upstream(&device);
+    let served = serve(&core, &device, rx, &dead, &mut outcomes).await;
+    // Outcomes this link will not apply now: kept for the parent's redelivery.
+    core.c2d.detach_upstream(&device, outcomes);
+    served
+}
+
+async fn serve(
+    core: &Arc<HubCore>,
+    device: &DeviceId,
+    mut rx: Receiver,
+    dead: &CancellationToken,
+    outcomes: &mut mpsc::Receiver<ParentOutcome>,
 ) -> Result<(), UpstreamError> {
     let what = || format!("the C2D link of {device}");
     let failed = |e: &dyn std::fmt::Display| UpstreamError::Link {
         what: what(),
         reason: e.to_string(),
     };
-    let mut outcomes = core.c2d.attach_upstream(&device);
     // The parent's deliveries waiting for the device's outcome, by message id.
     let mut unsettled: HashMap<String, DeliveryInfo> = HashMap::new();
     loop {
@@ -66,9 +80,15 @@ pub(super) async fn receive(
             _ = dead.cancelled() => return Ok(()),
             Some(o) = outcomes.recv() => {
                 match unsettled.remove(&o.message_id) {
-                    Some(info) => settle(&rx, info, &o).await.map_err(|e| failed(&e))?,
+                    Some(info) => match settle(&rx, info, &o).await {
+                        Ok(()) => core.c2d.parent_settled(device, &o),
+                        Err(e) => {
+                            core.c2d.keep_outcome(device, o);
+                            return Err(failed(&e));
+                        }
+                    },
                     // Its delivery was settled by an abandon; the redelivery takes the outcome.
-                    None => core.c2d.keep_outcome(&device, o),
+                    None => core.c2d.keep_outcome(device, o),
                 }
             }
             d = rx.recv::<Body<Value>>() => {
@@ -83,7 +103,7 @@ pub(super) async fn receive(
                         continue;
                     }
                 };
-                match core.c2d.enqueue_from_parent(&device, msg) {
+                match core.c2d.enqueue_from_parent(device, msg) {
                     Ok(FromParent::Queued(mid)) => {
                         if let Err(e) = core.sync().await {
                             warn!(%device, "a C2D message from the parent could not be stored; released: {e}");
