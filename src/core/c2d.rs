@@ -215,7 +215,8 @@ pub struct DeviceQueue {
     abandons: Mutex<HashMap<u64, u8>>,
     /// The current C2D link's stop signal: a newer link cancels it.
     link: Mutex<Option<CancellationToken>>,
-    /// The parent's messages queued here, by message id (at most [`MAX_QUEUED`]). A message
+    /// The parent's messages queued here, by message id (about [`MAX_QUEUED`]: those queued,
+    /// and those whose outcome is on its way). A message
     /// the device has settled stays until the upstream link has applied its outcome
     /// ([`C2d::parent_settled`], [`C2d::keep_outcome`]): a redelivery that crosses the outcome
     /// on its way is then recognised, not queued again.
@@ -439,7 +440,7 @@ impl C2d {
         if let Some(mid) = &mid {
             // Both looked at under their locks (in this order, as `keep_and_forget` takes
             // them): an outcome kept meanwhile is in one or the other.
-            let known = lock(&q.from_parent);
+            let mut known = lock(&q.from_parent);
             let mut offline = lock(&q.settled_offline);
             if let Some(i) = offline.iter().position(|o| &o.message_id == mid) {
                 let done = offline.remove(i).map(|o| o.outcome);
@@ -450,14 +451,27 @@ impl C2d {
             if known.contains_key(mid) {
                 return Ok(FromParent::Known(mid.clone()));
             }
+            // Known before it is queued: a device that settles it before this returns finds
+            // it here (its sequence is filled in below).
+            known.insert(mid.clone(), u64::MAX);
         }
         msg.annotations.insert(
             OwnedKey::Symbol(Symbol::from(FROM_PARENT)),
             Value::Bool(true),
         );
-        let seq = self.enqueue(device, msg, Source::Upstream)?;
+        let seq = match self.enqueue(device, msg, Source::Upstream) {
+            Ok(seq) => seq,
+            Err(e) => {
+                if let Some(mid) = &mid {
+                    lock(&q.from_parent).remove(mid);
+                }
+                return Err(e);
+            }
+        };
         if let Some(mid) = &mid {
-            lock(&q.from_parent).insert(mid.clone(), seq);
+            if let Some(s) = lock(&q.from_parent).get_mut(mid) {
+                *s = seq;
+            }
         }
         Ok(FromParent::Queued(mid))
     }
@@ -513,10 +527,21 @@ impl C2d {
 
     /// Ends an upstream C2D link's share of `device`'s outcomes: those still on their way to
     /// it are kept for the parent's redelivery.
-    pub fn detach_upstream(&self, device: &DeviceId, mut outcomes: mpsc::Receiver<ParentOutcome>) {
-        outcomes.close();
-        while let Ok(o) = outcomes.try_recv() {
-            self.keep_outcome(device, o);
+    pub fn detach_upstream(&self, device: &DeviceId, outcomes: &mut mpsc::Receiver<ParentOutcome>) {
+        let queue = self.queue(device);
+        let left: Vec<ParentOutcome> = {
+            // Under the lock `to_parent` sends under: no outcome is half sent while the
+            // channel is closed and emptied.
+            let mut slot = lock(&queue.upstream);
+            outcomes.close();
+            let left = std::iter::from_fn(|| outcomes.try_recv().ok()).collect();
+            if slot.as_ref().is_some_and(|tx| tx.is_closed()) {
+                *slot = None;
+            }
+            left
+        };
+        for o in left {
+            keep_and_forget(&queue, o);
         }
     }
 

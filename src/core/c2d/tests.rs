@@ -294,7 +294,7 @@ fn a_redelivery_that_crosses_the_devices_outcome_is_not_queued_again() {
 fn outcomes_left_on_an_ended_upstream_link_are_kept_for_the_redelivery() {
     let c = c2d();
     let queue = c.queue(&dev());
-    let up = c.attach_upstream(&dev());
+    let mut up = c.attach_upstream(&dev());
     c.enqueue_from_parent(&dev(), msg("p4", None, None))
         .unwrap();
     let mut f = feed(&c);
@@ -303,7 +303,7 @@ fn outcomes_left_on_an_ended_upstream_link_are_kept_for_the_redelivery() {
     c.settled(&queue, &q, &Ok(Outcome::Accepted));
     // The link ends before it took the outcome: the parent's redelivery on the next link is
     // settled with it.
-    c.detach_upstream(&dev(), up);
+    c.detach_upstream(&dev(), &mut up);
     let back = c.enqueue_from_parent(&dev(), msg("p4", None, None));
     assert_eq!(back, Ok(FromParent::Settled(Outcome::Accepted)));
     assert!(queue.is_empty());

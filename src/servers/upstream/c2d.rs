@@ -54,11 +54,33 @@ pub(super) async fn receive(
     rx: Receiver,
     dead: CancellationToken,
 ) -> Result<(), UpstreamError> {
-    let mut outcomes = core.c2d.attach_upstream(&device);
-    let served = serve(&core, &device, rx, &dead, &mut outcomes).await;
-    // Outcomes this link will not apply now: kept for the parent's redelivery.
-    core.c2d.detach_upstream(&device, outcomes);
-    served
+    let mut outcomes = Outcomes {
+        rx: core.c2d.attach_upstream(&device),
+        applying: None,
+        core: &core,
+        device: &device,
+    };
+    serve(&core, &device, rx, &dead, &mut outcomes).await
+}
+
+/// The device's outcomes for this link. Whatever it has not applied when the task ends
+/// (returned, or dropped: aborted at shutdown, panicked) is kept for the parent's redelivery,
+/// so no message stays known here with its outcome lost.
+struct Outcomes<'a> {
+    rx: mpsc::Receiver<ParentOutcome>,
+    /// Taken off the channel, its delivery upstream being settled.
+    applying: Option<ParentOutcome>,
+    core: &'a HubCore,
+    device: &'a DeviceId,
+}
+
+impl Drop for Outcomes<'_> {
+    fn drop(&mut self) {
+        if let Some(o) = self.applying.take() {
+            self.core.c2d.keep_outcome(self.device, o);
+        }
+        self.core.c2d.detach_upstream(self.device, &mut self.rx);
+    }
 }
 
 async fn serve(
@@ -66,7 +88,7 @@ async fn serve(
     device: &DeviceId,
     mut rx: Receiver,
     dead: &CancellationToken,
-    outcomes: &mut mpsc::Receiver<ParentOutcome>,
+    outcomes: &mut Outcomes<'_>,
 ) -> Result<(), UpstreamError> {
     let what = || format!("the C2D link of {device}");
     let failed = |e: &dyn std::fmt::Display| UpstreamError::Link {
@@ -78,15 +100,22 @@ async fn serve(
     loop {
         tokio::select! {
             _ = dead.cancelled() => return Ok(()),
-            Some(o) = outcomes.recv() => {
+            Some(o) = outcomes.rx.recv() => {
                 match unsettled.remove(&o.message_id) {
-                    Some(info) => match settle(&rx, info, &o).await {
-                        Ok(()) => core.c2d.parent_settled(device, &o),
-                        Err(e) => {
-                            core.c2d.keep_outcome(device, o);
-                            return Err(failed(&e));
+                    Some(info) => {
+                        let o = &*outcomes.applying.insert(o);
+                        let settled = settle(&rx, info, o).await;
+                        // Applied: the guard has nothing left to keep of it.
+                        if let Some(o) = outcomes.applying.take() {
+                            match settled {
+                                Ok(()) => core.c2d.parent_settled(device, &o),
+                                Err(e) => {
+                                    core.c2d.keep_outcome(device, o);
+                                    return Err(failed(&e));
+                                }
+                            }
                         }
-                    },
+                    }
                     // Its delivery was settled by an abandon; the redelivery takes the outcome.
                     None => core.c2d.keep_outcome(device, o),
                 }
@@ -150,4 +179,96 @@ async fn settle(rx: &Receiver, info: DeliveryInfo, o: &ParentOutcome) -> Result<
         Outcome::Released => rx.release(info).await,
     };
     r.map_err(|e| format!("settling a C2D message with the parent: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use fe2o3_amqp::types::messaging::{MessageId, Properties};
+    use serde_amqp::primitives::OrderedMap;
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    fn test_core() -> Arc<HubCore> {
+        let text = r#"{"deviceId": "edge1", "iothubHostname": "hub.azure-devices.net",
+            "gatewayHostname": "gw.local", "listen": {"amqps": "127.0.0.1:0"},
+            "dataDir": "/nonexistent",
+            "devices": {"leaf1": {"primaryKey": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}},
+            "$edgeHub": {"schemaVersion": "1.0", "routes": {}}}"#;
+        let settings = crate::config::from_str(text, &Default::default()).unwrap();
+        let key = crate::model::identity::Key::from_base64(
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        )
+        .unwrap();
+        Arc::new(HubCore::new(
+            settings,
+            &key,
+            crate::core::twins::TwinStore::in_memory(),
+            crate::core::registry::Registry::in_memory(),
+            None,
+            None,
+        ))
+    }
+
+    fn from_parent(device: &DeviceId, id: &str) -> Message {
+        Message {
+            body: b"x".to_vec(),
+            properties: Some(Properties {
+                message_id: Some(MessageId::String(id.into())),
+                ..Default::default()
+            }),
+            application_properties: OrderedMap::new(),
+            annotations: OrderedMap::new(),
+            from: Identity::Device(device.clone()),
+            output: None,
+            enqueued_ms: crate::model::message::now_ms(),
+            twin_change: false,
+            id: crate::model::message::next_id(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_outcome_being_applied_when_the_link_task_is_dropped_is_kept() {
+        let core = test_core();
+        let device = DeviceId::parse("leaf1").unwrap();
+        let (ready_tx, ready) = oneshot::channel();
+        let (applying_tx, applying) = oneshot::channel();
+        let (c, d) = (core.clone(), device.clone());
+        // A link task that takes the outcome off its channel and is dropped (aborted at
+        // shutdown) while it settles it upstream.
+        let task = tokio::spawn(async move {
+            let mut outcomes = Outcomes {
+                rx: c.c2d.attach_upstream(&d),
+                applying: None,
+                core: &c,
+                device: &d,
+            };
+            let _ = ready_tx.send(());
+            let o = outcomes.rx.recv().await;
+            outcomes.applying = o;
+            let _ = applying_tx.send(());
+            std::future::pending::<()>().await;
+        });
+        let wait = Duration::from_secs(10);
+        tokio::time::timeout(wait, ready).await.unwrap().unwrap();
+        let queued = core
+            .c2d
+            .enqueue_from_parent(&device, from_parent(&device, "m1"));
+        assert_eq!(queued, Ok(FromParent::Queued(Some("m1".into()))));
+        let queue = core.c2d.queue(&device);
+        let q = queue.endpoint.pop().unwrap();
+        queue.endpoint.ack(q.seq);
+        core.c2d.settled(&queue, &q, &Ok(Outcome::Accepted));
+        tokio::time::timeout(wait, applying).await.unwrap().unwrap();
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        // The parent's redelivery on the next link is settled with the device's outcome.
+        let again = core
+            .c2d
+            .enqueue_from_parent(&device, from_parent(&device, "m1"));
+        assert_eq!(again, Ok(FromParent::Settled(Outcome::Accepted)));
+        assert!(queue.endpoint.pop().is_none());
+    }
 }
