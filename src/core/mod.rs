@@ -91,6 +91,22 @@ pub struct HubCore {
 pub(crate) const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl HubCore {
+    /// A core on in-memory twins and registry, without a store, from a config's text and the
+    /// all-zero device key: for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(config: &str) -> Self {
+        let settings = crate::config::from_str(config, &Default::default()).unwrap();
+        let key = Key::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").unwrap();
+        HubCore::new(
+            settings,
+            &key,
+            twins::TwinStore::in_memory(),
+            registry::Registry::in_memory(),
+            None,
+            None,
+        )
+    }
+
     pub fn new(
         settings: Settings,
         device_key: &Key,

@@ -110,7 +110,7 @@ pub async fn twin_request(core: &HubCore, id: &Identity, request: TwinRequest<'_
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::identity::{DeviceId, Key, ModuleId};
+    use crate::model::identity::{DeviceId, ModuleId};
 
     fn core() -> HubCore {
         let text = r#"{"deviceId": "edge1", "iothubHostname": "hub.azure-devices.net",
@@ -118,16 +118,7 @@ mod tests {
             "modules": {"filter": {}, "watcher": {}},
             "$edgeHub": {"schemaVersion": "1.0", "routes": {
                 "notes": "FROM /twinChangeNotifications INTO BrokeredEndpoint(\"/modules/watcher/inputs/twins\")"}}}"#;
-        let settings = crate::config::from_str(text, &Default::default()).unwrap();
-        let key = Key::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").unwrap();
-        HubCore::new(
-            settings,
-            &key,
-            crate::core::twins::TwinStore::in_memory(),
-            crate::core::registry::Registry::in_memory(),
-            None,
-            None,
-        )
+        HubCore::for_tests(text)
     }
 
     fn module(m: &str) -> Identity {

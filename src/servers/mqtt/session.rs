@@ -1434,16 +1434,7 @@ mod tests {
             "dataDir": "/nonexistent", "modules": {"filter": {}},
             "devices": {"leaf1": {"primaryKey": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}},
             "$edgeHub": {"schemaVersion": "1.0", "routes": {}}}"#;
-        let settings = crate::config::from_str(text, &Default::default()).unwrap();
-        let key = crate::model::identity::Key::from_base64(KEY).unwrap();
-        Arc::new(HubCore::new(
-            settings,
-            &key,
-            crate::core::twins::TwinStore::in_memory(),
-            crate::core::registry::Registry::in_memory(),
-            None,
-            None,
-        ))
+        Arc::new(HubCore::for_tests(text))
     }
 
     fn token(core: &HubCore, id: &Identity, host: &str, expiry: u64) -> String {

@@ -197,19 +197,7 @@ mod tests {
             "dataDir": "/nonexistent",
             "devices": {"leaf1": {"primaryKey": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}},
             "$edgeHub": {"schemaVersion": "1.0", "routes": {}}}"#;
-        let settings = crate::config::from_str(text, &Default::default()).unwrap();
-        let key = crate::model::identity::Key::from_base64(
-            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-        )
-        .unwrap();
-        Arc::new(HubCore::new(
-            settings,
-            &key,
-            crate::core::twins::TwinStore::in_memory(),
-            crate::core::registry::Registry::in_memory(),
-            None,
-            None,
-        ))
+        Arc::new(HubCore::for_tests(text))
     }
 
     fn from_parent(device: &DeviceId, id: &str) -> Message {
