@@ -884,3 +884,73 @@ fn expired_messages_leave_the_store() {
     assert_eq!(store.queue.len().unwrap(), 1);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Waits (bounded) until the `queue` partition has `n` tables.
+fn wait_for_tables(store: &DurableStore, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while store.queue.segment_count() != n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} tables, waiting for {n}",
+            store.queue.segment_count()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn removed_entries_leave_the_files_without_a_size_limit() {
+    // Entries written to a table, removed, and the removals written to another: fjall keeps
+    // both until a compaction reaches the tree's last level, which its own compactions do not
+    // for a small tree. The store compacts in full once enough was removed.
+    let dir = temp();
+    let store = open(&dir, SyncPolicy::Os);
+    let q = store.queue("ep", 10_000, false);
+    let body = "x".repeat(4096);
+    for _ in 0..300 {
+        push_when_not_busy(&q, msg(&body));
+    }
+    assert!(store.queue.rotate_memtable().unwrap());
+    wait_for_tables(&store, 1);
+    assert_eq!(drain(&q).len(), 300);
+    store.flush_removals();
+    assert!(store.queue.rotate_memtable().unwrap());
+    wait_for_tables(&store, 2);
+    assert!(store.queue.disk_space() > 0);
+    store.reclaim();
+    // The compaction ran on its own thread: wait (bounded) for it to end.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while store.compacting.load(Ordering::Acquire) || store.queue.segment_count() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} tables, {} bytes left",
+            store.queue.segment_count(),
+            store.queue.disk_space()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(store.queue.disk_space(), 0);
+    assert_eq!(store.queue.iter().count(), 0, "removed entries came back");
+    // Below the threshold nothing is compacted: a few removals leave their tables alone.
+    for _ in 0..3 {
+        push_when_not_busy(&q, msg("small"));
+    }
+    assert!(store.queue.rotate_memtable().unwrap());
+    wait_for_tables(&store, 1);
+    drain(&q);
+    store.flush_removals();
+    assert!(store.queue.rotate_memtable().unwrap());
+    wait_for_tables(&store, 2);
+    store.reclaim();
+    assert!(!store.compacting.load(Ordering::Acquire));
+    assert_eq!(store.queue.segment_count(), 2);
+    drop(q);
+    drop(store);
+    // Nothing removed comes back after a restart.
+    let store = open(&dir, SyncPolicy::Os);
+    let q = store.queue("ep", 10_000, false);
+    assert_eq!(q.lengths().values().sum::<usize>(), 0);
+    drop(q);
+    drop(store);
+    let _ = std::fs::remove_dir_all(dir);
+}
