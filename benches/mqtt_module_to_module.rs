@@ -12,10 +12,12 @@
 //! Both servers speak MQTT over TLS on loopback with the hub's server certificate.
 //!
 //! `cargo bench --bench mqtt_module_to_module` (env `BENCH_MESSAGES`, default 100000;
-//! `BENCH_WINDOW`, default 1000; `BENCH_RUNS`, pairs of runs, default 3; `BENCH_MOSQUITTO`,
+//! `BENCH_WINDOW`, the publisher's, default 1000; `BENCH_SERVER_WINDOW`, the servers' delivery
+//! window to the subscriber, default 256; `BENCH_RUNS`, pairs of runs, default 3; `BENCH_MOSQUITTO`,
 //! the broker binary, default `/usr/sbin/mosquitto`; `BENCH_HUB`, another hub binary). Without
 //! `--bench` (as `cargo test --all-targets` runs it) it sends 1000 messages through the hub
-//! only, as a smoke test.
+//! only, as a smoke test. Each run prints the server's CPU per message and the load client's
+//! (this process's).
 
 use std::{
     collections::HashMap,
@@ -117,8 +119,14 @@ async fn connect(addr: SocketAddr, ca: &Path, c: Connect) -> (Rx, Tx) {
 }
 
 /// One run: `warmup + n` messages; returns msg/s over the measured ones, p50 and p99 latency
-/// (ms), and the server's CPU µs per message.
-async fn run(t: &Target, ca: &Path, n: u64, warmup: u64, window: usize) -> (f64, f64, f64, f64) {
+/// (ms), and the server's and this process's (the load client's) CPU µs per message.
+async fn run(
+    t: &Target,
+    ca: &Path,
+    n: u64,
+    warmup: u64,
+    window: usize,
+) -> (f64, f64, f64, f64, f64) {
     let (mut sub_rx, mut sub_tx) = connect(t.addr, ca, t.subscriber.clone()).await;
     let mut s = Subscribe::new(&t.filter, QoS::AtLeastOnce);
     s.pkid = 1;
@@ -134,6 +142,7 @@ async fn run(t: &Target, ca: &Path, n: u64, warmup: u64, window: usize) -> (f64,
     let total = warmup + n;
     let t0 = Instant::now();
     let cpu0 = cpu_secs(t.pid);
+    let client_cpu0 = cpu_secs(std::process::id());
     let subscriber = tokio::spawn(async move {
         let mut lat = Vec::with_capacity(n as usize);
         let mut started = None;
@@ -203,6 +212,7 @@ async fn run(t: &Target, ca: &Path, n: u64, warmup: u64, window: usize) -> (f64,
     }
     let (elapsed, mut lat, mut sub_tx) = subscriber.await.expect("subscriber");
     let cpu = cpu_secs(t.pid) - cpu0;
+    let client_cpu = cpu_secs(std::process::id()) - client_cpu0;
     let _ = pub_tx.send(Packet::Disconnect).await;
     let _ = sub_tx.send(Packet::Disconnect).await;
     lat.sort_unstable();
@@ -212,6 +222,7 @@ async fn run(t: &Target, ca: &Path, n: u64, warmup: u64, window: usize) -> (f64,
         pct(0.5),
         pct(0.99),
         cpu * 1e6 / total as f64,
+        client_cpu * 1e6 / total as f64,
     )
 }
 
@@ -222,13 +233,14 @@ fn start_hub(dir: &Path) -> (Child, SocketAddr, edgehub::config::Settings) {
         "deviceId": "bench", "iothubHostname": "{IOTHUB}", "gatewayHostname": "localhost",
         "listen": {{"amqps": "127.0.0.1:0", "mqtts": "127.0.0.1:0", "https": null, "metrics": null}},
         "dataDir": "{}", "deviceKey": "YmVuY2gtZGV2aWNlLWtleS0zMi1ieXRlcy1sb25nISE=",
-        "log": {{"level": "warn,edgehub=info"}}, "storage": {{"persistent": true, "sync": "commit"}},
+        "log": {{"level": "warn,edgehub=info"}}, "storage": {{"persistent": true, "sync": "commit"}}, "limits": {{"deliveryWindow": {window}}},
         "modules": {{"A": {{}}, "B": {{}}}},
         "$edgeHub": {{"schemaVersion": "1.1", "routes": {{
             "r": "FROM /messages/modules/A/outputs/out1 INTO BrokeredEndpoint(\"/modules/B/inputs/in1\")"}},
             "storeAndForwardConfiguration": {{"timeToLiveSecs": 7200}}}}
     }}"#,
-        dir.join("data").display()
+        dir.join("data").display(),
+        window = server_window(),
     );
     let config_path = dir.join("edgehub.json");
     std::fs::write(&config_path, &config_text).expect("write config");
@@ -278,11 +290,12 @@ fn start_mosquitto(dir: &Path, certs: &Path) -> Option<(Child, SocketAddr)> {
         &conf,
         format!(
             "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-             max_inflight_messages 256\nmax_queued_messages 0\n\
+             max_inflight_messages {window}\nmax_queued_messages 0\n\
              cafile {}\ncertfile {}\nkeyfile {}\nlog_type error\n",
             certs.join("edge-ca.pem").display(),
             certs.join("server.pem").display(),
-            certs.join("server.key.pem").display()
+            certs.join("server.key.pem").display(),
+            window = server_window(),
         ),
     )
     .expect("mosquitto.conf");
@@ -325,6 +338,12 @@ fn anonymous(id: &str) -> Connect {
     let mut c = Connect::new(id);
     c.keep_alive = 60;
     c
+}
+
+/// The servers' delivery window: the hub's `limits.deliveryWindow` and Mosquitto's
+/// `max_inflight_messages` (`BENCH_SERVER_WINDOW`, default 256, the hub's default).
+fn server_window() -> usize {
+    env_usize("BENCH_SERVER_WINDOW", 256)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -379,9 +398,9 @@ async fn main() {
     let mut rates: HashMap<&str, Vec<f64>> = HashMap::new();
     for i in 0..runs {
         for t in std::iter::once(&hub_target).chain(mosquitto_target.as_ref()) {
-            let (rate, p50, p99, cpu) = run(t, &ca, n, warmup, window).await;
+            let (rate, p50, p99, cpu, client) = run(t, &ca, n, warmup, window).await;
             println!(
-                "  run {} {:<9} {rate:>8.0} msg/s  p50 {p50:>7.2} ms  p99 {p99:>7.2} ms  server CPU {cpu:>5.1} µs/msg",
+                "  run {} {:<9} {rate:>8.0} msg/s  p50 {p50:>7.2} ms  p99 {p99:>7.2} ms  server CPU {cpu:>5.1} µs/msg  client CPU {client:>5.1} µs/msg",
                 i + 1,
                 t.name
             );
