@@ -140,6 +140,11 @@ fn allocated(dir: &Path) -> u64 {
 /// The size of the tables a full compaction writes (fjall's default target for its levels).
 const FULL_COMPACTION_TABLE: u64 = 64 * 1024 * 1024;
 
+/// The key of an empty value each partition gets after a full compaction (see
+/// [`DurableStore::compact_in_full`]). No entry key starts with 0xFF (endpoint ids are UTF-8), and
+/// no record key has one byte; the scans at open skip it.
+const FLUSH_MARKER: [u8; 1] = [0xFF];
+
 /// Bytes of queue entries removed since the last full compaction of the `queue` partition
 /// before the next one, at the least (see [`DurableStore::reclaim`]).
 const REMOVED_BEFORE_COMPACTION: u64 = 1024 * 1024;
@@ -473,6 +478,9 @@ impl DurableStore {
         let mut recovered: HashMap<String, Vec<Recovered>> = HashMap::new();
         for kv in queue.iter() {
             let (k, v) = kv.map_err(fj)?;
+            if *k == FLUSH_MARKER {
+                continue;
+            }
             let (Some((endpoint, priority, seq)), Some(e)) = (split_queue_key(&k), parse_entry(&v))
             else {
                 malformed += 1;
@@ -710,9 +718,9 @@ impl DurableStore {
         Ok(())
     }
 
-    /// Compacts the `queue` partition in full once the entries removed since its last full
+    /// Compacts both partitions in full once the entries removed since the last full
     /// compaction come to half of what is stored (at least [`REMOVED_BEFORE_COMPACTION`]) and
-    /// it has more than one table. A removal leaves a delete in fjall, which drops it only when
+    /// they have more than one table. A removal leaves a delete in fjall, which drops it only when
     /// a compaction writes into the tree's last level; below that, fjall's compactions of level
     /// 0 merge the new tables with every delete gathered there, again and again, until level 0
     /// reaches its size target (64 MiB, millions of deletes): a steady stream of messages made
@@ -739,9 +747,9 @@ impl DurableStore {
         let stored = self.stored.load(Ordering::Relaxed);
         let removed = self.removed.load(Ordering::Relaxed);
         let since = removed.saturating_sub(self.removed_at_compaction.load(Ordering::Relaxed));
-        if self.queue.segment_count() >= 2
+        if self.queue.segment_count() + self.messages.segment_count() >= 2
             && since >= (stored / 2).max(REMOVED_BEFORE_COMPACTION)
-            && self.compact_in_full(&[&self.queue])
+            && self.compact_in_full(&[&self.queue, &self.messages])
         {
             self.removed_at_compaction.store(removed, Ordering::Relaxed);
             return files;
@@ -777,6 +785,17 @@ impl DurableStore {
                     // hid when those are newer than it, and removed messages came back.
                     if let Err(e) = part.tree.major_compact(FULL_COMPACTION_TABLE, u64::MAX) {
                         tracing::warn!(error = %e, "compacting the store failed");
+                    }
+                    // fjall deletes a journal once every partition it fed has a table at least
+                    // as new as its writes there; a compaction that left this partition no
+                    // table, or none as new as before, would hold the journals back until the
+                    // partition is written and flushed again, and fjall flushes only partitions
+                    // with something in their memtable: an idle queue would keep them for good
+                    // (and then stall every write at the journals' bound). A marker written
+                    // now goes out with the partition's next flush, which fjall's monitor
+                    // makes as the journals grow.
+                    if let Err(e) = part.insert(FLUSH_MARKER, []) {
+                        tracing::warn!(error = %e, "writing the store's flush marker failed");
                     }
                 }
             });

@@ -930,10 +930,61 @@ fn removed_entries_leave_the_files_without_a_size_limit() {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     assert_eq!(store.queue.disk_space(), 0);
-    assert_eq!(store.queue.iter().count(), 0, "removed entries came back");
+    let left: Vec<_> = store.queue.iter().map(|kv| kv.unwrap().0).collect();
+    assert_eq!(left.len(), 1, "removed entries came back");
+    assert_eq!(*left[0], FLUSH_MARKER);
+    assert!(store.queue.rotate_memtable().unwrap());
+    wait_for_tables(&store, 1);
     // Below the threshold nothing is compacted: a few removals leave their tables alone.
     for _ in 0..3 {
         push_when_not_busy(&q, msg("small"));
+    }
+    assert!(store.queue.rotate_memtable().unwrap());
+    wait_for_tables(&store, 2);
+    drain(&q);
+    store.flush_removals();
+    assert!(store.queue.rotate_memtable().unwrap());
+    wait_for_tables(&store, 3);
+    store.reclaim();
+    assert!(!store.compacting.load(Ordering::Acquire));
+    assert_eq!(store.queue.segment_count(), 3);
+    drop(q);
+    drop(store);
+    // Nothing removed comes back after a restart.
+    let store = open(&dir, SyncPolicy::Os);
+    let q = store.queue("ep", 10_000, false);
+    assert_eq!(q.lengths().values().sum::<usize>(), 0);
+    drop(q);
+    drop(store);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Waits (bounded) for `cond`.
+fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still waiting: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_partition_compacted_to_nothing_still_lets_its_journals_go() {
+    // A journal goes once every partition it fed has a table as new as its writes there. The
+    // queue's tables go entirely in a full compaction; the journals it fed must still be freed
+    // once fjall flushes the queue again (its monitor picks a partition with something in its
+    // memtable: the store's marker).
+    let dir = temp();
+    let store = open(&dir, SyncPolicy::Os);
+    let q = store.queue("ep", 10_000, false);
+    // The first journal also feeds `messages`, which is flushed only later.
+    store.messages.insert([0xFE], "other").unwrap();
+    let body = "y".repeat(4096);
+    for _ in 0..300 {
+        push_when_not_busy(&q, msg(&body));
     }
     assert!(store.queue.rotate_memtable().unwrap());
     wait_for_tables(&store, 1);
@@ -942,14 +993,21 @@ fn removed_entries_leave_the_files_without_a_size_limit() {
     assert!(store.queue.rotate_memtable().unwrap());
     wait_for_tables(&store, 2);
     store.reclaim();
-    assert!(!store.compacting.load(Ordering::Acquire));
-    assert_eq!(store.queue.segment_count(), 2);
-    drop(q);
-    drop(store);
-    // Nothing removed comes back after a restart.
-    let store = open(&dir, SyncPolicy::Os);
-    let q = store.queue("ep", 10_000, false);
-    assert_eq!(q.lengths().values().sum::<usize>(), 0);
+    wait_until("the compaction", || {
+        !store.compacting.load(Ordering::Acquire) && store.queue.segment_count() == 0
+    });
+    // `messages` flushed: only the queue, with no table, can hold the journals now.
+    assert!(store.messages.rotate_memtable().unwrap());
+    wait_until("the flush of messages", || {
+        store.messages.segment_count() >= 1
+    });
+    assert!(store.keyspace.journal_count() > 1);
+    // What fjall's monitor does as the journals grow: flush the queue, which has the marker.
+    assert!(
+        store.queue.rotate_memtable().unwrap(),
+        "nothing to flush in the queue: its journals would stay"
+    );
+    wait_until("the journals to go", || store.keyspace.journal_count() == 1);
     drop(q);
     drop(store);
     let _ = std::fs::remove_dir_all(dir);
