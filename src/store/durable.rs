@@ -145,8 +145,8 @@ const FULL_COMPACTION_TABLE: u64 = 64 * 1024 * 1024;
 /// no record key has one byte; the scans at open skip it.
 const FLUSH_MARKER: [u8; 1] = [0xFF];
 
-/// Bytes of queue entries removed since the last full compaction of the `queue` partition
-/// before the next one, at the least (see [`DurableStore::reclaim`]).
+/// Bytes removed since the last full compaction before the next one, at the least (see
+/// [`DurableStore::reclaim`]).
 const REMOVED_BEFORE_COMPACTION: u64 = 1024 * 1024;
 
 /// What the store's files may hold beyond the messages before a full compaction: a quarter of
@@ -330,8 +330,8 @@ pub struct DurableStore {
     pub(crate) poisoned: Arc<std::sync::atomic::AtomicBool>,
     /// A compaction started by [`DurableStore::reclaim`] is running.
     compacting: Arc<std::sync::atomic::AtomicBool>,
-    /// Bytes of queue entries removed since the store opened, and their count when the last
-    /// full compaction started (see [`DurableStore::reclaim`]).
+    /// Bytes of queue entries (and shared records) removed since the store opened, and that
+    /// figure when the last full compaction started (see [`DurableStore::reclaim`]).
     removed: AtomicU64,
     removed_at_compaction: AtomicU64,
     /// Bytes of the store's files when last measured (journals and both partitions).
