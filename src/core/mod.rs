@@ -561,16 +561,7 @@ mod tests {
         let text = r#"{"deviceId": "edge1", "iothubHostname": "hub.azure-devices.net", "gatewayHostname": "gw.local",
             "listen": {"amqps": "127.0.0.1:0"}, "dataDir": "/nonexistent",
             "modules": {"filter": {}}, "$edgeHub": {"schemaVersion": "1.0", "routes": {}}}"#;
-        let settings = crate::config::from_str(text, &Default::default()).unwrap();
-        let key = Key::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").unwrap();
-        HubCore::new(
-            settings,
-            &key,
-            twins::TwinStore::in_memory(),
-            registry::Registry::in_memory(),
-            None,
-            None,
-        )
+        HubCore::for_tests(text)
     }
 
     fn counter(n: &Arc<AtomicUsize>) -> Evict {

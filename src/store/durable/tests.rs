@@ -885,17 +885,21 @@ fn expired_messages_leave_the_store() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Waits (bounded) until the `queue` partition has `n` tables.
-fn wait_for_tables(store: &DurableStore, n: usize) {
+/// Waits (bounded) for `cond`.
+fn wait_until(what: &str, cond: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while store.queue.segment_count() != n {
+    while !cond() {
         assert!(
             std::time::Instant::now() < deadline,
-            "{} tables, waiting for {n}",
-            store.queue.segment_count()
+            "still waiting: {what}"
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+}
+
+/// Waits (bounded) until the `queue` partition has `n` tables.
+fn wait_for_tables(store: &DurableStore, n: usize) {
+    wait_until(&format!("{n} tables"), || store.queue.segment_count() == n);
 }
 
 #[test]
@@ -919,16 +923,9 @@ fn removed_entries_leave_the_files_without_a_size_limit() {
     assert!(store.queue.disk_space() > 0);
     store.reclaim();
     // The compaction ran on its own thread: wait (bounded) for it to end.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while store.compacting.load(Ordering::Acquire) || store.queue.segment_count() != 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} tables, {} bytes left",
-            store.queue.segment_count(),
-            store.queue.disk_space()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    wait_until("the compaction to leave no table", || {
+        !store.compacting.load(Ordering::Acquire) && store.queue.segment_count() == 0
+    });
     assert_eq!(store.queue.disk_space(), 0);
     let left: Vec<_> = store.queue.iter().map(|kv| kv.unwrap().0).collect();
     assert_eq!(left.len(), 1, "removed entries came back");
@@ -957,18 +954,6 @@ fn removed_entries_leave_the_files_without_a_size_limit() {
     drop(q);
     drop(store);
     let _ = std::fs::remove_dir_all(dir);
-}
-
-/// Waits (bounded) for `cond`.
-fn wait_until(what: &str, cond: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !cond() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still waiting: {what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
 }
 
 #[test]
