@@ -429,7 +429,11 @@ async fn completed_messages_come_back_at_most_a_delivery_window_per_sigkill() {
         } else {
             hub.kill().unwrap(); // SIGKILL
             let _ = hub.wait();
-            timeout(WAIT, sender).await.unwrap().unwrap();
+            // Like the receiver below, the sender may notice the killed hub only when one of
+            // its waits (WAIT each) times out, and that wait may start after this one: an
+            // outcome read before the kill lets it send again (the client buffers the transfers)
+            // and then wait for their outcomes.
+            timeout(2 * WAIT, sender).await.unwrap().unwrap();
         }
         // The client may notice the killed hub only when its receive times out (WAIT).
         timeout(2 * WAIT, receiver).await.unwrap().unwrap();
