@@ -119,9 +119,17 @@ pub enum Overflow {
     DropOldest,
 }
 
-/// Writes between two measures of the store's files against its limit (see
-/// [`DurableStore::reclaim`]).
-const FILES_CHECK_EVERY: u64 = 32;
+/// Bytes written between two measures of the store's files against its limit (see
+/// [`DurableStore::reclaim`]); a write counts its entry and [`WRITE_OVERHEAD`]. Far below the
+/// [`slack`] a limit allows (at least 4 MiB), and below the removed bytes that start a full
+/// compaction (see [`REMOVED_BEFORE_COMPACTION`]), so neither is overshot for want of a measure.
+/// A measure wakes the store's thread and lists the journals' directory: at a stream of small
+/// messages a count of writes (it was one every 32) cost that thread an eighth of the hub's
+/// CPU.
+const MEASURE_EVERY_BYTES: u64 = 256 * 1024;
+/// What one write counts for [`MEASURE_EVERY_BYTES`] beyond its entry (the journal's framing,
+/// the tables' index and filters).
+const WRITE_OVERHEAD: u64 = 64;
 
 /// Bytes the files in `dir` take on disk: fjall's journals are created at 32 MiB and filled
 /// in place, so their length says nothing about what they use.
@@ -336,6 +344,8 @@ pub struct DurableStore {
     removed_at_compaction: AtomicU64,
     /// Bytes of the store's files when last measured (journals and both partitions).
     files: AtomicU64,
+    /// Bytes written so far as [`MEASURE_EVERY_BYTES`] counts them.
+    written_bytes: AtomicU64,
     /// fjall's journal directory.
     journals: std::path::PathBuf,
     /// Sealed journals from which a write may stall (see [`DurableStore::off_worker`]):
@@ -574,6 +584,7 @@ impl DurableStore {
             removed: AtomicU64::new(0),
             removed_at_compaction: AtomicU64::new(0),
             files: AtomicU64::new(0),
+            written_bytes: AtomicU64::new(0),
             journals: dir.join("journals"),
             journals_near: AtomicU64::new(journals_near(limit)),
             offloaded: AtomicU64::new(0),
@@ -738,7 +749,7 @@ impl DurableStore {
     /// files would grow to several times the limit.
     ///
     /// Full compactions run on a thread of their own, one at a time. Called every second and
-    /// every `FILES_CHECK_EVERY` writes; returns the files' bytes.
+    /// every [`MEASURE_EVERY_BYTES`] written; returns the files' bytes.
     pub fn reclaim(&self) -> u64 {
         let journals = allocated(&self.journals);
         let queue = self.queue.disk_space();
@@ -809,8 +820,8 @@ impl DurableStore {
 
     /// Refuses a write while the store's files are past the limit and twice [`slack`]: writers
     /// then wait for the compaction to catch up (back-pressure), so a flood cannot outrun it.
-    /// The files are measured on the store's thread (every [`FILES_CHECK_EVERY`] writes, and
-    /// at every refusal), never here: a measure lists a directory.
+    /// The files are measured on the store's thread (every [`MEASURE_EVERY_BYTES`] written,
+    /// and at every refusal), never here: a measure lists a directory.
     ///
     /// Refuses it as well, as busy, when fjall would stall it with a sleep on this thread (see
     /// [`L0_STALL`], and a write buffer that the write would take past its size): the sender
@@ -829,7 +840,9 @@ impl DurableStore {
                 self.reclaim();
             }
         };
-        if self.written.load(Ordering::Relaxed) % FILES_CHECK_EVERY == 0 {
+        let counted = bytes + WRITE_OVERHEAD;
+        let before = self.written_bytes.fetch_add(counted, Ordering::Relaxed);
+        if before / MEASURE_EVERY_BYTES != (before + counted) / MEASURE_EVERY_BYTES {
             measure();
         }
         let buffered = self.keyspace.write_buffer_size();
@@ -1197,6 +1210,27 @@ impl DurableStore {
         self.removals_out.fetch_max(committed, Ordering::AcqRel);
     }
 
+    /// [`DurableStore::write_removals`] on the calling thread, when fjall cannot stall that
+    /// write with a sleep: its journals are not near their bound (see
+    /// [`DurableStore::off_worker`]), neither partition's level 0 is near fjall's stall (see
+    /// [`L0_STALL`]) and the write buffer is under 80 % of its size (fjall sleeps past 90 %).
+    /// `false`, with nothing written, otherwise: the caller writes them off the async workers.
+    /// A delivery pump writes its acknowledgements out every quarter of its window; a handoff
+    /// to the blocking pool for each (two thread wake-ups) cost more than the write.
+    pub fn write_removals_now(&self) -> bool {
+        use fjall::AbstractTree;
+        let sealed = self.keyspace.journal_count().saturating_sub(1) as u64;
+        let buffered = self.keyspace.write_buffer_size();
+        let quick = sealed < self.journals_near.load(Ordering::Relaxed)
+            && self.queue.tree.l0_run_count() < L0_STALL
+            && self.messages.tree.l0_run_count() < L0_STALL
+            && buffered.saturating_mul(10) < self.write_buffer.saturating_mul(8);
+        if quick {
+            self.write_removals();
+        }
+        quick
+    }
+
     /// Whether the removal of `mark` (from an acknowledgement) is written out to the OS, so
     /// that a crash of the hub cannot bring its message back.
     pub fn removal_written(&self, mark: u64) -> bool {
@@ -1267,6 +1301,8 @@ struct DqInner {
     live_first: bool,
     newest_next: bool,
     next_seq: u64,
+    /// New entries being written (outside the lock): they count against the capacity.
+    writing: usize,
     pending: BTreeMap<(u32, u64), Entry>,
     /// The pending entries that expire, by (expiry, priority, sequence): `expire` takes what has
     /// expired from its front, O(expired), without looking at the rest of the queue.
@@ -1359,6 +1395,59 @@ impl DurableQueue {
             .remove(self.slot(priority, seq), &self.endpoint, e)
     }
 
+    /// Writes the entry `entry` (key and inline value) of a new message at `seq`, making room
+    /// with this queue's oldest pending messages when the store is full and its policy drops
+    /// the oldest.
+    fn write_entry(
+        &self,
+        seq: u64,
+        priority: u32,
+        expires_ms: Option<i64>,
+        msg_id: u64,
+        entry: &[u8],
+    ) -> Result<Written, QueueError> {
+        loop {
+            match self.store.put(
+                self.slot(priority, seq),
+                &self.endpoint,
+                expires_ms,
+                msg_id,
+                entry,
+            ) {
+                Ok(w) => return Ok(w),
+                Err(StoreError::Full { .. }) if self.store.overflow == Overflow::DropOldest => {
+                    // Make room with this queue's oldest pending message, if it has one.
+                    let taken = {
+                        let mut g = self.lock();
+                        let Some((p, s)) = g.oldest() else {
+                            return Err(QueueError::StoreFull);
+                        };
+                        g.take_pending(p, s).map(|e| {
+                            dec(&mut g.per_priority, p);
+                            g.forget(&e);
+                            (p, s, e)
+                        })
+                    };
+                    if let Some((p, s, e)) = taken {
+                        let dropped = self.message(p, s, &e).ok();
+                        self.remove(p, s, &e);
+                        if let Some(m) = dropped {
+                            crate::metrics::dropped(crate::metrics::DROP_OVERFLOW, &m);
+                        }
+                    }
+                }
+                Err(StoreError::Full { .. }) => return Err(QueueError::StoreFull),
+                Err(StoreError::Compacting { .. } | StoreError::Stalled(_)) => {
+                    return Err(QueueError::StoreBusy)
+                }
+                Err(e) => {
+                    tracing::error!(endpoint = %self.endpoint, "message not stored: {e}");
+                    return Err(QueueError::Storage);
+                }
+            }
+        }
+    }
+
     /// The message of an entry: from memory, else from disk.
     fn message(&self, priority: u32, seq: u64, e: &Entry) -> Result<Arc<Message>, StoreError> {
         match &e.cached {
@@ -1387,47 +1476,25 @@ impl QueueStore for DurableQueue {
                 tracing::error!(endpoint = %self.endpoint, "message not stored: {e}");
                 return Err(QueueError::Storage);
             }
-            let mut g = self.lock();
-            if g.pending.len() + g.in_flight.len() >= self.capacity {
-                return Err(QueueError::Full);
-            }
-            let seq = g.next_seq + 1;
-            entry[key_len - 8..key_len].copy_from_slice(&seq.to_be_bytes());
-            let written = loop {
-                match self.store.put(
-                    self.slot(priority, seq),
-                    &self.endpoint,
-                    expires_ms,
-                    msg.id,
-                    entry,
-                ) {
-                    Ok(w) => break w,
-                    Err(StoreError::Full { .. }) if self.store.overflow == Overflow::DropOldest => {
-                        // Make room with this queue's oldest pending message, if it has one.
-                        let Some((p, s)) = g.oldest() else {
-                            return Err(QueueError::StoreFull);
-                        };
-                        if let Some(e) = g.take_pending(p, s) {
-                            dec(&mut g.per_priority, p);
-                            g.forget(&e);
-                            let dropped = self.message(p, s, &e).ok();
-                            self.remove(p, s, &e);
-                            if let Some(m) = dropped {
-                                crate::metrics::dropped(crate::metrics::DROP_OVERFLOW, &m);
-                            }
-                        }
-                    }
-                    Err(StoreError::Full { .. }) => return Err(QueueError::StoreFull),
-                    Err(StoreError::Compacting { .. } | StoreError::Stalled(_)) => {
-                        return Err(QueueError::StoreBusy)
-                    }
-                    Err(e) => {
-                        tracing::error!(endpoint = %self.endpoint, "message not stored: {e}");
-                        return Err(QueueError::Storage);
-                    }
+            // The sequence and a place are taken under the lock, the write is made outside it:
+            // the delivery pump's takes and acknowledgements of this queue do not wait for
+            // fjall. An entry goes among the pending ones once written, so nothing reads it
+            // before. Concurrent senders to one queue may then be delivered in either order, as
+            // they could be queued in either order before.
+            let seq = {
+                let mut g = self.lock();
+                if g.pending.len() + g.in_flight.len() + g.writing >= self.capacity {
+                    return Err(QueueError::Full);
                 }
+                g.next_seq += 1;
+                g.writing += 1;
+                g.next_seq
             };
-            g.next_seq = seq;
+            entry[key_len - 8..key_len].copy_from_slice(&seq.to_be_bytes());
+            let written = self.write_entry(seq, priority, expires_ms, msg.id, entry);
+            let mut g = self.lock();
+            g.writing -= 1;
+            let written = written?;
             let msg_id = msg.id;
             let cached = g.cache(msg);
             g.insert_pending(
@@ -1516,6 +1583,10 @@ impl QueueStore for DurableQueue {
 
     fn write_removals(&self) {
         self.store.write_removals();
+    }
+
+    fn write_removals_now(&self) -> bool {
+        self.store.write_removals_now()
     }
 
     fn release(&self, seq: u64) {

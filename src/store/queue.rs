@@ -82,6 +82,11 @@ pub trait QueueStore: Send + Sync + 'static {
     }
     /// Writes every removal made so far out. Blocking: call it off the async workers.
     fn write_removals(&self) {}
+    /// Writes them out on this thread if that cannot stall it (the write then is short);
+    /// `false`, with nothing written, if it could.
+    fn write_removals_now(&self) -> bool {
+        false
+    }
     fn release(&self, seq: u64);
     /// Removes every pending message that has expired by `now_ms` and returns them, in
     /// O(expired). May read from disk: call it off the async workers.
@@ -448,12 +453,15 @@ impl Unwritten {
         self.acks.len()
     }
 
-    /// Writes them out, off the async workers.
+    /// Writes them out: on this thread when the store says that cannot stall it, else off the
+    /// async workers.
     pub async fn write(&mut self) {
         while let Some((ep, _)) = self.acks.first() {
             let before = self.acks.len();
             let store = ep.store.clone();
-            let _ = tokio::task::spawn_blocking(move || store.write_removals()).await;
+            if !store.write_removals_now() {
+                let _ = tokio::task::spawn_blocking(move || store.write_removals()).await;
+            }
             if self.count() >= before {
                 break;
             }
