@@ -178,8 +178,12 @@ pub enum SyncPolicy {
 
 // ---------------------------------------------------------------------------------------------
 /// Removals wait in memory until this many are pending, then go to fjall in one batch (on the
-/// store's own thread).
-pub const REMOVAL_BATCH: usize = 128;
+/// store's own thread). A delivery pump writes its own out every quarter of its window, on its
+/// thread (see [`DurableStore::write_removals_now`]); this bound is for the rest (expiries,
+/// overflow drops) and for several pumps at once. At 128 a pump's burst of acknowledgements
+/// passed it and woke the store's thread, whose commit then held fjall's journal (and the
+/// senders' writes waiting on it) beside the pump's own.
+pub const REMOVAL_BATCH: usize = 1024;
 
 /// Removals not yet given to fjall, and the mark of the latest: a delivery pump keeps the mark of
 /// each acknowledgement it made and counts it against its window until the mark is written out
