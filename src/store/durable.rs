@@ -41,9 +41,10 @@
 //!   fsyncs, writes the buffer out too), so a burst costs one write to the journal file, not one
 //!   per message.
 //! * Removals (acks, expiries, overflow drops) are not fsynced and are written in batches: they
-//!   collect in memory and are committed to fjall every [`REMOVAL_BATCH`] removals (on the
-//!   store's own thread), on the housekeeping tick (every second), before a shared record is
-//!   written again, and when the store closes. A removal lost in a crash redelivers a message,
+//!   collect in memory and are committed to fjall when a delivery pump writes its
+//!   acknowledgements out, every [`REMOVAL_BATCH`] removals (on the store's own thread), on the
+//!   housekeeping tick (every second), before a shared record is written again, and when the
+//!   store closes. A removal lost in a crash redelivers a message,
 //!   never loses one. Queue keys are never reused while a removal may be pending (sequences only
 //!   grow while the hub runs, and after a restart continue past the highest entry on disk), so a
 //!   late delete never hits a newer entry.
