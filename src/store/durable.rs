@@ -42,10 +42,10 @@
 //!   per message.
 //! * Removals (acks, expiries, overflow drops) are not fsynced and are written in batches: they
 //!   collect in memory and are committed to fjall when a delivery pump writes its
-//!   acknowledgements out, every [`REMOVAL_BATCH`] removals (on the store's own thread), on the
-//!   housekeeping tick (every second), before a shared record is written again, and when the
-//!   store closes. A removal lost in a crash redelivers a message,
-//!   never loses one. Queue keys are never reused while a removal may be pending (sequences only
+//!   acknowledgements out, every [`REMOVAL_BATCH`] removals or [`REMOVAL_BATCH_BYTES`] of
+//!   entries removed (on the store's own thread), on the housekeeping tick (every second),
+//!   before a shared record is written again, and when the store closes. A removal lost in a
+//!   crash redelivers a message, never loses one. Queue keys are never reused while a removal may be pending (sequences only
 //!   grow while the hub runs, and after a restart continue past the highest entry on disk), so a
 //!   late delete never hits a newer entry.
 //! * **What a crash brings back.** A removal survives a crash of the hub (kill -9) once it is
@@ -186,6 +186,13 @@ pub enum SyncPolicy {
 /// senders' writes waiting on it) beside the pump's own.
 pub const REMOVAL_BATCH: usize = 1024;
 
+/// Pending removals are given to fjall as well once the entries they delete take this many bytes:
+/// until fjall has its delete, a removed entry still takes room in the files, and with a size
+/// limit writers wait while the files are past it (see [`DurableStore::check_files`]). A batch of
+/// [`REMOVAL_BATCH`] large messages dropped to make room could hold more than that bound allows
+/// beyond the limit, and then nothing freed it while writers waited.
+pub const REMOVAL_BATCH_BYTES: u64 = 1024 * 1024;
+
 /// Removals not yet given to fjall, and the mark of the latest: a delivery pump keeps the mark of
 /// each acknowledgement it made and counts it against its window until the mark is written out
 /// (see [`DurableStore::removal_written`]).
@@ -193,6 +200,8 @@ struct Removals {
     batch: fjall::Batch,
     /// Marks count removals from 1 (0 means "nothing to write").
     last: u64,
+    /// Bytes the entries deleted by `batch` take (see [`REMOVAL_BATCH_BYTES`]).
+    bytes: u64,
 }
 
 /// Work the store hands to a thread of its own, so that no async worker waits for it:
@@ -553,6 +562,7 @@ impl DurableStore {
         let removals = Removals {
             batch: fjall::Batch::with_capacity(keyspace.clone(), REMOVAL_BATCH + 1),
             last: 0,
+            bytes: 0,
         };
         let store = Arc::new(Self {
             keyspace,
@@ -1170,7 +1180,11 @@ impl DurableStore {
                     .remove(&self.messages, e.msg_id.to_be_bytes());
             }
             removals.last += 1;
-            (removals.last, removals.batch.len() >= REMOVAL_BATCH)
+            removals.bytes += freed;
+            (
+                removals.last,
+                removals.batch.len() >= REMOVAL_BATCH || removals.bytes >= REMOVAL_BATCH_BYTES,
+            )
         };
         if flush.1 && !self.chores.ask(&self.chores.flush) {
             self.flush_removals();
@@ -1183,6 +1197,7 @@ impl DurableStore {
     pub fn flush_removals(&self) {
         let mut pending = locked(&self.removals);
         let last = pending.last;
+        pending.bytes = 0;
         if !pending.batch.is_empty() {
             let batch = std::mem::replace(
                 &mut pending.batch,

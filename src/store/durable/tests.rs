@@ -998,3 +998,42 @@ fn a_partition_compacted_to_nothing_still_lets_its_journals_go() {
     drop(store);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn with_drop_oldest_a_flood_of_large_messages_is_never_held_back_by_its_own_drops() {
+    // The drops' deletes wait in memory for a batch; until fjall has them, the dropped entries
+    // still take room in its files. Pending deletes of many large messages outgrew the files'
+    // bound (the cap and twice the slack), and every later write was refused as busy until
+    // something else wrote them: with no consumer, nothing did.
+    let dir = temp();
+    let limit = 8 << 20;
+    let store = DurableStore::open(
+        &dir,
+        open_keyspace(&dir, Some(limit)).unwrap(),
+        SyncPolicy::Os,
+        Some(limit),
+        Overflow::DropOldest,
+    )
+    .unwrap();
+    let q = store.queue("flood", 100_000, false);
+    // Bodies that do not compress: the files hold what they take.
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut body = || {
+        (0..(64 << 10) / 16)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                format!("{seed:016x}")
+            })
+            .collect::<String>()
+    };
+    let n = 5 * limit as usize / (64 << 10);
+    for _ in 0..n {
+        push_when_not_busy(&q, msg(&body()));
+    }
+    assert!(store.usage().0 <= limit);
+    drop(q);
+    drop(store);
+    let _ = std::fs::remove_dir_all(dir);
+}
