@@ -1037,3 +1037,63 @@ fn with_drop_oldest_a_flood_of_large_messages_is_never_held_back_by_its_own_drop
     drop(store);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_partition_written_once_does_not_hold_the_journals() {
+    // fjall deletes a journal once every partition it fed has flushed its writes there. A
+    // partition written once (a twin, the event log's marker) held every journal sealed after
+    // it until fjall's monitor flushed it at half the journals' bound; the store's thread
+    // flushes it once two journals are sealed and it has not been written since its last look.
+    let dir = temp();
+    let store = open(&dir, SyncPolicy::Os);
+    let other = store
+        .keyspace
+        .open_partition("other", fjall::PartitionCreateOptions::default())
+        .unwrap();
+    other.insert("k", "v").unwrap();
+    let q = store.queue("ep", 10_000, false);
+    let body = "z".repeat(1024);
+    for _ in 0..SEALED_BEFORE_FLUSHING_IDLE {
+        for _ in 0..50 {
+            push_when_not_busy(&q, msg(&body));
+        }
+        assert!(store.queue.rotate_memtable().unwrap());
+    }
+    assert!(store.keyspace.journal_count() > SEALED_BEFORE_FLUSHING_IDLE);
+    // The first look finds something in `other`'s memtable, the second finds it unchanged.
+    store.reclaim();
+    store.reclaim();
+    wait_until("the journals to go", || store.keyspace.journal_count() == 1);
+    assert!(other.segment_count() >= 1);
+    // A partition with nothing in its memtable is left alone.
+    store.reclaim();
+    assert_eq!(other.segment_count(), 1);
+    drop((q, other, store));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_full_compaction_writes_its_marker_only_where_it_lowered_the_newest_table() {
+    // The marker lets the journals go after a compaction that left a partition with no table as
+    // new as before; written after every compaction, it gave `messages` (empty in most hubs)
+    // something to flush each time, and so a hold on the journals.
+    let dir = temp();
+    let store = open(&dir, SyncPolicy::Os);
+    let q = store.queue("ep", 10_000, false);
+    for i in 0..20 {
+        push_when_not_busy(&q, msg(&format!("m{i}")));
+    }
+    assert!(store.queue.rotate_memtable().unwrap());
+    wait_for_tables(&store, 1);
+    assert!(store.compact_in_full(&[&store.queue, &store.messages]));
+    wait_until("the compaction", || {
+        !store.compacting.load(Ordering::Acquire)
+    });
+    let has_marker = |p: &fjall::PartitionHandle| p.get(FLUSH_MARKER).unwrap().is_some();
+    // The queue kept its newest entry, `messages` had no table: neither needs the marker.
+    assert!(!has_marker(&store.queue));
+    assert!(!has_marker(&store.messages));
+    assert_eq!(q.len(), 20);
+    drop((q, store));
+    let _ = std::fs::remove_dir_all(dir);
+}
