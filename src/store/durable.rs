@@ -800,7 +800,7 @@ impl DurableStore {
 
     /// Flushes the memtables of the keyspace's idle partitions (something in their memtable,
     /// nothing written since the last look) once [`SEALED_BEFORE_FLUSHING_IDLE`] journals are
-    /// sealed. fjall deletes a journal only once every partition it fed has flushed what it
+    /// sealed (or [`journals_near`], when lower: a store capped below 1 GiB). fjall deletes a journal only once every partition it fed has flushed what it
     /// wrote there: a partition written now and then (a twin, the event log's marker, the
     /// store's flush marker) holds every journal sealed after its write. fjall's monitor
     /// flushes such a partition only past half the journals' bound, one per round, and by then
@@ -810,7 +810,9 @@ impl DurableStore {
     fn flush_idle_partitions(&self) {
         use fjall::AbstractTree;
         let mut seen = locked(&self.memtables_seen);
-        if self.keyspace.journal_count().saturating_sub(1) < SEALED_BEFORE_FLUSHING_IDLE {
+        let from =
+            (SEALED_BEFORE_FLUSHING_IDLE as u64).min(self.journals_near.load(Ordering::Relaxed));
+        if (self.keyspace.journal_count().saturating_sub(1) as u64) < from {
             seen.clear();
             return;
         }
