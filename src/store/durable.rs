@@ -45,9 +45,9 @@
 //!   acknowledgements out, every [`REMOVAL_BATCH`] removals or [`REMOVAL_BATCH_BYTES`] of
 //!   entries removed (on the store's own thread), on the housekeeping tick (every second),
 //!   before a shared record is written again, and when the store closes. A removal lost in a
-//!   crash redelivers a message, never loses one. Queue keys are never reused while a removal may be pending (sequences only
-//!   grow while the hub runs, and after a restart continue past the highest entry on disk), so a
-//!   late delete never hits a newer entry.
+//!   crash redelivers a message, never loses one. Queue keys are never reused while a removal
+//!   may be pending (sequences only grow while the hub runs, and after a restart continue past
+//!   the highest entry on disk), so a late delete never hits a newer entry.
 //! * **What a crash brings back.** A removal survives a crash of the hub (kill -9) once it is
 //!   written out to the OS: by [`DurableStore::write_removals`] or by the next
 //!   [`DurableStore::sync`] of a sender's write, whichever comes first. Each removal has a mark
@@ -798,15 +798,17 @@ impl DurableStore {
         files
     }
 
-    /// Flushes the memtables of the keyspace's idle partitions (something in their memtable,
-    /// nothing written since the last look) once [`SEALED_BEFORE_FLUSHING_IDLE`] journals are
-    /// sealed (or [`journals_near`], when lower: a store capped below 1 GiB). fjall deletes a journal only once every partition it fed has flushed what it
-    /// wrote there: a partition written now and then (a twin, the event log's marker, the
-    /// store's flush marker) holds every journal sealed after its write. fjall's monitor
-    /// flushes such a partition only past half the journals' bound, one per round, and by then
-    /// writes are near the point from which they leave the async worker (see
-    /// [`DurableStore::off_worker`]): in a steady stream of messages that took a fifth more CPU
-    /// per message. A busy partition grows between two looks and is left to fjall.
+    /// Flushes the memtable of an idle partition (something in its memtable, nothing written
+    /// since the last look) once [`SEALED_BEFORE_FLUSHING_IDLE`] journals are sealed (or
+    /// [`journals_near`], when lower: a store capped below 1 GiB). fjall deletes a journal only
+    /// once every partition it fed has flushed what it wrote there: a partition written now and
+    /// then (a twin, the event log, the store's flush marker) holds every journal sealed after
+    /// its write. fjall's monitor flushes such a partition only past half the journals' bound,
+    /// one per round, and by then writes are near the point from which they leave the async
+    /// worker (see [`DurableStore::off_worker`]): in a steady stream of messages that took a
+    /// fifth more CPU per message. A busy partition grows between two looks and is left to
+    /// fjall. One partition per look, the one holding the oldest journal: each flush seals the
+    /// active journal too, and fjall counts every journal at its full length.
     fn flush_idle_partitions(&self) {
         use fjall::AbstractTree;
         let mut seen = locked(&self.memtables_seen);
@@ -816,6 +818,7 @@ impl DurableStore {
             seen.clear();
             return;
         }
+        let mut oldest: Option<fjall::PartitionHandle> = None;
         for name in self.keyspace.list_partitions() {
             // Every partition of the keyspace is open (none is ever deleted): this only looks
             // it up.
@@ -827,11 +830,19 @@ impl DurableStore {
             };
             let size = part.tree.active_memtable_size();
             let before = seen.insert(name.to_string(), size);
-            if size > 0 && before == Some(size) {
-                if let Err(e) = part.rotate_memtable() {
-                    tracing::warn!(error = %e, partition = %name, "sealing a memtable of the store failed");
-                }
-                seen.remove(&*name);
+            let idle = size > 0 && before == Some(size);
+            if idle
+                && oldest.as_ref().is_none_or(|o| {
+                    part.tree.get_highest_persisted_seqno() < o.tree.get_highest_persisted_seqno()
+                })
+            {
+                oldest = Some(part);
+            }
+        }
+        if let Some(part) = oldest {
+            seen.remove(&*part.name);
+            if let Err(e) = part.rotate_memtable() {
+                tracing::warn!(error = %e, partition = %part.name, "sealing a memtable of the store failed");
             }
         }
     }

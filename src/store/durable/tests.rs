@@ -1097,3 +1097,44 @@ fn a_full_compaction_writes_its_marker_only_where_it_lowered_the_newest_table() 
     drop((q, store));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn idle_partitions_are_flushed_one_per_look() {
+    // Each flush seals the active journal as well, which fjall counts at its full length: a
+    // look that flushed every idle partition at once could take the journals to their bound.
+    let dir = temp();
+    let store = open(&dir, SyncPolicy::Os);
+    let parts: Vec<_> = ["one", "two"]
+        .iter()
+        .map(|n| {
+            let p = store
+                .keyspace
+                .open_partition(n, fjall::PartitionCreateOptions::default())
+                .unwrap();
+            p.insert("k", "v").unwrap();
+            p
+        })
+        .collect();
+    for _ in 0..SEALED_BEFORE_FLUSHING_IDLE {
+        store.queue.insert("x", "y").unwrap();
+        assert!(store.queue.rotate_memtable().unwrap());
+    }
+    let flushed = || {
+        parts
+            .iter()
+            .filter(|p| {
+                use fjall::AbstractTree;
+                p.tree.active_memtable_size() == 0
+            })
+            .count()
+    };
+    store.reclaim();
+    assert_eq!(flushed(), 0, "the first look only notes the sizes");
+    store.reclaim();
+    assert_eq!(flushed(), 1);
+    store.reclaim();
+    assert_eq!(flushed(), 2);
+    wait_until("the journals to go", || store.keyspace.journal_count() == 1);
+    drop((parts, store));
+    let _ = std::fs::remove_dir_all(dir);
+}
