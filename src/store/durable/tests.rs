@@ -47,6 +47,23 @@ fn open(dir: &Path, policy: SyncPolicy) -> Arc<DurableStore> {
     .unwrap()
 }
 
+/// A store limited to `limit` bytes, with its keyspace sized for that limit.
+fn open_capped(
+    dir: &Path,
+    policy: SyncPolicy,
+    limit: u64,
+    overflow: Overflow,
+) -> Arc<DurableStore> {
+    DurableStore::open(
+        dir,
+        open_keyspace(dir, Some(limit)).unwrap(),
+        policy,
+        Some(limit),
+        overflow,
+    )
+    .unwrap()
+}
+
 fn msg(body: &str) -> Arc<Message> {
     let mut app = OrderedMap::new();
     app.insert("k".to_owned(), SimpleValue::String("v".into()));
@@ -332,14 +349,7 @@ async fn the_journal_is_fsynced_through_a_handle_on_the_newest_journal() {
 async fn the_journal_handle_follows_journals_started_and_deleted_between_syncs() {
     let dir = temp();
     let limit = 8 << 20; // a 1 MiB write buffer: journals rotate often
-    let store = DurableStore::open(
-        &dir,
-        open_keyspace(&dir, Some(limit)).unwrap(),
-        SyncPolicy::Commit,
-        Some(limit),
-        Overflow::RejectNew,
-    )
-    .unwrap();
+    let store = open_capped(&dir, SyncPolicy::Commit, limit, Overflow::RejectNew);
     let q = store.queue("q", 100, false);
     q.try_push(msg("a"), 0, None).unwrap();
     store.sync().await.unwrap();
@@ -592,14 +602,7 @@ async fn a_sender_waiting_for_each_commit_is_not_held_back_by_the_interval() {
 fn drop_oldest_drops_the_oldest_of_any_priority() {
     let dir = temp();
     let limit = 3 * 400;
-    let store = DurableStore::open(
-        &dir,
-        open_keyspace(&dir, Some(limit)).unwrap(),
-        SyncPolicy::Os,
-        Some(limit),
-        Overflow::DropOldest,
-    )
-    .unwrap();
+    let store = open_capped(&dir, SyncPolicy::Os, limit, Overflow::DropOldest);
     let q = store.queue("cap", 1000, false);
     let body = |i: usize| format!("{i:0>200}");
     // The oldest is of a lower priority (a higher number) than the next ones.
@@ -650,14 +653,7 @@ fn a_write_fjall_would_stall_is_refused_as_busy_until_the_buffer_is_flushed() {
     // A 1 MiB write buffer: fjall would put the writer's thread to sleep once it is full.
     let dir = temp();
     let limit = 8 << 20;
-    let store = DurableStore::open(
-        &dir,
-        open_keyspace(&dir, Some(limit)).unwrap(),
-        SyncPolicy::Os,
-        Some(limit),
-        Overflow::RejectNew,
-    )
-    .unwrap();
+    let store = open_capped(&dir, SyncPolicy::Os, limit, Overflow::RejectNew);
     let q = store.queue("w", 1000, false);
     let body = "w".repeat(64 * 1024);
     let mut busy = false;
@@ -774,14 +770,7 @@ fn the_size_limit_holds_with_either_policy() {
         let dir = temp();
         // Room for about three messages.
         let limit = 3 * 400;
-        let store = DurableStore::open(
-            &dir,
-            open_keyspace(&dir, Some(limit)).unwrap(),
-            SyncPolicy::Os,
-            Some(limit),
-            overflow,
-        )
-        .unwrap();
+        let store = open_capped(&dir, SyncPolicy::Os, limit, overflow);
         let q = store.queue("cap", 1000, false);
         let mut accepted = Vec::new();
         for i in 0..10 {
@@ -1007,14 +996,7 @@ fn with_drop_oldest_a_flood_of_large_messages_is_never_held_back_by_its_own_drop
     // something else wrote them: with no consumer, nothing did.
     let dir = temp();
     let limit = 8 << 20;
-    let store = DurableStore::open(
-        &dir,
-        open_keyspace(&dir, Some(limit)).unwrap(),
-        SyncPolicy::Os,
-        Some(limit),
-        Overflow::DropOldest,
-    )
-    .unwrap();
+    let store = open_capped(&dir, SyncPolicy::Os, limit, Overflow::DropOldest);
     let q = store.queue("flood", 100_000, false);
     // Bodies that do not compress: the files hold what they take.
     let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
