@@ -57,9 +57,10 @@ impl IngestError {
 /// Routes a message and puts it in the queue of every target; returns how many there were.
 pub async fn enqueue(core: &HubCore, msg: &Arc<Message>) -> Result<usize, IngestError> {
     let targets = core.router().route(msg);
+    let sole = targets.len() == 1;
     for t in &targets {
         t.endpoint
-            .push(msg.clone(), t.priority, t.expires_ms, PUSH_WAIT)
+            .push(msg.clone(), t.priority, t.expires_ms, PUSH_WAIT, sole)
             .await
             .map_err(|e| IngestError::new(e, &t.endpoint.id))?;
     }

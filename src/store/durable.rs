@@ -16,7 +16,9 @@
 //!   (each a u32 BE length and the section's AMQP encoding), and the body as the rest.
 //!
 //! A message routed to one endpoint, the usual case, costs one write when it is queued and one
-//! delete when it is acknowledged. A message routed to several endpoints is still stored once:
+//! delete when it is acknowledged; routing says so (`QueueStore::try_push_sole`), and the store
+//! then keeps no record of where its copy is. A message routed to several endpoints is still
+//! stored once:
 //! the first queue's entry holds it inline; when a second queue takes it, one atomic batch moves
 //! the record to `messages` and turns that first entry into a pointer, and later queues write
 //! pointers only.
@@ -24,7 +26,9 @@
 //! # Invariants and recovery
 //!
 //! * Every stored message has exactly one record: inline in its only queue entry, or in
-//!   `messages` with one pointer entry per queue holding it. A shared record is written in the
+//!   `messages` with one pointer entry per queue holding it. (A message pushed as going to one
+//!   queue alone that another queue then takes after all has an inline record in the first:
+//!   more room, the same messages.) A shared record is written in the
 //!   same batch as the pointers that first refer to it and deleted with the last of them.
 //!   Reference counts of shared records live in memory and are rebuilt at open by counting
 //!   pointer entries; a record no pointer refers to any more (its last delete was lost in a
@@ -315,7 +319,8 @@ pub struct DurableStore {
     queue: fjall::PartitionHandle,
     policy: SyncPolicy,
     /// Messages queued in this run (inline ones until acknowledged) and every shared record.
-    /// Messages recovered inline at open are not here: their entry is all there is to know.
+    /// Messages recovered inline at open, and those that went to one queue alone
+    /// ([`QueueStore::try_push_sole`]), are not here: their entry is all there is to know.
     /// Lock order: a queue's lock, then this, then `removals`.
     copies: Mutex<HashMap<u64, Copies>>,
     /// The endpoint id of each queue, by [`Slot::queue`].
@@ -654,6 +659,7 @@ impl DurableStore {
                     expires_ms: e.expires_ms,
                     delivery_count: 0,
                     inline: e.inline,
+                    sole: false,
                     bytes: e.bytes,
                     cached: None,
                 },
@@ -1063,6 +1069,7 @@ impl DurableStore {
         expires_ms: Option<i64>,
         msg_id: u64,
         entry: &[u8],
+        sole: bool,
     ) -> Result<Written, StoreError> {
         let key_len = endpoint.len() + KEY_TAIL;
         let (key, value) = entry.split_at(key_len.min(entry.len()));
@@ -1070,7 +1077,26 @@ impl DurableStore {
             return Err(poisoned());
         }
         self.check_files(entry.len() as u64, &self.queue)?;
+        if sole {
+            return self.off_worker(|| self.write_sole(key, value));
+        }
         self.off_worker(|| self.write_entry(at, endpoint, expires_ms, msg_id, key, value))
+    }
+
+    /// [`DurableStore::put`] of the entry of a message that goes to no other queue: inline, and
+    /// not recorded in `copies` (no further queue will look for it there).
+    fn write_sole(&self, key: &[u8], value: &[u8]) -> Result<Written, StoreError> {
+        let bytes = (key.len() + value.len()) as u64;
+        self.reserve(bytes)?;
+        if let Err(e) = self.queue.insert(key, value) {
+            self.unreserve(bytes);
+            return Err(self.failed(e));
+        }
+        self.written.fetch_add(1, Ordering::AcqRel);
+        Ok(Written {
+            inline: true,
+            bytes,
+        })
     }
 
     /// [`DurableStore::put`] once the write is allowed.
@@ -1208,33 +1234,12 @@ impl DurableStore {
     fn remove(&self, at: Slot, endpoint: &str, e: &Entry) -> u64 {
         let key = queue_key(endpoint, at.priority, at.seq);
         let flush = {
-            let mut copies = locked(&self.copies);
-            let mut freed = e.bytes;
-            let mut last = false;
-            match copies.get_mut(&e.msg_id) {
-                Some(Copies::Inline(home)) if e.inline && *home == at => last = true,
-                Some(Copies::Shared {
-                    refs,
-                    record_bytes,
-                    converted,
-                }) if !e.inline || *converted == Some(at) => {
-                    if e.inline {
-                        *converted = None;
-                    }
-                    freed = (key.len() + ENTRY_HEAD) as u64;
-                    *refs = refs.saturating_sub(1);
-                    if *refs == 0 {
-                        freed += *record_bytes;
-                        last = true;
-                    }
-                }
-                // Recovered inline: the entry is all there is.
-                _ => {}
-            }
-            let shared = last && matches!(copies.get(&e.msg_id), Some(Copies::Shared { .. }));
-            if last {
-                copies.remove(&e.msg_id);
-            }
+            // An entry of a message that went to this queue alone was never in `copies`.
+            let mut copies = (!e.sole).then(|| locked(&self.copies));
+            let (freed, shared) = match copies.as_deref_mut() {
+                None => (e.bytes, false),
+                Some(copies) => Self::forget_copy(copies, at, &key, e),
+            };
             self.unreserve(freed);
             self.removed.fetch_add(freed, Ordering::Relaxed);
             // Still under `copies`: a conversion that writes this id's record again flushes
@@ -1248,15 +1253,56 @@ impl DurableStore {
             }
             removals.last += 1;
             removals.bytes += freed;
-            (
+            let flush = (
                 removals.last,
                 removals.batch.len() >= REMOVAL_BATCH || removals.bytes >= REMOVAL_BATCH_BYTES,
-            )
+            );
+            drop(removals);
+            drop(copies);
+            flush
         };
         if flush.1 && !self.chores.ask(&self.chores.flush) {
             self.flush_removals();
         }
         flush.0
+    }
+
+    /// The part of [`DurableStore::remove`] done under `copies`: updates the message's record
+    /// there for the entry `e` at `at` (key `key`) leaving; returns the bytes freed and whether
+    /// the message's shared record goes too.
+    fn forget_copy(
+        copies: &mut HashMap<u64, Copies>,
+        at: Slot,
+        key: &[u8],
+        e: &Entry,
+    ) -> (u64, bool) {
+        let mut freed = e.bytes;
+        let mut last = false;
+        match copies.get_mut(&e.msg_id) {
+            Some(Copies::Inline(home)) if e.inline && *home == at => last = true,
+            Some(Copies::Shared {
+                refs,
+                record_bytes,
+                converted,
+            }) if !e.inline || *converted == Some(at) => {
+                if e.inline {
+                    *converted = None;
+                }
+                freed = (key.len() + ENTRY_HEAD) as u64;
+                *refs = refs.saturating_sub(1);
+                if *refs == 0 {
+                    freed += *record_bytes;
+                    last = true;
+                }
+            }
+            // Recovered inline: the entry is all there is.
+            _ => {}
+        }
+        let shared = last && matches!(copies.get(&e.msg_id), Some(Copies::Shared { .. }));
+        if last {
+            copies.remove(&e.msg_id);
+        }
+        (freed, shared)
     }
 
     /// Gives the pending removals to fjall in one batch. A fjall write: call it off the async
@@ -1378,6 +1424,9 @@ struct Entry {
     delivery_count: u8,
     /// Written with the record inside (the store may have turned it into a pointer since).
     inline: bool,
+    /// Written inline for a message that went to this queue alone, with no record of it in
+    /// the store's `copies`: its removal does not look there.
+    sole: bool,
     /// Bytes of the entry as written (key and value).
     bytes: u64,
     cached: Option<Arc<Message>>,
@@ -1492,6 +1541,7 @@ impl DurableQueue {
         expires_ms: Option<i64>,
         msg_id: u64,
         entry: &[u8],
+        sole: bool,
     ) -> Result<Written, QueueError> {
         loop {
             match self.store.put(
@@ -1500,6 +1550,7 @@ impl DurableQueue {
                 expires_ms,
                 msg_id,
                 entry,
+                sole,
             ) {
                 Ok(w) => return Ok(w),
                 Err(StoreError::Full { .. }) if self.store.overflow == Overflow::DropOldest => {
@@ -1535,24 +1586,13 @@ impl DurableQueue {
         }
     }
 
-    /// The message of an entry: from memory, else from disk.
-    fn message(&self, priority: u32, seq: u64, e: &Entry) -> Result<Arc<Message>, StoreError> {
-        match &e.cached {
-            Some(m) => Ok(m.clone()),
-            None => self
-                .store
-                .load(&self.endpoint, priority, seq, e.msg_id)
-                .map(Arc::new),
-        }
-    }
-}
-
-impl QueueStore for DurableQueue {
-    fn try_push(
+    /// [`QueueStore::try_push`]; `sole`: see [`QueueStore::try_push_sole`].
+    fn push(
         &self,
         msg: Arc<Message>,
         priority: u32,
         expires_ms: Option<i64>,
+        sole: bool,
     ) -> Result<u64, QueueError> {
         with_scratch(|entry| {
             // Key (its sequence filled in below) and inline value, assembled outside the lock.
@@ -1578,7 +1618,7 @@ impl QueueStore for DurableQueue {
                 g.next_seq
             };
             entry[key_len - 8..key_len].copy_from_slice(&seq.to_be_bytes());
-            let written = self.write_entry(seq, priority, expires_ms, msg.id, entry);
+            let written = self.write_entry(seq, priority, expires_ms, msg.id, entry, sole);
             let mut g = self.lock();
             g.writing -= 1;
             let written = written?;
@@ -1592,6 +1632,7 @@ impl QueueStore for DurableQueue {
                     expires_ms,
                     delivery_count: 0,
                     inline: written.inline,
+                    sole,
                     bytes: written.bytes,
                     cached,
                 },
@@ -1599,6 +1640,37 @@ impl QueueStore for DurableQueue {
             *g.per_priority.entry(priority).or_default() += 1;
             Ok(seq)
         })
+    }
+
+    /// The message of an entry: from memory, else from disk.
+    fn message(&self, priority: u32, seq: u64, e: &Entry) -> Result<Arc<Message>, StoreError> {
+        match &e.cached {
+            Some(m) => Ok(m.clone()),
+            None => self
+                .store
+                .load(&self.endpoint, priority, seq, e.msg_id)
+                .map(Arc::new),
+        }
+    }
+}
+
+impl QueueStore for DurableQueue {
+    fn try_push(
+        &self,
+        msg: Arc<Message>,
+        priority: u32,
+        expires_ms: Option<i64>,
+    ) -> Result<u64, QueueError> {
+        self.push(msg, priority, expires_ms, false)
+    }
+
+    fn try_push_sole(
+        &self,
+        msg: Arc<Message>,
+        priority: u32,
+        expires_ms: Option<i64>,
+    ) -> Result<u64, QueueError> {
+        self.push(msg, priority, expires_ms, true)
     }
 
     fn pop(&self, now_ms: i64) -> Popped {

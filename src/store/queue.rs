@@ -71,6 +71,17 @@ pub trait QueueStore: Send + Sync + 'static {
         priority: u32,
         expires_ms: Option<i64>,
     ) -> Result<u64, QueueError>;
+    /// [`QueueStore::try_push`] of a message that goes to this queue alone: a store that keeps
+    /// one record for the copies of a message in several queues need not look for the others.
+    /// Wrong, it costs room (each copy then holds the message), never a message.
+    fn try_push_sole(
+        &self,
+        msg: Arc<Message>,
+        priority: u32,
+        expires_ms: Option<i64>,
+    ) -> Result<u64, QueueError> {
+        self.try_push(msg, priority, expires_ms)
+    }
     fn pop(&self, now_ms: i64) -> Popped;
     /// Removes an in-flight message for good. Returns the mark of its removal if a crash of the
     /// hub could still undo it (see [`QueueStore::removal_written`]), else 0.
@@ -315,16 +326,22 @@ impl Endpoint {
     }
 
     /// Puts a message in the queue, waiting up to `wait` for room (a full queue, or a store
-    /// compacting to stay within its limit).
+    /// compacting to stay within its limit). `sole`: the message goes to no other queue (see
+    /// [`QueueStore::try_push_sole`]).
     pub async fn push(
         &self,
         msg: Arc<Message>,
         priority: u32,
         expires_ms: Option<i64>,
         wait: Duration,
+        sole: bool,
     ) -> Result<u64, QueueError> {
+        let try_push = |msg: Arc<Message>| match sole {
+            true => self.store.try_push_sole(msg, priority, expires_ms),
+            false => self.store.try_push(msg, priority, expires_ms),
+        };
         // The usual case, a queue with room: no waiter registered, no clock read.
-        match self.store.try_push(msg.clone(), priority, expires_ms) {
+        match try_push(msg.clone()) {
             Ok(seq) => {
                 self.ready.notify_one();
                 return Ok(seq);
@@ -340,7 +357,7 @@ impl Endpoint {
             let notified = self.space.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.store.try_push(msg.clone(), priority, expires_ms) {
+            match try_push(msg.clone()) {
                 Ok(seq) => {
                     self.ready.notify_one();
                     return Ok(seq);
@@ -590,16 +607,19 @@ pub(crate) mod tests {
             Arc::new(MemoryQueue::new(1)),
             Arc::new(Notify::new()),
         ));
-        e.push(msg(), 0, None, Duration::from_secs(1))
+        e.push(msg(), 0, None, Duration::from_secs(1), false)
             .await
             .unwrap();
         assert_eq!(
-            e.push(msg(), 0, None, Duration::from_millis(20)).await,
+            e.push(msg(), 0, None, Duration::from_millis(20), false)
+                .await,
             Err(QueueError::Full)
         );
         let e2 = e.clone();
-        let waiter =
-            tokio::spawn(async move { e2.push(msg(), 0, None, Duration::from_secs(10)).await });
+        let waiter = tokio::spawn(async move {
+            e2.push(msg(), 0, None, Duration::from_secs(10), false)
+                .await
+        });
         let got = e.pop().unwrap();
         e.ack(got.seq);
         tokio::time::timeout(Duration::from_secs(10), waiter)

@@ -190,6 +190,64 @@ fn a_message_for_one_queue_is_one_inline_entry() {
 }
 
 #[test]
+fn a_message_for_one_queue_alone_is_inline_and_not_tracked_as_a_copy() {
+    let dir = temp();
+    let store = open(&dir, SyncPolicy::Os);
+    let q = store.queue("one", 10, false);
+    q.try_push_sole(msg("solo"), 1, Some(1 << 50)).unwrap();
+    assert_eq!(kinds(&store), vec![INLINE]);
+    assert!(locked(&store.copies).is_empty());
+    let (k, v) = store.queue.iter().next().unwrap().unwrap();
+    assert_eq!(store.usage().0, (k.len() + v.len()) as u64);
+    assert_eq!(drain(&q), vec![b"solo".to_vec()]);
+    assert_eq!(store.usage().0, 0);
+    store.flush_removals();
+    assert!(store.queue.is_empty().unwrap());
+    drop(q);
+    drop(store);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_message_said_to_go_to_one_queue_that_goes_to_another_is_held_by_both() {
+    // The hint wrong: each queue then holds the message inline, and each removal deletes
+    // only its own entry.
+    let dir = temp();
+    {
+        let store = open(&dir, SyncPolicy::Os);
+        let (q1, q2, q3) = (
+            store.queue("x", 10, false),
+            store.queue("y", 10, false),
+            store.queue("z", 10, false),
+        );
+        let m = msg("both");
+        q1.try_push_sole(m.clone(), 1, None).unwrap();
+        q2.try_push(m.clone(), 1, None).unwrap();
+        q3.try_push(m, 1, None).unwrap();
+        // y and z share one record; x kept its inline entry.
+        assert_eq!(store.messages.len().unwrap(), 1);
+        assert_eq!(kinds(&store), vec![INLINE, POINTER, POINTER]);
+        assert_eq!(drain(&q1), vec![b"both".to_vec()]);
+        store.flush_removals();
+        assert_eq!(kinds(&store), vec![POINTER, POINTER]);
+        assert_eq!(store.messages.len().unwrap(), 1);
+        assert_eq!(drain(&q2), vec![b"both".to_vec()]);
+    }
+    // After a reopen, z still has the message, and its removal takes the record with it.
+    let store = open(&dir, SyncPolicy::Os);
+    let q3 = store.queue("z", 10, false);
+    assert!(store.queue("x", 10, false).pop(0).item.is_none());
+    assert!(store.queue("y", 10, false).pop(0).item.is_none());
+    assert_eq!(drain(&q3), vec![b"both".to_vec()]);
+    store.flush_removals();
+    assert_eq!(store.messages.len().unwrap(), 0);
+    assert!(store.queue.is_empty().unwrap());
+    assert_eq!(store.usage().0, 0);
+    drop((q3, store));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn a_message_for_several_queues_is_stored_once() {
     let dir = temp();
     let store = open(&dir, SyncPolicy::Os);
