@@ -299,6 +299,7 @@ impl Hub {
             ));
         }
         tasks.spawn(crate::core::housekeeping(core.clone(), shutdown.clone()));
+        tasks.spawn(m::upkeep(handle.clone(), shutdown.clone()));
         tasks.spawn(crate::core::c2d::feedback_writer(
             core.clone(),
             shutdown.clone(),
