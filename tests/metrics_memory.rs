@@ -50,6 +50,7 @@ async fn samples_recorded_while_nobody_scrapes_are_drained() {
         two_upkeeps().await;
     }
     let grown = rss().saturating_sub(before);
+    eprintln!("resident memory grew by {grown} bytes over {ROUNDS} rounds");
     // Kept, the samples take at least 16 bytes each: 96 MB over the six rounds.
     assert!(
         grown < 3 * PER_ROUND * 16,
