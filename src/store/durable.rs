@@ -18,18 +18,17 @@
 //! A message routed to one endpoint, the usual case, costs one write when it is queued and one
 //! delete when it is acknowledged; routing says so (`QueueStore::try_push_sole`), and the store
 //! then keeps no record of where its copy is. A message routed to several endpoints is still
-//! stored once:
-//! the first queue's entry holds it inline; when a second queue takes it, one atomic batch moves
-//! the record to `messages` and turns that first entry into a pointer, and later queues write
-//! pointers only.
+//! stored once: the first queue's entry holds it inline; when a second queue takes it, one
+//! atomic batch moves the record to `messages` and turns that first entry into a pointer, and
+//! later queues write pointers only.
 //!
 //! # Invariants and recovery
 //!
 //! * Every stored message has exactly one record: inline in its only queue entry, or in
 //!   `messages` with one pointer entry per queue holding it. (A message pushed as going to one
 //!   queue alone that another queue then takes after all has an inline record in the first:
-//!   more room, the same messages.) A shared record is written in the
-//!   same batch as the pointers that first refer to it and deleted with the last of them.
+//!   more room, the same messages.) A shared record is written in the same batch as the
+//!   pointers that first refer to it and deleted with the last of them.
 //!   Reference counts of shared records live in memory and are rebuilt at open by counting
 //!   pointer entries; a record no pointer refers to any more (its last delete was lost in a
 //!   crash) is deleted at open.
