@@ -168,8 +168,8 @@ fn durable_queue_conforms() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Pushes one message (with `try_push_sole` when `sole`), checks that it is one inline entry counted at its size
-/// (and, with `sole`, that `copies` has no record of it), then drains it.
+/// Pushes one message (with `try_push_sole` when `sole`), checks that it is one inline entry
+/// counted at its size (and, with `sole`, that `copies` has no record of it), then drains it.
 fn one_inline_entry(sole: bool) {
     let dir = temp();
     let store = open(&dir, SyncPolicy::Os);
