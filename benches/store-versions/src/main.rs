@@ -5,8 +5,8 @@
 //! commit, without its fsync: the CPU is what is compared). fjall 3 runs twice: with ordinary
 //! deletes and with weak (single) deletes, which vanish with their entry when the two meet.
 //!
-//! The hub's allocator (mimalloc). Each run is a child process, so that its CPU (user + system, every thread of fjall's
-//! included) is its own; the variants alternate, `RUNS` rounds (env `RUNS`, default 3;
+//! The hub's allocator (mimalloc). Each run is a child process, so that its CPU (user + system,
+//! every thread of fjall's included) is its own; the variants alternate, `RUNS` rounds (env `RUNS`, default 3;
 //! `MESSAGES`, default 1 000 000; `SHORT_KEYS` set: 16-byte keys, the queue named by a number).
 
 use std::{process::Command, time::Instant};
@@ -24,7 +24,8 @@ const VARIANTS: [&str; 3] = ["fjall 2", "fjall 3", "fjall 3, weak deletes"];
 
 fn key(seq: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(QUEUE.len() + 12);
-    if std::env::var_os("SHORT_KEYS").is_some() {
+    static SHORT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *SHORT.get_or_init(|| std::env::var_os("SHORT_KEYS").is_some()) {
         // The queue named by a number instead of its endpoint id: a 16-byte key.
         k.extend_from_slice(&1u32.to_be_bytes());
     } else {
