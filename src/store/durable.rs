@@ -2,11 +2,19 @@
 //!
 //! # Layout (one fjall keyspace under `dataDir/store`, shared with the twins)
 //!
-//! * partition `queue`: key = endpoint id, `0x00`, priority (u32 BE), sequence (u64 BE) → a
-//!   queue entry: kind (u8), message id (u64 BE), expiry (i64 BE ms since the epoch, `i64::MAX`
-//!   = never), and then
+//! * partition `queue`: key = `0x01`, the queue's number (u32 BE), priority (u32 BE), sequence
+//!   (u64 BE) → a queue entry: kind (u8), message id (u64 BE), expiry (i64 BE ms since the
+//!   epoch, `i64::MAX` = never), and then
 //!   * kind 1, *inline*: the message record itself (the rest of the value);
 //!   * kind 2, *pointer*: nothing; the record is in `messages`.
+//!
+//!   A queue's number stands for its endpoint id, which a *name record* holds: key = `0x02`,
+//!   the number (u32 BE) → the endpoint id (UTF-8). A new queue's name record is written before
+//!   its first entry (the journal keeps their order); numbers are never reused. A 17-byte key
+//!   instead of one that starts with the endpoint id (22 bytes and more) makes every write,
+//!   delete and comparison in fjall's memtable cheaper (`BENCHMARKS.md`). Entries of a store
+//!   written before queues were numbered (keyed by endpoint id, `0x00`, priority, sequence) are
+//!   moved to numbered keys at open, a batch at a time.
 //! * partition `messages`: key = message id (u64 BE) → the message record, for a message that
 //!   several queues hold (*shared*).
 //! * a message record: format (u8, `1`), flags (u8: twin change, has module, has output, has
@@ -153,8 +161,9 @@ fn allocated(dir: &Path) -> u64 {
 const FULL_COMPACTION_TABLE: u64 = 64 * 1024 * 1024;
 
 /// The key of an empty value each partition gets after a full compaction (see
-/// [`DurableStore::compact_in_full`]). No entry key starts with 0xFF (endpoint ids are UTF-8), and
-/// no record key has one byte; the scans at open skip it.
+/// [`DurableStore::compact_in_full`]). No entry or name key starts with 0xFF, nor did entry keys
+/// before queues were numbered (endpoint ids are UTF-8), and no record key has one byte; the
+/// scans at open skip it.
 const FLUSH_MARKER: [u8; 1] = [0xFF];
 
 /// Sealed journals from which the store flushes the partitions that hold them back (see
@@ -268,7 +277,7 @@ fn write_buffer_bytes(cap: Option<u64>) -> u64 {
     cap.map_or(16 * MIB, |cap| (cap / 8).clamp(MIB, 16 * MIB))
 }
 
-/// A queue entry's place: its queue (an index into [`DurableStore::endpoints`]), priority and
+/// A queue entry's place: its queue's number (see [`DurableStore::numbers`]), priority and
 /// sequence. Small, since the store keeps one per message queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Slot {
@@ -276,6 +285,16 @@ struct Slot {
     priority: u32,
     seq: u64,
 }
+
+/// The number each endpoint's queue goes by in the store's keys, as its name records have it.
+#[derive(Debug, Default)]
+struct Numbers {
+    of: HashMap<Arc<str>, u32>,
+    next: u32,
+}
+
+/// Entries moved to numbered keys per batch at open (see [`DurableStore::number_old_entries`]).
+const RENUMBER_BATCH: usize = 1024;
 
 /// Where the one stored copy of a message lives.
 #[derive(Debug)]
@@ -322,8 +341,8 @@ pub struct DurableStore {
     /// ([`QueueStore::try_push_sole`]), are not here: their entry is all there is to know.
     /// Lock order: a queue's lock, then this, then `removals`.
     copies: Mutex<HashMap<u64, Copies>>,
-    /// The endpoint id of each queue, by [`Slot::queue`].
-    endpoints: Mutex<Vec<Arc<str>>>,
+    /// Each queue's number in the keys of its entries (see [`Slot`]); kept in name records.
+    numbers: Mutex<Numbers>,
     /// Deletes not yet given to fjall (see the module doc).
     removals: Mutex<Removals>,
     /// Removals up to this mark are in fjall / written to the OS (they survive a crash of the
@@ -511,13 +530,30 @@ impl DurableStore {
         let mut max_id = 0;
         let mut malformed = 0usize;
         let mut recovered: HashMap<String, Vec<Recovered>> = HashMap::new();
-        for kv in queue.iter() {
+        let mut numbers = Numbers::default();
+        for kv in queue.prefix([NAME_KEY]) {
             let (k, v) = kv.map_err(fj)?;
-            if *k == FLUSH_MARKER {
+            let (Some(n), Ok(name)) = (split_name_key(&k), std::str::from_utf8(&v)) else {
+                malformed += 1;
                 continue;
-            }
-            let (Some((endpoint, priority, seq)), Some(e)) = (split_queue_key(&k), parse_entry(&v))
+            };
+            numbers.of.insert(Arc::from(name), n);
+            numbers.next = numbers.next.max(n.saturating_add(1));
+        }
+        Self::number_old_entries(&keyspace, &queue, &mut numbers)?;
+        let names: HashMap<u32, Arc<str>> = numbers
+            .of
+            .iter()
+            .map(|(name, n)| (*n, name.clone()))
+            .collect();
+        for kv in queue.prefix([ENTRY_KEY]) {
+            let (k, v) = kv.map_err(fj)?;
+            let (Some((number, priority, seq)), Some(e)) = (split_queue_key(&k), parse_entry(&v))
             else {
+                malformed += 1;
+                continue;
+            };
+            let Some(endpoint) = names.get(&number) else {
                 malformed += 1;
                 continue;
             };
@@ -534,14 +570,17 @@ impl DurableStore {
             }
             stored += bytes;
             max_id = max_id.max(e.msg_id);
-            recovered.entry(endpoint).or_default().push(Recovered {
-                priority,
-                seq,
-                msg_id: e.msg_id,
-                expires_ms: e.expires_ms,
-                inline: e.kind == INLINE,
-                bytes,
-            });
+            recovered
+                .entry(endpoint.to_string())
+                .or_default()
+                .push(Recovered {
+                    priority,
+                    seq,
+                    msg_id: e.msg_id,
+                    expires_ms: e.expires_ms,
+                    inline: e.kind == INLINE,
+                    bytes,
+                });
         }
         if malformed > 0 {
             tracing::error!(malformed, "skipping malformed queue entries in the store");
@@ -581,7 +620,7 @@ impl DurableStore {
             queue,
             policy,
             copies: Mutex::new(copies),
-            endpoints: Mutex::new(Vec::new()),
+            numbers: Mutex::new(numbers),
             removals: Mutex::new(removals),
             removals_committed: Arc::new(AtomicU64::new(0)),
             removals_out: AtomicU64::new(0),
@@ -665,11 +704,7 @@ impl DurableStore {
             );
         }
         let endpoint: Arc<str> = Arc::from(endpoint);
-        let index = {
-            let mut endpoints = locked(&self.endpoints);
-            endpoints.push(endpoint.clone());
-            u32::try_from(endpoints.len() - 1).unwrap_or(u32::MAX)
-        };
+        let index = self.number(&endpoint);
         DurableQueue {
             store: self.clone(),
             endpoint,
@@ -1058,20 +1093,18 @@ impl DurableStore {
         fj(e)
     }
 
-    /// Writes the queue entry of message `msg_id` at `at` (in queue `endpoint`). `entry` holds
-    /// its key followed by its value as an inline entry; whether it is written that way depends
-    /// on whether another queue holds the message already.
+    /// Writes the queue entry of message `msg_id` at `at`. `entry` holds its key followed by its
+    /// value as an inline entry; whether it is written that way depends on whether another
+    /// queue holds the message already.
     fn put(
         &self,
         at: Slot,
-        endpoint: &str,
         expires_ms: Option<i64>,
         msg_id: u64,
         entry: &[u8],
         sole: bool,
     ) -> Result<Written, StoreError> {
-        let key_len = endpoint.len() + KEY_TAIL;
-        let (key, value) = entry.split_at(key_len.min(entry.len()));
+        let (key, value) = entry.split_at(KEY_LEN.min(entry.len()));
         if self.poisoned.load(Ordering::Acquire) {
             return Err(poisoned());
         }
@@ -1079,7 +1112,7 @@ impl DurableStore {
         if sole {
             return self.off_worker(|| self.write_sole(key, value));
         }
-        self.off_worker(|| self.write_entry(at, endpoint, expires_ms, msg_id, key, value))
+        self.off_worker(|| self.write_entry(at, expires_ms, msg_id, key, value))
     }
 
     /// [`DurableStore::put`] of the entry of a message that goes to no other queue: inline, and
@@ -1102,13 +1135,12 @@ impl DurableStore {
     fn write_entry(
         &self,
         at: Slot,
-        endpoint: &str,
         expires_ms: Option<i64>,
         msg_id: u64,
         key: &[u8],
         value: &[u8],
     ) -> Result<Written, StoreError> {
-        let pointer_bytes = (endpoint.len() + KEY_TAIL + ENTRY_HEAD) as u64;
+        let pointer_bytes = (KEY_LEN + ENTRY_HEAD) as u64;
         let entry_len = (key.len() + value.len()) as u64;
         let mut copies = locked(&self.copies);
         let written = match copies.get_mut(&msg_id) {
@@ -1135,8 +1167,7 @@ impl DurableStore {
                 let (added, converting) = match copy {
                     Copies::Inline(home) => {
                         let home = *home;
-                        let home_key =
-                            queue_key(&self.endpoint(home.queue), home.priority, home.seq);
+                        let home_key = queue_key(home.queue, home.priority, home.seq);
                         let old = self.queue.get(&home_key).map_err(fj)?.ok_or_else(|| {
                             StoreError::Corrupt(msg_id, "queue entry missing".into())
                         })?;
@@ -1219,19 +1250,83 @@ impl DurableStore {
         }
     }
 
-    /// The endpoint id of queue `index`.
-    fn endpoint(&self, index: u32) -> Arc<str> {
-        locked(&self.endpoints)
-            .get(index as usize)
-            .cloned()
-            .unwrap_or_else(|| Arc::from(""))
+    /// The number of `endpoint`'s queue; a new queue's is given a name record. That record
+    /// reaches the journal before any entry of the queue, so it is durable whenever one of them
+    /// is.
+    fn number(&self, endpoint: &Arc<str>) -> u32 {
+        let mut numbers = locked(&self.numbers);
+        if let Some(n) = numbers.of.get(endpoint) {
+            return *n;
+        }
+        let n = numbers.next;
+        numbers.next = n.saturating_add(1);
+        numbers.of.insert(endpoint.clone(), n);
+        if let Err(e) = self.queue.insert(name_key(n), endpoint.as_bytes()) {
+            // The queue's writes will fail as this one did.
+            tracing::error!(%endpoint, error = %e, "naming a queue in the store failed");
+        }
+        n
     }
 
-    /// Removes the entry `e` at `at` (in queue `endpoint`), and the shared record with its last
-    /// pointer. The deletes join the pending removals; returns their mark (see
-    /// [`DurableStore::removal_written`]).
-    fn remove(&self, at: Slot, endpoint: &str, e: &Entry) -> u64 {
-        let key = queue_key(endpoint, at.priority, at.seq);
+    /// Moves the entries of a store written before queues were numbered (keyed by their endpoint
+    /// id) to numbered keys, giving their queues numbers and name records. Each batch writes
+    /// the new keys and deletes the old ones together, so a crash part way leaves every entry
+    /// under one key or the other, and the next open goes on from there.
+    fn number_old_entries(
+        keyspace: &fjall::Keyspace,
+        queue: &fjall::PartitionHandle,
+        numbers: &mut Numbers,
+    ) -> Result<(), StoreError> {
+        use std::ops::Bound;
+        // Old keys start with their endpoint id's first byte: not 0x00 (ids are not empty),
+        // ENTRY_KEY or NAME_KEY, and never 0xFF (UTF-8), the flush marker's.
+        let mut from = Bound::Included(vec![NAME_KEY + 1]);
+        let mut moved = 0usize;
+        loop {
+            let chunk = queue
+                .range::<Vec<u8>, _>((from.clone(), Bound::Excluded(FLUSH_MARKER.to_vec())))
+                .take(RENUMBER_BATCH)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(fj)?;
+            let Some((last, _)) = chunk.last() else {
+                break;
+            };
+            from = Bound::Excluded(last.to_vec());
+            let mut batch = keyspace.batch();
+            for (k, v) in &chunk {
+                // A key that does not parse is left where it is, out of every queue, as it
+                // was before.
+                let Some((endpoint, priority, seq)) = split_unnumbered_key(k) else {
+                    tracing::error!("skipping a malformed queue entry in the store");
+                    continue;
+                };
+                let n = match numbers.of.get(endpoint.as_str()) {
+                    Some(n) => *n,
+                    None => {
+                        let n = numbers.next;
+                        numbers.next = n.saturating_add(1);
+                        batch.insert(queue, name_key(n), endpoint.as_bytes());
+                        numbers.of.insert(Arc::from(endpoint), n);
+                        n
+                    }
+                };
+                batch.insert(queue, queue_key(n, priority, seq), v.clone());
+                batch.remove(queue, k.clone());
+                moved += 1;
+            }
+            batch.commit().map_err(fj)?;
+        }
+        if moved > 0 {
+            keyspace.persist(fjall::PersistMode::SyncAll).map_err(fj)?;
+            tracing::info!(entries = moved, "queue entries moved to numbered keys");
+        }
+        Ok(())
+    }
+
+    /// Removes the entry `e` at `at`, and the shared record with its last pointer. The deletes
+    /// join the pending removals; returns their mark (see [`DurableStore::removal_written`]).
+    fn remove(&self, at: Slot, e: &Entry) -> u64 {
+        let key = queue_key(at.queue, at.priority, at.seq);
         let flush = {
             // An entry of a message that went to this queue alone was never in `copies`.
             let mut copies = (!e.sole).then(|| locked(&self.copies));
@@ -1369,10 +1464,10 @@ impl DurableStore {
         self.removals_out.load(Ordering::Acquire) >= mark
     }
 
-    /// Reads the message of the entry at (`endpoint`, `priority`, `seq`).
+    /// Reads the message of the entry at (`queue`, `priority`, `seq`).
     fn load(
         &self,
-        endpoint: &str,
+        queue: u32,
         priority: u32,
         seq: u64,
         msg_id: u64,
@@ -1380,7 +1475,7 @@ impl DurableStore {
         let corrupt = |why: &str| StoreError::Corrupt(msg_id, why.into());
         let v = self
             .queue
-            .get(queue_key(endpoint, priority, seq))
+            .get(queue_key(queue, priority, seq))
             .map_err(fj)?
             .ok_or_else(|| corrupt("queue entry missing"))?;
         let e = parse_entry(&v).ok_or_else(|| corrupt("malformed queue entry"))?;
@@ -1526,8 +1621,7 @@ impl DurableQueue {
     }
 
     fn remove(&self, priority: u32, seq: u64, e: &Entry) -> u64 {
-        self.store
-            .remove(self.slot(priority, seq), &self.endpoint, e)
+        self.store.remove(self.slot(priority, seq), e)
     }
 
     /// Writes the entry `entry` (key and inline value) of a new message at `seq`, making room
@@ -1543,14 +1637,10 @@ impl DurableQueue {
         sole: bool,
     ) -> Result<Written, QueueError> {
         loop {
-            match self.store.put(
-                self.slot(priority, seq),
-                &self.endpoint,
-                expires_ms,
-                msg_id,
-                entry,
-                sole,
-            ) {
+            match self
+                .store
+                .put(self.slot(priority, seq), expires_ms, msg_id, entry, sole)
+            {
                 Ok(w) => return Ok(w),
                 Err(StoreError::Full { .. }) if self.store.overflow == Overflow::DropOldest => {
                     // Make room with this queue's oldest pending message, if it has one.
@@ -1595,7 +1685,7 @@ impl DurableQueue {
     ) -> Result<u64, QueueError> {
         with_scratch(|entry| {
             // Key (its sequence filled in below) and inline value, assembled outside the lock.
-            push_key(entry, &self.endpoint, priority, 0);
+            push_key(entry, self.index, priority, 0);
             let key_len = entry.len();
             entry.extend_from_slice(&entry_head(INLINE, msg.id, expires_ms));
             if let Err(e) = encode_record(&msg, entry) {
@@ -1647,7 +1737,7 @@ impl DurableQueue {
             Some(m) => Ok(m.clone()),
             None => self
                 .store
-                .load(&self.endpoint, priority, seq, e.msg_id)
+                .load(self.index, priority, seq, e.msg_id)
                 .map(Arc::new),
         }
     }

@@ -188,26 +188,60 @@ pub(super) const INLINE: u8 = 1;
 pub(super) const POINTER: u8 = 2;
 /// Kind, message id, expiry.
 pub(super) const ENTRY_HEAD: usize = 17;
-/// The key's bytes after the endpoint id: `0x00`, priority, sequence.
-pub(super) const KEY_TAIL: usize = 13;
+/// First byte of a queue entry's key: then the queue's number, priority and sequence.
+pub(super) const ENTRY_KEY: u8 = 0x01;
+/// First byte of a queue's name record's key: then the queue's number (→ its endpoint id).
+pub(super) const NAME_KEY: u8 = 0x02;
+/// A queue entry's key: [`ENTRY_KEY`], queue number (u32 BE), priority (u32 BE), sequence
+/// (u64 BE).
+pub(super) const KEY_LEN: usize = 17;
 
-pub(super) fn push_key(out: &mut Vec<u8>, endpoint: &str, priority: u32, seq: u64) {
-    out.extend_from_slice(endpoint.as_bytes());
-    out.push(0);
+pub(super) fn push_key(out: &mut Vec<u8>, queue: u32, priority: u32, seq: u64) {
+    out.push(ENTRY_KEY);
+    out.extend_from_slice(&queue.to_be_bytes());
     out.extend_from_slice(&priority.to_be_bytes());
     out.extend_from_slice(&seq.to_be_bytes());
 }
 
-pub(super) fn queue_key(endpoint: &str, priority: u32, seq: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(endpoint.len() + KEY_TAIL);
-    push_key(&mut k, endpoint, priority, seq);
+pub(super) fn queue_key(queue: u32, priority: u32, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(KEY_LEN);
+    push_key(&mut k, queue, priority, seq);
     k
 }
 
-pub(super) fn split_queue_key(k: &[u8]) -> Option<(String, u32, u64)> {
+/// Queue number, priority and sequence of an entry's key.
+pub(super) fn split_queue_key(k: &[u8]) -> Option<(u32, u32, u64)> {
+    let k: &[u8; KEY_LEN] = k.try_into().ok()?;
+    if k[0] != ENTRY_KEY {
+        return None;
+    }
+    let q = u32::from_be_bytes(k[1..5].try_into().ok()?);
+    let p = u32::from_be_bytes(k[5..9].try_into().ok()?);
+    let s = u64::from_be_bytes(k[9..].try_into().ok()?);
+    Some((q, p, s))
+}
+
+pub(super) fn name_key(queue: u32) -> [u8; 5] {
+    let mut k = [NAME_KEY; 5];
+    k[1..].copy_from_slice(&queue.to_be_bytes());
+    k
+}
+
+/// The queue number of a name record's key.
+pub(super) fn split_name_key(k: &[u8]) -> Option<u32> {
+    match k {
+        [NAME_KEY, n @ ..] => Some(u32::from_be_bytes(n.try_into().ok()?)),
+        _ => None,
+    }
+}
+
+/// An entry's key as stores written before queues were numbered have it: the endpoint id,
+/// `0x00`, priority, sequence. Endpoint ids are UTF-8 text, so such a key never starts with
+/// [`ENTRY_KEY`], [`NAME_KEY`] or `0xFF`.
+pub(super) fn split_unnumbered_key(k: &[u8]) -> Option<(String, u32, u64)> {
     let zero = k.iter().position(|b| *b == 0)?;
     let (ep, rest) = (&k[..zero], k.get(zero + 1..)?);
-    if rest.len() != KEY_TAIL - 1 {
+    if ep.is_empty() || rest.len() != 12 {
         return None;
     }
     let p = u32::from_be_bytes(rest[..4].try_into().ok()?);

@@ -87,9 +87,14 @@ fn msg(body: &str) -> Arc<Message> {
 fn kinds(store: &DurableStore) -> Vec<u8> {
     store
         .queue
-        .iter()
+        .prefix([ENTRY_KEY])
         .map(|kv| kv.unwrap().1[0])
         .collect::<Vec<_>>()
+}
+
+/// How many queue entries are on disk (name records aside).
+fn entry_count(store: &DurableStore) -> usize {
+    store.queue.prefix([ENTRY_KEY]).count()
 }
 
 /// Pushes, waiting (bounded) while the store is busy (a full write buffer being flushed).
@@ -182,14 +187,14 @@ fn one_inline_entry(sole: bool) {
     }
     assert_eq!(kinds(&store), vec![INLINE]);
     assert_eq!(store.messages.len().unwrap(), 0);
-    let (k, v) = store.queue.iter().next().unwrap().unwrap();
+    let (k, v) = store.queue.prefix([ENTRY_KEY]).next().unwrap().unwrap();
     assert_eq!(store.usage().0, (k.len() + v.len()) as u64);
     let e = parse_entry(&v).unwrap();
     assert_eq!(e.expires_ms, Some(1 << 50));
     assert_eq!(drain(&q), vec![b"solo".to_vec()]);
     assert_eq!(store.usage().0, 0);
     store.flush_removals();
-    assert!(store.queue.is_empty().unwrap());
+    assert_eq!(entry_count(&store), 0);
     drop(q);
     drop(store);
     let _ = std::fs::remove_dir_all(dir);
@@ -238,7 +243,7 @@ fn a_message_said_to_go_to_one_queue_that_goes_to_another_is_held_by_both() {
     assert_eq!(drain(&q3), vec![b"both".to_vec()]);
     store.flush_removals();
     assert_eq!(store.messages.len().unwrap(), 0);
-    assert!(store.queue.is_empty().unwrap());
+    assert_eq!(entry_count(&store), 0);
     assert_eq!(store.usage().0, 0);
     drop((q3, store));
     let _ = std::fs::remove_dir_all(dir);
@@ -263,7 +268,7 @@ fn a_message_for_several_queues_is_stored_once() {
     assert_eq!(store.messages.len().unwrap(), 1);
     let on_disk: u64 = store
         .queue
-        .iter()
+        .prefix([ENTRY_KEY])
         .chain(store.messages.iter())
         .map(|kv| kv.map(|(k, v)| (k.len() + v.len()) as u64).unwrap())
         .sum();
@@ -276,7 +281,7 @@ fn a_message_for_several_queues_is_stored_once() {
     assert_eq!(drain(&qs[1]), vec![b"fan".to_vec()]);
     store.flush_removals();
     assert_eq!(store.messages.len().unwrap(), 0);
-    assert!(store.queue.is_empty().unwrap());
+    assert_eq!(entry_count(&store), 0);
     assert_eq!(store.usage().0, 0);
     drop(qs);
     drop(store);
@@ -295,7 +300,7 @@ fn an_entry_in_flight_can_be_turned_into_a_pointer() {
     // The converted entry keeps its expiry.
     let expiries: Vec<Option<i64>> = store
         .queue
-        .iter()
+        .prefix([ENTRY_KEY])
         .map(|kv| parse_entry(&kv.unwrap().1).unwrap().expires_ms)
         .collect();
     assert_eq!(expiries, vec![Some(1 << 50), None]);
@@ -306,7 +311,7 @@ fn an_entry_in_flight_can_be_turned_into_a_pointer() {
     assert_eq!(drain(&q2), vec![b"moving".to_vec()]);
     store.flush_removals();
     assert_eq!(store.messages.len().unwrap(), 0);
-    assert!(store.queue.is_empty().unwrap());
+    assert_eq!(entry_count(&store), 0);
     assert_eq!(store.usage().0, 0);
     drop((q1, q2, store));
     let _ = std::fs::remove_dir_all(dir);
@@ -490,7 +495,7 @@ async fn queues_survive_a_reopen_with_one_copy_per_message() {
     assert_eq!(drain(&q2), vec![b"a".to_vec()]);
     store.flush_removals();
     assert_eq!(store.messages.len().unwrap(), 0);
-    assert!(store.queue.is_empty().unwrap());
+    assert_eq!(entry_count(&store), 0);
     assert_eq!(store.usage().0, 0);
     drop((q1, q2, store));
     let _ = std::fs::remove_dir_all(dir);
@@ -512,12 +517,12 @@ fn removals_are_written_in_batches_and_at_close() {
             .map(|s| q.ack(*s))
             .collect();
         assert!(marks.windows(2).all(|w| w[0] < w[1]));
-        assert_eq!(store.queue.len().unwrap(), n, "deletes wait for a batch");
+        assert_eq!(entry_count(&store), n, "deletes wait for a batch");
         assert!(!q.removal_written(marks[0]));
         // A full batch goes to fjall on the store's thread.
         let last = q.ack(seqs[REMOVAL_BATCH - 1]);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while store.queue.len().unwrap() != n - REMOVAL_BATCH {
+        while entry_count(&store) != n - REMOVAL_BATCH {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the batch was not written"
@@ -527,15 +532,15 @@ fn removals_are_written_in_batches_and_at_close() {
         // In fjall is not yet out of the process: a pump counts it until it is written.
         assert!(!q.removal_written(last));
         let more = q.ack(seqs[REMOVAL_BATCH]);
-        assert_eq!(store.queue.len().unwrap(), n - REMOVAL_BATCH);
+        assert_eq!(entry_count(&store), n - REMOVAL_BATCH);
         // A healthy store writes them out on the caller's thread (fjall cannot stall it).
         assert!(q.write_removals_now());
         assert!(q.removal_written(last) && q.removal_written(more));
-        assert_eq!(store.queue.len().unwrap(), n - REMOVAL_BATCH - 1);
+        assert_eq!(entry_count(&store), n - REMOVAL_BATCH - 1);
         // The housekeeping tick writes what is pending.
         let pending = q.ack(seqs[REMOVAL_BATCH + 1]);
         assert!(q.expire(0).is_empty());
-        assert_eq!(store.queue.len().unwrap(), n - REMOVAL_BATCH - 2);
+        assert_eq!(entry_count(&store), n - REMOVAL_BATCH - 2);
         assert!(!q.removal_written(pending));
         q.ack(seqs[REMOVAL_BATCH + 2]);
     }
@@ -926,7 +931,7 @@ fn expired_messages_leave_the_store() {
     assert_eq!(gone.len(), 1);
     assert_eq!(gone[0].msg.body, b"short");
     assert_eq!(q.lengths().get(&1), Some(&1));
-    assert_eq!(store.queue.len().unwrap(), 1);
+    assert_eq!(entry_count(&store), 1);
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -967,29 +972,31 @@ fn removed_entries_leave_the_files_without_a_size_limit() {
     wait_for_tables(&store, 2);
     assert!(store.queue.disk_space() > 0);
     store.reclaim();
-    // The compaction ran on its own thread: wait (bounded) for it to end.
-    wait_until("the compaction to leave no table", || {
-        !store.compacting.load(Ordering::Acquire) && store.queue.segment_count() == 0
+    // The compaction ran on its own thread: wait (bounded) for it to end. It leaves one table:
+    // the queue's name record.
+    wait_until("the compaction to leave one table", || {
+        !store.compacting.load(Ordering::Acquire) && store.queue.segment_count() == 1
     });
-    assert_eq!(store.queue.disk_space(), 0);
+    assert!(store.queue.disk_space() < 16 * 1024);
     let left: Vec<_> = store.queue.iter().map(|kv| kv.unwrap().0).collect();
-    assert_eq!(left.len(), 1, "removed entries came back");
-    assert_eq!(*left[0], FLUSH_MARKER);
+    assert_eq!(left.len(), 2, "removed entries came back");
+    assert_eq!(*left[0], name_key(0));
+    assert_eq!(*left[1], FLUSH_MARKER);
     assert!(store.queue.rotate_memtable().unwrap());
-    wait_for_tables(&store, 1);
+    wait_for_tables(&store, 2);
     // Below the threshold nothing is compacted: a few removals leave their tables alone.
     for _ in 0..3 {
         push_when_not_busy(&q, msg("small"));
     }
     assert!(store.queue.rotate_memtable().unwrap());
-    wait_for_tables(&store, 2);
+    wait_for_tables(&store, 3);
     drain(&q);
     store.flush_removals();
     assert!(store.queue.rotate_memtable().unwrap());
-    wait_for_tables(&store, 3);
+    wait_for_tables(&store, 4);
     store.reclaim();
     assert!(!store.compacting.load(Ordering::Acquire));
-    assert_eq!(store.queue.segment_count(), 3);
+    assert_eq!(store.queue.segment_count(), 4);
     drop(q);
     drop(store);
     // Nothing removed comes back after a restart.
@@ -1003,10 +1010,10 @@ fn removed_entries_leave_the_files_without_a_size_limit() {
 
 #[test]
 fn a_partition_compacted_to_nothing_still_lets_its_journals_go() {
-    // A journal goes once every partition it fed has a table as new as its writes there. The
-    // queue's tables go entirely in a full compaction; the journals it fed must still be freed
-    // once fjall flushes the queue again (its monitor picks a partition with something in its
-    // memtable: the store's marker).
+    // A journal goes once every partition it fed has a table as new as its writes there. A full
+    // compaction leaves the queue only its name record, in a table older than the journals
+    // written since; the journals it fed must still be freed once fjall flushes the queue
+    // again (its monitor picks a partition with something in its memtable: the store's marker).
     let dir = temp();
     let store = open(&dir, SyncPolicy::Os);
     let q = store.queue("ep", 10_000, false);
@@ -1023,9 +1030,11 @@ fn a_partition_compacted_to_nothing_still_lets_its_journals_go() {
     assert!(store.queue.rotate_memtable().unwrap());
     wait_for_tables(&store, 2);
     store.reclaim();
+    // Left: one table with the queue's name record, older than the journals after the first.
     wait_until("the compaction", || {
-        !store.compacting.load(Ordering::Acquire) && store.queue.segment_count() == 0
+        !store.compacting.load(Ordering::Acquire) && store.queue.segment_count() == 1
     });
+    assert_eq!(entry_count(&store), 0);
     // `messages` flushed: only the queue, with no table, can hold the journals now.
     assert!(store.messages.rotate_memtable().unwrap());
     wait_until("the flush of messages", || {
@@ -1174,4 +1183,169 @@ fn idle_partitions_are_flushed_one_per_look() {
     wait_until("the journals to go", || store.keyspace.journal_count() == 1);
     drop((parts, store));
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// An entry as a store written before queues were numbered keyed it: endpoint id, `0x00`,
+/// priority, sequence.
+fn unnumbered_key(endpoint: &str, priority: u32, seq: u64) -> Vec<u8> {
+    let mut k = endpoint.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&priority.to_be_bytes());
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn inline_value(m: &Message) -> Vec<u8> {
+    let mut v = entry_head(INLINE, m.id, None).to_vec();
+    encode_record(m, &mut v).unwrap();
+    v
+}
+
+#[test]
+fn entries_keyed_by_endpoint_id_are_moved_to_numbered_keys_at_open() {
+    let dir = temp();
+    {
+        let ks = open_keyspace(&dir, None).unwrap();
+        let queue = ks
+            .open_partition("queue", fjall::PartitionCreateOptions::default())
+            .unwrap();
+        let messages = ks
+            .open_partition("messages", fjall::PartitionCreateOptions::default())
+            .unwrap();
+        // Queue "/modules/a/inputs/in1": three inline entries, two priorities; queue "$upstream"
+        // and "/modules/a/inputs/in1" share one message through pointers.
+        for (p, s, body) in [(0, 1, "a1"), (0, 2, "a2"), (1, 3, "a3")] {
+            let m = msg(body);
+            queue
+                .insert(
+                    unnumbered_key("/modules/a/inputs/in1", p, s),
+                    inline_value(&m),
+                )
+                .unwrap();
+        }
+        let shared = msg("shared");
+        let mut record = Vec::new();
+        encode_record(&shared, &mut record).unwrap();
+        messages.insert(shared.id.to_be_bytes(), record).unwrap();
+        for (ep, s) in [("/modules/a/inputs/in1", 4), ("$upstream", 1)] {
+            queue
+                .insert(
+                    unnumbered_key(ep, 0, s),
+                    entry_head(POINTER, shared.id, None),
+                )
+                .unwrap();
+        }
+        ks.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    let store = open(&dir, SyncPolicy::Os);
+    // Nothing is left under an old key; each queue has a name record.
+    let keys: Vec<_> = store.queue.iter().map(|kv| kv.unwrap().0).collect();
+    assert_eq!(keys.len(), 5 + 2, "{keys:?}");
+    assert!(keys.iter().all(|k| k[0] == ENTRY_KEY || k[0] == NAME_KEY));
+    assert!(store.usage().0 > 0);
+    let q = store.queue("/modules/a/inputs/in1", 100, false);
+    let up = store.queue("$upstream", 100, false);
+    // A queue made after the move gets a number of its own.
+    let other = store.queue("/modules/b/inputs/in1", 100, false);
+    assert_eq!(
+        [q.index, up.index, other.index]
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        3
+    );
+    // Priority first, then order of arrival, as before the move.
+    assert_eq!(
+        drain(&q),
+        vec![
+            b"a1".to_vec(),
+            b"a2".to_vec(),
+            b"shared".to_vec(),
+            b"a3".to_vec()
+        ]
+    );
+    assert_eq!(drain(&up), vec![b"shared".to_vec()]);
+    store.flush_removals();
+    assert_eq!(entry_count(&store), 0);
+    assert_eq!(store.messages.len().unwrap(), 0);
+    assert_eq!(store.usage().0, 0);
+    drop((q, up, other));
+    drop(store);
+}
+
+#[test]
+fn a_move_to_numbered_keys_cut_short_goes_on_at_the_next_open() {
+    // A crash between two of the move's batches leaves some entries moved and some not: the
+    // next open moves the rest, and the queue keeps every message once, in order.
+    let dir = temp();
+    let ep = "/modules/a/inputs/in1";
+    {
+        let ks = open_keyspace(&dir, None).unwrap();
+        let queue = ks
+            .open_partition("queue", fjall::PartitionCreateOptions::default())
+            .unwrap();
+        queue.insert(name_key(0), ep).unwrap();
+        queue
+            .insert(queue_key(0, 0, 1), inline_value(&msg("m1")))
+            .unwrap();
+        queue
+            .insert(queue_key(0, 0, 2), inline_value(&msg("m2")))
+            .unwrap();
+        for (s, body) in [(3, "m3"), (4, "m4")] {
+            queue
+                .insert(unnumbered_key(ep, 0, s), inline_value(&msg(body)))
+                .unwrap();
+        }
+        queue
+            .insert(unnumbered_key("$upstream", 0, 1), inline_value(&msg("u1")))
+            .unwrap();
+        ks.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    let store = open(&dir, SyncPolicy::Os);
+    assert_eq!(entry_count(&store), 5);
+    let q = store.queue(ep, 100, false);
+    assert_eq!(q.index, 0);
+    let up = store.queue("$upstream", 100, false);
+    assert_eq!(up.index, 1);
+    assert_eq!(
+        drain(&q),
+        vec![
+            b"m1".to_vec(),
+            b"m2".to_vec(),
+            b"m3".to_vec(),
+            b"m4".to_vec()
+        ]
+    );
+    assert_eq!(drain(&up), vec![b"u1".to_vec()]);
+    drop((q, up));
+    drop(store);
+}
+
+#[test]
+fn queue_numbers_come_from_the_store_not_from_the_order_queues_are_made() {
+    let dir = temp();
+    {
+        let store = open(&dir, SyncPolicy::Os);
+        let a = store.queue("a", 100, false);
+        let b = store.queue("b", 100, false);
+        assert_eq!((a.index, b.index), (0, 1));
+        // The same endpoint's queue made again keeps its number.
+        assert_eq!(store.queue("a", 100, false).index, 0);
+        b.try_push(msg("for b"), 0, None).unwrap();
+        a.try_push(msg("for a"), 0, None).unwrap();
+        drop((a, b));
+    }
+    let store = open(&dir, SyncPolicy::Os);
+    let mut recovered = store.recovered_endpoints();
+    recovered.sort();
+    assert_eq!(recovered, ["a", "b"]);
+    // Made in the other order this time.
+    let b = store.queue("b", 100, false);
+    let a = store.queue("a", 100, false);
+    let c = store.queue("c", 100, false);
+    assert_eq!((a.index, b.index, c.index), (0, 1, 2));
+    assert_eq!(drain(&b), vec![b"for b".to_vec()]);
+    assert_eq!(drain(&a), vec![b"for a".to_vec()]);
+    drop((a, b, c));
+    drop(store);
 }
