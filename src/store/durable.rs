@@ -1274,6 +1274,12 @@ impl DurableStore {
     /// id) to numbered keys, giving their queues numbers and name records. Each batch writes
     /// the new keys and deletes the old ones together, so a crash part way leaves every entry
     /// under one key or the other, and the next open goes on from there.
+    ///
+    /// A queue may already have numbered entries: those moved before a crash, or (after a hub
+    /// of the older format ran on this store, skipping the numbered entries and counting its
+    /// sequences from 1 again) entries older than every unnumbered one. The moved entries then
+    /// go after them, their sequences raised by the queue's highest numbered one, so none
+    /// takes another's key and each queue's order holds.
     fn number_old_entries(
         keyspace: &fjall::Keyspace,
         queue: &fjall::PartitionHandle,
@@ -1283,6 +1289,18 @@ impl DurableStore {
         // Old keys start with their endpoint id's first byte: not 0x00 (ids are not empty),
         // ENTRY_KEY or NAME_KEY, and never 0xFF (UTF-8), the flush marker's.
         let mut from = Bound::Included(vec![NAME_KEY + 1]);
+        let old = (from.clone(), Bound::Excluded(FLUSH_MARKER.to_vec()));
+        if queue.range::<Vec<u8>, _>(old).next().is_none() {
+            return Ok(());
+        }
+        let mut after: HashMap<u32, u64> = HashMap::new();
+        for kv in queue.prefix([ENTRY_KEY]) {
+            let (k, _) = kv.map_err(fj)?;
+            if let Some((n, _, seq)) = split_queue_key(&k) {
+                let highest = after.entry(n).or_default();
+                *highest = (*highest).max(seq);
+            }
+        }
         let mut moved = 0usize;
         loop {
             let chunk = queue
@@ -1312,6 +1330,7 @@ impl DurableStore {
                         n
                     }
                 };
+                let seq = seq.saturating_add(after.get(&n).copied().unwrap_or(0));
                 batch.insert(queue, queue_key(n, priority, seq), v.clone());
                 batch.remove(queue, k.clone());
                 moved += 1;

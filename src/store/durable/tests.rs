@@ -1349,3 +1349,44 @@ fn queue_numbers_come_from_the_store_not_from_the_order_queues_are_made() {
     drop((a, b, c));
     drop(store);
 }
+
+#[test]
+fn entries_written_by_an_older_hub_after_a_newer_one_go_after_its_entries() {
+    // A newer hub numbered the queue; an older one then ran on the store, skipped the numbered
+    // entries and queued its own under endpoint-id keys, its sequences from 1 again. Opened by a
+    // newer hub once more, the queue has every message once: the numbered ones first.
+    let dir = temp();
+    let ep = "/modules/a/inputs/in1";
+    {
+        let ks = open_keyspace(&dir, None).unwrap();
+        let queue = ks
+            .open_partition("queue", fjall::PartitionCreateOptions::default())
+            .unwrap();
+        queue.insert(name_key(0), ep).unwrap();
+        for (s, body) in [(1, "new1"), (2, "new2"), (3, "new3")] {
+            queue
+                .insert(queue_key(0, 0, s), inline_value(&msg(body)))
+                .unwrap();
+        }
+        for (s, body) in [(1, "old1"), (2, "old2")] {
+            queue
+                .insert(unnumbered_key(ep, 0, s), inline_value(&msg(body)))
+                .unwrap();
+        }
+        ks.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    let store = open(&dir, SyncPolicy::Os);
+    assert_eq!(entry_count(&store), 5);
+    let q = store.queue(ep, 100, false);
+    assert_eq!(
+        drain(&q),
+        ["new1", "new2", "new3", "old1", "old2"]
+            .map(|b| b.as_bytes().to_vec())
+            .to_vec()
+    );
+    // New messages go after all of them.
+    q.try_push(msg("next"), 0, None).unwrap();
+    assert_eq!(drain(&q), vec![b"next".to_vec()]);
+    drop(q);
+    drop(store);
+}
