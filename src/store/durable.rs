@@ -292,10 +292,15 @@ struct Slot {
 struct Numbers {
     of: HashMap<Arc<str>, u32>,
     next: u32,
+    /// Queues whose name record could not be written: written again before their next entry
+    /// (see [`DurableStore::name_again`]).
+    unnamed: HashMap<u32, Arc<str>>,
 }
 
-/// Entries moved to numbered keys per batch at open (see [`DurableStore::number_old_entries`]).
+/// Entries moved to numbered keys per batch at open (see [`DurableStore::number_old_entries`]),
+/// and the most bytes of entries a batch holds (a message may take up to 1 MiB).
 const RENUMBER_BATCH: usize = 1024;
+const RENUMBER_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 /// Where the one stored copy of a message lives.
 #[derive(Debug)]
@@ -344,6 +349,8 @@ pub struct DurableStore {
     copies: Mutex<HashMap<u64, Copies>>,
     /// Each queue's number in the keys of its entries (see [`Slot`]); kept in name records.
     numbers: Mutex<Numbers>,
+    /// Whether `numbers` has queues whose name record is still to be written.
+    unnamed: AtomicBool,
     /// Deletes not yet given to fjall (see the module doc).
     removals: Mutex<Removals>,
     /// Removals up to this mark are in fjall / written to the OS (they survive a crash of the
@@ -622,6 +629,7 @@ impl DurableStore {
             policy,
             copies: Mutex::new(copies),
             numbers: Mutex::new(numbers),
+            unnamed: AtomicBool::new(false),
             removals: Mutex::new(removals),
             removals_committed: Arc::new(AtomicU64::new(0)),
             removals_out: AtomicU64::new(0),
@@ -1109,6 +1117,9 @@ impl DurableStore {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(poisoned());
         }
+        if self.unnamed.load(Ordering::Acquire) {
+            self.name_again(at.queue)?;
+        }
         self.check_files(entry.len() as u64, &self.queue)?;
         if sole {
             return self.off_worker(|| self.write_sole(key, value));
@@ -1264,10 +1275,43 @@ impl DurableStore {
         numbers.of.insert(endpoint.clone(), n);
         // Like an entry's write, it may meet fjall's stall for journals near their bound.
         if let Err(e) = self.off_worker(|| self.queue.insert(name_key(n), endpoint.as_bytes())) {
-            // The queue's writes will fail as this one did.
+            // A journal that cannot be written poisons the store (see `failed`); otherwise the
+            // record is written again before the queue's first entry, or that entry is refused.
+            let e = self.failed(e);
             tracing::error!(%endpoint, error = %e, "naming a queue in the store failed");
+            numbers.unnamed.insert(n, endpoint.clone());
+            self.unnamed.store(true, Ordering::Release);
         }
         n
+    }
+
+    /// Writes the name record of queue `queue` if [`DurableStore::number`] could not; an entry
+    /// of the queue is written only once it is.
+    fn name_again(&self, queue: u32) -> Result<(), StoreError> {
+        let mut numbers = locked(&self.numbers);
+        let Some(endpoint) = numbers.unnamed.get(&queue).cloned() else {
+            return Ok(());
+        };
+        self.off_worker(|| self.queue.insert(name_key(queue), endpoint.as_bytes()))
+            .map_err(|e| self.failed(e))?;
+        numbers.unnamed.remove(&queue);
+        if numbers.unnamed.is_empty() {
+            self.unnamed.store(false, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// The highest sequence of each queue's numbered entries.
+    fn highest_numbered(queue: &fjall::PartitionHandle) -> Result<HashMap<u32, u64>, StoreError> {
+        let mut highest: HashMap<u32, u64> = HashMap::new();
+        for kv in queue.prefix([ENTRY_KEY]) {
+            let (k, _) = kv.map_err(fj)?;
+            if let Some((n, _, seq)) = split_queue_key(&k) {
+                let h = highest.entry(n).or_default();
+                *h = (*h).max(seq);
+            }
+        }
+        Ok(highest)
     }
 
     /// Moves the entries of a store written before queues were numbered (keyed by their endpoint
@@ -1289,25 +1333,22 @@ impl DurableStore {
         // Old keys start with their endpoint id's first byte: not 0x00 (ids are not empty),
         // ENTRY_KEY or NAME_KEY, and never 0xFF (UTF-8), the flush marker's.
         let mut from = Bound::Included(vec![NAME_KEY + 1]);
-        let old = (from.clone(), Bound::Excluded(FLUSH_MARKER.to_vec()));
-        if queue.range::<Vec<u8>, _>(old).next().is_none() {
-            return Ok(());
-        }
-        let mut after: HashMap<u32, u64> = HashMap::new();
-        for kv in queue.prefix([ENTRY_KEY]) {
-            let (k, _) = kv.map_err(fj)?;
-            if let Some((n, _, seq)) = split_queue_key(&k) {
-                let highest = after.entry(n).or_default();
-                *highest = (*highest).max(seq);
-            }
-        }
+        // Read once there is an entry to move.
+        let mut after: Option<HashMap<u32, u64>> = None;
         let mut moved = 0usize;
         loop {
-            let chunk = queue
-                .range::<Vec<u8>, _>((from.clone(), Bound::Excluded(FLUSH_MARKER.to_vec())))
-                .take(RENUMBER_BATCH)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(fj)?;
+            let mut chunk = Vec::new();
+            let mut bytes = 0;
+            for kv in
+                queue.range::<Vec<u8>, _>((from.clone(), Bound::Excluded(FLUSH_MARKER.to_vec())))
+            {
+                let (k, v) = kv.map_err(fj)?;
+                bytes += k.len() + v.len();
+                chunk.push((k, v));
+                if chunk.len() >= RENUMBER_BATCH || bytes >= RENUMBER_BATCH_BYTES {
+                    break;
+                }
+            }
             let Some((last, _)) = chunk.last() else {
                 break;
             };
@@ -1330,7 +1371,11 @@ impl DurableStore {
                         n
                     }
                 };
-                let seq = seq.saturating_add(after.get(&n).copied().unwrap_or(0));
+                if after.is_none() {
+                    after = Some(Self::highest_numbered(queue)?);
+                }
+                let raise = after.as_ref().and_then(|a| a.get(&n)).copied().unwrap_or(0);
+                let seq = seq.saturating_add(raise);
                 batch.insert(queue, queue_key(n, priority, seq), v.clone());
                 batch.remove(queue, k.clone());
                 moved += 1;

@@ -236,8 +236,9 @@ pub(super) fn split_name_key(k: &[u8]) -> Option<u32> {
 }
 
 /// An entry's key as stores written before queues were numbered have it: the endpoint id,
-/// `0x00`, priority, sequence. Endpoint ids are UTF-8 text, so such a key never starts with
-/// [`ENTRY_KEY`], [`NAME_KEY`] or `0xFF`.
+/// `0x00`, priority, sequence. Endpoint ids start with `/` or `$` (`/modules/…`, `$upstream`,
+/// `$c2d/<device>`), so such a key never starts with [`ENTRY_KEY`], [`NAME_KEY`] or `0xFF`
+/// (which UTF-8 never has).
 pub(super) fn split_unnumbered_key(k: &[u8]) -> Option<(String, u32, u64)> {
     let zero = k.iter().position(|b| *b == 0)?;
     let (ep, rest) = (&k[..zero], k.get(zero + 1..)?);

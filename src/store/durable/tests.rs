@@ -1390,3 +1390,81 @@ fn entries_written_by_an_older_hub_after_a_newer_one_go_after_its_entries() {
     drop(q);
     drop(store);
 }
+
+#[test]
+fn a_move_of_many_entries_goes_batch_by_batch_and_is_not_made_again() {
+    // More entries than one batch takes, in two queues, and a key that does not parse: every
+    // entry is moved once, the bad key is left where it is, and a second open moves nothing.
+    let dir = temp();
+    let n = RENUMBER_BATCH as u64 * 2 + 300;
+    {
+        let ks = open_keyspace(&dir, None).unwrap();
+        let queue = ks
+            .open_partition("queue", fjall::PartitionCreateOptions::default())
+            .unwrap();
+        for s in 1..=n {
+            let ep = if s % 3 == 0 {
+                "$upstream"
+            } else {
+                "/modules/a/inputs/in1"
+            };
+            queue
+                .insert(unnumbered_key(ep, 0, s), inline_value(&msg(&s.to_string())))
+                .unwrap();
+        }
+        queue
+            .insert(b"/no-separator".to_vec(), b"x".to_vec())
+            .unwrap();
+        ks.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    let store = open(&dir, SyncPolicy::Os);
+    assert_eq!(entry_count(&store), n as usize);
+    drop(store);
+    let store = open(&dir, SyncPolicy::Os);
+    assert_eq!(entry_count(&store), n as usize);
+    let left: Vec<_> = store
+        .queue
+        .iter()
+        .map(|kv| kv.unwrap().0)
+        .filter(|k| k[0] != ENTRY_KEY && k[0] != NAME_KEY)
+        .collect();
+    assert_eq!(left.len(), 1);
+    assert_eq!(&*left[0], b"/no-separator");
+    let body = |s: u64| s.to_string().into_bytes();
+    let q = store.queue("/modules/a/inputs/in1", n as usize, false);
+    let up = store.queue("$upstream", n as usize, false);
+    assert_eq!(
+        drain(&q),
+        (1..=n).filter(|s| s % 3 != 0).map(body).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        drain(&up),
+        (1..=n).filter(|s| s % 3 == 0).map(body).collect::<Vec<_>>()
+    );
+    drop((q, up));
+    drop(store);
+}
+
+#[test]
+fn a_name_record_that_could_not_be_written_is_written_before_the_queues_first_entry() {
+    let dir = temp();
+    {
+        let store = open(&dir, SyncPolicy::Os);
+        let q = store.queue("/modules/a/inputs/in1", 10, false);
+        // As `number` leaves it when the record's write fails.
+        store.queue.remove(name_key(q.index)).unwrap();
+        locked(&store.numbers)
+            .unnamed
+            .insert(q.index, Arc::from("/modules/a/inputs/in1"));
+        store.unnamed.store(true, Ordering::Release);
+        q.try_push(msg("named"), 0, None).unwrap();
+        assert!(!store.unnamed.load(Ordering::Acquire));
+        assert!(store.queue.get(name_key(q.index)).unwrap().is_some());
+        drop(q);
+    }
+    let store = open(&dir, SyncPolicy::Os);
+    let q = store.queue("/modules/a/inputs/in1", 10, false);
+    assert_eq!(drain(&q), vec![b"named".to_vec()]);
+    drop(q);
+    drop(store);
+}
