@@ -1201,14 +1201,21 @@ fn inline_value(m: &Message) -> Vec<u8> {
     v
 }
 
+/// Writes straight into the store's `queue` partition under `dir` (as an older hub, or a crash
+/// part way, would have left it), then makes it durable.
+fn write_raw(dir: &Path, fill: impl FnOnce(&fjall::Keyspace, &fjall::PartitionHandle)) {
+    let ks = open_keyspace(dir, None).unwrap();
+    let queue = ks
+        .open_partition("queue", fjall::PartitionCreateOptions::default())
+        .unwrap();
+    fill(&ks, &queue);
+    ks.persist(fjall::PersistMode::SyncAll).unwrap();
+}
+
 #[test]
 fn entries_keyed_by_endpoint_id_are_moved_to_numbered_keys_at_open() {
     let dir = temp();
-    {
-        let ks = open_keyspace(&dir, None).unwrap();
-        let queue = ks
-            .open_partition("queue", fjall::PartitionCreateOptions::default())
-            .unwrap();
+    write_raw(&dir, |ks, queue| {
         let messages = ks
             .open_partition("messages", fjall::PartitionCreateOptions::default())
             .unwrap();
@@ -1235,8 +1242,7 @@ fn entries_keyed_by_endpoint_id_are_moved_to_numbered_keys_at_open() {
                 )
                 .unwrap();
         }
-        ks.persist(fjall::PersistMode::SyncAll).unwrap();
-    }
+    });
     let store = open(&dir, SyncPolicy::Os);
     // Nothing is left under an old key; each queue has a name record.
     let keys: Vec<_> = store.queue.iter().map(|kv| kv.unwrap().0).collect();
@@ -1279,11 +1285,7 @@ fn a_move_to_numbered_keys_cut_short_goes_on_at_the_next_open() {
     // next open moves the rest, and the queue keeps every message once, in order.
     let dir = temp();
     let ep = "/modules/a/inputs/in1";
-    {
-        let ks = open_keyspace(&dir, None).unwrap();
-        let queue = ks
-            .open_partition("queue", fjall::PartitionCreateOptions::default())
-            .unwrap();
+    write_raw(&dir, |_, queue| {
         queue.insert(name_key(0), ep).unwrap();
         queue
             .insert(queue_key(0, 0, 1), inline_value(&msg("m1")))
@@ -1299,8 +1301,7 @@ fn a_move_to_numbered_keys_cut_short_goes_on_at_the_next_open() {
         queue
             .insert(unnumbered_key("$upstream", 0, 1), inline_value(&msg("u1")))
             .unwrap();
-        ks.persist(fjall::PersistMode::SyncAll).unwrap();
-    }
+    });
     let store = open(&dir, SyncPolicy::Os);
     assert_eq!(entry_count(&store), 5);
     let q = store.queue(ep, 100, false);
@@ -1357,11 +1358,7 @@ fn entries_written_by_an_older_hub_after_a_newer_one_go_after_its_entries() {
     // newer hub once more, the queue has every message once: the numbered ones first.
     let dir = temp();
     let ep = "/modules/a/inputs/in1";
-    {
-        let ks = open_keyspace(&dir, None).unwrap();
-        let queue = ks
-            .open_partition("queue", fjall::PartitionCreateOptions::default())
-            .unwrap();
+    write_raw(&dir, |_, queue| {
         queue.insert(name_key(0), ep).unwrap();
         for (s, body) in [(1, "new1"), (2, "new2"), (3, "new3")] {
             queue
@@ -1373,8 +1370,7 @@ fn entries_written_by_an_older_hub_after_a_newer_one_go_after_its_entries() {
                 .insert(unnumbered_key(ep, 0, s), inline_value(&msg(body)))
                 .unwrap();
         }
-        ks.persist(fjall::PersistMode::SyncAll).unwrap();
-    }
+    });
     let store = open(&dir, SyncPolicy::Os);
     assert_eq!(entry_count(&store), 5);
     let q = store.queue(ep, 100, false);
@@ -1397,11 +1393,7 @@ fn a_move_of_many_entries_goes_batch_by_batch_and_is_not_made_again() {
     // entry is moved once, the bad key is left where it is, and a second open moves nothing.
     let dir = temp();
     let n = RENUMBER_BATCH as u64 * 2 + 300;
-    {
-        let ks = open_keyspace(&dir, None).unwrap();
-        let queue = ks
-            .open_partition("queue", fjall::PartitionCreateOptions::default())
-            .unwrap();
+    write_raw(&dir, |_, queue| {
         for s in 1..=n {
             let ep = if s % 3 == 0 {
                 "$upstream"
@@ -1415,8 +1407,7 @@ fn a_move_of_many_entries_goes_batch_by_batch_and_is_not_made_again() {
         queue
             .insert(b"/no-separator".to_vec(), b"x".to_vec())
             .unwrap();
-        ks.persist(fjall::PersistMode::SyncAll).unwrap();
-    }
+    });
     let store = open(&dir, SyncPolicy::Os);
     assert_eq!(entry_count(&store), n as usize);
     drop(store);
